@@ -1,0 +1,58 @@
+"""The ``Context`` a worker hands to plugin code."""
+from __future__ import annotations
+
+import logging
+from typing import Callable, Optional
+
+from . import logs, wire
+from .api import Context
+
+
+class WorkerContext(Context):
+    """Context of one source, sink or function instance inside its worker.
+
+    A source emits straight to eKuiper's socket (``send``); a sink's acks go to
+    the supervisor over the worker link, which forwards exactly one per item.
+    """
+
+    def __init__(self, symbol: str, rule_id: str, op_id: str, instance_id: int,
+                 send: Optional[Callable[[bytes], None]] = None,
+                 ack: Optional[Callable[[bytes], None]] = None) -> None:
+        self._rule_id, self._op_id, self._instance_id = rule_id, op_id, instance_id
+        self._logger = logs.instance_logger(symbol, rule_id, op_id, instance_id)
+        self._send = send
+        self._ack = ack
+        self.closing = False
+
+    def get_rule_id(self) -> str:
+        return self._rule_id
+
+    def get_op_id(self) -> str:
+        return self._op_id
+
+    def get_instance_id(self) -> int:
+        return self._instance_id
+
+    def get_logger(self) -> logging.Logger:
+        return self._logger
+
+    def emit(self, message: dict, meta: Optional[dict] = None) -> None:
+        if self._send is None:
+            raise RuntimeError("emit is only available to sources")
+        if not self.closing:  # after stop eKuiper no longer reads: drop instead of blocking
+            self._send(wire.source_message(message, meta))
+
+    def emit_error(self, error: str) -> None:
+        if self._send is None:
+            raise RuntimeError("emit_error is only available to sources")
+        if not self.closing:
+            self._send(wire.source_error(error))
+
+    def ack_ok(self) -> None:
+        if self._ack is not None:
+            self._ack(wire.SINK_ACK_OK)
+
+    def ack_error(self, error: str) -> None:
+        if self._ack is not None:
+            self._ack(wire.sink_ack_error(error))
+

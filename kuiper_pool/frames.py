@@ -1,0 +1,115 @@
+"""Frames on the private link between the supervisor and one worker.
+
+The link is an AF_UNIX socketpair made by the supervisor and handed to the worker
+at fork time: no path, nothing listening, and a hop costs a fraction of an nng hop
+(TRANSPORT-FACTS.md). A frame is ``type (1 byte) | length (4 bytes) | payload``.
+Control payloads are JSON; data payloads are binary and never unpickled.
+"""
+from __future__ import annotations
+
+import json
+import socket
+import struct
+import threading
+from collections import deque
+from typing import Any, Iterator, List, Optional, Tuple
+
+HEADER = struct.Struct("!BI")
+SEQ = struct.Struct("!Q")
+ITEM_LEN = struct.Struct("!I")
+
+# supervisor -> worker
+START = ord("S")      # JSON: the instance's Control and settings
+ITEMS = ord("D")      # sink items: first seq, then length-prefixed items
+CALL = ord("C")       # function request: call id, then eKuiper's request bytes
+STOP = ord("X")       # close the instance and exit
+# worker -> supervisor
+READY = ord("R")      # JSON: {"error": null | "text"} after configure
+DONE = ord("A")       # sink: every item up to this seq is finished
+ACK = ord("K")        # sink: seq, then the ack bytes from ctx.ack_ok/ack_error
+REPLY = ord("P")      # function: call id, then the reply bytes
+BEAT = ord("H")       # JSON heartbeat: counters and the running call's start
+FAULT = ord("F")      # JSON: {"error": text} the worker is about to exit because of it
+
+
+def encode(ftype: int, payload: bytes = b"") -> bytes:
+    return HEADER.pack(ftype, len(payload)) + payload
+
+
+def encode_json(ftype: int, obj: Any) -> bytes:
+    return encode(ftype, json.dumps(obj).encode())
+
+
+def encode_seq(ftype: int, seq: int, body: bytes = b"") -> bytes:
+    return encode(ftype, SEQ.pack(seq) + body)
+
+
+def split_seq(payload: bytes) -> Tuple[int, bytes]:
+    return SEQ.unpack_from(payload)[0], payload[SEQ.size:]
+
+
+def encode_items(first_seq: int, items: List[bytes]) -> bytes:
+    parts = [SEQ.pack(first_seq)]
+    for item in items:
+        parts.append(ITEM_LEN.pack(len(item)))
+        parts.append(item)
+    return encode(ITEMS, b"".join(parts))
+
+
+def decode_items(payload: bytes) -> Iterator[Tuple[int, bytes]]:
+    seq = SEQ.unpack_from(payload)[0]
+    pos = SEQ.size
+    view = memoryview(payload)
+    while pos < len(payload):
+        (n,) = ITEM_LEN.unpack_from(payload, pos)
+        pos += ITEM_LEN.size
+        yield seq, bytes(view[pos:pos + n])
+        pos += n
+        seq += 1
+
+
+class FrameBuffer:
+    """Accumulates received bytes and yields whole frames."""
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+
+    def feed(self, data: bytes) -> List[Tuple[int, bytes]]:
+        self._buf += data
+        frames = []
+        pos = 0
+        buf = self._buf
+        while len(buf) - pos >= HEADER.size:
+            ftype, n = HEADER.unpack_from(buf, pos)
+            end = pos + HEADER.size + n
+            if len(buf) < end:
+                break
+            frames.append((ftype, bytes(buf[pos + HEADER.size:end])))
+            pos = end
+        if pos:
+            del buf[:pos]
+        return frames
+
+
+class BlockingLink:
+    """The worker's end: blocking reads, thread-safe writes."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        sock.setblocking(True)
+        self.sock = sock
+        self._frames = FrameBuffer()
+        self._pending: deque = deque()
+        self._wlock = threading.Lock()
+
+    def send(self, frame: bytes) -> None:
+        with self._wlock:
+            self.sock.sendall(frame)
+
+    def recv(self) -> Optional[Tuple[int, bytes]]:
+        """Next frame, or None when the supervisor is gone."""
+        while not self._pending:
+            data = self.sock.recv(1 << 16)
+            if not data:
+                return None
+            self._pending.extend(self._frames.feed(data))
+        return self._pending.popleft()

@@ -1,0 +1,54 @@
+"""``plugin.start``: turn the process eKuiper started into the supervisor."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+from typing import Any, NoReturn
+
+from . import logs
+from .api import PluginConfig
+from .config import ConfigError, load_settings
+
+
+def start(config: Any) -> NoReturn:
+    """Run the plugin under kuiper_pool; never returns (exits when eKuiper goes away or on
+    SIGTERM/SIGINT). Accepts kuiper_pool's ``PluginConfig`` or the official SDK's."""
+    script_dir = os.path.dirname(os.path.abspath(sys.argv[0])) if sys.argv and sys.argv[0] else os.getcwd()
+    try:
+        plugin = PluginConfig.adopt(config)
+        settings = load_settings(script_dir, plugin.settings)
+    except (ConfigError, ValueError) as e:
+        print(f"kuiper_pool: cannot start: {e}", flush=True)
+        sys.exit(2)
+    logs.setup(plugin.name, settings.log_level)
+    if len(sys.argv) > 1:
+        try:
+            json.loads(sys.argv[1])  # eKuiper's {"sendTimeout": ...}: nothing in it applies here
+        except ValueError:
+            print(f"kuiper_pool: plugin {plugin.name}: ignoring an argument that is not eKuiper's "
+                  f"JSON: {sys.argv[1]!r}", flush=True)
+    sys.exit(_serve(plugin, settings, script_dir))
+
+
+def _serve(plugin: PluginConfig, settings: Any, script_dir: str) -> int:
+    # Imported here so that importing kuiper_pool stays light for plugin modules and tools.
+    from . import worker
+    from .supervisor import Supervisor
+    from .zygote import Zygote
+
+    rundir = tempfile.mkdtemp(prefix=f"kuiper_pool-{plugin.name}-", dir=settings.runtime_dir or None)
+    spawn_argv = None
+    if settings.start_method == "spawn":
+        import cloudpickle
+
+        payload = os.path.join(rundir, "plugin.pkl")
+        with open(os.open(payload, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as f:
+            cloudpickle.dump({"name": plugin.name, "sources": plugin.sources, "sinks": plugin.sinks,
+                              "functions": plugin.functions}, f)
+        spawn_argv = [sys.executable, "-m", "kuiper_pool.worker", payload, script_dir,
+                      settings.log_level]
+    # The zygote must exist before any nng socket does (nng aborts forked children).
+    zygote = Zygote(lambda link: worker.run(link, plugin), rundir, spawn_argv)
+    return Supervisor(plugin, settings, zygote).run()

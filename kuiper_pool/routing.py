@@ -1,0 +1,232 @@
+"""The supervisor's eKuiper-facing sockets, one set per channel, stable across worker restarts.
+
+Per symbol type (README, "Data paths"):
+
+* source: the worker dials eKuiper's PULL socket itself, no hop; a restarted
+  worker dials the same path again.
+* sink: the supervisor listens on the data path and dials the ack path; items
+  get sequence numbers and stay in ``inflight`` until the worker reports them
+  finished, so a restarted worker gets exactly the unfinished ones again.
+* function: the supervisor dials eKuiper's REP socket; a call whose worker dies
+  or overruns its deadline is answered at once with an error.
+
+All sockets are used non-blocking from the supervisor's one selector loop.
+"""
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import List, Optional, Tuple
+
+import pynng
+
+from . import wire
+
+KEEPALIVE = 5.0     # seconds idle before re-sending b"handshake", as eKuiper expects
+MAX_BATCH = 256     # sink items moved per wake-up
+
+
+def dial(sock: pynng.Socket, url: str, timeout: float) -> None:
+    """Dial synchronously, retrying until ``timeout`` (eKuiper may listen a moment later)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            sock.dial(url, block=True)
+            return
+        except pynng.NNGException:
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(0.05)
+
+
+class InvertedReq:
+    """A REQ socket used the eKuiper way: its requests are our answers, its replies are
+    eKuiper's commands (control channel) or function calls (function channels)."""
+
+    def __init__(self, url: str, dial_timeout: float) -> None:
+        self.url = url
+        self.sock = pynng.Req0(resend_time=0)
+        try:
+            dial(self.sock, url, dial_timeout)
+        except pynng.NNGException:
+            self.sock.close()
+            raise
+        self.unsent: Optional[bytes] = None
+        self.waiting = False        # a request from eKuiper is being served
+        self.last_sent = 0.0
+        self.send(wire.HANDSHAKE)
+
+    def fileno(self) -> int:
+        return self.sock.recv_fd
+
+    def connected(self) -> bool:
+        return bool(self.sock.pipes)
+
+    def recv(self) -> Optional[bytes]:
+        """eKuiper's next message, or None if there is none yet."""
+        try:
+            msg = self.sock.recv(block=False)
+        except pynng.TryAgain:
+            return None
+        self.waiting = True
+        return msg
+
+    def send(self, data: bytes) -> None:
+        """Answer (or handshake); kept and retried by ``tick`` while eKuiper is unreachable."""
+        self.waiting = False
+        self.unsent = data
+        self._flush()
+
+    def _flush(self) -> None:
+        try:
+            self.sock.send(self.unsent, block=False)
+        except pynng.TryAgain:
+            return
+        self.unsent = None
+        self.last_sent = time.monotonic()
+
+    def tick(self, now: float) -> None:
+        if self.unsent is not None:
+            self._flush()
+        elif not self.waiting and now - self.last_sent > KEEPALIVE:
+            self.send(wire.HANDSHAKE)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@dataclass
+class Item:
+    data: bytes
+    deliveries: int = 0
+    acked: bool = False
+
+
+class SinkRoute:
+    """eKuiper's sink data and ack channels for one sink instance, plus its in-flight items."""
+
+    def __init__(self, ctrl: wire.Control, window: int, max_deliveries: int) -> None:
+        self.data_url = wire.data_url(ctrl.rule_id, ctrl.op_id, ctrl.instance_id)
+        self.ack_url = wire.ack_url(ctrl.rule_id, ctrl.op_id, ctrl.instance_id)
+        self.require_ack = wire.require_ack(ctrl.config)
+        self.window = window
+        self.max_deliveries = max_deliveries
+        self.inflight: "OrderedDict[int, Item]" = OrderedDict()
+        self.next_seq = 1
+        self.pull: Optional[pynng.Pull0] = None
+        self.ack: Optional[pynng.Push0] = None
+        self.fd = -1
+        self.dropped = 0
+
+    def open(self, dial_timeout: float) -> None:
+        """Listen for eKuiper's items and dial its ack socket (before answering ``ok``)."""
+        self.pull = pynng.Pull0()
+        self.pull.listen(self.data_url)
+        self.fd = self.pull.recv_fd
+        self.ack = pynng.Push0(send_timeout=1000)
+        dial(self.ack, self.ack_url, dial_timeout)
+
+    def full(self) -> bool:
+        return len(self.inflight) >= self.window
+
+    def take(self, delivering: bool = True) -> List[Tuple[int, bytes]]:
+        """Move what eKuiper sent into ``inflight``; return the new items
+        (``delivering``: they go to a worker now and count as a delivery)."""
+        out = []
+        while len(out) < MAX_BATCH and not self.full():
+            try:
+                data = self.pull.recv(block=False)
+            except pynng.TryAgain:
+                break
+            seq = self.next_seq
+            self.next_seq += 1
+            self.inflight[seq] = Item(data, deliveries=int(delivering))
+            out.append((seq, data))
+        return out
+
+    def done(self, upto: int) -> None:
+        while self.inflight:
+            seq = next(iter(self.inflight))
+            if seq > upto:
+                break
+            del self.inflight[seq]
+
+    def acked(self, seq: int, data: bytes) -> None:
+        """Forward the worker's ack for ``seq`` unless that item was acked already."""
+        item = self.inflight.get(seq)
+        if item is None or item.acked or not self.require_ack:
+            return
+        item.acked = True
+        self._send_ack(data)
+
+    def _send_ack(self, data: bytes) -> None:
+        try:
+            self.ack.send(data)
+        except pynng.NNGException:
+            pass  # eKuiper closed the rule: nobody waits for this ack any more
+
+    def redeliver(self) -> Tuple[List[Tuple[int, bytes]], List[int]]:
+        """Items to hand to a replacement worker, and the seqs dropped as poison."""
+        again, poison = [], []
+        for seq, item in list(self.inflight.items()):
+            if item.deliveries >= self.max_deliveries:
+                poison.append(seq)
+                del self.inflight[seq]
+                self.dropped += 1
+                if self.require_ack and not item.acked:
+                    self._send_ack(wire.sink_ack_error(
+                        f"item dropped after {item.deliveries} deliveries, each of which "
+                        f"ended its worker"))
+                continue
+            item.deliveries += 1
+            again.append((seq, item.data))
+        return again, poison
+
+    def refuse(self, reason: str) -> int:
+        """A failed sink: answer what eKuiper sends with error acks, or hold it back."""
+        if not self.require_ack:
+            return 0
+        n = 0
+        for seq, _data in self.take(False):
+            del self.inflight[seq]
+            self._send_ack(wire.sink_ack_error(reason))
+            n += 1
+        return n
+
+    def close(self) -> None:
+        for sock in (self.pull, self.ack):
+            if sock is not None:
+                sock.close()
+        self.pull = self.ack = None
+
+
+class FunctionRoute:
+    """eKuiper's channel of one function symbol and the call being served on it."""
+
+    def __init__(self, symbol: str, dial_timeout: float) -> None:
+        self.channel = InvertedReq(wire.function_url(symbol), dial_timeout)
+        self.fd = self.channel.fileno()
+        self.call: Optional[bytes] = None       # eKuiper's request being served
+        self.call_id = 0
+        self.arrived = 0.0
+        self.forwarded = False                  # handed to the current worker
+
+    def take(self) -> Optional[bytes]:
+        """A new call from eKuiper; eKuiper never sends another before the reply."""
+        msg = self.channel.recv()
+        if msg is None:
+            return None
+        self.call_id += 1
+        self.call = msg
+        self.arrived = time.monotonic()
+        self.forwarded = False
+        return msg
+
+    def reply(self, data: bytes) -> None:
+        self.call = None
+        self.forwarded = False
+        self.channel.send(data)
+
+    def close(self) -> None:
+        self.channel.close()

@@ -1,0 +1,300 @@
+"""Worker main: runs exactly one source/sink instance or one function symbol.
+
+The worker reads its instance from the first frame on its link, builds the
+plugin object with the author's factory, configures it, reports READY, then
+serves until told to stop. Sources emit straight to eKuiper's socket; sink items
+and function calls come through the supervisor. A heartbeat thread reports
+progress so the supervisor can tell a slow worker from a hung one.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+import threading
+import time
+import traceback
+from typing import Any, Dict, Optional, Tuple
+
+import pynng
+
+from . import frames, logs, wire
+from .api import PluginConfig
+from .context import WorkerContext
+
+EXIT_OK = 0
+EXIT_CONFIGURE = 3    # configure or the factory failed; READY carried the error
+EXIT_ORPHAN = 4       # the supervisor went away
+EXIT_CRASH = 70       # plugin code raised; FAULT carried the error
+SEND_POLL = 0.1       # how often a blocked emit re-checks for stop
+DONE_EVERY = 32       # sink progress is reported at least this often
+
+
+class Worker:
+    """State shared by the runner and the heartbeat thread."""
+
+    def __init__(self, link: frames.BlockingLink, plugin: PluginConfig, spec: Dict[str, Any]) -> None:
+        self.link = link
+        self.plugin = plugin
+        self.ctrl = wire.Control.from_dict(spec["control"])
+        self.spec = spec
+        self.processed = 0
+        self.errors = 0
+        self.busy_since = 0.0
+        self.stopped = threading.Event()
+        self.log = logs.instance_logger(self.ctrl.symbol, self.ctrl.rule_id or None,
+                                        self.ctrl.op_id, self.ctrl.instance_id)
+
+    def where(self) -> str:
+        return f"plugin {self.plugin.name} {self.ctrl.describe()}"
+
+    def heartbeat(self, interval: float, parent: int) -> None:
+        while not self.stopped.wait(interval):
+            if os.getppid() != parent:
+                os._exit(EXIT_ORPHAN)
+            try:
+                self.link.send(frames.encode_json(frames.BEAT, {
+                    "n": self.processed, "errors": self.errors, "busy": self.busy_since}))
+            except OSError:
+                os._exit(EXIT_ORPHAN)
+
+    def ready(self, error: Optional[str]) -> None:
+        self.link.send(frames.encode_json(frames.READY, {"error": error}))
+
+    def fault(self, stage: str, exc: BaseException) -> int:
+        """Report plugin code that raised; the supervisor restarts the instance."""
+        text = f"{self.where()}: {stage} raised {type(exc).__name__}: {exc}"
+        self.log.error("%s\n%s", text, traceback.format_exc().rstrip())
+        try:
+            self.link.send(frames.encode_json(frames.FAULT, {"error": " ".join(text.split())}))
+        except OSError:
+            pass
+        return EXIT_CRASH
+
+
+def run(link_sock: socket.socket, plugin: PluginConfig) -> int:
+    """Serve one instance over ``link_sock``; return the exit code."""
+    link = frames.BlockingLink(link_sock)
+    first = link.recv()
+    if first is None or first[0] != frames.START:
+        return EXIT_ORPHAN
+    spec = json.loads(first[1])
+    worker = Worker(link, plugin, spec)
+    threading.Thread(target=worker.heartbeat, args=(spec["heartbeat_interval"], os.getppid()),
+                     daemon=True, name="kuiper_pool-heartbeat").start()
+    factory = plugin.get(worker.ctrl.plugin_type, worker.ctrl.symbol)
+    try:
+        obj = factory() if factory is not None else None
+        if obj is None:
+            raise LookupError(f"factory for {worker.ctrl.symbol} returned nothing")
+    except Exception as e:  # noqa: BLE001 - any plugin error becomes the start answer
+        worker.ready(f"{worker.where()}: factory raised {type(e).__name__}: {e}")
+        return EXIT_CONFIGURE
+    runner = {wire.TYPE_SOURCE: run_source, wire.TYPE_SINK: run_sink,
+              wire.TYPE_FUNC: run_function}[worker.ctrl.plugin_type]
+    try:
+        return runner(worker, obj)
+    finally:
+        worker.stopped.set()
+        sys.stdout.flush()
+
+
+def _configure(worker: Worker, call) -> bool:
+    try:
+        call()
+    except Exception as e:  # noqa: BLE001
+        worker.ready(" ".join(f"{worker.where()}: configure failed: {type(e).__name__}: {e}".split()))
+        return False
+    return True
+
+
+# --- sources ---------------------------------------------------------------------
+
+def _dial(url: str, timeout: float) -> pynng.Push0:
+    sock = pynng.Push0(send_timeout=int(SEND_POLL * 1000))
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            sock.dial(url, block=True)
+            return sock
+        except pynng.NNGException:
+            if time.monotonic() >= deadline:
+                sock.close()
+                raise
+            time.sleep(0.05)
+
+
+def run_source(worker: Worker, source: Any) -> int:
+    ctrl = worker.ctrl
+    if not _configure(worker, lambda: source.configure(ctrl.datasource(), ctrl.config)):
+        return EXIT_CONFIGURE
+    url = wire.data_url(ctrl.rule_id, ctrl.op_id, ctrl.instance_id)
+    try:
+        push = _dial(url, worker.spec["dial_timeout"])
+    except pynng.NNGException as e:
+        worker.ready(f"{worker.where()}: cannot connect to eKuiper at {url}: {e}")
+        return EXIT_CONFIGURE
+    ctx: WorkerContext
+
+    def send(data: bytes) -> None:
+        while True:  # back-pressure without loss, yet a stop is noticed within SEND_POLL
+            try:
+                push.send(data)
+                worker.processed += 1
+                return
+            except pynng.Timeout:
+                if ctx.closing:
+                    return
+
+    ctx = WorkerContext(ctrl.symbol, ctrl.rule_id, ctrl.op_id, ctrl.instance_id, send=send)
+    opened = threading.Event()
+    threading.Thread(target=_watch_stop, args=(worker, source, ctx, opened),
+                     daemon=True, name="kuiper_pool-stop").start()
+    worker.ready(None)
+    try:
+        source.open(ctx)
+    except Exception as e:  # noqa: BLE001
+        if not ctx.closing:
+            return worker.fault("open", e)
+    finally:
+        opened.set()
+    if not ctx.closing:
+        worker.log.info("%s: open returned; the source has ended", worker.where())
+    return EXIT_OK
+
+
+def _watch_stop(worker: Worker, source: Any, ctx: WorkerContext, opened: threading.Event) -> None:
+    """A source's ``open`` owns the main thread: stop arrives here and calls ``close``."""
+    while True:
+        frame = worker.link.recv()
+        if frame is None or frame[0] == frames.STOP:
+            break
+    ctx.closing = True
+    try:
+        source.close(ctx)
+    except Exception as e:  # noqa: BLE001
+        worker.log.error("%s: close raised %s: %s", worker.where(), type(e).__name__, e)
+    if not opened.wait(worker.spec["stop_grace"]):
+        worker.log.warning("%s: open did not return within %.1fs of close; exiting",
+                           worker.where(), worker.spec["stop_grace"])
+        sys.stdout.flush()
+        os._exit(EXIT_OK)
+
+
+# --- sinks -----------------------------------------------------------------------
+
+def run_sink(worker: Worker, sink: Any) -> int:
+    ctrl = worker.ctrl
+    if not _configure(worker, lambda: sink.configure(ctrl.config)):
+        return EXIT_CONFIGURE
+    current = [0]
+    ack = None
+    if wire.require_ack(ctrl.config):
+        def ack(data: bytes) -> None:
+            worker.link.send(frames.encode_seq(frames.ACK, current[0], data))
+    ctx = WorkerContext(ctrl.symbol, ctrl.rule_id, ctrl.op_id, ctrl.instance_id, ack=ack)
+    worker.ready(None)
+    try:
+        sink.open(ctx)
+    except Exception as e:  # noqa: BLE001
+        return worker.fault("open", e)
+    while True:
+        frame = worker.link.recv()
+        if frame is None or frame[0] == frames.STOP:
+            break
+        if frame[0] != frames.ITEMS:
+            continue
+        done = 0
+        for seq, data in frames.decode_items(frame[1]):
+            current[0] = seq
+            worker.busy_since = time.monotonic()
+            try:
+                sink.collect(ctx, data)
+            except Exception as e:  # noqa: BLE001
+                if done:
+                    worker.link.send(frames.encode_seq(frames.DONE, done))
+                return worker.fault("collect", e)
+            worker.busy_since = 0.0
+            worker.processed += 1
+            done = seq
+            if seq % DONE_EVERY == 0:
+                worker.link.send(frames.encode_seq(frames.DONE, done))
+        worker.link.send(frames.encode_seq(frames.DONE, done))
+    try:
+        sink.close(ctx)
+    except Exception as e:  # noqa: BLE001
+        worker.log.error("%s: close raised %s: %s", worker.where(), type(e).__name__, e)
+    return EXIT_OK
+
+
+# --- functions ---------------------------------------------------------------------
+
+def run_function(worker: Worker, function: Any) -> int:
+    worker.ready(None)
+    contexts: Dict[Tuple[Any, ...], WorkerContext] = {}
+    while True:
+        frame = worker.link.recv()
+        if frame is None or frame[0] == frames.STOP:
+            return EXIT_OK
+        if frame[0] != frames.CALL:
+            continue
+        call_id, request = frames.split_seq(frame[1])
+        worker.busy_since = time.monotonic()
+        reply = call_function(worker, function, contexts, request)
+        worker.busy_since = 0.0
+        worker.processed += 1
+        worker.link.send(frames.encode_seq(frames.REPLY, call_id, reply))
+
+
+def call_function(worker: Worker, function: Any, contexts: Dict[Tuple[Any, ...], WorkerContext],
+                  request: bytes) -> bytes:
+    """Answer one eKuiper function request with ``{"state", "result"}`` bytes."""
+    rule = "-"
+    try:
+        req = json.loads(request)
+        name, args = req.get("func"), req.get("arg")
+        if name == "Validate":
+            err = function.validate(args)
+            return wire.func_reply(False, err) if err else wire.func_reply(True, "")
+        if name == "IsAggregate":
+            return wire.func_reply(True, function.is_aggregate())
+        if name != "Exec":
+            return wire.func_error(f"{worker.where()}: unknown request {name!r}")
+        if not isinstance(args, list) or not args or not isinstance(args[-1], str):
+            return wire.func_error(f"{worker.where()}: Exec needs its arguments and the "
+                                   f"function meta as the last argument")
+        meta = json.loads(args[-1])
+        key = tuple(meta.get(k) for k in ("ruleId", "opId", "instanceId", "funcId"))
+        if None in key:
+            return wire.func_error(f"{worker.where()}: function meta {args[-1]} needs ruleId, "
+                                   f"opId, instanceId and funcId")
+        rule = key[0]
+        ctx = contexts.get(key)
+        if ctx is None:
+            ctx = contexts[key] = WorkerContext(worker.ctrl.symbol, key[0], key[1], key[2])
+        return wire.func_reply(True, function.exec(args[:-1], ctx))
+    except Exception as e:  # noqa: BLE001 - the error goes back to the rule
+        worker.errors += 1
+        text = f"{worker.where()} rule {rule}: {type(e).__name__}: {e}"
+        worker.log.warning("%s", text)
+        return wire.func_error(text)
+
+
+# --- spawn start method ----------------------------------------------------------------
+
+def spawn_main(argv: list) -> int:
+    """``python -m kuiper_pool.worker <payload> <script_dir> <log_level> <fd>``: load the
+    cloudpickled factories from the supervisor's private file (never from a socket), serve."""
+    import cloudpickle
+
+    payload, script_dir, level, fd = argv[1], argv[2], argv[3], int(argv[4])
+    sys.path.insert(0, script_dir)
+    with open(payload, "rb") as f:
+        plugin = PluginConfig(**cloudpickle.load(f))
+    logs.setup(plugin.name, level)
+    return run(socket.socket(fileno=fd), plugin)
+
+
+if __name__ == "__main__":
+    sys.exit(spawn_main(sys.argv))
