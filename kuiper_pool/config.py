@@ -1,0 +1,272 @@
+"""Settings: one declarative registry feeds validation, the defaults file and its docs.
+
+Modelled on gunicorn's config.py: every setting is a single :class:`Setting` in
+:data:`SETTINGS`. Precedence, lowest first: the registry defaults, the YAML file
+(``$KUIPER_POOL_CONFIG`` or ``<script_dir>/kuiper_pool.yaml``), environment variables
+``KUIPER_POOL_<NAME>``, then ``overrides`` from code. A bad value or an unknown key is
+a :class:`ConfigError` whose message is one line.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import ipaddress
+import json
+import math
+import os
+import textwrap
+from typing import Any, Callable, Dict, Iterable, Mapping, Optional, Sequence, Tuple
+
+import yaml
+
+ENV_PREFIX = "KUIPER_POOL_"
+CONFIG_ENV = ENV_PREFIX + "CONFIG"
+FILE_NAME = "kuiper_pool.yaml"
+
+
+class ConfigError(ValueError):
+    """A bad or unknown setting; ``str(e)`` is one line naming key, value, expectation and source."""
+
+
+def _identity(value: Any) -> Any:
+    return value
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    name: str
+    section: str
+    type: type  # bool, int, float or str: what YAML must hold and what env text is parsed as
+    default: Any
+    expected: str  # completes "<name> must be ..."
+    description: str
+    check: Callable[[Any], Any] = _identity  # returns the value to store; ValueError if unacceptable
+
+    def validate(self, raw: Any, source: str) -> Any:
+        """Check a value from YAML or code and return it coerced (an int is fine for a float)."""
+        value = float(raw) if self.type is float and type(raw) is int else raw
+        if type(value) is not self.type:
+            raise self.error(raw, source)
+        try:
+            return self.check(value)
+        except ValueError:
+            raise self.error(raw, source) from None
+
+    def parse(self, text: str, source: str) -> Any:
+        """Convert an environment variable's text to this setting's type, then validate it."""
+        try:
+            if self.type is bool:
+                value: Any = {"true": True, "1": True, "false": False, "0": False}[text.strip().lower()]
+            else:
+                value = text if self.type is str else self.type(text.strip())
+            return self.validate(value, source)
+        except (KeyError, ValueError):  # ConfigError too, so the message shows the text as given
+            raise self.error(text, source) from None
+
+    def error(self, raw: Any, source: str) -> ConfigError:
+        return ConfigError(f"kuiper_pool config: {self.name} must be {self.expected} (got {raw!r} from {source})")
+
+
+def _num(section: str, name: str, kind: type, default: Any, description: str, *,
+         gt: Optional[float] = None, ge: Optional[float] = None, le: Optional[float] = None) -> Setting:
+    bounds = [f"{op} {b}" for op, b in ((">", gt), (">=", ge), ("<=", le)) if b is not None]
+    expected = ("a number " if kind is float else "an integer ") + " and ".join(bounds)
+
+    def check(v: Any) -> Any:
+        if (kind is float and not math.isfinite(v)) or (gt is not None and v <= gt) \
+                or (ge is not None and v < ge) or (le is not None and v > le):
+            raise ValueError
+        return v
+    return Setting(name, section, kind, default, expected, description, check)
+
+
+def _choice(section: str, name: str, default: str, choices: Sequence[str], description: str,
+            fold: bool = False) -> Setting:
+    def check(v: str) -> str:
+        v = v.upper() if fold else v
+        if v not in choices:
+            raise ValueError
+        return v
+    return Setting(name, section, str, default, "one of " + ", ".join(choices), description, check)
+
+
+def _loopback_address(value: str) -> str:
+    if value:
+        host, _, port = value.rpartition(":")
+        host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+        if not (port.isascii() and port.isdigit() and 1 <= int(port) <= 65535):
+            raise ValueError
+        if host != "localhost" and not ipaddress.ip_address(host).is_loopback:  # ValueError if no IP
+            raise ValueError
+    return value
+
+
+SECTIONS: Dict[str, str] = {
+    "workers": "how worker processes are made and stopped",
+    "health": "heartbeats, call deadlines and resource sampling",
+    "restart": "restarting crashed workers",
+    "limits": "per-worker limits and sink flow control",
+    "host": "the link to eKuiper",
+    "operations": "logging, metrics and runtime files",
+}
+
+SETTINGS: Tuple[Setting, ...] = (
+    _choice("workers", "start_method", "fork", ("fork", "spawn"),
+            'How workers are made: "fork" from a zygote process forked before any nng socket exists '
+            '(~2 ms a worker, plugin modules already loaded); "spawn" runs a fresh interpreter per '
+            "worker and ships the plugin factories with cloudpickle (~60 ms)."),
+    _num("workers", "stop_grace", float, 2.0,
+         "Seconds a worker gets to run close() and exit after a stop, and after SIGTERM, before SIGKILL.", gt=0),
+    _num("health", "heartbeat_interval", float, 0.5, "Seconds between worker heartbeats.", gt=0),
+    _num("health", "heartbeat_misses", int, 4,
+         "Missed heartbeats before a worker counts as hung and is killed "
+         "(SIGTERM, then SIGKILL after stop_grace).", ge=1),
+    _num("health", "call_deadline", float, 4.0,
+         "Longest a function Exec/Validate/IsAggregate call or a sink collect may run before the "
+         "worker is killed and replaced; below eKuiper's 5 s receive timeout so eKuiper gets the "
+         "error reply instead of its own timeout.", gt=0),
+    _num("health", "sample_interval", float, 1.0,
+         "Seconds between psutil samples of each worker's memory and CPU.", gt=0),
+    _num("restart", "restart_backoff_initial", float, 0.0,
+         "Seconds before the first restart of a crashed worker.", ge=0),
+    _num("restart", "restart_backoff_min", float, 0.1,
+         "Seconds the second restart waits; each later one doubles it.", gt=0),
+    _num("restart", "restart_backoff_max", float, 10.0,
+         "Cap of the restart delay in seconds; at least restart_backoff_min.", gt=0),
+    _num("restart", "restart_jitter", float, 0.2,
+         "Random fraction added to or removed from each delay so instances do not restart in lockstep.",
+         ge=0, le=1),
+    _num("restart", "flap_max_restarts", int, 5,
+         "Restarts within flap_window after which the instance is marked failed and not restarted again.", ge=1),
+    _num("restart", "flap_window", float, 60.0, "Seconds over which flap_max_restarts is counted.", gt=0),
+    _num("limits", "memory_limit_mb", float, 0.0,
+         "Resident memory cap per worker in MB (0 = off); above it the worker is recycled gracefully "
+         "(a fresh worker starts, the old one drains and stops).", ge=0),
+    _num("limits", "max_calls", int, 0, "Recycle a function worker after this many calls (0 = off).", ge=0),
+    _num("limits", "sink_window", int, 1000,
+         "Items handed to a sink worker and not yet finished; beyond it the supervisor stops reading "
+         "from eKuiper (back-pressure).", ge=1),
+    _num("limits", "sink_max_deliveries", int, 3,
+         "How often one sink item is handed to a worker before it is dropped as poison "
+         "(logged; error ack when the rule requires acks).", ge=1),
+    _num("host", "control_lost_timeout", float, 10.0,
+         "Seconds the control channel to eKuiper may stay disconnected before the supervisor stops "
+         "everything and exits.", gt=0),
+    _num("host", "dial_timeout", float, 5.0,
+         "Seconds to keep dialing eKuiper's control socket at start before giving up.", gt=0),
+    _choice("operations", "log_level", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR"),
+            "Log level, case-insensitive.", fold=True),
+    Setting("metrics_address", "operations", str, "",
+            '"" or "host:port" with a loopback host (127.x.x.x, ::1 or localhost) and port 1-65535',
+            'Where to serve Prometheus text metrics ("" = off).', _loopback_address),
+    Setting("runtime_dir", "operations", str, "", "a string",
+            'Where the private (0700) directory for internal sockets is made ("" = the system temp dir).'),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """The effective settings; fields mirror :data:`SETTINGS` in order (a test keeps them in step)."""
+    start_method: str
+    stop_grace: float
+    heartbeat_interval: float
+    heartbeat_misses: int
+    call_deadline: float
+    sample_interval: float
+    restart_backoff_initial: float
+    restart_backoff_min: float
+    restart_backoff_max: float
+    restart_jitter: float
+    flap_max_restarts: int
+    flap_window: float
+    memory_limit_mb: float
+    max_calls: int
+    sink_window: int
+    sink_max_deliveries: int
+    control_lost_timeout: float
+    dial_timeout: float
+    log_level: str
+    metrics_address: str
+    runtime_dir: str
+
+    def as_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+_BY_NAME: Dict[str, Setting] = {s.name: s for s in SETTINGS}
+
+
+def _unknown(key: Any, source: str, known: Iterable[str]) -> ConfigError:
+    close = difflib.get_close_matches(str(key), list(known), n=1)
+    hint = f"; did you mean {close[0]}?" if close else ""
+    return ConfigError(f"kuiper_pool config: unknown setting {key!s} (from {source}){hint}")
+
+
+def _read_yaml(path: str) -> Mapping[Any, Any]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except (OSError, yaml.YAMLError) as e:
+        raise ConfigError(f"kuiper_pool config: cannot read {path}: {' '.join(str(e).split())}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"kuiper_pool config: {path} must be a mapping of setting: value "
+                          f"(got a {type(data).__name__})")
+    return data
+
+
+def load_settings(script_dir: Optional[str] = None, overrides: Optional[Mapping[str, Any]] = None,
+                  environ: Optional[Mapping[str, str]] = None) -> Settings:
+    """Defaults < $KUIPER_POOL_CONFIG or <script_dir>/kuiper_pool.yaml < KUIPER_POOL_<NAME> < overrides."""
+    env = os.environ if environ is None else environ
+    values = {s.name: s.default for s in SETTINGS}
+    sources = dict.fromkeys(values, "defaults")
+
+    def put(key: Any, raw: Any, source: str) -> None:
+        if key not in _BY_NAME:
+            raise _unknown(key, source, _BY_NAME)
+        values[key], sources[key] = _BY_NAME[key].validate(raw, source), source
+
+    path = env.get(CONFIG_ENV) or None
+    if path is not None and not os.path.isfile(path):
+        raise ConfigError(f"kuiper_pool config: {CONFIG_ENV} names {path!r}, which is not an existing file")
+    if path is None and script_dir is not None and os.path.isfile(os.path.join(script_dir, FILE_NAME)):
+        path = os.path.join(script_dir, FILE_NAME)
+    for key, raw in (_read_yaml(path) if path else {}).items():
+        put(key, raw, path)
+    for var in sorted(env):
+        if var.startswith(ENV_PREFIX) and var != CONFIG_ENV:
+            name, source = var[len(ENV_PREFIX):].lower(), f"environment variable {var}"
+            if name not in _BY_NAME:
+                raise _unknown(var, "the environment", (ENV_PREFIX + n.upper() for n in _BY_NAME))
+            values[name], sources[name] = _BY_NAME[name].parse(env[var], source), source
+    for key, raw in (overrides or {}).items():
+        put(key, raw, "overrides")
+    lo, hi = values["restart_backoff_min"], values["restart_backoff_max"]
+    if hi < lo:
+        raise ConfigError(f"kuiper_pool config: restart_backoff_max must be >= restart_backoff_min (got {hi} "
+                          f"from {sources['restart_backoff_max']} < {lo} from {sources['restart_backoff_min']})")
+    return Settings(**values)
+
+
+def render_defaults_yaml() -> str:
+    """The commented defaults file (config/kuiper_pool.yaml), generated from :data:`SETTINGS`."""
+    lines = [
+        "# kuiper_pool settings, with their defaults. Copy this file next to the plugin's main script",
+        f"# as {FILE_NAME} (or point {CONFIG_ENV} at it) and keep only the keys you change.",
+        f"# Any key can also be set from the environment as {ENV_PREFIX}<KEY IN UPPER CASE>;",
+        "# precedence: defaults < this file < environment < overrides from code.",
+        "# Generated by kuiper_pool.config.render_defaults_yaml(): edit the registry, not this file.",
+    ]
+    section = None
+    for s in SETTINGS:
+        if s.section != section:
+            section = s.section
+            lines += ["", f"# ==== {section}: {SECTIONS[section]} ===="]
+        lines.append("")
+        for text in (s.description, f"Must be {s.expected}."):
+            lines += textwrap.wrap(text, 90, initial_indent="# ", subsequent_indent="# ",
+                                   break_long_words=False, break_on_hyphens=False)
+        lines.append(f"{s.name}: {json.dumps(s.default)}")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,274 @@
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import pytest
+import yaml
+
+from kuiper_pool import config
+from kuiper_pool.config import SETTINGS, ConfigError, Setting, Settings, load_settings, render_defaults_yaml
+
+REPO_FILE = os.path.join(os.path.dirname(__file__), "..", "config", "kuiper_pool.yaml")
+DEFAULTS = {s.name: s.default for s in SETTINGS}
+
+
+def write(path, text: str) -> str:
+    path.write_text(text, encoding="utf-8")
+    return str(path)
+
+
+def assert_one_line(err: ConfigError, *parts: str) -> None:
+    msg = str(err)
+    assert "\n" not in msg and msg.startswith("kuiper_pool config: ")
+    for part in parts:
+        assert part in msg, (part, msg)
+
+
+# --- registry and dataclass -------------------------------------------------------------
+
+def test_settings_fields_mirror_registry():
+    fields = dataclasses.fields(Settings)
+    assert [f.name for f in fields] == [s.name for s in SETTINGS]
+    assert [f.type for f in fields] == [s.type.__name__ for s in SETTINGS]
+
+
+def test_registry_defaults_pass_their_own_validation_and_sections_are_contiguous():
+    for s in SETTINGS:
+        assert s.validate(s.default, "defaults") == s.default
+        assert s.section in config.SECTIONS and s.description
+    order = [s.section for s in SETTINGS]
+    assert [sec for i, sec in enumerate(order) if i == 0 or order[i - 1] != sec] == list(config.SECTIONS)
+
+
+def test_defaults_load():
+    s = load_settings(environ={})
+    assert s.as_dict() == DEFAULTS
+    assert s == Settings(**DEFAULTS)
+    assert (s.start_method, s.heartbeat_interval, s.sink_window, s.metrics_address) == ("fork", 0.5, 1000, "")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        s.stop_grace = 1.0  # type: ignore[misc]
+
+
+def test_as_dict_round_trips():
+    s = load_settings(environ={}, overrides={"log_level": "debug", "max_calls": 7})
+    assert Settings(**s.as_dict()) == s
+
+
+# --- sources and precedence ---------------------------------------------------------------
+
+def test_file_overrides_defaults(tmp_path):
+    write(tmp_path / "kuiper_pool.yaml", "heartbeat_interval: 1\nlog_level: warning\nsink_window: 5\n")
+    s = load_settings(str(tmp_path), environ={})
+    assert s.heartbeat_interval == 1.0 and type(s.heartbeat_interval) is float
+    assert (s.log_level, s.sink_window, s.stop_grace) == ("WARNING", 5, 2.0)
+
+
+def test_missing_file_in_script_dir_is_fine(tmp_path):
+    assert load_settings(str(tmp_path), environ={}) == Settings(**DEFAULTS)
+
+
+@pytest.mark.parametrize("text", ["", "# only comments\n", "---\n"])
+def test_empty_file_is_fine(tmp_path, text):
+    write(tmp_path / "kuiper_pool.yaml", text)
+    assert load_settings(str(tmp_path), environ={}) == Settings(**DEFAULTS)
+
+
+def test_env_wins_over_file_and_overrides_win_over_env(tmp_path):
+    write(tmp_path / "kuiper_pool.yaml", "stop_grace: 3\nmax_calls: 10\nsink_window: 20\n")
+    env = {"KUIPER_POOL_MAX_CALLS": "11", "KUIPER_POOL_SINK_WINDOW": "21", "PATH": "/bin"}
+    s = load_settings(str(tmp_path), environ=env)
+    assert (s.stop_grace, s.max_calls, s.sink_window) == (3.0, 11, 21)
+    s = load_settings(str(tmp_path), overrides={"sink_window": 22}, environ=env)
+    assert (s.stop_grace, s.max_calls, s.sink_window) == (3.0, 11, 22)
+
+
+def test_config_env_replaces_script_dir_lookup(tmp_path):
+    write(tmp_path / "kuiper_pool.yaml", "max_calls: 1\n")
+    explicit = write(tmp_path / "other.yaml", "sink_window: 9\n")
+    s = load_settings(str(tmp_path), environ={"KUIPER_POOL_CONFIG": explicit})
+    assert (s.max_calls, s.sink_window) == (0, 9)
+
+
+def test_config_env_missing_file(tmp_path):
+    missing = str(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError) as e:
+        load_settings(str(tmp_path), environ={"KUIPER_POOL_CONFIG": missing})
+    assert_one_line(e.value, "KUIPER_POOL_CONFIG", missing)
+
+
+def test_os_environ_is_the_default(monkeypatch):
+    monkeypatch.setenv("KUIPER_POOL_FLAP_WINDOW", "30")
+    assert load_settings().flap_window == 30.0
+
+
+# --- validation -----------------------------------------------------------------------------
+
+BAD = [
+    ("start_method", "forkserver"), ("start_method", "FORK"), ("start_method", 1),
+    ("stop_grace", 0), ("stop_grace", -1), ("stop_grace", "2"), ("stop_grace", float("inf")),
+    ("heartbeat_interval", 0.0), ("heartbeat_interval", None), ("heartbeat_interval", True),
+    ("heartbeat_misses", 0), ("heartbeat_misses", 2.5), ("heartbeat_misses", 4.0),
+    ("call_deadline", 0), ("call_deadline", float("nan")),
+    ("sample_interval", -0.5),
+    ("restart_backoff_initial", -0.1),
+    ("restart_backoff_min", 0),
+    ("restart_backoff_max", 0),
+    ("restart_jitter", -0.01), ("restart_jitter", 1.5),
+    ("flap_max_restarts", 0), ("flap_window", 0),
+    ("memory_limit_mb", -1), ("memory_limit_mb", "1G"),
+    ("max_calls", -1), ("max_calls", False),
+    ("sink_window", 0), ("sink_max_deliveries", 0),
+    ("control_lost_timeout", 0), ("dial_timeout", -5),
+    ("log_level", "TRACE"), ("log_level", 10),
+    ("metrics_address", "0.0.0.0:9100"), ("metrics_address", 9100),
+    ("runtime_dir", ["/tmp"]),
+]
+
+
+@pytest.mark.parametrize("key, bad", BAD)
+def test_validator_rejects_bad_override(key, bad):
+    with pytest.raises(ConfigError) as e:
+        load_settings(overrides={key: bad}, environ={})
+    assert_one_line(e.value, f"{key} must be ", f"got {bad!r} from overrides")
+
+
+def test_bad_value_in_file_names_the_file(tmp_path):
+    path = write(tmp_path / "kuiper_pool.yaml", "heartbeat_interval: -1\n")
+    with pytest.raises(ConfigError) as e:
+        load_settings(str(tmp_path), environ={})
+    assert str(e.value) == f"kuiper_pool config: heartbeat_interval must be a number > 0 (got -1 from {path})"
+
+
+@pytest.mark.parametrize("key, text", [
+    ("heartbeat_interval", "abc"), ("heartbeat_interval", "-1"), ("heartbeat_misses", "2.5"),
+    ("sink_window", ""), ("restart_jitter", "2"), ("start_method", "thread"), ("metrics_address", "10.0.0.1:80"),
+])
+def test_bad_env_value_names_the_variable(key, text):
+    var = "KUIPER_POOL_" + key.upper()
+    with pytest.raises(ConfigError) as e:
+        load_settings(environ={var: text})
+    assert_one_line(e.value, f"{key} must be ", f"got {text!r} from environment variable {var}")
+
+
+def test_env_number_and_string_coercion():
+    s = load_settings(environ={
+        "KUIPER_POOL_HEARTBEAT_INTERVAL": " 0.25 ", "KUIPER_POOL_HEARTBEAT_MISSES": "7",
+        "KUIPER_POOL_MEMORY_LIMIT_MB": "512", "KUIPER_POOL_LOG_LEVEL": "error",
+        "KUIPER_POOL_RUNTIME_DIR": "/run/kp", "KUIPER_POOL_START_METHOD": "spawn",
+    })
+    assert (s.heartbeat_interval, s.heartbeat_misses, s.memory_limit_mb) == (0.25, 7, 512.0)
+    assert type(s.heartbeat_misses) is int and type(s.memory_limit_mb) is float
+    assert (s.log_level, s.runtime_dir, s.start_method) == ("ERROR", "/run/kp", "spawn")
+
+
+@pytest.mark.parametrize("text, value", [
+    ("true", True), ("TRUE", True), ("1", True), ("false", False), (" False ", False), ("0", False),
+])
+def test_env_bool_coercion(text, value):
+    flag = Setting("flag", "workers", bool, False, "true or false", "A flag.")
+    assert flag.parse(text, "environment variable KUIPER_POOL_FLAG") is value
+
+
+@pytest.mark.parametrize("text", ["yes", "", "2", "truee"])
+def test_env_bool_coercion_rejects(text):
+    flag = Setting("flag", "workers", bool, False, "true or false", "A flag.")
+    with pytest.raises(ConfigError) as e:
+        flag.parse(text, "environment variable KUIPER_POOL_FLAG")
+    assert_one_line(e.value, "flag must be true or false", "KUIPER_POOL_FLAG")
+
+
+@pytest.mark.parametrize("addr", [
+    "", "127.0.0.1:9100", "127.8.9.10:1", "localhost:65535", "[::1]:9100", "::1:9100",
+])
+def test_metrics_address_accepts_loopback(addr):
+    assert load_settings(overrides={"metrics_address": addr}, environ={}).metrics_address == addr
+
+
+@pytest.mark.parametrize("addr", [
+    "0.0.0.0:9100", "10.0.0.1:9100", "example.com:80", "[::]:9100", "127.0.0.1", "127.0.0.1:",
+    "127.0.0.1:0", "127.0.0.1:65536", "localhost:http", ":9100", "127.0.0.1:-1", "localhost :9100",
+])
+def test_metrics_address_rejects_non_loopback_or_bad_port(addr):
+    with pytest.raises(ConfigError) as e:
+        load_settings(overrides={"metrics_address": addr}, environ={})
+    assert_one_line(e.value, "metrics_address must be ", repr(addr))
+
+
+def test_backoff_max_below_min_rejected(tmp_path):
+    path = write(tmp_path / "kuiper_pool.yaml", "restart_backoff_min: 2\n")
+    with pytest.raises(ConfigError) as e:
+        load_settings(str(tmp_path), overrides={"restart_backoff_max": 1}, environ={})
+    assert_one_line(e.value, "restart_backoff_max must be >= restart_backoff_min", "overrides", path)
+    s = load_settings(overrides={"restart_backoff_min": 3, "restart_backoff_max": 3}, environ={})
+    assert s.restart_backoff_min == s.restart_backoff_max == 3.0
+
+
+# --- unknown keys and bad files ---------------------------------------------------------------
+
+def test_unknown_key_in_file_suggests_closest(tmp_path):
+    path = write(tmp_path / "kuiper_pool.yaml", "heartbeat_intervl: 1\n")
+    with pytest.raises(ConfigError) as e:
+        load_settings(str(tmp_path), environ={})
+    assert_one_line(e.value, "unknown setting heartbeat_intervl", path, "did you mean heartbeat_interval?")
+
+
+def test_unknown_override_suggests_closest():
+    with pytest.raises(ConfigError) as e:
+        load_settings(overrides={"sink_windows": 5}, environ={})
+    assert_one_line(e.value, "unknown setting sink_windows", "overrides", "did you mean sink_window?")
+
+
+def test_unknown_key_without_close_match():
+    with pytest.raises(ConfigError) as e:
+        load_settings(overrides={"zzz": 5}, environ={})
+    assert_one_line(e.value, "unknown setting zzz")
+    assert "did you mean" not in str(e.value)
+
+
+def test_unknown_env_var_suggests_closest():
+    with pytest.raises(ConfigError) as e:
+        load_settings(environ={"KUIPER_POOL_DIAL_TIMOUT": "3"})
+    assert_one_line(e.value, "unknown setting KUIPER_POOL_DIAL_TIMOUT", "environment",
+                    "did you mean KUIPER_POOL_DIAL_TIMEOUT?")
+
+
+@pytest.mark.parametrize("text, kind", [("- stop_grace\n", "list"), ("just a string\n", "str"), ("3\n", "int")])
+def test_non_mapping_yaml_rejected(tmp_path, text, kind):
+    path = write(tmp_path / "kuiper_pool.yaml", text)
+    with pytest.raises(ConfigError) as e:
+        load_settings(str(tmp_path), environ={})
+    assert_one_line(e.value, path, "must be a mapping", kind)
+
+
+def test_malformed_yaml_is_one_line_error(tmp_path):
+    path = write(tmp_path / "kuiper_pool.yaml", "stop_grace: [1,\nlog_level: INFO\n")
+    with pytest.raises(ConfigError) as e:
+        load_settings(str(tmp_path), environ={})
+    assert_one_line(e.value, "cannot read", path)
+
+
+# --- rendered defaults file -------------------------------------------------------------------
+
+def test_repo_file_equals_rendering():
+    with open(REPO_FILE, encoding="utf-8") as f:
+        assert f.read() == render_defaults_yaml(), "regenerate config/kuiper_pool.yaml from render_defaults_yaml()"
+
+
+def test_rendering_parses_back_to_defaults(tmp_path):
+    text = render_defaults_yaml()
+    parsed = yaml.safe_load(text)
+    assert list(parsed) == [s.name for s in SETTINGS]
+    assert parsed == DEFAULTS
+    assert all(type(parsed[s.name]) is s.type for s in SETTINGS)
+    write(tmp_path / "kuiper_pool.yaml", text)
+    assert load_settings(str(tmp_path), environ={}) == Settings(**DEFAULTS)
+
+
+def test_rendering_documents_every_setting():
+    text = render_defaults_yaml()
+    for section in config.SECTIONS:
+        assert f"# ==== {section}: " in text
+    for s in SETTINGS:
+        block = text.split(f"\n{s.name}: ")[0].rsplit("\n\n", 1)[1]
+        assert block.startswith("# ") and f"Must be {s.expected}." in " ".join(block.replace("# ", "").split())
