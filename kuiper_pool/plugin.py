@@ -35,10 +35,11 @@ def start(config: Any) -> NoReturn:
 def _serve(plugin: PluginConfig, settings: Any, script_dir: str) -> int:
     # Imported here so that importing kuiper_pool stays light for plugin modules and tools.
     from . import worker
+    from .status import private_base
     from .supervisor import Supervisor
     from .zygote import Zygote
 
-    rundir = tempfile.mkdtemp(prefix=f"kuiper_pool-{plugin.name}-", dir=settings.runtime_dir or None)
+    rundir = tempfile.mkdtemp(prefix=f"{plugin.name}-", dir=private_base(settings.runtime_dir))
     spawn_argv = None
     if settings.start_method == "spawn":
         import cloudpickle

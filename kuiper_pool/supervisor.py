@@ -31,6 +31,7 @@ from .instances import (BACKOFF, ENDED, FAILED, RECYCLING, RUNNING, STARTING, ST
                         Instance, WorkerHandle)
 from .logs import supervisor_logger
 from .routing import FunctionRoute, InvertedReq, SinkRoute
+from .status import MetricsServer, Snapshot, StatusServer, socket_path
 from .zygote import Zygote, describe_status
 
 TICK = 0.05          # seconds between housekeeping passes (crash reports wake the loop at once)
@@ -56,7 +57,9 @@ class Supervisor:
         self.control_lost_since = 0.0
         self.last_sample = 0.0
         self.started_at = time.time()
-        self.extra_tick: List[Callable[[float], None]] = []
+        self.status: Optional[StatusServer] = None
+        self.metrics: Optional[MetricsServer] = None
+        self.cached: Optional[Snapshot] = None
 
     # --- lifecycle -------------------------------------------------------------------
 
@@ -70,6 +73,7 @@ class Supervisor:
             signal.signal(sig, lambda *_: None)  # the wakeup fd carries the signal number
         self.sel.register(wake_r, selectors.EVENT_READ, lambda _m: self.on_signal(wake_r))
         self.sel.register(self.zygote.fileno(), selectors.EVENT_READ, lambda _m: self.on_zygote())
+        self.open_status()
         url = wire.control_url(self.plugin.name)
         try:
             self.control = InvertedReq(url, self.s.dial_timeout)
@@ -106,11 +110,29 @@ class Supervisor:
             elif inst.worker is None:
                 self.discard(inst)
 
+    def open_status(self) -> None:
+        path = socket_path(self.plugin.name, self.s.runtime_dir)
+        self.status = StatusServer(path, self.snapshot)
+        self.zygote.own_path(path)
+        self.sel.register(self.status.fileno(), selectors.EVENT_READ,
+                          lambda _m: self.status.on_accept())
+        if self.s.metrics_address:
+            self.cached = self.snapshot()
+            try:
+                self.metrics = MetricsServer(self.s.metrics_address, lambda: self.cached)
+            except OSError as e:
+                self.log.error("plugin %s: metrics_address %s: %s; serving without metrics",
+                               self.plugin.name, self.s.metrics_address, e)
+
     def close(self) -> None:
         for inst in list(self.instances.values()):
             self.discard(inst)
         if self.control is not None:
             self.control.close()
+        if self.status is not None:
+            self.status.close()
+        if self.metrics is not None:
+            self.metrics.close()
         self.zygote.close()
 
     def on_signal(self, fd: int) -> None:
@@ -337,6 +359,9 @@ class Supervisor:
         if inst.worker is not w or self.instances.get(inst.ctrl.key) is not inst:
             return
         inst.worker = None
+        if inst.ctrl.plugin_type == wire.TYPE_SOURCE:  # keep what this worker emitted
+            inst.items_in += w.vitals.processed
+            inst.items_out += w.vitals.processed
         if inst.state == STOPPING:
             self.note(logging.INFO, inst, "stopped (worker pid %d %s)", w.pid, how)
             self.finish_stop(inst)
@@ -473,9 +498,9 @@ class Supervisor:
         if inst.state == FAILED:
             inst.errors += 1
             route.reply(wire.func_error(self.failed_text(inst)))
-        elif inst.state == RUNNING:
+        elif inst.state == RUNNING and inst.worker is not None and not inst.worker.kill_reason:
             self.forward(inst)
-        # otherwise the call waits for the restarted worker, within call_deadline
+        # otherwise the call waits for the (re)started worker, within call_deadline
 
     def forward(self, inst: Instance) -> None:
         route, w = inst.route, inst.worker
@@ -501,8 +526,6 @@ class Supervisor:
                 self.control_lost_since = now
             elif now - self.control_lost_since > self.s.control_lost_timeout:
                 self.shutdown("eKuiper's control channel is gone", 0)
-        for hook in self.extra_tick:
-            hook(now)
 
     def check(self, inst: Instance, now: float) -> None:
         route, w = inst.route, inst.worker
@@ -541,6 +564,7 @@ class Supervisor:
             w.kill_at = now + self.s.stop_grace
 
     def sample(self) -> None:
+        """psutil figures of every worker; refreshes the snapshot the metrics thread serves."""
         for wid, proc in list(self.procs.items()):
             entry = self.workers.get(wid)
             if entry is None:
@@ -551,6 +575,29 @@ class Supervisor:
                     entry[0].vitals.cpu_percent = proc.cpu_percent(None)
             except psutil.Error:
                 pass
+        if self.metrics is not None:
+            self.cached = self.snapshot()
+
+    def snapshot(self) -> Snapshot:
+        """Everything ``kuiper-pool status`` and the metrics show (schema in status.py)."""
+        now = time.time()
+        rows = []
+        for inst in self.instances.values():
+            w, c = inst.worker, inst.ctrl
+            v = w.vitals if w is not None else None
+            emitted = v.processed if v is not None and c.plugin_type == wire.TYPE_SOURCE else 0
+            rows.append({
+                "symbol": c.symbol, "type": c.plugin_type, "rule": c.rule_id, "op": c.op_id,
+                "instance": c.instance_id, "pid": w.pid if w is not None else None,
+                "state": inst.state,
+                "uptime": now - inst.running_since if inst.state == RUNNING else 0.0,
+                "restarts": inst.restarts, "restart_causes": dict(inst.restart_causes),
+                "last_error": inst.last_error, "rss": v.rss if v else 0,
+                "cpu_percent": v.cpu_percent if v else 0.0,
+                "items_in": inst.items_in + emitted, "items_out": inst.items_out + emitted,
+                "errors": inst.errors})
+        return {"plugin": self.plugin.name, "pid": os.getpid(), "zygote_pid": self.zygote.pid,
+                "uptime": now - self.started_at, "time": now, "instances": rows}
 
     def note(self, level: int, inst: Instance, msg: str, *args: Any) -> None:
         """Log about one instance: plugin, symbol and rule in the record, pid in the text."""
