@@ -1,0 +1,97 @@
+"""``kuiper-pool``: try a plugin against the embedded eKuiper stand-in, and ask a running
+supervisor how it is."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from typing import Callable, Dict, List, Optional
+
+EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
+
+
+def cmd_try(args: argparse.Namespace) -> int:
+    from .rule import run_rule
+
+    return run_rule(args.plugin_dir, args.rule, python=args.python)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from .status import StatusError, query
+
+    while True:
+        try:
+            snap = query(args.plugin, args.runtime_dir)
+        except StatusError as e:
+            print(f"kuiper-pool status: {e}", file=sys.stderr)
+            return EXIT_FAIL
+        out = json.dumps(snap, indent=2) if args.json else format_status(snap)
+        if not args.watch:
+            print(out)
+            return EXIT_OK
+        print("\033[H\033[2J" + out, flush=True)
+        time.sleep(args.interval)
+
+
+def format_status(snap: Dict) -> str:
+    """The status table a person reads."""
+    head = (f"plugin {snap['plugin']}  supervisor pid {snap['pid']}  zygote pid {snap['zygote_pid']}"
+            f"  up {_duration(snap['uptime'])}  instances {len(snap['instances'])}")
+    cols = ["SYMBOL", "TYPE", "RULE/OP/INST", "PID", "STATE", "UPTIME", "RESTARTS", "RSS",
+            "CPU%", "IN", "OUT", "ERRORS", "LAST ERROR"]
+    rows: List[List[str]] = []
+    for i in sorted(snap["instances"], key=lambda i: (i["symbol"], i["rule"], i["op"], i["instance"])):
+        where = f"{i['rule']}/{i['op']}/{i['instance']}" if i["type"] != "func" else "(all rules)"
+        rows.append([i["symbol"], i["type"], where, str(i["pid"] or "-"), i["state"],
+                     _duration(i["uptime"]), str(i["restarts"]), f"{i['rss'] / 1048576:.1f}M",
+                     f"{i['cpu_percent']:.0f}", str(i["items_in"]), str(i["items_out"]),
+                     str(i["errors"]), i["last_error"][:60] or "-"])
+    widths = [max(len(r[c]) for r in rows + [cols]) for c in range(len(cols))]
+    lines = [head, ""] + ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip()
+                          for r in [cols] + rows]
+    return "\n".join(lines)
+
+
+def _duration(seconds: float) -> str:
+    s = int(seconds)
+    if s >= 3600:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
+
+
+COMMANDS: Dict[str, Callable[[argparse.Namespace], int]] = {"try": cmd_try, "status": cmd_status}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="kuiper-pool", description=__doc__)
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    t = sub.add_parser("try", help="run a plugin's rule.json through the embedded eKuiper stand-in",
+                       description="Start the plugin exactly as eKuiper does, run the small rule "
+                                   "described in <plugin-dir>/rule.json, print what flows, stop.")
+    t.add_argument("plugin_dir", help="folder with <name>.json and the plugin's executable")
+    t.add_argument("--rule", help="rule file (default: <plugin-dir>/rule.json)")
+    t.add_argument("--python", default=sys.executable,
+                   help="interpreter to run the plugin with, like eKuiper's portable.pythonBin "
+                        "(default: this one)")
+    s = sub.add_parser("status", help="show a running supervisor's instances",
+                       description="Ask the supervisor of a running plugin (over its private "
+                                   "socket) for its instances, workers and counters.")
+    s.add_argument("plugin", help="the plugin's name")
+    s.add_argument("--json", action="store_true", help="print the raw snapshot as JSON")
+    s.add_argument("--watch", action="store_true", help="refresh until interrupted")
+    s.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes")
+    s.add_argument("--runtime-dir", default="", help="the plugin's runtime_dir setting, if set")
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except KeyboardInterrupt:
+        return EXIT_FAIL
+
+
+if __name__ == "__main__":
+    sys.exit(main())
