@@ -105,6 +105,7 @@ class Supervisor:
         self.exiting, self.exit_code = reason, code
         self.log.info("plugin %s: stopping everything: %s", self.plugin.name, reason)
         for inst in list(self.instances.values()):
+            inst.answer(wire.one_line(f"plugin {self.plugin.name} is shutting down: {reason}"))
             if inst.worker is not None and inst.state != STOPPING:
                 self.begin_stop(inst)
             elif inst.worker is None:
@@ -276,6 +277,8 @@ class Supervisor:
             inst.last_error = json.loads(payload)["error"]
 
     def on_ready(self, inst: Instance, w: WorkerHandle, error: Optional[str]) -> None:
+        if inst.state != STARTING:  # stopped or shutting down meanwhile: STOP is queued behind
+            return
         first = inst.pending is not None
         if error:
             inst.last_error = error
