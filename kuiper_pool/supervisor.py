@@ -55,6 +55,7 @@ class Supervisor:
         self.exit_code = 0
         self.control: Optional[InvertedReq] = None
         self.control_lost_since = 0.0
+        self.parent = os.getppid()  # eKuiper (or conda run): when it exits, so do we
         self.last_sample = 0.0
         self.started_at = time.time()
         self.status: Optional[StatusServer] = None
@@ -529,6 +530,10 @@ class Supervisor:
                 self.control_lost_since = now
             elif now - self.control_lost_since > self.s.control_lost_timeout:
                 self.shutdown("eKuiper's control channel is gone", 0)
+        if os.getppid() != self.parent:
+            # a lingering plugin would answer the next eKuiper's handshake in place of the
+            # process that eKuiper starts anew, so leave at once
+            self.shutdown(f"eKuiper (parent pid {self.parent}) exited", 0)
 
     def check(self, inst: Instance, now: float) -> None:
         route, w = inst.route, inst.worker

@@ -150,14 +150,20 @@ def require_ack(config: Dict[str, Any]) -> bool:
 
 # --- data encodings -------------------------------------------------------------
 
+def _json_dumps(obj: Any) -> bytes:
+    return json.dumps(obj, separators=(",", ":")).encode()
+
+
 try:  # orjson is an optional extra: ~10x cheaper encoding on the hot path
     import orjson as _orjson
 
     def dumps(obj: Any) -> bytes:
-        return _orjson.dumps(obj)
+        try:
+            return _orjson.dumps(obj, option=_orjson.OPT_NON_STR_KEYS)
+        except TypeError:  # what orjson refuses, json may take (as the official SDK does)
+            return _json_dumps(obj)
 except ImportError:  # pragma: no cover - depends on the environment
-    def dumps(obj: Any) -> bytes:
-        return json.dumps(obj, separators=(",", ":")).encode()
+    dumps = _json_dumps
 
 
 def source_message(message: Any, meta: Optional[dict]) -> bytes:
