@@ -1,0 +1,570 @@
+"""An embedded eKuiper stand-in: the *host* side of the portable plugin protocol.
+
+It does what eKuiper 2.x does (``internal/plugin/portable/runtime/*.go``), step by
+step, so a plugin (ours or the official SDK's) can be driven without a Go server:
+
+* the control channel is a REP socket listening on ``ipc:///tmp/plugin_<name>.ipc``;
+  each command goes out as the *reply* to the plugin's pending request and the
+  plugin's answer is its next request (answers starting with ``h`` are late
+  handshakes: the command is sent again; ``ok`` is success, anything else an error);
+* the plugin is started as ``[python, "-u", <executable>, '{"sendTimeout":1000}']``
+  in the executable's folder and stopped with SIGKILL of that one process;
+* every successful ``start`` is recorded under its meta (rule, op, instance) and
+  replayed, concurrently, when the plugin process is started again. Function
+  starts all carry an empty meta, so only the last one survives, as in eKuiper.
+
+Every socket the host opens is closed again by :meth:`Host.close`, which removes
+its ``/tmp/*.ipc`` file. All receives use short timeouts in a loop (a blocking
+pynng ``recv`` cannot be interrupted), checking that the plugin is still alive.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+
+import pynng
+
+__all__ = ["HostError", "Host", "SourceHandle", "SinkHandle", "FunctionHandle", "go_json"]
+
+PORTABLE_CONF = '{"sendTimeout":1000}'  # argv[1] of every plugin process (PortableConfig)
+SEND_TIMEOUT = 5.0  # portable.sendTimeout default: sink data push and function replies
+_SLICE_MS = 100  # every host socket receives in slices of this many ms
+
+MetaKey = Tuple[str, str, int]
+
+
+class HostError(Exception):
+    """An error answer from the plugin, or a timeout. ``str()`` is one line;
+    ``answer`` keeps the full text (e.g. a whole traceback)."""
+
+    def __init__(self, message: str, answer: Optional[str] = None):
+        self.answer = message if answer is None else answer
+        super().__init__(_one_line(message))
+
+
+def _one_line(text: str) -> str:
+    """A traceback's last line, or the text with line breaks folded."""
+    lines = [ln.strip() for ln in str(text).strip().splitlines() if ln.strip()]
+    if not lines:
+        return "(empty answer)"
+    line = lines[-1] if lines[0].startswith("Traceback") else " | ".join(lines)
+    return line if len(line) <= 500 else line[:497] + "..."
+
+
+def go_json(obj: Any) -> bytes:
+    """JSON the way Go's ``encoding/json`` writes it: compact, UTF-8, HTML-escaped.
+    (Go sorts map keys but keeps struct field order; callers pass dicts in the
+    right order and sort map-typed parts with :func:`_sorted_maps`.)"""
+    text = json.dumps(obj, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    for ch, esc in (("<", "\\u003c"), (">", "\\u003e"), ("&", "\\u0026"),
+                    ("\u2028", "\\u2028"), ("\u2029", "\\u2029")):
+        text = text.replace(ch, esc)
+    return text.encode("utf-8")
+
+
+def _sorted_maps(value: Any) -> Any:
+    """Sort the keys of every dict inside ``value`` (Go marshals maps sorted)."""
+    if isinstance(value, dict):
+        return {k: _sorted_maps(value[k]) for k in sorted(value)}
+    if isinstance(value, (list, tuple)):
+        return [_sorted_maps(v) for v in value]
+    return value
+
+
+def control(symbol: str, plugin_type: str, rule: str = "", op: str = "", instance: int = 0,
+            datasource: str = "", config: Optional[dict] = None) -> dict:
+    """The Control struct eKuiper sends (field order as in shared.go; empty
+    ``dataSource`` and ``config`` are omitted)."""
+    ctrl: Dict[str, Any] = {"symbolName": symbol,
+                            "meta": {"ruleId": rule, "opId": op, "instanceId": instance},
+                            "pluginType": plugin_type}
+    if datasource:
+        ctrl["dataSource"] = datasource
+    if config:
+        ctrl["config"] = _sorted_maps(config)
+    return ctrl
+
+
+def _meta_key(ctrl: dict) -> MetaKey:
+    meta = ctrl.get("meta") or {}
+    return (meta.get("ruleId", ""), meta.get("opId", ""), meta.get("instanceId", 0))
+
+
+def _find_plugin_json(plugin_dir: str) -> Tuple[str, dict]:
+    """The single ``<name>.json`` in ``plugin_dir`` that declares an ``executable``
+    (other json files, such as ``rule.json``, are ignored)."""
+    if not os.path.isdir(plugin_dir):
+        raise HostError(f"plugin folder {plugin_dir} does not exist")
+    found = []
+    for entry in sorted(os.listdir(plugin_dir)):
+        path = os.path.join(plugin_dir, entry)
+        if not entry.endswith(".json") or not os.path.isfile(path):
+            continue
+        try:
+            with open(path, encoding="utf-8") as f:
+                meta = json.load(f)
+        except (OSError, ValueError):
+            continue
+        if isinstance(meta, dict) and "executable" in meta:
+            found.append((entry[:-len(".json")], meta))
+    if len(found) != 1:
+        what = "no plugin json (<name>.json with an 'executable')" if not found else \
+            "several plugin jsons (" + ", ".join(n + ".json" for n, _ in found) + ")"
+        raise HostError(f"{what} in {plugin_dir}")
+    return found[0]
+
+
+class Host:
+    """One plugin as eKuiper's plugin instance manager sees it."""
+
+    def __init__(self, plugin_dir: str, *, python: str = sys.executable, init_timeout: float = 60.0,
+                 recv_timeout: float = 5.0, env: Optional[dict] = None, stdout=None,
+                 command_timeout: float = 30.0):
+        self.plugin_dir = os.path.abspath(plugin_dir)
+        self.name, self.meta = _find_plugin_json(self.plugin_dir)
+        self.executable = os.path.normpath(os.path.join(self.plugin_dir, str(self.meta["executable"])))
+        if not os.path.isfile(self.executable):
+            raise HostError(f"cannot find executable `{self.executable}` of plugin {self.name}")
+        self.python = python
+        self.init_timeout = init_timeout
+        self.recv_timeout = recv_timeout
+        self.command_timeout = command_timeout  # eKuiper waits up to 1 h for an answer
+        self.env = env
+        self.stdout = stdout
+        self.process: Optional[subprocess.Popen] = None
+        self.control_url = f"ipc:///tmp/plugin_{self.name}.ipc"
+        self._ctrl: Optional[pynng.Socket] = None
+        self._cmd_lock = threading.Lock()  # eKuiper's control channel mutex
+        self._lock = threading.Lock()  # commands map and handle list
+        self._commands: Dict[MetaKey, bytes] = {}
+        self._handles: List[Union["SourceHandle", "SinkHandle", "FunctionHandle"]] = []
+        self._closed = False
+
+    # --- process ---------------------------------------------------------------------
+
+    def argv(self) -> List[str]:
+        """The command line eKuiper builds for this plugin."""
+        lang = self.meta.get("language")
+        if lang == "go":
+            return [self.executable, PORTABLE_CONF]
+        if lang != "python":
+            raise HostError(f"unsupported language: {lang}")
+        venv = self.meta.get("virtualEnvType")
+        if venv is not None:
+            if venv != "conda":
+                raise HostError(f"unsupported virtual type: {venv}")
+            return ["conda", "run", "-n", str(self.meta.get("env")), self.python,
+                    self.executable, PORTABLE_CONF]
+        return [self.python, "-u", self.executable, PORTABLE_CONF]
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def start(self) -> None:
+        """eKuiper's GetOrStartProcess: no-op while the plugin runs; otherwise create
+        the control channel (once), exec the plugin, wait for its handshake and
+        replay every recorded start command."""
+        if self._closed:
+            raise HostError("host is closed")
+        if self.alive():
+            return
+        if self._ctrl is None:
+            self._ctrl = _listen(pynng.Rep0(recv_timeout=_SLICE_MS, send_timeout=int(SEND_TIMEOUT * 1000)),
+                                 self.control_url)
+        env = None if self.env is None else {**os.environ, **self.env}
+        try:
+            self.process = subprocess.Popen(
+                self.argv(), cwd=os.path.dirname(self.executable), env=env, stdout=self.stdout,
+                stderr=None if self.stdout is None else subprocess.STDOUT)
+        except OSError as e:
+            raise HostError(f"fail to start plugin {self.name}: {e}") from e
+        try:
+            self._handshake()
+        except BaseException:
+            self.kill()
+            raise
+        self._replay()
+
+    def _handshake(self) -> None:
+        deadline = time.monotonic() + self.init_timeout
+        while True:
+            try:
+                self._ctrl.recv()  # whatever arrives first counts (eKuiper does not look)
+                return
+            except pynng.Timeout:
+                pass
+            if not self.alive():
+                raise HostError(f"plugin {self.name} exited with code {self.process.returncode} "
+                                "before the handshake")
+            if time.monotonic() >= deadline:
+                raise HostError(f"plugin {self.name} control handshake timed out after "
+                                f"{self.init_timeout:g} s (nothing on {self.control_url})")
+
+    def _replay(self) -> None:
+        """Re-send every recorded start command, concurrently, like eKuiper does after a restart."""
+        with self._lock:
+            commands = list(self._commands.items())
+        errors: List[str] = []
+
+        def send(key: MetaKey, payload: bytes) -> None:
+            try:
+                answer = self._send_cmd(payload)
+                if answer != "ok":
+                    errors.append(f"{key}: {_one_line(answer)}")
+            except HostError as e:
+                errors.append(f"{key}: {e}")
+
+        threads = [threading.Thread(target=send, args=c, daemon=True) for c in commands]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if errors:
+            raise HostError(f"replaying start commands of plugin {self.name} failed: " + "; ".join(errors))
+
+    def restart_plugin(self) -> None:
+        """SIGKILL the plugin, start it again, wait for the handshake, replay the starts."""
+        self.kill()
+        self.start()
+
+    def kill(self) -> None:
+        """SIGKILL of the plugin process only (as eKuiper), then reap it."""
+        p = self.process
+        if p is None:
+            return
+        if p.poll() is None:
+            try:
+                p.kill()
+            except ProcessLookupError:
+                pass
+        p.wait()
+
+    def _exit_text(self) -> Optional[str]:
+        if self.process is None:
+            return f"plugin {self.name} is not running"
+        code = self.process.poll()
+        return None if code is None else f"plugin {self.name} exited with code {code}"
+
+    # --- control channel -------------------------------------------------------------
+
+    def _recv(self, sock: pynng.Socket, timeout: float, timeout_text: Callable[[], str]) -> bytes:
+        """Receive within ``timeout`` seconds; HostError when the plugin dies or time is up."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                return sock.recv()
+            except pynng.Timeout:
+                pass
+            except pynng.Closed as e:
+                raise HostError("socket closed") from e
+            dead = self._exit_text()
+            if dead:
+                raise HostError(dead)
+            if time.monotonic() >= deadline:
+                raise HostError(timeout_text())
+
+    def _rep_request(self, sock: pynng.Socket, payload: bytes, timeout: float,
+                     timeout_text: Callable[[], str]) -> bytes:
+        """Send a request on an inverted REP socket the way connection.go does:
+        on a protocol-state error first take (and drop) the pending message, and
+        send again whenever the answer is a (late) handshake."""
+        while True:
+            try:
+                sock.send(payload)
+            except pynng.BadState:  # mangos.ErrProtoState: no request pending
+                self._recv(sock, timeout, timeout_text)  # "discard previous response"
+                sock.send(payload)
+            except pynng.Timeout as e:
+                raise HostError(timeout_text()) from e
+            result = self._recv(sock, timeout, timeout_text)
+            if result[:1] == b"h":
+                continue
+            return result
+
+    def _send_cmd(self, payload: bytes, timeout: Optional[float] = None) -> str:
+        if self._ctrl is None:
+            raise HostError(f"plugin {self.name} is not started")
+        t = self.command_timeout if timeout is None else timeout
+        with self._cmd_lock:
+            answer = self._rep_request(self._ctrl, payload, t,
+                                       lambda: f"no answer from plugin {self.name} within {t:g} s")
+        return answer.decode("utf-8", "replace")
+
+    def send_raw(self, payload: bytes) -> str:
+        """Send arbitrary bytes as a command; return the answer text."""
+        self.start()
+        return self._send_cmd(payload)
+
+    def command(self, cmd: str, ctrl: dict, timeout: Optional[float] = None) -> None:
+        """Send ``start``/``stop`` with a Control; HostError(answer) unless ``ok``.
+        A successful start is recorded under its meta, a successful stop removes it."""
+        payload = go_json({"cmd": cmd, "arg": go_json(ctrl).decode("utf-8")})
+        answer = self._send_cmd(payload, timeout)
+        if answer != "ok":
+            raise HostError(answer)
+        with self._lock:
+            if cmd == "start":
+                self._commands[_meta_key(ctrl)] = payload
+            elif cmd == "stop":
+                self._commands.pop(_meta_key(ctrl), None)
+
+    @property
+    def commands(self) -> Dict[MetaKey, dict]:
+        """The recorded (active) start commands, decoded, keyed by meta."""
+        with self._lock:
+            items = list(self._commands.items())
+        decoded = {}
+        for key, payload in items:
+            cmd = json.loads(payload)
+            decoded[key] = {"cmd": cmd["cmd"], "arg": json.loads(cmd["arg"])}
+        return decoded
+
+    def _stop_symbol(self, ctrl: dict, timeout: Optional[float] = None) -> None:
+        """StopSymbol after the handle closed its sockets. Skipped when the plugin is
+        dead (eKuiper would block on the control channel instead)."""
+        if self.alive():
+            self.command("stop", ctrl, timeout)
+        else:
+            with self._lock:
+                self._commands.pop(_meta_key(ctrl), None)
+
+    # --- symbols ---------------------------------------------------------------------
+
+    def _add(self, handle):
+        with self._lock:
+            self._handles.append(handle)
+        return handle
+
+    def _forget(self, handle) -> None:
+        with self._lock:
+            if handle in self._handles:
+                self._handles.remove(handle)
+
+    def start_source(self, symbol: str, rule: str, op: str = "op", instance: int = 0,
+                     datasource: str = "", config: Optional[dict] = None) -> "SourceHandle":
+        """PortableSource.Connect: listen for data, then send start."""
+        self.start()
+        ctrl = control(symbol, "source", rule, op, instance, datasource, config)
+        url = f"ipc:///tmp/{rule}_{op}_{instance}.ipc"
+        sock = _listen(pynng.Pull0(recv_timeout=_SLICE_MS), url)
+        try:
+            self.command("start", ctrl)
+        except BaseException:
+            sock.close()
+            raise
+        return self._add(SourceHandle(self, ctrl, sock, url))
+
+    def start_sink(self, symbol: str, rule: str, op: str = "op", instance: int = 0,
+                   config: Optional[dict] = None, require_ack: bool = False) -> "SinkHandle":
+        """PortableSink.Connect: listen for acks, send start, then dial the data path
+        synchronously (fails when the plugin does not listen yet)."""
+        self.start()
+        config = dict(config or {})
+        if require_ack:
+            config["requireAck"] = True
+        require_ack = bool(config.get("requireAck", False))
+        ctrl = control(symbol, "sink", rule, op, instance, config=config)
+        base = f"ipc:///tmp/{rule}_{op}_{instance}"
+        ack = _listen(pynng.Pull0(recv_timeout=_SLICE_MS), base + "_ack.ipc")
+        try:
+            self.command("start", ctrl)
+        except BaseException:
+            ack.close()  # eKuiper leaves it open here; we close every socket we open
+            raise
+        data = pynng.Push0(send_timeout=int(SEND_TIMEOUT * 1000))
+        data.recv_max_size = 0
+        data.reconnect_time_min, data.reconnect_time_max = 100, 5000
+        try:
+            data.dial(base + ".ipc", block=True)
+        except pynng.NNGException as e:
+            data.close()
+            ack.close()
+            try:
+                self._stop_symbol(ctrl)
+            except HostError:
+                pass
+            raise HostError(f"can't dial on push socket: {e}") from e
+        return self._add(SinkHandle(self, ctrl, data, ack, base + ".ipc", require_ack))
+
+    def start_function(self, symbol: str) -> "FunctionHandle":
+        """NewPortableFunc: listen on the function channel, then send start (empty meta)."""
+        self.start()
+        url = f"ipc:///tmp/func_{symbol}.ipc"
+        sock = _listen(pynng.Rep0(recv_timeout=_SLICE_MS, send_timeout=int(SEND_TIMEOUT * 1000)), url)
+        try:
+            self.command("start", control(symbol, "func"))
+        except BaseException:
+            sock.close()
+            raise
+        return self._add(FunctionHandle(self, symbol, sock, url))
+
+    # --- teardown --------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Stop every active handle (close sockets, then send stop), kill the plugin,
+        close the control channel. Idempotent; errors while stopping are ignored."""
+        if self._closed:
+            return
+        self._closed = True
+        with self._lock:
+            handles = list(reversed(self._handles))
+        for h in handles:
+            try:
+                if isinstance(h, FunctionHandle):
+                    h.close()
+                else:
+                    h.stop(timeout=min(self.command_timeout, 5.0))
+            except HostError:
+                pass
+        self.kill()
+        if self._ctrl is not None:
+            self._ctrl.close()
+            self._ctrl = None
+
+    def __enter__(self) -> "Host":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _listen(sock: pynng.Socket, url: str) -> pynng.Socket:
+    """listenWithRetry: up to 5 retries 100 ms apart; the socket is closed on failure."""
+    sock.recv_max_size = 0
+    for attempt in range(6):
+        try:
+            sock.listen(url)
+            return sock
+        except pynng.NNGException as e:
+            err = e
+            if attempt < 5:
+                time.sleep(0.1)
+    sock.close()
+    raise HostError(f"can't listen on {url}: {err}")
+
+
+def _decode(data: bytes, what: str) -> dict:
+    try:
+        return json.loads(data)
+    except ValueError as e:
+        raise HostError(f"Invalid data format, cannot decode {data[:200]!r} from {what} "
+                        f"to json format with error {e}") from e
+
+
+class SourceHandle:
+    """One running source instance: eKuiper's PULL socket plus the Control."""
+
+    def __init__(self, host: Host, ctrl: dict, sock: pynng.Socket, url: str):
+        self.host, self.ctrl, self.url = host, ctrl, url
+        self._sock: Optional[pynng.Socket] = sock
+
+    def recv(self, timeout: float = 5.0) -> dict:
+        """The next decoded wrapper, ``{"message": ..., "meta": ...}`` (or ``{"error": ...}``)."""
+        if self._sock is None:
+            raise HostError("source is stopped")
+        data = self.host._recv(self._sock, timeout, lambda: f"no message from source "
+                               f"{self.ctrl['symbolName']} within {timeout:g} s")
+        return _decode(data, "source")
+
+    def stop(self, timeout: Optional[float] = None) -> None:
+        """Close the data socket, then send stop with the same Control. Idempotent."""
+        if self._sock is None:
+            return
+        self._sock.close()
+        self._sock = None
+        self.host._forget(self)
+        self.host._stop_symbol(self.ctrl, timeout)
+
+
+class SinkHandle:
+    """One running sink instance: eKuiper's PUSH (data) and PULL (ack) sockets."""
+
+    def __init__(self, host: Host, ctrl: dict, data: pynng.Socket, ack: pynng.Socket,
+                 url: str, require_ack: bool):
+        self.host, self.ctrl, self.url, self.require_ack = host, ctrl, url, require_ack
+        self._data: Optional[pynng.Socket] = data
+        self._ack: Optional[pynng.Socket] = ack
+
+    def send(self, data: bytes) -> None:
+        if self._data is None:
+            raise HostError("sink is stopped")
+        try:
+            self._data.send(data)
+        except pynng.Timeout as e:
+            raise HostError(f"sink {self.ctrl['symbolName']}: send timed out after {SEND_TIMEOUT:g} s") from e
+
+    def recv_ack(self, timeout: float = 5.0) -> dict:
+        """The next ack: ``{}`` or ``{"error": ...}``."""
+        if self._ack is None:
+            raise HostError("sink is stopped")
+        data = self.host._recv(self._ack, timeout, lambda: f"no ack from sink "
+                               f"{self.ctrl['symbolName']} within {timeout:g} s")
+        return _decode(data, "sink ack")
+
+    def collect(self, data: bytes, timeout: float = 5.0) -> Optional[dict]:
+        """PortableSink.Collect: send; with requireAck wait for and return the ack."""
+        self.send(data)
+        return self.recv_ack(timeout) if self.require_ack else None
+
+    def stop(self, timeout: Optional[float] = None) -> None:
+        """Close data and ack sockets, then send stop. Idempotent."""
+        if self._data is None:
+            return
+        self._data.close()
+        self._ack.close()
+        self._data = self._ack = None
+        self.host._forget(self)
+        self.host._stop_symbol(self.ctrl, timeout)
+
+
+class FunctionHandle:
+    """eKuiper's PortableFunc: one REP channel per function symbol."""
+
+    def __init__(self, host: Host, symbol: str, sock: pynng.Socket, url: str):
+        self.host, self.symbol, self.url = host, symbol, url
+        self._sock: Optional[pynng.Socket] = sock
+        self._lock = threading.Lock()  # calls to one symbol never overlap
+
+    def request(self, payload: Union[dict, bytes], timeout: Optional[float] = None) -> dict:
+        """Send one request (dict, or raw bytes) and return the decoded reply."""
+        if self._sock is None:
+            raise HostError(f"function {self.symbol} channel is closed")
+        raw = payload if isinstance(payload, bytes) else go_json(payload)
+        t = self.host.recv_timeout if timeout is None else timeout
+        host = self.host
+
+        def timeout_text() -> str:
+            return f"time out, plugin {host.name} status {'running' if host.alive() else 'error'}, message: "
+
+        with self._lock:
+            res = host._rep_request(self._sock, raw, t, timeout_text)
+        try:
+            return json.loads(res)
+        except ValueError as e:
+            raise HostError(f"Failed to unmarshal function result {res[:200]!r}") from e
+
+    def validate(self, args: list) -> dict:
+        return self.request({"func": "Validate", "arg": _sorted_maps(list(args))})
+
+    def is_aggregate(self) -> dict:
+        return self.request({"func": "IsAggregate", "arg": None})
+
+    def exec(self, args: list, rule: str = "rule", op: str = "op", instance: int = 0,
+             func_id: int = 0) -> dict:
+        """Exec with the FuncMeta JSON text appended as the last argument."""
+        fmeta = go_json({"ruleId": rule, "opId": op, "instanceId": instance, "funcId": func_id})
+        return self.request({"func": "Exec", "arg": _sorted_maps(list(args)) + [fmeta.decode("utf-8")]})
+
+    def close(self) -> None:
+        """Close the channel only; functions are never stopped (PortableFunc.Close)."""
+        if self._sock is None:
+            return
+        with self._lock:
+            self._sock.close()
+            self._sock = None
+        self.host._forget(self)
