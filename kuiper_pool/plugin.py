@@ -12,12 +12,12 @@ from .api import PluginConfig
 from .config import ConfigError, load_settings
 
 
-def start(config: Any) -> NoReturn:
+def start(c: Any) -> NoReturn:
     """Run the plugin under kuiper_pool; never returns (exits when eKuiper goes away or on
     SIGTERM/SIGINT). Accepts kuiper_pool's ``PluginConfig`` or the official SDK's."""
     script_dir = os.path.dirname(os.path.abspath(sys.argv[0])) if sys.argv and sys.argv[0] else os.getcwd()
     try:
-        plugin = PluginConfig.adopt(config)
+        plugin = PluginConfig.adopt(c)
         settings = load_settings(script_dir, plugin.settings)
     except (ConfigError, ValueError) as e:
         print(f"kuiper_pool: cannot start: {e}", flush=True)
@@ -48,7 +48,7 @@ def _serve(plugin: PluginConfig, settings: Any, script_dir: str) -> int:
         with open(os.open(payload, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as f:
             cloudpickle.dump({"name": plugin.name, "sources": plugin.sources, "sinks": plugin.sinks,
                               "functions": plugin.functions}, f)
-        spawn_argv = [sys.executable, "-m", "kuiper_pool.worker", payload, script_dir,
+        spawn_argv = [sys.executable, "-u", "-m", "kuiper_pool.worker", payload, script_dir,
                       settings.log_level]
     # The zygote must exist before any nng socket does (nng aborts forked children).
     zygote = Zygote(lambda link: worker.run(link, plugin), rundir, spawn_argv)

@@ -144,8 +144,14 @@ class _Terminated(Exception):
     pass
 
 
+_leaving = False  # set once on the way out: a late SIGTERM must not abort the cleanup
+
+
 def _on_term(*_: object) -> None:
-    raise _Terminated()
+    global _leaving
+    if not _leaving:  # PDEATHSIG and the link's EOF arrive together when the supervisor dies
+        _leaving = True
+        raise _Terminated()
 
 
 def _serve(sock: socket.socket, worker_main: WorkerMain, spawn_argv: Optional[List[str]],
@@ -169,6 +175,7 @@ def _serve(sock: socket.socket, worker_main: WorkerMain, spawn_argv: Optional[Li
             except ChildProcessError:
                 break
             children.pop(pid, None)
+        _drain_paths(sock, owned)
         for path in owned:
             try:
                 os.unlink(path)
@@ -180,6 +187,7 @@ def _serve(sock: socket.socket, worker_main: WorkerMain, spawn_argv: Optional[Li
 
 def _loop(sock: socket.socket, worker_main: WorkerMain, spawn_argv: Optional[List[str]],
           children: Dict[int, int], owned: Set[str]) -> None:
+    global _leaving
     wake_r, wake_w = os.pipe()
     os.set_blocking(wake_w, False)
     signal.set_wakeup_fd(wake_w)
@@ -224,6 +232,7 @@ def _loop(sock: socket.socket, worker_main: WorkerMain, spawn_argv: Optional[Lis
             except InterruptedError:
                 continue
             if not msg:  # supervisor gone or done: _serve takes every worker down
+                _leaving = True
                 return
             req = json.loads(msg)
             if req["op"] == "start":
@@ -240,6 +249,26 @@ def _loop(sock: socket.socket, worker_main: WorkerMain, spawn_argv: Optional[Lis
                 owned.add(req["path"])
             elif req["op"] == "disown":
                 owned.discard(req["path"])
+
+
+def _drain_paths(sock: socket.socket, owned: Set[str]) -> None:
+    """Apply own/disown requests still queued: a supervisor killed early may have sent them
+    before the zygote read them."""
+    sock.setblocking(False)
+    while True:
+        try:
+            msg, fds, _flags, _addr = socket.recv_fds(sock, MAX_MSG, 4)
+        except OSError:
+            return
+        for fd in fds:
+            os.close(fd)
+        if not msg:
+            return
+        req = json.loads(msg)
+        if req["op"] == "own":
+            owned.add(req["path"])
+        elif req["op"] == "disown":
+            owned.discard(req["path"])
 
 
 def _signal(pid: int, sig: int) -> None:

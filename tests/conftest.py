@@ -81,3 +81,17 @@ def wait_until(condition: Callable[[], Optional[T]], timeout: float = 10.0, inte
         if time.monotonic() >= deadline:
             pytest.fail(f"timed out after {timeout:g} s waiting for {message}")
         time.sleep(interval)
+
+
+@pytest.fixture
+def host_runs(ipc_leak_check, unique):
+    """``plugins.HostRuns`` for this test: ``host_runs.launch(plugin_dir, **Host kwargs)`` returns
+    a started emulator Host. At teardown every Host is closed (as eKuiper: stop, SIGKILL) and
+    the test fails if any process of a plugin tree, a /tmp/kuiper_pool-<uid>/ entry or a
+    /tmp/*.ipc file naming ``unique`` is left."""
+    from plugins import HostRuns
+
+    runs = HostRuns(unique)
+    yield runs
+    problems = runs.close()
+    assert not problems, "; ".join(problems)

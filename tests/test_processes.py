@@ -1,0 +1,125 @@
+"""Process lifecycle: where instances run, and that nothing outlives the plugin however it ends
+(stop, SIGKILL from eKuiper, SIGTERM/SIGINT, eKuiper's control channel going away)."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+
+import psutil
+import pytest
+
+from conftest import ipc_files, wait_until
+from plugins import (COUNTING_SOURCE, MODE_FUNCTION, RECORDING_SINK, descendants, events, is_dead,
+                     make_plugin, read_jsonl, runtime_entries)
+
+
+class Running:
+    """A plugin with two sources, a sink and two functions running, and their worker pids."""
+
+    def __init__(self, host_runs, tmp_path, u: str, **settings):
+        self.u = u
+        self.plugin, self.src, self.snk = f"kp{u}", f"src{u}", f"snk{u}"
+        self.fns = [f"fa{u}", f"fb{u}"]
+        self.rule = f"r{u}"
+        self.items = str(tmp_path / "items.jsonl")
+        self.dir = make_plugin(str(tmp_path), self.plugin, sources={self.src: COUNTING_SOURCE},
+                               sinks={self.snk: RECORDING_SINK},
+                               functions={f: MODE_FUNCTION for f in self.fns},
+                               settings=dict({"stop_grace": 1.0}, **settings))
+        self.host = host_runs.launch(self.dir)
+        self.supervisor = self.host.process.pid
+        (self.zygote,) = [p.pid for p in psutil.Process(self.supervisor).children()]
+        self.sources = [self.host.start_source(self.src, self.rule, op=f"s{i}") for i in (1, 2)]
+        self.source_pids = [s.recv()["message"]["pid"] for s in self.sources]
+        self.sink = self.host.start_sink(self.snk, self.rule, op="k", config={"file": self.items},
+                                         require_ack=True)
+        for i in range(10):
+            assert self.sink.collect(json.dumps({"i": i}).encode()) == {}
+        self.sink_pid = read_jsonl(self.items)[0]["pid"]
+        self.functions = [self.host.start_function(f) for f in self.fns]
+        self.function_pids = [f.exec(["pid"])["result"] for f in self.functions]
+        self.workers = self.source_pids + [self.sink_pid] + self.function_pids
+        self.sink_data_path = f"/tmp/{self.rule}_k_0.ipc"  # the plugin listens here
+
+    def all_dead(self, pids) -> bool:
+        return all(is_dead(p) for p in pids)
+
+    def closed_pids(self, kind: str):
+        return sorted(e["pid"] for e in events(self.dir, kind))
+
+
+def test_every_instance_runs_in_its_own_process_and_stop_leaves_nothing(tmp_path, unique, host_runs):
+    run = Running(host_runs, tmp_path, unique)
+    assert len(set(run.workers)) == len(run.workers)
+    assert run.supervisor not in run.workers and run.zygote not in run.workers
+    assert descendants(run.supervisor) == {run.zygote, *run.workers}  # and nothing else
+
+    for handle, pid in zip(run.sources, run.source_pids):
+        handle.stop()
+        assert is_dead(pid)
+    run.sink.stop()
+    assert is_dead(run.sink_pid)
+    assert run.closed_pids("source_close") == sorted(run.source_pids)
+    assert run.closed_pids("sink_close") == [run.sink_pid]
+    assert ipc_files(run.rule) == []
+    assert descendants(run.supervisor) == {run.zygote, *run.function_pids}
+
+    run.host.close()  # eKuiper deletes the plugin: SIGKILL of the plugin process only
+    wait_until(lambda: run.all_dead([run.supervisor, run.zygote, *run.workers]), timeout=5,
+               message="every process of the plugin to be gone")
+    wait_until(lambda: not ipc_files(unique) and not runtime_entries(unique), timeout=5,
+               message="no ipc file and no runtime entry left")
+
+
+def test_sigkill_of_the_supervisor_leaves_nothing_within_one_second(tmp_path, unique, host_runs):
+    run = Running(host_runs, tmp_path, unique)
+    assert os.path.exists(run.sink_data_path)
+    assert len(runtime_entries(run.plugin)) == 2  # the run dir and the status socket
+    run.host.kill()
+    assert run.host.process.returncode == -signal.SIGKILL
+    wait_until(lambda: run.all_dead([run.zygote, *run.workers]), timeout=1.0,
+               message=f"workers and zygote dead (alive: "
+                       f"{[p for p in [run.zygote, *run.workers] if not is_dead(p)]})")
+    wait_until(lambda: not os.path.exists(run.sink_data_path) and not runtime_entries(unique),
+               timeout=1.0, message="the sink's ipc file, run dir and status socket removed")
+    run.host.close()  # eKuiper's own sockets
+    assert ipc_files(unique) == []
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_sigterm_and_sigint_stop_everything_gracefully(tmp_path, unique, host_runs, sig):
+    run = Running(host_runs, tmp_path, unique)
+    os.kill(run.supervisor, sig)
+    assert run.host.process.wait(timeout=10) == 0
+    assert run.closed_pids("source_close") == sorted(run.source_pids)
+    assert run.closed_pids("sink_close") == [run.sink_pid]
+    wait_until(lambda: run.all_dead([run.zygote, *run.workers]), timeout=2,
+               message="workers and zygote gone")
+    assert not os.path.exists(run.sink_data_path)
+    assert runtime_entries(unique) == []
+
+
+def drop_control_channel(host) -> None:
+    """eKuiper's control REP socket goes away while the plugin process lives on. The emulator
+    has no public call for this (eKuiper never does it on purpose); close its socket."""
+    host._ctrl.close()
+    host._ctrl = None
+
+
+def test_losing_the_control_channel_stops_the_plugin_after_control_lost_timeout(tmp_path, unique, host_runs):
+    timeout = 0.5
+    run = Running(host_runs, tmp_path, unique, control_lost_timeout=timeout)
+    dropped = time.monotonic()
+    drop_control_channel(run.host)
+    wait_until(lambda: run.host.process.poll() is not None, timeout=timeout + 4.0,
+               message="the supervisor to exit after losing eKuiper")
+    elapsed = time.monotonic() - dropped
+    assert elapsed >= timeout - 0.1, f"exited {elapsed:.2f}s after the loss, before control_lost_timeout"
+    assert run.host.process.returncode == 0
+    assert run.closed_pids("source_close") == sorted(run.source_pids)
+    assert run.closed_pids("sink_close") == [run.sink_pid]
+    wait_until(lambda: run.all_dead([run.zygote, *run.workers]), timeout=2,
+               message="workers and zygote gone")
+    assert runtime_entries(unique) == []
