@@ -42,6 +42,7 @@ class WorkerHandle:
         self.outbox = bytearray()
         self.vitals = Vitals(spawned_at=now, last_beat=now)
         self.kill_reason = ""
+        self.fault = ""            # the error this worker reported (FAULT, READY) before exiting
         self.kill_at = 0.0          # when to escalate to SIGKILL
         self.stop_sent = 0.0
 

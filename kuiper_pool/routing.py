@@ -183,6 +183,19 @@ class SinkRoute:
             again.append((seq, item.data))
         return again, poison
 
+    def fail_all(self, reason: str) -> int:
+        """A sink that has failed: error-ack every unfinished item not acked yet, forget them
+        all (nothing will finish them); return how many were not acked."""
+        n = 0
+        for item in self.inflight.values():
+            if not item.acked:
+                n += 1
+                if self.require_ack:
+                    self._send_ack(wire.sink_ack_error(reason))
+        self.dropped += len(self.inflight)
+        self.inflight.clear()
+        return n
+
     def refuse(self, reason: str) -> int:
         """A failed sink: answer what eKuiper sends with error acks, or hold it back."""
         if not self.require_ack:

@@ -275,14 +275,14 @@ class Supervisor:
         elif ftype == frames.READY:
             self.on_ready(inst, w, json.loads(payload)["error"])
         elif ftype == frames.FAULT:
-            inst.last_error = json.loads(payload)["error"]
+            inst.last_error = w.fault = json.loads(payload)["error"]
 
     def on_ready(self, inst: Instance, w: WorkerHandle, error: Optional[str]) -> None:
         if inst.state != STARTING:  # stopped or shutting down meanwhile: STOP is queued behind
             return
         first = inst.pending is not None
         if error:
-            inst.last_error = error
+            inst.last_error = w.fault = error
             if first:  # eKuiper gets the configure error as the start answer
                 self.note(logging.WARNING, inst, "start refused: %s", error)
                 inst.answer(wire.one_line(error))
@@ -358,6 +358,12 @@ class Supervisor:
         if entry is None:
             return
         w, inst = entry
+        if w.link.fileno() >= 0 and inst.worker is w:
+            # frames it sent just before exiting (READY error, FAULT, REPLY, DONE) may still be
+            # unread: the zygote's report can be read first (same batch as its "started")
+            for ftype, payload in w.read() or []:
+                if inst.worker is w:
+                    self.on_frame(w, inst, ftype, payload)
         self.drop_link(w)
         how = describe_status(status)
         if inst.worker is not w or self.instances.get(inst.ctrl.key) is not inst:
@@ -385,7 +391,7 @@ class Supervisor:
 
     def crashed(self, inst: Instance, w: WorkerHandle, how: str) -> None:
         now = time.monotonic()
-        cause = w.kill_reason or inst.last_error or "exited unexpectedly"
+        cause = w.kill_reason or w.fault or "exited unexpectedly"  # this worker's, not a stale one
         kind = "hang" if w.kill_reason.startswith("hung") else (
             "deadline" if "deadline" in w.kill_reason else
             "signal" if how.startswith("signal") else "exit")
@@ -404,6 +410,12 @@ class Supervisor:
             self.note(logging.ERROR, inst, "%s; not restarting it again", inst.last_error)
             if isinstance(route, FunctionRoute) and route.call is not None:
                 route.reply(wire.func_error(self.failed_text(inst)))
+            elif isinstance(route, SinkRoute) and route.inflight:  # eKuiper waits for their acks
+                lost = route.fail_all(self.failed_text(inst))
+                inst.errors += lost
+                self.note(logging.ERROR, inst, "dropped %d unfinished item(s)", lost)
+                if route.pull is not None and not self.sel_has(route.fd):  # refuse what comes next
+                    self.watch(route.fd, lambda _m: self.on_sink_data(inst))
             return
         inst.restarts += 1
         inst.move(BACKOFF, RUNNING, STARTING)
@@ -482,7 +494,8 @@ class Supervisor:
         route = inst.route
         assert isinstance(route, SinkRoute)
         if inst.state == FAILED:
-            if not route.refuse(self.failed_text(inst)):
+            inst.errors += route.refuse(self.failed_text(inst))
+            if not route.require_ack:
                 self.unwatch(route.fd)  # no acks to answer with: let eKuiper's sends time out
             return
         running = inst.state == RUNNING and inst.worker is not None
@@ -596,7 +609,7 @@ class Supervisor:
             emitted = v.processed if v is not None and c.plugin_type == wire.TYPE_SOURCE else 0
             rows.append({
                 "symbol": c.symbol, "type": c.plugin_type, "rule": c.rule_id, "op": c.op_id,
-                "instance": c.instance_id, "pid": w.pid if w is not None else None,
+                "instance": c.instance_id, "pid": (w.pid or None) if w is not None else None,
                 "state": inst.state,
                 "uptime": now - inst.running_since if inst.state == RUNNING else 0.0,
                 "restarts": inst.restarts, "restart_causes": dict(inst.restart_causes),

@@ -1,0 +1,145 @@
+"""Unit tests of the supervisor's pure decisions: restart backoff and flapping
+(health.RestartPolicy) and the kill/recycle verdict on a worker's vitals (health.verdict)."""
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from kuiper_pool.config import load_settings
+from kuiper_pool.health import KILL, RECYCLE, RestartPolicy, Vitals, verdict
+
+MiB = 1048576
+
+
+def settings(**overrides):
+    # environ={}: KUIPER_POOL_* variables of whoever runs the tests must not leak in
+    return load_settings(overrides=overrides, environ={})
+
+
+def delays(policy: RestartPolicy, times):
+    return [policy.next_delay(t) for t in times]
+
+
+# --- RestartPolicy ---------------------------------------------------------------------------
+
+def test_backoff_starts_at_initial_then_doubles_from_min():
+    s = settings(restart_backoff_initial=0.0, restart_backoff_min=0.1, restart_backoff_max=100.0,
+                 restart_jitter=0.0, flap_max_restarts=100, flap_window=1000.0)
+    got = delays(RestartPolicy(s), range(7))
+    assert got == pytest.approx([0.0, 0.1, 0.2, 0.4, 0.8, 1.6, 3.2])
+
+
+def test_a_nonzero_initial_delay_is_used_for_the_first_restart_only():
+    s = settings(restart_backoff_initial=0.7, restart_backoff_min=0.1, restart_backoff_max=100.0,
+                 restart_jitter=0.0, flap_max_restarts=100, flap_window=1000.0)
+    assert delays(RestartPolicy(s), range(3)) == pytest.approx([0.7, 0.1, 0.2])
+
+
+def test_backoff_is_capped_at_max():
+    s = settings(restart_backoff_initial=0.0, restart_backoff_min=0.1, restart_backoff_max=0.3,
+                 restart_jitter=0.0, flap_max_restarts=100, flap_window=1000.0)
+    got = delays(RestartPolicy(s), range(40))
+    assert got[:5] == pytest.approx([0.0, 0.1, 0.2, 0.3, 0.3])
+    assert max(got) == pytest.approx(0.3) and got[-1] == pytest.approx(0.3)
+
+
+def test_jitter_stays_within_its_fraction_and_is_reproducible_with_a_seed():
+    s = settings(restart_backoff_initial=0.5, restart_backoff_min=0.1, restart_backoff_max=0.8,
+                 restart_jitter=0.2, flap_max_restarts=1000, flap_window=1e6)
+    plain = settings(restart_backoff_initial=0.5, restart_backoff_min=0.1, restart_backoff_max=0.8,
+                     restart_jitter=0.0, flap_max_restarts=1000, flap_window=1e6)
+    times = range(200)
+    bases = delays(RestartPolicy(plain), times)
+    got = delays(RestartPolicy(s, random.Random(1234)), times)
+    for base, d in zip(bases, got):
+        assert base * 0.8 - 1e-12 <= d <= base * 1.2 + 1e-12
+    ratios = [d / b for b, d in zip(bases, got)]
+    assert min(ratios) < 0.9 and max(ratios) > 1.1  # spread over the whole band, not a constant
+    assert len({round(r, 9) for r in ratios}) > 150  # instances do not restart in lockstep
+    assert delays(RestartPolicy(s, random.Random(1234)), times) == got
+    assert delays(RestartPolicy(s, random.Random(4321)), times) != got
+
+
+def test_too_many_restarts_within_the_window_means_failed():
+    s = settings(restart_backoff_initial=0.0, restart_backoff_min=0.1, restart_backoff_max=1.0,
+                 restart_jitter=0.0, flap_max_restarts=3, flap_window=10.0)
+    p = RestartPolicy(s)
+    assert delays(p, [0.0, 1.0, 2.0]) == pytest.approx([0.0, 0.1, 0.2])
+    assert p.next_delay(3.0) is None
+    assert p.next_delay(9.9) is None  # still 3 restarts within the last 10 s
+
+
+def test_restarts_older_than_the_window_stop_counting():
+    s = settings(restart_backoff_initial=0.0, restart_backoff_min=0.1, restart_backoff_max=1.0,
+                 restart_jitter=0.0, flap_max_restarts=3, flap_window=10.0)
+    p = RestartPolicy(s)
+    delays(p, [0.0, 1.0, 2.0])
+    assert p.next_delay(10.0) is None       # the one at 0.0 is exactly 10 s old: still inside
+    assert p.next_delay(10.5) == pytest.approx(0.2)  # it expired: 2 left, so this is the 3rd
+    assert p.next_delay(10.6) is None       # 1.0, 2.0 and 10.5 are within the window
+    assert p.next_delay(12.1) == pytest.approx(0.1)  # 1.0 and 2.0 expired: only 10.5 counts
+    # after a long quiet period the backoff starts from the beginning again
+    assert p.next_delay(1000.0) == pytest.approx(0.0)
+    assert p.next_delay(1000.5) == pytest.approx(0.1)
+
+
+# --- verdict ---------------------------------------------------------------------------------
+
+VERDICT = dict(heartbeat_interval=0.5, heartbeat_misses=4, call_deadline=2.0,
+               memory_limit_mb=0.0, max_calls=0)
+
+
+def vitals(now: float, **kw) -> Vitals:
+    return Vitals(spawned_at=kw.pop("spawned_at", now - 100), last_beat=kw.pop("last_beat", now), **kw)
+
+
+@pytest.mark.parametrize("watch_calls", [True, False])
+def test_missed_heartbeats_mean_hung_for_every_kind(watch_calls):
+    s = settings(**VERDICT)  # limit 0.5 * 4 = 2 s
+    assert verdict(vitals(100.0, last_beat=98.1), 100.0, s, watch_calls) is None
+    kind, why = verdict(vitals(100.0, last_beat=97.5), 100.0, s, watch_calls)
+    assert kind == KILL and why.startswith("hung: no heartbeat for 2.5s (limit 2.0s)")
+
+
+def test_a_call_past_its_deadline_is_killed():
+    s = settings(**VERDICT)
+    assert verdict(vitals(100.0, call_started=98.5), 100.0, s, True) is None
+    kind, why = verdict(vitals(100.0, call_started=97.9), 100.0, s, True)
+    assert (kind, why) == (KILL, "call exceeded call_deadline 2s")
+
+
+def test_a_sink_collect_past_the_deadline_is_killed():
+    s = settings(**VERDICT)
+    assert verdict(vitals(100.0, busy_since=98.5), 100.0, s, True) is None
+    assert verdict(vitals(100.0, busy_since=97.0), 100.0, s, True)[0] == KILL
+
+
+def test_a_source_busy_for_long_is_not_killed_while_it_beats():
+    s = settings(**VERDICT)
+    assert verdict(vitals(10000.0, busy_since=1.0, call_started=1.0), 10000.0, s, False) is None
+
+
+def test_memory_over_the_limit_recycles():
+    s = settings(**{**VERDICT, "memory_limit_mb": 100.0})
+    assert verdict(vitals(100.0, rss=100 * MiB), 100.0, s, True) is None
+    kind, why = verdict(vitals(100.0, rss=150 * MiB), 100.0, s, True)
+    assert (kind, why) == (RECYCLE, "resident memory 150 MiB over memory_limit_mb 100")
+    assert verdict(vitals(100.0, rss=150 * MiB), 100.0, s, False)[0] == RECYCLE  # sources too
+    off = settings(**VERDICT)
+    assert verdict(vitals(100.0, rss=10 ** 12), 100.0, off, True) is None
+
+
+def test_max_calls_recycles_after_n_calls():
+    s = settings(**{**VERDICT, "max_calls": 5})
+    assert verdict(vitals(100.0, calls=4), 100.0, s, True) is None
+    assert verdict(vitals(100.0, calls=5), 100.0, s, True) == (RECYCLE, "served max_calls 5")
+    assert verdict(vitals(100.0, calls=10 ** 6), 100.0, settings(**VERDICT), True) is None
+
+
+def test_a_hung_worker_is_killed_rather_than_recycled():
+    s = settings(**{**VERDICT, "memory_limit_mb": 100.0, "max_calls": 5})
+    v = vitals(100.0, last_beat=90.0, rss=500 * MiB, calls=50, call_started=50.0)
+    assert verdict(v, 100.0, s, True)[0] == KILL
+    v = vitals(100.0, rss=500 * MiB, calls=50, call_started=50.0)
+    assert verdict(v, 100.0, s, True) == (KILL, "call exceeded call_deadline 2s")
