@@ -506,8 +506,19 @@ def _kuiper_pool_command():
     return [exe] if exe else [sys.executable, "-m", "kuiper_pool.cli"]
 
 
-def test_kuiper_pool_try_runs_the_pysam_example(tmp_path):
-    proc = subprocess.run(_kuiper_pool_command() + ["try", os.path.join(REPO, "examples", "pysam")],
+def test_kuiper_pool_try_runs_the_pysam_example(tmp_path, unique):
+    # a copy under a unique plugin and rule name, so parallel runs cannot share ipc paths
+    plugin_dir = tmp_path / "pysam"
+    shutil.copytree(os.path.join(REPO, "examples", "pysam"), plugin_dir)
+    name = "pysam" + unique
+    (plugin_dir / "pysam.json").rename(plugin_dir / f"{name}.json")
+    main = plugin_dir / "pysam.py"
+    assert 'PluginConfig("pysam"' in main.read_text()
+    main.write_text(main.read_text().replace('PluginConfig("pysam"', f'PluginConfig("{name}"'))
+    rule = json.loads((plugin_dir / "rule.json").read_text())
+    rule["id"] = "rule" + unique
+    (plugin_dir / "rule.json").write_text(json.dumps(rule))
+    proc = subprocess.run(_kuiper_pool_command() + ["try", str(plugin_dir)],
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=90,
                           cwd=str(tmp_path))
     out = proc.stdout
@@ -517,7 +528,7 @@ def test_kuiper_pool_try_runs_the_pysam_example(tmp_path):
     assert len(re.findall(r'revert\("pyjson"\) -> "nosjyp"', out)) == 5, out
     assert len(re.findall(r"print: receive .*nosjyp", out)) == 5, out
     assert "done: 5 rows" in out
-    wait_until(lambda: not ipc_files("pysamdemo"), timeout=2, message="the rule's ipc files removed")
+    wait_until(lambda: not ipc_files(unique), timeout=2, message="the rule's ipc files removed")
 
 
 def test_kuiper_pool_try_without_plugin_json_fails_in_one_line(tmp_path):
