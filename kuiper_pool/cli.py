@@ -1,9 +1,10 @@
-"""``kuiper-pool``: try a plugin against the embedded eKuiper stand-in, and ask a running
-supervisor how it is."""
+"""``kuiper-pool``: check and package a plugin, try it against the embedded eKuiper stand-in,
+and ask a running supervisor how it is."""
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from typing import Callable, Dict, List, Optional
@@ -34,6 +35,29 @@ def cmd_status(args: argparse.Namespace) -> int:
         time.sleep(args.interval)
 
 
+def _plugin_dir(args: argparse.Namespace) -> str:
+    """The plugin folder argument; a usage error (exit 2) if it is not a folder."""
+    if not os.path.isdir(args.plugin_dir):
+        args.subparser.error(f"{args.plugin_dir} is not a folder")
+    return args.plugin_dir
+
+
+def cmd_package(args: argparse.Namespace) -> int:
+    from .packaging import build
+
+    if args.output is not None and not args.output.endswith(".zip"):
+        args.subparser.error(f"-o {args.output}: eKuiper installs only files whose name ends in .zip")
+    return build(_plugin_dir(args), args.output, quiet=args.quiet)
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from .validate import validate
+
+    if args.timeout <= 0:
+        args.subparser.error("--timeout must be a positive number of seconds")
+    return validate(_plugin_dir(args), python=args.python, timeout=args.timeout)
+
+
 def format_status(snap: Dict) -> str:
     """The status table a person reads."""
     head = (f"plugin {snap['plugin']}  supervisor pid {snap['pid']}  zygote pid {snap['zygote_pid']}"
@@ -60,7 +84,8 @@ def _duration(seconds: float) -> str:
     return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
 
 
-COMMANDS: Dict[str, Callable[[argparse.Namespace], int]] = {"try": cmd_try, "status": cmd_status}
+COMMANDS: Dict[str, Callable[[argparse.Namespace], int]] = {
+    "try": cmd_try, "status": cmd_status, "package": cmd_package, "validate": cmd_validate}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -82,6 +107,35 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--watch", action="store_true", help="refresh until interrupted")
     s.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes")
     s.add_argument("--runtime-dir", default="", help="the plugin's runtime_dir setting, if set")
+    k = sub.add_parser("package", help="build the zip eKuiper installs",
+                       description="Check the plugin folder as eKuiper's installer would and build "
+                                   "the zip: <name>.json at the root, the executable and the "
+                                   "folder's modules and files, sources/sinks/functions metadata, "
+                                   "and install.sh (generated to pip install requirements.txt when "
+                                   "the folder has none). Refuses, listing every problem, when "
+                                   "eKuiper would reject the zip. Exit status: 0 built, 1 refused, "
+                                   "2 usage.")
+    k.add_argument("plugin_dir", help="folder with <name>.json and the plugin's executable")
+    k.add_argument("-o", "--output", help="zip to write (default: <name>.zip in the current folder)")
+    k.add_argument("-q", "--quiet", action="store_true",
+                   help="print only problems and the zip's path, not every file added")
+    k.set_defaults(subparser=k)
+    v = sub.add_parser("validate", help="check that eKuiper would install and run a plugin",
+                       description="Check the plugin json, executable and metadata as eKuiper's "
+                                   "installer does, then run the executable as eKuiper would, "
+                                   "with KUIPERPOOL_DESCRIBE=1 so that plugin.start reports its "
+                                   "symbols instead of serving (nothing connects to eKuiper): "
+                                   "the json's symbols must match the PluginConfig, every factory "
+                                   "must build an object with the right methods, the settings "
+                                   "must load. One line per check. Exit status: 0 ok, 1 a "
+                                   "problem, 2 usage.")
+    v.add_argument("plugin_dir", help="folder with <name>.json and the plugin's executable")
+    v.add_argument("--python", default=sys.executable,
+                   help="interpreter to run the plugin with, like eKuiper's portable.pythonBin "
+                        "(default: this one)")
+    v.add_argument("--timeout", type=float, default=60.0,
+                   help="seconds the executable may take to reach plugin.start (default 60)")
+    v.set_defaults(subparser=v)
     return p
 
 
@@ -89,8 +143,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)
-    except KeyboardInterrupt:
-        return EXIT_FAIL
+    except KeyboardInterrupt:  # Ctrl-C (e.g. ending --watch): the shell's usual 128 + SIGINT
+        return 130
 
 
 if __name__ == "__main__":

@@ -11,11 +11,20 @@ from . import logs
 from .api import PluginConfig
 from .config import ConfigError, load_settings
 
+# ``kuiper-pool validate`` runs the plugin's executable with this variable set: ``start`` then
+# prints the PluginConfig's symbol table (kuiper_pool.validate.describe) and exits instead of
+# serving. Not KUIPER_POOL_*: config.py rejects unknown variables with that prefix.
+DESCRIBE_ENV = "KUIPERPOOL_DESCRIBE"
+
 
 def start(c: Any) -> NoReturn:
     """Run the plugin under kuiper_pool; never returns (exits when eKuiper goes away or on
     SIGTERM/SIGINT). Accepts kuiper_pool's ``PluginConfig`` or the official SDK's."""
     script_dir = os.path.dirname(os.path.abspath(sys.argv[0])) if sys.argv and sys.argv[0] else os.getcwd()
+    if os.environ.get(DESCRIBE_ENV):
+        from .validate import describe
+
+        describe(c, script_dir)  # prints the symbol table and exits
     try:
         plugin = PluginConfig.adopt(c)
         settings = load_settings(script_dir, plugin.settings)

@@ -189,11 +189,13 @@ def run_sink(worker: Worker, sink: Any) -> int:
     if not _configure(worker, lambda: sink.configure(ctrl.config)):
         return EXIT_CONFIGURE
     current = [0]
-    ack = None
-    if wire.require_ack(ctrl.config):
-        def ack(data: bytes) -> None:
-            worker.link.send(frames.encode_seq(frames.ACK, current[0], data))
-    ctx = WorkerContext(ctrl.symbol, ctrl.rule_id, ctrl.op_id, ctrl.instance_id, ack=ack)
+
+    def ack(data: bytes) -> None:
+        worker.link.send(frames.encode_seq(frames.ACK, current[0], data))
+
+    # without requireAck nobody reads acks: ack_ok/ack_error do nothing
+    ctx = WorkerContext(ctrl.symbol, ctrl.rule_id, ctrl.op_id, ctrl.instance_id,
+                        ack=ack if wire.require_ack(ctrl.config) else None)
     worker.ready(None)
     try:
         sink.open(ctx)

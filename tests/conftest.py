@@ -95,3 +95,21 @@ def host_runs(ipc_leak_check, unique):
     yield runs
     problems = runs.close()
     assert not problems, "; ".join(problems)
+
+
+def kuiper_pool_command() -> List[str]:
+    """How to run the ``kuiper-pool`` command: the installed script, else ``python -m``."""
+    import shutil
+    import sys
+
+    exe = shutil.which("kuiper-pool")
+    return [exe] if exe else [sys.executable, "-m", "kuiper_pool.cli"]
+
+
+def kuiper_pool_cli(*args, cwd=None, timeout: float = 120, env=None):
+    """Run ``kuiper-pool <args>``; a CompletedProcess with text stdout and stderr (separate)."""
+    import subprocess
+
+    return subprocess.run(kuiper_pool_command() + [str(a) for a in args], cwd=cwd, timeout=timeout,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          env=None if env is None else {**os.environ, **env})

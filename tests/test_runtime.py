@@ -16,7 +16,6 @@ import re
 import shutil
 import stat
 import subprocess
-import sys
 from dataclasses import dataclass
 
 import ekuiper
@@ -26,7 +25,7 @@ import pytest
 
 import kuiper_pool
 import kuiper_pool.plugin
-from conftest import ipc_files, wait_until
+from conftest import ipc_files, kuiper_pool_command, wait_until
 from kuiper_pool.emulator import HostError, control, go_json
 from plugins import (AGGREGATE_FUNCTION, COUNTING_SOURCE, MODE_FUNCTION, RECORDING_SINK, REPO,
                      descendants, events, is_dead, make_plugin, read_jsonl, runtime_base,
@@ -501,11 +500,6 @@ def test_private_runtime_dir_is_0700(tmp_path, names, host_runs):
 
 # --- 7. kuiper-pool try ---------------------------------------------------------------------------
 
-def _kuiper_pool_command():
-    exe = shutil.which("kuiper-pool")
-    return [exe] if exe else [sys.executable, "-m", "kuiper_pool.cli"]
-
-
 def test_kuiper_pool_try_runs_the_pysam_example(tmp_path, unique):
     # a copy under a unique plugin and rule name, so parallel runs cannot share ipc paths
     plugin_dir = tmp_path / "pysam"
@@ -518,7 +512,7 @@ def test_kuiper_pool_try_runs_the_pysam_example(tmp_path, unique):
     rule = json.loads((plugin_dir / "rule.json").read_text())
     rule["id"] = "rule" + unique
     (plugin_dir / "rule.json").write_text(json.dumps(rule))
-    proc = subprocess.run(_kuiper_pool_command() + ["try", str(plugin_dir)],
+    proc = subprocess.run(kuiper_pool_command() + ["try", str(plugin_dir)],
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=90,
                           cwd=str(tmp_path))
     out = proc.stdout
@@ -533,7 +527,7 @@ def test_kuiper_pool_try_runs_the_pysam_example(tmp_path, unique):
 
 def test_kuiper_pool_try_without_plugin_json_fails_in_one_line(tmp_path):
     (tmp_path / "notes.txt").write_text("not a plugin\n")
-    proc = subprocess.run(_kuiper_pool_command() + ["try", str(tmp_path)], stdout=subprocess.PIPE,
+    proc = subprocess.run(kuiper_pool_command() + ["try", str(tmp_path)], stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True, timeout=60)
     lines = [line for line in proc.stdout.splitlines() if line.strip()]
     assert proc.returncode != 0

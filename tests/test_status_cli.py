@@ -1,0 +1,246 @@
+"""``kuiper-pool status`` and the Prometheus metrics of a running supervisor.
+
+Each test starts a generated plugin (names unique to the test) through the emulator Host, as
+eKuiper would, and asks about it with the real command or a real HTTP GET; ``host_runs``
+proves at teardown that no process, ipc file or runtime entry is left.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import threading
+import urllib.error
+import urllib.request
+from typing import Dict, FrozenSet, List, Tuple
+
+import psutil
+import pytest
+
+from conftest import kuiper_pool_cli, kuiper_pool_command, wait_until
+from kuiper_pool import status
+from plugins import COUNTING_SOURCE, MODE_FUNCTION, RECORDING_SINK, make_plugin, read_jsonl, runtime_base
+
+FAST = {"heartbeat_interval": 0.1, "sample_interval": 0.1, "restart_backoff_initial": 0.0,
+        "restart_backoff_min": 0.1, "restart_jitter": 0.0, "stop_grace": 1.0}
+
+
+class Rig:
+    """A running plugin with one source, one sink and one function instance."""
+
+    def __init__(self, tmp_path, unique: str, host_runs, **settings) -> None:
+        self.plugin, self.rule = f"kp{unique}", f"r{unique}"
+        self.src, self.snk, self.fn = f"src{unique}", f"snk{unique}", f"fn{unique}"
+        self.items = str(tmp_path / "items.jsonl")
+        pd = make_plugin(str(tmp_path), self.plugin, sources={self.src: COUNTING_SOURCE},
+                         sinks={self.snk: RECORDING_SINK}, functions={self.fn: MODE_FUNCTION},
+                         settings={**FAST, **settings})
+        self.host = host_runs.launch(pd)
+        self.source = self.host.start_source(self.src, self.rule, op="in", config={"interval": 0.02})
+        self.source_pid = self.source.recv()["message"]["pid"]
+        self.sink = self.host.start_sink(self.snk, self.rule, op="out", config={"file": self.items},
+                                         require_ack=True)
+        assert self.sink.collect(b'{"x":1}') == {}
+        self.sink_pid = read_jsonl(self.items)[0]["pid"]
+        self.function = self.host.start_function(self.fn)
+        self.function_pid = self.function.exec(["pid"])["result"]
+
+    def snapshot(self) -> dict:
+        proc = kuiper_pool_cli("status", self.plugin, "--json")
+        assert proc.returncode == 0, proc.stderr
+        return json.loads(proc.stdout)
+
+    def instance(self, snap: dict, symbol: str) -> dict:
+        (inst,) = [i for i in snap["instances"] if i["symbol"] == symbol]
+        return inst
+
+
+@pytest.fixture
+def rig(tmp_path, unique, host_runs) -> Rig:
+    return Rig(tmp_path, unique, host_runs)
+
+
+def test_status_prints_a_table_with_a_row_per_instance(rig):
+    # the sink's counter moves when its worker reports the item done, just after the ack
+    wait_until(lambda: rig.instance(rig.snapshot(), rig.snk)["items_out"] == 1, timeout=5,
+               message="the sink item counted")
+    proc = kuiper_pool_cli("status", rig.plugin)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    zygote = psutil.Process(rig.host.process.pid).children()[0].pid
+    assert re.match(rf"plugin {rig.plugin}  supervisor pid {rig.host.process.pid}  zygote pid {zygote}  "
+                    rf"up \d+s  instances 3$", lines[0]), lines[0]
+    cells = [re.split(r" {2,}", ln.strip()) for ln in lines[2:]]  # columns: 2+ spaces apart
+    assert cells[0] == ["SYMBOL", "TYPE", "RULE/OP/INST", "PID", "STATE", "UPTIME", "RESTARTS",
+                        "RSS", "CPU%", "IN", "OUT", "ERRORS", "LAST ERROR"]
+    rows = {row[0]: row for row in cells[1:]}
+    assert set(rows) == {rig.src, rig.snk, rig.fn}, proc.stdout
+    assert rows[rig.src][:7] == [rig.src, "source", f"{rig.rule}/in/0", str(rig.source_pid), "running",
+                                 rows[rig.src][5], "0"]
+    assert rows[rig.snk][:7] == [rig.snk, "sink", f"{rig.rule}/out/0", str(rig.sink_pid), "running",
+                                 rows[rig.snk][5], "0"]
+    assert rows[rig.fn][:7] == [rig.fn, "func", "(all rules)", str(rig.function_pid), "running",
+                                rows[rig.fn][5], "0"]
+    # IN, OUT, ERRORS: one item collected, one call answered, nothing failed
+    assert rows[rig.snk][9:12] == ["1", "1", "0"] and rows[rig.fn][9:12] == ["1", "1", "0"], proc.stdout
+    assert int(rows[rig.src][9]) >= 1 and rows[rig.src][12] == "-"
+
+
+def _documented_schema() -> Tuple[Dict[str, str], List[str]]:
+    """The snapshot schema as kuiper_pool/status.py documents it: top-level key -> type, and the
+    instance keys."""
+    head, _, rest = status.__doc__.partition('"instances": [{')
+    top = dict(re.findall(r'"(\w+)": (str|int|float)', head))
+    return top, re.findall(r'"(\w+)"', rest.partition("}]}")[0])
+
+
+def test_status_json_follows_the_documented_schema(rig):
+    top, instance_keys = _documented_schema()
+    assert top and len(instance_keys) >= 10, "could not read the schema from status.__doc__"
+    snap = rig.snapshot()
+    assert set(snap) == set(top) | {"instances"}
+    types = {"str": str, "int": int, "float": (int, float)}
+    for key, kind in top.items():
+        assert isinstance(snap[key], types[kind]), (key, snap[key])
+    assert snap["plugin"] == rig.plugin and snap["pid"] == rig.host.process.pid
+    assert snap["zygote_pid"] == psutil.Process(rig.host.process.pid).children()[0].pid
+    assert len(snap["instances"]) == 3
+    for inst in snap["instances"]:
+        assert list(inst) == instance_keys, inst
+        assert inst["state"] == "running" and inst["restarts"] == 0 and inst["restart_causes"] == {}
+    by_symbol = {i["symbol"]: i for i in snap["instances"]}
+    assert (by_symbol[rig.src]["type"], by_symbol[rig.src]["rule"], by_symbol[rig.src]["op"],
+            by_symbol[rig.src]["instance"], by_symbol[rig.src]["pid"]) == (
+        "source", rig.rule, "in", 0, rig.source_pid)
+    assert (by_symbol[rig.fn]["type"], by_symbol[rig.fn]["pid"]) == ("func", rig.function_pid)
+    assert by_symbol[rig.snk]["pid"] == rig.sink_pid
+
+
+def test_status_of_a_plugin_that_is_not_running_fails_in_one_line(unique):
+    proc = kuiper_pool_cli("status", f"kp{unique}")
+    assert proc.returncode == 1 and proc.stdout == ""
+    path = os.path.join(runtime_base(), f"kp{unique}.sock")
+    assert proc.stderr.splitlines() == [
+        f"kuiper-pool status: no kuiper_pool supervisor is running for plugin kp{unique} (no {path})"]
+
+
+def test_status_with_the_stale_socket_of_a_killed_supervisor_fails_in_one_line(unique):
+    status.private_base()  # 0700, ours
+    path = os.path.join(runtime_base(), f"kp{unique}.sock")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(path)  # bound, never listening: what a SIGKILLed supervisor leaves
+        sock.close()
+        proc = kuiper_pool_cli("status", f"kp{unique}", "--json")
+        assert proc.returncode == 1 and proc.stdout == ""
+        assert proc.stderr.splitlines() == [
+            f"kuiper-pool status: the supervisor of plugin kp{unique} is not running (stale {path})"]
+    finally:
+        sock.close()
+        os.unlink(path)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+Sample = Dict[Tuple[str, FrozenSet[Tuple[str, str]]], float]
+_SAMPLE = re.compile(r'^(kuiper_pool_\w+)\{((?:\w+="(?:[^"\\]|\\.)*",?)*)\} (-?[0-9.e+]+)$')
+
+
+def scrape(port: int) -> Sample:
+    """GET /metrics; every line must be HELP, TYPE or a sample, each family announced first."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        assert r.status == 200
+        assert r.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+        text = r.read().decode()
+    samples: Sample = {}
+    typed = set()
+    for line in text.splitlines():
+        m = re.match(r"^# (HELP|TYPE) (kuiper_pool_\w+) (.+)$", line)
+        if m:
+            if m.group(1) == "TYPE":
+                assert m.group(3) in ("counter", "gauge"), line
+                typed.add(m.group(2))
+            continue
+        m = _SAMPLE.match(line)
+        assert m, f"not Prometheus text: {line!r}"
+        assert m.group(1) in typed, f"{m.group(1)} has no TYPE line before it"
+        labels = frozenset(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', m.group(2)))
+        samples[(m.group(1), labels)] = float(m.group(3))
+    return samples
+
+
+def value(samples: Sample, name: str, **labels: str) -> float:
+    """The one sample of ``name`` whose labels include ``labels`` (0 if there is none)."""
+    found = [v for (n, ls), v in samples.items() if n == name and set(labels.items()) <= ls]
+    assert len(found) <= 1, (name, labels, found)
+    return found[0] if found else 0.0
+
+
+def test_metrics_count_items_and_restarts_by_cause(tmp_path, unique, host_runs):
+    port = _free_port()
+    rig = Rig(tmp_path, unique, host_runs, metrics_address=f"127.0.0.1:{port}")
+    p = rig.plugin
+    wait_until(lambda: value(scrape(port), "kuiper_pool_items_in_total", symbol=rig.snk) == 1
+               and value(scrape(port), "kuiper_pool_items_out_total", symbol=rig.fn) == 1
+               and value(scrape(port), "kuiper_pool_items_in_total", symbol=rig.src) >= 1,
+               timeout=10, message="the items of all three instances in the metrics")
+    first = scrape(port)
+    assert value(first, "kuiper_pool_up", plugin=p) == 1
+    for sym, kind, rule, op in ((rig.src, "source", rig.rule, "in"), (rig.snk, "sink", rig.rule, "out"),
+                                (rig.fn, "func", "", "")):
+        assert value(first, "kuiper_pool_instance_running", plugin=p, symbol=sym, type=kind, rule=rule,
+                     op=op, instance="0") == 1
+        assert value(first, "kuiper_pool_resident_memory_bytes", symbol=sym) > 0
+    assert not [k for k in first if k[0] == "kuiper_pool_restarts_total"]
+    # the source's worker is killed by a signal, the function's worker exits in a call
+    os.kill(rig.source_pid, signal.SIGKILL)
+    assert rig.function.exec(["exit", 3])["state"] is False
+    wait_until(lambda: value(scrape(port), "kuiper_pool_restarts_total", symbol=rig.src, cause="signal") == 1
+               and value(scrape(port), "kuiper_pool_restarts_total", symbol=rig.fn, cause="exit") == 1,
+               timeout=10, message="both restarts, by cause, in the metrics")
+    after = scrape(port)
+    assert value(after, "kuiper_pool_restarts_total", symbol=rig.snk, cause="signal") == 0
+    assert value(after, "kuiper_pool_errors_total", symbol=rig.fn) == 1  # the call the worker died in
+    snap = rig.snapshot()
+    assert rig.instance(snap, rig.src)["restart_causes"] == {"signal": 1}
+    assert rig.instance(snap, rig.fn)["restart_causes"] == {"exit": 1}
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/other", timeout=5)
+    assert e.value.code == 404
+    e.value.close()
+    rig.host.close()  # as eKuiper stops a plugin: SIGKILL; the port goes with the supervisor
+
+    def refused() -> bool:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return False
+        except ConnectionRefusedError:
+            return True
+    wait_until(refused, timeout=5, message=f"port {port} closed")
+
+
+def test_status_watch_refreshes_until_the_plugin_goes_away(rig, reaper):
+    proc = subprocess.Popen(kuiper_pool_command() + ["status", rig.plugin, "--watch", "--interval", "0.1"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    reaper(proc.pid)
+    seen: List[str] = []
+    reader = threading.Thread(target=lambda: seen.extend(iter(proc.stdout.readline, "")), daemon=True)
+    reader.start()
+    header = f"plugin {rig.plugin}  supervisor pid {rig.host.process.pid}"
+    wait_until(lambda: sum(header in ln for ln in list(seen)) >= 2, timeout=15,
+               message="two refreshes of the table")
+    assert proc.poll() is None
+    rig.host.close()
+    assert proc.wait(timeout=15) == 1
+    reader.join(timeout=5)
+    errors = proc.stderr.read().splitlines()
+    assert len(errors) == 1 and errors[0].startswith("kuiper-pool status: ") and rig.plugin in errors[0], errors
+    proc.stderr.close()
+    proc.stdout.close()
