@@ -75,6 +75,8 @@ class WorkerHandle:
             if not data:
                 return None if not out else out
             out.extend(self.inbox.feed(data))
+            if len(data) < 1 << 18:  # drained; select is level-triggered and wakes us for more
+                return out
 
 
 class Instance:

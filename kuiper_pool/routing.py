@@ -14,6 +14,7 @@ All sockets are used non-blocking from the supervisor's one selector loop.
 """
 from __future__ import annotations
 
+import select
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -117,6 +118,7 @@ class SinkRoute:
         self.pull: Optional[pynng.Pull0] = None
         self.ack: Optional[pynng.Push0] = None
         self.fd = -1
+        self._readable = select.poll()
         self.dropped = 0
 
     def open(self, dial_timeout: float) -> None:
@@ -124,6 +126,7 @@ class SinkRoute:
         self.pull = pynng.Pull0()
         self.pull.listen(self.data_url)
         self.fd = self.pull.recv_fd
+        self._readable.register(self.fd, select.POLLIN)
         self.ack = pynng.Push0(send_timeout=1000)
         dial(self.ack, self.ack_url, dial_timeout)
 
@@ -135,6 +138,8 @@ class SinkRoute:
         (``delivering``: they go to a worker now and count as a delivery)."""
         out = []
         while len(out) < MAX_BATCH and not self.full():
+            if out and not self._readable.poll(0):
+                break  # drained: asking the fd is cheaper than a TryAgain from nng
             try:
                 data = self.pull.recv(block=False)
             except pynng.TryAgain:

@@ -1,0 +1,78 @@
+"""``python bench/run.py --smoke`` keeps working: both runtimes measured, a table with both
+columns and their ratios, nothing left behind. No timing assertions: the numbers of a smoke
+run mean nothing; the point is that the benchmark cannot rot unnoticed."""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+
+import psutil
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RUN = os.path.join(REPO, "bench", "run.py")
+NUMBER = re.compile(r"^-?[\d,]+(\.\d+)?$")
+
+# rows that must carry a number for both runtimes and a ratio
+COMPARED = [
+    "1. source items/s, small items",
+    "1. source items/s, 4 KiB items",
+    "2. sink items/s, no requireAck",
+    "2. sink items/s, requireAck",
+    "3. function Exec calls/s (trivial)",
+    "3. function Exec p50 latency, us",
+    "4. two CPU-bound symbols, calls/s total",
+    "4. source items/s beside a CPU-bound function",
+    "5. plugin start to first source item, ms",
+    "5. memory, 1 source(s): total PSS MiB",
+]
+
+
+def table_rows(stdout: str) -> dict:
+    """The printed table as {label: [kuiper_pool, official, ratio, goal, met]}."""
+    lines = stdout.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("measure"))
+    header = re.split(r"\s{2,}", lines[start].strip())
+    assert header[:4] == ["measure", "kuiper_pool", "official", "ratio pool/official"], header
+    rows = {}
+    for line in lines[start + 2:]:
+        if not line.strip():
+            break
+        cells = re.split(r"\s{2,}", line.strip())
+        rows[cells[0]] = cells[1:]
+    return rows
+
+
+def test_smoke_run_prints_both_runtimes_with_ratios_and_cleans_up(tmp_path, unique, ipc_leak_check):
+    results = tmp_path / "RESULTS.md"
+    proc = subprocess.run([sys.executable, RUN, "--smoke", "--tag", unique, "--results", str(results)],
+                          cwd=REPO, capture_output=True, text=True, timeout=110)
+    tail = f"\nstdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-4000:]}"
+    assert proc.returncode == 0, tail
+
+    rows = table_rows(proc.stdout)
+    for label in COMPARED:
+        assert label in rows, f"row {label!r} missing" + tail
+        pool, official, ratio = rows[label][:3]
+        for value in (pool, official, ratio):
+            assert NUMBER.match(value), f"{label}: {rows[label]}" + tail
+        assert float(pool.replace(",", "")) > 0 and float(official.replace(",", "")) > 0, label
+    restart = rows["5. worker restart, SIGKILL to serving, ms (median)"]
+    assert NUMBER.match(restart[0]) and restart[1].startswith("n/a"), restart
+    for label in ("6. raw nng Push->Pull msg/s, 100 B", "6. raw nng Req->Rep round trip p50, us",
+                  "6. two bare processes / one: CPU ceiling of 4"):
+        assert NUMBER.match(rows[label][0]), f"{label}: {rows[label]}" + tail
+    assert "met" in proc.stdout and "ratio >= 1.0" in proc.stdout  # the goal verdicts
+
+    text = results.read_text()
+    assert "| measure | kuiper_pool | official | ratio pool/official | goal | met |" in text
+    assert "## Goals" in text and "3. function Exec p50 latency" in text
+
+    # every process the run started is gone (plugin trees run from a folder named with the tag)
+    left = []
+    for p in psutil.process_iter(["pid", "cmdline", "cwd"]):
+        info = p.info
+        if unique in " ".join(info.get("cmdline") or []) or unique in (info.get("cwd") or ""):
+            left.append((info["pid"], info.get("cmdline")))
+    assert not left, f"processes left behind: {left}"
