@@ -87,11 +87,15 @@ class Supervisor:
                               lambda _m: self.on_control())
             self.log.info("plugin %s: supervisor pid %d serving %s (zygote pid %d)",
                           self.plugin.name, os.getpid(), url, self.zygote.pid)
+        next_tick = 0.0
         try:
             while not (self.exiting and not self.instances):
-                for key, mask in self.sel.select(TICK):
+                for key, mask in self.sel.select(max(0.0, next_tick - time.monotonic())):
                     key.data(mask)
-                self.tick(time.monotonic())
+                now = time.monotonic()
+                if now >= next_tick:  # not after every message: it is on the hot path
+                    self.tick(now)
+                    next_tick = now + TICK
         finally:
             self.close()
             signal.set_wakeup_fd(old_wakeup)
@@ -272,6 +276,8 @@ class Supervisor:
                 if data.startswith(b'{"state": false'):
                     inst.errors += 1
                 route.reply(data)
+                if self.s.max_calls:  # recycle before the next call, not at the next tick
+                    self.check(inst, time.monotonic())
         elif ftype == frames.READY:
             self.on_ready(inst, w, json.loads(payload)["error"])
         elif ftype == frames.FAULT:
@@ -422,6 +428,8 @@ class Supervisor:
         inst.restart_at = now + delay
         self.note(logging.WARNING, inst, "worker pid %d %s: %s; restart %d in %.3fs",
                   w.pid, how, cause, inst.restarts, delay)
+        if delay == 0:  # do not wait for the next tick
+            self.spawn(inst)
 
     def failed_text(self, inst: Instance) -> str:
         return f"plugin {self.plugin.name} {inst.ctrl.describe()} has failed: {inst.last_error}"
