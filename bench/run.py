@@ -147,7 +147,12 @@ class Session:
         it, then SIGKILL whatever remains)."""
         try:
             self.track()
-            self.host.close()
+            closer = threading.Thread(target=self.host.close, daemon=True, name="bench-close")
+            closer.start()
+            closer.join(30.0)
+            if closer.is_alive():  # see stop_handle: an nng close that never returns
+                HUNG.append(f"{self.name}: host.close")
+                print(f"  warning: closing {self.name} hung; killing its processes", file=sys.stderr)
         except Exception as e:  # noqa: BLE001 - cleanup goes on
             print(f"  warning: closing {self.name}: {type(e).__name__}: {e}", file=sys.stderr)
         finally:
@@ -201,6 +206,36 @@ def recv_first(sess: Session, handle: SourceHandle, timeout: float = 15.0) -> by
                 raise BenchError(f"plugin {sess.name} died: {sess.tail()}")
             if time.monotonic() > deadline:
                 raise BenchError(f"no item from {handle.ctrl['symbolName']} within {timeout:g}s")
+
+
+HUNG: List[str] = []  # emulator sockets whose close never returned (see stop_handle)
+
+
+def stop_handle(sess: Session, handle, timeout: float = 15.0) -> None:
+    """``handle.stop()`` with a watchdog. pynng 0.8.1 (nng 1.6.0) can hang for good in
+    ``nng_close`` of the host's PULL socket when the plugin closes its PUSH end at the same
+    moment (seen once with the official SDK, whose source ends itself after a 1 s send
+    timeout). On a hang the handle is detached from the Host so that closing the session
+    does not touch it again, and the run reports an error instead of hanging."""
+    done = threading.Event()
+    failure: List[BaseException] = []
+
+    def stop() -> None:
+        try:
+            handle.stop()
+        except BaseException as e:  # noqa: BLE001
+            failure.append(e)
+        finally:
+            done.set()
+
+    threading.Thread(target=stop, daemon=True, name="bench-stop").start()
+    if not done.wait(timeout):
+        sess.host._forget(handle)  # noqa: SLF001 - emulator internals, see above
+        HUNG.append(f"{sess.name}: {handle.url}")
+        raise BenchError(f"closing the emulator's socket {handle.url} hung for {timeout:g}s "
+                         f"(pynng/nng close hang); abandoned")
+    if failure:
+        raise failure[0]
 
 
 def drain(sock: pynng.Socket, seconds: float) -> None:
@@ -318,7 +353,7 @@ def measure_main(sess: Session, sz: Sizes, out: Dict[str, Any]) -> None:
         out[key] = count(sock, sz.window)
         items = out[key] * (time.perf_counter() - t0)
         out[key + "_cpu_us"] = (tree_cpu(sess) - c0) / items * 1e6
-        handle.stop()
+        stop_handle(sess, handle)
 
     # 2. sink throughput without and with requireAck
     for key, n, ack in (("sink_noack", sz.sink_items, False), ("sink_ack", sz.sink_ack_items, True)):
@@ -343,7 +378,7 @@ def measure_main(sess: Session, sz: Sizes, out: Dict[str, Any]) -> None:
             time.sleep(0.0002)
         out[key] = n / (time.perf_counter() - t0)
         out[key + "_cpu_us"] = (tree_cpu(sess) - c0) / n * 1e6
-        s.stop()
+        stop_handle(sess, s)
 
     # 3. function Exec calls/s and latency, trivial function
     fh = host.start_function(sess.name + "noop")
@@ -412,12 +447,14 @@ def measure_main(sess: Session, sz: Sizes, out: Dict[str, Any]) -> None:
         c0, t0 = calls[0], time.perf_counter()
         out["source_beside_cpu"] = count(sock, sz.cpu_window)
         out["burn_beside_source"] = (calls[0] - c0) / (time.perf_counter() - t0)
+        # stop the source before waiting for the last CPU-bound call: an unread official
+        # source ends itself after its 1 s send timeout, racing the host's close
+        stop_handle(sess, h)
     finally:
         stop.set()
         t.join(timeout=30)
     if errors:
         raise errors[0]
-    h.stop()
 
 
 def measure_restart(sess: Session, sz: Sizes, out: Dict[str, Any]) -> None:
@@ -886,4 +923,10 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    if HUNG:  # a thread is stuck in nng_close; pynng's atexit nng_fini would wait for it forever
+        print("abandoned hung emulator sockets: " + ", ".join(HUNG), file=sys.stderr)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code or 1)
+    sys.exit(code)

@@ -9,6 +9,9 @@ import subprocess
 import sys
 
 import psutil
+import pytest
+
+from conftest import kill_tree
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUN = os.path.join(REPO, "bench", "run.py")
@@ -46,12 +49,19 @@ def table_rows(stdout: str) -> dict:
 
 def test_smoke_run_prints_both_runtimes_with_ratios_and_cleans_up(tmp_path, unique, ipc_leak_check):
     results = tmp_path / "RESULTS.md"
-    proc = subprocess.run([sys.executable, RUN, "--smoke", "--tag", unique, "--results", str(results)],
-                          cwd=REPO, capture_output=True, text=True, timeout=110)
-    tail = f"\nstdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-4000:]}"
+    proc = subprocess.Popen([sys.executable, RUN, "--smoke", "--tag", unique, "--results", str(results)],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=100)
+    except subprocess.TimeoutExpired:
+        kill_tree(proc.pid)  # the benchmark and every plugin tree under it
+        stdout, stderr = proc.communicate()
+        pytest.fail(f"bench/run.py --smoke took over 100 s\nstdout:\n{stdout[-4000:]}\n"
+                    f"stderr:\n{stderr[-4000:]}")
+    tail = f"\nstdout:\n{stdout[-4000:]}\nstderr:\n{stderr[-4000:]}"
     assert proc.returncode == 0, tail
 
-    rows = table_rows(proc.stdout)
+    rows = table_rows(stdout)
     for label in COMPARED:
         assert label in rows, f"row {label!r} missing" + tail
         pool, official, ratio = rows[label][:3]
@@ -63,7 +73,7 @@ def test_smoke_run_prints_both_runtimes_with_ratios_and_cleans_up(tmp_path, uniq
     for label in ("6. raw nng Push->Pull msg/s, 100 B", "6. raw nng Req->Rep round trip p50, us",
                   "6. two bare processes / one: CPU ceiling of 4"):
         assert NUMBER.match(rows[label][0]), f"{label}: {rows[label]}" + tail
-    assert "met" in proc.stdout and "ratio >= 1.0" in proc.stdout  # the goal verdicts
+    assert "met" in stdout and "ratio >= 1.0" in stdout  # the goal verdicts
 
     text = results.read_text()
     assert "| measure | kuiper_pool | official | ratio pool/official | goal | met |" in text
