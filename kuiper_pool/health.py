@@ -45,7 +45,6 @@ class RestartPolicy:
 class Vitals:
     """What the supervisor knows about one live worker's health."""
 
-    spawned_at: float
     last_beat: float
     busy_since: float = 0.0          # worker clock (CLOCK_MONOTONIC is system-wide on Linux)
     call_started: float = 0.0        # a function call forwarded and not answered yet

@@ -12,7 +12,6 @@ State machine of an instance (transitions assert the state they leave):
 from __future__ import annotations
 
 import socket
-import time
 from typing import Callable, Dict, Optional, Union
 
 from . import frames, wire
@@ -40,11 +39,10 @@ class WorkerHandle:
         link.setblocking(False)
         self.inbox = frames.FrameBuffer()
         self.outbox = bytearray()
-        self.vitals = Vitals(spawned_at=now, last_beat=now)
+        self.vitals = Vitals(last_beat=now)
         self.kill_reason = ""
         self.fault = ""            # the error this worker reported (FAULT, READY) before exiting
         self.kill_at = 0.0          # when to escalate to SIGKILL
-        self.stop_sent = 0.0
 
     def send(self, frame: bytes) -> None:
         self.outbox += frame
@@ -93,7 +91,6 @@ class Instance:
         self.restarts = 0
         self.restart_causes: Dict[str, int] = {}
         self.last_error = ""
-        self.created = time.time()
         self.running_since = 0.0
         self.items_in = 0
         self.items_out = 0

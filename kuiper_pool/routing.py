@@ -119,7 +119,6 @@ class SinkRoute:
         self.ack: Optional[pynng.Push0] = None
         self.fd = -1
         self._readable = select.poll()
-        self.dropped = 0
 
     def open(self, dial_timeout: float) -> None:
         """Listen for eKuiper's items and dial its ack socket (before answering ``ok``)."""
@@ -178,7 +177,6 @@ class SinkRoute:
             if item.deliveries >= self.max_deliveries:
                 poison.append(seq)
                 del self.inflight[seq]
-                self.dropped += 1
                 if self.require_ack and not item.acked:
                     self._send_ack(wire.sink_ack_error(
                         f"item dropped after {item.deliveries} deliveries, each of which "
@@ -197,7 +195,6 @@ class SinkRoute:
                 n += 1
                 if self.require_ack:
                     self._send_ack(wire.sink_ack_error(reason))
-        self.dropped += len(self.inflight)
         self.inflight.clear()
         return n
 

@@ -91,7 +91,7 @@ VERDICT = dict(heartbeat_interval=0.5, heartbeat_misses=4, call_deadline=2.0,
 
 
 def vitals(now: float, **kw) -> Vitals:
-    return Vitals(spawned_at=kw.pop("spawned_at", now - 100), last_beat=kw.pop("last_beat", now), **kw)
+    return Vitals(last_beat=kw.pop("last_beat", now), **kw)
 
 
 @pytest.mark.parametrize("watch_calls", [True, False])
