@@ -49,7 +49,6 @@ class Vitals:
     busy_since: float = 0.0          # worker clock (CLOCK_MONOTONIC is system-wide on Linux)
     call_started: float = 0.0        # a function call forwarded and not answered yet
     processed: int = 0
-    errors: int = 0
     calls: int = 0                   # function calls forwarded (for max_calls)
     rss: int = 0
     cpu_percent: float = 0.0

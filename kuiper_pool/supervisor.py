@@ -255,7 +255,7 @@ class Supervisor:
             beat = json.loads(payload)
             v = w.vitals
             v.last_beat = time.monotonic()
-            v.processed, v.errors, v.busy_since = beat["n"], beat["errors"], beat["busy"]
+            v.processed, v.busy_since = beat["n"], beat["busy"]
         elif ftype == frames.DONE:
             assert isinstance(route, SinkRoute)
             before = len(route.inflight)

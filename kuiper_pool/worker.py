@@ -40,7 +40,6 @@ class Worker:
         self.ctrl = wire.Control.from_dict(spec["control"])
         self.spec = spec
         self.processed = 0
-        self.errors = 0
         self.busy_since = 0.0
         self.stopped = threading.Event()
         self.log = logs.instance_logger(self.ctrl.symbol, self.ctrl.rule_id or None,
@@ -55,7 +54,7 @@ class Worker:
                 os._exit(EXIT_ORPHAN)
             try:
                 self.link.send(frames.encode_json(frames.BEAT, {
-                    "n": self.processed, "errors": self.errors, "busy": self.busy_since}))
+                    "n": self.processed, "busy": self.busy_since}))
             except OSError:
                 os._exit(EXIT_ORPHAN)
 
@@ -277,7 +276,6 @@ def call_function(worker: Worker, function: Any, contexts: Dict[Tuple[Any, ...],
             ctx = contexts[key] = WorkerContext(worker.ctrl.symbol, key[0], key[1], key[2])
         return wire.func_reply(True, function.exec(args[:-1], ctx))
     except Exception as e:  # noqa: BLE001 - the error goes back to the rule
-        worker.errors += 1
         text = f"{worker.where()} rule {rule}: {type(e).__name__}: {e}"
         worker.log.warning("%s", text)
         return wire.func_error(text)
