@@ -6,7 +6,7 @@
     python bench/run.py --smoke        # tiny counts (~10 s); writes a file only with --results
 
 The same plugin (bench/plugin/main.py, an import switch on BENCH_RUNTIME) runs under both
-runtimes through the same eKuiper stand-in (kuiper_pool.emulator.Host). Each run measures
+runtimes through the same eKuiper stand-in (kuiper_pool.tools.emulator.Host). Each run measures
 both runtimes (the order alternates between runs), each in fresh plugin processes named
 uniquely, and kills every process tree it started. The table gives the median over runs
 of each figure and the ratio kuiper_pool/official.
@@ -56,7 +56,7 @@ sys.path.insert(0, REPO)
 import psutil  # noqa: E402
 import pynng  # noqa: E402
 
-from kuiper_pool.emulator import Host, SourceHandle, go_json  # noqa: E402
+from kuiper_pool.tools.emulator import Host, SourceHandle, go_json  # noqa: E402
 
 PLUGIN_MAIN = os.path.join(HERE, "plugin", "main.py")
 NNG_PEER = os.path.join(HERE, "nng_raw.py")

@@ -20,7 +20,7 @@ import uuid
 
 import psutil
 
-from kuiper_pool.emulator import Host
+from kuiper_pool.tools.emulator import Host
 
 PLUGIN = textwrap.dedent('''
     import os, threading

@@ -60,4 +60,4 @@ def instance_logger(symbol: str, rule: Optional[str] = None, op: str = "", insta
 
 
 def supervisor_logger() -> logging.Logger:
-    return logging.getLogger("kuiper_pool.supervisor")
+    return logging.getLogger("kuiper_pool.runtime.supervisor")

@@ -10,11 +10,8 @@ from typing import Any, NoReturn
 from . import logs
 from .api import PluginConfig
 from .config import ConfigError, load_settings
+from .describe import DESCRIBE_ENV
 
-# ``kuiper-pool validate`` runs the plugin's executable with this variable set: ``start`` then
-# prints the PluginConfig's symbol table (kuiper_pool.validate.describe) and exits instead of
-# serving. Not KUIPER_POOL_*: config.py rejects unknown variables with that prefix.
-DESCRIBE_ENV = "KUIPERPOOL_DESCRIBE"
 
 
 def start(c: Any) -> NoReturn:
@@ -22,7 +19,7 @@ def start(c: Any) -> NoReturn:
     SIGTERM/SIGINT). Accepts kuiper_pool's ``PluginConfig`` or the official SDK's."""
     script_dir = os.path.dirname(os.path.abspath(sys.argv[0])) if sys.argv and sys.argv[0] else os.getcwd()
     if os.environ.get(DESCRIBE_ENV):
-        from .validate import describe
+        from .describe import describe
 
         describe(c, script_dir)  # prints the symbol table and exits
     try:
@@ -43,10 +40,10 @@ def start(c: Any) -> NoReturn:
 
 def _serve(plugin: PluginConfig, settings: Any, script_dir: str) -> int:
     # Imported here so that importing kuiper_pool stays light for plugin modules and tools.
-    from . import worker
-    from .status import private_base
-    from .supervisor import Supervisor
-    from .zygote import Zygote
+    from .runtime import worker
+    from .runtime.status import private_base
+    from .runtime.supervisor import Supervisor
+    from .runtime.zygote import Zygote
 
     rundir = tempfile.mkdtemp(prefix=f"{plugin.name}-", dir=private_base(settings.runtime_dir))
     spawn_argv = None
@@ -57,7 +54,7 @@ def _serve(plugin: PluginConfig, settings: Any, script_dir: str) -> int:
         with open(os.open(payload, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as f:
             cloudpickle.dump({"name": plugin.name, "sources": plugin.sources, "sinks": plugin.sinks,
                               "functions": plugin.functions}, f)
-        spawn_argv = [sys.executable, "-u", "-m", "kuiper_pool.worker", payload, script_dir,
+        spawn_argv = [sys.executable, "-u", "-m", "kuiper_pool.runtime.worker", payload, script_dir,
                       settings.log_level]
     # The zygote must exist before any nng socket does (nng aborts forked children).
     zygote = Zygote(lambda link: worker.run(link, plugin), rundir, spawn_argv)

@@ -103,7 +103,7 @@ def kuiper_pool_command() -> List[str]:
     import sys
 
     exe = shutil.which("kuiper-pool")
-    return [exe] if exe else [sys.executable, "-m", "kuiper_pool.cli"]
+    return [exe] if exe else [sys.executable, "-m", "kuiper_pool.tools.cli"]
 
 
 def kuiper_pool_cli(*args, cwd=None, timeout: float = 120, env=None):

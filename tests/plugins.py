@@ -38,7 +38,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Set
 import psutil
 import yaml
 
-from kuiper_pool.emulator import Host
+from kuiper_pool.tools.emulator import Host
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -1,4 +1,4 @@
-"""The embedded eKuiper stand-in (kuiper_pool.emulator) driving the *official* SDK.
+"""The embedded eKuiper stand-in (kuiper_pool.tools.emulator) driving the *official* SDK.
 
 Each test generates a small official-SDK plugin (``from ekuiper import ...``) into
 its tmp_path with names unique to the test, so runs can overlap. Where the
@@ -20,8 +20,8 @@ import psutil
 import pytest
 
 from conftest import ipc_files, kill_tree, wait_until
-from kuiper_pool.emulator import Host, HostError
-from kuiper_pool.rule import RuleError, load_rule, run_rule
+from kuiper_pool.tools.emulator import Host, HostError
+from kuiper_pool.tools.rule import RuleError, load_rule, run_rule
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -7,7 +7,7 @@ import random
 import pytest
 
 from kuiper_pool.config import load_settings
-from kuiper_pool.health import KILL, RECYCLE, RestartPolicy, Vitals, verdict
+from kuiper_pool.runtime.health import KILL, RECYCLE, RestartPolicy, Vitals, verdict
 
 MiB = 1048576
 

@@ -26,7 +26,7 @@ import pytest
 import kuiper_pool
 import kuiper_pool.plugin
 from conftest import ipc_files, kuiper_pool_command, wait_until
-from kuiper_pool.emulator import HostError, control, go_json
+from kuiper_pool.tools.emulator import HostError, control, go_json
 from plugins import (AGGREGATE_FUNCTION, COUNTING_SOURCE, MODE_FUNCTION, RECORDING_SINK, REPO,
                      descendants, events, is_dead, make_plugin, read_jsonl, runtime_base,
                      runtime_entries)
@@ -452,7 +452,7 @@ def test_factories_that_are_lambdas_and_closures_work(tmp_path, names, host_runs
     pids = {msg["pid"], reply["result"]["pid"], read_jsonl(path)[0]["pid"]}
     assert len(pids) == 3 and supervisor not in pids
     for pid in pids:
-        spawned = "kuiper_pool.worker" in psutil.Process(pid).cmdline()
+        spawned = "kuiper_pool.runtime.worker" in psutil.Process(pid).cmdline()
         assert spawned == (start_method == "spawn"), psutil.Process(pid).cmdline()
     if start_method == "spawn":  # the factories travel in a private file, never over a socket
         (rundir,) = glob.glob(os.path.join(runtime_base(), f"{n.plugin}-*"))

@@ -21,7 +21,7 @@ import psutil
 import pytest
 
 from conftest import kuiper_pool_cli, kuiper_pool_command, wait_until
-from kuiper_pool import status
+from kuiper_pool.runtime import status
 from plugins import COUNTING_SOURCE, MODE_FUNCTION, RECORDING_SINK, make_plugin, read_jsonl, runtime_base
 
 FAST = {"heartbeat_interval": 0.1, "sample_interval": 0.1, "restart_backoff_initial": 0.0,
@@ -90,7 +90,7 @@ def test_status_prints_a_table_with_a_row_per_instance(rig):
 
 
 def _documented_schema() -> Tuple[Dict[str, str], List[str]]:
-    """The snapshot schema as kuiper_pool/status.py documents it: top-level key -> type, and the
+    """The snapshot schema as kuiper_pool/runtime/status.py documents it: top-level key -> type, and the
     instance keys."""
     head, _, rest = status.__doc__.partition('"instances": [{')
     top = dict(re.findall(r'"(\w+)": (str|int|float)', head))

@@ -27,8 +27,8 @@ import pytest
 
 from conftest import ipc_files, wait_until
 from faulty_plugins import FaultyPlugin, write_faulty_plugin
-from kuiper_pool import status
-from kuiper_pool.emulator import Host, HostError
+from kuiper_pool.runtime import status
+from kuiper_pool.tools.emulator import Host, HostError
 
 # Short settings so faults resolve in fractions of a second.
 FAST = {"heartbeat_interval": 0.1, "heartbeat_misses": 3, "call_deadline": 1.0, "stop_grace": 0.5,

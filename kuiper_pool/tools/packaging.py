@@ -14,7 +14,7 @@ The zip follows eKuiper's installer (``internal/plugin/portable/manager.go``):
 * a directory entry before the files of every folder: eKuiper unzips with a non-recursive
   mkdir, so ``pkg/sub/mod.py`` installs only if ``pkg/`` and ``pkg/sub/`` come first.
 
-It builds nothing while :func:`kuiper_pool.validate.inspect_folder` (the checks
+It builds nothing while :func:`kuiper_pool.tools.validate.inspect_folder` (the checks
 ``kuiper-pool validate`` starts with) reports a problem: each is printed on one line and the
 exit status is 1. The zip is written to a temporary file and renamed into place.
 """

@@ -1,5 +1,5 @@
 """``kuiper-pool try <plugin-dir>``: run a tiny rule against a plugin through the
-embedded eKuiper stand-in (:mod:`kuiper_pool.emulator`).
+embedded eKuiper stand-in (:mod:`kuiper_pool.tools.emulator`).
 
 The rule lives in ``rule.json`` in the plugin folder::
 

@@ -10,7 +10,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Deque, Optional, Tuple
 
-from .config import Settings
+from ..config import Settings
 
 KILL = "kill"
 RECYCLE = "recycle"

@@ -6,13 +6,13 @@ Two kinds of checks, printed one line each as they are made (``ok``, ``note`` or
   (``internal/plugin/portable/manager.go``, ``model.go``) and its metadata readers require
   of the plugin json, the executable, ``sources/<symbol>.yaml`` and the ``sources/``,
   ``sinks/``, ``functions/`` metadata, plus the settings file ``kuiper_pool.yaml`` next to
-  the executable. ``kuiper-pool package`` (:mod:`kuiper_pool.packaging`) runs exactly these
+  the executable. ``kuiper-pool package`` (:mod:`kuiper_pool.tools.packaging`) runs exactly these
   and refuses to build a zip while any of them is a problem.
 * **Runtime checks** (:func:`runtime_checks`): the interpreter (``--python``, like eKuiper's
   ``portable.pythonBin``) runs and is Python 3.9 or later; then the executable is run the
   way eKuiper runs it (``<python> -u <executable> '{"sendTimeout":1000}'`` in the
   executable's folder) with the environment variable ``KUIPERPOOL_DESCRIBE=1``
-  (:data:`kuiper_pool.plugin.DESCRIBE_ENV`; not ``KUIPER_POOL_*``, which the settings
+  (:data:`kuiper_pool.describe.DESCRIBE_ENV`; not ``KUIPER_POOL_*``, which the settings
   loader reserves for settings). With it, ``kuiper_pool.plugin.start`` calls
   :func:`describe` instead of serving: it builds every symbol with its factory, checks the
   object's methods, loads the settings, prints one marked JSON line and exits. Nothing
@@ -25,7 +25,6 @@ the executable's imports and not run: one note says how to switch; the folder ch
 from __future__ import annotations
 
 import ast
-import inspect
 import json
 import os
 import posixpath
@@ -39,21 +38,13 @@ from typing import Any, Callable, Dict, List, NoReturn, Optional, Tuple
 
 import yaml
 
-from .api import PluginConfig
-from .config import FILE_NAME, ConfigError, load_settings
+from ..config import FILE_NAME, ConfigError, load_settings
+from ..describe import DESCRIBE_ENV, DESCRIBE_MARK, KINDS, METHODS
 
 OK, NOTE, PROBLEM = "ok", "note", "problem"
-KINDS = ("sources", "sinks", "functions")  # json keys, PluginConfig attributes, metadata folders
 SINGULAR = {"sources": "source", "sinks": "sink", "functions": "function"}
-# What each symbol's object must have: method -> positional arguments eKuiper's runtime passes.
-METHODS: Dict[str, Dict[str, int]] = {
-    "sources": {"configure": 2, "open": 1, "close": 1},
-    "sinks": {"configure": 1, "open": 1, "collect": 2, "close": 1},
-    "functions": {"validate": 1, "exec": 2, "is_aggregate": 0},
-}
 JSON_KEYS = ("name", "version", "language", "executable", "sources", "sinks", "functions",
              "virtualEnvType", "env")  # eKuiper's PluginInfo; it ignores anything else
-DESCRIBE_MARK = "kuiper_pool-describe: "
 MIN_PYTHON = (3, 9)
 
 
@@ -369,68 +360,6 @@ def sdk_of(script: str) -> str:
     return runners.pop() if len(runners) == 1 else ""
 
 
-# --- the plugin process: describe() runs inside it ----------------------------------------------------
-
-def describe(config: Any, script_dir: str) -> NoReturn:
-    """Called by ``plugin.start`` when :data:`kuiper_pool.plugin.DESCRIBE_ENV` is set: build every
-    symbol, check its object, load the settings, print one ``DESCRIBE_MARK`` JSON line, exit 0
-    at once (threads the plugin's code started must not keep the process alive)."""
-    report: Dict[str, Any] = {"python": "%d.%d.%d" % sys.version_info[:3], "executable": sys.executable,
-                              "name": getattr(config, "name", None), "config_error": "",
-                              "settings_error": "", "start_method": "",
-                              "symbols": {k: {} for k in KINDS}}
-    try:
-        plugin = PluginConfig.adopt(config)
-    except ValueError as e:
-        report["config_error"] = str(e)
-        plugin = None
-    if plugin is not None:
-        try:
-            report["start_method"] = load_settings(script_dir, plugin.settings).start_method
-        except ConfigError as e:
-            report["settings_error"] = str(e)
-        for kind in KINDS:
-            for symbol, factory in getattr(plugin, kind).items():
-                report["symbols"][kind][str(symbol)] = _inspect_factory(
-                    factory, METHODS[kind], report["start_method"] == "spawn")
-    print(DESCRIBE_MARK + json.dumps(report, default=repr), flush=True)
-    sys.stderr.flush()
-    os._exit(0)
-
-
-def _inspect_factory(factory: Callable[[], Any], methods: Dict[str, int], spawn: bool) -> Dict[str, Any]:
-    entry: Dict[str, Any] = {"class": "", "error": "", "missing": [], "abstract": [], "signature": []}
-    try:
-        obj = factory()
-    except (Exception, SystemExit) as e:  # noqa: BLE001 - report any failure of plugin code
-        entry["error"] = f"the factory raised {type(e).__name__}: {e}"
-        return entry
-    cls = type(obj)
-    entry["class"] = f"{cls.__module__}.{cls.__qualname__}"
-    for name, nargs in methods.items():
-        attr = getattr(obj, name, None)
-        if not callable(attr):
-            entry["missing"].append(name)
-        elif getattr(getattr(cls, name, None), "__isabstractmethod__", False):
-            entry["abstract"].append(name)
-        else:
-            try:
-                inspect.signature(attr).bind(*[None] * nargs)
-            except TypeError:
-                entry["signature"].append(f"{name}{inspect.signature(attr)} cannot take {nargs} "
-                                          f"argument(s)")
-            except ValueError:  # no signature to read (a builtin): nothing to check
-                pass
-    if spawn:
-        try:
-            import cloudpickle
-
-            cloudpickle.dumps(factory)
-        except Exception as e:  # noqa: BLE001 - anything pickling raises
-            entry["error"] = f"start_method spawn cannot ship the factory: {type(e).__name__}: {e}"
-    return entry
-
-
 # --- runtime checks (in the validate process) ---------------------------------------------------------
 
 def _last_line(output: str) -> str:
@@ -464,7 +393,6 @@ def _python_version(python: str, checks: Checks, official: bool) -> bool:
 def _describe_run(folder: PluginFolder, python: str, timeout: float, checks: Checks,
                   say: Callable[[str], None]) -> Optional[Dict[str, Any]]:
     from .emulator import PORTABLE_CONF
-    from .plugin import DESCRIBE_ENV
 
     exe = folder.executable
     say(f"...      running {python} -u {exe} as eKuiper would, with {DESCRIBE_ENV}=1 (up to {timeout:g} s)")

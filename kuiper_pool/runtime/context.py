@@ -4,8 +4,8 @@ from __future__ import annotations
 import logging
 from typing import Callable, Optional
 
-from . import logs, wire
-from .api import Context
+from .. import logs, wire
+from ..api import Context
 
 
 class WorkerContext(Context):

@@ -19,7 +19,7 @@ def cmd_try(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from .status import StatusError, query
+    from ..runtime.status import StatusError, query
 
     while True:
         try:

@@ -22,7 +22,7 @@ from typing import List, Optional, Tuple
 
 import pynng
 
-from . import wire
+from .. import wire
 
 KEEPALIVE = 5.0     # seconds idle before re-sending b"handshake", as eKuiper expects
 MAX_BATCH = 256     # sink items moved per wake-up

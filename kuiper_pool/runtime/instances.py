@@ -14,9 +14,10 @@ from __future__ import annotations
 import socket
 from typing import Callable, Dict, Optional, Union
 
-from . import frames, wire
+from .. import wire
+from . import frames
 from .health import RestartPolicy, Vitals
-from .routing import FunctionRoute, SinkRoute
+from .routes import FunctionRoute, SinkRoute
 
 STARTING = "starting"
 RUNNING = "running"

@@ -23,14 +23,15 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import psutil
 import pynng
 
-from . import frames, wire
-from .api import PluginConfig
-from .config import Settings
+from .. import wire
+from . import frames
+from ..api import PluginConfig
+from ..config import Settings
 from .health import KILL, RECYCLE, RestartPolicy, verdict
 from .instances import (BACKOFF, ENDED, FAILED, RECYCLING, RUNNING, STARTING, STOPPING,
                         Instance, WorkerHandle)
-from .logs import supervisor_logger
-from .routing import FunctionRoute, InvertedReq, SinkRoute
+from ..logs import supervisor_logger
+from .routes import FunctionRoute, InvertedReq, SinkRoute
 from .status import MetricsServer, Snapshot, StatusServer, socket_path
 from .zygote import Zygote, describe_status
 

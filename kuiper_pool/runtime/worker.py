@@ -19,8 +19,9 @@ from typing import Any, Dict, Optional, Tuple
 
 import pynng
 
-from . import frames, logs, wire
-from .api import PluginConfig
+from .. import logs, wire
+from . import frames
+from ..api import PluginConfig
 from .context import WorkerContext
 
 EXIT_OK = 0
@@ -284,7 +285,7 @@ def call_function(worker: Worker, function: Any, contexts: Dict[Tuple[Any, ...],
 # --- spawn start method ----------------------------------------------------------------
 
 def spawn_main(argv: list) -> int:
-    """``python -m kuiper_pool.worker <payload> <script_dir> <log_level> <fd>``: load the
+    """``python -m kuiper_pool.runtime.worker <payload> <script_dir> <log_level> <fd>``: load the
     cloudpickled factories from the supervisor's private file (never from a socket), serve."""
     import cloudpickle
 
