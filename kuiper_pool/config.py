@@ -125,6 +125,12 @@ SETTINGS: Tuple[Setting, ...] = (
          "Longest a function Exec/Validate/IsAggregate call or a sink collect may run before the "
          "worker is killed and replaced; below eKuiper's 5 s receive timeout so eKuiper gets the "
          "error reply instead of its own timeout.", gt=0),
+    _num("health", "collect_deadline", float, 0.0,
+         "Longest one sink collect may run before the worker is killed and the item redelivered "
+         "(0 = off: eKuiper imposes no limit on sinks).", ge=0),
+    _num("health", "start_timeout", float, 30.0,
+         "Longest a worker's start may take (factory, configure and a sink's open) before it is "
+         "killed and the start refused.", gt=0),
     _num("health", "sample_interval", float, 1.0,
          "Seconds between psutil samples of each worker's memory and CPU.", gt=0),
     _num("restart", "restart_backoff_initial", float, 0.0,
@@ -139,6 +145,9 @@ SETTINGS: Tuple[Setting, ...] = (
     _num("restart", "flap_max_restarts", int, 5,
          "Restarts within flap_window after which the instance is marked failed and not restarted again.", ge=1),
     _num("restart", "flap_window", float, 60.0, "Seconds over which flap_max_restarts is counted.", gt=0),
+    _num("restart", "failed_retry_min", float, 60.0,
+         "Seconds after which a failed instance is tried again; each further failure doubles it.", gt=0),
+    _num("restart", "failed_retry_max", float, 1800.0, "Cap of the failed-instance retry delay.", gt=0),
     _num("limits", "memory_limit_mb", float, 0.0,
          "Resident memory cap per worker in MB (0 = off); above it the worker is recycled gracefully "
          "(a fresh worker starts, the old one drains and stops).", ge=0),
@@ -172,6 +181,8 @@ class Settings:
     heartbeat_interval: float
     heartbeat_misses: int
     call_deadline: float
+    collect_deadline: float
+    start_timeout: float
     sample_interval: float
     restart_backoff_initial: float
     restart_backoff_min: float
@@ -179,6 +190,8 @@ class Settings:
     restart_jitter: float
     flap_max_restarts: int
     flap_window: float
+    failed_retry_min: float
+    failed_retry_max: float
     memory_limit_mb: float
     max_calls: int
     sink_window: int

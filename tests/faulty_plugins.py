@@ -18,7 +18,8 @@ SIGKILLs itself), ``hang`` (a busy loop that never returns).
   ``open`` emits nothing first), ``configure_fault`` (``configure`` raises ValueError).
   Items: ``{"n": 1, 2, ..., "pid", "rule"}``. Events: ``configure`` (symbol, conf),
   ``open`` (rule), ``fault``.
-* sink ``snk``, conf: ``open_fault`` (how ``open`` fails, every time), ``tag_acks``
+* sink ``snk``, conf: ``open_fault`` (how ``open`` fails, every time),
+  ``restart_open_fault`` (how ``open`` fails on every start of a rule but its first), ``tag_acks``
   (items whose ``i`` is a multiple of 3 are acked with ``ack_error("tag <i>")``, others
   with ``ack_ok``). Items are JSON objects ``{"i": n}``; ``{"i": n, "die": how, "mode":
   "once"|"always"}`` fails in ``collect`` (``once``: only the first time that rule sees
@@ -119,6 +120,9 @@ class Snk(Sink):
 
     def open(self, ctx):
         how = self.conf.get("open_fault")
+        again = self.conf.get("restart_open_fault")
+        if again and not first_time("opened_" + ctx.get_rule_id()):
+            how = again
         if how:
             fault(how, "open of sink rule " + ctx.get_rule_id(), rule=ctx.get_rule_id())
 

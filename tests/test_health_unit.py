@@ -6,6 +6,7 @@ import random
 
 import pytest
 
+from kuiper_pool import wire
 from kuiper_pool.config import load_settings
 from kuiper_pool.runtime.health import KILL, RECYCLE, RestartPolicy, Vitals, verdict
 
@@ -90,56 +91,108 @@ VERDICT = dict(heartbeat_interval=0.5, heartbeat_misses=4, call_deadline=2.0,
                memory_limit_mb=0.0, max_calls=0)
 
 
+FUNC, SINK, SOURCE = wire.TYPE_FUNC, wire.TYPE_SINK, wire.TYPE_SOURCE
+
+
+def NO_CPU():  # noqa: N802 - reads like the constant it stands for
+    return None
+
+
 def vitals(now: float, **kw) -> Vitals:
     return Vitals(last_beat=kw.pop("last_beat", now), **kw)
 
 
-@pytest.mark.parametrize("watch_calls", [True, False])
-def test_missed_heartbeats_mean_hung_for_every_kind(watch_calls):
+@pytest.mark.parametrize("kind", [wire.TYPE_FUNC, wire.TYPE_SINK, wire.TYPE_SOURCE])
+def test_missed_heartbeats_mean_hung_for_every_kind(kind):
     s = settings(**VERDICT)  # limit 0.5 * 4 = 2 s
-    assert verdict(vitals(100.0, last_beat=98.1), 100.0, s, watch_calls) is None
-    kind, why = verdict(vitals(100.0, last_beat=97.5), 100.0, s, watch_calls)
-    assert kind == KILL and why.startswith("hung: no heartbeat for 2.5s (limit 2.0s)")
+    assert verdict(vitals(100.0, last_beat=98.1), 100.0, s, kind, NO_CPU) is None
+    action, why = verdict(vitals(100.0, last_beat=97.5), 100.0, s, kind, NO_CPU)
+    assert action == KILL and why.startswith("hung: no heartbeat for 2.5s (limit 2.0s)")
 
 
 def test_a_call_past_its_deadline_is_killed():
     s = settings(**VERDICT)
-    assert verdict(vitals(100.0, call_started=98.5), 100.0, s, True) is None
-    kind, why = verdict(vitals(100.0, call_started=97.9), 100.0, s, True)
+    assert verdict(vitals(100.0, call_started=98.5), 100.0, s, FUNC, NO_CPU) is None
+    kind, why = verdict(vitals(100.0, call_started=97.9), 100.0, s, FUNC, NO_CPU)
     assert (kind, why) == (KILL, "call exceeded call_deadline 2s")
 
 
-def test_a_sink_collect_past_the_deadline_is_killed():
-    s = settings(**VERDICT)
-    assert verdict(vitals(100.0, busy_since=98.5), 100.0, s, True) is None
-    assert verdict(vitals(100.0, busy_since=97.0), 100.0, s, True)[0] == KILL
+def test_a_sink_collect_past_collect_deadline_is_killed():
+    s = settings(**VERDICT, collect_deadline=2.0)
+    assert verdict(vitals(100.0, busy_since=98.5), 100.0, s, SINK, NO_CPU) is None
+    assert verdict(vitals(100.0, busy_since=97.0), 100.0, s, SINK, NO_CPU) == (
+        KILL, "call exceeded collect_deadline 2s")
+
+
+def test_a_slow_sink_collect_is_left_alone_by_default():
+    s = settings(**VERDICT)  # collect_deadline 0: eKuiper imposes no limit on sinks
+    assert verdict(vitals(100.0, busy_since=1.0), 100.0, s, SINK, NO_CPU) is None
 
 
 def test_a_source_busy_for_long_is_not_killed_while_it_beats():
     s = settings(**VERDICT)
-    assert verdict(vitals(10000.0, busy_since=1.0, call_started=1.0), 10000.0, s, False) is None
+    assert verdict(vitals(10000.0, busy_since=1.0, call_started=1.0), 10000.0, s, SOURCE, NO_CPU) is None
 
 
 def test_memory_over_the_limit_recycles():
     s = settings(**{**VERDICT, "memory_limit_mb": 100.0})
-    assert verdict(vitals(100.0, rss=100 * MiB), 100.0, s, True) is None
-    kind, why = verdict(vitals(100.0, rss=150 * MiB), 100.0, s, True)
+    assert verdict(vitals(100.0, rss=100 * MiB), 100.0, s, FUNC, NO_CPU) is None
+    kind, why = verdict(vitals(100.0, rss=150 * MiB), 100.0, s, FUNC, NO_CPU)
     assert (kind, why) == (RECYCLE, "resident memory 150 MiB over memory_limit_mb 100")
-    assert verdict(vitals(100.0, rss=150 * MiB), 100.0, s, False)[0] == RECYCLE  # sources too
+    assert verdict(vitals(100.0, rss=150 * MiB), 100.0, s, SOURCE, NO_CPU)[0] == RECYCLE  # sources too
     off = settings(**VERDICT)
-    assert verdict(vitals(100.0, rss=10 ** 12), 100.0, off, True) is None
+    assert verdict(vitals(100.0, rss=10 ** 12), 100.0, off, FUNC, NO_CPU) is None
 
 
 def test_max_calls_recycles_after_n_calls():
     s = settings(**{**VERDICT, "max_calls": 5})
-    assert verdict(vitals(100.0, calls=4), 100.0, s, True) is None
-    assert verdict(vitals(100.0, calls=5), 100.0, s, True) == (RECYCLE, "served max_calls 5")
-    assert verdict(vitals(100.0, calls=10 ** 6), 100.0, settings(**VERDICT), True) is None
+    assert verdict(vitals(100.0, calls=4), 100.0, s, FUNC, NO_CPU) is None
+    assert verdict(vitals(100.0, calls=5), 100.0, s, FUNC, NO_CPU) == (RECYCLE, "served max_calls 5")
+    assert verdict(vitals(100.0, calls=10 ** 6), 100.0, settings(**VERDICT), FUNC, NO_CPU) is None
 
 
 def test_a_hung_worker_is_killed_rather_than_recycled():
     s = settings(**{**VERDICT, "memory_limit_mb": 100.0, "max_calls": 5})
     v = vitals(100.0, last_beat=90.0, rss=500 * MiB, calls=50, call_started=50.0)
-    assert verdict(v, 100.0, s, True)[0] == KILL
+    assert verdict(v, 100.0, s, FUNC, NO_CPU)[0] == KILL
     v = vitals(100.0, rss=500 * MiB, calls=50, call_started=50.0)
-    assert verdict(v, 100.0, s, True) == (KILL, "call exceeded call_deadline 2s")
+    assert verdict(v, 100.0, s, FUNC, NO_CPU) == (KILL, "call exceeded call_deadline 2s")
+
+
+# --- hung means silent and idle; busy on the CPU is not hung -----------------------------------
+
+def test_a_silent_worker_burning_cpu_is_busy_not_hung():
+    s = settings(**VERDICT)  # limit 2 s
+    v = vitals(100.0, last_beat=97.0, cpu_at_beat=5.0)
+    assert verdict(v, 100.0, s, SOURCE, lambda: 7.5) is None  # 2.5 CPU-s in 3 s of silence
+
+
+def test_a_silent_idle_worker_is_hung_and_the_reason_says_so():
+    s = settings(**VERDICT)
+    v = vitals(100.0, last_beat=97.0, cpu_at_beat=5.0)
+    action, why = verdict(v, 100.0, s, SOURCE, lambda: 5.01)
+    assert action == KILL
+    assert why == "hung: no heartbeat for 3.0s (limit 2.0s) and 0.01s of CPU in the last 3.0s"
+
+
+def test_a_busy_worker_that_then_stops_using_cpu_is_hung_one_window_later():
+    s = settings(**VERDICT)
+    v = vitals(100.0, last_beat=97.0, cpu_at_beat=5.0)
+    cpu = [8.0]
+    assert verdict(v, 100.0, s, SOURCE, lambda: cpu[0]) is None  # busy: a new window starts
+    assert v.cpu_mark == (100.0, 8.0)
+    assert verdict(v, 101.0, s, SOURCE, lambda: cpu[0]) is None  # 1 s is too short to judge
+    action, why = verdict(v, 102.5, s, SOURCE, lambda: cpu[0])
+    assert action == KILL and "0.00s of CPU in the last 2.5s" in why
+
+
+def test_without_a_cpu_reading_silence_alone_decides():
+    s = settings(**VERDICT)
+    assert verdict(vitals(100.0, last_beat=97.0), 100.0, s, SOURCE, NO_CPU)[0] == KILL
+
+
+def test_a_first_cpu_reading_without_a_baseline_waits_one_window():
+    s = settings(**VERDICT)
+    v = vitals(100.0, last_beat=97.0)  # the worker's beats carried no CPU figure
+    assert verdict(v, 100.0, s, SOURCE, lambda: 3.0) is None
+    assert verdict(v, 102.1, s, SOURCE, lambda: 3.0)[0] == KILL

@@ -424,7 +424,7 @@ def test_a_source_that_always_fails_is_marked_failed_after_flap_max_restarts(mak
     assert "failed after 3 restarts within 30s" in row["last_error"]
     assert "open raised RuntimeError: injected fault in open of rule " + rule in row["last_error"]
     assert len(rig.plugin.events("open", rule=rule)) == 4  # the first start and 3 restarts
-    assert len(rig.log_texts("not restarting it again")) == 1
+    assert len(rig.log_texts("next try in 60s")) == 1
     deadline = time.monotonic() + 0.5  # several backoff periods: nothing starts it again
     while time.monotonic() < deadline:
         assert rig.row(rule=rule)["state"] == "failed"
@@ -452,14 +452,15 @@ def test_a_function_that_cannot_start_again_fails_and_answers_at_once(make_rig):
 def test_a_failed_sink_answers_every_item_with_one_error_ack(make_rig, unique):
     rig = make_rig(flap_max_restarts=2, flap_window=30.0, restart_backoff_min=0.2)
     rule = f"r_{unique}"
-    sink = rig.host.start_sink("snk", rule, config={"open_fault": "raise"}, require_ack=True)
-    early = [sink.collect(json.dumps({"i": 1}).encode(), timeout=5)]  # sent while it flaps
+    sink = rig.host.start_sink("snk", rule, config={"restart_open_fault": "raise"}, require_ack=True)
+    doomed = {"i": 1, "die": "raise", "mode": "always"}  # its worker dies; restarts fail in open
+    early = [sink.collect(json.dumps(doomed).encode(), timeout=5)]
     row = rig.wait_row("the sink to be marked failed", rule=rule, state="failed")
-    assert row["restarts"] == 2 and "open raised RuntimeError" in row["last_error"]
+    assert row["restarts"] == 2 and "open failed: RuntimeError" in row["last_error"]
     later = [sink.collect(json.dumps({"i": i}).encode(), timeout=5) for i in (2, 3)]
     for ack in early + later:  # the item in flight when it failed too, not only later ones
         assert set(ack) == {"error"} and "has failed" in ack["error"], ack
-        assert "open raised RuntimeError" in ack["error"] and rule in ack["error"]
+        assert "open failed: RuntimeError" in ack["error"] and rule in ack["error"]
     with pytest.raises(HostError, match="no ack"):
         sink.recv_ack(timeout=0.3)
     assert rig.plugin.events("collect", rule=rule) == []

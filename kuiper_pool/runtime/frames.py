@@ -48,6 +48,11 @@ def split_seq(payload: bytes) -> Tuple[int, bytes]:
     return SEQ.unpack_from(payload)[0], payload[SEQ.size:]
 
 
+def decode_json(payload: bytes) -> Any:
+    """A JSON control frame from a worker (raises ValueError on garbage)."""
+    return json.loads(payload)
+
+
 def encode_items(first_seq: int, items: List[bytes]) -> bytes:
     parts = [SEQ.pack(first_seq)]
     for item in items:
@@ -89,6 +94,54 @@ class FrameBuffer:
         if pos:
             del buf[:pos]
         return frames
+
+
+class Link:
+    """The supervisor's end: non-blocking, output kept until the socket takes it."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        sock.setblocking(False)
+        self.sock = sock
+        self.inbox = FrameBuffer()
+        self.outbox = bytearray()
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def send(self, frame: bytes) -> None:
+        self.outbox += frame
+        self.flush()
+
+    def flush(self) -> None:
+        """Write what the socket takes now; the rest waits for EVENT_WRITE."""
+        while self.outbox:
+            try:
+                n = self.sock.send(self.outbox)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                self.outbox.clear()  # the worker is gone; its exit report follows
+                return
+            del self.outbox[:n]
+
+    def read(self) -> Optional[List[Tuple[int, bytes]]]:
+        """Whole frames received so far; None at EOF."""
+        out: List[Tuple[int, bytes]] = []
+        while True:
+            try:
+                data = self.sock.recv(1 << 18)
+            except (BlockingIOError, InterruptedError):
+                return out
+            except OSError:
+                return out or None
+            if not data:
+                return out or None
+            out.extend(self.inbox.feed(data))
+            if len(data) < 1 << 18:  # drained; select is level-triggered and wakes us for more
+                return out
+
+    def close(self) -> None:
+        self.sock.close()
 
 
 class BlockingLink:

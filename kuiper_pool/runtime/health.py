@@ -8,8 +8,9 @@ from __future__ import annotations
 import random
 from collections import deque
 from dataclasses import dataclass
-from typing import Deque, Optional, Tuple
+from typing import Callable, Deque, Optional, Tuple
 
+from .. import wire
 from ..config import Settings
 
 KILL = "kill"
@@ -40,6 +41,10 @@ class RestartPolicy:
         jitter = self.s.restart_jitter
         return max(0.0, base * (1 + self.rng.uniform(-jitter, jitter)))
 
+    def reset(self) -> None:
+        """Forget past crashes (an operator restarted the instance)."""
+        self.history.clear()
+
 
 @dataclass
 class Vitals:
@@ -49,26 +54,39 @@ class Vitals:
     busy_since: float = 0.0          # worker clock (CLOCK_MONOTONIC is system-wide on Linux)
     call_started: float = 0.0        # a function call forwarded and not answered yet
     processed: int = 0
+    emit_errors: int = 0             # a source's emit_error calls (logged, not sent)
     calls: int = 0                   # function calls forwarded (for max_calls)
+    cpu_at_beat: Optional[float] = None   # the worker's CPU seconds in its last heartbeat
+    cpu_mark: Optional[Tuple[float, float]] = None  # (when, CPU seconds) while beats are late
     rss: int = 0
     cpu_percent: float = 0.0
 
 
-def verdict(v: Vitals, now: float, settings: Settings, watch_calls: bool) -> Optional[Tuple[str, str]]:
-    """``("kill", why)`` for a hung worker, ``("recycle", why)`` for one to replace
-    gracefully, or None.
+BUSY_CPU_SHARE = 0.05   # CPU seconds per second of silence above which a silent worker is busy
 
-    A source's long-running ``open`` is normal: only missed heartbeats count for it
-    (``watch_calls`` False). Sinks and functions also have a per-call deadline.
+
+def verdict(v: Vitals, now: float, settings: Settings, kind: str,
+            cpu_seconds: Callable[[], Optional[float]]) -> Optional[Tuple[str, str]]:
+    """``("kill", why)`` for a hung or overrunning worker, ``("recycle", why)`` for one to
+    replace gracefully, or None.
+
+    Hung means no heartbeat **and** no CPU progress: a C call that holds the GIL (a model
+    load, a long numpy call) silences the heartbeat thread but burns CPU, and is left to
+    run (``cpu_seconds`` is asked only when beats are late). A source's long-running
+    ``open`` is normal; functions have ``call_deadline``, sinks ``collect_deadline`` (0 = off).
     """
     silent = now - v.last_beat
     limit = settings.heartbeat_interval * settings.heartbeat_misses
     if silent > limit:
-        return KILL, f"hung: no heartbeat for {silent:.1f}s (limit {limit:.1f}s)"
-    if watch_calls:
-        started = v.call_started or v.busy_since
-        if started and now - started > settings.call_deadline:
-            return KILL, f"call exceeded call_deadline {settings.call_deadline:g}s"
+        hung = _hung(v, now, silent, limit, cpu_seconds)
+        if hung:
+            return KILL, hung
+    deadline = settings.call_deadline if kind == wire.TYPE_FUNC else (
+        settings.collect_deadline if kind == wire.TYPE_SINK else 0.0)
+    started = v.call_started or v.busy_since
+    if deadline and started and now - started > deadline:
+        name = "call_deadline" if kind == wire.TYPE_FUNC else "collect_deadline"
+        return KILL, f"call exceeded {name} {deadline:g}s"
     limit_mb = settings.memory_limit_mb
     if limit_mb and v.rss > limit_mb * 1024 * 1024:
         return RECYCLE, (f"resident memory {v.rss / 1048576:.0f} MiB over "
@@ -76,3 +94,24 @@ def verdict(v: Vitals, now: float, settings: Settings, watch_calls: bool) -> Opt
     if settings.max_calls and v.calls >= settings.max_calls:
         return RECYCLE, f"served max_calls {settings.max_calls}"
     return None
+
+
+def _hung(v: Vitals, now: float, silent: float, limit: float,
+          cpu_seconds: Callable[[], Optional[float]]) -> str:
+    """Why a silent worker counts as hung, or "" while it is busy on the CPU."""
+    cpu = cpu_seconds()
+    if cpu is None:  # no reading (gone, or not ours to read): silence alone decides
+        return f"hung: no heartbeat for {silent:.1f}s (limit {limit:.1f}s)"
+    since, base = v.cpu_mark or (v.last_beat, v.cpu_at_beat)
+    if base is None:  # no CPU figure from the worker yet: measure from now on
+        v.cpu_mark = (now, cpu)
+        return ""
+    span = now - since
+    if cpu - base > BUSY_CPU_SHARE * span:
+        if span >= limit:  # judge the next window on its own
+            v.cpu_mark = (now, cpu)
+        return ""
+    if v.cpu_mark is not None and span < limit:  # too short a window to judge (10 ms ticks)
+        return ""
+    return (f"hung: no heartbeat for {silent:.1f}s (limit {limit:.1f}s) and "
+            f"{cpu - base:.2f}s of CPU in the last {span:.1f}s")

@@ -1,23 +1,37 @@
-"""One running symbol instance and the worker process currently serving it.
+"""The instance state machine: one source/sink instance or one function symbol, across all
+of the workers that serve it in turn.
 
-State machine of an instance (transitions assert the state they leave):
+Every event the supervisor sees about an instance (a command from eKuiper, a frame from a
+worker, a worker's exit, data on eKuiper's channel, a tick of the clock) is one method
+here. A method checks the state it is called in and acts only through :class:`Effects`,
+which the supervisor implements (processes, sockets, logging) and unit tests replace with a
+recorder and a fake clock, so event orderings are tested deterministically.
 
     STARTING --READY ok--> RUNNING --crash--> BACKOFF --delay--> STARTING
-        |                     |  \\--recycle--> RECYCLING --exit--> STARTING
-        |                     \\--stop--> STOPPING --exit--> (removed)
-        \\--first start fails--> (removed, eKuiper gets the error)
-    BACKOFF --too many restarts in flap_window--> FAILED
-    RUNNING --source open returned--> ENDED
+       |  \\--crash (restart)--> BACKOFF        |  \\--recycle--> RECYCLING --exit--> STARTING
+       |                                      \\--stop--> STOPPING --exit--> REMOVED
+       \\--first start fails / times out--> REMOVED (eKuiper gets the error)
+    BACKOFF/STARTING --too many restarts in flap_window--> FAILED --failed_retry--> STARTING
+    RUNNING --a source's open returned--> ENDED
+    any state --internal error--> FAILED (contain)
+
+Events about a worker that is no longer the instance's current one (late frames, a late
+READY, a second exit report) and events after the instance was removed are ignored: the
+supervisor's selector may hand over readiness that predates a transition.
 """
 from __future__ import annotations
 
-import socket
-from typing import Callable, Dict, Optional, Union
+import logging
+import os
+import signal
+from typing import Callable, Dict, List, Optional, Protocol, Tuple, Union
 
 from .. import wire
+from ..config import Settings
 from . import frames
-from .health import RestartPolicy, Vitals
+from .health import KILL, RECYCLE, RestartPolicy, Vitals, verdict
 from .routes import FunctionRoute, SinkRoute
+from .zygote import describe_status
 
 STARTING = "starting"
 RUNNING = "running"
@@ -26,70 +40,64 @@ RECYCLING = "recycling"
 STOPPING = "stopping"
 FAILED = "failed"
 ENDED = "ended"
+REMOVED = "removed"     # forgotten by the supervisor; every later event is stale
 
 Answer = Callable[[bytes], None]
+Route = Union[SinkRoute, FunctionRoute]
+KINDS = {wire.TYPE_SOURCE: "source", wire.TYPE_SINK: "sink", wire.TYPE_FUNC: "function"}
+
+
+class TransitionError(RuntimeError):
+    """An event arrived in a state that does not allow it: a bug of ours, contained to
+    the one instance by the supervisor."""
 
 
 class WorkerHandle:
-    """The supervisor's end of one worker: its link, output buffer and vitals."""
+    """What the state machine knows of one worker process (its link lives in the supervisor)."""
 
-    def __init__(self, wid: int, link: socket.socket, now: float) -> None:
+    def __init__(self, wid: int, now: float) -> None:
         self.wid = wid
         self.pid = 0
-        self.link = link
-        link.setblocking(False)
-        self.inbox = frames.FrameBuffer()
-        self.outbox = bytearray()
+        self.started_at = now
         self.vitals = Vitals(last_beat=now)
         self.kill_reason = ""
         self.fault = ""            # the error this worker reported (FAULT, READY) before exiting
         self.kill_at = 0.0          # when to escalate to SIGKILL
 
-    def send(self, frame: bytes) -> None:
-        self.outbox += frame
-        self.flush()
 
-    def flush(self) -> None:
-        """Write what the socket takes now; the rest waits for EVENT_WRITE."""
-        while self.outbox:
-            try:
-                n = self.link.send(self.outbox)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError:
-                self.outbox.clear()  # the worker is gone; its exit report follows
-                return
-            del self.outbox[:n]
+class Effects(Protocol):
+    """What a transition may do. The supervisor implements it; tests record it."""
 
-    def read(self) -> Optional[list]:
-        """Whole frames received so far; None at EOF."""
-        out: list = []
-        while True:
-            try:
-                data = self.link.recv(1 << 18)
-            except (BlockingIOError, InterruptedError):
-                return out
-            except OSError:
-                return None if not out else out
-            if not data:
-                return None if not out else out
-            out.extend(self.inbox.feed(data))
-            if len(data) < 1 << 18:  # drained; select is level-triggered and wakes us for more
-                return out
+    def now(self) -> float: ...
+    def spawn(self, inst: "Instance") -> WorkerHandle: ...   # OSError when no process/fd can be had
+    def send(self, w: WorkerHandle, frame: bytes) -> None: ...
+    def signal(self, w: WorkerHandle, sig: int) -> None: ...
+    def open_route(self, inst: "Instance") -> Route: ...       # OSError when eKuiper's channel fails
+    def watch(self, inst: "Instance", reading: bool) -> None: ...  # read eKuiper's channel or not
+    def close_route(self, inst: "Instance", route: Route) -> None: ...
+    def forget(self, inst: "Instance") -> None: ...
+    def cpu_seconds(self, w: WorkerHandle) -> Optional[float]: ...
+    def note(self, inst: "Instance", level: int, msg: str, *args: object) -> None: ...
 
 
 class Instance:
-    """A source/sink instance or a function symbol, across all of its workers."""
+    """One source/sink instance or function symbol and the worker currently serving it."""
 
-    def __init__(self, ctrl: wire.Control, policy: RestartPolicy) -> None:
+    def __init__(self, plugin: str, ctrl: wire.Control, settings: Settings, fx: Effects,
+                 policy: Optional[RestartPolicy] = None) -> None:
+        self.plugin = plugin
         self.ctrl = ctrl
+        self.s = settings
+        self.fx = fx
+        self.policy = policy or RestartPolicy(settings)
         self.state = STARTING
-        self.policy = policy
         self.worker: Optional[WorkerHandle] = None
-        self.route: Union[SinkRoute, FunctionRoute, None] = None
+        self.route: Optional[Route] = None
         self.pending: Optional[Answer] = None       # the start/stop answer eKuiper waits for
+        self.reading = False                        # eKuiper's sink channel is being read
         self.restart_at = 0.0
         self.restarts = 0
+        self.failures = 0                           # times this instance went FAILED in a row
         self.restart_causes: Dict[str, int] = {}
         self.last_error = ""
         self.running_since = 0.0
@@ -97,13 +105,451 @@ class Instance:
         self.items_out = 0
         self.errors = 0
 
-    def move(self, new: str, *expected: str) -> None:
-        assert not expected or self.state in expected, (
-            f"{self.ctrl.describe()}: {self.state} -> {new} (expected {expected})")
+    # --- naming ---------------------------------------------------------------------------
+
+    @property
+    def kind(self) -> str:
+        return self.ctrl.plugin_type
+
+    def where(self) -> str:
+        return f"plugin {self.plugin} {self.ctrl.describe()}"
+
+    def _expect(self, event: str, *states: str) -> None:
+        if self.state not in states:
+            raise TransitionError(f"{self.where()}: {event} in state {self.state} "
+                                  f"(expected {', '.join(states)})")
+
+    def _move(self, new: str, event: str, *expected: str) -> None:
+        self._expect(event, *expected)
         self.state = new
+
+    def _current(self, w: WorkerHandle) -> bool:
+        return self.state != REMOVED and self.worker is w
 
     def answer(self, data: bytes) -> None:
         """Answer the command eKuiper waits on, if any."""
         pending, self.pending = self.pending, None
         if pending is not None:
             pending(data)
+
+    # --- commands from eKuiper --------------------------------------------------------------
+
+    def begin(self, answer: Answer) -> None:
+        """The first start: a worker is made; eKuiper gets its answer after READY."""
+        self._expect("start", STARTING)
+        self.pending = answer
+        self._spawn()
+
+    def start_again(self, answer: Answer) -> None:
+        """eKuiper sent start for an instance we have (it replays starts after restarts)."""
+        if self.state == STOPPING:
+            answer(wire.one_line(f"{self.where()} is still stopping"))
+            return
+        self._expect("start again", STARTING, RUNNING, BACKOFF, RECYCLING)
+        self.fx.note(self, logging.INFO, "start of an instance already %s: nothing to do", self.state)
+        answer(wire.OK)
+
+    def stop(self, answer: Answer) -> None:
+        """eKuiper stops a source or sink: close runs in the worker, then the answer."""
+        if self.state == STOPPING:  # already stopping (shutdown): answered when it is done
+            self.pending = answer
+            return
+        self.pending = answer
+        if self.worker is None:
+            self._expect("stop", BACKOFF, FAILED, ENDED, STARTING)
+            self.remove(wire.OK)
+        else:
+            self.begin_stop()
+
+    def shutdown(self, reason: str) -> None:
+        """The supervisor is leaving: answer what waits, close what runs."""
+        self.answer(wire.one_line(f"plugin {self.plugin} is shutting down: {reason}"))
+        if self.worker is None:
+            self.remove()
+        elif self.state != STOPPING:
+            self.begin_stop()
+
+    def begin_stop(self) -> None:
+        """Ask the worker to close; it gets stop_grace, then SIGKILL."""
+        w = self.worker
+        if w is None:
+            raise TransitionError(f"{self.where()}: stop without a worker")
+        route = self.route
+        if isinstance(route, SinkRoute):
+            self._read(False)
+            if self.state == RUNNING:  # what eKuiper sent before closing its side
+                self._deliver(w, route.take())
+        self.state = STOPPING
+        self.fx.send(w, frames.encode(frames.STOP))
+        w.kill_at = self.fx.now() + self.s.stop_grace
+
+    def remove(self, answer: Optional[bytes] = None) -> None:
+        """Forget the instance: close eKuiper's channels, SIGKILL a worker still alive."""
+        if self.state == REMOVED:
+            return
+        self.state = REMOVED
+        route, self.route = self.route, None
+        if route is not None:
+            self.reading = False
+            self.fx.close_route(self, route)
+        w, self.worker = self.worker, None
+        if w is not None:
+            self.fx.signal(w, signal.SIGKILL)
+        self.fx.forget(self)
+        if answer is not None:
+            self.answer(answer)
+
+    # --- workers ------------------------------------------------------------------------------
+
+    def _spawn(self) -> None:
+        self.state = STARTING
+        try:
+            self.worker = self.fx.spawn(self)
+        except OSError as e:
+            self.worker = None
+            self._cannot_spawn(e)
+
+    def _cannot_spawn(self, e: OSError) -> None:
+        text = f"{self.where()}: cannot start a worker: {e.strerror or e}"
+        self.last_error = " ".join(text.split())
+        self.fx.note(self, logging.ERROR, "%s", self.last_error)
+        if self.pending is not None:  # the first start: refuse it, keep serving the rest
+            self.remove(wire.one_line(text))
+        else:
+            self._crashed(None, "not started", text)
+
+    def on_started(self, w: WorkerHandle, pid: int) -> None:
+        if self._current(w):
+            w.pid = pid
+
+    def on_ready(self, w: WorkerHandle, error: Optional[str]) -> None:
+        if not self._current(w) or self.state != STARTING:
+            return  # stopped or replaced meanwhile
+        first = self.pending is not None
+        if error:
+            self.last_error = w.fault = " ".join(str(error).split())
+            if first:  # eKuiper gets the configure error as the start answer
+                self.fx.note(self, logging.WARNING, "start refused: %s", self.last_error)
+                self.remove(wire.one_line(self.last_error))
+            return  # on a restart the worker's exit counts as a crash
+        if self.kind != wire.TYPE_SOURCE and self.route is None:  # first start, or after contain
+            try:
+                self.route = self.fx.open_route(self)
+            except OSError as e:
+                text = f"{self.where()}: cannot open eKuiper's channel: {e}"
+                self.fx.note(self, logging.WARNING, "start refused: %s", text)
+                self.remove(wire.one_line(text))
+                return
+        self._move(RUNNING, "ready", STARTING)
+        self.running_since = self.fx.now()
+        self.failures = 0
+        self.fx.note(self, logging.INFO, "%s in worker pid %d", "started" if first else "restarted", w.pid)
+        self.answer(wire.OK)
+        route = self.route
+        if isinstance(route, SinkRoute):
+            self._redeliver(w, route, first)
+            self.on_sink_readable()
+        elif isinstance(route, FunctionRoute) and route.call is not None:
+            self._forward(w, route)
+
+    def on_exit(self, w: WorkerHandle, status: int) -> None:
+        """The zygote reaped worker ``w`` with wait status ``status``."""
+        if not self._current(w):
+            return
+        self.worker = None
+        how = describe_status(status)
+        if self.kind == wire.TYPE_SOURCE:  # keep what this worker emitted
+            self.items_in += w.vitals.processed
+            self.items_out += w.vitals.processed
+        self.errors += w.vitals.emit_errors
+        if self.state == STOPPING:
+            self.fx.note(self, logging.INFO, "stopped (worker pid %d %s)", w.pid, how)
+            self.remove(wire.OK)
+        elif self.state == RECYCLING:
+            self.fx.note(self, logging.INFO, "worker pid %d recycled (%s): %s", w.pid, how, w.kill_reason)
+            self._spawn()
+        elif self.state == STARTING and self.pending is not None:  # died before READY, first start
+            cause = w.kill_reason or w.fault or "no error reported"
+            text = f"{self.where()}: worker pid {w.pid} exited with {how} before it was ready: {cause}"
+            self.last_error = " ".join(text.split())
+            self.fx.note(self, logging.WARNING, "start refused: %s", self.last_error)
+            self.remove(wire.one_line(text))
+        elif (self.kind == wire.TYPE_SOURCE and self.state == RUNNING and os.WIFEXITED(status)
+              and os.WEXITSTATUS(status) == 0 and not w.kill_reason):
+            self._move(ENDED, "source ended", RUNNING)
+            self.fx.note(self, logging.INFO, "ended: open returned (worker pid %d)", w.pid)
+        elif self.state in (STARTING, RUNNING):
+            self._crashed(w, how, w.kill_reason or w.fault or "exited unexpectedly")
+        else:
+            raise TransitionError(f"{self.where()}: worker exit in state {self.state}")
+
+    def _crashed(self, w: Optional[WorkerHandle], how: str, cause: str) -> None:
+        kind = ("hang" if cause.startswith("hung") else
+                "deadline" if "deadline" in cause or "start_timeout" in cause else
+                "signal" if how.startswith("signal") else "exit")
+        self.restart_causes[kind] = self.restart_causes.get(kind, 0) + 1
+        pid = w.pid if w is not None else 0
+        route = self.route
+        if isinstance(route, FunctionRoute) and route.call is not None and route.forwarded:
+            self.errors += 1
+            route.reply(wire.func_error(f"{self.where()}: worker pid {pid} died during the call "
+                                        f"({how}; {cause}); it is being restarted"))
+        now = self.fx.now()
+        delay = self.policy.next_delay(now)
+        if delay is None:
+            self.last_error = " ".join((f"failed after {self.s.flap_max_restarts} restarts within "
+                                        f"{self.s.flap_window:g}s; last worker pid {pid} {how}: "
+                                        f"{cause}").split())
+            self._fail()
+            return
+        self.restarts += 1
+        self.state = BACKOFF
+        self.restart_at = now + delay
+        self.last_error = " ".join(f"worker pid {pid} {how}: {cause}".split())
+        self.fx.note(self, logging.WARNING, "worker pid %d %s: %s; restart %d in %.3fs",
+                     pid, how, cause, self.restarts, delay)
+        if delay == 0:  # do not wait for the next tick
+            self._spawn()
+
+    def _fail(self) -> None:
+        """Give up on the instance for now: everything waiting gets an error; a retry is
+        scheduled after failed_retry_min, doubling up to failed_retry_max."""
+        self.state = FAILED
+        self.failures += 1
+        delay = min(self.s.failed_retry_max, self.s.failed_retry_min * 2 ** (self.failures - 1))
+        self.restart_at = self.fx.now() + delay
+        self.fx.note(self, logging.ERROR, "%s; next try in %gs", self.last_error, delay)
+        route = self.route
+        if isinstance(route, FunctionRoute) and route.call is not None:
+            self.errors += 1
+            route.reply(wire.func_error(self.failed_text()))
+        elif isinstance(route, SinkRoute):
+            if route.inflight:  # eKuiper waits for their acks
+                lost = route.fail_all(self.failed_text())
+                self.errors += lost
+                self.fx.note(self, logging.ERROR, "dropped %d unfinished item(s)", lost)
+            self._read(route.require_ack)  # refuse with error acks; without acks stop reading
+
+    def failed_text(self) -> str:
+        return f"{self.where()} has failed: {self.last_error}"
+
+    def retry_now(self) -> bool:
+        """An operator's restart: a failed or backing-off instance starts at once, a running
+        worker is recycled. False when there is nothing to restart."""
+        if self.state in (FAILED, BACKOFF):
+            self.policy.reset()
+            self._spawn()
+            return True
+        if self.state == RUNNING and self.worker is not None:
+            self._recycle(self.worker, "restart requested by an operator")
+            return True
+        return False
+
+    def kill(self, w: WorkerHandle, why: str) -> None:
+        """SIGTERM now, SIGKILL after stop_grace; answer a call it holds right away."""
+        if w.kill_reason:
+            return
+        w.kill_reason = why
+        w.kill_at = self.fx.now() + self.s.stop_grace
+        self.fx.note(self, logging.WARNING, "killing worker pid %d: %s", w.pid, why)
+        route = self.route
+        if isinstance(route, FunctionRoute) and route.call is not None and route.forwarded:
+            self.errors += 1
+            route.reply(wire.func_error(f"{self.where()}: {why}; the worker is being replaced"))
+        self.fx.signal(w, signal.SIGTERM)
+
+    def _recycle(self, w: WorkerHandle, why: str) -> None:
+        self._move(RECYCLING, "recycle", RUNNING)
+        w.kill_reason = why
+        self.fx.note(self, logging.INFO, "recycling worker pid %d: %s", w.pid, why)
+        self.fx.send(w, frames.encode(frames.STOP))
+        w.kill_at = self.fx.now() + self.s.stop_grace
+
+    # --- frames from the current worker ----------------------------------------------------------
+
+    def on_frame(self, w: WorkerHandle, ftype: int, payload: bytes) -> None:
+        if not self._current(w):
+            return  # a late frame of a replaced or removed worker
+        if ftype == frames.BEAT:
+            beat = frames.decode_json(payload)
+            v = w.vitals
+            v.last_beat = self.fx.now()
+            v.processed, v.busy_since = int(beat["n"]), float(beat["busy"])
+            v.emit_errors = int(beat.get("e", 0))
+            v.cpu_at_beat = beat.get("cpu")
+            v.cpu_mark = None
+        elif ftype == frames.READY:
+            self.on_ready(w, frames.decode_json(payload)["error"])
+        elif ftype == frames.FAULT:
+            self.last_error = w.fault = " ".join(str(frames.decode_json(payload)["error"]).split())
+        elif ftype in (frames.DONE, frames.ACK):
+            self._on_sink_progress(ftype, payload)
+        elif ftype == frames.REPLY:
+            self._on_reply(w, payload)
+        else:
+            raise ValueError(f"unknown frame type {ftype} from worker pid {w.pid}")
+
+    def _on_sink_progress(self, ftype: int, payload: bytes) -> None:
+        route = self.route
+        if not isinstance(route, SinkRoute):
+            return  # the route is closed (stopping, removed): nothing waits for it
+        seq, data = frames.split_seq(payload)
+        if ftype == frames.ACK:
+            route.acked(seq, data)
+            return
+        before = len(route.inflight)
+        route.done(seq)
+        self.items_out += before - len(route.inflight)
+        if self.state == RUNNING and not self.reading and not route.full():
+            self._read(True)
+
+    def _on_reply(self, w: WorkerHandle, payload: bytes) -> None:
+        route = self.route
+        if not isinstance(route, FunctionRoute):
+            return
+        call_id, data = frames.split_seq(payload)
+        if route.call is None or not route.forwarded or call_id != route.call_id:
+            return  # answered already (deadline, crash): a late reply is never the next answer
+        w.vitals.call_started = 0.0
+        self.items_out += 1
+        if data.startswith(b'{"state": false'):
+            self.errors += 1
+        route.reply(data)
+        if self.s.max_calls:  # recycle before the next call, not at the next tick
+            self._check_health(w, self.fx.now())
+
+    # --- eKuiper's channel ------------------------------------------------------------------------
+
+    def _read(self, on: bool) -> None:
+        if on != self.reading:
+            self.reading = on
+            self.fx.watch(self, on)
+
+    def on_sink_readable(self) -> None:
+        route = self.route
+        if not isinstance(route, SinkRoute) or self.state == REMOVED:
+            return
+        if self.state == FAILED:
+            self.errors += route.refuse(self.failed_text())
+            if not route.require_ack:
+                self._read(False)  # no acks to answer with: let eKuiper's sends time out
+            return
+        if self.state == STOPPING:
+            self._read(False)
+            return
+        w = self.worker
+        running = self.state == RUNNING and w is not None
+        items = route.take(running)
+        self.items_in += len(items)
+        if running:
+            self._deliver(w, items)
+        self._read(not route.full())  # back-pressure: DONE frames resume reading
+
+    def _deliver(self, w: WorkerHandle, items: List[Tuple[int, bytes]]) -> None:
+        if items:
+            self.fx.send(w, frames.encode_items(items[0][0], [data for _seq, data in items]))
+
+    def _redeliver(self, w: WorkerHandle, route: SinkRoute, first: bool) -> None:
+        if first:
+            return
+        again, poison = route.redeliver()
+        if poison:
+            self.errors += len(poison)
+            self.fx.note(self, logging.ERROR, "dropped %d item(s) that ended a worker %d times: %s",
+                         len(poison), self.s.sink_max_deliveries, poison)
+        if again:
+            self.fx.note(self, logging.INFO, "redelivering %d unfinished item(s)", len(again))
+            self._deliver(w, again)
+
+    def on_call(self) -> None:
+        route = self.route
+        if not isinstance(route, FunctionRoute) or self.state == REMOVED:
+            return
+        if route.take() is None:
+            return
+        self.items_in += 1
+        w = self.worker
+        if self.state == FAILED:
+            self.errors += 1
+            route.reply(wire.func_error(self.failed_text()))
+        elif self.state == RUNNING and w is not None and not w.kill_reason:
+            self._forward(w, route)
+        # otherwise the call waits for the (re)started worker, within call_deadline
+
+    def _forward(self, w: WorkerHandle, route: FunctionRoute) -> None:
+        route.forwarded = True
+        w.vitals.call_started = self.fx.now()
+        w.vitals.calls += 1
+        self.fx.send(w, frames.encode_seq(frames.CALL, route.call_id, route.call or b""))
+
+    # --- the clock ------------------------------------------------------------------------------------
+
+    def tick(self, now: float) -> None:
+        route, w = self.route, self.worker
+        if isinstance(route, FunctionRoute):
+            route.channel.tick(now)
+            if (route.call is not None and not route.forwarded
+                    and now - route.arrived > self.s.call_deadline):
+                self.errors += 1
+                route.reply(wire.func_error(
+                    f"{self.where()}: no worker became ready within call_deadline "
+                    f"{self.s.call_deadline:g}s ({self.state}: {self.last_error})"))
+        if self.state in (BACKOFF, FAILED) and self.restart_at and now >= self.restart_at:
+            if self.state == FAILED:
+                self.fx.note(self, logging.INFO, "trying the failed instance again")
+            self._spawn()
+            return
+        if w is None:
+            return
+        if w.kill_at and now >= w.kill_at:
+            w.kill_at = 0.0
+            w.kill_reason = w.kill_reason or f"did not exit within stop_grace {self.s.stop_grace:g}s"
+            self.fx.signal(w, signal.SIGKILL)
+            return
+        self._check_health(w, now)
+
+    def _check_health(self, w: WorkerHandle, now: float) -> None:
+        if self.state not in (STARTING, RUNNING) or w.kill_reason:
+            return
+        if self.state == STARTING and now - w.started_at > self.s.start_timeout:
+            self.kill(w, f"start exceeded start_timeout {self.s.start_timeout:g}s "
+                         f"(factory, configure or open still running)")
+            return
+        found = verdict(w.vitals, now, self.s, self.kind, lambda: self.fx.cpu_seconds(w))
+        if found is None:
+            return
+        action, why = found
+        route = self.route
+        if action == KILL:
+            self.kill(w, why)
+        elif action == RECYCLE and self.state == RUNNING and not (
+                isinstance(route, FunctionRoute) and route.call is not None):
+            self._recycle(w, why)
+
+    # --- containment --------------------------------------------------------------------------------
+
+    def contain(self, error: BaseException) -> None:
+        """Our own bug or exhaustion while handling this instance: end only this instance
+        (FAILED, retried later), answer what waits, never raise."""
+        text = f"{self.where()}: internal error: {type(error).__name__}: {error}"
+        self.last_error = " ".join(text.split())
+        try:
+            self.answer(wire.one_line(text))
+            route = self.route
+            if isinstance(route, FunctionRoute) and route.call is not None:
+                route.reply(wire.func_error(text))
+            w, self.worker = self.worker, None
+            if w is not None:
+                self.fx.signal(w, signal.SIGKILL)
+            route, self.route = self.route, None  # it may be what failed: opened anew on retry
+            self.reading = False
+            if route is not None:
+                self.fx.close_route(self, route)
+        finally:
+            if self.state in (STOPPING, REMOVED) or self.pending is not None:
+                self.remove()
+            else:
+                self.state = FAILED
+                self.failures += 1
+                self.restart_at = self.fx.now() + self.s.failed_retry_min
+

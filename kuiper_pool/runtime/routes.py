@@ -14,6 +14,7 @@ All sockets are used non-blocking from the supervisor's one selector loop.
 """
 from __future__ import annotations
 
+import os
 import select
 import time
 from collections import OrderedDict
@@ -23,6 +24,7 @@ from typing import List, Optional, Tuple
 import pynng
 
 from .. import wire
+from ..transport import TransportError
 
 KEEPALIVE = 5.0     # seconds idle before re-sending b"handshake", as eKuiper expects
 MAX_BATCH = 256     # sink items moved per wake-up
@@ -50,9 +52,9 @@ class InvertedReq:
         self.sock = pynng.Req0(resend_time=0)
         try:
             dial(self.sock, url, dial_timeout)
-        except pynng.NNGException:
+        except pynng.NNGException as e:
             self.sock.close()
-            raise
+            raise TransportError(f"cannot dial {url}: {e}") from None
         self.unsent: Optional[bytes] = None
         self.waiting = False        # a request from eKuiper is being served
         self.last_sent = 0.0
@@ -70,6 +72,8 @@ class InvertedReq:
             msg = self.sock.recv(block=False)
         except pynng.TryAgain:
             return None
+        except RuntimeError:  # pynng 0.8 cannot unpack a 0-byte message
+            msg = b""
         self.waiting = True
         return msg
 
@@ -107,7 +111,8 @@ class Item:
 class SinkRoute:
     """eKuiper's sink data and ack channels for one sink instance, plus its in-flight items."""
 
-    def __init__(self, ctrl: wire.Control, window: int, max_deliveries: int) -> None:
+    def __init__(self, ctrl: wire.Control, window: int, max_deliveries: int,
+                 dial_timeout: float) -> None:
         self.data_url = wire.data_url(ctrl.rule_id, ctrl.op_id, ctrl.instance_id)
         self.ack_url = wire.ack_url(ctrl.rule_id, ctrl.op_id, ctrl.instance_id)
         self.require_ack = wire.require_ack(ctrl.config)
@@ -119,15 +124,17 @@ class SinkRoute:
         self.ack: Optional[pynng.Push0] = None
         self.fd = -1
         self._readable = select.poll()
-
-    def open(self, dial_timeout: float) -> None:
-        """Listen for eKuiper's items and dial its ack socket (before answering ``ok``)."""
-        self.pull = pynng.Pull0()
-        self.pull.listen(self.data_url)
-        self.fd = self.pull.recv_fd
-        self._readable.register(self.fd, select.POLLIN)
-        self.ack = pynng.Push0(send_timeout=1000)
-        dial(self.ack, self.ack_url, dial_timeout)
+        try:  # listen for eKuiper's items and dial its ack socket (before answering ``ok``)
+            self.pull = pynng.Pull0()
+            self.pull.listen(self.data_url)
+            os.chmod(wire.ipc_path(self.data_url), 0o600)
+            self.fd = self.pull.recv_fd
+            self._readable.register(self.fd, select.POLLIN)
+            self.ack = pynng.Push0(send_timeout=1000)
+            dial(self.ack, self.ack_url, dial_timeout)
+        except (pynng.NNGException, OSError) as e:
+            self.close()
+            raise TransportError(f"cannot open {self.data_url}: {e}") from None
 
     def full(self) -> bool:
         return len(self.inflight) >= self.window
@@ -143,6 +150,8 @@ class SinkRoute:
                 data = self.pull.recv(block=False)
             except pynng.TryAgain:
                 break
+            except RuntimeError:  # pynng 0.8 cannot unpack a 0-byte message
+                data = b""
             seq = self.next_seq
             self.next_seq += 1
             self.inflight[seq] = Item(data, deliveries=int(delivering))

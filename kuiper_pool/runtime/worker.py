@@ -53,9 +53,10 @@ class Worker:
         while not self.stopped.wait(interval):
             if os.getppid() != parent:
                 os._exit(EXIT_ORPHAN)
+            t = os.times()  # the supervisor compares it with psutil's: busy or hung
             try:
                 self.link.send(frames.encode_json(frames.BEAT, {
-                    "n": self.processed, "busy": self.busy_since}))
+                    "n": self.processed, "busy": self.busy_since, "cpu": t.user + t.system}))
             except OSError:
                 os._exit(EXIT_ORPHAN)
 
@@ -196,11 +197,12 @@ def run_sink(worker: Worker, sink: Any) -> int:
     # without requireAck nobody reads acks: ack_ok/ack_error do nothing
     ctx = WorkerContext(ctrl.symbol, ctrl.rule_id, ctrl.op_id, ctrl.instance_id,
                         ack=ack if wire.require_ack(ctrl.config) else None)
-    worker.ready(None)
-    try:
+    try:  # READY after open: an open that fails is the start's answer, start_timeout covers it
         sink.open(ctx)
     except Exception as e:  # noqa: BLE001
-        return worker.fault("open", e)
+        worker.ready(" ".join(f"{worker.where()}: open failed: {type(e).__name__}: {e}".split()))
+        return EXIT_CONFIGURE
+    worker.ready(None)
     while True:
         frame = worker.link.recv()
         if frame is None or frame[0] == frames.STOP:
