@@ -533,6 +533,7 @@ class Instance:
         (FAILED, retried later), answer what waits, never raise."""
         text = f"{self.where()}: internal error: {type(error).__name__}: {error}"
         self.last_error = " ".join(text.split())
+        starting = self.pending is not None  # a first start or a stop: nothing to keep
         try:
             self.answer(wire.one_line(text))
             route = self.route
@@ -546,7 +547,7 @@ class Instance:
             if route is not None:
                 self.fx.close_route(self, route)
         finally:
-            if self.state in (STOPPING, REMOVED) or self.pending is not None:
+            if starting or self.state in (STOPPING, REMOVED):
                 self.remove()
             else:
                 self.state = FAILED

@@ -19,7 +19,7 @@ import select
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from typing import Any, List, Optional, Tuple
 
 import pynng
 
@@ -101,6 +101,61 @@ class InvertedReq:
         self.sock.close()
 
 
+class NngPull:
+    """Sink data over pynng: listens; ``recv_many`` returns what is there now."""
+
+    def __init__(self, url: str) -> None:
+        self.sock = pynng.Pull0()
+        try:
+            self.sock.listen(url)
+            os.chmod(wire.ipc_path(url), 0o600)
+        except (pynng.NNGException, OSError) as e:
+            self.sock.close()
+            raise TransportError(f"cannot listen on {url}: {e}") from None
+        self._readable = select.poll()
+        self._readable.register(self.sock.recv_fd, select.POLLIN)
+
+    def fileno(self) -> int:
+        return self.sock.recv_fd
+
+    def recv_many(self, n: int) -> List[bytes]:
+        out: List[bytes] = []
+        while len(out) < n:
+            if out and not self._readable.poll(0):
+                break  # drained: asking the fd is cheaper than a TryAgain from nng
+            try:
+                out.append(self.sock.recv(block=False))
+            except pynng.TryAgain:
+                break
+            except RuntimeError:  # pynng 0.8 cannot unpack a 0-byte message
+                out.append(b"")
+        return out
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class NngPush:
+    """Sink acks over pynng: dials eKuiper's ack path."""
+
+    def __init__(self, url: str, dial_timeout: float) -> None:
+        self.sock = pynng.Push0(send_timeout=1000)
+        try:
+            dial(self.sock, url, dial_timeout)
+        except pynng.NNGException as e:
+            self.sock.close()
+            raise TransportError(f"cannot dial {url}: {e}") from None
+
+    def send(self, data: bytes) -> None:
+        try:
+            self.sock.send(data)
+        except pynng.NNGException as e:
+            raise TransportError(str(e)) from None
+
+    def close(self) -> None:
+        self.sock.close()
+
+
 @dataclass
 class Item:
     data: bytes
@@ -109,32 +164,21 @@ class Item:
 
 
 class SinkRoute:
-    """eKuiper's sink data and ack channels for one sink instance, plus its in-flight items."""
+    """eKuiper's sink data and ack channels for one sink instance, plus its in-flight items.
 
-    def __init__(self, ctrl: wire.Control, window: int, max_deliveries: int,
-                 dial_timeout: float) -> None:
+    ``pull`` listens on the data path (opened before eKuiper is answered ``ok``), ``ack``
+    is dialed to eKuiper's ack path; both are transport endpoints."""
+
+    def __init__(self, ctrl: wire.Control, window: int, max_deliveries: int, pull: Any, ack: Any) -> None:
         self.data_url = wire.data_url(ctrl.rule_id, ctrl.op_id, ctrl.instance_id)
-        self.ack_url = wire.ack_url(ctrl.rule_id, ctrl.op_id, ctrl.instance_id)
         self.require_ack = wire.require_ack(ctrl.config)
         self.window = window
         self.max_deliveries = max_deliveries
         self.inflight: "OrderedDict[int, Item]" = OrderedDict()
         self.next_seq = 1
-        self.pull: Optional[pynng.Pull0] = None
-        self.ack: Optional[pynng.Push0] = None
-        self.fd = -1
-        self._readable = select.poll()
-        try:  # listen for eKuiper's items and dial its ack socket (before answering ``ok``)
-            self.pull = pynng.Pull0()
-            self.pull.listen(self.data_url)
-            os.chmod(wire.ipc_path(self.data_url), 0o600)
-            self.fd = self.pull.recv_fd
-            self._readable.register(self.fd, select.POLLIN)
-            self.ack = pynng.Push0(send_timeout=1000)
-            dial(self.ack, self.ack_url, dial_timeout)
-        except (pynng.NNGException, OSError) as e:
-            self.close()
-            raise TransportError(f"cannot open {self.data_url}: {e}") from None
+        self.pull = pull
+        self.ack = ack
+        self.fd = pull.fileno()
 
     def full(self) -> bool:
         return len(self.inflight) >= self.window
@@ -142,16 +186,9 @@ class SinkRoute:
     def take(self, delivering: bool = True) -> List[Tuple[int, bytes]]:
         """Move what eKuiper sent into ``inflight``; return the new items
         (``delivering``: they go to a worker now and count as a delivery)."""
+        room = min(MAX_BATCH, self.window - len(self.inflight))
         out = []
-        while len(out) < MAX_BATCH and not self.full():
-            if out and not self._readable.poll(0):
-                break  # drained: asking the fd is cheaper than a TryAgain from nng
-            try:
-                data = self.pull.recv(block=False)
-            except pynng.TryAgain:
-                break
-            except RuntimeError:  # pynng 0.8 cannot unpack a 0-byte message
-                data = b""
+        for data in self.pull.recv_many(room) if room > 0 else ():
             seq = self.next_seq
             self.next_seq += 1
             self.inflight[seq] = Item(data, deliveries=int(delivering))
@@ -176,7 +213,7 @@ class SinkRoute:
     def _send_ack(self, data: bytes) -> None:
         try:
             self.ack.send(data)
-        except pynng.NNGException:
+        except TransportError:
             pass  # eKuiper closed the rule: nobody waits for this ack any more
 
     def redeliver(self) -> Tuple[List[Tuple[int, bytes]], List[int]]:
@@ -219,18 +256,17 @@ class SinkRoute:
         return n
 
     def close(self) -> None:
-        for sock in (self.pull, self.ack):
-            if sock is not None:
-                sock.close()
-        self.pull = self.ack = None
+        for endpoint in (self.pull, self.ack):
+            endpoint.close()
 
 
 class FunctionRoute:
-    """eKuiper's channel of one function symbol and the call being served on it."""
+    """eKuiper's channel of one function symbol (a REQ endpoint used the inverted way) and
+    the call being served on it."""
 
-    def __init__(self, symbol: str, dial_timeout: float) -> None:
-        self.channel = InvertedReq(wire.function_url(symbol), dial_timeout)
-        self.fd = self.channel.fileno()
+    def __init__(self, channel: Any) -> None:
+        self.channel = channel
+        self.fd = channel.fileno()
         self.call: Optional[bytes] = None       # eKuiper's request being served
         self.call_id = 0
         self.arrived = 0.0

@@ -30,7 +30,7 @@ from .instances import (FAILED, ENDED, KINDS, REMOVED, STOPPING, Instance, Route
                         WorkerHandle)
 from ..logs import supervisor_logger
 from .instances import RUNNING
-from .routes import FunctionRoute, InvertedReq, SinkRoute
+from .routes import FunctionRoute, InvertedReq, NngPull, NngPush, SinkRoute
 from .status import MetricsServer, Snapshot, StatusServer, socket_path
 from .zygote import Zygote
 
@@ -292,10 +292,17 @@ class Supervisor:
         ctrl = inst.ctrl
         route: Route
         if ctrl.plugin_type == wire.TYPE_SINK:
-            route = SinkRoute(ctrl, inst.s.sink_window, inst.s.sink_max_deliveries, self.s.dial_timeout)
-            self.zygote.own_path(wire.ipc_path(route.data_url))
+            data_url = wire.data_url(ctrl.rule_id, ctrl.op_id, ctrl.instance_id)
+            pull = NngPull(data_url)
+            try:
+                ack = NngPush(wire.ack_url(ctrl.rule_id, ctrl.op_id, ctrl.instance_id), self.s.dial_timeout)
+            except OSError:
+                pull.close()
+                raise
+            route = SinkRoute(ctrl, inst.s.sink_window, inst.s.sink_max_deliveries, pull, ack)
+            self.zygote.own_path(wire.ipc_path(data_url))
         else:
-            route = FunctionRoute(ctrl.symbol, self.s.dial_timeout)
+            route = FunctionRoute(InvertedReq(wire.function_url(ctrl.symbol), self.s.dial_timeout))
             self.register(route.fd, self.route_handler(inst, route), inst)
         return route
 

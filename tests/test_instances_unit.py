@@ -1,0 +1,538 @@
+"""The instance state machine through its seam: event orderings, deterministically.
+
+``Instance`` acts only through ``Effects``; here a recorder plays the supervisor, a number
+plays the clock, and in-memory endpoints play eKuiper's sockets (the real ones are tested
+against pynng in test_transport.py). No process, no socket, no sleep: each test sets up one
+ordering of events that real timing produces only sometimes (a late frame, a stale readiness
+event, a crash during a start, a deadline and a crash in the same tick) and checks what
+eKuiper is answered and what the instance does.
+"""
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+from typing import Any, List, Optional, Tuple
+
+import pytest
+
+from kuiper_pool import wire
+from kuiper_pool.config import load_settings
+from kuiper_pool.runtime import frames
+from kuiper_pool.runtime.instances import (BACKOFF, ENDED, FAILED, RECYCLING, REMOVED, RUNNING,
+                                           STARTING, STOPPING, Instance, TransitionError,
+                                           WorkerHandle)
+from kuiper_pool.runtime.routes import FunctionRoute, SinkRoute
+from kuiper_pool.transport import TransportError
+
+EXIT_0 = 0                    # wait statuses as the zygote reports them
+EXIT_70 = 70 << 8
+KILLED = signal.SIGKILL       # WIFSIGNALED with SIGKILL
+
+
+class MemoryPull:
+    """eKuiper's sink data as a list."""
+
+    def __init__(self) -> None:
+        self.queue: List[bytes] = []
+        self.closed = False
+
+    def fileno(self) -> int:
+        return 99
+
+    def recv_many(self, n: int) -> List[bytes]:
+        out, self.queue = self.queue[:n], self.queue[n:]
+        return out
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class MemoryPush:
+    def __init__(self) -> None:
+        self.sent: List[bytes] = []
+        self.closed = False
+
+    def send(self, data: bytes) -> None:
+        if self.closed:
+            raise TransportError("closed")
+        self.sent.append(data)
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class MemoryReq:
+    """eKuiper's function channel: calls queued by the test, replies recorded."""
+
+    def __init__(self) -> None:
+        self.calls: List[bytes] = []
+        self.replies: List[bytes] = []
+        self.closed = False
+
+    def fileno(self) -> int:
+        return 98
+
+    def recv(self) -> Optional[bytes]:
+        return self.calls.pop(0) if self.calls else None
+
+    def send(self, data: bytes) -> None:
+        self.replies.append(data)
+
+    def tick(self, now: float) -> None:
+        pass
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class Recorder:
+    """Effects: what the supervisor would do, recorded; time is ``self.t``."""
+
+    def __init__(self) -> None:
+        self.t = 1000.0
+        self.next_wid = 1
+        self.workers: List[WorkerHandle] = []
+        self.sent: List[Tuple[int, int, bytes]] = []     # (wid, frame type, payload)
+        self.signals: List[Tuple[int, int]] = []
+        self.watching: List[bool] = []
+        self.closed_routes: List[Any] = []
+        self.forgotten: List[Instance] = []
+        self.notes: List[str] = []
+        self.spawn_error: Optional[OSError] = None
+        self.route_error: Optional[OSError] = None
+        self.cpu: Optional[float] = None
+        self.endpoints: Any = None
+
+    def now(self) -> float:
+        return self.t
+
+    def spawn(self, inst: Instance) -> WorkerHandle:
+        if self.spawn_error is not None:
+            raise self.spawn_error
+        w = WorkerHandle(self.next_wid, self.t)
+        w.pid = 5000 + self.next_wid
+        self.next_wid += 1
+        self.workers.append(w)
+        return w
+
+    def send(self, w: WorkerHandle, frame: bytes) -> None:
+        (ftype, n), payload = frames.HEADER.unpack_from(frame), frame[frames.HEADER.size:]
+        self.sent.append((w.wid, ftype, payload))
+
+    def signal(self, w: WorkerHandle, sig: int) -> None:
+        self.signals.append((w.wid, sig))
+
+    def open_route(self, inst: Instance):
+        if self.route_error is not None:
+            raise self.route_error
+        if inst.kind == wire.TYPE_SINK:
+            self.endpoints = (MemoryPull(), MemoryPush())
+            return SinkRoute(inst.ctrl, inst.s.sink_window, inst.s.sink_max_deliveries, *self.endpoints)
+        self.endpoints = MemoryReq()
+        return FunctionRoute(self.endpoints)
+
+    def watch(self, inst: Instance, reading: bool) -> None:
+        self.watching.append(reading)
+
+    def close_route(self, inst: Instance, route: Any) -> None:
+        self.closed_routes.append(route)
+        route.close()
+
+    def forget(self, inst: Instance) -> None:
+        self.forgotten.append(inst)
+
+    def cpu_seconds(self, w: WorkerHandle) -> Optional[float]:
+        return self.cpu
+
+    def note(self, inst: Instance, level: int, msg: str, *args: object) -> None:
+        self.notes.append(msg % args)
+
+    # helpers for the tests
+    def frames_of(self, ftype: int) -> List[bytes]:
+        return [p for _w, t, p in self.sent if t == ftype]
+
+
+SETTINGS = dict(restart_backoff_initial=0.0, restart_backoff_min=0.5, restart_backoff_max=5.0,
+                restart_jitter=0.0, flap_max_restarts=3, flap_window=60.0, stop_grace=2.0,
+                call_deadline=4.0, start_timeout=10.0, heartbeat_interval=0.5,
+                heartbeat_misses=4, failed_retry_min=60.0, failed_retry_max=600.0)
+
+
+def control(kind: str, **config: Any) -> wire.Control:
+    if kind == wire.TYPE_FUNC:
+        return wire.Control("start", "fn", kind)
+    return wire.Control("start", "sym", kind, "rule1", "op1", 0, "", dict(config))
+
+
+def make(kind: str = wire.TYPE_SINK, **overrides: Any) -> Tuple[Instance, Recorder, List[bytes]]:
+    """A started instance whose first worker has not said READY yet, and eKuiper's answers."""
+    fx = Recorder()
+    s = load_settings(overrides={**SETTINGS, **overrides}, environ={})
+    config = {"requireAck": True} if kind == wire.TYPE_SINK else {}
+    inst = Instance("plug", control(kind, **config), s, fx)
+    answers: List[bytes] = []
+    inst.begin(answers.append)
+    return inst, fx, answers
+
+
+def ready(inst: Instance, w: WorkerHandle, error: Optional[str] = None) -> None:
+    inst.on_frame(w, frames.READY, json.dumps({"error": error}).encode())
+
+
+def running(kind: str = wire.TYPE_SINK, **overrides: Any) -> Tuple[Instance, Recorder, List[bytes]]:
+    inst, fx, answers = make(kind, **overrides)
+    ready(inst, fx.workers[-1])
+    assert inst.state == RUNNING and answers == [wire.OK]
+    return inst, fx, answers
+
+
+def beat(inst: Instance, w: WorkerHandle, busy: float = 0.0) -> None:
+    inst.on_frame(w, frames.BEAT, json.dumps({"n": 0, "busy": busy, "cpu": 0.0}).encode())
+
+
+def done(inst: Instance, w: WorkerHandle, upto: int) -> None:
+    inst.on_frame(w, frames.DONE, frames.SEQ.pack(upto))
+
+
+def reply(inst: Instance, w: WorkerHandle, call_id: int, data: bytes) -> None:
+    inst.on_frame(w, frames.REPLY, frames.SEQ.pack(call_id) + data)
+
+
+# --- starts ---------------------------------------------------------------------------------------
+
+def test_the_start_is_answered_after_ready_and_the_route_opens_then():
+    inst, fx, answers = make()
+    assert answers == [] and inst.state == STARTING and inst.route is None
+    ready(inst, fx.workers[0])
+    assert answers == [wire.OK] and isinstance(inst.route, SinkRoute) and fx.watching == [True]
+
+
+def test_a_crash_report_during_the_first_start_refuses_it_with_the_cause():
+    inst, fx, answers = make()
+    w = fx.workers[0]
+    inst.on_frame(w, frames.READY, b'{"error": "plugin plug sink sym: configure failed: ValueError: bad"}')
+    inst.on_exit(w, 3 << 8)  # the exit of a refused start changes nothing more
+    assert answers == [b"plugin plug sink sym: configure failed: ValueError: bad"]
+    assert inst.state == REMOVED and fx.forgotten == [inst] and fx.workers == [w]
+
+
+def test_a_worker_dying_before_ready_on_the_first_start_is_the_start_answer():
+    inst, fx, answers = make()
+    inst.on_exit(fx.workers[0], KILLED)
+    assert len(answers) == 1 and b"exited with signal 9 (SIGKILL) before it was ready" in answers[0]
+    assert inst.state == REMOVED and len(fx.workers) == 1  # not restarted: eKuiper has the error
+
+
+def test_a_crash_during_a_restart_start_counts_as_a_crash_and_backs_off():
+    inst, fx, answers = running()
+    inst.on_exit(fx.workers[0], KILLED)          # crash: restart at once (initial backoff 0)
+    assert inst.state == STARTING and len(fx.workers) == 2
+    inst.on_exit(fx.workers[1], EXIT_70)          # the restart dies before READY
+    assert inst.state == BACKOFF and inst.restart_at == pytest.approx(fx.t + 0.5)
+    assert answers == [wire.OK]                   # eKuiper hears nothing of restarts
+
+
+def test_a_start_that_hangs_is_killed_at_start_timeout_and_the_answer_says_why():
+    inst, fx, answers = make()
+    w = fx.workers[0]
+    for _ in range(99):  # it keeps beating: slow, not hung
+        fx.t += 0.1
+        beat(inst, w)
+        inst.tick(fx.t)
+    assert fx.signals == []
+    fx.t += 0.2
+    beat(inst, w)
+    inst.tick(fx.t)
+    assert fx.signals == [(w.wid, signal.SIGTERM)]
+    inst.on_exit(w, signal.SIGTERM)
+    assert len(answers) == 1 and b"start exceeded start_timeout 10s" in answers[0]
+    assert b"signal 15" in answers[0] and inst.state == REMOVED
+
+
+def test_no_process_or_fd_to_be_had_refuses_the_one_start():
+    fx = Recorder()
+    fx.spawn_error = OSError(errno.EMFILE, os.strerror(errno.EMFILE))
+    inst = Instance("plug", control(wire.TYPE_SINK), load_settings(overrides=SETTINGS, environ={}), fx)
+    answers: List[bytes] = []
+    inst.begin(answers.append)
+    assert answers == [b"plugin plug sink sym rule rule1 op op1 instance 0: cannot start a worker: "
+                       b"Too many open files"]
+    assert inst.state == REMOVED and fx.forgotten == [inst]
+
+
+def test_no_fd_for_a_restart_backs_off_instead_of_failing_everything():
+    inst, fx, answers = running()
+    fx.spawn_error = OSError(errno.EMFILE, os.strerror(errno.EMFILE))
+    inst.on_exit(fx.workers[0], KILLED)
+    assert inst.state == BACKOFF and "Too many open files" in inst.last_error
+    fx.spawn_error = None
+    fx.t = inst.restart_at
+    inst.tick(fx.t)
+    assert inst.state == STARTING and len(fx.workers) == 2
+
+
+def test_eKuiper_channel_that_cannot_be_opened_refuses_the_start():  # noqa: N802
+    inst, fx, answers = make()
+    fx.route_error = TransportError("cannot listen on ipc:///tmp/x.ipc: Address in use")
+    ready(inst, fx.workers[0])
+    assert len(answers) == 1 and b"cannot open eKuiper's channel" in answers[0]
+    assert inst.state == REMOVED and fx.signals == [(1, signal.SIGKILL)]
+
+
+# --- stops, replays, late events ---------------------------------------------------------------------
+
+def test_a_start_replayed_while_stopping_is_refused_and_changes_nothing():
+    inst, fx, answers = running()
+    inst.stop(answers.append)
+    assert inst.state == STOPPING
+    replay: List[bytes] = []
+    inst.start_again(replay.append)
+    assert replay == [b"plugin plug sink sym rule rule1 op op1 instance 0 is still stopping"]
+    assert inst.state == STOPPING and len(fx.workers) == 1
+
+
+def test_a_start_replayed_while_running_is_ok_and_starts_nothing():
+    inst, fx, _ = running()
+    replay: List[bytes] = []
+    inst.start_again(replay.append)
+    assert replay == [wire.OK] and len(fx.workers) == 1 and inst.state == RUNNING
+
+
+def test_a_stop_during_a_restart_backoff_answers_at_once_and_nothing_restarts():
+    inst, fx, answers = running(restart_backoff_initial=3.0)
+    inst.on_exit(fx.workers[0], KILLED)
+    assert inst.state == BACKOFF
+    inst.stop(answers.append)
+    assert answers == [wire.OK, wire.OK] and inst.state == REMOVED
+    fx.t += 10
+    inst.tick(fx.t)
+    assert len(fx.workers) == 1
+
+
+def test_a_late_ready_after_a_stop_is_ignored():
+    inst, fx, answers = running()
+    inst.on_exit(fx.workers[0], KILLED)      # restart: a new worker starts
+    w2 = fx.workers[1]
+    inst.stop(answers.append)                # stop before it is ready
+    ready(inst, w2)                          # its READY arrives after the stop
+    assert inst.state == STOPPING and answers == [wire.OK]
+    inst.on_exit(w2, EXIT_0)
+    assert answers == [wire.OK, wire.OK] and inst.state == REMOVED
+
+
+def test_late_done_ack_and_frames_after_the_stop_touch_nothing():
+    inst, fx, answers = running()
+    w = fx.workers[0]
+    pull, push = fx.endpoints
+    pull.queue += [b"a", b"b"]
+    inst.on_sink_readable()
+    inst.on_frame(w, frames.ACK, frames.SEQ.pack(1) + b"{}")
+    inst.stop(answers.append)
+    assert fx.watching[-1] is False
+    done(inst, w, 1)                         # progress while stopping: no reading again
+    assert fx.watching[-1] is False
+    inst.on_exit(w, EXIT_0)
+    assert inst.state == REMOVED and pull.closed and push.closed
+    inst.on_frame(w, frames.DONE, frames.SEQ.pack(2))
+    inst.on_frame(w, frames.ACK, frames.SEQ.pack(2) + b"{}")
+    inst.on_frame(w, frames.BEAT, b"not even json")  # a removed instance reads nothing
+    inst.on_sink_readable()                   # a readiness event select returned earlier
+    assert push.sent == [b"{}"] and answers == [wire.OK, wire.OK]
+
+
+def test_a_stale_readiness_event_after_removal_does_nothing():
+    inst, fx, _ = running()
+    inst.remove()
+    sent = list(fx.sent)
+    inst.on_sink_readable()
+    inst.on_call()
+    assert fx.sent == sent
+
+
+def test_frames_of_a_replaced_worker_are_ignored():
+    inst, fx, _ = running(kind=wire.TYPE_FUNC)
+    old = fx.workers[0]
+    req = fx.endpoints
+    req.calls.append(b'{"func":"Exec","arg":[]}')
+    inst.on_call()
+    inst.on_exit(old, KILLED)                # the call is answered with the crash
+    assert len(req.replies) == 1 and b"died during the call" in req.replies[0]
+    reply(inst, old, 1, b'{"state": true, "result": 1}')   # a late reply of the dead worker
+    assert len(req.replies) == 1
+
+
+# --- function calls ------------------------------------------------------------------------------------
+
+def test_a_deadline_and_a_crash_in_the_same_tick_answer_the_call_once():
+    inst, fx, _ = running(kind=wire.TYPE_FUNC)
+    w = fx.workers[0]
+    req = fx.endpoints
+    req.calls.append(b'{"func":"Exec","arg":[]}')
+    inst.on_call()
+    fx.t += 4.5
+    beat(inst, w)
+    inst.tick(fx.t)                          # past call_deadline: SIGTERM and an error reply
+    inst.on_exit(w, KILLED)                  # ... and its death is reported in the same batch
+    reply(inst, w, 1, b'{"state": true, "result": "late"}')
+    assert len(req.replies) == 1 and b"call exceeded call_deadline 4s" in req.replies[0]
+    assert fx.signals == [(w.wid, signal.SIGTERM)]
+    assert inst.state == STARTING and inst.restart_causes == {"deadline": 1}
+
+
+def test_a_late_reply_after_the_deadline_is_never_the_next_answer():
+    inst, fx, _ = running(kind=wire.TYPE_FUNC)
+    w1 = fx.workers[0]
+    req = fx.endpoints
+    req.calls.append(b"call-1")
+    inst.on_call()
+    fx.t += 5
+    beat(inst, w1)
+    inst.tick(fx.t)
+    inst.on_exit(w1, signal.SIGTERM)
+    w2 = fx.workers[1]
+    ready(inst, w2)
+    req.calls.append(b"call-2")
+    inst.on_call()
+    reply(inst, w2, 1, b"reply-to-call-1")  # a stale call id, whoever sends it
+    assert len(req.replies) == 1
+    reply(inst, w2, 2, b"reply-to-call-2")
+    assert req.replies[1] == b"reply-to-call-2"
+
+
+def test_a_call_waiting_for_a_restart_is_forwarded_once_the_worker_is_ready():
+    inst, fx, _ = running(kind=wire.TYPE_FUNC, restart_backoff_initial=1.0)
+    req = fx.endpoints
+    inst.on_exit(fx.workers[0], KILLED)
+    req.calls.append(b"call")
+    inst.on_call()
+    assert fx.frames_of(frames.CALL) == []
+    fx.t += 1.0
+    inst.tick(fx.t)
+    ready(inst, fx.workers[1])
+    assert fx.frames_of(frames.CALL) == [frames.SEQ.pack(1) + b"call"]
+
+
+# --- sinks -----------------------------------------------------------------------------------------------
+
+def test_unfinished_items_go_to_the_replacement_in_order():
+    inst, fx, _ = running()
+    pull, _push = fx.endpoints
+    pull.queue += [b"1", b"2", b"3"]
+    inst.on_sink_readable()
+    done(inst, fx.workers[0], 1)
+    inst.on_exit(fx.workers[0], KILLED)
+    ready(inst, fx.workers[1])
+    items = [f for w, t, f in fx.sent if t == frames.ITEMS and w == fx.workers[1].wid]
+    assert list(frames.decode_items(items[0])) == [(2, b"2"), (3, b"3")]
+
+
+def test_back_pressure_stops_reading_and_progress_resumes_it():
+    inst, fx, _ = running(sink_window=2)
+    pull, _push = fx.endpoints
+    pull.queue += [b"1", b"2", b"3"]
+    inst.on_sink_readable()
+    assert fx.watching[-1] is False and pull.queue == [b"3"]
+    done(inst, fx.workers[0], 2)
+    assert fx.watching[-1] is True
+
+
+def test_a_failed_sink_error_acks_what_was_in_flight_and_what_comes():
+    inst, fx, _ = running(flap_max_restarts=1)
+    pull, push = fx.endpoints
+    pull.queue += [b"1"]
+    inst.on_sink_readable()
+    inst.on_exit(fx.workers[0], KILLED)       # restart 1 of 1
+    inst.on_exit(fx.workers[1], KILLED)       # flapping: failed
+    assert inst.state == FAILED and len(push.sent) == 1 and b"has failed" in push.sent[0]
+    pull.queue += [b"2"]
+    inst.on_sink_readable()
+    assert len(push.sent) == 2 and inst.errors == 2
+
+
+# --- failed instances, containment, ended sources -------------------------------------------------------
+
+def test_a_failed_instance_is_tried_again_after_failed_retry_min_then_doubling():
+    inst, fx, _ = running(kind=wire.TYPE_FUNC, flap_max_restarts=1)
+    inst.on_exit(fx.workers[0], KILLED)
+    inst.on_exit(fx.workers[1], KILLED)
+    assert inst.state == FAILED and inst.restart_at == pytest.approx(fx.t + 60)
+    fx.t += 60
+    inst.tick(fx.t)
+    assert inst.state == STARTING and len(fx.workers) == 3
+    fx.t += 100  # the crash of the retry is far outside flap_window of the first crashes
+    inst.policy.reset()
+    inst.on_exit(fx.workers[2], KILLED)
+    inst.on_exit(fx.workers[3], KILLED)
+    assert inst.state == FAILED and inst.restart_at == pytest.approx(fx.t + 120)
+
+
+def test_contain_ends_only_this_instance_and_answers_what_waits():
+    inst, fx, answers = make()
+    inst.contain(KeyError("boom"))
+    assert answers == [b"plugin plug sink sym rule rule1 op op1 instance 0: internal error: "
+                       b"KeyError: 'boom'"]
+    assert inst.state == REMOVED and fx.signals == [(1, signal.SIGKILL)]
+
+
+def test_contain_of_a_running_instance_fails_it_and_answers_the_call_in_flight():
+    inst, fx, _ = running(kind=wire.TYPE_FUNC)
+    req = fx.endpoints
+    req.calls.append(b"call")
+    inst.on_call()
+    inst.contain(ValueError("bad frame"))
+    assert inst.state == FAILED and req.closed
+    assert len(req.replies) == 1 and b"internal error: ValueError: bad frame" in req.replies[0]
+    fx.t += 60
+    inst.tick(fx.t)
+    assert inst.state == STARTING       # tried again later: the route opens anew on READY
+    ready(inst, fx.workers[-1])
+    assert inst.state == RUNNING and inst.route is not None and not inst.route.channel.closed
+
+
+def test_a_garbage_frame_from_a_worker_raises_for_containment():
+    inst, fx, _ = running()
+    with pytest.raises(ValueError):
+        inst.on_frame(fx.workers[0], frames.BEAT, b"\xff not json")
+    with pytest.raises(ValueError):
+        inst.on_frame(fx.workers[0], 0x7E, b"")
+
+
+def test_a_source_whose_open_returned_has_ended_and_is_not_restarted():
+    inst, fx, _ = running(kind=wire.TYPE_SOURCE)
+    inst.on_exit(fx.workers[0], EXIT_0)
+    assert inst.state == ENDED and len(fx.workers) == 1
+
+
+def test_an_exit_in_a_state_without_a_worker_is_a_transition_error():
+    inst, fx, _ = running()
+    w = fx.workers[0]
+    inst.state = BACKOFF  # a state that can never have a current worker
+    with pytest.raises(TransitionError, match="worker exit in state backoff"):
+        inst.on_exit(w, KILLED)
+
+
+def test_recycling_starts_a_fresh_worker_when_the_old_one_exits():
+    inst, fx, _ = running(kind=wire.TYPE_FUNC, max_calls=1)
+    req = fx.endpoints
+    req.calls.append(b"call")
+    inst.on_call()
+    reply(inst, fx.workers[0], 1, b'{"state": true, "result": 1}')
+    assert inst.state == RECYCLING and fx.frames_of(frames.STOP)
+    inst.on_exit(fx.workers[0], EXIT_0)
+    assert inst.state == STARTING and len(fx.workers) == 2 and inst.restarts == 0
+
+
+def test_a_silent_worker_busy_on_the_cpu_is_left_alone_and_an_idle_one_is_killed():
+    inst, fx, _ = running(kind=wire.TYPE_SOURCE)
+    w = fx.workers[0]
+    inst.on_frame(w, frames.BEAT, b'{"n": 1, "busy": 0, "cpu": 1.0}')
+    fx.t += 3
+    fx.cpu = 3.5
+    inst.tick(fx.t)
+    assert fx.signals == []
+    fx.t += 2.5  # the next window: no CPU used
+    inst.tick(fx.t)
+    assert fx.signals == [(w.wid, signal.SIGTERM)]
+    assert "hung: no heartbeat" in w.kill_reason and "of CPU in the last" in w.kill_reason
