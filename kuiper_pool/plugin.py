@@ -45,6 +45,7 @@ def _serve(plugin: PluginConfig, settings: Any, script_dir: str) -> int:
     from .runtime.supervisor import Supervisor
     from .runtime.zygote import Zygote
 
+    _raise_fd_limit()
     rundir = tempfile.mkdtemp(prefix=f"{plugin.name}-", dir=private_base(settings.runtime_dir))
     spawn_argv = None
     if settings.start_method == "spawn":
@@ -59,3 +60,17 @@ def _serve(plugin: PluginConfig, settings: Any, script_dir: str) -> int:
     # The zygote must exist before any nng socket does (nng aborts forked children).
     zygote = Zygote(lambda link: worker.run(link, plugin), rundir, spawn_argv)
     return Supervisor(plugin, settings, zygote).run()
+
+
+def _raise_fd_limit() -> None:
+    """Every sink and function holds a few fds in the supervisor: use all the hard limit
+    allows (the common soft limit of 1024 would cap a plugin near 165 sinks)."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError):
+            pass  # the kernel's nr_open is lower: keep what we have
