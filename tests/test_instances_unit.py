@@ -19,7 +19,8 @@ import pytest
 
 from kuiper_pool import wire
 from kuiper_pool.config import load_settings
-from kuiper_pool.runtime import frames
+from kuiper_pool.runtime import callpage, frames
+from kuiper_pool.runtime.callpage import CallPage
 from kuiper_pool.runtime.instances import (BACKOFF, ENDED, FAILED, RECYCLING, REMOVED, RUNNING,
                                            STARTING, STOPPING, Instance, TransitionError,
                                            WorkerHandle)
@@ -87,6 +88,18 @@ class MemoryReq:
         self.closed = True
 
 
+class LendableReq(MemoryReq):
+    """A native function channel: the connection itself can be lent to a worker."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.detached = False
+
+    def detach(self):
+        self.detached = True
+        return "conn", 0x80000007, b""
+
+
 class Recorder:
     """Effects: what the supervisor would do, recorded; time is ``self.t``."""
 
@@ -104,6 +117,9 @@ class Recorder:
         self.route_error: Optional[OSError] = None
         self.cpu: Optional[float] = None
         self.endpoints: Any = None
+        self.lendable = False
+        self.handoffs: List[Tuple[int, Any]] = []
+        self.channels: List[MemoryReq] = []
 
     def now(self) -> float:
         return self.t
@@ -113,6 +129,8 @@ class Recorder:
             raise self.spawn_error
         w = WorkerHandle(self.next_wid, self.t)
         w.pid = 5000 + self.next_wid
+        if self.lendable and inst.kind == wire.TYPE_FUNC:
+            w.page = CallPage(callpage.create())
         self.next_wid += 1
         self.workers.append(w)
         return w
@@ -130,8 +148,12 @@ class Recorder:
         if inst.kind == wire.TYPE_SINK:
             self.endpoints = (MemoryPull(), MemoryPush())
             return SinkRoute(inst.ctrl, inst.s.sink_window, inst.s.sink_max_deliveries, *self.endpoints)
-        self.endpoints = MemoryReq()
-        return FunctionRoute(self.endpoints)
+        self.endpoints = LendableReq() if self.lendable else MemoryReq()
+        self.channels.append(self.endpoints)
+        return FunctionRoute(self.endpoints, lendable=self.lendable)
+
+    def hand_over(self, w: WorkerHandle, handoff: Any) -> None:
+        self.handoffs.append((w.wid, handoff))
 
     def watch(self, inst: Instance, reading: bool) -> None:
         self.watching.append(reading)
@@ -166,9 +188,11 @@ def control(kind: str, **config: Any) -> wire.Control:
     return wire.Control("start", "sym", kind, "rule1", "op1", 0, "", dict(config))
 
 
-def make(kind: str = wire.TYPE_SINK, **overrides: Any) -> Tuple[Instance, Recorder, List[bytes]]:
+def make(kind: str = wire.TYPE_SINK, lendable: bool = False,
+         **overrides: Any) -> Tuple[Instance, Recorder, List[bytes]]:
     """A started instance whose first worker has not said READY yet, and eKuiper's answers."""
     fx = Recorder()
+    fx.lendable = lendable
     s = load_settings(overrides={**SETTINGS, **overrides}, environ={})
     config = {"requireAck": True} if kind == wire.TYPE_SINK else {}
     inst = Instance("plug", control(kind, **config), s, fx)
@@ -377,7 +401,7 @@ def test_a_deadline_and_a_crash_in_the_same_tick_answer_the_call_once():
     inst.on_exit(w, KILLED)                  # ... and its death is reported in the same batch
     reply(inst, w, 1, b'{"state": true, "result": "late"}')
     assert len(req.replies) == 1 and b"call exceeded call_deadline 4s" in req.replies[0]
-    assert fx.signals == [(w.wid, signal.SIGTERM)]
+    assert fx.signals == [(w.wid, signal.SIGKILL)]  # a function has no close() to wait for
     assert inst.state == STARTING and inst.restart_causes == {"deadline": 1}
 
 
@@ -536,3 +560,90 @@ def test_a_silent_worker_busy_on_the_cpu_is_left_alone_and_an_idle_one_is_killed
     inst.tick(fx.t)
     assert fx.signals == [(w.wid, signal.SIGTERM)]
     assert "hung: no heartbeat" in w.kill_reason and "of CPU in the last" in w.kill_reason
+
+
+# --- zero-hop functions: the worker owns eKuiper's connection -----------------------------------------
+
+def lent() -> Tuple[Instance, Recorder, WorkerHandle]:
+    inst, fx, _ = running(kind=wire.TYPE_FUNC, lendable=True)
+    w = fx.workers[0]
+    assert fx.handoffs and fx.handoffs[-1][0] == w.wid and inst.route.lent
+    return inst, fx, w
+
+
+def test_a_ready_worker_is_lent_the_connection_and_the_supervisor_stops_reading_it():
+    inst, fx, w = lent()
+    handoff = fx.handoffs[0][1]
+    assert handoff.request_id == 0x80000007 and handoff.call is None and handoff.owed is None
+    assert inst.route.fd == -1
+    inst.on_call()  # a stale readiness event of the channel before it was lent
+    assert fx.channels[0].replies == []
+
+
+def test_a_worker_dying_during_a_call_owes_eKuiper_an_error_for_its_resent_copy():  # noqa: N802
+    inst, fx, w = lent()
+    w.page.begin(b"call-A", fx.t)
+    inst.on_exit(w, KILLED)
+    assert fx.closed_routes and len(fx.channels) == 2      # dialed again, handshake sent
+    new = fx.channels[1]
+    new.calls.append(b"call-A")                            # eKuiper re-sends the pending call
+    inst.on_call()
+    assert len(new.replies) == 1 and b"died during the call (signal 9 (SIGKILL)" in new.replies[0]
+    assert inst.errors == 1
+    new.calls.append(b"call-B")                            # the next call is run by the new worker
+    inst.on_call()
+    ready(inst, fx.workers[1])
+    assert fx.handoffs[-1][1].call == b"call-B" and len(new.replies) == 1
+
+
+def test_a_worker_dying_while_idle_owes_nothing():
+    inst, fx, w = lent()
+    w.page.begin(b"call-A", fx.t)
+    w.page.finish(True)
+    inst.on_exit(w, KILLED)
+    fx.channels[1].calls.append(b"call-A")  # the same bytes as the last call: a new call now
+    inst.on_call()
+    assert fx.channels[1].replies == [] and inst.route.call == b"call-A"
+
+
+def test_a_call_overrunning_on_a_lent_connection_is_killed_after_two_ticks_and_answered():
+    inst, fx, w = lent()
+    beat(inst, w)
+    w.page.begin(b"slow", fx.t)
+    fx.t += 4.2
+    beat(inst, w)
+    inst.tick(fx.t)                         # first sight of this call past the deadline: wait
+    assert fx.signals == []
+    fx.t += 0.05
+    beat(inst, w)
+    inst.tick(fx.t)
+    assert fx.signals == [(w.wid, signal.SIGKILL)] and "call_deadline" in w.kill_reason
+    inst.on_exit(w, KILLED)
+    fx.channels[1].calls.append(b"slow")
+    inst.on_call()
+    assert b"call exceeded call_deadline 4s" in fx.channels[1].replies[0]
+
+
+def test_the_owed_check_travels_with_the_connection_when_the_worker_is_ready_first():
+    inst, fx, w = lent()
+    w.page.begin(b"call-A", fx.t)
+    inst.on_exit(w, KILLED)                 # restarted at once (initial backoff 0)
+    ready(inst, fx.workers[1])              # ready before eKuiper re-sent the call
+    handoff = fx.handoffs[-1][1]
+    assert handoff.owed is not None and handoff.owed[0] == callpage.call_crc(b"call-A")
+
+
+def test_counts_of_a_lent_worker_come_from_its_call_page():
+    inst, fx, w = lent()
+    for ok in (True, False, True):
+        w.page.begin(b"c", fx.t)
+        w.page.finish(ok)
+    assert inst.counts() == (3, 3, 1)
+    inst.on_exit(w, EXIT_0)
+    assert (inst.items_in, inst.items_out, inst.errors) == (3, 3, 1)
+
+
+def test_a_lost_connection_is_dialed_again_and_lent_again():
+    inst, fx, w = lent()
+    inst.on_frame(w, frames.LOST, b"")
+    assert len(fx.channels) == 2 and len(fx.handoffs) == 2 and fx.handoffs[1][0] == w.wid

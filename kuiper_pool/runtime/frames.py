@@ -23,6 +23,7 @@ START = ord("S")      # JSON: the instance's Control and settings
 ITEMS = ord("D")      # sink items: first seq, then length-prefixed items
 CALL = ord("C")       # function request: call id, then eKuiper's request bytes
 STOP = ord("X")       # close the instance and exit
+CONN = ord("N")       # function: eKuiper's connection lent to the worker (fd with SCM_RIGHTS)
 # worker -> supervisor
 READY = ord("R")      # JSON: {"error": null | "text"} after configure
 DONE = ord("A")       # sink: every item up to this seq is finished
@@ -30,6 +31,7 @@ ACK = ord("K")        # sink: seq, then the ack bytes from ctx.ack_ok/ack_error
 REPLY = ord("P")      # function: call id, then the reply bytes
 BEAT = ord("H")       # JSON heartbeat: counters and the running call's start
 FAULT = ord("F")      # JSON: {"error": text} the worker is about to exit because of it
+LOST = ord("L")       # function: eKuiper closed the connection the worker was lent
 
 
 def encode(ftype: int, payload: bytes = b"") -> bytes:

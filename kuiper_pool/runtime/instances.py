@@ -29,8 +29,9 @@ from typing import Callable, Dict, List, Optional, Protocol, Tuple, Union
 from .. import wire
 from ..config import Settings
 from . import frames
+from .callpage import IDLE, EXECUTING, CallPage, call_crc
 from .health import KILL, RECYCLE, RestartPolicy, Vitals, verdict
-from .routes import FunctionRoute, SinkRoute
+from .routes import FunctionRoute, Handoff, SinkRoute
 from .zygote import describe_status
 
 STARTING = "starting"
@@ -63,6 +64,8 @@ class WorkerHandle:
         self.kill_reason = ""
         self.fault = ""            # the error this worker reported (FAULT, READY) before exiting
         self.kill_at = 0.0          # when to escalate to SIGKILL
+        self.page: Optional[CallPage] = None   # a function worker's call page (lent routes)
+        self.call_seq = -1          # the page's call seen executing on the previous tick
 
 
 class Effects(Protocol):
@@ -73,6 +76,7 @@ class Effects(Protocol):
     def send(self, w: WorkerHandle, frame: bytes) -> None: ...
     def signal(self, w: WorkerHandle, sig: int) -> None: ...
     def open_route(self, inst: "Instance") -> Route: ...       # OSError when eKuiper's channel fails
+    def hand_over(self, w: WorkerHandle, handoff: Handoff) -> None: ...  # lend eKuiper's connection
     def watch(self, inst: "Instance", reading: bool) -> None: ...  # read eKuiper's channel or not
     def close_route(self, inst: "Instance", route: Route) -> None: ...
     def forget(self, inst: "Instance") -> None: ...
@@ -95,6 +99,7 @@ class Instance:
         self.route: Optional[Route] = None
         self.pending: Optional[Answer] = None       # the start/stop answer eKuiper waits for
         self.reading = False                        # eKuiper's sink channel is being read
+        self.reopen_at = 0.0                        # when to dial a lost function channel again
         self.restart_at = 0.0
         self.restarts = 0
         self.failures = 0                           # times this instance went FAILED in a row
@@ -131,6 +136,20 @@ class Instance:
         pending, self.pending = self.pending, None
         if pending is not None:
             pending(data)
+
+    def counts(self) -> Tuple[int, int, int]:
+        """Items in, items out and errors, with what the current worker reports so far."""
+        n_in, n_out, errors = self.items_in, self.items_out, self.errors
+        w = self.worker
+        if w is not None:
+            v = w.vitals
+            errors += v.emit_errors
+            if self.kind == wire.TYPE_SOURCE:
+                n_in, n_out = n_in + v.processed, n_out + v.processed
+            if w.page is not None:
+                st = w.page.read()
+                n_in, n_out, errors = n_in + st.seq, n_out + st.done, errors + st.failed
+        return n_in, n_out, errors
 
     # --- commands from eKuiper --------------------------------------------------------------
 
@@ -232,7 +251,7 @@ class Instance:
                 self.fx.note(self, logging.WARNING, "start refused: %s", self.last_error)
                 self.remove(wire.one_line(self.last_error))
             return  # on a restart the worker's exit counts as a crash
-        if self.kind != wire.TYPE_SOURCE and self.route is None:  # first start, or after contain
+        if self.kind != wire.TYPE_SOURCE and self.route is None and first:
             try:
                 self.route = self.fx.open_route(self)
             except OSError as e:
@@ -249,8 +268,10 @@ class Instance:
         if isinstance(route, SinkRoute):
             self._redeliver(w, route, first)
             self.on_sink_readable()
-        elif isinstance(route, FunctionRoute) and route.call is not None:
-            self._forward(w, route)
+        elif isinstance(route, FunctionRoute):
+            self._serve_calls(w, route)
+        elif self.kind == wire.TYPE_FUNC:  # after contain or a lost channel: dial again
+            self._reopen(None)
 
     def on_exit(self, w: WorkerHandle, status: int) -> None:
         """The zygote reaped worker ``w`` with wait status ``status``."""
@@ -258,6 +279,7 @@ class Instance:
             return
         self.worker = None
         how = describe_status(status)
+        self._take_back(w, how)
         if self.kind == wire.TYPE_SOURCE:  # keep what this worker emitted
             self.items_in += w.vitals.processed
             self.items_out += w.vitals.processed
@@ -356,7 +378,8 @@ class Instance:
         if isinstance(route, FunctionRoute) and route.call is not None and route.forwarded:
             self.errors += 1
             route.reply(wire.func_error(f"{self.where()}: {why}; the worker is being replaced"))
-        self.fx.signal(w, signal.SIGTERM)
+        # a function has no close to run, and a lent call is answered after the exit
+        self.fx.signal(w, signal.SIGKILL if self.kind == wire.TYPE_FUNC else signal.SIGTERM)
 
     def _recycle(self, w: WorkerHandle, why: str) -> None:
         self._move(RECYCLING, "recycle", RUNNING)
@@ -386,6 +409,8 @@ class Instance:
             self._on_sink_progress(ftype, payload)
         elif ftype == frames.REPLY:
             self._on_reply(w, payload)
+        elif ftype == frames.LOST:  # eKuiper closed the lent connection: dial it again
+            self._take_back(w, "")
         else:
             raise ValueError(f"unknown frame type {ftype} from worker pid {w.pid}")
 
@@ -463,18 +488,69 @@ class Instance:
 
     def on_call(self) -> None:
         route = self.route
-        if not isinstance(route, FunctionRoute) or self.state == REMOVED:
+        if not isinstance(route, FunctionRoute) or route.lent or self.state == REMOVED:
             return
-        if route.take() is None:
+        call = route.take(self.fx.now())
+        if call is None:
             return
         self.items_in += 1
+        owed, route.owed = route.owed, None  # only the first call after a reconnect can be it
         w = self.worker
-        if self.state == FAILED:
+        if owed is not None and call_crc(call) == owed[0]:
+            self.errors += 1
+            route.reply(wire.func_error(owed[1]))  # eKuiper re-sent the call a dead worker began
+        elif self.state == FAILED:
             self.errors += 1
             route.reply(wire.func_error(self.failed_text()))
         elif self.state == RUNNING and w is not None and not w.kill_reason:
-            self._forward(w, route)
+            self._serve_calls(w, route)
         # otherwise the call waits for the (re)started worker, within call_deadline
+
+    def _serve_calls(self, w: WorkerHandle, route: FunctionRoute) -> None:
+        """A ready worker takes over: the whole connection (lendable) or the waiting call."""
+        if route.lendable:
+            if route.call is not None:
+                self.items_in -= 1  # the worker counts the calls it runs (call page)
+            self.fx.hand_over(w, route.lend())
+        elif route.call is not None:
+            self._forward(w, route)
+
+    def _take_back(self, w: WorkerHandle, how: str) -> None:
+        """A function worker that held eKuiper's connection is gone (or lost it): count its
+        calls, remember a call it had begun, and dial eKuiper again."""
+        route = self.route
+        if not isinstance(route, FunctionRoute) or not route.lent:
+            return
+        owed = None
+        page = w.page
+        if page is not None:
+            st = page.read()
+            self.items_in += st.seq
+            self.items_out += st.done
+            self.errors += st.failed
+            if how and st.state != IDLE:
+                cause = w.kill_reason or w.fault or "exited unexpectedly"
+                owed = (st.crc, f"{self.where()}: worker pid {w.pid} died during the call "
+                                 f"({how}; {cause}); it is being restarted")
+            w.page, page = None, None
+        self.route = None
+        self.fx.close_route(self, route)
+        self._reopen(owed)
+
+    def _reopen(self, owed: Optional[Tuple[int, str]]) -> None:
+        try:
+            route = self.fx.open_route(self)
+        except OSError as e:
+            self.reopen_at = self.fx.now() + 1.0
+            self.last_error = " ".join(f"cannot reach eKuiper's function channel: {e}".split())
+            self.fx.note(self, logging.WARNING, "%s; trying again in 1s", self.last_error)
+            return
+        assert isinstance(route, FunctionRoute)
+        route.owed = owed
+        self.route = route
+        w = self.worker
+        if self.state == RUNNING and w is not None and not w.kill_reason and owed is None:
+            self._serve_calls(w, route)
 
     def _forward(self, w: WorkerHandle, route: FunctionRoute) -> None:
         route.forwarded = True
@@ -486,7 +562,11 @@ class Instance:
 
     def tick(self, now: float) -> None:
         route, w = self.route, self.worker
-        if isinstance(route, FunctionRoute):
+        if route is None and self.kind == wire.TYPE_FUNC and self.reopen_at and now >= self.reopen_at:
+            self.reopen_at = 0.0
+            self._reopen(None)
+            route = self.route
+        if isinstance(route, FunctionRoute) and not route.lent:
             route.channel.tick(now)
             if (route.call is not None and not route.forwarded
                     and now - route.arrived > self.s.call_deadline):
@@ -511,6 +591,8 @@ class Instance:
     def _check_health(self, w: WorkerHandle, now: float) -> None:
         if self.state not in (STARTING, RUNNING) or w.kill_reason:
             return
+        if w.page is not None:
+            self._read_page(w)
         if self.state == STARTING and now - w.started_at > self.s.start_timeout:
             self.kill(w, f"start exceeded start_timeout {self.s.start_timeout:g}s "
                          f"(factory, configure or open still running)")
@@ -525,6 +607,20 @@ class Instance:
         elif action == RECYCLE and self.state == RUNNING and not (
                 isinstance(route, FunctionRoute) and route.call is not None):
             self._recycle(w, why)
+
+    def _read_page(self, w: WorkerHandle) -> None:
+        """What a worker that owns eKuiper's connection is doing: the running call counts
+        for call_deadline once two ticks saw the same call (a torn read never kills)."""
+        st = w.page.read() if w.page is not None else None
+        if st is None:
+            return
+        v = w.vitals
+        v.calls = st.seq
+        if st.state == EXECUTING and w.call_seq == st.seq:
+            v.call_started = st.started
+        else:
+            v.call_started = 0.0
+        w.call_seq = st.seq if st.state == EXECUTING else -1
 
     # --- containment --------------------------------------------------------------------------------
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import select
+import socket
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -260,26 +261,47 @@ class SinkRoute:
             endpoint.close()
 
 
+@dataclass
+class Handoff:
+    """eKuiper's function connection as it is lent to a worker (zero-hop functions)."""
+
+    sock: socket.socket
+    request_id: int                  # our outstanding request: eKuiper's next call echoes it
+    buffered: bytes = b""            # bytes read from the socket and not yet a whole frame
+    call: Optional[bytes] = None     # a call that arrived while no worker was ready
+    owed: Optional[Tuple[int, str]] = None  # (crc, error): the first call, if it is this one
+
+
 class FunctionRoute:
     """eKuiper's channel of one function symbol (a REQ endpoint used the inverted way) and
-    the call being served on it."""
+    the call being served on it.
 
-    def __init__(self, channel: Any) -> None:
+    Relayed (``lendable`` False: the nng transport): the supervisor reads every call and
+    forwards it to the worker. Lent (native transport): while a worker is ready, the worker
+    owns the connection and answers eKuiper itself; the supervisor holds the channel only
+    between workers, and ``owed`` remembers a call a dead worker had begun, so that eKuiper's
+    re-sent copy is answered with an error instead of being run twice.
+    """
+
+    def __init__(self, channel: Any, lendable: bool = False) -> None:
         self.channel = channel
         self.fd = channel.fileno()
+        self.lendable = lendable
+        self.lent = False
+        self.owed: Optional[Tuple[int, str]] = None
         self.call: Optional[bytes] = None       # eKuiper's request being served
         self.call_id = 0
         self.arrived = 0.0
         self.forwarded = False                  # handed to the current worker
 
-    def take(self) -> Optional[bytes]:
+    def take(self, now: float) -> Optional[bytes]:
         """A new call from eKuiper; eKuiper never sends another before the reply."""
         msg = self.channel.recv()
         if msg is None:
             return None
         self.call_id += 1
         self.call = msg
-        self.arrived = time.monotonic()
+        self.arrived = now
         self.forwarded = False
         return msg
 
@@ -288,5 +310,14 @@ class FunctionRoute:
         self.forwarded = False
         self.channel.send(data)
 
+    def lend(self) -> Handoff:
+        """Give the connection, a waiting call and what is owed to a worker."""
+        sock, request_id, buffered = self.channel.detach()
+        handoff = Handoff(sock, request_id, buffered, self.call, self.owed)
+        self.call, self.forwarded, self.owed = None, False, None
+        self.lent, self.fd = True, -1
+        return handoff
+
     def close(self) -> None:
-        self.channel.close()
+        if not self.lent:
+            self.channel.close()

@@ -458,7 +458,7 @@ class Supervisor:
         for inst in self.instances.values():
             w, c = inst.worker, inst.ctrl
             v = w.vitals if w is not None else None
-            emitted = v.processed if v is not None and c.plugin_type == wire.TYPE_SOURCE else 0
+            items_in, items_out, errors = inst.counts()
             rows.append({
                 "symbol": c.symbol, "type": c.plugin_type, "rule": c.rule_id, "op": c.op_id,
                 "instance": c.instance_id, "pid": (w.pid or None) if w is not None else None,
@@ -467,8 +467,7 @@ class Supervisor:
                 "restarts": inst.restarts, "restart_causes": dict(inst.restart_causes),
                 "last_error": inst.last_error, "rss": v.rss if v else 0,
                 "cpu_percent": v.cpu_percent if v else 0.0,
-                "items_in": inst.items_in + emitted, "items_out": inst.items_out + emitted,
-                "errors": inst.errors + (v.emit_errors if v else 0)})
+                "items_in": items_in, "items_out": items_out, "errors": errors})
         return {"plugin": self.plugin.name, "pid": os.getpid(), "zygote_pid": self.zygote.pid,
                 "uptime": now - self.started_at, "time": now, "instances": rows}
 
