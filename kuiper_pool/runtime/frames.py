@@ -12,7 +12,7 @@ import socket
 import struct
 import threading
 from collections import deque
-from typing import Any, Iterator, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 HEADER = struct.Struct("!BI")
 SEQ = struct.Struct("!Q")
@@ -53,6 +53,24 @@ def split_seq(payload: bytes) -> Tuple[int, bytes]:
 def decode_json(payload: bytes) -> Any:
     """A JSON control frame from a worker (raises ValueError on garbage)."""
     return json.loads(payload)
+
+
+def encode_conn(handoff: Any) -> bytes:
+    """CONN: our outstanding request id, the owed call's crc and error, bytes already read
+    from the connection, and a call that waited (its fd travels with SCM_RIGHTS)."""
+    crc, error = handoff.owed or (0, "")
+    head = json.dumps({"request_id": handoff.request_id, "owed_crc": crc, "owed_error": error,
+                       "buffered": len(handoff.buffered), "call": handoff.call is not None}).encode()
+    return encode(CONN, ITEM_LEN.pack(len(head)) + head + handoff.buffered + (handoff.call or b""))
+
+
+def decode_conn(payload: bytes) -> Tuple[Dict[str, Any], bytes, Optional[bytes]]:
+    """The CONN header, the buffered bytes and the waiting call (None if there is none)."""
+    (n,) = ITEM_LEN.unpack_from(payload)
+    head = json.loads(payload[ITEM_LEN.size:ITEM_LEN.size + n])
+    rest = payload[ITEM_LEN.size + n:]
+    buffered, call = rest[:head["buffered"]], rest[head["buffered"]:]
+    return head, buffered, call if head["call"] else None
 
 
 def encode_items(first_seq: int, items: List[bytes]) -> bytes:
@@ -114,6 +132,14 @@ class Link:
         self.outbox += frame
         self.flush()
 
+    def send_fds(self, frame: bytes, fds: List[int]) -> None:
+        """A frame that carries fds (SCM_RIGHTS): they travel with its first byte."""
+        self.flush()
+        if self.outbox:
+            raise BlockingIOError("the worker's link is full; cannot pass a descriptor now")
+        n = socket.send_fds(self.sock, [frame], fds)
+        self.outbox += frame[n:]
+
     def flush(self) -> None:
         """Write what the socket takes now; the rest waits for EVENT_WRITE."""
         while self.outbox:
@@ -154,6 +180,7 @@ class BlockingLink:
         self.sock = sock
         self._frames = FrameBuffer()
         self._pending: deque = deque()
+        self.fds: deque = deque()  # descriptors passed with START (call page) and CONN frames
         self._wlock = threading.Lock()
 
     def send(self, frame: bytes) -> None:
@@ -163,8 +190,12 @@ class BlockingLink:
     def recv(self) -> Optional[Tuple[int, bytes]]:
         """Next frame, or None when the supervisor is gone."""
         while not self._pending:
-            data = self.sock.recv(1 << 16)
+            data, fds, _flags, _addr = socket.recv_fds(self.sock, 1 << 16, 4)
+            self.fds.extend(fds)
             if not data:
                 return None
             self._pending.extend(self._frames.feed(data))
         return self._pending.popleft()
+
+    def has_frame(self) -> bool:
+        return bool(self._pending)

@@ -25,12 +25,12 @@ from typing import Any, Callable, Dict, Optional, Tuple
 from .. import wire
 from ..api import PluginConfig
 from ..config import Settings
-from . import frames
+from . import callpage, frames
 from .instances import (FAILED, ENDED, KINDS, REMOVED, STOPPING, Instance, Route,
                         WorkerHandle)
 from ..logs import supervisor_logger
 from .instances import RUNNING
-from .routes import FunctionRoute, InvertedReq, NngPull, NngPush, SinkRoute
+from .routes import FunctionRoute, Handoff, InvertedReq, NngPull, NngPush, SinkRoute
 from .status import MetricsServer, Snapshot, StatusServer, socket_path
 from .zygote import Zygote
 
@@ -64,6 +64,7 @@ class Supervisor:
         self.metrics: Optional[MetricsServer] = None
         self.cached: Optional[Snapshot] = None
         self.logged_errors: Dict[str, float] = {}
+        self.lends_functions = False  # the transport can hand eKuiper's connection to a worker
 
     # --- the loop ----------------------------------------------------------------------------
 
@@ -269,9 +270,19 @@ class Supervisor:
         entry = (w, inst, link)
         self.workers[wid] = entry
         self.register(link.fileno(), lambda mask: self.on_link(entry, mask), inst)
-        self.send(w, frames.encode_json(frames.START, {
+        start = frames.encode_json(frames.START, {
             "control": inst.ctrl.to_dict(), "heartbeat_interval": inst.s.heartbeat_interval,
-            "stop_grace": inst.s.stop_grace, "dial_timeout": self.s.dial_timeout}))
+            "stop_grace": inst.s.stop_grace, "dial_timeout": self.s.dial_timeout,
+            "call_page": self.lends_functions and inst.kind == wire.TYPE_FUNC})
+        if self.lends_functions and inst.kind == wire.TYPE_FUNC:
+            fd = callpage.create()
+            try:
+                w.page = callpage.CallPage(fd)
+                link.send_fds(start, [fd])
+            finally:
+                os.close(fd)
+        else:
+            link.send(start)
         return w
 
     def send(self, w: WorkerHandle, frame: bytes) -> None:
@@ -284,6 +295,14 @@ class Supervisor:
         if link.outbox and not had_backlog:
             self.sel.modify(link.fileno(), selectors.EVENT_READ | selectors.EVENT_WRITE,
                             self.sel.get_key(link.fileno()).data)
+
+    def hand_over(self, w: WorkerHandle, handoff: Handoff) -> None:
+        entry = self.workers.get(w.wid)
+        try:
+            if entry is not None:
+                entry[2].send_fds(frames.encode_conn(handoff), [handoff.sock.fileno()])
+        finally:
+            handoff.sock.close()  # the worker holds it now; its death closes the connection
 
     def signal(self, w: WorkerHandle, sig: int) -> None:
         self.zygote.kill(w.wid, sig)
