@@ -158,6 +158,10 @@ SETTINGS: Tuple[Setting, ...] = (
     _num("limits", "sink_max_deliveries", int, 3,
          "How often one sink item is handed to a worker before it is dropped as poison "
          "(logged; error ack when the rule requires acks).", ge=1),
+    _choice("host", "transport", "sp", ("sp", "nng"),
+            'How eKuiper\'s sockets are spoken: "sp" natively (SP over ipc framing, no nng thread '
+            'hand-offs; function workers answer eKuiper on its connection directly) or "nng" '
+            "through pynng (the fallback: function calls are relayed by the supervisor)."),
     _num("host", "control_lost_timeout", float, 10.0,
          "Seconds the control channel to eKuiper may stay disconnected before the supervisor stops "
          "everything and exits.", gt=0),
@@ -196,6 +200,7 @@ class Settings:
     max_calls: int
     sink_window: int
     sink_max_deliveries: int
+    transport: str
     control_lost_timeout: float
     dial_timeout: float
     log_level: str

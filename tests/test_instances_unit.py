@@ -99,6 +99,9 @@ class LendableReq(MemoryReq):
         self.detached = True
         return "conn", 0x80000007, b""
 
+    def connected(self) -> bool:
+        return True
+
 
 class Recorder:
     """Effects: what the supervisor would do, recorded; time is ``self.t``."""
@@ -142,7 +145,7 @@ class Recorder:
     def signal(self, w: WorkerHandle, sig: int) -> None:
         self.signals.append((w.wid, sig))
 
-    def open_route(self, inst: Instance):
+    def open_route(self, inst: Instance, wait: bool = True):
         if self.route_error is not None:
             raise self.route_error
         if inst.kind == wire.TYPE_SINK:
@@ -152,8 +155,8 @@ class Recorder:
         self.channels.append(self.endpoints)
         return FunctionRoute(self.endpoints, lendable=self.lendable)
 
-    def hand_over(self, w: WorkerHandle, handoff: Any) -> None:
-        self.handoffs.append((w.wid, handoff))
+    def hand_over(self, w: WorkerHandle, route: Any) -> None:
+        self.handoffs.append((w.wid, route.lend()))
 
     def watch(self, inst: Instance, reading: bool) -> None:
         self.watching.append(reading)

@@ -34,6 +34,11 @@ FAULT = ord("F")      # JSON: {"error": text} the worker is about to exit becaus
 LOST = ord("L")       # function: eKuiper closed the connection the worker was lent
 
 
+# A function worker that owns eKuiper's connection counts its own calls: after max_calls it
+# exits with this code and the supervisor starts a fresh one (a recycle, not a crash).
+EXIT_RECYCLED = 5
+
+
 def encode(ftype: int, payload: bytes = b"") -> bytes:
     return HEADER.pack(ftype, len(payload)) + payload
 

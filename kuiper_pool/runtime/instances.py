@@ -31,7 +31,7 @@ from ..config import Settings
 from . import frames
 from .callpage import IDLE, EXECUTING, CallPage, call_crc
 from .health import KILL, RECYCLE, RestartPolicy, Vitals, verdict
-from .routes import FunctionRoute, Handoff, SinkRoute
+from .routes import FunctionRoute, SinkRoute
 from .zygote import describe_status
 
 STARTING = "starting"
@@ -75,8 +75,8 @@ class Effects(Protocol):
     def spawn(self, inst: "Instance") -> WorkerHandle: ...   # OSError when no process/fd can be had
     def send(self, w: WorkerHandle, frame: bytes) -> None: ...
     def signal(self, w: WorkerHandle, sig: int) -> None: ...
-    def open_route(self, inst: "Instance") -> Route: ...       # OSError when eKuiper's channel fails
-    def hand_over(self, w: WorkerHandle, handoff: Handoff) -> None: ...  # lend eKuiper's connection
+    def open_route(self, inst: "Instance", wait: bool = True) -> Route: ...  # OSError: channel fails
+    def hand_over(self, w: WorkerHandle, route: FunctionRoute) -> None: ...  # lend the connection
     def watch(self, inst: "Instance", reading: bool) -> None: ...  # read eKuiper's channel or not
     def close_route(self, inst: "Instance", route: Route) -> None: ...
     def forget(self, inst: "Instance") -> None: ...
@@ -287,6 +287,11 @@ class Instance:
         if self.state == STOPPING:
             self.fx.note(self, logging.INFO, "stopped (worker pid %d %s)", w.pid, how)
             self.remove(wire.OK)
+        elif (self.state == RUNNING and os.WIFEXITED(status)
+              and os.WEXITSTATUS(status) == frames.EXIT_RECYCLED):
+            self.fx.note(self, logging.INFO, "recycling worker pid %d: served max_calls %d",
+                         w.pid, self.s.max_calls)
+            self._spawn()
         elif self.state == RECYCLING:
             self.fx.note(self, logging.INFO, "worker pid %d recycled (%s): %s", w.pid, how, w.kill_reason)
             self._spawn()
@@ -509,9 +514,11 @@ class Instance:
     def _serve_calls(self, w: WorkerHandle, route: FunctionRoute) -> None:
         """A ready worker takes over: the whole connection (lendable) or the waiting call."""
         if route.lendable:
+            if not route.channel.connected():
+                return  # redialing: the first call that arrives brings the worker in
             if route.call is not None:
                 self.items_in -= 1  # the worker counts the calls it runs (call page)
-            self.fx.hand_over(w, route.lend())
+            self.fx.hand_over(w, route)
         elif route.call is not None:
             self._forward(w, route)
 
@@ -539,7 +546,7 @@ class Instance:
 
     def _reopen(self, owed: Optional[Tuple[int, str]]) -> None:
         try:
-            route = self.fx.open_route(self)
+            route = self.fx.open_route(self, wait=False)  # never block the loop: redial in ticks
         except OSError as e:
             self.reopen_at = self.fx.now() + 1.0
             self.last_error = " ".join(f"cannot reach eKuiper's function channel: {e}".split())

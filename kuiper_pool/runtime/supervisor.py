@@ -29,8 +29,9 @@ from . import callpage, frames
 from .instances import (FAILED, ENDED, KINDS, REMOVED, STOPPING, Instance, Route,
                         WorkerHandle)
 from ..logs import supervisor_logger
+from ..transport import sp
 from .instances import RUNNING
-from .routes import FunctionRoute, Handoff, InvertedReq, NngPull, NngPush, SinkRoute
+from .routes import FunctionRoute, InvertedReq, NngPull, NngPush, SinkRoute
 from .status import MetricsServer, Snapshot, StatusServer, socket_path
 from .zygote import Zygote
 
@@ -64,7 +65,8 @@ class Supervisor:
         self.metrics: Optional[MetricsServer] = None
         self.cached: Optional[Snapshot] = None
         self.logged_errors: Dict[str, float] = {}
-        self.lends_functions = False  # the transport can hand eKuiper's connection to a worker
+        self.native = settings.transport == "sp"
+        self.lends_functions = self.native  # a native connection can be handed to a worker
 
     # --- the loop ----------------------------------------------------------------------------
 
@@ -163,7 +165,7 @@ class Supervisor:
     def open_control(self) -> None:
         url = wire.control_url(self.plugin.name)
         try:
-            self.control = InvertedReq(url, self.s.dial_timeout)
+            self.control = self.req_endpoint(url, self.s.dial_timeout)
         except OSError as e:
             self.log.error("plugin %s: cannot reach eKuiper's control channel %s within %gs: %s",
                            self.plugin.name, url, self.s.dial_timeout, e)
@@ -273,6 +275,7 @@ class Supervisor:
         start = frames.encode_json(frames.START, {
             "control": inst.ctrl.to_dict(), "heartbeat_interval": inst.s.heartbeat_interval,
             "stop_grace": inst.s.stop_grace, "dial_timeout": self.s.dial_timeout,
+            "max_calls": inst.s.max_calls,
             "call_page": self.lends_functions and inst.kind == wire.TYPE_FUNC})
         if self.lends_functions and inst.kind == wire.TYPE_FUNC:
             fd = callpage.create()
@@ -296,8 +299,10 @@ class Supervisor:
             self.sel.modify(link.fileno(), selectors.EVENT_READ | selectors.EVENT_WRITE,
                             self.sel.get_key(link.fileno()).data)
 
-    def hand_over(self, w: WorkerHandle, handoff: Handoff) -> None:
+    def hand_over(self, w: WorkerHandle, route: FunctionRoute) -> None:
         entry = self.workers.get(w.wid)
+        self.unregister(route.fd)
+        handoff = route.lend()
         try:
             if entry is not None:
                 entry[2].send_fds(frames.encode_conn(handoff), [handoff.sock.fileno()])
@@ -307,7 +312,7 @@ class Supervisor:
     def signal(self, w: WorkerHandle, sig: int) -> None:
         self.zygote.kill(w.wid, sig)
 
-    def open_route(self, inst: Instance) -> Route:
+    def open_route(self, inst: Instance, wait: bool = True) -> Route:
         ctrl = inst.ctrl
         route: Route
         if ctrl.plugin_type == wire.TYPE_SINK:
@@ -321,9 +326,16 @@ class Supervisor:
             route = SinkRoute(ctrl, inst.s.sink_window, inst.s.sink_max_deliveries, pull, ack)
             self.zygote.own_path(wire.ipc_path(data_url))
         else:
-            route = FunctionRoute(InvertedReq(wire.function_url(ctrl.symbol), self.s.dial_timeout))
+            url = wire.function_url(ctrl.symbol)
+            route = FunctionRoute(self.req_endpoint(url, self.s.dial_timeout if wait else 0.0),
+                                  self.lends_functions)
             self.register(route.fd, self.route_handler(inst, route), inst)
         return route
+
+    def req_endpoint(self, url: str, dial_timeout: float) -> Any:
+        if self.native:
+            return sp.ReqEndpoint(url, dial_timeout)
+        return InvertedReq(url, max(dial_timeout, 0.05))
 
     def route_handler(self, inst: Instance, route: Route) -> Handler:
         """The readiness callback of ``route``; a stale event (the route was closed or

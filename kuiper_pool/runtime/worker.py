@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import socket
 import sys
 import threading
@@ -22,12 +23,15 @@ import pynng
 from .. import logs, wire
 from . import frames
 from ..api import PluginConfig
+from ..transport.sp import ReqConnection
+from .callpage import CallPage, call_crc
 from .context import WorkerContext
 
 EXIT_OK = 0
 EXIT_CONFIGURE = 3    # configure or the factory failed; READY carried the error
 EXIT_ORPHAN = 4       # the supervisor went away
 EXIT_CRASH = 70       # plugin code raised; FAULT carried the error
+EXIT_RECYCLED = frames.EXIT_RECYCLED  # served max_calls on a lent connection
 SEND_POLL = 0.1       # how often a blocked emit re-checks for stop
 DONE_EVERY = 32       # sink progress is reported at least this often
 
@@ -235,20 +239,70 @@ def run_sink(worker: Worker, sink: Any) -> int:
 # --- functions ---------------------------------------------------------------------
 
 def run_function(worker: Worker, function: Any) -> int:
+    """Serve calls: on eKuiper's connection itself when the supervisor lends it (CONN),
+    else relayed over the link (CALL/REPLY)."""
+    page = CallPage(worker.link.fds.popleft()) if worker.spec.get("call_page") else None
     worker.ready(None)
     contexts: Dict[Tuple[Any, ...], WorkerContext] = {}
+    conn: Any = None
+    owed: Optional[Tuple[int, str]] = None
+    max_calls = worker.spec.get("max_calls", 0)
     while True:
+        if conn is not None and not worker.link.has_frame():
+            ready_fds, _, _ = select.select([worker.link.sock, conn], [], [])
+            if conn in ready_fds:
+                try:
+                    calls = conn.recv_ready()
+                except OSError:  # eKuiper closed it: the supervisor dials again and lends anew
+                    conn.close()
+                    conn = None
+                    worker.link.send(frames.encode(frames.LOST))
+                    continue
+                for call in calls:
+                    _serve_lent(worker, function, contexts, page, conn, call, owed)
+                    owed = None  # only the first call after a reconnect can be the owed one
+                if max_calls and worker.processed >= max_calls:
+                    return EXIT_RECYCLED  # eKuiper re-sends its next call to the fresh worker
+            if worker.link.sock not in ready_fds:
+                continue
         frame = worker.link.recv()
         if frame is None or frame[0] == frames.STOP:
             return EXIT_OK
-        if frame[0] != frames.CALL:
-            continue
-        call_id, request = frames.split_seq(frame[1])
-        worker.busy_since = time.monotonic()
-        reply = call_function(worker, function, contexts, request)
-        worker.busy_since = 0.0
-        worker.processed += 1
-        worker.link.send(frames.encode_seq(frames.REPLY, call_id, reply))
+        if frame[0] == frames.CONN:
+            head, buffered, call = frames.decode_conn(frame[1])
+            conn = ReqConnection(socket.socket(fileno=worker.link.fds.popleft()),
+                                 head["request_id"], buffered)
+            owed = (head["owed_crc"], head["owed_error"]) if head["owed_error"] else None
+            if call is not None:
+                _serve_lent(worker, function, contexts, page, conn, call, owed)
+                owed = None
+        elif frame[0] == frames.CALL:
+            call_id, request = frames.split_seq(frame[1])
+            worker.busy_since = time.monotonic()
+            reply = call_function(worker, function, contexts, request)
+            worker.busy_since = 0.0
+            worker.processed += 1
+            worker.link.send(frames.encode_seq(frames.REPLY, call_id, reply))
+
+
+def _serve_lent(worker: Worker, function: Any, contexts: Dict[Tuple[Any, ...], WorkerContext],
+                page: Optional[CallPage], conn: Any, call: bytes,
+                owed: Optional[Tuple[int, str]]) -> None:
+    """Run one call that arrived on a lent connection and answer eKuiper directly. The first
+    call after a reconnect may be eKuiper's copy of one a dead worker began: it is answered
+    with ``owed``'s error, never run twice."""
+    if page is not None:
+        page.begin(call, time.monotonic())
+    if owed is not None and call_crc(call) == owed[0]:
+        reply = wire.func_error(owed[1])
+    else:
+        reply = call_function(worker, function, contexts, call)
+    if page is not None:
+        page.replying()
+    conn.send(reply)
+    if page is not None:
+        page.finish(not reply.startswith(b'{"state": false'))
+    worker.processed += 1
 
 
 def call_function(worker: Worker, function: Any, contexts: Dict[Tuple[Any, ...], WorkerContext],

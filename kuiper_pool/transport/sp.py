@@ -1,0 +1,290 @@
+"""SP over ipc spoken natively: nng's and mangos's ipc framing on a Unix stream socket,
+with no nng in the process (TRANSPORT-FACTS: ~1.5 µs per message instead of ~30 µs).
+
+On connect each side sends ``00 'S' 'P' 00 <protocol id, 16-bit BE> 00 00`` once and checks
+the peer's; then every message is ``01`` + 8-byte BE length + payload. REQ puts a 4-byte BE
+request id with the high bit set before the body; REP echoes it.
+"""
+from __future__ import annotations
+
+import os
+import select
+import socket
+import struct
+import time
+from typing import List, Optional, Tuple
+
+from . import TransportError
+
+PUSH, PULL, REQ, REP = 0x50, 0x51, 0x30, 0x31
+_HEADER = struct.Struct(">4sH2s")
+_FRAME = struct.Struct(">BQ")
+_ID = struct.Struct(">I")
+READ_SIZE = 1 << 18
+
+
+def header(proto: int) -> bytes:
+    return _HEADER.pack(b"\x00SP\x00", proto, b"\x00\x00")
+
+
+def check_header(data: bytes, peer: int, where: str) -> None:
+    magic, proto, rest = _HEADER.unpack(data)
+    if magic != b"\x00SP\x00" or rest != b"\x00\x00":
+        raise TransportError(f"{where}: not an SP peer (header {data.hex()})")
+    if proto != peer:
+        raise TransportError(f"{where}: peer speaks protocol 0x{proto:x}, expected 0x{peer:x}")
+
+
+def frame(payload: bytes) -> bytes:
+    return _FRAME.pack(1, len(payload)) + payload
+
+
+def path_of(url: str) -> str:
+    return url[len("ipc://"):] if url.startswith("ipc://") else url
+
+
+class FrameReader:
+    """Whole messages out of a byte stream (the 8-byte header already consumed)."""
+
+    def __init__(self, max_size: int = 0) -> None:
+        self.buf = bytearray()
+        self.max_size = max_size
+
+    def feed(self, data: bytes) -> List[bytes]:
+        self.buf += data
+        out: List[bytes] = []
+        pos, buf = 0, self.buf
+        while len(buf) - pos >= _FRAME.size:
+            kind, n = _FRAME.unpack_from(buf, pos)
+            if kind != 1:
+                raise TransportError(f"bad SP message type {kind}")
+            if self.max_size and n > self.max_size:
+                raise TransportError(f"SP message of {n} bytes over the limit {self.max_size}")
+            end = pos + _FRAME.size + n
+            if len(buf) < end:
+                break
+            out.append(bytes(buf[pos + _FRAME.size:end]))
+            pos = end
+        if pos:
+            del buf[:pos]
+        return out
+
+
+def next_id(request_id: int) -> int:
+    """The request id after ``request_id``: 31 bits, high bit set."""
+    return 0x80000000 | ((request_id + 1) & 0x7FFFFFFF)
+
+
+class ReqConnection:
+    """The REQ side of one connected, handshaken ipc connection, used the eKuiper way
+    (its requests are our answers, its replies are eKuiper's calls), blocking: a function
+    worker owns one after the supervisor lends it.
+
+    ``request_id`` is our outstanding request: a reply with another id is dropped, as REQ
+    does. ``buffered`` are bytes already read off the socket by the previous owner."""
+
+    def __init__(self, sock: socket.socket, request_id: int, buffered: bytes = b"") -> None:
+        sock.setblocking(True)
+        self.sock = sock
+        self.request_id = request_id
+        self.reader = FrameReader()
+        self.pending = self.reader.feed(buffered) if buffered else []
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def recv_ready(self) -> List[bytes]:
+        """eKuiper's calls that arrived (reads once; call when readable). TransportError at EOF."""
+        msgs, self.pending = self.pending, []
+        if not msgs:
+            data = self.sock.recv(READ_SIZE)
+            if not data:
+                raise TransportError("eKuiper closed the connection")
+            msgs = self.reader.feed(data)
+        return [m[4:] for m in msgs if len(m) >= 4 and _ID.unpack_from(m)[0] == self.request_id]
+
+    def send(self, data: bytes) -> None:
+        self.request_id = next_id(self.request_id)
+        self.sock.sendall(frame(_ID.pack(self.request_id) + data))
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def connect(path: str, proto: int, peer: int, timeout: float) -> socket.socket:
+    """Connect to a listener at ``path`` and exchange SP headers; a blocking socket.
+    OSError (ENOENT, ECONNREFUSED, ...) when nobody listens; TransportError for a bad peer."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.settimeout(timeout)
+        sock.connect(path)
+        sock.sendall(header(proto))
+        got = b""
+        while len(got) < _HEADER.size:
+            chunk = sock.recv(_HEADER.size - len(got))
+            if not chunk:
+                raise TransportError(f"{path}: closed during the SP handshake")
+            got += chunk
+        check_header(got, peer, path)
+        sock.settimeout(None)
+        return sock
+    except BaseException:
+        sock.close()
+        raise
+
+
+def dial(url: str, proto: int, peer: int, timeout: float) -> socket.socket:
+    """``connect``, retrying until ``timeout`` (eKuiper may listen a moment later)."""
+    path = path_of(url)
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return connect(path, proto, peer, max(0.1, min(1.0, deadline - time.monotonic())))
+        except (OSError, TransportError) as e:
+            if time.monotonic() >= deadline:
+                raise TransportError(f"cannot dial {url}: {e}") from None
+            time.sleep(0.02)
+
+
+REDIAL_MIN, REDIAL_MAX = 0.1, 5.0   # as mangos dialers with eKuiper's options
+
+
+class ReqEndpoint:
+    """A REQ dialer used the eKuiper way, non-blocking, for the supervisor's selector: the
+    control channel and the function channels between workers.
+
+    ``fileno`` is an epoll fd holding the current connection, so it stays the same across
+    redials. No keepalive handshakes: unlike nng's REQ, nothing here times out while idle."""
+
+    def __init__(self, url: str, dial_timeout: float) -> None:
+        """Dial within ``dial_timeout`` (TransportError after); with 0, start unconnected
+        and let ``tick`` redial in the background."""
+        self.url = url
+        self.path = path_of(url)
+        self.poll = select.epoll()
+        self.request_id = 0x80000000 | (int.from_bytes(os.urandom(4), "big") & 0x7FFFFFFF)
+        self.reader = FrameReader()
+        self.inbox: List[bytes] = []
+        self.outbox = bytearray()
+        self.unsent: Optional[bytes] = b"handshake"   # an answer waiting for a connection
+        self.redial_at = 0.0
+        self.backoff = REDIAL_MIN
+        self.sock: Optional[socket.socket] = None
+        if dial_timeout > 0:
+            try:
+                self._attach(dial(url, REQ, REP, dial_timeout))
+            except TransportError:
+                self.poll.close()
+                raise
+        else:
+            self.tick(time.monotonic())
+
+    def _attach(self, sock: socket.socket) -> None:
+        sock.setblocking(False)
+        self.sock, self.backoff = sock, REDIAL_MIN
+        self.poll.register(sock.fileno(), select.EPOLLIN)
+        self.send(self.unsent if self.unsent is not None else b"handshake")
+
+    def fileno(self) -> int:
+        return self.poll.fileno()
+
+    def connected(self) -> bool:
+        return self.sock is not None
+
+    def recv(self) -> Optional[bytes]:
+        """eKuiper's next message (a reply to our outstanding request), or None."""
+        if self.sock is not None and not self.inbox:
+            self._read()
+        while self.inbox:
+            msg = self.inbox.pop(0)
+            if len(msg) >= 4 and _ID.unpack_from(msg)[0] == self.request_id:
+                return msg[4:]
+        return None
+
+    def _read(self) -> None:
+        assert self.sock is not None
+        while True:
+            try:
+                data = self.sock.recv(READ_SIZE)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                data = b""
+            if not data:
+                self._lost()
+                return
+            try:
+                self.inbox += self.reader.feed(data)
+            except TransportError:
+                self._lost()
+                return
+            if len(data) < READ_SIZE:
+                return
+
+    def send(self, data: bytes) -> None:
+        """Our answer (or a handshake) as the next request; kept until a connection takes it."""
+        self.request_id = next_id(self.request_id)
+        self.unsent = data
+        if self.sock is not None:
+            self._write(frame(_ID.pack(self.request_id) + data))
+
+    def _write(self, data: bytes) -> None:
+        self.outbox += data
+        self._flush()
+
+    def _flush(self) -> None:
+        while self.outbox and self.sock is not None:
+            try:
+                n = self.sock.send(self.outbox)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                self._lost()
+                return
+            del self.outbox[:n]
+        if not self.outbox:
+            self.unsent = None
+
+    def _lost(self) -> None:
+        if self.sock is not None:
+            self.poll.unregister(self.sock.fileno())
+            self.sock.close()
+            self.sock = None
+        self.outbox.clear()
+        self.reader = FrameReader()
+        self.inbox.clear()
+        self.redial_at = time.monotonic() + self.backoff
+        self.backoff = min(REDIAL_MAX, self.backoff * 2)
+
+    def tick(self, now: float) -> None:
+        """Flush what waits; redial a lost connection and send the kept answer or a
+        handshake on it (eKuiper re-sends the command or call it waits on)."""
+        if self.sock is not None:
+            self._flush()
+            return
+        if now < self.redial_at:
+            return
+        try:
+            sock = connect(self.path, REQ, REP, 0.5)
+        except (OSError, TransportError):
+            self.redial_at = now + self.backoff
+            self.backoff = min(REDIAL_MAX, self.backoff * 2)
+            return
+        self._attach(sock)
+
+    def detach(self) -> Tuple[socket.socket, int, bytes]:
+        """Hand the connection over (zero-hop functions): the socket, our outstanding request
+        id and bytes read but not yet a whole message. The endpoint is closed after."""
+        if self.sock is None or self.outbox:
+            raise TransportError(f"{self.url}: no idle connection to hand over")
+        sock, self.sock = self.sock, None
+        self.poll.unregister(sock.fileno())
+        self.poll.close()
+        sock.setblocking(True)
+        return sock, self.request_id, bytes(self.reader.buf)
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+        self.poll.close()
