@@ -29,13 +29,14 @@ from . import callpage, frames
 from .instances import (FAILED, ENDED, KINDS, REMOVED, STOPPING, Instance, Route,
                         WorkerHandle)
 from ..logs import supervisor_logger
-from ..transport import sp
+from ..transport import load as load_transport
 from .instances import RUNNING
-from .routes import FunctionRoute, InvertedReq, NngPull, NngPush, SinkRoute
+from .routes import FunctionRoute, SinkRoute
 from .status import MetricsServer, Snapshot, StatusServer, socket_path
 from .zygote import Zygote
 
 TICK = 0.05          # seconds between housekeeping passes (crash reports wake the loop at once)
+ACK_SEND_TIMEOUT = 1.0  # as eKuiper's own sends: an ack nobody reads is dropped after it
 ERROR_LOG_EVERY = 10.0  # the same loop error is logged with its traceback at most this often
 
 Handler = Callable[[int], None]
@@ -65,8 +66,8 @@ class Supervisor:
         self.metrics: Optional[MetricsServer] = None
         self.cached: Optional[Snapshot] = None
         self.logged_errors: Dict[str, float] = {}
-        self.native = settings.transport == "sp"
-        self.lends_functions = self.native  # a native connection can be handed to a worker
+        self.transport = load_transport(settings.transport)
+        self.lends_functions = settings.transport == "sp"  # a native connection can be lent
 
     # --- the loop ----------------------------------------------------------------------------
 
@@ -275,7 +276,7 @@ class Supervisor:
         start = frames.encode_json(frames.START, {
             "control": inst.ctrl.to_dict(), "heartbeat_interval": inst.s.heartbeat_interval,
             "stop_grace": inst.s.stop_grace, "dial_timeout": self.s.dial_timeout,
-            "max_calls": inst.s.max_calls,
+            "max_calls": inst.s.max_calls, "transport": self.s.transport,
             "call_page": self.lends_functions and inst.kind == wire.TYPE_FUNC})
         if self.lends_functions and inst.kind == wire.TYPE_FUNC:
             fd = callpage.create()
@@ -317,9 +318,10 @@ class Supervisor:
         route: Route
         if ctrl.plugin_type == wire.TYPE_SINK:
             data_url = wire.data_url(ctrl.rule_id, ctrl.op_id, ctrl.instance_id)
-            pull = NngPull(data_url)
+            ack_url = wire.ack_url(ctrl.rule_id, ctrl.op_id, ctrl.instance_id)
+            pull = self.transport.PullEndpoint(data_url)
             try:
-                ack = NngPush(wire.ack_url(ctrl.rule_id, ctrl.op_id, ctrl.instance_id), self.s.dial_timeout)
+                ack = self.transport.PushEndpoint(ack_url, self.s.dial_timeout, ACK_SEND_TIMEOUT)
             except OSError:
                 pull.close()
                 raise
@@ -333,9 +335,9 @@ class Supervisor:
         return route
 
     def req_endpoint(self, url: str, dial_timeout: float) -> Any:
-        if self.native:
-            return sp.ReqEndpoint(url, dial_timeout)
-        return InvertedReq(url, max(dial_timeout, 0.05))
+        if self.lends_functions:  # native: 0 means "start unconnected, redial in ticks"
+            return self.transport.ReqEndpoint(url, dial_timeout)
+        return self.transport.ReqEndpoint(url, max(dial_timeout, 0.05))
 
     def route_handler(self, inst: Instance, route: Route) -> Handler:
         """The readiness callback of ``route``; a stale event (the route was closed or

@@ -16,13 +16,13 @@ import sys
 import threading
 import time
 import traceback
-from typing import Any, Dict, Optional, Tuple
-
-import pynng
+from typing import Any, Callable, Dict, Optional, Tuple
 
 from .. import logs, wire
 from . import frames
 from ..api import PluginConfig
+from ..transport import TransportError, TransportTimeout
+from ..transport import load as load_transport
 from ..transport.sp import ReqConnection
 from .callpage import CallPage, call_crc
 from .context import WorkerContext
@@ -46,6 +46,7 @@ class Worker:
         self.spec = spec
         self.processed = 0
         self.busy_since = 0.0
+        self.flush: Optional[Callable[[], None]] = None  # a source's queued items to push out
         self.stopped = threading.Event()
         self.log = logs.instance_logger(self.ctrl.symbol, self.ctrl.rule_id or None,
                                         self.ctrl.op_id, self.ctrl.instance_id)
@@ -57,6 +58,8 @@ class Worker:
         while not self.stopped.wait(interval):
             if os.getppid() != parent:
                 os._exit(EXIT_ORPHAN)
+            if self.flush is not None:
+                self.flush()
             t = os.times()  # the supervisor compares it with psutil's: busy or hung
             try:
                 self.link.send(frames.encode_json(frames.BEAT, {
@@ -116,30 +119,18 @@ def _configure(worker: Worker, call) -> bool:
 
 # --- sources ---------------------------------------------------------------------
 
-def _dial(url: str, timeout: float) -> pynng.Push0:
-    sock = pynng.Push0(send_timeout=int(SEND_POLL * 1000))
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            sock.dial(url, block=True)
-            return sock
-        except pynng.NNGException:
-            if time.monotonic() >= deadline:
-                sock.close()
-                raise
-            time.sleep(0.05)
-
-
 def run_source(worker: Worker, source: Any) -> int:
     ctrl = worker.ctrl
     if not _configure(worker, lambda: source.configure(ctrl.datasource(), ctrl.config)):
         return EXIT_CONFIGURE
     url = wire.data_url(ctrl.rule_id, ctrl.op_id, ctrl.instance_id)
-    try:
-        push = _dial(url, worker.spec["dial_timeout"])
-    except pynng.NNGException as e:
+    transport = load_transport(worker.spec.get("transport", "sp"))
+    try:  # items go straight to eKuiper's PULL socket: no hop
+        push = transport.PushEndpoint(url, worker.spec["dial_timeout"], SEND_POLL)
+    except TransportError as e:
         worker.ready(f"{worker.where()}: cannot connect to eKuiper at {url}: {e}")
         return EXIT_CONFIGURE
+    worker.flush = push.flush  # the heartbeat pushes out what a busy socket left queued
     ctx: WorkerContext
 
     def send(data: bytes) -> None:
@@ -148,7 +139,7 @@ def run_source(worker: Worker, source: Any) -> int:
                 push.send(data)
                 worker.processed += 1
                 return
-            except pynng.Timeout:
+            except TransportTimeout:
                 if ctx.closing:
                     return
 

@@ -11,10 +11,11 @@ import os
 import select
 import socket
 import struct
+import threading
 import time
 from typing import List, Optional, Tuple
 
-from . import TransportError
+from . import TransportError, TransportTimeout
 
 PUSH, PULL, REQ, REP = 0x50, 0x51, 0x30, 0x31
 _HEADER = struct.Struct(">4sH2s")
@@ -288,3 +289,250 @@ class ReqEndpoint:
             self.sock.close()
             self.sock = None
         self.poll.close()
+
+
+def listen(path: str) -> Tuple[socket.socket, Tuple[int, int]]:
+    """A listening socket at ``path``, mode 0600 whatever the umask, and its file's
+    (st_dev, st_ino). A stale file is removed only if nobody listens on it."""
+    if os.path.exists(path):
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(path)
+        except ConnectionRefusedError:
+            os.unlink(path)  # left by a killed owner
+        except OSError:
+            pass
+        else:
+            raise TransportError(f"cannot listen on ipc://{path}: address in use")
+        finally:
+            probe.close()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old = os.umask(0o177)
+    try:
+        sock.bind(path)
+    except OSError as e:
+        sock.close()
+        raise TransportError(f"cannot listen on ipc://{path}: {e}") from None
+    finally:
+        os.umask(old)
+    sock.listen(16)
+    sock.setblocking(False)
+    st = os.stat(path)
+    return sock, (st.st_dev, st.st_ino)
+
+
+def unlink_if_ours(path: str, ident: Tuple[int, int]) -> None:
+    """Remove ``path`` only if it is still the file we created."""
+    try:
+        st = os.stat(path)
+        if (st.st_dev, st.st_ino) == ident:
+            os.unlink(path)
+    except OSError:
+        pass
+
+
+class _Pipe:
+    """One accepted connection of a PullEndpoint."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.header = b""
+        self.reader = FrameReader()
+
+
+class PullEndpoint:
+    """A PULL listener (sink data): any number of PUSH peers (eKuiper reconnects), read in
+    batches of up to 256 KiB. ``fileno`` is one epoll fd for the outer selector; messages
+    read and not yet taken keep it readable (a pipe inside the epoll set), so none waits
+    for new traffic to be noticed."""
+
+    def __init__(self, url: str, max_size: int = 0) -> None:
+        self.url = url
+        self.path = path_of(url)
+        self.max_size = max_size
+        self.listener, self.ident = listen(self.path)
+        self.poll = select.epoll()
+        self.poll.register(self.listener.fileno(), select.EPOLLIN)
+        self.pipes: dict = {}
+        self.queue: List[bytes] = []
+        self.wake_r, self.wake_w = os.pipe()
+        os.set_blocking(self.wake_r, False)
+        os.set_blocking(self.wake_w, False)
+        self.poll.register(self.wake_r, select.EPOLLIN)
+        self.woken = False
+
+    def fileno(self) -> int:
+        return self.poll.fileno()
+
+    def recv_many(self, n: int) -> List[bytes]:
+        """Up to ``n`` whole messages available now (non-blocking)."""
+        if len(self.queue) < n:
+            for fd, _ev in self.poll.poll(0):
+                if fd == self.listener.fileno():
+                    self._accept()
+                elif fd in self.pipes:
+                    self._read(self.pipes[fd])
+                if len(self.queue) >= n:
+                    break
+        out, self.queue = self.queue[:n], self.queue[n:]
+        self._wake(bool(self.queue))
+        return out
+
+    def _wake(self, on: bool) -> None:
+        if on and not self.woken:
+            os.write(self.wake_w, b"x")
+        elif not on and self.woken:
+            try:
+                os.read(self.wake_r, 64)
+            except BlockingIOError:
+                pass
+        self.woken = on
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                sock, _ = self.listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:  # EMFILE and the like: that peer waits, others go on
+                return
+            sock.setblocking(False)
+            try:
+                sock.send(header(PULL))
+            except OSError:
+                sock.close()
+                continue
+            self.pipes[sock.fileno()] = _Pipe(sock)
+            self.poll.register(sock.fileno(), select.EPOLLIN)
+
+    def _read(self, pipe: _Pipe) -> None:
+        try:
+            data = pipe.sock.recv(READ_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:  # a frame cut by the close is dropped; whole ones were delivered
+            self._drop(pipe)
+            return
+        if len(pipe.header) < _HEADER.size:
+            need = _HEADER.size - len(pipe.header)
+            pipe.header += data[:need]
+            data = data[need:]
+            if len(pipe.header) < _HEADER.size:
+                return
+            try:
+                check_header(pipe.header, PUSH, self.url)
+            except TransportError:
+                self._drop(pipe)
+                return
+        try:
+            self.queue += pipe.reader.feed(data) if data else []
+        except TransportError:  # a bad frame: drop this peer, as nng does
+            self._drop(pipe)
+
+    def _drop(self, pipe: _Pipe) -> None:
+        fd = pipe.sock.fileno()
+        self.pipes.pop(fd, None)
+        try:
+            self.poll.unregister(fd)
+        except (OSError, ValueError):
+            pass
+        pipe.sock.close()
+
+    def close(self) -> None:
+        for pipe in list(self.pipes.values()):
+            self._drop(pipe)
+        self.listener.close()
+        self.poll.close()
+        os.close(self.wake_r)
+        os.close(self.wake_w)
+        unlink_if_ours(self.path, self.ident)
+
+
+HIGH_WATER = 1 << 20   # queued bytes beyond which a send waits for the peer
+
+
+class PushEndpoint:
+    """A PUSH dialer: sink acks (supervisor) and source items (worker, from a plugin
+    thread). A send writes at once when the socket takes it; otherwise frames queue and
+    go out together in one write (coalescing); past HIGH_WATER a send waits up to
+    ``send_timeout`` and raises TransportTimeout. Thread-safe. A peer that went away is
+    redialed on the next send (eKuiper re-listens after a restart)."""
+
+    def __init__(self, url: str, dial_timeout: float, send_timeout: float) -> None:
+        self.url = url
+        self.path = path_of(url)
+        self.send_timeout = send_timeout
+        self.lock = threading.Lock()
+        self.outbox = bytearray()
+        self.sock: Optional[socket.socket] = dial(url, PUSH, PULL, dial_timeout)
+        self.sock.setblocking(False)
+        self.redial_at = 0.0
+        self.backoff = REDIAL_MIN
+
+    def send(self, data: bytes) -> None:
+        with self.lock:
+            self.outbox += frame(data)
+            self._flush()
+            if len(self.outbox) > HIGH_WATER:
+                self._wait(self.send_timeout)
+
+    def flush(self) -> None:
+        with self.lock:
+            self._flush()
+
+    def pending(self) -> int:
+        return len(self.outbox)
+
+    def _flush(self) -> None:
+        if self.sock is None and not self._redial():
+            return
+        while self.outbox and self.sock is not None:
+            try:
+                n = self.sock.send(self.outbox)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                self._lost()
+                return
+            del self.outbox[:n]
+
+    def _wait(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while len(self.outbox) > HIGH_WATER:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TransportTimeout(f"{self.url}: the peer took nothing for {timeout:g}s")
+            if self.sock is None:
+                time.sleep(min(left, 0.05))
+            else:
+                select.select([], [self.sock], [], min(left, 0.1))
+            self._flush()
+
+    def _lost(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+        self.outbox.clear()  # what was queued is lost with the connection (at most once)
+        self.redial_at = time.monotonic() + self.backoff
+        self.backoff = min(REDIAL_MAX, self.backoff * 2)
+
+    def _redial(self) -> bool:
+        if time.monotonic() < self.redial_at:
+            return False
+        try:
+            sock = connect(self.path, PUSH, PULL, 0.5)
+        except (OSError, TransportError):
+            self.redial_at = time.monotonic() + self.backoff
+            self.backoff = min(REDIAL_MAX, self.backoff * 2)
+            return False
+        sock.setblocking(False)
+        self.sock, self.backoff = sock, REDIAL_MIN
+        return True
+
+    def close(self) -> None:
+        with self.lock:
+            if self.sock is not None:
+                self.sock.close()
+                self.sock = None
