@@ -17,7 +17,6 @@ import os
 import textwrap
 from typing import Any, Callable, Dict, Iterable, Mapping, Optional, Sequence, Tuple
 
-import yaml
 
 ENV_PREFIX = "KUIPER_POOL_"
 CONFIG_ENV = ENV_PREFIX + "CONFIG"
@@ -221,6 +220,8 @@ def _unknown(key: Any, source: str, known: Iterable[str]) -> ConfigError:
 
 
 def _read_yaml(path: str) -> Mapping[Any, Any]:
+    import yaml  # only when there is a file to read: start-up time matters
+
     try:
         with open(path, encoding="utf-8") as f:
             data = yaml.safe_load(f)

@@ -18,7 +18,6 @@ import socket
 import stat
 import tempfile
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable, Dict, Optional
 
 Snapshot = Dict[str, Any]
@@ -157,6 +156,8 @@ class MetricsServer:
     """``GET /metrics`` on a loopback address, served from a thread off a cached snapshot."""
 
     def __init__(self, address: str, snapshot: Callable[[], Optional[Snapshot]]) -> None:
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer  # only when enabled
+
         host, _, port = address.rpartition(":")
         get = snapshot
 
