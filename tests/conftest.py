@@ -42,6 +42,14 @@ def kill_tree(pid: int, timeout: float = 5.0) -> List[int]:
     return alive
 
 
+@pytest.fixture(params=["sp", "nng"])
+def transport(request, monkeypatch) -> str:
+    """Run the test under both transports (``transport: sp``, the native default, and the
+    pynng fallback): plugins started by the test read KUIPER_POOL_TRANSPORT."""
+    monkeypatch.setenv("KUIPER_POOL_TRANSPORT", request.param)
+    return request.param
+
+
 @pytest.fixture
 def reaper():
     """Register pids with ``reaper(pid)``; their whole trees are killed at teardown."""

@@ -14,6 +14,9 @@ import pytest
 from kuiper_pool.tools.emulator import HostError
 from plugins import COUNTING_SOURCE, MODE_FUNCTION, RECORDING_SINK, make_plugin
 
+# every test here runs under both transports (conftest.transport)
+pytestmark = pytest.mark.usefixtures("transport")
+
 LOW_FD_LIMIT = '''
 import resource
 resource.setrlimit(resource.RLIMIT_NOFILE, (%d, %d))  # soft = hard: nothing to raise

@@ -31,6 +31,9 @@ from plugins import (AGGREGATE_FUNCTION, COUNTING_SOURCE, MODE_FUNCTION, RECORDI
                      descendants, events, is_dead, make_plugin, read_jsonl, runtime_base,
                      runtime_entries)
 
+# every test here runs under both transports (conftest.transport)
+pytestmark = pytest.mark.usefixtures("transport")
+
 
 @dataclass
 class Names:

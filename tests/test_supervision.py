@@ -31,6 +31,9 @@ from kuiper_pool.runtime import status
 from kuiper_pool.tools.emulator import Host, HostError
 
 # Short settings so faults resolve in fractions of a second.
+# every test here runs under both transports (conftest.transport)
+pytestmark = pytest.mark.usefixtures("transport")
+
 FAST = {"heartbeat_interval": 0.1, "heartbeat_misses": 3, "call_deadline": 1.0, "stop_grace": 0.5,
         "restart_backoff_min": 0.05, "restart_backoff_max": 0.5, "sample_interval": 0.1,
         "flap_max_restarts": 10, "flap_window": 60.0}
