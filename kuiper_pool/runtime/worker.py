@@ -16,7 +16,7 @@ import sys
 import threading
 import time
 import traceback
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 from .. import logs, wire
 from . import frames
@@ -46,7 +46,6 @@ class Worker:
         self.spec = spec
         self.processed = 0
         self.busy_since = 0.0
-        self.flush: Optional[Callable[[], None]] = None  # a source's queued items to push out
         self.stopped = threading.Event()
         self.log = logs.instance_logger(self.ctrl.symbol, self.ctrl.rule_id or None,
                                         self.ctrl.op_id, self.ctrl.instance_id)
@@ -58,8 +57,6 @@ class Worker:
         while not self.stopped.wait(interval):
             if os.getppid() != parent:
                 os._exit(EXIT_ORPHAN)
-            if self.flush is not None:
-                self.flush()
             t = os.times()  # the supervisor compares it with psutil's: busy or hung
             try:
                 self.link.send(frames.encode_json(frames.BEAT, {
@@ -130,7 +127,6 @@ def run_source(worker: Worker, source: Any) -> int:
     except TransportError as e:
         worker.ready(f"{worker.where()}: cannot connect to eKuiper at {url}: {e}")
         return EXIT_CONFIGURE
-    worker.flush = push.flush  # the heartbeat pushes out what a busy socket left queued
     ctx: WorkerContext
 
     def send(data: bytes) -> None:

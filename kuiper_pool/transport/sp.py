@@ -456,9 +456,10 @@ HIGH_WATER = 1 << 20   # queued bytes beyond which a send waits for the peer
 class PushEndpoint:
     """A PUSH dialer: sink acks (supervisor) and source items (worker, from a plugin
     thread). A send writes at once when the socket takes it; otherwise frames queue and
-    go out together in one write (coalescing); past HIGH_WATER a send waits up to
-    ``send_timeout`` and raises TransportTimeout. Thread-safe. A peer that went away is
-    redialed on the next send (eKuiper re-listens after a restart)."""
+    go out together in one write (coalescing), pushed by a short-lived thread so nothing
+    waits for the next send; past HIGH_WATER a send waits up to ``send_timeout`` and raises
+    TransportTimeout. Thread-safe. A peer that went away is redialed on the next send
+    (eKuiper re-listens after a restart)."""
 
     def __init__(self, url: str, dial_timeout: float, send_timeout: float) -> None:
         self.url = url
@@ -466,6 +467,8 @@ class PushEndpoint:
         self.send_timeout = send_timeout
         self.lock = threading.Lock()
         self.outbox = bytearray()
+        self.draining = False   # a thread pushes out what the socket did not take yet
+        self.closed = False
         self.sock: Optional[socket.socket] = dial(url, PUSH, PULL, dial_timeout)
         self.sock.setblocking(False)
         self.redial_at = 0.0
@@ -477,6 +480,23 @@ class PushEndpoint:
             self._flush()
             if len(self.outbox) > HIGH_WATER:
                 self._wait(self.send_timeout)
+            if self.outbox and not self.draining:  # what is queued must not wait for the next send
+                self.draining = True
+                threading.Thread(target=self._drain, daemon=True, name="kuiper_pool-push").start()
+
+    def _drain(self) -> None:
+        while True:
+            with self.lock:
+                if not self.outbox or self.closed:
+                    self.draining = False
+                    return
+                sock = self.sock
+            if sock is not None:
+                select.select([], [sock], [], 0.1)
+            else:
+                time.sleep(0.05)
+            with self.lock:
+                self._flush()
 
     def flush(self) -> None:
         with self.lock:
@@ -533,6 +553,7 @@ class PushEndpoint:
 
     def close(self) -> None:
         with self.lock:
+            self.closed = True
             if self.sock is not None:
                 self.sock.close()
                 self.sock = None
