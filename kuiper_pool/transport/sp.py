@@ -150,27 +150,76 @@ def dial(url: str, proto: int, peer: int, timeout: float) -> socket.socket:
 REDIAL_MIN, REDIAL_MAX = 0.1, 5.0   # as mangos dialers with eKuiper's options
 
 
-class ReqEndpoint:
+class _Dialer:
+    """What every dialing endpoint shares: one non-blocking connection, bytes it has not
+    taken yet, and redials with backoff after the peer went away."""
+
+    proto = peer = 0
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.path = path_of(url)
+        self.sock: Optional[socket.socket] = None
+        self.outbox = bytearray()
+        self.redial_at = 0.0
+        self.backoff = REDIAL_MIN
+
+    def _flush(self) -> None:
+        """Write what the socket takes now."""
+        while self.outbox and self.sock is not None:
+            try:
+                n = self.sock.send(self.outbox)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                self._lost()
+                return
+            del self.outbox[:n]
+
+    def _lost(self) -> None:
+        """The peer went away: what was queued is lost with the connection (at most once)."""
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+        self.outbox.clear()
+        self._retry_later(time.monotonic())
+
+    def _retry_later(self, now: float) -> None:
+        self.redial_at = now + self.backoff
+        self.backoff = min(REDIAL_MAX, self.backoff * 2)
+
+    def _redial(self, now: float) -> Optional[socket.socket]:
+        """A new connection if a redial is due and the peer listens again."""
+        if now < self.redial_at:
+            return None
+        try:
+            sock = connect(self.path, self.proto, self.peer, 0.5)
+        except (OSError, TransportError):
+            self._retry_later(now)
+            return None
+        sock.setblocking(False)
+        self.sock, self.backoff = sock, REDIAL_MIN
+        return sock
+
+
+class ReqEndpoint(_Dialer):
     """A REQ dialer used the eKuiper way, non-blocking, for the supervisor's selector: the
     control channel and the function channels between workers.
 
     ``fileno`` is an epoll fd holding the current connection, so it stays the same across
     redials. No keepalive handshakes: unlike nng's REQ, nothing here times out while idle."""
 
+    proto, peer = REQ, REP
+
     def __init__(self, url: str, dial_timeout: float) -> None:
         """Dial within ``dial_timeout`` (TransportError after); with 0, start unconnected
         and let ``tick`` redial in the background."""
-        self.url = url
-        self.path = path_of(url)
+        super().__init__(url)
         self.poll = select.epoll()
         self.request_id = 0x80000000 | (int.from_bytes(os.urandom(4), "big") & 0x7FFFFFFF)
         self.reader = FrameReader()
         self.inbox: List[bytes] = []
-        self.outbox = bytearray()
         self.unsent: Optional[bytes] = b"handshake"   # an answer waiting for a connection
-        self.redial_at = 0.0
-        self.backoff = REDIAL_MIN
-        self.sock: Optional[socket.socket] = None
         if dial_timeout > 0:
             try:
                 self._attach(dial(url, REQ, REP, dial_timeout))
@@ -184,6 +233,7 @@ class ReqEndpoint:
         sock.setblocking(False)
         self.sock, self.backoff = sock, REDIAL_MIN
         self.poll.register(sock.fileno(), select.EPOLLIN)
+        # eKuiper re-sends the command or call it waits on when a new pipe handshakes
         self.send(self.unsent if self.unsent is not None else b"handshake")
 
     def fileno(self) -> int:
@@ -227,51 +277,30 @@ class ReqEndpoint:
         self.request_id = next_id(self.request_id)
         self.unsent = data
         if self.sock is not None:
-            self._write(frame(_ID.pack(self.request_id) + data))
-
-    def _write(self, data: bytes) -> None:
-        self.outbox += data
-        self._flush()
+            self.outbox += frame(_ID.pack(self.request_id) + data)
+            self._flush()
 
     def _flush(self) -> None:
-        while self.outbox and self.sock is not None:
-            try:
-                n = self.sock.send(self.outbox)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError:
-                self._lost()
-                return
-            del self.outbox[:n]
-        if not self.outbox:
+        super()._flush()
+        if not self.outbox and self.sock is not None:
             self.unsent = None
 
     def _lost(self) -> None:
         if self.sock is not None:
             self.poll.unregister(self.sock.fileno())
-            self.sock.close()
-            self.sock = None
-        self.outbox.clear()
+        super()._lost()
         self.reader = FrameReader()
         self.inbox.clear()
-        self.redial_at = time.monotonic() + self.backoff
-        self.backoff = min(REDIAL_MAX, self.backoff * 2)
 
     def tick(self, now: float) -> None:
         """Flush what waits; redial a lost connection and send the kept answer or a
-        handshake on it (eKuiper re-sends the command or call it waits on)."""
+        handshake on it."""
         if self.sock is not None:
             self._flush()
             return
-        if now < self.redial_at:
-            return
-        try:
-            sock = connect(self.path, REQ, REP, 0.5)
-        except (OSError, TransportError):
-            self.redial_at = now + self.backoff
-            self.backoff = min(REDIAL_MAX, self.backoff * 2)
-            return
-        self._attach(sock)
+        sock = self._redial(now)
+        if sock is not None:
+            self._attach(sock)
 
     def detach(self) -> Tuple[socket.socket, int, bytes]:
         """Hand the connection over (zero-hop functions): the socket, our outstanding request
@@ -453,7 +482,7 @@ class PullEndpoint:
 HIGH_WATER = 1 << 20   # queued bytes beyond which a send waits for the peer
 
 
-class PushEndpoint:
+class PushEndpoint(_Dialer):
     """A PUSH dialer: sink acks (supervisor) and source items (worker, from a plugin
     thread). A send writes at once when the socket takes it; otherwise frames queue and
     go out together in one write (coalescing), pushed by a short-lived thread so nothing
@@ -461,18 +490,16 @@ class PushEndpoint:
     TransportTimeout. Thread-safe. A peer that went away is redialed on the next send
     (eKuiper re-listens after a restart)."""
 
+    proto, peer = PUSH, PULL
+
     def __init__(self, url: str, dial_timeout: float, send_timeout: float) -> None:
-        self.url = url
-        self.path = path_of(url)
+        super().__init__(url)
         self.send_timeout = send_timeout
         self.lock = threading.Lock()
-        self.outbox = bytearray()
         self.draining = False   # a thread pushes out what the socket did not take yet
         self.closed = False
-        self.sock: Optional[socket.socket] = dial(url, PUSH, PULL, dial_timeout)
+        self.sock = dial(url, PUSH, PULL, dial_timeout)
         self.sock.setblocking(False)
-        self.redial_at = 0.0
-        self.backoff = REDIAL_MIN
 
     def send(self, data: bytes) -> None:
         with self.lock:
@@ -506,17 +533,9 @@ class PushEndpoint:
         return len(self.outbox)
 
     def _flush(self) -> None:
-        if self.sock is None and not self._redial():
+        if self.sock is None and self._redial(time.monotonic()) is None:
             return
-        while self.outbox and self.sock is not None:
-            try:
-                n = self.sock.send(self.outbox)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError:
-                self._lost()
-                return
-            del self.outbox[:n]
+        super()._flush()
 
     def _wait(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -529,27 +548,6 @@ class PushEndpoint:
             else:
                 select.select([], [self.sock], [], min(left, 0.1))
             self._flush()
-
-    def _lost(self) -> None:
-        if self.sock is not None:
-            self.sock.close()
-            self.sock = None
-        self.outbox.clear()  # what was queued is lost with the connection (at most once)
-        self.redial_at = time.monotonic() + self.backoff
-        self.backoff = min(REDIAL_MAX, self.backoff * 2)
-
-    def _redial(self) -> bool:
-        if time.monotonic() < self.redial_at:
-            return False
-        try:
-            sock = connect(self.path, PUSH, PULL, 0.5)
-        except (OSError, TransportError):
-            self.redial_at = time.monotonic() + self.backoff
-            self.backoff = min(REDIAL_MAX, self.backoff * 2)
-            return False
-        sock.setblocking(False)
-        self.sock, self.backoff = sock, REDIAL_MIN
-        return True
 
     def close(self) -> None:
         with self.lock:
