@@ -8,10 +8,18 @@ the workers' parent: it alone reaps them, reports each exit status, and signals
 only children it has not reaped yet, so a recycled pid is never hit.
 
 Orphans: when the supervisor dies, whatever killed it, the kernel sends the
-zygote SIGTERM (``PR_SET_PDEATHSIG``) and closes its link; either makes the
-zygote SIGKILL every worker, remove the ipc files the supervisor listened on and
-the private runtime directory, and exit. Workers set ``PR_SET_PDEATHSIG(SIGKILL)``
-too, so they die with the zygote even if it is SIGKILLed.
+zygote SIGTERM (``PR_SET_PDEATHSIG``) and closes its link, and the zygote also
+checks its parent every second; any of these makes it SIGKILL every worker, remove
+the ipc files the supervisor listened on (only while they are the files it created,
+checked by inode) and the private runtime directory, and exit. Workers set
+``PR_SET_PDEATHSIG(SIGKILL)`` too, so they die with the zygote even if it is SIGKILLed.
+
+What plugin code starts dies with its worker: each worker leads its own process
+group and is a child subreaper, so orphans of its descendants (``setsid``
+children, double-forked daemons) re-parent to it while it lives; the zygote is a
+subreaper too. When a worker exits, the zygote kills its process group, and any
+child of the zygote that is not a worker is an orphan of a dead worker and is
+killed with its group.
 """
 from __future__ import annotations
 
@@ -24,9 +32,13 @@ import shutil
 import signal
 import socket
 import sys
-from typing import Callable, Dict, List, Optional, Set
+import time
+from typing import Callable, Dict, List, Optional, Tuple
+
+from ..transport.sp import identity, unlink_if_ours
 
 PR_SET_PDEATHSIG = 1
+PR_SET_CHILD_SUBREAPER = 36
 MAX_MSG = 65536
 
 
@@ -74,7 +86,7 @@ class Zygote:
             try:
                 parent_end.close()
                 die_with_parent(supervisor_pid, signal.SIGTERM)
-                code = _serve(child_end, worker_main, spawn_argv, rundir)
+                code = _serve(child_end, worker_main, spawn_argv, rundir, supervisor_pid)
             finally:
                 os._exit(code)
         child_end.close()
@@ -100,8 +112,13 @@ class Zygote:
         self._send({"op": "kill", "wid": wid, "sig": int(sig)})
 
     def own_path(self, path: str) -> None:
-        """An ipc file the supervisor listens on: removed if the supervisor dies."""
-        self._send({"op": "own", "path": path})
+        """An ipc file the supervisor listens on: removed if the supervisor dies, but only
+        while it is still this very file (a later supervisor may have made its own)."""
+        try:
+            ident = identity(path)
+        except OSError:
+            return
+        self._send({"op": "own", "path": path, "ident": list(ident)})
 
     def disown_path(self, path: str) -> None:
         self._send({"op": "disown", "path": path})
@@ -140,135 +157,215 @@ class Zygote:
                 pass
 
 
-class _Terminated(Exception):
-    pass
+SWEEP_EVERY = 1.0   # seconds between sweeps for orphans and for the supervisor's death
 
 
-_leaving = False  # set once on the way out: a late SIGTERM must not abort the cleanup
-
-
-def _on_term(*_: object) -> None:
-    global _leaving
-    if not _leaving:  # PDEATHSIG and the link's EOF arrive together when the supervisor dies
-        _leaving = True
-        raise _Terminated()
-
-
-def _serve(sock: socket.socket, worker_main: WorkerMain, spawn_argv: Optional[List[str]],
-           rundir: str) -> int:
-    """The zygote's loop: start workers, forward kills, report exits; clean up at the end."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the supervisor's to handle
-    signal.signal(signal.SIGTERM, _on_term)       # PDEATHSIG: the supervisor died
-    children: Dict[int, int] = {}  # pid -> wid
-    owned: Set[str] = set()
+def set_subreaper() -> None:
+    """Orphaned descendants re-parent to us instead of init (Linux; elsewhere a no-op)."""
     try:
-        _loop(sock, worker_main, spawn_argv, children, owned)
-    except _Terminated:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    except (OSError, AttributeError):
         pass
-    finally:
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        for pid in children:
-            _signal(pid, signal.SIGKILL)
-        while children:
-            try:
-                pid, _status = os.waitpid(-1, 0)
-            except ChildProcessError:
-                break
-            children.pop(pid, None)
-        _drain_paths(sock, owned)
-        for path in owned:
-            try:
-                os.unlink(path)
-            except OSError:
-                pass
-        shutil.rmtree(rundir, ignore_errors=True)
-    return 0
 
 
-def _loop(sock: socket.socket, worker_main: WorkerMain, spawn_argv: Optional[List[str]],
-          children: Dict[int, int], owned: Set[str]) -> None:
-    global _leaving
-    wake_r, wake_w = os.pipe()
-    os.set_blocking(wake_w, False)
-    signal.set_wakeup_fd(wake_w)
-    signal.signal(signal.SIGCHLD, lambda *_: None)
-    gc.freeze()  # keep the preloaded heap shared copy-on-write with the workers
-    by_wid: Dict[int, int] = {}    # wid -> pid
-    sel = selectors.DefaultSelector()
-    sel.register(sock, selectors.EVENT_READ)
-    sel.register(wake_r, selectors.EVENT_READ)
-    me = os.getpid()
-
-    def report(obj: dict) -> None:
+def children_of(pid: int) -> List[int]:
+    """Live children of ``pid``, read from /proc (no psutil in the zygote)."""
+    out = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
         try:
-            sock.send(json.dumps(obj).encode())
+            with open(f"/proc/{name}/stat", "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()
         except OSError:
-            pass
+            continue
+        if int(fields[1]) == pid and fields[0] != b"Z":
+            out.append(int(name))
+    return out
 
-    def reap() -> None:
-        while children:
+
+class _Zygote:
+    """The zygote's side: its children, the paths it must remove, reports it owes."""
+
+    def __init__(self, sock: socket.socket, worker_main: WorkerMain,
+                 spawn_argv: Optional[List[str]], supervisor: int) -> None:
+        self.sock = sock
+        self.worker_main = worker_main
+        self.spawn_argv = spawn_argv
+        self.supervisor = supervisor
+        self.me = os.getpid()
+        self.workers: Dict[int, int] = {}      # pid -> wid
+        self.by_wid: Dict[int, int] = {}       # wid -> pid
+        self.owned: Dict[str, Tuple[int, ...]] = {}  # path -> its identity when owned
+        self.unsent: List[bytes] = []
+        self.leaving = False
+
+    def report(self, obj: dict) -> None:
+        """Never blocks: a supervisor that does not read gets its reports later, a dead one never."""
+        self.unsent.append(json.dumps(obj).encode())
+        self.flush()
+
+    def flush(self) -> None:
+        while self.unsent:
+            try:
+                self.sock.send(self.unsent[0], socket.MSG_DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:  # the supervisor is gone
+                self.unsent.clear()
+                self.leaving = True
+                return
+            self.unsent.pop(0)
+
+    def apply(self, req: dict, fds: List[int]) -> None:
+        op = req.get("op")
+        if op == "start" and fds and not self.leaving:
+            pid = _fork_worker(self, fds[0])
+            self.workers[pid] = req["wid"]
+            self.by_wid[req["wid"]] = pid
+            self.report({"op": "started", "wid": req["wid"], "pid": pid})
+        elif op == "kill":
+            pid = self.by_wid.get(req["wid"])
+            if pid is not None:
+                _signal(pid, req["sig"])
+        elif op == "own":
+            self.owned[req["path"]] = tuple(req["ident"])
+        elif op == "disown":
+            self.owned.pop(req["path"], None)
+        for fd in fds:  # a forked worker has its copy of the link
+            os.close(fd)
+
+    def reap(self) -> None:
+        """Reap whatever exited; a worker's exit is reported and its process group killed
+        (what it started with Popen or fork dies with it)."""
+        swept = False
+        while True:
             try:
                 pid, status = os.waitpid(-1, os.WNOHANG)
             except ChildProcessError:
                 return
             if pid == 0:
-                return
-            wid = children.pop(pid, None)
+                break
+            wid = self.workers.pop(pid, None)
             if wid is not None:
-                by_wid.pop(wid, None)
-                report({"op": "exited", "wid": wid, "pid": pid, "status": status})
+                self.by_wid.pop(wid, None)
+                _killpg(pid)
+                self.report({"op": "exited", "wid": wid, "pid": pid, "status": status})
+                swept = True
+        if swept:
+            self.sweep()
 
-    while True:
-        for key, _ in sel.select():
-            if key.fileobj == wake_r:
-                try:
-                    os.read(wake_r, 4096)
-                except BlockingIOError:
-                    pass
-                reap()
-                continue
+    def sweep(self) -> None:
+        """A child we did not fork is an orphan of a dead worker (workers are subreapers of
+        their own descendants while they live): kill it and its group."""
+        for pid in children_of(self.me):
+            if pid not in self.workers:
+                _killpg(pid)
+                _signal(pid, signal.SIGKILL)
+
+    def cleanup(self, rundir: str) -> None:
+        """Kill every worker and everything they started; remove the files we own (only if
+        they are still the ones we created: a new supervisor may have made its own)."""
+        for pid in list(self.workers):
+            _killpg(pid)
+            _signal(pid, signal.SIGKILL)
+        self.drain_requests()
+        for path, ident in self.owned.items():
+            unlink_if_ours(path, ident)
+        shutil.rmtree(rundir, ignore_errors=True)
+        deadline = time.monotonic() + 10.0
+        while time.monotonic() < deadline:
+            self.sweep()
             try:
-                msg, fds, _flags, _addr = socket.recv_fds(sock, MAX_MSG, 4)
-            except InterruptedError:
-                continue
-            if not msg:  # supervisor gone or done: _serve takes every worker down
-                _leaving = True
+                pid, _status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                time.sleep(0.01)
+
+    def drain_requests(self) -> None:
+        """Own/disown requests still queued: a supervisor killed early may have sent them
+        before we read them."""
+        self.sock.setblocking(False)
+        while True:
+            try:
+                msg, fds, _flags, _addr = socket.recv_fds(self.sock, MAX_MSG, 4)
+            except OSError:
+                return
+            for fd in fds:
+                os.close(fd)
+            if not msg:
                 return
             req = json.loads(msg)
-            if req["op"] == "start":
-                pid = _fork_worker(me, sock, wake_r, wake_w, fds[0], worker_main, spawn_argv)
-                os.close(fds[0])
-                children[pid] = req["wid"]
-                by_wid[req["wid"]] = pid
-                report({"op": "started", "wid": req["wid"], "pid": pid})
-            elif req["op"] == "kill":
-                pid = by_wid.get(req["wid"])
-                if pid is not None:
-                    _signal(pid, req["sig"])
-            elif req["op"] == "own":
-                owned.add(req["path"])
-            elif req["op"] == "disown":
-                owned.discard(req["path"])
+            if req.get("op") in ("own", "disown"):
+                self.apply(req, [])
 
 
-def _drain_paths(sock: socket.socket, owned: Set[str]) -> None:
-    """Apply own/disown requests still queued: a supervisor killed early may have sent them
-    before the zygote read them."""
-    sock.setblocking(False)
-    while True:
-        try:
-            msg, fds, _flags, _addr = socket.recv_fds(sock, MAX_MSG, 4)
-        except OSError:
-            return
-        for fd in fds:
-            os.close(fd)
-        if not msg:
-            return
-        req = json.loads(msg)
-        if req["op"] == "own":
-            owned.add(req["path"])
-        elif req["op"] == "disown":
-            owned.discard(req["path"])
+def _serve(sock: socket.socket, worker_main: WorkerMain, spawn_argv: Optional[List[str]],
+           rundir: str, supervisor: int) -> int:
+    """The zygote's loop: start workers, forward kills, report exits; clean up at the end.
+    Signal handlers only wake the loop (an exception raised at an arbitrary point could
+    skip the cleanup); the loop also notices the supervisor's death by itself."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the supervisor's to handle
+    set_subreaper()
+    z = _Zygote(sock, worker_main, spawn_argv, supervisor)
+    wake_r, wake_w = os.pipe()
+    os.set_blocking(wake_w, False)
+    os.set_blocking(wake_r, False)
+    signal.set_wakeup_fd(wake_w)
+    for sig in (signal.SIGCHLD, signal.SIGTERM):  # SIGTERM: PDEATHSIG, the supervisor died
+        signal.signal(sig, lambda *_: None)
+    gc.freeze()  # keep the preloaded heap shared copy-on-write with the workers
+    z.wake = (wake_r, wake_w)
+    sel = selectors.DefaultSelector()
+    sel.register(sock, selectors.EVENT_READ)
+    sel.register(wake_r, selectors.EVENT_READ)
+    try:
+        while not z.leaving:
+            if z.unsent:
+                sel.modify(sock, selectors.EVENT_READ | selectors.EVENT_WRITE)
+            events = sel.select(SWEEP_EVERY)
+            for key, mask in events:
+                if key.fileobj == wake_r:
+                    try:
+                        signals = os.read(wake_r, 4096)
+                    except BlockingIOError:
+                        signals = b""
+                    if signal.SIGTERM in signals:
+                        z.leaving = True
+                    z.reap()
+                    continue
+                if mask & selectors.EVENT_WRITE:
+                    z.flush()
+                    if not z.unsent:
+                        sel.modify(sock, selectors.EVENT_READ)
+                if mask & selectors.EVENT_READ:
+                    try:
+                        msg, fds, _flags, _addr = socket.recv_fds(sock, MAX_MSG, 4)
+                    except (BlockingIOError, InterruptedError):
+                        continue
+                    except OSError:
+                        msg, fds = b"", []
+                    if not msg:  # supervisor gone or done: every worker goes down
+                        z.leaving = True
+                        break
+                    z.apply(json.loads(msg), fds)
+            if os.getppid() != supervisor:
+                z.leaving = True
+            if not events:
+                z.reap()
+                z.sweep()
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        z.cleanup(rundir)
+    return 0
+
+
+def _killpg(pgid: int) -> None:
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
 
 
 def _signal(pid: int, sig: int) -> None:
@@ -278,24 +375,25 @@ def _signal(pid: int, sig: int) -> None:
         pass
 
 
-def _fork_worker(zygote_pid: int, sock: socket.socket, wake_r: int, wake_w: int, link_fd: int,
-                 worker_main: WorkerMain, spawn_argv: Optional[List[str]]) -> int:
+def _fork_worker(z: _Zygote, link_fd: int) -> int:
     pid = os.fork()
     if pid:
         return pid
     code = 70
     try:
         signal.set_wakeup_fd(-1)
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # SIGINT stays ignored: the supervisor stops us
-        sock.close()
-        os.close(wake_r)
-        os.close(wake_w)
-        die_with_parent(zygote_pid)
-        if spawn_argv:
+        for sig in (signal.SIGCHLD, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_DFL)  # SIGINT stays ignored: the supervisor stops us
+        z.sock.close()
+        for fd in z.wake:
+            os.close(fd)
+        die_with_parent(z.me)
+        os.setpgid(0, 0)  # the worker's group: what it starts with Popen or fork dies with it
+        set_subreaper()   # orphans of its descendants come to it while it lives, then to us
+        if z.spawn_argv:
             os.set_inheritable(link_fd, True)
-            os.execv(spawn_argv[0], spawn_argv + [str(link_fd)])
-        code = worker_main(socket.socket(fileno=link_fd))
+            os.execv(z.spawn_argv[0], z.spawn_argv + [str(link_fd)])
+        code = z.worker_main(socket.socket(fileno=link_fd))
     except BaseException as e:  # noqa: BLE001 - the child must never return into the zygote loop
         if not isinstance(e, SystemExit):
             try:
@@ -306,4 +404,3 @@ def _fork_worker(zygote_pid: int, sock: socket.socket, wake_r: int, wake_w: int,
     finally:
         os._exit(code)
     return 0  # unreachable
-

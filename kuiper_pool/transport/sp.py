@@ -320,9 +320,9 @@ class ReqEndpoint(_Dialer):
         self.poll.close()
 
 
-def listen(path: str) -> Tuple[socket.socket, Tuple[int, int]]:
+def listen(path: str) -> Tuple[socket.socket, Tuple[int, ...]]:
     """A listening socket at ``path``, mode 0600 whatever the umask, and its file's
-    (st_dev, st_ino). A stale file is removed only if nobody listens on it."""
+    :func:`identity`. A stale file is removed only if nobody listens on it."""
     if os.path.exists(path):
         probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
@@ -346,15 +346,19 @@ def listen(path: str) -> Tuple[socket.socket, Tuple[int, int]]:
         os.umask(old)
     sock.listen(16)
     sock.setblocking(False)
+    return sock, identity(path)
+
+
+def identity(path: str) -> Tuple[int, ...]:
+    """Which file ``path`` is: device, inode and ctime (inode numbers are reused at once)."""
     st = os.stat(path)
-    return sock, (st.st_dev, st.st_ino)
+    return (st.st_dev, st.st_ino, st.st_ctime_ns)
 
 
-def unlink_if_ours(path: str, ident: Tuple[int, int]) -> None:
+def unlink_if_ours(path: str, ident: Tuple[int, ...]) -> None:
     """Remove ``path`` only if it is still the file we created."""
     try:
-        st = os.stat(path)
-        if (st.st_dev, st.st_ino) == ident:
+        if identity(path) == tuple(ident):
             os.unlink(path)
     except OSError:
         pass
