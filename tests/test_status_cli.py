@@ -11,6 +11,7 @@ import os
 import re
 import signal
 import socket
+import stat
 import subprocess
 import threading
 import urllib.error
@@ -244,3 +245,104 @@ def test_status_watch_refreshes_until_the_plugin_goes_away(rig, reaper):
     assert len(errors) == 1 and errors[0].startswith("kuiper-pool status: ") and rig.plugin in errors[0], errors
     proc.stderr.close()
     proc.stdout.close()
+
+
+# --- the status socket under hostile conditions, and kuiper-pool restart ---------------------------
+
+def test_a_plugin_name_too_long_for_a_unix_socket_path_still_has_status(tmp_path, unique, host_runs):
+    name = ("kp" + unique + "x" * 90)[:91]  # eKuiper allows it; AF_UNIX paths do not
+    pd = make_plugin(str(tmp_path), name, functions={f"fn{unique}": MODE_FUNCTION})
+    host = host_runs.launch(pd)
+    assert host.start_function(f"fn{unique}").exec(["echo", 1])["result"] == 1
+    proc = kuiper_pool_cli("status", name, "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["plugin"] == name
+
+
+@pytest.fixture
+def short_dir():
+    """A runtime_dir short enough for Unix socket paths (pytest's tmp_path is not)."""
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    path = tempfile.mkdtemp(prefix="kpt", dir="/tmp")
+    yield Path(path)
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def test_a_squatted_private_directory_falls_back_to_a_fresh_one(tmp_path, short_dir, unique, host_runs):
+    base = short_dir
+    squatted = base / f"kuiper_pool-{os.getuid()}"
+    squatted.mkdir(mode=0o777)
+    os.chmod(squatted, 0o777)                     # open to everyone: not ours to trust
+    os.chown(squatted, 65534, 65534)              # and another user's
+    pd = make_plugin(str(tmp_path), f"kp{unique}", functions={f"fn{unique}": MODE_FUNCTION},
+                     settings={"runtime_dir": str(base)})
+    host = host_runs.launch(pd, stdout=open(tmp_path / "log", "ab"))
+    assert host.start_function(f"fn{unique}").exec(["echo", 1])["result"] == 1
+    proc = kuiper_pool_cli("status", f"kp{unique}", "--json", "--runtime-dir", str(base))
+    assert proc.returncode == 0, proc.stderr
+    assert list(squatted.iterdir()) == []
+    (fallback,) = [p for p in base.iterdir() if p.name.startswith(f"kuiper_pool-{os.getuid()}-")]
+    assert stat.S_IMODE(fallback.stat().st_mode) == 0o700
+    log = (tmp_path / "log").read_text()
+    assert f"{squatted} is not a private directory" in log and str(fallback) in log
+
+
+def test_status_clients_that_never_read_do_not_stall_the_plugin(rig):
+    path = status.socket_path(rig.plugin)
+    stalled = []
+    for _ in range(20):
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1024)
+        s.connect(path)
+        s.sendall(b'{"cmd": "status"}\n')  # asks, then never reads the answer
+        stalled.append(s)
+    try:
+        for i in range(200):  # every call is answered, as fast as eKuiper asks
+            assert rig.function.exec(["echo", i], ) == {"state": True, "result": i}
+        assert rig.snapshot()["plugin"] == rig.plugin  # and a polite client still gets status
+    finally:
+        for s in stalled:
+            s.close()
+
+
+def test_the_status_socket_is_0600_even_under_umask_0(tmp_path, unique, host_runs):
+    pd = make_plugin(str(tmp_path), f"kp{unique}", functions={f"fn{unique}": MODE_FUNCTION},
+                     main_code="import os\nos.umask(0)\n")
+    host = host_runs.launch(pd)
+    host.start_function(f"fn{unique}").exec(["echo", 1])
+    path = status.socket_path(f"kp{unique}")
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+
+
+def test_restart_brings_a_failed_function_back_and_replaces_running_workers(tmp_path, unique, host_runs):
+    pd = make_plugin(str(tmp_path), f"kp{unique}", functions={f"fn{unique}": MODE_FUNCTION},
+                     sources={f"src{unique}": COUNTING_SOURCE},
+                     settings={**FAST, "flap_max_restarts": 1, "flap_window": 60.0})
+    host = host_runs.launch(pd)
+    fn = host.start_function(f"fn{unique}")
+    src = host.start_source(f"src{unique}", f"r{unique}", config={"interval": 0.02})
+    first_src = src.recv()["message"]["pid"]
+    for _ in range(2):
+        assert fn.exec(["exit"])["state"] is False
+    wait_until(lambda: fn.exec(["echo", 1])["state"] is False
+               and "has failed" in fn.exec(["echo", 1])["result"], message="the function to fail")
+    proc = kuiper_pool_cli("restart", f"kp{unique}", f"fn{unique}")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == f"plugin kp{unique} function fn{unique}: failed: restarting"
+    wait_until(lambda: fn.exec(["echo", 2]) == {"state": True, "result": 2},
+               message="the function to serve again")
+    proc = kuiper_pool_cli("restart", f"kp{unique}")  # everything: the source's worker is replaced
+    assert proc.returncode == 0 and len(proc.stdout.splitlines()) == 2, proc.stdout
+    wait_until(lambda: src.recv()["message"]["pid"] != first_src, message="a new source worker")
+    proc = kuiper_pool_cli("restart", f"kp{unique}", "nosuch")
+    assert proc.returncode == 1 and proc.stdout.strip() == f"plugin kp{unique} has no instance of nosuch"
+
+
+def test_version_names_the_package_version():
+    import kuiper_pool
+
+    proc = kuiper_pool_cli("--version")
+    assert proc.returncode == 0 and proc.stdout.strip() == f"kuiper-pool {kuiper_pool.__version__}"

@@ -12,13 +12,19 @@ use it)::
 """
 from __future__ import annotations
 
+import glob
+import hashlib
 import json
 import os
+import selectors
 import socket
 import stat
 import tempfile
 import threading
-from typing import Any, Callable, Dict, Optional
+import time
+from typing import Any, Callable, Dict, List, Optional
+
+from .. import logs
 
 Snapshot = Dict[str, Any]
 
@@ -27,39 +33,101 @@ class StatusError(RuntimeError):
     """No supervisor answers, or its answer is unusable (one line)."""
 
 
-def private_base(runtime_dir: str = "") -> str:
-    """``<runtime_dir or tmp>/kuiper_pool-<uid>``, mode 0700 and ours, created if needed."""
-    base = os.path.join(runtime_dir or tempfile.gettempdir(), f"kuiper_pool-{os.getuid()}")
+SOCKET_PATH_MAX = 100   # AF_UNIX paths hold 107 bytes; leave room
+MAX_CLIENTS = 16        # status clients served at once; more are closed at once
+CLIENT_TIMEOUT = 2.0    # seconds a client gets to send its request and read the answer
+
+_fallback: Dict[str, str] = {}
+
+
+def _private(path: str) -> bool:
+    """A directory of ours that nobody else can enter (created 0700 if missing)."""
     try:
-        os.mkdir(base, 0o700)
+        os.mkdir(path, 0o700)
     except FileExistsError:
         pass
-    st = os.lstat(base)
-    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
-        raise PermissionError(f"{base} must be a directory owned by uid {os.getuid()} with mode "
-                              f"0700; remove or fix it")
-    return base
+    except OSError:
+        return False
+    st = os.lstat(path)
+    return stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid() and not st.st_mode & 0o077
 
 
-def socket_path(plugin: str, runtime_dir: str = "") -> str:
-    return os.path.join(private_base(runtime_dir), f"{plugin}.sock")
+def private_base(runtime_dir: str = "") -> str:
+    """``<runtime_dir or tmp>/kuiper_pool-<uid>``, mode 0700 and ours. If someone else made
+    it first (or its mode is open), a fresh ``kuiper_pool-<uid>-*`` directory is used instead,
+    with one warning: another local user must not be able to block or spy on plugins."""
+    parent = runtime_dir or tempfile.gettempdir()
+    base = os.path.join(parent, f"kuiper_pool-{os.getuid()}")
+    if _private(base):
+        return base
+    if parent not in _fallback:
+        _fallback[parent] = tempfile.mkdtemp(prefix=f"kuiper_pool-{os.getuid()}-", dir=parent)
+        logs.supervisor_logger().warning(
+            "%s is not a private directory of uid %d (someone else's, or open to others); "
+            "using %s", base, os.getuid(), _fallback[parent])
+    return _fallback[parent]
+
+
+def _bases(runtime_dir: str) -> List[str]:
+    """Where a supervisor's status socket may be: the usual directory, then fallbacks."""
+    parent = runtime_dir or tempfile.gettempdir()
+    found = [os.path.join(parent, f"kuiper_pool-{os.getuid()}")]
+    found += sorted(glob.glob(os.path.join(parent, f"kuiper_pool-{os.getuid()}-*")))
+    return [b for b in found if os.path.isdir(b) and _owned_private(b)]
+
+
+def _owned_private(path: str) -> bool:
+    st = os.lstat(path)
+    return st.st_uid == os.getuid() and not st.st_mode & 0o077
+
+
+def socket_path(plugin: str, runtime_dir: str = "", base: Optional[str] = None) -> str:
+    """The status socket of ``plugin``; a hash of the name when the name is too long for a
+    Unix socket path (eKuiper allows names longer than AF_UNIX does)."""
+    base = base if base is not None else private_base(runtime_dir)
+    path = os.path.join(base, f"{plugin}.sock")
+    if len(path.encode()) > SOCKET_PATH_MAX:
+        path = os.path.join(base, "p-" + hashlib.sha1(plugin.encode()).hexdigest()[:16] + ".sock")
+    return path
+
+
+class _Client:
+    def __init__(self, conn: socket.socket, now: float) -> None:
+        self.conn = conn
+        self.since = now
+        self.request = b""
+        self.answer = b""
 
 
 class StatusServer:
-    """Answers one JSON snapshot per connection; driven by the supervisor's selector loop."""
+    """Answers one JSON request per connection (``{"cmd": "status"}`` or ``{"cmd":
+    "restart", "symbol": ...}``) from the supervisor's selector loop, never blocking it:
+    requests are read and answers written as the sockets allow; a client that stalls is
+    dropped after CLIENT_TIMEOUT."""
 
-    def __init__(self, path: str, snapshot: Callable[[], Snapshot]) -> None:
+    def __init__(self, path: str, handle: Callable[[Dict[str, Any]], Any],
+                 watch: Callable[[int, int, Callable[[int], None]], None],
+                 unwatch: Callable[[int], None]) -> None:
         self.path = path
-        self.snapshot = snapshot
+        self.handle = handle
+        self.watch, self.unwatch = watch, unwatch
+        self.clients: Dict[int, _Client] = {}
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             os.unlink(path)  # a stale socket of a killed supervisor of the same plugin
         except FileNotFoundError:
             pass
-        self.sock.bind(path)
-        os.chmod(path, 0o600)
+        old = os.umask(0o177)  # 0600 whatever the umask
+        try:
+            self.sock.bind(path)
+        except OSError:
+            self.sock.close()
+            raise
+        finally:
+            os.umask(old)
         self.sock.listen(8)
         self.sock.setblocking(False)
+        self.spare: Optional[int] = os.open(os.devnull, os.O_RDONLY)  # see on_accept
 
     def fileno(self) -> int:
         return self.sock.fileno()
@@ -67,40 +135,105 @@ class StatusServer:
     def on_accept(self) -> None:
         try:
             conn, _ = self.sock.accept()
-        except BlockingIOError:
+        except (BlockingIOError, InterruptedError):
             return
-        with conn:
-            conn.settimeout(1.0)
+        except OSError:  # out of fds: take the client with the spare fd and hang up
+            if self.spare is not None:
+                os.close(self.spare)
+                try:
+                    self.sock.accept()[0].close()
+                except OSError:
+                    pass
+                self.spare = os.open(os.devnull, os.O_RDONLY)
+            return
+        if len(self.clients) >= MAX_CLIENTS:
+            conn.close()
+            return
+        conn.setblocking(False)
+        client = self.clients[conn.fileno()] = _Client(conn, time.monotonic())
+        self.watch(conn.fileno(), selectors.EVENT_READ, lambda mask: self.on_client(client, mask))
+
+    def on_client(self, client: _Client, mask: int) -> None:
+        if self.clients.get(client.conn.fileno()) is not client:
+            return
+        if mask & selectors.EVENT_READ and not client.answer:
             try:
-                conn.sendall(json.dumps(self.snapshot()).encode() + b"\n")
+                data = client.conn.recv(65536)
+            except (BlockingIOError, InterruptedError):
+                return
             except OSError:
-                pass
+                data = b""
+            if not data or len(client.request) > 65536:
+                self.drop(client)
+                return
+            client.request += data
+            if b"\n" not in client.request:
+                return
+            try:
+                request = json.loads(client.request.split(b"\n", 1)[0])
+                if not isinstance(request, dict):
+                    raise ValueError("not an object")
+                answer = self.handle(request)
+            except ValueError as e:
+                answer = {"error": f"bad request: {e}"}
+            client.answer = json.dumps(answer).encode() + b"\n"
+            self.unwatch(client.conn.fileno())
+            self.watch(client.conn.fileno(), selectors.EVENT_WRITE,
+                       lambda m: self.on_client(client, m))
+        if client.answer:
+            try:
+                n = client.conn.send(client.answer)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                n = len(client.answer)
+            client.answer = client.answer[n:]
+            if not client.answer:
+                self.drop(client)
+
+    def tick(self, now: float) -> None:
+        for client in list(self.clients.values()):
+            if now - client.since > CLIENT_TIMEOUT:
+                self.drop(client)
+
+    def drop(self, client: _Client) -> None:
+        fd = client.conn.fileno()
+        if self.clients.pop(fd, None) is client:
+            self.unwatch(fd)
+        client.conn.close()
 
     def close(self) -> None:
+        for client in list(self.clients.values()):
+            self.drop(client)
         self.sock.close()
+        if self.spare is not None:
+            os.close(self.spare)
         try:
             os.unlink(self.path)
         except FileNotFoundError:
             pass
 
 
-def query(plugin: str, runtime_dir: str = "", timeout: float = 3.0) -> Snapshot:
-    """Ask the supervisor of ``plugin`` for its snapshot."""
-    path = os.path.join(runtime_dir or tempfile.gettempdir(), f"kuiper_pool-{os.getuid()}",
-                        f"{plugin}.sock")
+def request(plugin: str, req: Dict[str, Any], runtime_dir: str = "", timeout: float = 3.0) -> Any:
+    """Send ``req`` to the supervisor of ``plugin``; its answer."""
+    paths = [socket_path(plugin, base=b) for b in _bases(runtime_dir)]
+    live = [p for p in paths if os.path.exists(p)]
+    if not live:
+        first = paths[0] if paths else socket_path(plugin, base=os.path.join(
+            runtime_dir or tempfile.gettempdir(), f"kuiper_pool-{os.getuid()}"))
+        raise StatusError(f"no kuiper_pool supervisor is running for plugin {plugin} (no {first})")
+    path = live[0]
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.settimeout(timeout)
         try:
             s.connect(path)
+            s.sendall(json.dumps(req).encode() + b"\n")
             chunks = []
             while True:
                 data = s.recv(65536)
                 if not data:
                     break
                 chunks.append(data)
-        except FileNotFoundError:
-            raise StatusError(f"no kuiper_pool supervisor is running for plugin {plugin} "
-                              f"(no {path})") from None
         except ConnectionRefusedError:
             raise StatusError(f"the supervisor of plugin {plugin} is not running "
                               f"(stale {path})") from None
@@ -110,6 +243,11 @@ def query(plugin: str, runtime_dir: str = "", timeout: float = 3.0) -> Snapshot:
         return json.loads(b"".join(chunks))
     except ValueError:
         raise StatusError(f"the supervisor of plugin {plugin} gave an unreadable answer") from None
+
+
+def query(plugin: str, runtime_dir: str = "", timeout: float = 3.0) -> Snapshot:
+    """Ask the supervisor of ``plugin`` for its snapshot."""
+    return request(plugin, {"cmd": "status"}, runtime_dir, timeout)
 
 
 def prometheus(snap: Snapshot) -> str:

@@ -20,7 +20,7 @@ import selectors
 import signal
 import socket
 import time
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from .. import wire
 from ..api import PluginConfig
@@ -149,7 +149,9 @@ class Supervisor:
     def open_status(self) -> None:
         try:
             path = socket_path(self.plugin.name, self.s.runtime_dir)
-            self.status = StatusServer(path, self.snapshot)
+            self.status = StatusServer(path, self.on_status_request,
+                                       lambda fd, ev, cb: self.register(fd, cb, None, ev),
+                                       self.unregister)
         except OSError as e:
             self.log.warning("plugin %s: no status socket: %s; serving without it", self.plugin.name, e)
             return
@@ -162,6 +164,33 @@ class Supervisor:
             except OSError as e:
                 self.log.error("plugin %s: metrics_address %s: %s; serving without metrics",
                                self.plugin.name, self.s.metrics_address, e)
+
+    def on_status_request(self, req: Dict[str, Any]) -> Any:
+        """What ``kuiper-pool status`` and ``kuiper-pool restart`` ask over the status socket."""
+        if req.get("cmd") == "status":
+            return self.snapshot()
+        if req.get("cmd") == "restart":
+            symbol = req.get("symbol")
+            return {"lines": self.restart(symbol if isinstance(symbol, str) and symbol else None)}
+        return {"error": f"unknown request {req.get('cmd')!r}"}
+
+    def restart(self, symbol: Optional[str]) -> List[str]:
+        """Restart the instances of ``symbol`` (all without one) now: failed or backing-off
+        ones start at once, running workers are recycled. One line per instance."""
+        lines = []
+        for inst in list(self.instances.values()):
+            if symbol is not None and inst.ctrl.symbol != symbol:
+                continue
+            before, done = inst.state, []
+            self.guarded("restart", inst, lambda i=inst: done.append(i.retry_now()))
+            what = "restarting" if done and done[0] else "nothing to restart"
+            lines.append(f"{inst.where()}: {before}: {what}")
+            if done and done[0]:
+                self.note(inst, logging.WARNING, "restart requested by an operator (was %s)", before)
+        if not lines:
+            lines.append(f"plugin {self.plugin.name} has no instance"
+                         + (f" of {symbol}" if symbol else ""))
+        return lines
 
     def open_control(self) -> None:
         url = wire.control_url(self.plugin.name)
@@ -456,6 +485,8 @@ class Supervisor:
         if now - self.last_sample >= self.s.sample_interval:
             self.last_sample = now
             self.sample()
+        if self.status is not None:
+            self.status.tick(now)
         if self.control is not None:
             self.control.tick(now)
             if self.control.connected():

@@ -35,6 +35,24 @@ def cmd_status(args: argparse.Namespace) -> int:
         time.sleep(args.interval)
 
 
+def cmd_restart(args: argparse.Namespace) -> int:
+    from ..runtime.status import StatusError, request
+
+    try:
+        answer = request(args.plugin, {"cmd": "restart", "symbol": args.symbol}, args.runtime_dir)
+    except StatusError as e:
+        print(f"kuiper-pool restart: {e}", file=sys.stderr)
+        return EXIT_FAIL
+    lines = answer.get("lines") if isinstance(answer, dict) else None
+    if not lines:
+        print(f"kuiper-pool restart: {answer.get('error') if isinstance(answer, dict) else answer}",
+              file=sys.stderr)
+        return EXIT_FAIL
+    for line in lines:
+        print(line)
+    return EXIT_OK if any(line.endswith(": restarting") for line in lines) else EXIT_FAIL
+
+
 def _plugin_dir(args: argparse.Namespace) -> str:
     """The plugin folder argument; a usage error (exit 2) if it is not a folder."""
     if not os.path.isdir(args.plugin_dir):
@@ -84,12 +102,25 @@ def _duration(seconds: float) -> str:
     return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
 
 
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("kuiper-pool")
+    except Exception:  # noqa: BLE001 - not installed (run from a checkout)
+        from .. import __version__
+
+        return __version__
+
+
 COMMANDS: Dict[str, Callable[[argparse.Namespace], int]] = {
-    "try": cmd_try, "status": cmd_status, "package": cmd_package, "validate": cmd_validate}
+    "try": cmd_try, "status": cmd_status, "restart": cmd_restart, "package": cmd_package,
+    "validate": cmd_validate}
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kuiper-pool", description=__doc__)
+    p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
     t = sub.add_parser("try", help="run a plugin's rule.json through the embedded eKuiper stand-in",
                        description="Start the plugin exactly as eKuiper does, run the small rule "
@@ -107,6 +138,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--watch", action="store_true", help="refresh until interrupted")
     s.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes")
     s.add_argument("--runtime-dir", default="", help="the plugin's runtime_dir setting, if set")
+    r = sub.add_parser("restart", help="restart a running plugin's instances now",
+                       description="Ask the supervisor of a running plugin to restart the "
+                                   "instances of one symbol (all instances without one): failed "
+                                   "or backing-off instances start at once, running workers are "
+                                   "replaced gracefully. One line per instance. Exit status: 0 "
+                                   "something restarted, 1 nothing to restart or no supervisor.")
+    r.add_argument("plugin", help="the plugin's name")
+    r.add_argument("symbol", nargs="?", help="a source, sink or function symbol of the plugin")
+    r.add_argument("--runtime-dir", default="", help="the plugin's runtime_dir setting, if set")
     k = sub.add_parser("package", help="build the zip eKuiper installs",
                        description="Check the plugin folder as eKuiper's installer would and build "
                                    "the zip: <name>.json at the root, the executable and the "
