@@ -6,6 +6,7 @@ lives here, so the rest of the package speaks in parsed values.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional
 
@@ -91,58 +92,125 @@ class Control:
         return cls(**d)
 
 
-def parse_command(raw: bytes) -> Control:
-    """Decode ``{"cmd", "arg": "<Control JSON>"}``; raise ProtocolError with a one-line reason."""
+# Limits on what eKuiper's bytes may make us decode. Go's encoder nests up to 10000 levels;
+# Python's json recurses once per level (RecursionError near 1000), and the config is
+# encoded again on its way to the worker, deeper in the stack: refuse beyond MAX_DEPTH.
+MAX_COMMAND_BYTES = 16 << 20
+MAX_DEPTH = 256
+MAX_INSTANCE_ID = (1 << 63) - 1  # eKuiper's instanceId is a Go int
+_SYMBOL = re.compile(r'"symbolName"\s*:\s*"([^"\\]{1,200})"')
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _depth(value: Any) -> int:
+    """How deep lists and dicts nest in a decoded value (iterative: no recursion limit)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else None
+        if children is not None:
+            deepest = max(deepest, depth)
+            stack.extend((child, depth + 1) for child in children)
+    return deepest
+
+
+def _decode_json(text: str, what: str) -> Any:
+    """``json.loads`` that raises only ProtocolError (NaN and Infinity are not JSON either)."""
     try:
-        cmd = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ProtocolError(f"command is not JSON: {e}") from None
+        value = json.loads(text, parse_constant=_refuse_constant)
+        too_deep = _depth(value) > MAX_DEPTH
+    except RecursionError:
+        too_deep = True
+    except ValueError as e:
+        raise ProtocolError(f"{what} is not JSON: {e}") from None
+    if too_deep:
+        found = next(iter(_SYMBOL.findall(text)), "")
+        named = f" of symbol {found}" if found else ""
+        raise ProtocolError(f"{what}{named} nests deeper than {MAX_DEPTH} levels")
+    return value
+
+
+def _name(value: Any, what: str, where: str) -> str:
+    """A non-empty name that can become part of a socket path and of a log line."""
+    if not isinstance(value, str) or not value:
+        raise ProtocolError(f"{where}command has no {what} (a non-empty string)")
+    if any(ord(ch) < 32 for ch in value):  # a NUL would silently cut a socket path short
+        raise ProtocolError(f"{where}{what} {value!r} has a control character"[:300])
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ProtocolError(f"{where}{what} {value!r} is not valid Unicode"[:300]) from None
+    return value
+
+
+def parse_command(raw: bytes) -> Control:
+    """Decode ``{"cmd", "arg": "<Control JSON>"}``; for anything else raise ProtocolError
+    with a one-line reason (and nothing else, whatever the bytes)."""
+    if not isinstance(raw, (bytes, bytearray, memoryview)):
+        raise ProtocolError(f"command is {type(raw).__name__}, not bytes")
+    if not raw:
+        raise ProtocolError("command is empty")
+    if len(raw) > MAX_COMMAND_BYTES:
+        raise ProtocolError(f"command of {len(raw)} bytes is larger than {MAX_COMMAND_BYTES}")
+    try:
+        text = bytes(raw).decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ProtocolError(f"command is not UTF-8 JSON: {e}") from None
+    cmd = _decode_json(text, "command")
     if not isinstance(cmd, dict):
         raise ProtocolError("command is not a JSON object")
     name = cmd.get("cmd")
     if name not in (CMD_START, CMD_STOP):
-        raise ProtocolError(f"unknown command {name!r}")
+        raise ProtocolError(f"unknown command {name!r}"[:300])
     arg = cmd.get("arg")
-    try:
-        ctrl = json.loads(arg) if isinstance(arg, (str, bytes)) else None
-    except ValueError as e:
-        raise ProtocolError(f"command arg is not JSON: {e}") from None
+    if not isinstance(arg, str):
+        raise ProtocolError("command arg is not a JSON object in a string")
+    ctrl = _decode_json(arg, "command arg")
     if not isinstance(ctrl, dict):
         raise ProtocolError("command arg is not a JSON object")
-    symbol = ctrl.get("symbolName")
-    if not isinstance(symbol, str) or not symbol:
-        raise ProtocolError("command has no symbolName")
+    symbol = _name(ctrl.get("symbolName"), "symbolName", "")
     ptype = ctrl.get("pluginType")
     if ptype not in PLUGIN_TYPES:
-        raise ProtocolError(f"unknown plugin type {ptype!r} for symbol {symbol}")
-    meta = ctrl.get("meta")
+        raise ProtocolError(f"unknown plugin type {ptype!r} for symbol {symbol}"[:300])
+    where = f"{ptype} {symbol}: "
     rule_id = op_id = ""
     instance_id = 0
     if ptype != TYPE_FUNC:
+        meta = ctrl.get("meta")
         if not isinstance(meta, dict):
-            raise ProtocolError(f"{ptype} {symbol}: command has no meta")
-        rule_id, op_id, instance_id = meta.get("ruleId"), meta.get("opId"), meta.get("instanceId", 0)
-        if not isinstance(rule_id, str) or not rule_id or not isinstance(op_id, str) or not op_id:
-            raise ProtocolError(f"{ptype} {symbol}: meta needs ruleId and opId")
-        if not isinstance(instance_id, int) or isinstance(instance_id, bool):
-            raise ProtocolError(f"{ptype} {symbol}: meta instanceId must be an integer")
-    config = ctrl.get("config") or {}
+            raise ProtocolError(f"{where}command has no meta")
+        rule_id = _name(meta.get("ruleId"), "meta ruleId", where)
+        op_id = _name(meta.get("opId"), "meta opId", where)
+        instance_id = meta.get("instanceId", 0)
+        if (not isinstance(instance_id, int) or isinstance(instance_id, bool)
+                or not 0 <= instance_id <= MAX_INSTANCE_ID):
+            raise ProtocolError(f"{where}meta instanceId must be an integer from 0 to "
+                                f"{MAX_INSTANCE_ID}, got {instance_id!r}"[:300])
+    config = ctrl.get("config")
+    if config is None:
+        config = {}
     if not isinstance(config, dict):
-        raise ProtocolError(f"{ptype} {symbol}: config must be a JSON object")
-    data_source = ctrl.get("dataSource") or ""
-    return Control(name, symbol, ptype, rule_id, op_id, instance_id,
-                   data_source if isinstance(data_source, str) else "", config)
+        raise ProtocolError(f"{where}config must be a JSON object, got {type(config).__name__}")
+    data_source = ctrl.get("dataSource")
+    if data_source is None:
+        data_source = ""
+    if not isinstance(data_source, str):
+        raise ProtocolError(f"{where}dataSource must be a string, got {type(data_source).__name__}")
+    return Control(name, symbol, ptype, rule_id, op_id, instance_id, data_source, config)
 
 
 def one_line(text: str, limit: int = 2000) -> bytes:
     """An error answer: one line (eKuiper shows it to the user as is)."""
     flat = " ".join(str(text).split())
-    return (flat[:limit] or "error").encode()
+    return (flat[:limit] or "error").encode("utf-8", "backslashreplace")
 
 
 def require_ack(config: Dict[str, Any]) -> bool:
-    """eKuiper casts the sink's props to ``{requireAck bool}``."""
-    value = config.get("requireAck", False)
+    """eKuiper casts the sink's props to ``{requireAck bool}``; odd types never raise."""
+    value = config.get("requireAck", False) if isinstance(config, dict) else False
     if isinstance(value, str):
         return value.lower() == "true"
     return bool(value)
