@@ -177,3 +177,10 @@ def test_one_line_is_one_utf8_line(text):
     line = wire.one_line(text)
     assert b"\n" not in line and b"\r" not in line and line
     line.decode("utf-8")
+
+
+@given(json_values | st.floats() | st.builds(object))
+@EXAMPLES
+def test_func_reply_is_always_strict_json(result):
+    reply = json.loads(wire.func_reply(True, result), parse_constant=lambda c: pytest.fail(c))
+    assert set(reply) == {"state", "result"} and isinstance(reply["state"], bool)
