@@ -206,8 +206,24 @@ class Settings:
     metrics_address: str
     runtime_dir: str
 
+    symbols: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
+
     def as_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def for_symbol(self, symbol: str) -> "Settings":
+        """The settings of one symbol's instances: these, with its ``symbols:`` overrides."""
+        overrides = self.symbols.get(symbol)
+        return dataclasses.replace(self, **overrides) if overrides else self
+
+
+# What a ``symbols: {<symbol>: {...}}`` entry may override: everything that is decided per
+# instance (how workers are made, the transport, logging and files are the plugin's).
+PER_SYMBOL = frozenset((
+    "stop_grace", "heartbeat_interval", "heartbeat_misses", "call_deadline", "collect_deadline",
+    "start_timeout", "restart_backoff_initial", "restart_backoff_min", "restart_backoff_max",
+    "restart_jitter", "flap_max_restarts", "flap_window", "failed_retry_min", "failed_retry_max",
+    "memory_limit_mb", "max_calls", "sink_window", "sink_max_deliveries"))
 
 
 _BY_NAME: Dict[str, Setting] = {s.name: s for s in SETTINGS}
@@ -242,10 +258,36 @@ def load_settings(script_dir: Optional[str] = None, overrides: Optional[Mapping[
     values = {s.name: s.default for s in SETTINGS}
     sources = dict.fromkeys(values, "defaults")
 
+    symbols: Dict[str, Dict[str, Any]] = {}
+    symbol_sources: Dict[str, Dict[str, str]] = {}
+
     def put(key: Any, raw: Any, source: str) -> None:
+        if key == "symbols":
+            put_symbols(raw, source)
+            return
         if key not in _BY_NAME:
-            raise _unknown(key, source, _BY_NAME)
+            raise _unknown(key, source, list(_BY_NAME) + ["symbols"])
         values[key], sources[key] = _BY_NAME[key].validate(raw, source), source
+
+    def put_symbols(raw: Any, source: str) -> None:
+        if not isinstance(raw, dict):
+            raise ConfigError(f"kuiper_pool config: symbols must be a mapping of symbol name to "
+                              f"settings (got {raw!r} from {source})")
+        for symbol, table in raw.items():
+            where = f"symbols.{symbol}"
+            if not isinstance(symbol, str) or not isinstance(table, dict):
+                raise ConfigError(f"kuiper_pool config: {where} must be a mapping of setting: value "
+                                  f"(got {table!r} from {source})")
+            for key, value in table.items():
+                if key not in PER_SYMBOL:
+                    what = "is not a per-symbol setting" if key in _BY_NAME else "is not a setting"
+                    raise ConfigError(f"kuiper_pool config: {where}.{key} {what} (from {source}; "
+                                      f"per-symbol: {', '.join(sorted(PER_SYMBOL))})")
+                try:
+                    symbols.setdefault(symbol, {})[key] = _BY_NAME[key].validate(value, source)
+                except ConfigError as e:
+                    raise ConfigError(str(e).replace(f"config: {key} ", f"config: {where}.{key} ", 1)) from None
+                symbol_sources.setdefault(symbol, {})[key] = source
 
     path = env.get(CONFIG_ENV) or None
     if path is not None and not os.path.isfile(path):
@@ -262,11 +304,20 @@ def load_settings(script_dir: Optional[str] = None, overrides: Optional[Mapping[
             values[name], sources[name] = _BY_NAME[name].parse(env[var], source), source
     for key, raw in (overrides or {}).items():
         put(key, raw, "overrides")
-    lo, hi = values["restart_backoff_min"], values["restart_backoff_max"]
-    if hi < lo:
-        raise ConfigError(f"kuiper_pool config: restart_backoff_max must be >= restart_backoff_min (got {hi} "
-                          f"from {sources['restart_backoff_max']} < {lo} from {sources['restart_backoff_min']})")
-    return Settings(**values)
+    _check_ranges(values, sources, "")
+    for symbol, table in symbols.items():
+        _check_ranges({**values, **table}, {**sources, **symbol_sources[symbol]}, f"symbols.{symbol}.")
+    return Settings(**values, symbols=symbols)
+
+
+def _check_ranges(values: Mapping[str, Any], sources: Mapping[str, str], prefix: str) -> None:
+    """Settings that bound each other: the upper one must not be below the lower one."""
+    for lo_key, hi_key in (("restart_backoff_min", "restart_backoff_max"),
+                           ("failed_retry_min", "failed_retry_max")):
+        lo, hi = values[lo_key], values[hi_key]
+        if hi < lo:
+            raise ConfigError(f"kuiper_pool config: {prefix}{hi_key} must be >= {prefix}{lo_key} "
+                              f"(got {hi} from {sources[hi_key]} < {lo} from {sources[lo_key]})")
 
 
 def render_defaults_yaml() -> str:
@@ -288,4 +339,11 @@ def render_defaults_yaml() -> str:
             lines += textwrap.wrap(text, 90, initial_indent="# ", subsequent_indent="# ",
                                    break_long_words=False, break_on_hyphens=False)
         lines.append(f"{s.name}: {json.dumps(s.default)}")
+    lines += ["", "# ==== symbols: per-symbol policy ====", ""]
+    text = ("Overrides of per-instance settings for the instances of one symbol, e.g. "
+            "symbols: {heavy: {call_deadline: 10, memory_limit_mb: 2048}}. Per-symbol settings: "
+            + ", ".join(sorted(PER_SYMBOL)) + ". Not settable from the environment.")
+    lines += textwrap.wrap(text, 90, initial_indent="# ", subsequent_indent="# ",
+                           break_long_words=False, break_on_hyphens=False)
+    lines.append("symbols: {}")
     return "\n".join(lines) + "\n"

@@ -238,10 +238,6 @@ def source_message(message: Any, meta: Optional[dict]) -> bytes:
     return dumps({"message": message, "meta": meta})
 
 
-def source_error(error: str) -> bytes:
-    return dumps({"error": str(error)})
-
-
 def sink_ack_error(error: str) -> bytes:
     return dumps({"error": str(error)})
 

@@ -28,7 +28,7 @@ def assert_one_line(err: ConfigError, *parts: str) -> None:
 # --- registry and dataclass -------------------------------------------------------------
 
 def test_settings_fields_mirror_registry():
-    fields = dataclasses.fields(Settings)
+    fields = [f for f in dataclasses.fields(Settings) if f.name != "symbols"]  # the per-symbol table
     assert [f.name for f in fields] == [s.name for s in SETTINGS]
     assert [f.type for f in fields] == [s.type.__name__ for s in SETTINGS]
 
@@ -43,7 +43,7 @@ def test_registry_defaults_pass_their_own_validation_and_sections_are_contiguous
 
 def test_defaults_load():
     s = load_settings(environ={})
-    assert s.as_dict() == DEFAULTS
+    assert s.as_dict() == {**DEFAULTS, "symbols": {}}
     assert s == Settings(**DEFAULTS)
     assert (s.start_method, s.heartbeat_interval, s.sink_window, s.metrics_address) == ("fork", 0.5, 1000, "")
     with pytest.raises(dataclasses.FrozenInstanceError):
@@ -258,8 +258,8 @@ def test_repo_file_equals_rendering():
 def test_rendering_parses_back_to_defaults(tmp_path):
     text = render_defaults_yaml()
     parsed = yaml.safe_load(text)
-    assert list(parsed) == [s.name for s in SETTINGS]
-    assert parsed == DEFAULTS
+    assert list(parsed) == [s.name for s in SETTINGS] + ["symbols"]
+    assert parsed == {**DEFAULTS, "symbols": {}}
     assert all(type(parsed[s.name]) is s.type for s in SETTINGS)
     write(tmp_path / "kuiper_pool.yaml", text)
     assert load_settings(str(tmp_path), environ={}) == Settings(**DEFAULTS)
@@ -272,3 +272,35 @@ def test_rendering_documents_every_setting():
     for s in SETTINGS:
         block = text.split(f"\n{s.name}: ")[0].rsplit("\n\n", 1)[1]
         assert block.startswith("# ") and f"Must be {s.expected}." in " ".join(block.replace("# ", "").split())
+
+
+# --- per-symbol policy ---------------------------------------------------------------------------
+
+def test_a_symbol_overrides_per_instance_settings_for_its_instances_only(tmp_path):
+    (tmp_path / "kuiper_pool.yaml").write_text(
+        "call_deadline: 3\nsymbols:\n  heavy:\n    call_deadline: 10\n    memory_limit_mb: 2048\n")
+    s = load_settings(str(tmp_path), environ={})
+    heavy, other = s.for_symbol("heavy"), s.for_symbol("light")
+    assert (heavy.call_deadline, heavy.memory_limit_mb) == (10.0, 2048.0)
+    assert (other.call_deadline, other.memory_limit_mb) == (3.0, 0.0)
+    assert other is s
+
+
+def test_symbols_can_come_from_code_overrides():
+    s = load_settings(overrides={"symbols": {"fn": {"max_calls": 7}}}, environ={})
+    assert s.for_symbol("fn").max_calls == 7 and s.max_calls == 0
+
+
+@pytest.mark.parametrize("symbols, message", [
+    ({"heavy": {"log_level": "DEBUG"}}, "symbols.heavy.log_level is not a per-symbol setting"),
+    ({"heavy": {"call_dedline": 3}}, "symbols.heavy.call_dedline is not a setting"),
+    ({"heavy": {"call_deadline": -1}}, "symbols.heavy.call_deadline must be a number > 0 (got -1"),
+    ({"heavy": 5}, "symbols.heavy must be a mapping of setting: value"),
+    ([1], "symbols must be a mapping of symbol name to settings"),
+    ({"heavy": {"restart_backoff_min": 20.0}},
+     "symbols.heavy.restart_backoff_max must be >= symbols.heavy.restart_backoff_min"),
+])
+def test_bad_symbol_settings_fail_in_one_line_naming_the_key_path(symbols, message):
+    with pytest.raises(ConfigError) as e:
+        load_settings(overrides={"symbols": symbols}, environ={})
+    assert message in str(e.value) and "\n" not in str(e.value)

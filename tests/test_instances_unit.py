@@ -171,6 +171,9 @@ class Recorder:
     def cpu_seconds(self, w: WorkerHandle) -> Optional[float]:
         return self.cpu
 
+    def stack(self, w: WorkerHandle) -> str:
+        return ""
+
     def note(self, inst: Instance, level: int, msg: str, *args: object) -> None:
         self.notes.append(msg % args)
 
@@ -217,6 +220,15 @@ def running(kind: str = wire.TYPE_SINK, **overrides: Any) -> Tuple[Instance, Rec
 
 def beat(inst: Instance, w: WorkerHandle, busy: float = 0.0) -> None:
     inst.on_frame(w, frames.BEAT, json.dumps({"n": 0, "busy": busy, "cpu": 0.0}).encode())
+
+
+def assert_killed(inst: Instance, fx: Recorder, w: WorkerHandle, sig: int) -> None:
+    """A kill dumps the worker's stack first (SIGUSR1), then signals it DUMP_GRACE later."""
+    assert fx.signals == [(w.wid, signal.SIGUSR1)]
+    fx.t += 0.06
+    beat(inst, w)
+    inst.tick(fx.t)
+    assert fx.signals == [(w.wid, signal.SIGUSR1), (w.wid, sig)]
 
 
 def done(inst: Instance, w: WorkerHandle, upto: int) -> None:
@@ -272,7 +284,7 @@ def test_a_start_that_hangs_is_killed_at_start_timeout_and_the_answer_says_why()
     fx.t += 0.2
     beat(inst, w)
     inst.tick(fx.t)
-    assert fx.signals == [(w.wid, signal.SIGTERM)]
+    assert_killed(inst, fx, w, signal.SIGTERM)
     inst.on_exit(w, signal.SIGTERM)
     assert len(answers) == 1 and b"start exceeded start_timeout 10s" in answers[0]
     assert b"signal 15" in answers[0] and inst.state == REMOVED
@@ -404,7 +416,7 @@ def test_a_deadline_and_a_crash_in_the_same_tick_answer_the_call_once():
     inst.on_exit(w, KILLED)                  # ... and its death is reported in the same batch
     reply(inst, w, 1, b'{"state": true, "result": "late"}')
     assert len(req.replies) == 1 and b"call exceeded call_deadline 4s" in req.replies[0]
-    assert fx.signals == [(w.wid, signal.SIGKILL)]  # a function has no close() to wait for
+    assert fx.signals == [(w.wid, signal.SIGUSR1)]  # its stack was asked for; it died before the kill
     assert inst.state == STARTING and inst.restart_causes == {"deadline": 1}
 
 
@@ -561,7 +573,7 @@ def test_a_silent_worker_busy_on_the_cpu_is_left_alone_and_an_idle_one_is_killed
     assert fx.signals == []
     fx.t += 2.5  # the next window: no CPU used
     inst.tick(fx.t)
-    assert fx.signals == [(w.wid, signal.SIGTERM)]
+    assert_killed(inst, fx, w, signal.SIGTERM)
     assert "hung: no heartbeat" in w.kill_reason and "of CPU in the last" in w.kill_reason
 
 
@@ -620,7 +632,8 @@ def test_a_call_overrunning_on_a_lent_connection_is_killed_after_two_ticks_and_a
     fx.t += 0.05
     beat(inst, w)
     inst.tick(fx.t)
-    assert fx.signals == [(w.wid, signal.SIGKILL)] and "call_deadline" in w.kill_reason
+    assert_killed(inst, fx, w, signal.SIGKILL)
+    assert "call_deadline" in w.kill_reason
     inst.on_exit(w, KILLED)
     fx.channels[1].calls.append(b"slow")
     inst.on_call()

@@ -13,6 +13,8 @@ class WorkerContext(Context):
 
     A source emits straight to eKuiper's socket (``send``); a sink's acks go to
     the supervisor over the worker link, which forwards exactly one per item.
+    ``emit_error`` sends nothing: eKuiper 2.x would decode ``{"error": ...}`` as an empty
+    row and ingest it; the error is logged and counted (``errors``) instead.
     """
 
     def __init__(self, symbol: str, rule_id: str, op_id: str, instance_id: int,
@@ -23,6 +25,7 @@ class WorkerContext(Context):
         self._send = send
         self._ack = ack
         self.closing = False
+        self.errors = 0
 
     def get_rule_id(self) -> str:
         return self._rule_id
@@ -45,8 +48,9 @@ class WorkerContext(Context):
     def emit_error(self, error: str) -> None:
         if self._send is None:
             raise RuntimeError("emit_error is only available to sources")
-        if not self.closing:
-            self._send(wire.source_error(error))
+        self.errors += 1
+        self._logger.error("emit_error: %s (not sent: eKuiper 2.x would ingest it as an empty row)",
+                           " ".join(str(error).split()))
 
     def ack_ok(self) -> None:
         if self._ack is not None:

@@ -30,6 +30,7 @@ from .. import wire
 from ..config import Settings
 from . import frames
 from .callpage import IDLE, EXECUTING, CallPage, call_crc
+from .forensics import DUMP_SIGNAL
 from .health import KILL, RECYCLE, RestartPolicy, Vitals, verdict
 from .routes import FunctionRoute, SinkRoute
 from .zygote import describe_status
@@ -46,6 +47,7 @@ REMOVED = "removed"     # forgotten by the supervisor; every later event is stal
 Answer = Callable[[bytes], None]
 Route = Union[SinkRoute, FunctionRoute]
 KINDS = {wire.TYPE_SOURCE: "source", wire.TYPE_SINK: "sink", wire.TYPE_FUNC: "function"}
+DUMP_GRACE = 0.05   # seconds a worker gets to write its stack before it is killed
 
 
 class TransitionError(RuntimeError):
@@ -66,6 +68,8 @@ class WorkerHandle:
         self.kill_at = 0.0          # when to escalate to SIGKILL
         self.page: Optional[CallPage] = None   # a function worker's call page (lent routes)
         self.call_seq = -1          # the page's call seen executing on the previous tick
+        self.pending_signal = 0     # sent at signal_at, once its stack has been dumped
+        self.signal_at = 0.0
 
 
 class Effects(Protocol):
@@ -81,6 +85,7 @@ class Effects(Protocol):
     def close_route(self, inst: "Instance", route: Route) -> None: ...
     def forget(self, inst: "Instance") -> None: ...
     def cpu_seconds(self, w: WorkerHandle) -> Optional[float]: ...
+    def stack(self, w: WorkerHandle) -> str: ...   # the plugin frames of its last dump, or ""
     def note(self, inst: "Instance", level: int, msg: str, *args: object) -> None: ...
 
 
@@ -279,7 +284,9 @@ class Instance:
             return
         self.worker = None
         how = describe_status(status)
-        self._take_back(w, how)
+        at = self.fx.stack(w)  # the plugin code it was in, when it crashed or was killed
+        cause = (w.kill_reason or w.fault or "exited unexpectedly") + (f" (at {at})" if at else "")
+        self._take_back(w, how, cause)
         if self.kind == wire.TYPE_SOURCE:  # keep what this worker emitted
             self.items_in += w.vitals.processed
             self.items_out += w.vitals.processed
@@ -296,7 +303,6 @@ class Instance:
             self.fx.note(self, logging.INFO, "worker pid %d recycled (%s): %s", w.pid, how, w.kill_reason)
             self._spawn()
         elif self.state == STARTING and self.pending is not None:  # died before READY, first start
-            cause = w.kill_reason or w.fault or "no error reported"
             text = f"{self.where()}: worker pid {w.pid} exited with {how} before it was ready: {cause}"
             self.last_error = " ".join(text.split())
             self.fx.note(self, logging.WARNING, "start refused: %s", self.last_error)
@@ -306,7 +312,7 @@ class Instance:
             self._move(ENDED, "source ended", RUNNING)
             self.fx.note(self, logging.INFO, "ended: open returned (worker pid %d)", w.pid)
         elif self.state in (STARTING, RUNNING):
-            self._crashed(w, how, w.kill_reason or w.fault or "exited unexpectedly")
+            self._crashed(w, how, cause)
         else:
             raise TransitionError(f"{self.where()}: worker exit in state {self.state}")
 
@@ -373,18 +379,22 @@ class Instance:
         return False
 
     def kill(self, w: WorkerHandle, why: str) -> None:
-        """SIGTERM now, SIGKILL after stop_grace; answer a call it holds right away."""
+        """Dump its stack, SIGTERM (a function: SIGKILL) DUMP_GRACE later, SIGKILL after
+        stop_grace; answer a relayed call it holds right away."""
         if w.kill_reason:
             return
         w.kill_reason = why
-        w.kill_at = self.fx.now() + self.s.stop_grace
+        now = self.fx.now()
+        w.kill_at = now + DUMP_GRACE + self.s.stop_grace
         self.fx.note(self, logging.WARNING, "killing worker pid %d: %s", w.pid, why)
         route = self.route
         if isinstance(route, FunctionRoute) and route.call is not None and route.forwarded:
             self.errors += 1
             route.reply(wire.func_error(f"{self.where()}: {why}; the worker is being replaced"))
+        self.fx.signal(w, DUMP_SIGNAL)
         # a function has no close to run, and a lent call is answered after the exit
-        self.fx.signal(w, signal.SIGKILL if self.kind == wire.TYPE_FUNC else signal.SIGTERM)
+        w.pending_signal = signal.SIGKILL if self.kind == wire.TYPE_FUNC else signal.SIGTERM
+        w.signal_at = now + DUMP_GRACE
 
     def _recycle(self, w: WorkerHandle, why: str) -> None:
         self._move(RECYCLING, "recycle", RUNNING)
@@ -522,7 +532,7 @@ class Instance:
         elif route.call is not None:
             self._forward(w, route)
 
-    def _take_back(self, w: WorkerHandle, how: str) -> None:
+    def _take_back(self, w: WorkerHandle, how: str, cause: str = "") -> None:
         """A function worker that held eKuiper's connection is gone (or lost it): count its
         calls, remember a call it had begun, and dial eKuiper again."""
         route = self.route
@@ -536,7 +546,6 @@ class Instance:
             self.items_out += st.done
             self.errors += st.failed
             if how and st.state != IDLE:
-                cause = w.kill_reason or w.fault or "exited unexpectedly"
                 owed = (st.crc, f"{self.where()}: worker pid {w.pid} died during the call "
                                  f"({how}; {cause}); it is being restarted")
             w.page, page = None, None
@@ -588,6 +597,9 @@ class Instance:
             return
         if w is None:
             return
+        if w.pending_signal and now >= w.signal_at:
+            self.fx.signal(w, w.pending_signal)
+            w.pending_signal = 0
         if w.kill_at and now >= w.kill_at:
             w.kill_at = 0.0
             w.kill_reason = w.kill_reason or f"did not exit within stop_grace {self.s.stop_grace:g}s"

@@ -25,7 +25,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 from .. import wire
 from ..api import PluginConfig
 from ..config import Settings
-from . import callpage, frames
+from . import callpage, forensics, frames
 from .instances import (FAILED, ENDED, KINDS, REMOVED, STOPPING, Instance, Route,
                         WorkerHandle)
 from ..logs import supervisor_logger
@@ -270,7 +270,7 @@ class Supervisor:
             return
         if inst is not None:
             self.guarded("start", inst, inst.remove)
-        inst = Instance(self.plugin.name, ctrl, self.s, self)
+        inst = Instance(self.plugin.name, ctrl, self.s.for_symbol(ctrl.symbol), self)
         self.instances[ctrl.key] = inst
         self.guarded("start", inst, inst.begin, answer)
 
@@ -306,6 +306,7 @@ class Supervisor:
             "control": inst.ctrl.to_dict(), "heartbeat_interval": inst.s.heartbeat_interval,
             "stop_grace": inst.s.stop_grace, "dial_timeout": self.s.dial_timeout,
             "max_calls": inst.s.max_calls, "transport": self.s.transport,
+            "dump_path": forensics.dump_path(self.zygote.rundir, wid),
             "call_page": self.lends_functions and inst.kind == wire.TYPE_FUNC})
         if self.lends_functions and inst.kind == wire.TYPE_FUNC:
             fd = callpage.create()
@@ -407,6 +408,9 @@ class Supervisor:
             return t.user + t.system
         except Exception:  # noqa: BLE001 - psutil.Error: gone or not readable
             return None
+
+    def stack(self, w: WorkerHandle) -> str:
+        return forensics.user_frames(forensics.read(forensics.dump_path(self.zygote.rundir, w.wid)))
 
     def note(self, inst: Instance, level: int, msg: str, *args: object) -> None:
         """Log about one instance: plugin, symbol and rule in the record, pid in the text."""

@@ -24,6 +24,7 @@ from ..api import PluginConfig
 from ..transport import TransportError, TransportTimeout
 from ..transport import load as load_transport
 from ..transport.sp import ReqConnection
+from . import forensics
 from .callpage import CallPage, call_crc
 from .context import WorkerContext
 
@@ -46,6 +47,7 @@ class Worker:
         self.spec = spec
         self.processed = 0
         self.busy_since = 0.0
+        self.ctx: Optional[WorkerContext] = None  # a source's: its emit_error count is reported
         self.stopped = threading.Event()
         self.log = logs.instance_logger(self.ctrl.symbol, self.ctrl.rule_id or None,
                                         self.ctrl.op_id, self.ctrl.instance_id)
@@ -60,7 +62,8 @@ class Worker:
             t = os.times()  # the supervisor compares it with psutil's: busy or hung
             try:
                 self.link.send(frames.encode_json(frames.BEAT, {
-                    "n": self.processed, "busy": self.busy_since, "cpu": t.user + t.system}))
+                    "n": self.processed, "busy": self.busy_since, "cpu": t.user + t.system,
+                    "e": self.ctx.errors if self.ctx is not None else 0}))
             except OSError:
                 os._exit(EXIT_ORPHAN)
 
@@ -85,6 +88,8 @@ def run(link_sock: socket.socket, plugin: PluginConfig) -> int:
     if first is None or first[0] != frames.START:
         return EXIT_ORPHAN
     spec = json.loads(first[1])
+    if spec.get("dump_path"):
+        forensics.install(spec["dump_path"])
     worker = Worker(link, plugin, spec)
     threading.Thread(target=worker.heartbeat, args=(spec["heartbeat_interval"], os.getppid()),
                      daemon=True, name="kuiper_pool-heartbeat").start()
@@ -139,7 +144,7 @@ def run_source(worker: Worker, source: Any) -> int:
                 if ctx.closing:
                     return
 
-    ctx = WorkerContext(ctrl.symbol, ctrl.rule_id, ctrl.op_id, ctrl.instance_id, send=send)
+    ctx = worker.ctx = WorkerContext(ctrl.symbol, ctrl.rule_id, ctrl.op_id, ctrl.instance_id, send=send)
     opened = threading.Event()
     threading.Thread(target=_watch_stop, args=(worker, source, ctx, opened),
                      daemon=True, name="kuiper_pool-stop").start()

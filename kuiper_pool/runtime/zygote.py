@@ -91,6 +91,7 @@ class Zygote:
                 os._exit(code)
         child_end.close()
         self.pid = pid
+        self.rundir = rundir
         self.sock = parent_end
         self.sock.setblocking(False)
 

@@ -1,0 +1,74 @@
+"""Where a worker was when it crashed, hung or overran: ``faulthandler`` in every worker,
+written to a per-worker file in the private run directory, read by the supervisor.
+
+A fatal signal (segfault, abort) makes faulthandler write the Python stack of every thread
+there; before killing a hung or overrunning worker the supervisor sends SIGUSR1, which
+writes the same dump (faulthandler's handler is C code: it runs even while a C call holds
+the GIL). :func:`user_frames` picks the innermost frames of the plugin's own code for the
+log line and the status ``last_error``.
+"""
+from __future__ import annotations
+
+import faulthandler
+import os
+import re
+import signal
+import sysconfig
+from typing import IO, List, Optional
+
+DUMP_SIGNAL = signal.SIGUSR1
+_FRAME = re.compile(r'^\s+File "(?P<file>[^"]+)", line (?P<line>\d+) in (?P<func>\S+)')
+_PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_STDLIB = tuple(p for p in {sysconfig.get_path("stdlib"), sysconfig.get_path("platstdlib")} if p)
+
+_dump: Optional[IO[bytes]] = None   # kept open for the life of the worker
+
+
+def dump_path(rundir: str, wid: int) -> str:
+    return os.path.join(rundir, f"stack-{wid}.txt")
+
+
+def install(path: str) -> None:
+    """In a worker: crashes and SIGUSR1 write every thread's stack to ``path`` (0600)."""
+    global _dump
+    _dump = open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb", buffering=0)
+    faulthandler.enable(file=_dump, all_threads=True)
+    faulthandler.register(DUMP_SIGNAL, file=_dump, all_threads=True, chain=False)
+
+
+def read(path: str) -> str:
+    """A worker's dump (removed once read); "" when there is none."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            text = f.read()
+        os.unlink(path)
+    except OSError:
+        return ""
+    return text
+
+
+def user_frames(dump: str, limit: int = 3) -> str:
+    """``file:line function`` of the innermost frames of plugin code (not kuiper_pool's, not
+    the standard library's), innermost first, from the first thread that has any; the
+    current thread (the one running plugin code when the signal came) is looked at first."""
+    current: List[str] = []
+    others: List[List[str]] = []
+    target: Optional[List[str]] = None
+    for line in dump.splitlines():
+        if line.startswith("Current thread"):
+            target = current
+        elif line.startswith("Thread "):
+            target = []
+            others.append(target)
+        elif target is not None:
+            m = _FRAME.match(line)
+            if m and not _ours(m.group("file")):
+                target.append(f"{os.path.basename(m.group('file'))}:{m.group('line')} {m.group('func')}")
+    for frames in [current] + others:
+        if frames:
+            return " < ".join(frames[:limit])
+    return ""
+
+
+def _ours(path: str) -> bool:
+    return path.startswith(_PACKAGE) or path.startswith(_STDLIB) or path.startswith("<")
