@@ -16,7 +16,7 @@ import sys
 import threading
 import time
 import traceback
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 from .. import logs, wire
 from . import frames
@@ -241,8 +241,8 @@ def run_function(worker: Worker, function: Any) -> int:
     max_calls = worker.spec.get("max_calls", 0)
     while True:
         if conn is not None and not worker.link.has_frame():
-            ready_fds, _, _ = select.select([worker.link.sock, conn], [], [])
-            if conn in ready_fds:
+            ready_fds = _readable(worker.link.sock.fileno(), conn.fileno())
+            if conn.fileno() in ready_fds:
                 try:
                     calls = conn.recv_ready()
                 except OSError:  # eKuiper closed it: the supervisor dials again and lends anew
@@ -255,7 +255,7 @@ def run_function(worker: Worker, function: Any) -> int:
                     owed = None  # only the first call after a reconnect can be the owed one
                 if max_calls and worker.processed >= max_calls:
                     return EXIT_RECYCLED  # eKuiper re-sends its next call to the fresh worker
-            if worker.link.sock not in ready_fds:
+            if worker.link.sock.fileno() not in ready_fds:
                 continue
         frame = worker.link.recv()
         if frame is None or frame[0] == frames.STOP:
@@ -275,6 +275,14 @@ def run_function(worker: Worker, function: Any) -> int:
             worker.busy_since = 0.0
             worker.processed += 1
             worker.link.send(frames.encode_seq(frames.REPLY, call_id, reply))
+
+
+def _readable(*fds: int) -> List[int]:
+    """Which of ``fds`` can be read now, waiting until one can (poll: no FD_SETSIZE limit)."""
+    poller = select.poll()
+    for fd in fds:
+        poller.register(fd, select.POLLIN)
+    return [fd for fd, _ev in poller.poll()]
 
 
 def _serve_lent(worker: Worker, function: Any, contexts: Dict[Tuple[Any, ...], WorkerContext],

@@ -483,6 +483,13 @@ class PullEndpoint:
         unlink_if_ours(self.path, self.ident)
 
 
+def _writable(sock: socket.socket, timeout: float) -> None:
+    """Wait up to ``timeout`` for ``sock`` to take bytes (poll: no FD_SETSIZE limit)."""
+    poller = select.poll()
+    poller.register(sock.fileno(), select.POLLOUT)
+    poller.poll(timeout * 1000)
+
+
 HIGH_WATER = 1 << 20   # queued bytes beyond which a send waits for the peer
 
 
@@ -523,7 +530,7 @@ class PushEndpoint(_Dialer):
                     return
                 sock = self.sock
             if sock is not None:
-                select.select([], [sock], [], 0.1)
+                _writable(sock, 0.1)
             else:
                 time.sleep(0.05)
             with self.lock:
@@ -550,7 +557,7 @@ class PushEndpoint(_Dialer):
             if self.sock is None:
                 time.sleep(min(left, 0.05))
             else:
-                select.select([], [self.sock], [], min(left, 0.1))
+                _writable(self.sock, min(left, 0.1))
             self._flush()
 
     def close(self) -> None:
