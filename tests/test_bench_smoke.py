@@ -86,3 +86,17 @@ def test_smoke_run_prints_both_runtimes_with_ratios_and_cleans_up(tmp_path, uniq
         if unique in " ".join(info.get("cmdline") or []) or unique in (info.get("cwd") or ""):
             left.append((info["pid"], info.get("cmdline")))
     assert not left, f"processes left behind: {left}"
+
+
+def test_the_chaos_soak_passes_a_short_run():
+    """``bench/soak.py --chaos --smoke``: ten seconds of random starts, stops, crashes, hangs
+    and garbage on every channel against one supervisor; it must end alive, with its healthy
+    instances flowing and nothing grown (the script's own PASS/FAIL verdict)."""
+    proc = subprocess.Popen([sys.executable, os.path.join(REPO, "bench", "soak.py"), "--chaos", "--smoke"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO)
+    try:
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        kill_tree(proc.pid)
+    assert proc.returncode == 0 and out.rstrip().endswith("PASS"), out[-3000:]
+    assert "healthy instance checks failed: 0" in out and "supervisor alive at the end: True" in out
