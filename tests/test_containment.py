@@ -11,6 +11,7 @@ import json
 import psutil
 import pytest
 
+from kuiper_pool.runtime import status
 from kuiper_pool.tools.emulator import HostError
 from plugins import COUNTING_SOURCE, MODE_FUNCTION, RECORDING_SINK, make_plugin
 
@@ -96,3 +97,57 @@ def test_an_empty_sink_item_is_collected(tmp_path, host_runs, unique):
     assert sink.collect(b'{"after": true}') == {}
     got = [json.loads(line)["data"] for line in items.read_text().splitlines()]
     assert got == ["", '{"after": true}']
+
+
+GIL_HOG = '''
+class SlowModel(Source):
+    """configure runs a C call that holds the GIL for ~1.5 s (a regex that backtracks), as a
+    model load might: the heartbeat thread cannot run meanwhile."""
+
+    def configure(self, datasource, conf):
+        import re, time
+        t0 = time.monotonic()
+        n = 18
+        while time.monotonic() - t0 < 1.5:
+            re.match(r"(a+)+$", "a" * n + "b")  # one C call, exponential in n
+            n += 1
+        self.stopped = threading.Event()
+
+    def open(self, ctx):
+        ctx.emit({"pid": os.getpid()})
+        self.stopped.wait()
+
+    def close(self, ctx):
+        self.stopped.set()
+'''
+
+
+def test_a_c_call_holding_the_gil_is_busy_not_hung(tmp_path, host_runs, unique):
+    plugin = make_plugin(str(tmp_path), f"kp{unique}", sources={f"gil{unique}": GIL_HOG},
+                         settings={"heartbeat_interval": 0.1, "heartbeat_misses": 3})
+    host = host_runs.launch(plugin)
+    src = host.start_source(f"gil{unique}", f"r{unique}")   # silent for 1.5 s > 0.3 s limit
+    first = src.recv(timeout=10)["message"]["pid"]
+    (row,) = [i for i in status.query(f"kp{unique}")["instances"] if i["rule"] == f"r{unique}"]
+    assert row["restarts"] == 0 and row["pid"] == first
+
+
+HANGING_OPEN = '''
+class HangingSink(Sink):
+    def configure(self, conf): pass
+    def open(self, ctx): threading.Event().wait()   # blocks forever, using no CPU
+    def collect(self, ctx, data): pass
+    def close(self, ctx): pass
+'''
+
+
+def test_a_start_that_hangs_is_refused_at_start_timeout_naming_the_cause(tmp_path, host_runs, unique):
+    plugin = make_plugin(str(tmp_path), f"kp{unique}", sinks={f"hang{unique}": HANGING_OPEN},
+                         settings={"start_timeout": 1.0, "heartbeat_interval": 5.0,
+                                   "stop_grace": 0.5})
+    host = host_runs.launch(plugin)
+    with pytest.raises(HostError) as e:
+        host.start_sink(f"hang{unique}", f"r{unique}")
+    answer = str(e.value)
+    assert "start exceeded start_timeout 1s" in answer and f"hang{unique}" in answer
+    assert "\n" not in answer and host.alive()
