@@ -192,7 +192,10 @@ class Chaos:
     def kill_worker(self) -> None:
         pids = self.chaos_pids()
         if pids:
-            os.kill(self.rng.choice(pids), self.rng.choice([signal.SIGKILL, signal.SIGSTOP]))
+            try:
+                os.kill(self.rng.choice(pids), self.rng.choice([signal.SIGKILL, signal.SIGSTOP]))
+            except ProcessLookupError:  # it ended between the status answer and now
+                pass
 
     def crash_call(self) -> None:
         self.crash.exec([self.rng.choice(["die", "segv", "hang", "ok"])])
@@ -252,7 +255,10 @@ def chaos(seconds: float, seed: int, out=sys.stdout) -> tuple:
                     next_check = time.monotonic() + 1.0
             ch.stop_all()
             for pid in ch.chaos_pids():  # SIGSTOPped ones were killed; make sure none waits
-                os.kill(pid, signal.SIGCONT)
+                try:
+                    os.kill(pid, signal.SIGCONT)
+                except ProcessLookupError:
+                    pass
             ch.check_healthy()
             deadline = time.monotonic() + 15
             after = measure(host.process.pid, tag)
