@@ -434,11 +434,12 @@ class Instance:
         if not isinstance(route, SinkRoute):
             return  # the route is closed (stopping, removed): nothing waits for it
         seq, data = frames.split_seq(payload)
-        if ftype == frames.ACK:
-            route.acked(seq, data)
-            return
         before = len(route.inflight)
-        route.done(seq)
+        if ftype == frames.ACK:  # acked is finished: no DONE follows for it
+            route.acked(seq, data)
+            route.finish(seq)
+        else:
+            route.done(seq)
         self.items_out += before - len(route.inflight)
         if self.state == RUNNING and not self.reading and not route.full():
             self._read(True)

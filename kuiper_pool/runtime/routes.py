@@ -74,6 +74,10 @@ class SinkRoute:
                 break
             del self.inflight[seq]
 
+    def finish(self, seq: int) -> None:
+        """Item ``seq`` is finished (acked), whatever came before it."""
+        self.inflight.pop(seq, None)
+
     def acked(self, seq: int, data: bytes) -> None:
         """Forward the worker's ack for ``seq`` unless that item was acked already."""
         item = self.inflight.get(seq)

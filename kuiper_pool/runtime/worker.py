@@ -185,9 +185,10 @@ def run_sink(worker: Worker, sink: Any) -> int:
     ctrl = worker.ctrl
     if not _configure(worker, lambda: sink.configure(ctrl.config)):
         return EXIT_CONFIGURE
-    current = [0]
+    current, acked = [0], [0]
 
-    def ack(data: bytes) -> None:
+    def ack(data: bytes) -> None:  # an acked item is finished: its ack stands for its DONE
+        acked[0] = current[0]
         worker.link.send(frames.encode_seq(frames.ACK, current[0], data))
 
     # without requireAck nobody reads acks: ack_ok/ack_error do nothing
@@ -205,22 +206,25 @@ def run_sink(worker: Worker, sink: Any) -> int:
             break
         if frame[0] != frames.ITEMS:
             continue
-        done = 0
+        done = reported = 0
         for seq, data in frames.decode_items(frame[1]):
             current[0] = seq
             worker.busy_since = time.monotonic()
             try:
                 sink.collect(ctx, data)
             except Exception as e:  # noqa: BLE001
-                if done:
+                if done > reported:
                     worker.link.send(frames.encode_seq(frames.DONE, done))
                 return worker.fault("collect", e)
             worker.busy_since = 0.0
             worker.processed += 1
-            done = seq
-            if seq % DONE_EVERY == 0:
+            if acked[0] != seq:
+                done = seq
+            if done > reported and seq % DONE_EVERY == 0:
                 worker.link.send(frames.encode_seq(frames.DONE, done))
-        worker.link.send(frames.encode_seq(frames.DONE, done))
+                reported = done
+        if done > reported:
+            worker.link.send(frames.encode_seq(frames.DONE, done))
     try:
         sink.close(ctx)
     except Exception as e:  # noqa: BLE001
