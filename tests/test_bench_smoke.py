@@ -27,7 +27,10 @@ COMPARED = [
     "3. function Exec p50 latency, us",
     "4. two CPU-bound symbols, calls/s total",
     "4. source items/s beside a CPU-bound function",
+    "5. plugin start to control handshake, ms",
     "5. plugin start to first source item, ms",
+    "1. source items/s, small items (pynng host)",
+    "2. sink items/s, no requireAck (pynng host)",
     "5. memory, 1 source(s): total PSS MiB",
 ]
 
@@ -70,7 +73,8 @@ def test_smoke_run_prints_both_runtimes_with_ratios_and_cleans_up(tmp_path, uniq
         assert float(pool.replace(",", "")) > 0 and float(official.replace(",", "")) > 0, label
     restart = rows["5. worker restart, SIGKILL to serving, ms (median)"]
     assert NUMBER.match(restart[0]) and restart[1].startswith("n/a"), restart
-    for label in ("6. raw nng Push->Pull msg/s, 100 B", "6. raw nng Req->Rep round trip p50, us",
+    for label in ("6. raw native SP Push->Pull msg/s, 100 B", "6. raw native SP Req->Rep round trip p50, us",
+                  "6. raw nng Push->Pull msg/s, 100 B", "6. raw nng Req->Rep round trip p50, us",
                   "6. two bare processes / one: CPU ceiling of 4"):
         assert NUMBER.match(rows[label][0]), f"{label}: {rows[label]}" + tail
     assert "met" in stdout and "ratio >= 1.0" in stdout  # the goal verdicts
