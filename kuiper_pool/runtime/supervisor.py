@@ -351,7 +351,10 @@ class Supervisor:
             ack_url = wire.ack_url(ctrl.rule_id, ctrl.op_id, ctrl.instance_id)
             pull = self.transport.PullEndpoint(data_url)
             try:
-                ack = self.transport.PushEndpoint(ack_url, self.s.dial_timeout, ACK_SEND_TIMEOUT)
+                # eKuiper listens on the ack path before it sends start: a dial that does not
+                # connect at once must not stall the loop (native: retried at the first ack)
+                ack = self.transport.PushEndpoint(ack_url, 0.0 if self.lends_functions else 0.5,
+                                                  ACK_SEND_TIMEOUT)
             except OSError:
                 pull.close()
                 raise

@@ -94,7 +94,7 @@ class PullEndpoint:
     """Sink data over pynng: listens; ``recv_many`` returns what is there now."""
 
     def __init__(self, url: str) -> None:
-        self.sock = pynng.Pull0()
+        self.sock = pynng.Pull0(recv_max_size=0)  # nng's 1 MiB default drops bigger items silently
         try:
             self.sock.listen(url)
             os.chmod(wire.ipc_path(url), 0o600)

@@ -499,7 +499,8 @@ class PushEndpoint(_Dialer):
     go out together in one write (coalescing), pushed by a short-lived thread so nothing
     waits for the next send; past HIGH_WATER a send waits up to ``send_timeout`` and raises
     TransportTimeout. Thread-safe. A peer that went away is redialed on the next send
-    (eKuiper re-listens after a restart)."""
+    (eKuiper re-listens after a restart); with ``dial_timeout`` 0 the first dial is one
+    attempt, never a wait."""
 
     proto, peer = PUSH, PULL
 
@@ -509,8 +510,11 @@ class PushEndpoint(_Dialer):
         self.lock = threading.Lock()
         self.draining = False   # a thread pushes out what the socket did not take yet
         self.closed = False
-        self.sock = dial(url, PUSH, PULL, dial_timeout)
-        self.sock.setblocking(False)
+        if dial_timeout > 0:
+            self.sock = dial(url, PUSH, PULL, dial_timeout)
+            self.sock.setblocking(False)
+        else:  # one attempt now (a Unix connect answers at once); otherwise at the first send
+            self._redial(time.monotonic())
 
     def send(self, data: bytes) -> None:
         with self.lock:
