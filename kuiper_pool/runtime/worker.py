@@ -16,7 +16,7 @@ import sys
 import threading
 import time
 import traceback
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 from .. import logs, wire
 from . import frames
@@ -243,13 +243,16 @@ def run_function(worker: Worker, function: Any) -> int:
     conn: Any = None
     owed: Optional[Tuple[int, str]] = None
     max_calls = worker.spec.get("max_calls", 0)
+    poller = select.poll()  # the link and, while lent, eKuiper's connection (no FD_SETSIZE limit)
+    poller.register(worker.link.sock.fileno(), select.POLLIN)
     while True:
         if conn is not None and not worker.link.has_frame():
-            ready_fds = _readable(worker.link.sock.fileno(), conn.fileno())
+            ready_fds = [fd for fd, _ev in poller.poll()]
             if conn.fileno() in ready_fds:
                 try:
                     calls = conn.recv_ready()
                 except OSError:  # eKuiper closed it: the supervisor dials again and lends anew
+                    poller.unregister(conn.fileno())
                     conn.close()
                     conn = None
                     worker.link.send(frames.encode(frames.LOST))
@@ -268,6 +271,7 @@ def run_function(worker: Worker, function: Any) -> int:
             head, buffered, call = frames.decode_conn(frame[1])
             conn = ReqConnection(socket.socket(fileno=worker.link.fds.popleft()),
                                  head["request_id"], buffered)
+            poller.register(conn.fileno(), select.POLLIN)
             owed = (head["owed_crc"], head["owed_error"]) if head["owed_error"] else None
             if call is not None:
                 _serve_lent(worker, function, contexts, page, conn, call, owed)
@@ -279,14 +283,6 @@ def run_function(worker: Worker, function: Any) -> int:
             worker.busy_since = 0.0
             worker.processed += 1
             worker.link.send(frames.encode_seq(frames.REPLY, call_id, reply))
-
-
-def _readable(*fds: int) -> List[int]:
-    """Which of ``fds`` can be read now, waiting until one can (poll: no FD_SETSIZE limit)."""
-    poller = select.poll()
-    for fd in fds:
-        poller.register(fd, select.POLLIN)
-    return [fd for fd, _ev in poller.poll()]
 
 
 def _serve_lent(worker: Worker, function: Any, contexts: Dict[Tuple[Any, ...], WorkerContext],

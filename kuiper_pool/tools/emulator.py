@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import os
 import select
+import socket
 import subprocess
 import sys
 import threading
@@ -429,7 +430,8 @@ class Host:
         """NewPortableFunc: listen on the function channel, then send start (empty meta)."""
         self.start()
         url = f"ipc:///tmp/func_{symbol}.ipc"
-        sock = _listen(pynng.Rep0(recv_timeout=_SLICE_MS, send_timeout=int(SEND_TIMEOUT * 1000)), url)
+        sock: Any = (NativeRep(url) if self.data_transport == "sp" else
+                     _listen(pynng.Rep0(recv_timeout=_SLICE_MS, send_timeout=int(SEND_TIMEOUT * 1000)), url))
         try:
             self.command("start", control(symbol, "func"))
         except BaseException:
@@ -504,6 +506,94 @@ def _take(sock: Union[pynng.Socket, "NativePull"]) -> Optional[bytes]:
         return None
     except (pynng.Closed, OSError, ValueError) as e:  # closed by another thread
         raise HostError("socket closed") from e
+
+
+class NativeRep:
+    """eKuiper's function REP socket spoken natively, with mangos REP semantics: a thread
+    accepts pipes at once (the plugin waits for the listener's header); ``recv`` takes the
+    next request from any pipe and remembers its pipe and id; ``send`` replies to that pipe
+    (dropped without error if it has closed) and raises :class:`HostError` when no request
+    is pending (mangos's ErrProtoState)."""
+
+    def __init__(self, url: str) -> None:
+        self.path = sp.path_of(url)
+        self.listener, self.ident = sp.listen(self.path)
+        self.listener.setblocking(True)
+        self.listener.settimeout(_SLICE_MS / 1000)
+        self._pipes: Dict[socket.socket, sp.FrameReader] = {}
+        self._lock = threading.Lock()
+        self._queue: List[Tuple[socket.socket, bytes]] = []
+        self._current: Optional[Tuple[socket.socket, bytes]] = None
+        self._closed = threading.Event()
+        self._thread = threading.Thread(target=self._accept_loop, daemon=True, name=f"accept {url}")
+        self._thread.start()
+
+    def _accept_loop(self) -> None:
+        while not self._closed.is_set():
+            try:
+                conn, _ = self.listener.accept()
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            conn.setblocking(True)
+            conn.sendall(sp.header(sp.REP))
+            got = b""
+            while len(got) < 8:
+                chunk = conn.recv(8 - len(got))
+                if not chunk:
+                    break
+                got += chunk
+            try:
+                sp.check_header(got, sp.REQ, self.path)
+            except TransportError:
+                conn.close()
+                continue
+            with self._lock:
+                self._pipes[conn] = sp.FrameReader()
+
+    def recv(self, timeout: float) -> bytes:
+        """The next request's body; HostError("time out") after ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        while not self._queue:
+            with self._lock:
+                pipes = list(self._pipes)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise HostError("time out")
+            ready, _, _ = select.select(pipes, [], [], min(left, _SLICE_MS / 1000)) if pipes \
+                else (time.sleep(min(left, 0.01)) or ([], [], []))
+            for conn in ready:
+                data = conn.recv(sp.READ_SIZE)
+                with self._lock:
+                    reader = self._pipes.get(conn)
+                    if not data or reader is None:
+                        self._pipes.pop(conn, None)
+                        conn.close()
+                        continue
+                self._queue += [(conn, msg) for msg in reader.feed(data) if len(msg) >= 4]
+        conn, msg = self._queue.pop(0)
+        self._current = (conn, msg[:4])
+        return msg[4:]
+
+    def send(self, body: bytes) -> None:
+        if self._current is None:
+            raise HostError("no request pending")
+        (conn, rid), self._current = self._current, None
+        try:
+            conn.sendall(sp.frame(rid + body))
+        except OSError:
+            pass  # that pipe closed: mangos drops the reply
+
+    def close(self) -> None:
+        self._closed.set()
+        self._thread.join()
+        with self._lock:
+            for conn in self._pipes:
+                conn.close()
+            self._pipes.clear()
+        self.listener.close()
+        sp.unlink_if_ours(self.path, self.ident)
 
 
 class NativePull:
@@ -665,6 +755,24 @@ class SinkHandle:
         self.host._stop_symbol(self.ctrl, timeout)
 
 
+def _native_request(sock: NativeRep, payload: bytes, timeout: float,
+                    timeout_text: Callable[[], str]) -> bytes:
+    """connection.go's Req over a native REP: send (taking the pending message first when no
+    request is pending), receive, and send again on a (late) handshake."""
+    while True:
+        try:
+            try:
+                sock.send(payload)
+            except HostError:  # ErrProtoState: "discard previous response"
+                sock.recv(timeout)
+                sock.send(payload)
+            result = sock.recv(timeout)
+        except HostError as e:
+            raise HostError(timeout_text()) from e
+        if result[:1] != b"h":
+            return result
+
+
 class FunctionHandle:
     """eKuiper's PortableFunc: one REP channel per function symbol."""
 
@@ -685,7 +793,8 @@ class FunctionHandle:
             return f"time out, plugin {host.name} status {'running' if host.alive() else 'error'}, message: "
 
         with self._lock:
-            res = host._rep_request(self._sock, raw, t, timeout_text)
+            res = (_native_request(self._sock, raw, t, timeout_text) if isinstance(self._sock, NativeRep)
+                   else host._rep_request(self._sock, raw, t, timeout_text))
         try:
             return json.loads(res)
         except ValueError as e:
