@@ -564,7 +564,10 @@ class NativeRep:
             ready, _, _ = select.select(pipes, [], [], min(left, _SLICE_MS / 1000)) if pipes \
                 else (time.sleep(min(left, 0.01)) or ([], [], []))
             for conn in ready:
-                data = conn.recv(sp.READ_SIZE)
+                try:
+                    data = conn.recv(sp.READ_SIZE)
+                except OSError:  # reset by a peer that died: the pipe is gone
+                    data = b""
                 with self._lock:
                     reader = self._pipes.get(conn)
                     if not data or reader is None:
