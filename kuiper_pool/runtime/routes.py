@@ -1,23 +1,18 @@
-"""The supervisor's eKuiper-facing sockets, one set per channel, stable across worker restarts.
+"""What the supervisor keeps per eKuiper channel, stable across worker restarts; the
+sockets themselves are transport endpoints (``transport/``) handed in.
 
 Per symbol type (README, "Data paths"):
 
-* source: the worker dials eKuiper's PULL socket itself, no hop; a restarted
-  worker dials the same path again.
-* sink: the supervisor listens on the data path and dials the ack path; items
-  get sequence numbers and stay in ``inflight`` until the worker reports them
-  finished, so a restarted worker gets exactly the unfinished ones again.
-* function: the supervisor dials eKuiper's REP socket; a call whose worker dies
-  or overruns its deadline is answered at once with an error.
-
-All sockets are used non-blocking from the supervisor's one selector loop.
+* source: the worker dials eKuiper's PULL socket itself, no hop; no route.
+* sink: the supervisor listens on the data path and dials the ack path; items get
+  sequence numbers and stay in ``inflight`` until the worker reports them finished
+  (or acks them), so a restarted worker gets exactly the unfinished ones again.
+* function: the supervisor dials eKuiper's REP socket; a ready worker is lent the
+  connection (native transport) or gets each call relayed (nng).
 """
 from __future__ import annotations
 
-import os
-import select
 import socket
-import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, List, Optional, Tuple

@@ -26,11 +26,10 @@ from .. import wire
 from ..api import PluginConfig
 from ..config import Settings
 from . import callpage, forensics, frames
-from .instances import (FAILED, ENDED, KINDS, REMOVED, STOPPING, Instance, Route,
+from .instances import (FAILED, ENDED, KINDS, REMOVED, RUNNING, Instance, Route,
                         WorkerHandle)
 from ..logs import supervisor_logger
 from ..transport import load as load_transport
-from .instances import RUNNING
 from .routes import FunctionRoute, SinkRoute
 from .status import MetricsServer, Snapshot, StatusServer, socket_path
 from .zygote import Zygote
