@@ -142,7 +142,8 @@ SETTINGS: Tuple[Setting, ...] = (
          "Random fraction added to or removed from each delay so instances do not restart in lockstep.",
          ge=0, le=1),
     _num("restart", "flap_max_restarts", int, 5,
-         "Restarts within flap_window after which the instance is marked failed and not restarted again.", ge=1),
+         "Restarts within flap_window after which the instance is marked failed (tried again after "
+         "failed_retry_min).", ge=1),
     _num("restart", "flap_window", float, 60.0, "Seconds over which flap_max_restarts is counted.", gt=0),
     _num("restart", "failed_retry_min", float, 60.0,
          "Seconds after which a failed instance is tried again; each further failure doubles it.", gt=0),

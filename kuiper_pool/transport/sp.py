@@ -71,6 +71,17 @@ class FrameReader:
         return out
 
 
+def recv_some(sock: socket.socket) -> Optional[bytes]:
+    """Up to READ_SIZE bytes; b"" when the peer is gone (EOF or reset), None when there is
+    nothing to read now."""
+    try:
+        return sock.recv(READ_SIZE)
+    except (BlockingIOError, InterruptedError):
+        return None
+    except OSError:
+        return b""
+
+
 def next_id(request_id: int) -> int:
     """The request id after ``request_id``: 31 bits, high bit set."""
     return 0x80000000 | ((request_id + 1) & 0x7FFFFFFF)
@@ -255,12 +266,9 @@ class ReqEndpoint(_Dialer):
     def _read(self) -> None:
         assert self.sock is not None
         while True:
-            try:
-                data = self.sock.recv(READ_SIZE)
-            except (BlockingIOError, InterruptedError):
+            data = recv_some(self.sock)
+            if data is None:
                 return
-            except OSError:
-                data = b""
             if not data:
                 self._lost()
                 return
@@ -439,12 +447,9 @@ class PullEndpoint:
             self.poll.register(sock.fileno(), select.EPOLLIN)
 
     def _read(self, pipe: _Pipe) -> None:
-        try:
-            data = pipe.sock.recv(READ_SIZE)
-        except (BlockingIOError, InterruptedError):
+        data = recv_some(pipe.sock)
+        if data is None:
             return
-        except OSError:
-            data = b""
         if not data:  # a frame cut by the close is dropped; whole ones were delivered
             self._drop(pipe)
             return
