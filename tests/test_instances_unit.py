@@ -663,3 +663,13 @@ def test_a_lost_connection_is_dialed_again_and_lent_again():
     inst, fx, w = lent()
     inst.on_frame(w, frames.LOST, b"")
     assert len(fx.channels) == 2 and len(fx.handoffs) == 2 and fx.handoffs[1][0] == w.wid
+
+
+def test_a_sink_retried_after_contain_opens_its_channel_again():
+    inst, fx, _ = running()
+    inst.contain(RuntimeError("bug"))
+    assert inst.state == FAILED and inst.route is None
+    fx.t += 60
+    inst.tick(fx.t)
+    ready(inst, fx.workers[-1])
+    assert inst.state == RUNNING and isinstance(inst.route, SinkRoute) and fx.watching[-1] is True

@@ -256,13 +256,16 @@ class Instance:
                 self.fx.note(self, logging.WARNING, "start refused: %s", self.last_error)
                 self.remove(wire.one_line(self.last_error))
             return  # on a restart the worker's exit counts as a crash
-        if self.kind != wire.TYPE_SOURCE and self.route is None and first:
-            try:
+        if self.kind == wire.TYPE_SINK and self.route is None or self.kind == wire.TYPE_FUNC and first:
+            try:  # the first start, or a sink retried after contain closed its channel
                 self.route = self.fx.open_route(self)
             except OSError as e:
                 text = f"{self.where()}: cannot open eKuiper's channel: {e}"
-                self.fx.note(self, logging.WARNING, "start refused: %s", text)
-                self.remove(wire.one_line(text))
+                if first:
+                    self.fx.note(self, logging.WARNING, "start refused: %s", text)
+                    self.remove(wire.one_line(text))
+                else:
+                    self.kill(w, " ".join(text.split()))  # a crash: retried with backoff
                 return
         self._move(RUNNING, "ready", STARTING)
         self.running_since = self.fx.now()
