@@ -345,12 +345,20 @@ def make_plugin(dir: str, name: str, *, sources: Optional[Mapping[str, str]] = N
 # --- reading what plugins did ------------------------------------------------------------
 
 def read_jsonl(path: str, event: str = "") -> List[dict]:
-    """The complete JSON lines of ``path`` ([] if it does not exist), optionally one event kind."""
+    """The complete JSON lines of ``path`` ([] if it does not exist), optionally one event kind.
+    A line still being written (a multi-MiB append becomes visible page by page) is left out;
+    every earlier line must be whole JSON."""
     try:
-        with open(path) as f:
-            rows = [json.loads(line) for line in f if line.endswith("\n")]
+        with open(path, "rb") as f:
+            lines = f.read().split(b"\n")
     except FileNotFoundError:
         return []
+    rows = [json.loads(line) for line in lines[:-2]]
+    if len(lines) >= 2:
+        try:
+            rows.append(json.loads(lines[-2]))
+        except ValueError:  # the last newline belongs to an append in progress
+            pass
     return [r for r in rows if not event or r.get("event") == event]
 
 

@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 
 from conftest import wait_until
 from kuiper_pool.tools.emulator import HostError, control, go_json
+from kuiper_pool.transport import TransportError, sp
 from plugins import COUNTING_SOURCE, MODE_FUNCTION, RECORDING_SINK, make_plugin, read_jsonl
 
 FUZZ = settings(max_examples=40, deadline=None, derandomize=False,
@@ -161,15 +162,22 @@ def test_sink_data_path_survives_hostile_pushers(tmp_path, unique, host_runs):
     def barrage(case) -> None:
         kind, data = case
         if kind == "push":
-            extra = pynng.Push0(send_timeout=2000)
+            # a fresh native pusher per example (as mangos writes: one frame per write); pynng
+            # sockets made and closed per example can hang in nng_close (nanomsg/nng#2238)
             try:
-                extra.dial(p.sink.url, block=True)
-                extra.send(data)
-                pusher.send(data)
-            except pynng.Timeout:
+                extra = sp.connect(path, sp.PUSH, sp.PULL, 2.0)
+            except (OSError, TransportError):
+                extra = None
+            try:
+                if extra is not None:
+                    extra.settimeout(2.0)
+                    extra.sendall(sp.frame(data))
+                pusher.send(data)  # and the long-lived pynng pusher, the independent peer
+            except (OSError, pynng.Timeout):
                 pass  # the sink may hold back (window full); dropping an item is the sender's call
             finally:
-                extra.close()
+                if extra is not None:
+                    extra.close()
         else:
             with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
                 s.settimeout(2.0)
