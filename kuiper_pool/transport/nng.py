@@ -59,7 +59,7 @@ class ReqEndpoint:
         """eKuiper's next message, or None if there is none yet."""
         try:
             msg = self.sock.recv(block=False)
-        except pynng.TryAgain:
+        except (pynng.TryAgain, pynng.ConnectionReset):  # reset: eKuiper's pipe closed; redialed
             return None
         except RuntimeError:  # pynng 0.8 cannot unpack a 0-byte message
             msg = b""
