@@ -23,6 +23,7 @@ import pytest
 
 from conftest import kuiper_pool_cli as cli
 from kuiper_pool.tools.packaging import ENTRY
+from kuiper_pool.tools.emulator import HostError
 from plugins import REPO
 from test_tooling import install_like_ekuiper, needs_installed_kuiper_pool, run_install_sh, write
 
@@ -160,3 +161,64 @@ def test_two_plugins_pinning_different_versions_run_side_by_side(tmp_path, uniqu
         cmdline = psutil.Process(host.process.pid).cmdline()
         assert cmdline[:2] == [venv_python(plugin_dir), "-u"], cmdline
         assert hosts["1.0" if version == "2.0" else "2.0"].alive()
+
+
+def test_without_its_venv_the_plugin_says_so_in_one_line(tmp_path, unique, host_runs):
+    """install.sh never ran (or failed): eKuiper's log gets one line naming plugin and cause."""
+    name = "p" + unique
+    got = package_and_install(tmp_path, probe_plugin(str(tmp_path / "src"), name, "v" + unique, "1.0"), name)
+    with pytest.raises(HostError, match="exited with code 1 before the handshake"):
+        host_runs.launch(got["plugin_dir"], python=PYTHON_BIN)
+    with open(os.path.join(got["plugin_dir"], "stdout.log")) as f:
+        lines = f.read().splitlines()
+    assert lines == [f"kuiper-pool: plugin {name} cannot start: {venv_python(got['plugin_dir'])}: No such file "
+                     "or directory: the plugin's virtual environment is missing or broken; install the "
+                     "plugin again (install.sh creates it)"], lines
+
+
+def test_install_fails_clearly_when_python_cannot_make_a_venv(tmp_path, unique, monkeypatch):
+    """A Python without a working venv module (minimal images; Debian's python3 without
+    python3-venv) or no Python at all: install.sh exits non-zero (eKuiper fails the install)
+    and says what to do."""
+    name = "p" + unique
+    got = package_and_install(tmp_path, probe_plugin(str(tmp_path / "src"), name, "v" + unique, "1.0"), name)
+    write(str(tmp_path / "no_venv" / "venv" / "__init__.py"), "raise ImportError('No module named venv')\n")
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path / "no_venv"))
+    result = run_install_sh(got["plugin_dir"])
+    assert result.returncode == 1, result.stdout
+    assert result.stdout.splitlines()[-1] == (
+        f"kuiper-pool: cannot create .venv: {sys.executable} -m venv failed (it needs the venv and "
+        "ensurepip modules; on Debian and Ubuntu: apt-get install python3-venv)"), result.stdout
+    assert not os.path.exists(os.path.join(got["plugin_dir"], ".venv"))
+    missing = "python-" + unique
+    result = subprocess.run(["/bin/sh", "install.sh", missing], cwd=got["plugin_dir"], text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=60)
+    assert result.returncode == 1
+    assert result.stdout == f"kuiper-pool: cannot create .venv: {missing} is missing or not Python 3.9 or newer\n"
+
+
+@pytest.mark.parametrize("case, problem", [
+    ("own install.sh", "install.sh: the folder has its own; --venv generates the one that creates the "
+                       "plugin's environment"),
+    ("no requirements.txt", "requirements.txt: missing: --venv installs it (with kuiper-pool) into the "
+                            "plugin's own environment"),
+    ("entry taken", f"{ENTRY}: --venv generates this file; rename yours"),
+    ("conda", "pv.json: virtualEnvType (conda) and --venv exclude each other: eKuiper would run the "
+              "entry in conda"),
+])
+def test_package_venv_refuses_what_it_cannot_generate(tmp_path, case, problem):
+    src = probe_plugin(str(tmp_path), "pv", "pvf", "1.0")
+    if case == "own install.sh":
+        write(os.path.join(src, "install.sh"), "#!/bin/sh\npip install -r requirements.txt\n")
+    elif case == "no requirements.txt":
+        os.unlink(os.path.join(src, "requirements.txt"))
+    elif case == "entry taken":
+        write(os.path.join(src, ENTRY), "")
+    else:
+        write(os.path.join(src, "pv.json"), '{"language": "python", "executable": "main.py", '
+                                            '"functions": ["pvf"], "virtualEnvType": "conda", "env": "e"}')
+    proc = cli("package", "--venv", src, "-o", tmp_path / "pv.zip")
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert [ln for ln in proc.stderr.splitlines() if ln.startswith("problem")] == \
+        [f"problem  {problem}"]
+    assert not os.path.exists(tmp_path / "pv.zip")
