@@ -16,14 +16,14 @@ import re
 import subprocess
 import sys
 import zipfile
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import psutil
 import pytest
 
 from conftest import kuiper_pool_cli as cli
-from kuiper_pool.tools.packaging import ENTRY
 from kuiper_pool.tools.emulator import HostError
+from kuiper_pool.tools.packaging import ENTRY
 from plugins import REPO
 from test_tooling import install_like_ekuiper, needs_installed_kuiper_pool, run_install_sh, write
 
@@ -65,6 +65,7 @@ def _dependencies(name: str) -> List[importlib.metadata.Distribution]:
 
 @pytest.fixture(scope="module")
 def wheels(tmp_path_factory) -> str:
+    """The wheel folder: the probe package 1.0 and 2.0, kuiper-pool and its dependencies."""
     folder = str(tmp_path_factory.mktemp("wheels"))
     for version in ("1.0", "2.0"):
         write_wheel(folder, PROBE, version, {f"{PROBE}/__init__.py": f"__version__ = {version!r}\n".encode()},
@@ -121,7 +122,7 @@ def probe_plugin(root: str, name: str, symbol: str, version: str, executable: st
     return folder
 
 
-def package_and_install(tmp_path, src: str, name: str, python: Optional[str] = None) -> dict:
+def package_and_install(tmp_path, src: str, name: str) -> dict:
     """``kuiper-pool package --venv``, then eKuiper's unzip; ``install.sh`` not run yet."""
     zip_path = tmp_path / (name + ".zip")
     proc = cli("package", "--venv", src, "-o", zip_path)
@@ -161,6 +162,9 @@ def test_two_plugins_pinning_different_versions_run_side_by_side(tmp_path, uniqu
         cmdline = psutil.Process(host.process.pid).cmdline()
         assert cmdline[:2] == [venv_python(plugin_dir), "-u"], cmdline
         assert hosts["1.0" if version == "2.0" else "2.0"].alive()
+        # and the installed folder passes validate with that same pythonBin
+        check = cli("validate", plugin_dir, "--python", PYTHON_BIN, env={"PYTHONPATH": ""})
+        assert check.returncode == 0, check.stdout + check.stderr
 
 
 def test_without_its_venv_the_plugin_says_so_in_one_line(tmp_path, unique, host_runs):

@@ -36,7 +36,7 @@ import time
 import zipfile
 from typing import Callable, Dict, List, Optional, Tuple
 
-from .validate import KINDS, PROBLEM, Checks, PluginFolder, inspect_folder, metadata_kept
+from .validate import KINDS, PROBLEM, Checks, PluginFolder, _go_field, inspect_folder, metadata_kept
 
 SKIP_DIRS = {"__pycache__", ".git", ".hg", ".svn", ".pytest_cache", ".mypy_cache", ".ruff_cache",
              ".tox", ".nox", ".idea", ".vscode", "node_modules", ".eggs"}
@@ -170,7 +170,7 @@ def collect(folder: PluginFolder, output: str, say: Callable[[str], None]) -> Li
 def _venv_files(folder: PluginFolder, names: set) -> Tuple[List[str], Generated]:
     """``--venv``: the problems that forbid it, and the generated files (json, entry, install.sh)."""
     entry = posixpath.join(posixpath.dirname(folder.executable), ENTRY)
-    problems = []
+    problems: List[str] = []
     if "requirements.txt" not in names:
         problems.append(f"{PROBLEM:<8} requirements.txt: missing: --venv installs it (with kuiper-pool) "
                         "into the plugin's own environment")
@@ -179,14 +179,16 @@ def _venv_files(folder: PluginFolder, names: set) -> Tuple[List[str], Generated]
                         "that creates the plugin's environment")
     if entry in names:
         problems.append(f"{PROBLEM:<8} {entry}: --venv generates this file; rename yours")
-    if folder.meta.get("virtualEnvType") is not None:
+    if _go_field(folder.meta, "virtualEnvType") is not None:
         problems.append(f"{PROBLEM:<8} {folder.json_file}: virtualEnvType (conda) and --venv exclude "
                         "each other: eKuiper would run the entry in conda")
     venv_python = posixpath.relpath(posixpath.join(VENV_DIR, "bin", "python"),
                                     posixpath.dirname(folder.executable) or ".")
     text = ENTRY_PY.format(main=folder.executable, plugin=folder.name, venv_python=venv_python,
                            main_name=posixpath.basename(folder.executable))
-    meta = dict(folder.meta, executable=entry)
+    # Go matches json keys case-insensitively: no other spelling of "executable" may stay
+    meta = {k: v for k, v in folder.meta.items() if k.lower() != "executable"}
+    meta["executable"] = entry
     return problems, {
         folder.json_file: (json.dumps(meta, indent=2) + "\n", f"generated: executable {entry}"),
         entry: (text, f"generated: runs {folder.executable} with {VENV_DIR}/bin/python"),
