@@ -65,7 +65,7 @@ def cmd_package(args: argparse.Namespace) -> int:
 
     if args.output is not None and not args.output.endswith(".zip"):
         args.subparser.error(f"-o {args.output}: eKuiper installs only files whose name ends in .zip")
-    return build(_plugin_dir(args), args.output, quiet=args.quiet)
+    return build(_plugin_dir(args), args.output, quiet=args.quiet, venv=args.venv)
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -159,6 +159,12 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("-o", "--output", help="zip to write (default: <name>.zip in the current folder)")
     k.add_argument("-q", "--quiet", action="store_true",
                    help="print only problems and the zip's path, not every file added")
+    k.add_argument("--venv", action="store_true",
+                   help="give the plugin a virtual environment of its own: install.sh creates "
+                        ".venv in the plugin folder from requirements.txt, and the json's "
+                        "executable becomes a generated entry that runs the plugin with "
+                        ".venv/bin/python (plugins pinning different library versions can then "
+                        "share one pythonBin)")
     k.set_defaults(subparser=k)
     v = sub.add_parser("validate", help="check that eKuiper would install and run a plugin",
                        description="Check the plugin json, executable and metadata as eKuiper's "
