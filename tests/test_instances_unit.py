@@ -18,13 +18,16 @@ from typing import Any, List, Optional, Tuple
 import pytest
 
 from kuiper_pool import wire
+from kuiper_pool.api import PluginConfig
 from kuiper_pool.config import load_settings
 from kuiper_pool.runtime import callpage, frames
 from kuiper_pool.runtime.callpage import CallPage
+from kuiper_pool.runtime.effects import WorkerHandle
 from kuiper_pool.runtime.instances import (BACKOFF, ENDED, FAILED, RECYCLING, REMOVED, RUNNING,
-                                           STARTING, STOPPING, Instance, TransitionError,
-                                           WorkerHandle)
-from kuiper_pool.runtime.routes import FunctionRoute, SinkRoute
+                                           STARTING, STOPPING, Instance)
+from kuiper_pool.runtime.routes import FunctionChannel, SinkRoute
+from kuiper_pool.runtime.states import TRANSITIONS, TransitionError
+from kuiper_pool.runtime.supervisor import Supervisor
 from kuiper_pool.transport import TransportError
 
 EXIT_0 = 0                    # wait statuses as the zygote reports them
@@ -145,25 +148,34 @@ class Recorder:
     def signal(self, w: WorkerHandle, sig: int) -> None:
         self.signals.append((w.wid, sig))
 
-    def open_route(self, inst: Instance, wait: bool = True):
+    def open_sink(self, inst: Instance) -> Tuple[MemoryPull, MemoryPush]:
         if self.route_error is not None:
             raise self.route_error
-        if inst.kind == wire.TYPE_SINK:
-            self.endpoints = (MemoryPull(), MemoryPush())
-            return SinkRoute(inst.ctrl, inst.s.sink_window, inst.s.sink_max_deliveries, *self.endpoints)
+        self.endpoints = (MemoryPull(), MemoryPush())
+        return self.endpoints
+
+    def close_sink(self, inst: Instance, pull: Any, ack: Any) -> None:
+        self.closed_routes.append((pull, ack))
+        pull.close()
+        ack.close()
+
+    def open_function(self, inst: Instance, wait: bool = True) -> FunctionChannel:
+        if self.route_error is not None:
+            raise self.route_error
         self.endpoints = LendableReq() if self.lendable else MemoryReq()
         self.channels.append(self.endpoints)
-        return FunctionRoute(self.endpoints, lendable=self.lendable)
+        return FunctionChannel(self.endpoints, lendable=self.lendable)
 
-    def hand_over(self, w: WorkerHandle, route: Any) -> None:
-        self.handoffs.append((w.wid, route.lend()))
+    def close_function(self, inst: Instance, channel: FunctionChannel) -> None:
+        self.closed_routes.append(channel)
+        channel.close()
 
-    def watch(self, inst: Instance, reading: bool) -> None:
-        self.watching.append(reading)
+    def hand_over(self, w: WorkerHandle, handoff: Any) -> None:
+        self.handoffs.append((w.wid, handoff))
 
-    def close_route(self, inst: Instance, route: Any) -> None:
-        self.closed_routes.append(route)
-        route.close()
+    def watch(self, inst: Instance, endpoint: Any, reading: bool) -> None:
+        if isinstance(endpoint, MemoryPull):  # the sink's reading; a function's is always on
+            self.watching.append(reading)
 
     def forget(self, inst: Instance) -> None:
         self.forgotten.append(inst)
@@ -243,7 +255,7 @@ def reply(inst: Instance, w: WorkerHandle, call_id: int, data: bytes) -> None:
 
 def test_the_start_is_answered_after_ready_and_the_route_opens_then():
     inst, fx, answers = make()
-    assert answers == [] and inst.state == STARTING and inst.route is None
+    assert answers == [] and inst.state == STARTING and inst.route.pull is None
     ready(inst, fx.workers[0])
     assert answers == [wire.OK] and isinstance(inst.route, SinkRoute) and fx.watching == [True]
 
@@ -366,7 +378,7 @@ def test_late_done_ack_and_frames_after_the_stop_touch_nothing():
     w = fx.workers[0]
     pull, push = fx.endpoints
     pull.queue += [b"a", b"b"]
-    inst.on_sink_readable()
+    inst.on_readable(fx.endpoints[0])
     inst.on_frame(w, frames.ACK, frames.SEQ.pack(1) + b"{}")
     inst.stop(answers.append)
     assert fx.watching[-1] is False
@@ -377,7 +389,7 @@ def test_late_done_ack_and_frames_after_the_stop_touch_nothing():
     inst.on_frame(w, frames.DONE, frames.SEQ.pack(2))
     inst.on_frame(w, frames.ACK, frames.SEQ.pack(2) + b"{}")
     inst.on_frame(w, frames.BEAT, b"not even json")  # a removed instance reads nothing
-    inst.on_sink_readable()                   # a readiness event select returned earlier
+    inst.on_readable(fx.endpoints[0])                   # a readiness event select returned earlier
     assert push.sent == [b"{}"] and answers == [wire.OK, wire.OK]
 
 
@@ -385,8 +397,8 @@ def test_a_stale_readiness_event_after_removal_does_nothing():
     inst, fx, _ = running()
     inst.remove()
     sent = list(fx.sent)
-    inst.on_sink_readable()
-    inst.on_call()
+    inst.on_readable(fx.endpoints[0])
+    inst.on_readable(fx.endpoints)
     assert fx.sent == sent
 
 
@@ -395,7 +407,7 @@ def test_frames_of_a_replaced_worker_are_ignored():
     old = fx.workers[0]
     req = fx.endpoints
     req.calls.append(b'{"func":"Exec","arg":[]}')
-    inst.on_call()
+    inst.on_readable(fx.endpoints)
     inst.on_exit(old, KILLED)                # the call is answered with the crash
     assert len(req.replies) == 1 and b"died during the call" in req.replies[0]
     reply(inst, old, 1, b'{"state": true, "result": 1}')   # a late reply of the dead worker
@@ -409,7 +421,7 @@ def test_a_deadline_and_a_crash_in_the_same_tick_answer_the_call_once():
     w = fx.workers[0]
     req = fx.endpoints
     req.calls.append(b'{"func":"Exec","arg":[]}')
-    inst.on_call()
+    inst.on_readable(fx.endpoints)
     fx.t += 4.5
     beat(inst, w)
     inst.tick(fx.t)                          # past call_deadline: SIGTERM and an error reply
@@ -425,7 +437,7 @@ def test_a_late_reply_after_the_deadline_is_never_the_next_answer():
     w1 = fx.workers[0]
     req = fx.endpoints
     req.calls.append(b"call-1")
-    inst.on_call()
+    inst.on_readable(fx.endpoints)
     fx.t += 5
     beat(inst, w1)
     inst.tick(fx.t)
@@ -433,7 +445,7 @@ def test_a_late_reply_after_the_deadline_is_never_the_next_answer():
     w2 = fx.workers[1]
     ready(inst, w2)
     req.calls.append(b"call-2")
-    inst.on_call()
+    inst.on_readable(fx.endpoints)
     reply(inst, w2, 1, b"reply-to-call-1")  # a stale call id, whoever sends it
     assert len(req.replies) == 1
     reply(inst, w2, 2, b"reply-to-call-2")
@@ -445,7 +457,7 @@ def test_a_call_waiting_for_a_restart_is_forwarded_once_the_worker_is_ready():
     req = fx.endpoints
     inst.on_exit(fx.workers[0], KILLED)
     req.calls.append(b"call")
-    inst.on_call()
+    inst.on_readable(fx.endpoints)
     assert fx.frames_of(frames.CALL) == []
     fx.t += 1.0
     inst.tick(fx.t)
@@ -459,7 +471,7 @@ def test_unfinished_items_go_to_the_replacement_in_order():
     inst, fx, _ = running()
     pull, _push = fx.endpoints
     pull.queue += [b"1", b"2", b"3"]
-    inst.on_sink_readable()
+    inst.on_readable(fx.endpoints[0])
     done(inst, fx.workers[0], 1)
     inst.on_exit(fx.workers[0], KILLED)
     ready(inst, fx.workers[1])
@@ -471,7 +483,7 @@ def test_back_pressure_stops_reading_and_progress_resumes_it():
     inst, fx, _ = running(sink_window=2)
     pull, _push = fx.endpoints
     pull.queue += [b"1", b"2", b"3"]
-    inst.on_sink_readable()
+    inst.on_readable(fx.endpoints[0])
     assert fx.watching[-1] is False and pull.queue == [b"3"]
     done(inst, fx.workers[0], 2)
     assert fx.watching[-1] is True
@@ -481,12 +493,12 @@ def test_a_failed_sink_error_acks_what_was_in_flight_and_what_comes():
     inst, fx, _ = running(flap_max_restarts=1)
     pull, push = fx.endpoints
     pull.queue += [b"1"]
-    inst.on_sink_readable()
+    inst.on_readable(fx.endpoints[0])
     inst.on_exit(fx.workers[0], KILLED)       # restart 1 of 1
     inst.on_exit(fx.workers[1], KILLED)       # flapping: failed
     assert inst.state == FAILED and len(push.sent) == 1 and b"has failed" in push.sent[0]
     pull.queue += [b"2"]
-    inst.on_sink_readable()
+    inst.on_readable(fx.endpoints[0])
     assert len(push.sent) == 2 and inst.errors == 2
 
 
@@ -519,7 +531,7 @@ def test_contain_of_a_running_instance_fails_it_and_answers_the_call_in_flight()
     inst, fx, _ = running(kind=wire.TYPE_FUNC)
     req = fx.endpoints
     req.calls.append(b"call")
-    inst.on_call()
+    inst.on_readable(fx.endpoints)
     inst.contain(ValueError("bad frame"))
     assert inst.state == FAILED and req.closed
     assert len(req.replies) == 1 and b"internal error: ValueError: bad frame" in req.replies[0]
@@ -527,7 +539,7 @@ def test_contain_of_a_running_instance_fails_it_and_answers_the_call_in_flight()
     inst.tick(fx.t)
     assert inst.state == STARTING       # tried again later: the route opens anew on READY
     ready(inst, fx.workers[-1])
-    assert inst.state == RUNNING and inst.route is not None and not inst.route.channel.closed
+    assert inst.state == RUNNING and inst.route.channel is not None and not inst.route.channel.req.closed
 
 
 def test_a_garbage_frame_from_a_worker_raises_for_containment():
@@ -544,19 +556,42 @@ def test_a_source_whose_open_returned_has_ended_and_is_not_restarted():
     assert inst.state == ENDED and len(fx.workers) == 1
 
 
-def test_an_exit_in_a_state_without_a_worker_is_a_transition_error():
+def test_every_state_change_goes_through_the_transition_table():
+    inst, fx, answers = running(restart_backoff_initial=1.0)
+    with pytest.raises(AttributeError):
+        inst.state = BACKOFF  # type: ignore[misc]  # read only: only _move writes it
+    inst.on_exit(fx.workers[0], KILLED)                 # RUNNING -> BACKOFF
+    fx.t += 1.0
+    inst.tick(fx.t)                                     # BACKOFF -> STARTING
+    ready(inst, fx.workers[1])                          # STARTING -> RUNNING
+    inst.stop(answers.append)                           # RUNNING -> STOPPING
+    inst.on_exit(fx.workers[1], EXIT_0)                 # STOPPING -> REMOVED
+    assert list(inst.transitions) == [(STARTING, RUNNING), (RUNNING, BACKOFF), (BACKOFF, STARTING),
+                                      (RUNNING, STOPPING), (STOPPING, REMOVED)]
+    assert inst.transitions[(STARTING, RUNNING)] == 2
+    assert all(new in TRANSITIONS[old] for old, new in inst.transitions)
+    assert fx.notes.count("running -> backoff: crash") == 1  # one hook logs every change
+
+
+def test_an_illegal_transition_raises_and_the_supervisor_contains_it():
+    src, fx, _ = running(kind=wire.TYPE_SOURCE)
+    src.on_exit(fx.workers[0], EXIT_0)                  # RUNNING -> ENDED
+    with pytest.raises(TransitionError, match="ended -> running is not a transition"):
+        src._move(RUNNING, "a late ready")
+    assert src.state == ENDED
     inst, fx, _ = running()
-    w = fx.workers[0]
-    inst.state = BACKOFF  # a state that can never have a current worker
-    with pytest.raises(TransitionError, match="worker exit in state backoff"):
-        inst.on_exit(w, KILLED)
+    sup = Supervisor(PluginConfig("plug", {}, {}, {}), load_settings(environ={}), zygote=None)
+    sup.instances[inst.ctrl.key] = inst
+    sup.guarded("test", inst, inst._move, RUNNING, "a second ready")  # the loop's guard
+    assert inst.state == FAILED and "TransitionError" in inst.last_error
+    assert fx.signals[-1] == (fx.workers[0].wid, signal.SIGKILL) and inst.route.pull is None
 
 
 def test_recycling_starts_a_fresh_worker_when_the_old_one_exits():
     inst, fx, _ = running(kind=wire.TYPE_FUNC, max_calls=1)
     req = fx.endpoints
     req.calls.append(b"call")
-    inst.on_call()
+    inst.on_readable(fx.endpoints)
     reply(inst, fx.workers[0], 1, b'{"state": true, "result": 1}')
     assert inst.state == RECYCLING and fx.frames_of(frames.STOP)
     inst.on_exit(fx.workers[0], EXIT_0)
@@ -582,7 +617,7 @@ def test_a_silent_worker_busy_on_the_cpu_is_left_alone_and_an_idle_one_is_killed
 def lent() -> Tuple[Instance, Recorder, WorkerHandle]:
     inst, fx, _ = running(kind=wire.TYPE_FUNC, lendable=True)
     w = fx.workers[0]
-    assert fx.handoffs and fx.handoffs[-1][0] == w.wid and inst.route.lent
+    assert fx.handoffs and fx.handoffs[-1][0] == w.wid and inst.route.channel.lent
     return inst, fx, w
 
 
@@ -590,8 +625,8 @@ def test_a_ready_worker_is_lent_the_connection_and_the_supervisor_stops_reading_
     inst, fx, w = lent()
     handoff = fx.handoffs[0][1]
     assert handoff.request_id == 0x80000007 and handoff.call is None and handoff.owed is None
-    assert inst.route.fd == -1
-    inst.on_call()  # a stale readiness event of the channel before it was lent
+    assert inst.route.channel.fd == -1
+    inst.on_readable(fx.endpoints)  # a stale readiness event of the channel before it was lent
     assert fx.channels[0].replies == []
 
 
@@ -602,11 +637,11 @@ def test_a_worker_dying_during_a_call_owes_eKuiper_an_error_for_its_resent_copy(
     assert fx.closed_routes and len(fx.channels) == 2      # dialed again, handshake sent
     new = fx.channels[1]
     new.calls.append(b"call-A")                            # eKuiper re-sends the pending call
-    inst.on_call()
+    inst.on_readable(fx.endpoints)
     assert len(new.replies) == 1 and b"died during the call (signal 9 (SIGKILL)" in new.replies[0]
     assert inst.errors == 1
     new.calls.append(b"call-B")                            # the next call is run by the new worker
-    inst.on_call()
+    inst.on_readable(fx.endpoints)
     ready(inst, fx.workers[1])
     assert fx.handoffs[-1][1].call == b"call-B" and len(new.replies) == 1
 
@@ -617,8 +652,8 @@ def test_a_worker_dying_while_idle_owes_nothing():
     w.page.finish(True)
     inst.on_exit(w, KILLED)
     fx.channels[1].calls.append(b"call-A")  # the same bytes as the last call: a new call now
-    inst.on_call()
-    assert fx.channels[1].replies == [] and inst.route.call == b"call-A"
+    inst.on_readable(fx.endpoints)
+    assert fx.channels[1].replies == [] and inst.route.channel.call == b"call-A"
 
 
 def test_a_call_overrunning_on_a_lent_connection_is_killed_after_two_ticks_and_answered():
@@ -636,7 +671,7 @@ def test_a_call_overrunning_on_a_lent_connection_is_killed_after_two_ticks_and_a
     assert "call_deadline" in w.kill_reason
     inst.on_exit(w, KILLED)
     fx.channels[1].calls.append(b"slow")
-    inst.on_call()
+    inst.on_readable(fx.endpoints)
     assert b"call exceeded call_deadline 4s" in fx.channels[1].replies[0]
 
 
@@ -668,7 +703,7 @@ def test_a_lost_connection_is_dialed_again_and_lent_again():
 def test_a_sink_retried_after_contain_opens_its_channel_again():
     inst, fx, _ = running()
     inst.contain(RuntimeError("bug"))
-    assert inst.state == FAILED and inst.route is None
+    assert inst.state == FAILED and inst.route.pull is None
     fx.t += 60
     inst.tick(fx.t)
     ready(inst, fx.workers[-1])

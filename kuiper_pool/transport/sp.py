@@ -15,6 +15,7 @@ import threading
 import time
 from typing import List, Optional, Tuple
 
+from ..paths import identity, unlink_if_ours
 from . import TransportError, TransportTimeout
 
 PUSH, PULL, REQ, REP = 0x50, 0x51, 0x30, 0x31
@@ -355,21 +356,6 @@ def listen(path: str) -> Tuple[socket.socket, Tuple[int, ...]]:
     sock.listen(16)
     sock.setblocking(False)
     return sock, identity(path)
-
-
-def identity(path: str) -> Tuple[int, ...]:
-    """Which file ``path`` is: device, inode and ctime (inode numbers are reused at once)."""
-    st = os.stat(path)
-    return (st.st_dev, st.st_ino, st.st_ctime_ns)
-
-
-def unlink_if_ours(path: str, ident: Tuple[int, ...]) -> None:
-    """Remove ``path`` only if it is still the file we created."""
-    try:
-        if identity(path) == tuple(ident):
-            os.unlink(path)
-    except OSError:
-        pass
 
 
 class _Pipe:
