@@ -1,7 +1,7 @@
 """The zygote: a single-threaded process that makes workers and reports their exits.
 
 nng aborts any forked child of a process that has opened an nng socket
-(TRANSPORT-FACTS.md), so the supervisor forks the zygote before it opens any
+(docs/transport.md), so the supervisor forks the zygote before it opens any
 socket, and every worker is forked from the zygote (about 2 ms, plugin modules
 already loaded) or, with ``start_method: spawn``, exec'd from it. The zygote is
 the workers' parent: it alone reaps them, reports each exit status, and signals

@@ -1,5 +1,5 @@
 """SP over ipc spoken natively: nng's and mangos's ipc framing on a Unix stream socket,
-with no nng in the process (TRANSPORT-FACTS: ~1.5 µs per message instead of ~30 µs).
+with no nng in the process (docs/transport.md: ~1.5 µs per message instead of ~30 µs).
 
 On connect each side sends ``00 'S' 'P' 00 <protocol id, 16-bit BE> 00 00`` once and checks
 the peer's; then every message is ``01`` + 8-byte BE length + payload. REQ puts a 4-byte BE
