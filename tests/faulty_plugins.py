@@ -9,7 +9,7 @@ The plugin records what it does, one JSON line per event, to ``<root>/events.jso
 once). Every event carries ``event``, ``pid`` and ``t`` (``time.time()``).
 
 Faults (``how``): ``raise`` (RuntimeError), ``memory`` (MemoryError), ``exit``
-(``os._exit(13)``), ``segv`` (``ctypes.string_at(0)``), ``sigkill`` (the worker
+(``os._exit(13)``; ``exit5``: ``os._exit(5)``), ``segv`` (``ctypes.string_at(0)``), ``sigkill`` (the worker
 SIGKILLs itself), ``hang`` (a busy loop that never returns).
 
 * source ``src``, conf: ``interval`` (s between items, default 0.01), ``open_fault``
@@ -70,9 +70,9 @@ def fault(how, where, **fields):
         raise RuntimeError("injected fault in " + where)
     if how == "memory":
         raise MemoryError("injected MemoryError in " + where)
-    if how == "exit":
+    if how.startswith("exit"):
         sys.stdout.flush()
-        os._exit(13)
+        os._exit(int(how[4:] or 13))
     if how == "segv":
         ctypes.string_at(0)
     if how == "sigkill":

@@ -598,6 +598,34 @@ def test_recycling_starts_a_fresh_worker_when_the_old_one_exits():
     assert inst.state == STARTING and len(fx.workers) == 2 and inst.restarts == 0
 
 
+EXIT_5 = frames.EXIT_RECYCLED << 8
+
+
+def test_a_source_exiting_with_the_recycle_code_is_a_crash_not_a_recycle():
+    inst, fx, _ = running(kind=wire.TYPE_SOURCE, restart_backoff_initial=1.0, max_calls=3)
+    inst.on_exit(fx.workers[0], EXIT_5)
+    assert inst.state == BACKOFF and inst.restarts == 1 and inst.restart_causes == {"exit": 1}
+    assert len(fx.workers) == 1 and "exit code 5" in inst.last_error   # waits for its backoff
+
+
+def test_a_lent_function_worker_recycles_itself_only_after_max_calls():
+    inst, fx, _ = running(kind=wire.TYPE_FUNC, lendable=True, max_calls=2, restart_backoff_initial=1.0)
+    w = fx.workers[0]
+    w.page.begin(b"c", fx.t)
+    w.page.finish(True)
+    inst.on_exit(w, EXIT_5)                  # one call served of two: plugin code exited
+    assert inst.state == BACKOFF and inst.restarts == 1
+    fx.t += 1.0
+    inst.tick(fx.t)
+    w2 = fx.workers[1]
+    ready(inst, w2)
+    for _ in range(2):
+        w2.page.begin(b"c", fx.t)
+        w2.page.finish(True)
+    inst.on_exit(w2, EXIT_5)                 # max_calls served: the recycle we set up
+    assert inst.state == STARTING and inst.restarts == 1 and len(fx.workers) == 3
+
+
 def test_a_silent_worker_busy_on_the_cpu_is_left_alone_and_an_idle_one_is_killed():
     inst, fx, _ = running(kind=wire.TYPE_SOURCE)
     w = fx.workers[0]

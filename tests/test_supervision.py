@@ -434,6 +434,17 @@ def test_a_source_that_always_fails_is_marked_failed_after_flap_max_restarts(mak
         assert len(rig.plugin.events("open", rule=rule)) == 4
 
 
+def test_a_source_exiting_with_code_5_is_restarted_with_backoff_not_recycled(make_rig, unique):
+    rig = make_rig(flap_max_restarts=3, flap_window=30.0, max_calls=10)
+    rule = f"r_{unique}"
+    rig.host.start_source("src", rule, config={"open_fault": "exit5"})
+    row = rig.wait_row("the source to be marked failed", rule=rule, state="failed")
+    assert row["restarts"] == 3 and row["restart_causes"] == {"exit": 4}  # the 4th failed it
+    assert "exit code 5" in row["last_error"]
+    assert len(rig.plugin.events("open", rule=rule)) == 4  # the first start and 3 restarts
+    assert rig.log_texts("recycling worker") == []
+
+
 def test_a_function_that_cannot_start_again_fails_and_answers_at_once(make_rig):
     rig = make_rig(flap_max_restarts=3, flap_window=30.0, call_deadline=2.0)
     f = rig.host.start_function(rig.plugin.flaky)

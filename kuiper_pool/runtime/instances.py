@@ -15,7 +15,6 @@ supervisor's selector may hand over readiness that predates a transition.
 from __future__ import annotations
 
 import logging
-import os
 import signal
 from collections import Counter
 from typing import Any, Callable, Optional, Tuple
@@ -240,8 +239,7 @@ class Instance:
         if state is STOPPING:
             self.fx.note(self, logging.INFO, "stopped (worker pid %d %s)", w.pid, how)
             self.remove(wire.OK)
-        elif (state is RUNNING and os.WIFEXITED(status)
-              and os.WEXITSTATUS(status) == frames.EXIT_RECYCLED):
+        elif state is RUNNING and self.route.recycled_itself(w, status):
             self.fx.note(self, logging.INFO, "recycling worker pid %d: served max_calls %d",
                          w.pid, self.s.max_calls)
             self._spawn("recycled itself")

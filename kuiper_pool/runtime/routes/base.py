@@ -54,6 +54,10 @@ class Route:
     def on_failed(self) -> None:
         """The instance has failed: answer what waits with errors."""
 
+    def recycled_itself(self, w: "WorkerHandle", status: int) -> bool:
+        """Whether this exit is a recycle the supervisor asked for in advance (not a crash)."""
+        return False
+
     def ended(self, w: "WorkerHandle", status: int) -> bool:
         """Whether this exit means the instance has ended by itself (not a crash)."""
         return False

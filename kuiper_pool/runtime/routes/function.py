@@ -10,6 +10,7 @@ Relayed (nng transport): the supervisor reads every call and forwards it to the 
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import socket
 from dataclasses import dataclass
@@ -125,6 +126,14 @@ class FunctionRoute(Route):
         if self.channel is not None and self.channel.call is not None:
             self._error(self.inst.failed_text())
 
+    def recycled_itself(self, w: "WorkerHandle", status: int) -> bool:
+        """A worker on a lent connection exits with EXIT_RECYCLED after max_calls; only a
+        worker whose call page shows it has served them has recycled (plugin code can exit
+        with any code)."""
+        max_calls = self.inst.s.max_calls
+        return bool(max_calls and os.WIFEXITED(status) and os.WEXITSTATUS(status) == frames.EXIT_RECYCLED
+                    and w.vitals.calls >= max_calls)
+
     def busy(self) -> bool:
         return self.channel is not None and self.channel.call is not None
 
@@ -216,6 +225,7 @@ class FunctionRoute(Route):
         page = w.page
         if page is not None:
             st = page.read()
+            w.vitals.calls = st.seq
             inst.items_in += st.seq
             inst.items_out += st.done
             inst.errors += st.failed
