@@ -26,6 +26,7 @@ SIGKILLs itself), ``hang`` (a busy loop that never returns).
   that ``i``). Events: ``configure`` (symbol, conf), ``collect`` (rule, i), ``fault``.
 * function ``fn_<unique>``: ``exec(["pid"])`` returns the worker pid;
   ``exec(["die", how])`` records ``exec`` then fails; ``exec(["hang"])`` loops;
+  ``exec(["hang_once", marker])`` loops the first time for that marker, then returns the pid;
   ``exec(["alloc", mb])`` keeps ``mb`` MiB of touched memory and returns the pid.
 * function ``flaky_<unique>``: same as ``fn_``, but its factory raises whenever
   ``<root>/flaky_started`` exists (it creates it on the first start).
@@ -159,6 +160,11 @@ class Fn(Function):
         if what == "hang":
             record("exec", what="hang")
             fault("hang", "exec")
+        if what == "hang_once":
+            record("exec", what="hang_once")
+            if first_time("hang_" + args[1]):
+                fault("hang", "exec")
+            return os.getpid()
         if what == "alloc":
             block = b"\x01" * (int(args[1]) * 1048576)  # touched, so it is resident
             KEEP.append(block)

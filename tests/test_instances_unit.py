@@ -642,8 +642,8 @@ def test_a_silent_worker_busy_on_the_cpu_is_left_alone_and_an_idle_one_is_killed
 
 # --- zero-hop functions: the worker owns eKuiper's connection -----------------------------------------
 
-def lent() -> Tuple[Instance, Recorder, WorkerHandle]:
-    inst, fx, _ = running(kind=wire.TYPE_FUNC, lendable=True)
+def lent(**overrides: Any) -> Tuple[Instance, Recorder, WorkerHandle]:
+    inst, fx, _ = running(kind=wire.TYPE_FUNC, lendable=True, **overrides)
     w = fx.workers[0]
     assert fx.handoffs and fx.handoffs[-1][0] == w.wid and inst.route.channel.lent
     return inst, fx, w
@@ -672,6 +672,19 @@ def test_a_worker_dying_during_a_call_owes_eKuiper_an_error_for_its_resent_copy(
     inst.on_readable(fx.endpoints)
     ready(inst, fx.workers[1])
     assert fx.handoffs[-1][1].call == b"call-B" and len(new.replies) == 1
+
+
+def test_an_identical_call_after_eKuiper_gave_up_on_the_first_is_a_new_call():  # noqa: N802
+    inst, fx, w = lent(call_deadline=7.0)    # above eKuiper's 5 s receive timeout
+    w.page.begin(b"call-A", fx.t)
+    fx.t += 7.2                              # eKuiper reported its timeout at 5 s
+    inst.on_exit(w, KILLED)                  # killed at call_deadline
+    new = fx.channels[1]
+    new.calls.append(b"call-A")              # the same bytes: a new call, not a re-sent one
+    inst.on_readable(new)
+    assert new.replies == [] and inst.route.channel.call == b"call-A" and inst.errors == 0
+    ready(inst, fx.workers[1])
+    assert fx.handoffs[-1][1].call == b"call-A" and fx.handoffs[-1][1].owed is None
 
 
 def test_a_worker_dying_while_idle_owes_nothing():

@@ -97,11 +97,11 @@ def make_rig(tmp_path, unique, ipc_leak_check):
     runtime entry of this plugin is left."""
     rigs: List[Rig] = []
 
-    def make(**settings: Any) -> Rig:
+    def make(host_options: Optional[Dict[str, Any]] = None, **settings: Any) -> Rig:
         merged = {**FAST, **settings}
         plugin = write_faulty_plugin(str(tmp_path / f"plugin{len(rigs)}"), f"{unique}{len(rigs)}", merged)
         log_path = str(tmp_path / f"plugin{len(rigs)}.log")
-        host = Host(plugin.dir, stdout=open(log_path, "ab"), init_timeout=20.0)
+        host = Host(plugin.dir, stdout=open(log_path, "ab"), init_timeout=20.0, **(host_options or {}))
         rig = Rig(plugin, host, log_path, merged)
         rigs.append(rig)
         host.start()
@@ -443,6 +443,20 @@ def test_a_source_exiting_with_code_5_is_restarted_with_backoff_not_recycled(mak
     assert "exit code 5" in row["last_error"]
     assert len(rig.plugin.events("open", rule=rule)) == 4  # the first start and 3 restarts
     assert rig.log_texts("recycling worker") == []
+
+
+def test_an_identical_call_after_eKuiper_gave_up_on_a_killed_one_is_run(make_rig):  # noqa: N802
+    """call_deadline above eKuiper's receive timeout: eKuiper has reported its timeout and
+    given the call up before the worker is killed, so the same call sent next is a new one."""
+    rig = make_rig(host_options={"recv_timeout": 1.0}, ekuiper_recv_timeout=1.0, call_deadline=1.5)
+    f = rig.host.start_function(rig.plugin.fn)
+    pid = f.exec(["pid"])["result"]
+    with pytest.raises(HostError, match="time out"):
+        f.exec(["hang_once", "m"])
+    rig.wait_row("the hung worker to be replaced", symbol=rig.plugin.fn, state="running", restarts_min=1)
+    reply = f.exec(["hang_once", "m"])                      # the same bytes, a new call
+    assert reply["state"] is True and reply["result"] != pid
+    assert len(rig.plugin.events("exec", what="hang_once")) == 2
 
 
 def test_a_function_that_cannot_start_again_fails_and_answers_at_once(make_rig):

@@ -229,7 +229,9 @@ class FunctionRoute(Route):
             inst.items_in += st.seq
             inst.items_out += st.done
             inst.errors += st.failed
-            if how and st.state != IDLE:
+            # eKuiper re-sends the call on the new connection only while it still waits for
+            # the reply (docs/protocol.md, "Functions"); after that, the same bytes are a new call
+            if how and st.state != IDLE and self.fx.now() < st.started + inst.s.ekuiper_recv_timeout:
                 owed = (st.crc, f"{inst.where()}: worker pid {w.pid} died during the call "
                                  f"({how}; {cause}); it is being restarted")
             w.page = None
