@@ -23,7 +23,8 @@ SIGKILLs itself), ``hang`` (a busy loop that never returns).
   (items whose ``i`` is a multiple of 3 are acked with ``ack_error("tag <i>")``, others
   with ``ack_ok``). Items are JSON objects ``{"i": n}``; ``{"i": n, "die": how, "mode":
   "once"|"always"}`` fails in ``collect`` (``once``: only the first time that rule sees
-  that ``i``). Events: ``configure`` (symbol, conf), ``collect`` (rule, i), ``fault``.
+  that ``i``); ``slow`` (seconds each collect sleeps while ``<root>/fast`` is absent, after
+  a ``slow`` event). Events: ``configure`` (symbol, conf), ``collect`` (rule, i), ``fault``.
 * function ``fn_<unique>``: ``exec(["pid"])`` returns the worker pid;
   ``exec(["die", how])`` records ``exec`` then fails; ``exec(["hang"])`` loops;
   ``exec(["hang_once", marker])`` loops the first time for that marker, then returns the pid;
@@ -133,6 +134,9 @@ class Snk(Sink):
         how = item.get("die")
         if how and (item.get("mode") == "always" or first_time("died_%s_%s" % (rule, item["i"]))):
             fault(how, "collect of item %s" % item["i"], rule=rule, i=item["i"])
+        if self.conf.get("slow") and not os.path.exists(os.path.join(HERE, "fast")):
+            record("slow", rule=rule, i=item["i"])
+            time.sleep(float(self.conf["slow"]))
         record("collect", rule=rule, i=item["i"])
         if self.conf.get("tag_acks") and item["i"] % 3 == 0:
             ctx.ack_error("tag %d" % item["i"])

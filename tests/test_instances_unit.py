@@ -21,7 +21,6 @@ from kuiper_pool import wire
 from kuiper_pool.api import PluginConfig
 from kuiper_pool.config import load_settings
 from kuiper_pool.runtime import callpage, frames
-from kuiper_pool.runtime.callpage import CallPage
 from kuiper_pool.runtime.effects import WorkerHandle
 from kuiper_pool.runtime.instances import (BACKOFF, ENDED, FAILED, RECYCLING, REMOVED, RUNNING,
                                            STARTING, STOPPING, Instance)
@@ -31,7 +30,7 @@ from kuiper_pool.runtime.supervisor import Supervisor
 from kuiper_pool.transport import TransportError
 
 EXIT_0 = 0                    # wait statuses as the zygote reports them
-EXIT_70 = 70 << 8
+EXIT_70 = 70 << 8            # the worker caught an exception in plugin code
 KILLED = signal.SIGKILL       # WIFSIGNALED with SIGKILL
 
 
@@ -135,8 +134,9 @@ class Recorder:
             raise self.spawn_error
         w = WorkerHandle(self.next_wid, self.t)
         w.pid = 5000 + self.next_wid
-        if self.lendable and inst.kind == wire.TYPE_FUNC:
-            w.page = CallPage(callpage.create())
+        fd = inst.route.open_page(w, self.lendable)   # a call page or a collect mark
+        if fd is not None:
+            os.close(fd)
         self.next_wid += 1
         self.workers.append(w)
         return w
@@ -477,6 +477,75 @@ def test_unfinished_items_go_to_the_replacement_in_order():
     ready(inst, fx.workers[1])
     items = [f for w, t, f in fx.sent if t == frames.ITEMS and w == fx.workers[1].wid]
     assert list(frames.decode_items(items[0])) == [(2, b"2"), (3, b"3")]
+
+
+def collecting(w: WorkerHandle, seq: int) -> None:
+    """Worker ``w`` began the collect of item ``seq`` (the one before it returned)."""
+    assert w.mark is not None
+    w.mark.slots[0], w.mark.slots[1] = seq, seq - 1
+
+
+def restarted(inst: Instance, fx: Recorder) -> WorkerHandle:
+    """Wait out the backoff, make the replacement ready; the replacement."""
+    if inst.state == BACKOFF:
+        fx.t += 10
+        inst.tick(fx.t)
+    ready(inst, fx.workers[-1])
+    return fx.workers[-1]
+
+
+def items_sent_to(fx: Recorder, w: WorkerHandle) -> List[bytes]:
+    return [data for wid, t, f in fx.sent if t == frames.ITEMS and wid == w.wid
+            for _seq, data in frames.decode_items(f)]
+
+
+def test_only_the_item_whose_collect_was_running_is_charged_with_a_crash():
+    inst, fx, _ = running()
+    pull, push = fx.endpoints
+    pull.queue += [b"0", b"bad", b"2", b"3", b"4", b"5", b"6", b"7"]  # back to back: seqs 1-8
+    inst.on_readable(pull)
+    for _ in range(3):                       # sink_max_deliveries 3
+        w = fx.workers[-1]
+        collecting(w, 2)
+        inst.on_exit(w, EXIT_70)             # collect of "bad" raised
+        w = restarted(inst, fx)
+    assert items_sent_to(fx, w) == [b"0", b"2", b"3", b"4", b"5", b"6", b"7"]
+    assert len(push.sent) == 1 and b"item dropped: 3 workers died during its collect" in push.sent[0]
+    assert inst.errors == 1
+    assert [n for n in fx.notes if n.startswith("dropped")] == [
+        "dropped 1 item(s) whose collect was running when a worker died 3 times: [2]"]
+
+
+def test_a_restart_recycle_or_stop_we_asked_for_never_charges_the_running_item():
+    inst, fx, answers = running(sink_max_deliveries=1)
+    pull, push = fx.endpoints
+    pull.queue += [b"slow", b"next"]
+    inst.on_readable(pull)
+    for _ in range(3):                       # kuiper-pool restart of a slow sink, three times
+        w = fx.workers[-1]
+        collecting(w, 1)
+        assert inst.retry_now() and inst.state == RECYCLING
+        fx.t += 2.1
+        inst.tick(fx.t)                      # stop_grace over: SIGKILLed
+        inst.on_exit(w, KILLED)
+        w = restarted(inst, fx)
+        assert items_sent_to(fx, w) == [b"slow", b"next"]
+    collecting(w, 1)
+    inst.stop(answers.append)
+    inst.on_exit(w, KILLED)
+    assert push.sent == [] and inst.errors == 0 and inst.restarts == 0
+
+
+def test_a_worker_dying_between_items_charges_none():
+    inst, fx, _ = running(sink_max_deliveries=1)
+    pull, push = fx.endpoints
+    pull.queue += [b"1", b"2"]
+    inst.on_readable(pull)
+    w = fx.workers[-1]
+    collecting(w, 1)
+    w.mark.slots[1] = 1                      # collect of 1 returned, 2 not begun
+    inst.on_exit(w, KILLED)
+    assert items_sent_to(fx, restarted(inst, fx)) == [b"1", b"2"] and push.sent == []
 
 
 def test_back_pressure_stops_reading_and_progress_resumes_it():

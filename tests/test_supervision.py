@@ -350,12 +350,45 @@ def test_a_poison_item_is_dropped_with_an_error_ack_and_later_items_flow(make_ri
         acks.append(sink.collect(json.dumps(item).encode(), timeout=10))
     timing("poison item: 5 items, one killing 3 workers", time.monotonic() - t0)
     assert acks[:2] == [{}, {}] and acks[3:] == [{}, {}]
-    assert "dropped after 3 deliveries" in acks[2]["error"]
+    assert "item dropped: 3 workers died during its collect" in acks[2]["error"]
     assert [c["i"] for c in rig.plugin.events("collect", rule=rule)] == [1, 2, 4, 5]
     assert len(rig.plugin.events("fault", rule=rule, i=3)) == 3
     row = rig.row(rule=rule)
     assert (row["state"], row["restarts"], row["errors"]) == ("running", 3, 1)
-    assert len(rig.log_texts(r"dropped 1 item\(s\) that ended a worker 3 times")) == 1
+    assert len(rig.log_texts(r"dropped 1 item\(s\) whose collect was running when a worker died 3 times")) == 1
+
+
+def test_only_the_item_that_killed_its_workers_is_dropped_of_items_sent_back_to_back(make_rig, unique):
+    rig = make_rig(sink_max_deliveries=3)
+    rule = f"r_{unique}"
+    sink = rig.host.start_sink("snk", rule)
+    for i in range(8):                       # no requireAck: eKuiper sends back to back
+        item = {"i": i, "die": "raise", "mode": "always"} if i == 1 else {"i": i}
+        sink.send(json.dumps(item).encode())
+    wait_until(lambda: len(rig.log_texts(r"dropped \d+ item\(s\)")) == 1, 10, 0.02, "the poison item dropped")
+    assert len(rig.log_texts(r"dropped 1 item\(s\) whose collect was running when a worker died 3 times")) == 1
+    wait_until(lambda: {c["i"] for c in rig.plugin.events("collect", rule=rule)} == {0, 2, 3, 4, 5, 6, 7},
+               5, 0.02, "every good item collected")
+    assert len(rig.plugin.events("fault", rule=rule, i=1)) == 3
+    assert rig.wait_row("the sink running", rule=rule, state="running")["errors"] == 1
+
+
+def test_an_operator_restart_of_a_slow_sink_drops_nothing(make_rig, unique):
+    rig = make_rig(sink_max_deliveries=1, stop_grace=0.2)
+    rule = f"r_{unique}"
+    sink = rig.host.start_sink("snk", rule, config={"slow": 30}, require_ack=True)
+    ack = []
+    sender = threading.Thread(target=lambda: ack.append(sink.collect(b'{"i": 1}', timeout=20)), daemon=True)
+    sender.start()
+    for n in range(1, 4):                    # restarted while its collect runs, three times
+        wait_until(lambda: len(rig.plugin.events("slow", rule=rule)) == n, 5, 0.02, "collect running")
+        if n == 3:                           # the fourth worker's collect is quick
+            open(os.path.join(rig.plugin.dir, "fast"), "w").close()
+        lines = status.request(rig.plugin.name, {"cmd": "restart", "symbol": "snk"})["lines"]
+        assert len(lines) == 1 and lines[0].endswith("running: restarting")
+    sender.join(20)
+    assert ack == [{}] and rig.row(rule=rule)["errors"] == 0
+    assert rig.log_texts(r"dropped \d+ item") == []
 
 
 # --- 4. functions ---------------------------------------------------------------------------------

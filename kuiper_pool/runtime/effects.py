@@ -19,9 +19,10 @@ from .. import wire
 from ..config import Settings
 from ..logs import supervisor_logger
 from ..transport import load as load_transport
-from . import callpage, forensics, frames
+from . import forensics, frames
 from .callpage import CallPage
 from .health import Vitals
+from .marks import CollectMark
 from .protocol import ZYGOTE_EXITED, ZYGOTE_STARTED, StartSpec
 from .routes.function import FunctionChannel, Handoff
 from .zygote import Zygote
@@ -44,6 +45,7 @@ class WorkerHandle:
         self.fault = ""            # the error this worker reported (FAULT, READY) before exiting
         self.kill_at = 0.0          # when to escalate to SIGKILL
         self.page: Optional[CallPage] = None   # a function worker's call page (lent routes)
+        self.mark: Optional[CollectMark] = None  # a sink worker's collect mark
         self.call_seq = -1          # the page's call seen executing on the previous tick
         self.pending_signal = 0     # sent at signal_at, once its stack has been dumped
         self.signal_at = 0.0
@@ -114,19 +116,17 @@ class LoopEffects:
         def on_link(mask: int) -> None:
             self.on_link(entry, mask)
         self.register(link.fileno(), on_link, inst)
-        lent = self.lends_functions and inst.kind == wire.TYPE_FUNC
+        fd = inst.route.open_page(w, self.lends_functions)
         start = StartSpec(inst.ctrl, inst.s.heartbeat_interval, inst.s.stop_grace,
                           self.s.dial_timeout, inst.s.max_calls, self.s.transport,
-                          forensics.dump_path(self.zygote.rundir, wid), lent).frame()
-        if lent:
-            fd = callpage.create()
+                          forensics.dump_path(self.zygote.rundir, wid), fd is not None).frame()
+        if fd is None:
+            link.send(start)
+        else:
             try:
-                w.page = callpage.CallPage(fd)
                 link.send_fds(start, [fd])
             finally:
                 os.close(fd)
-        else:
-            link.send(start)
         return w
 
     def send(self, w: WorkerHandle, frame: bytes) -> None:

@@ -265,7 +265,7 @@ class Instance:
                 "signal" if how.startswith("signal") else "exit")
         self.restart_causes[kind] += 1
         pid = w.pid if w is not None else 0
-        self.route.on_crashed(pid, how, cause)
+        self.route.on_crashed(w, how, cause)
         now = self.fx.now()
         delay = self.policy.next_delay(now)
         if delay is None:

@@ -46,18 +46,19 @@ class StartSpec:
     max_calls: int = 0
     transport: str = "sp"
     dump_path: str = ""        # where the worker writes its stack when asked (forensics)
-    call_page: bool = False    # a call page's fd travels with the frame (lent function calls)
+    page: bool = False         # a shared page's fd travels with the frame: a lent function's
+                               # call page, a sink's collect mark
 
     def frame(self) -> bytes:
         return frames.encode_json(frames.START, {
             "control": self.control.to_dict(), "heartbeat_interval": self.heartbeat_interval,
             "stop_grace": self.stop_grace, "dial_timeout": self.dial_timeout,
             "max_calls": self.max_calls, "transport": self.transport,
-            "dump_path": self.dump_path, "call_page": self.call_page})
+            "dump_path": self.dump_path, "page": self.page})
 
     @classmethod
     def decode(cls, payload: bytes) -> "StartSpec":
         d: Any = frames.decode_json(payload)
         return cls(wire.Control.from_dict(d["control"]), float(d["heartbeat_interval"]),
                    float(d["stop_grace"]), float(d["dial_timeout"]), int(d["max_calls"]),
-                   str(d["transport"]), str(d["dump_path"]), bool(d["call_page"]))
+                   str(d["transport"]), str(d["dump_path"]), bool(d["page"]))

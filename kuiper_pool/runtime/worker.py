@@ -28,6 +28,7 @@ from . import forensics
 from .callpage import CallPage, call_crc
 from .protocol import StartSpec, is_error_reply
 from .context import WorkerContext
+from .marks import CollectMark
 
 EXIT_OK = 0
 EXIT_CONFIGURE = 3    # configure or the factory failed; READY carried the error
@@ -186,7 +187,9 @@ def run_sink(worker: Worker, sink: Any) -> int:
     ctrl = worker.ctrl
     if not _configure(worker, lambda: sink.configure(ctrl.config)):
         return EXIT_CONFIGURE
-    current, acked = [0], [0]
+    # [0]: the seq whose collect began, [1]: whose collect returned (shared with the supervisor)
+    current = CollectMark(worker.link.fds.popleft()).slots if worker.spec.page else [0, 0]
+    acked = [0]
 
     def ack(data: bytes) -> None:  # an acked item is finished: its ack stands for its DONE
         acked[0] = current[0]
@@ -218,6 +221,7 @@ def run_sink(worker: Worker, sink: Any) -> int:
                     worker.link.send(frames.encode_seq(frames.DONE, done))
                 return worker.fault("collect", e)
             worker.busy_since = 0.0
+            current[1] = seq
             worker.processed += 1
             if acked[0] != seq:
                 done = seq
@@ -238,7 +242,7 @@ def run_sink(worker: Worker, sink: Any) -> int:
 def run_function(worker: Worker, function: Any) -> int:
     """Serve calls: on eKuiper's connection itself when the supervisor lends it (CONN),
     else relayed over the link (CALL/REPLY)."""
-    page = CallPage(worker.link.fds.popleft()) if worker.spec.call_page else None
+    page = CallPage(worker.link.fds.popleft()) if worker.spec.page else None
     worker.ready(None)
     contexts: Dict[Tuple[Any, ...], WorkerContext] = {}
     conn: Any = None

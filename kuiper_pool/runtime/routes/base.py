@@ -7,7 +7,7 @@ and closed through the effects) may come and go across workers, contain and retr
 from __future__ import annotations
 
 import signal
-from typing import TYPE_CHECKING, Any, Tuple
+from typing import TYPE_CHECKING, Any, Optional, Tuple
 
 if TYPE_CHECKING:
     from ..effects import WorkerHandle
@@ -29,6 +29,10 @@ class Route:
         """Before the instance runs: open eKuiper's channel if it is not open (OSError: it
         cannot be; the first start is refused, a restart counts as a crash)."""
 
+    def open_page(self, w: "WorkerHandle", lends: bool) -> Optional[int]:
+        """A shared page for the new worker ``w`` (its fd goes with START), or None."""
+        return None
+
     def on_ready(self, w: "WorkerHandle", first: bool) -> None:
         """``w`` runs: give it what waits."""
 
@@ -48,8 +52,8 @@ class Route:
     def on_worker_gone(self, w: "WorkerHandle", how: str, cause: str) -> None:
         """``w`` exited (``how``: its wait status in words); keep what it counted."""
 
-    def on_crashed(self, pid: int, how: str, cause: str) -> None:
-        """The worker's exit was a crash."""
+    def on_crashed(self, w: Optional["WorkerHandle"], how: str, cause: str) -> None:
+        """The worker's exit was a crash (``w`` None: no worker could be made)."""
 
     def on_failed(self) -> None:
         """The instance has failed: answer what waits with errors."""

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Optional, Tuple
 
 from ... import wire
-from .. import frames
-from ..callpage import EXECUTING, IDLE, call_crc
+from .. import callpage, frames
+from ..callpage import EXECUTING, IDLE, CallPage, call_crc
 from ..protocol import is_error_reply
 from ..states import State
 from .base import Counts, Route
@@ -116,9 +116,17 @@ class FunctionRoute(Route):
     def on_worker_gone(self, w: "WorkerHandle", how: str, cause: str) -> None:
         self._take_back(w, how, cause)
 
-    def on_crashed(self, pid: int, how: str, cause: str) -> None:
+    def open_page(self, w: "WorkerHandle", lends: bool) -> Optional[int]:
+        if not lends:
+            return None
+        fd = callpage.create()
+        w.page = CallPage(fd)
+        return fd
+
+    def on_crashed(self, w: Optional["WorkerHandle"], how: str, cause: str) -> None:
         chan = self.channel
         if chan is not None and chan.call is not None and chan.forwarded:
+            pid = w.pid if w is not None else 0
             self._error(f"{self.inst.where()}: worker pid {pid} died during the call "
                         f"({how}; {cause}); it is being restarted")
 

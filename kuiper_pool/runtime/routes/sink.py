@@ -8,11 +8,12 @@ from __future__ import annotations
 import logging
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, List, Tuple
+from typing import TYPE_CHECKING, Any, List, Optional, Tuple
 
 from ... import wire
 from ...transport import TransportError
-from .. import frames
+from .. import callpage, frames
+from ..marks import CollectMark
 from ..states import State
 from .base import Route
 
@@ -27,7 +28,7 @@ Items = List[Tuple[int, bytes]]
 @dataclass
 class Item:
     data: bytes
-    deliveries: int = 0
+    faults: int = 0         # workers that died while its collect was running
     acked: bool = False
 
 
@@ -58,6 +59,18 @@ class SinkRoute(Route):
         if not first:
             self._redeliver(w)
         self._on_data()
+
+    def open_page(self, w: "WorkerHandle", lends: bool) -> Optional[int]:
+        fd = callpage.create()
+        w.mark = CollectMark(fd)
+        return fd
+
+    def on_crashed(self, w: Optional["WorkerHandle"], how: str, cause: str) -> None:
+        """Charge the item whose collect was running, and only it: a crash by a fault of
+        the item. A stop, recycle or restart we asked for never comes here."""
+        item = self.inflight.get(w.mark.running()) if w is not None and w.mark is not None else None
+        if item is not None:
+            item.faults += 1
 
     def on_stopping(self, w: "WorkerHandle", running: bool) -> None:
         self._read(False)
@@ -99,7 +112,7 @@ class SinkRoute(Route):
             return
         w = inst.worker
         running = state is State.RUNNING and w is not None
-        items = self._take(running)
+        items = self._take()
         inst.items_in += len(items)
         if running:
             self._deliver(w, items)
@@ -110,15 +123,14 @@ class SinkRoute(Route):
             self.reading = on
             self.fx.watch(self.inst, self.pull, on)
 
-    def _take(self, delivering: bool = True) -> Items:
-        """Move what eKuiper sent into ``inflight``; return the new items
-        (``delivering``: they go to a worker now and count as a delivery)."""
+    def _take(self) -> Items:
+        """Move what eKuiper sent into ``inflight``; return the new items."""
         room = min(MAX_BATCH, self.window - len(self.inflight))
         out = []
         for data in self.pull.recv_many(room) if room > 0 else ():
             seq = self.next_seq
             self.next_seq += 1
-            self.inflight[seq] = Item(data, deliveries=int(delivering))
+            self.inflight[seq] = Item(data)
             out.append((seq, data))
         return out
 
@@ -127,25 +139,23 @@ class SinkRoute(Route):
             self.fx.send(w, frames.encode_items(items[0][0], [data for _seq, data in items]))
 
     def _redeliver(self, w: "WorkerHandle") -> None:
-        """Hand the unfinished items to a replacement worker; drop those that ended
-        ``max_deliveries`` workers as poison."""
+        """Hand the unfinished items to a replacement worker; drop as poison those whose
+        collect was running when ``max_deliveries`` workers died."""
         again, poison = [], []
         for seq, item in list(self.inflight.items()):
-            if item.deliveries >= self.max_deliveries:
+            if item.faults >= self.max_deliveries:
                 poison.append(seq)
                 del self.inflight[seq]
                 if not item.acked:
                     self._send_ack(wire.sink_ack_error(
-                        f"item dropped after {item.deliveries} deliveries, each of which "
-                        f"ended its worker"))
+                        f"item dropped: {item.faults} workers died during its collect"))
                 continue
-            item.deliveries += 1
             again.append((seq, item.data))
         inst = self.inst
         if poison:
             inst.errors += len(poison)
-            self.fx.note(inst, logging.ERROR, "dropped %d item(s) that ended a worker %d times: %s",
-                         len(poison), self.max_deliveries, poison)
+            self.fx.note(inst, logging.ERROR, "dropped %d item(s) whose collect was running when "
+                         "a worker died %d times: %s", len(poison), self.max_deliveries, poison)
         if again:
             self.fx.note(inst, logging.INFO, "redelivering %d unfinished item(s)", len(again))
             self._deliver(w, again)
@@ -155,7 +165,7 @@ class SinkRoute(Route):
         if not self.require_ack:
             return 0
         n = 0
-        for seq, _data in self._take(False):
+        for seq, _data in self._take():
             del self.inflight[seq]
             self._send_ack(wire.sink_ack_error(reason))
             n += 1
