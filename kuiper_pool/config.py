@@ -156,8 +156,8 @@ SETTINGS: Tuple[Setting, ...] = (
          "Items handed to a sink worker and not yet finished; beyond it the supervisor stops reading "
          "from eKuiper (back-pressure).", ge=1),
     _num("limits", "sink_max_deliveries", int, 3,
-         "How often one sink item is handed to a worker before it is dropped as poison "
-         "(logged; error ack when the rule requires acks).", ge=1),
+         "How many workers may crash while collecting one sink item before it is dropped as "
+         "poison (logged; error ack when the rule requires acks).", ge=1),
     _choice("host", "transport", "sp", ("sp", "nng"),
             'How eKuiper\'s sockets are spoken: "sp" natively (SP over ipc framing, no nng thread '
             'hand-offs; function workers answer eKuiper on its connection directly) or "nng" '
