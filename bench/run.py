@@ -70,6 +70,7 @@ import pynng  # noqa: E402
 
 import kuiper_pool  # noqa: E402
 from kuiper_pool.tools.emulator import Host, NativePull, SourceHandle, go_json  # noqa: E402
+from kuiper_pool import paths  # noqa: E402
 from kuiper_pool.transport import sp  # noqa: E402
 
 PLUGIN_MAIN = os.path.join(HERE, "plugin", "main.py")
@@ -727,7 +728,7 @@ def sp_req_rep(tag: str, sz: Sizes) -> Tuple[float, float]:
         if conn is not None:
             conn.close()
         listener.close()
-        sp.unlink_if_ours(path, ident)
+        paths.unlink_if_ours(path, ident)
         _end(child)
 
 

@@ -33,7 +33,8 @@ from typing import Dict, List
 
 import psutil
 
-from kuiper_pool.runtime.status import private_base, query
+from kuiper_pool.paths import private_base
+from kuiper_pool.runtime.status import query
 from kuiper_pool.tools.emulator import Host, HostError
 
 PLUGIN = textwrap.dedent('''

@@ -156,8 +156,8 @@ SETTINGS: Tuple[Setting, ...] = (
          "Items handed to a sink worker and not yet finished; beyond it the supervisor stops reading "
          "from eKuiper (back-pressure).", ge=1),
     _num("limits", "sink_max_deliveries", int, 3,
-         "How often one sink item is handed to a worker before it is dropped as poison "
-         "(logged; error ack when the rule requires acks).", ge=1),
+         "How many workers may crash while collecting one sink item before it is dropped as "
+         "poison (logged; error ack when the rule requires acks).", ge=1),
     _choice("host", "transport", "sp", ("sp", "nng"),
             'How eKuiper\'s sockets are spoken: "sp" natively (SP over ipc framing, no nng thread '
             'hand-offs; function workers answer eKuiper on its connection directly) or "nng" '
@@ -167,6 +167,10 @@ SETTINGS: Tuple[Setting, ...] = (
          "everything and exits.", gt=0),
     _num("host", "dial_timeout", float, 5.0,
          "Seconds to keep dialing eKuiper's control socket at start before giving up.", gt=0),
+    _num("host", "ekuiper_recv_timeout", float, 5.0,
+         "eKuiper's portable.recvTimeout: how long it waits for a function reply. It re-sends a "
+         "call only while it waits, so a call a dead worker had begun is recognised in a new "
+         "connection only within this time of the call's start.", gt=0),
     _choice("operations", "log_level", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR"),
             "Log level, case-insensitive.", fold=True),
     Setting("metrics_address", "operations", str, "",
@@ -203,6 +207,7 @@ class Settings:
     transport: str
     control_lost_timeout: float
     dial_timeout: float
+    ekuiper_recv_timeout: float
     log_level: str
     metrics_address: str
     runtime_dir: str

@@ -41,7 +41,7 @@ def start(c: Any) -> NoReturn:
 def _serve(plugin: PluginConfig, settings: Any, script_dir: str) -> int:
     # Imported here so that importing kuiper_pool stays light for plugin modules and tools.
     from .runtime import worker
-    from .runtime.status import private_base
+    from .paths import private_base
     from .runtime.supervisor import Supervisor
     from .runtime.zygote import Zygote
 

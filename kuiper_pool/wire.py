@@ -1,4 +1,4 @@
-"""The eKuiper portable-plugin wire protocol, plugin side (see PROTOCOL.md).
+"""The eKuiper portable-plugin wire protocol, plugin side (docs/protocol.md).
 
 Everything that knows a socket path, a command's shape or an answer's bytes
 lives here, so the rest of the package speaks in parsed values.

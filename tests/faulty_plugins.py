@@ -9,7 +9,7 @@ The plugin records what it does, one JSON line per event, to ``<root>/events.jso
 once). Every event carries ``event``, ``pid`` and ``t`` (``time.time()``).
 
 Faults (``how``): ``raise`` (RuntimeError), ``memory`` (MemoryError), ``exit``
-(``os._exit(13)``), ``segv`` (``ctypes.string_at(0)``), ``sigkill`` (the worker
+(``os._exit(13)``; ``exit5``: ``os._exit(5)``), ``segv`` (``ctypes.string_at(0)``), ``sigkill`` (the worker
 SIGKILLs itself), ``hang`` (a busy loop that never returns).
 
 * source ``src``, conf: ``interval`` (s between items, default 0.01), ``open_fault``
@@ -23,9 +23,11 @@ SIGKILLs itself), ``hang`` (a busy loop that never returns).
   (items whose ``i`` is a multiple of 3 are acked with ``ack_error("tag <i>")``, others
   with ``ack_ok``). Items are JSON objects ``{"i": n}``; ``{"i": n, "die": how, "mode":
   "once"|"always"}`` fails in ``collect`` (``once``: only the first time that rule sees
-  that ``i``). Events: ``configure`` (symbol, conf), ``collect`` (rule, i), ``fault``.
+  that ``i``); ``slow`` (seconds each collect sleeps while ``<root>/fast`` is absent, after
+  a ``slow`` event). Events: ``configure`` (symbol, conf), ``collect`` (rule, i), ``fault``.
 * function ``fn_<unique>``: ``exec(["pid"])`` returns the worker pid;
   ``exec(["die", how])`` records ``exec`` then fails; ``exec(["hang"])`` loops;
+  ``exec(["hang_once", marker])`` loops the first time for that marker, then returns the pid;
   ``exec(["alloc", mb])`` keeps ``mb`` MiB of touched memory and returns the pid.
 * function ``flaky_<unique>``: same as ``fn_``, but its factory raises whenever
   ``<root>/flaky_started`` exists (it creates it on the first start).
@@ -70,9 +72,9 @@ def fault(how, where, **fields):
         raise RuntimeError("injected fault in " + where)
     if how == "memory":
         raise MemoryError("injected MemoryError in " + where)
-    if how == "exit":
+    if how.startswith("exit"):
         sys.stdout.flush()
-        os._exit(13)
+        os._exit(int(how[4:] or 13))
     if how == "segv":
         ctypes.string_at(0)
     if how == "sigkill":
@@ -132,6 +134,9 @@ class Snk(Sink):
         how = item.get("die")
         if how and (item.get("mode") == "always" or first_time("died_%s_%s" % (rule, item["i"]))):
             fault(how, "collect of item %s" % item["i"], rule=rule, i=item["i"])
+        if self.conf.get("slow") and not os.path.exists(os.path.join(HERE, "fast")):
+            record("slow", rule=rule, i=item["i"])
+            time.sleep(float(self.conf["slow"]))
         record("collect", rule=rule, i=item["i"])
         if self.conf.get("tag_acks") and item["i"] % 3 == 0:
             ctx.ack_error("tag %d" % item["i"])
@@ -159,6 +164,11 @@ class Fn(Function):
         if what == "hang":
             record("exec", what="hang")
             fault("hang", "exec")
+        if what == "hang_once":
+            record("exec", what="hang_once")
+            if first_time("hang_" + args[1]):
+                fault("hang", "exec")
+            return os.getpid()
         if what == "alloc":
             block = b"\x01" * (int(args[1]) * 1048576)  # touched, so it is resident
             KEEP.append(block)

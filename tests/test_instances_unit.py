@@ -18,17 +18,19 @@ from typing import Any, List, Optional, Tuple
 import pytest
 
 from kuiper_pool import wire
+from kuiper_pool.api import PluginConfig
 from kuiper_pool.config import load_settings
 from kuiper_pool.runtime import callpage, frames
-from kuiper_pool.runtime.callpage import CallPage
+from kuiper_pool.runtime.effects import WorkerHandle
 from kuiper_pool.runtime.instances import (BACKOFF, ENDED, FAILED, RECYCLING, REMOVED, RUNNING,
-                                           STARTING, STOPPING, Instance, TransitionError,
-                                           WorkerHandle)
-from kuiper_pool.runtime.routes import FunctionRoute, SinkRoute
+                                           STARTING, STOPPING, Instance)
+from kuiper_pool.runtime.routes import FunctionChannel, SinkRoute
+from kuiper_pool.runtime.states import TRANSITIONS, TransitionError
+from kuiper_pool.runtime.supervisor import Supervisor
 from kuiper_pool.transport import TransportError
 
 EXIT_0 = 0                    # wait statuses as the zygote reports them
-EXIT_70 = 70 << 8
+EXIT_70 = 70 << 8            # the worker caught an exception in plugin code
 KILLED = signal.SIGKILL       # WIFSIGNALED with SIGKILL
 
 
@@ -132,8 +134,9 @@ class Recorder:
             raise self.spawn_error
         w = WorkerHandle(self.next_wid, self.t)
         w.pid = 5000 + self.next_wid
-        if self.lendable and inst.kind == wire.TYPE_FUNC:
-            w.page = CallPage(callpage.create())
+        fd = inst.route.open_page(w, self.lendable)   # a call page or a collect mark
+        if fd is not None:
+            os.close(fd)
         self.next_wid += 1
         self.workers.append(w)
         return w
@@ -145,25 +148,34 @@ class Recorder:
     def signal(self, w: WorkerHandle, sig: int) -> None:
         self.signals.append((w.wid, sig))
 
-    def open_route(self, inst: Instance, wait: bool = True):
+    def open_sink(self, inst: Instance) -> Tuple[MemoryPull, MemoryPush]:
         if self.route_error is not None:
             raise self.route_error
-        if inst.kind == wire.TYPE_SINK:
-            self.endpoints = (MemoryPull(), MemoryPush())
-            return SinkRoute(inst.ctrl, inst.s.sink_window, inst.s.sink_max_deliveries, *self.endpoints)
+        self.endpoints = (MemoryPull(), MemoryPush())
+        return self.endpoints
+
+    def close_sink(self, inst: Instance, pull: Any, ack: Any) -> None:
+        self.closed_routes.append((pull, ack))
+        pull.close()
+        ack.close()
+
+    def open_function(self, inst: Instance, wait: bool = True) -> FunctionChannel:
+        if self.route_error is not None:
+            raise self.route_error
         self.endpoints = LendableReq() if self.lendable else MemoryReq()
         self.channels.append(self.endpoints)
-        return FunctionRoute(self.endpoints, lendable=self.lendable)
+        return FunctionChannel(self.endpoints, lendable=self.lendable)
 
-    def hand_over(self, w: WorkerHandle, route: Any) -> None:
-        self.handoffs.append((w.wid, route.lend()))
+    def close_function(self, inst: Instance, channel: FunctionChannel) -> None:
+        self.closed_routes.append(channel)
+        channel.close()
 
-    def watch(self, inst: Instance, reading: bool) -> None:
-        self.watching.append(reading)
+    def hand_over(self, w: WorkerHandle, handoff: Any) -> None:
+        self.handoffs.append((w.wid, handoff))
 
-    def close_route(self, inst: Instance, route: Any) -> None:
-        self.closed_routes.append(route)
-        route.close()
+    def watch(self, inst: Instance, endpoint: Any, reading: bool) -> None:
+        if isinstance(endpoint, MemoryPull):  # the sink's reading; a function's is always on
+            self.watching.append(reading)
 
     def forget(self, inst: Instance) -> None:
         self.forgotten.append(inst)
@@ -243,7 +255,7 @@ def reply(inst: Instance, w: WorkerHandle, call_id: int, data: bytes) -> None:
 
 def test_the_start_is_answered_after_ready_and_the_route_opens_then():
     inst, fx, answers = make()
-    assert answers == [] and inst.state == STARTING and inst.route is None
+    assert answers == [] and inst.state == STARTING and inst.route.pull is None
     ready(inst, fx.workers[0])
     assert answers == [wire.OK] and isinstance(inst.route, SinkRoute) and fx.watching == [True]
 
@@ -366,7 +378,7 @@ def test_late_done_ack_and_frames_after_the_stop_touch_nothing():
     w = fx.workers[0]
     pull, push = fx.endpoints
     pull.queue += [b"a", b"b"]
-    inst.on_sink_readable()
+    inst.on_readable(fx.endpoints[0])
     inst.on_frame(w, frames.ACK, frames.SEQ.pack(1) + b"{}")
     inst.stop(answers.append)
     assert fx.watching[-1] is False
@@ -377,7 +389,7 @@ def test_late_done_ack_and_frames_after_the_stop_touch_nothing():
     inst.on_frame(w, frames.DONE, frames.SEQ.pack(2))
     inst.on_frame(w, frames.ACK, frames.SEQ.pack(2) + b"{}")
     inst.on_frame(w, frames.BEAT, b"not even json")  # a removed instance reads nothing
-    inst.on_sink_readable()                   # a readiness event select returned earlier
+    inst.on_readable(fx.endpoints[0])                   # a readiness event select returned earlier
     assert push.sent == [b"{}"] and answers == [wire.OK, wire.OK]
 
 
@@ -385,8 +397,8 @@ def test_a_stale_readiness_event_after_removal_does_nothing():
     inst, fx, _ = running()
     inst.remove()
     sent = list(fx.sent)
-    inst.on_sink_readable()
-    inst.on_call()
+    inst.on_readable(fx.endpoints[0])
+    inst.on_readable(fx.endpoints)
     assert fx.sent == sent
 
 
@@ -395,7 +407,7 @@ def test_frames_of_a_replaced_worker_are_ignored():
     old = fx.workers[0]
     req = fx.endpoints
     req.calls.append(b'{"func":"Exec","arg":[]}')
-    inst.on_call()
+    inst.on_readable(fx.endpoints)
     inst.on_exit(old, KILLED)                # the call is answered with the crash
     assert len(req.replies) == 1 and b"died during the call" in req.replies[0]
     reply(inst, old, 1, b'{"state": true, "result": 1}')   # a late reply of the dead worker
@@ -409,7 +421,7 @@ def test_a_deadline_and_a_crash_in_the_same_tick_answer_the_call_once():
     w = fx.workers[0]
     req = fx.endpoints
     req.calls.append(b'{"func":"Exec","arg":[]}')
-    inst.on_call()
+    inst.on_readable(fx.endpoints)
     fx.t += 4.5
     beat(inst, w)
     inst.tick(fx.t)                          # past call_deadline: SIGTERM and an error reply
@@ -425,7 +437,7 @@ def test_a_late_reply_after_the_deadline_is_never_the_next_answer():
     w1 = fx.workers[0]
     req = fx.endpoints
     req.calls.append(b"call-1")
-    inst.on_call()
+    inst.on_readable(fx.endpoints)
     fx.t += 5
     beat(inst, w1)
     inst.tick(fx.t)
@@ -433,7 +445,7 @@ def test_a_late_reply_after_the_deadline_is_never_the_next_answer():
     w2 = fx.workers[1]
     ready(inst, w2)
     req.calls.append(b"call-2")
-    inst.on_call()
+    inst.on_readable(fx.endpoints)
     reply(inst, w2, 1, b"reply-to-call-1")  # a stale call id, whoever sends it
     assert len(req.replies) == 1
     reply(inst, w2, 2, b"reply-to-call-2")
@@ -445,7 +457,7 @@ def test_a_call_waiting_for_a_restart_is_forwarded_once_the_worker_is_ready():
     req = fx.endpoints
     inst.on_exit(fx.workers[0], KILLED)
     req.calls.append(b"call")
-    inst.on_call()
+    inst.on_readable(fx.endpoints)
     assert fx.frames_of(frames.CALL) == []
     fx.t += 1.0
     inst.tick(fx.t)
@@ -459,7 +471,7 @@ def test_unfinished_items_go_to_the_replacement_in_order():
     inst, fx, _ = running()
     pull, _push = fx.endpoints
     pull.queue += [b"1", b"2", b"3"]
-    inst.on_sink_readable()
+    inst.on_readable(fx.endpoints[0])
     done(inst, fx.workers[0], 1)
     inst.on_exit(fx.workers[0], KILLED)
     ready(inst, fx.workers[1])
@@ -467,11 +479,80 @@ def test_unfinished_items_go_to_the_replacement_in_order():
     assert list(frames.decode_items(items[0])) == [(2, b"2"), (3, b"3")]
 
 
+def collecting(w: WorkerHandle, seq: int) -> None:
+    """Worker ``w`` began the collect of item ``seq`` (the one before it returned)."""
+    assert w.mark is not None
+    w.mark.slots[0], w.mark.slots[1] = seq, seq - 1
+
+
+def restarted(inst: Instance, fx: Recorder) -> WorkerHandle:
+    """Wait out the backoff, make the replacement ready; the replacement."""
+    if inst.state == BACKOFF:
+        fx.t += 10
+        inst.tick(fx.t)
+    ready(inst, fx.workers[-1])
+    return fx.workers[-1]
+
+
+def items_sent_to(fx: Recorder, w: WorkerHandle) -> List[bytes]:
+    return [data for wid, t, f in fx.sent if t == frames.ITEMS and wid == w.wid
+            for _seq, data in frames.decode_items(f)]
+
+
+def test_only_the_item_whose_collect_was_running_is_charged_with_a_crash():
+    inst, fx, _ = running()
+    pull, push = fx.endpoints
+    pull.queue += [b"0", b"bad", b"2", b"3", b"4", b"5", b"6", b"7"]  # back to back: seqs 1-8
+    inst.on_readable(pull)
+    for _ in range(3):                       # sink_max_deliveries 3
+        w = fx.workers[-1]
+        collecting(w, 2)
+        inst.on_exit(w, EXIT_70)             # collect of "bad" raised
+        w = restarted(inst, fx)
+    assert items_sent_to(fx, w) == [b"0", b"2", b"3", b"4", b"5", b"6", b"7"]
+    assert len(push.sent) == 1 and b"item dropped: 3 workers died during its collect" in push.sent[0]
+    assert inst.errors == 1
+    assert [n for n in fx.notes if n.startswith("dropped")] == [
+        "dropped 1 item(s) whose collect was running when a worker died 3 times: [2]"]
+
+
+def test_a_restart_recycle_or_stop_we_asked_for_never_charges_the_running_item():
+    inst, fx, answers = running(sink_max_deliveries=1)
+    pull, push = fx.endpoints
+    pull.queue += [b"slow", b"next"]
+    inst.on_readable(pull)
+    for _ in range(3):                       # kuiper-pool restart of a slow sink, three times
+        w = fx.workers[-1]
+        collecting(w, 1)
+        assert inst.retry_now() and inst.state == RECYCLING
+        fx.t += 2.1
+        inst.tick(fx.t)                      # stop_grace over: SIGKILLed
+        inst.on_exit(w, KILLED)
+        w = restarted(inst, fx)
+        assert items_sent_to(fx, w) == [b"slow", b"next"]
+    collecting(w, 1)
+    inst.stop(answers.append)
+    inst.on_exit(w, KILLED)
+    assert push.sent == [] and inst.errors == 0 and inst.restarts == 0
+
+
+def test_a_worker_dying_between_items_charges_none():
+    inst, fx, _ = running(sink_max_deliveries=1)
+    pull, push = fx.endpoints
+    pull.queue += [b"1", b"2"]
+    inst.on_readable(pull)
+    w = fx.workers[-1]
+    collecting(w, 1)
+    w.mark.slots[1] = 1                      # collect of 1 returned, 2 not begun
+    inst.on_exit(w, KILLED)
+    assert items_sent_to(fx, restarted(inst, fx)) == [b"1", b"2"] and push.sent == []
+
+
 def test_back_pressure_stops_reading_and_progress_resumes_it():
     inst, fx, _ = running(sink_window=2)
     pull, _push = fx.endpoints
     pull.queue += [b"1", b"2", b"3"]
-    inst.on_sink_readable()
+    inst.on_readable(fx.endpoints[0])
     assert fx.watching[-1] is False and pull.queue == [b"3"]
     done(inst, fx.workers[0], 2)
     assert fx.watching[-1] is True
@@ -481,12 +562,12 @@ def test_a_failed_sink_error_acks_what_was_in_flight_and_what_comes():
     inst, fx, _ = running(flap_max_restarts=1)
     pull, push = fx.endpoints
     pull.queue += [b"1"]
-    inst.on_sink_readable()
+    inst.on_readable(fx.endpoints[0])
     inst.on_exit(fx.workers[0], KILLED)       # restart 1 of 1
     inst.on_exit(fx.workers[1], KILLED)       # flapping: failed
     assert inst.state == FAILED and len(push.sent) == 1 and b"has failed" in push.sent[0]
     pull.queue += [b"2"]
-    inst.on_sink_readable()
+    inst.on_readable(fx.endpoints[0])
     assert len(push.sent) == 2 and inst.errors == 2
 
 
@@ -519,7 +600,7 @@ def test_contain_of_a_running_instance_fails_it_and_answers_the_call_in_flight()
     inst, fx, _ = running(kind=wire.TYPE_FUNC)
     req = fx.endpoints
     req.calls.append(b"call")
-    inst.on_call()
+    inst.on_readable(fx.endpoints)
     inst.contain(ValueError("bad frame"))
     assert inst.state == FAILED and req.closed
     assert len(req.replies) == 1 and b"internal error: ValueError: bad frame" in req.replies[0]
@@ -527,7 +608,7 @@ def test_contain_of_a_running_instance_fails_it_and_answers_the_call_in_flight()
     inst.tick(fx.t)
     assert inst.state == STARTING       # tried again later: the route opens anew on READY
     ready(inst, fx.workers[-1])
-    assert inst.state == RUNNING and inst.route is not None and not inst.route.channel.closed
+    assert inst.state == RUNNING and inst.route.channel is not None and not inst.route.channel.req.closed
 
 
 def test_a_garbage_frame_from_a_worker_raises_for_containment():
@@ -544,23 +625,74 @@ def test_a_source_whose_open_returned_has_ended_and_is_not_restarted():
     assert inst.state == ENDED and len(fx.workers) == 1
 
 
-def test_an_exit_in_a_state_without_a_worker_is_a_transition_error():
+def test_every_state_change_goes_through_the_transition_table():
+    inst, fx, answers = running(restart_backoff_initial=1.0)
+    with pytest.raises(AttributeError):
+        inst.state = BACKOFF  # type: ignore[misc]  # read only: only _move writes it
+    inst.on_exit(fx.workers[0], KILLED)                 # RUNNING -> BACKOFF
+    fx.t += 1.0
+    inst.tick(fx.t)                                     # BACKOFF -> STARTING
+    ready(inst, fx.workers[1])                          # STARTING -> RUNNING
+    inst.stop(answers.append)                           # RUNNING -> STOPPING
+    inst.on_exit(fx.workers[1], EXIT_0)                 # STOPPING -> REMOVED
+    assert list(inst.transitions) == [(STARTING, RUNNING), (RUNNING, BACKOFF), (BACKOFF, STARTING),
+                                      (RUNNING, STOPPING), (STOPPING, REMOVED)]
+    assert inst.transitions[(STARTING, RUNNING)] == 2
+    assert all(new in TRANSITIONS[old] for old, new in inst.transitions)
+    assert fx.notes.count("running -> backoff: crash") == 1  # one hook logs every change
+
+
+def test_an_illegal_transition_raises_and_the_supervisor_contains_it():
+    src, fx, _ = running(kind=wire.TYPE_SOURCE)
+    src.on_exit(fx.workers[0], EXIT_0)                  # RUNNING -> ENDED
+    with pytest.raises(TransitionError, match="ended -> running is not a transition"):
+        src._move(RUNNING, "a late ready")
+    assert src.state == ENDED
     inst, fx, _ = running()
-    w = fx.workers[0]
-    inst.state = BACKOFF  # a state that can never have a current worker
-    with pytest.raises(TransitionError, match="worker exit in state backoff"):
-        inst.on_exit(w, KILLED)
+    sup = Supervisor(PluginConfig("plug", {}, {}, {}), load_settings(environ={}), zygote=None)
+    sup.instances[inst.ctrl.key] = inst
+    sup.guarded("test", inst, inst._move, RUNNING, "a second ready")  # the loop's guard
+    assert inst.state == FAILED and "TransitionError" in inst.last_error
+    assert fx.signals[-1] == (fx.workers[0].wid, signal.SIGKILL) and inst.route.pull is None
 
 
 def test_recycling_starts_a_fresh_worker_when_the_old_one_exits():
     inst, fx, _ = running(kind=wire.TYPE_FUNC, max_calls=1)
     req = fx.endpoints
     req.calls.append(b"call")
-    inst.on_call()
+    inst.on_readable(fx.endpoints)
     reply(inst, fx.workers[0], 1, b'{"state": true, "result": 1}')
     assert inst.state == RECYCLING and fx.frames_of(frames.STOP)
     inst.on_exit(fx.workers[0], EXIT_0)
     assert inst.state == STARTING and len(fx.workers) == 2 and inst.restarts == 0
+
+
+EXIT_5 = frames.EXIT_RECYCLED << 8
+
+
+def test_a_source_exiting_with_the_recycle_code_is_a_crash_not_a_recycle():
+    inst, fx, _ = running(kind=wire.TYPE_SOURCE, restart_backoff_initial=1.0, max_calls=3)
+    inst.on_exit(fx.workers[0], EXIT_5)
+    assert inst.state == BACKOFF and inst.restarts == 1 and inst.restart_causes == {"exit": 1}
+    assert len(fx.workers) == 1 and "exit code 5" in inst.last_error   # waits for its backoff
+
+
+def test_a_lent_function_worker_recycles_itself_only_after_max_calls():
+    inst, fx, _ = running(kind=wire.TYPE_FUNC, lendable=True, max_calls=2, restart_backoff_initial=1.0)
+    w = fx.workers[0]
+    w.page.begin(b"c", fx.t)
+    w.page.finish(True)
+    inst.on_exit(w, EXIT_5)                  # one call served of two: plugin code exited
+    assert inst.state == BACKOFF and inst.restarts == 1
+    fx.t += 1.0
+    inst.tick(fx.t)
+    w2 = fx.workers[1]
+    ready(inst, w2)
+    for _ in range(2):
+        w2.page.begin(b"c", fx.t)
+        w2.page.finish(True)
+    inst.on_exit(w2, EXIT_5)                 # max_calls served: the recycle we set up
+    assert inst.state == STARTING and inst.restarts == 1 and len(fx.workers) == 3
 
 
 def test_a_silent_worker_busy_on_the_cpu_is_left_alone_and_an_idle_one_is_killed():
@@ -579,10 +711,10 @@ def test_a_silent_worker_busy_on_the_cpu_is_left_alone_and_an_idle_one_is_killed
 
 # --- zero-hop functions: the worker owns eKuiper's connection -----------------------------------------
 
-def lent() -> Tuple[Instance, Recorder, WorkerHandle]:
-    inst, fx, _ = running(kind=wire.TYPE_FUNC, lendable=True)
+def lent(**overrides: Any) -> Tuple[Instance, Recorder, WorkerHandle]:
+    inst, fx, _ = running(kind=wire.TYPE_FUNC, lendable=True, **overrides)
     w = fx.workers[0]
-    assert fx.handoffs and fx.handoffs[-1][0] == w.wid and inst.route.lent
+    assert fx.handoffs and fx.handoffs[-1][0] == w.wid and inst.route.channel.lent
     return inst, fx, w
 
 
@@ -590,8 +722,8 @@ def test_a_ready_worker_is_lent_the_connection_and_the_supervisor_stops_reading_
     inst, fx, w = lent()
     handoff = fx.handoffs[0][1]
     assert handoff.request_id == 0x80000007 and handoff.call is None and handoff.owed is None
-    assert inst.route.fd == -1
-    inst.on_call()  # a stale readiness event of the channel before it was lent
+    assert inst.route.channel.fd == -1
+    inst.on_readable(fx.endpoints)  # a stale readiness event of the channel before it was lent
     assert fx.channels[0].replies == []
 
 
@@ -602,13 +734,26 @@ def test_a_worker_dying_during_a_call_owes_eKuiper_an_error_for_its_resent_copy(
     assert fx.closed_routes and len(fx.channels) == 2      # dialed again, handshake sent
     new = fx.channels[1]
     new.calls.append(b"call-A")                            # eKuiper re-sends the pending call
-    inst.on_call()
+    inst.on_readable(fx.endpoints)
     assert len(new.replies) == 1 and b"died during the call (signal 9 (SIGKILL)" in new.replies[0]
     assert inst.errors == 1
     new.calls.append(b"call-B")                            # the next call is run by the new worker
-    inst.on_call()
+    inst.on_readable(fx.endpoints)
     ready(inst, fx.workers[1])
     assert fx.handoffs[-1][1].call == b"call-B" and len(new.replies) == 1
+
+
+def test_an_identical_call_after_eKuiper_gave_up_on_the_first_is_a_new_call():  # noqa: N802
+    inst, fx, w = lent(call_deadline=7.0)    # above eKuiper's 5 s receive timeout
+    w.page.begin(b"call-A", fx.t)
+    fx.t += 7.2                              # eKuiper reported its timeout at 5 s
+    inst.on_exit(w, KILLED)                  # killed at call_deadline
+    new = fx.channels[1]
+    new.calls.append(b"call-A")              # the same bytes: a new call, not a re-sent one
+    inst.on_readable(new)
+    assert new.replies == [] and inst.route.channel.call == b"call-A" and inst.errors == 0
+    ready(inst, fx.workers[1])
+    assert fx.handoffs[-1][1].call == b"call-A" and fx.handoffs[-1][1].owed is None
 
 
 def test_a_worker_dying_while_idle_owes_nothing():
@@ -617,8 +762,8 @@ def test_a_worker_dying_while_idle_owes_nothing():
     w.page.finish(True)
     inst.on_exit(w, KILLED)
     fx.channels[1].calls.append(b"call-A")  # the same bytes as the last call: a new call now
-    inst.on_call()
-    assert fx.channels[1].replies == [] and inst.route.call == b"call-A"
+    inst.on_readable(fx.endpoints)
+    assert fx.channels[1].replies == [] and inst.route.channel.call == b"call-A"
 
 
 def test_a_call_overrunning_on_a_lent_connection_is_killed_after_two_ticks_and_answered():
@@ -636,7 +781,7 @@ def test_a_call_overrunning_on_a_lent_connection_is_killed_after_two_ticks_and_a
     assert "call_deadline" in w.kill_reason
     inst.on_exit(w, KILLED)
     fx.channels[1].calls.append(b"slow")
-    inst.on_call()
+    inst.on_readable(fx.endpoints)
     assert b"call exceeded call_deadline 4s" in fx.channels[1].replies[0]
 
 
@@ -668,7 +813,7 @@ def test_a_lost_connection_is_dialed_again_and_lent_again():
 def test_a_sink_retried_after_contain_opens_its_channel_again():
     inst, fx, _ = running()
     inst.contain(RuntimeError("bug"))
-    assert inst.state == FAILED and inst.route is None
+    assert inst.state == FAILED and inst.route.pull is None
     fx.t += 60
     inst.tick(fx.t)
     ready(inst, fx.workers[-1])

@@ -22,6 +22,7 @@ import psutil
 import pytest
 
 from conftest import kuiper_pool_cli, kuiper_pool_command, wait_until
+from kuiper_pool import paths
 from kuiper_pool.runtime import status
 from plugins import COUNTING_SOURCE, MODE_FUNCTION, RECORDING_SINK, make_plugin, read_jsonl, runtime_base
 
@@ -129,7 +130,7 @@ def test_status_of_a_plugin_that_is_not_running_fails_in_one_line(unique):
 
 
 def test_status_with_the_stale_socket_of_a_killed_supervisor_fails_in_one_line(unique):
-    status.private_base()  # 0700, ours
+    paths.private_base()  # 0700, ours
     path = os.path.join(runtime_base(), f"kp{unique}.sock")
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
@@ -291,7 +292,7 @@ def test_a_squatted_private_directory_falls_back_to_a_fresh_one(tmp_path, short_
 
 
 def test_status_clients_that_never_read_do_not_stall_the_plugin(rig):
-    path = status.socket_path(rig.plugin)
+    path = paths.status_socket(rig.plugin)
     stalled = []
     for _ in range(20):
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -313,7 +314,7 @@ def test_the_status_socket_is_0600_even_under_umask_0(tmp_path, unique, host_run
                      main_code="import os\nos.umask(0)\n")
     host = host_runs.launch(pd)
     host.start_function(f"fn{unique}").exec(["echo", 1])
-    path = status.socket_path(f"kp{unique}")
+    path = paths.status_socket(f"kp{unique}")
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
 
 

@@ -97,11 +97,11 @@ def make_rig(tmp_path, unique, ipc_leak_check):
     runtime entry of this plugin is left."""
     rigs: List[Rig] = []
 
-    def make(**settings: Any) -> Rig:
+    def make(host_options: Optional[Dict[str, Any]] = None, **settings: Any) -> Rig:
         merged = {**FAST, **settings}
         plugin = write_faulty_plugin(str(tmp_path / f"plugin{len(rigs)}"), f"{unique}{len(rigs)}", merged)
         log_path = str(tmp_path / f"plugin{len(rigs)}.log")
-        host = Host(plugin.dir, stdout=open(log_path, "ab"), init_timeout=20.0)
+        host = Host(plugin.dir, stdout=open(log_path, "ab"), init_timeout=20.0, **(host_options or {}))
         rig = Rig(plugin, host, log_path, merged)
         rigs.append(rig)
         host.start()
@@ -350,12 +350,45 @@ def test_a_poison_item_is_dropped_with_an_error_ack_and_later_items_flow(make_ri
         acks.append(sink.collect(json.dumps(item).encode(), timeout=10))
     timing("poison item: 5 items, one killing 3 workers", time.monotonic() - t0)
     assert acks[:2] == [{}, {}] and acks[3:] == [{}, {}]
-    assert "dropped after 3 deliveries" in acks[2]["error"]
+    assert "item dropped: 3 workers died during its collect" in acks[2]["error"]
     assert [c["i"] for c in rig.plugin.events("collect", rule=rule)] == [1, 2, 4, 5]
     assert len(rig.plugin.events("fault", rule=rule, i=3)) == 3
     row = rig.row(rule=rule)
     assert (row["state"], row["restarts"], row["errors"]) == ("running", 3, 1)
-    assert len(rig.log_texts(r"dropped 1 item\(s\) that ended a worker 3 times")) == 1
+    assert len(rig.log_texts(r"dropped 1 item\(s\) whose collect was running when a worker died 3 times")) == 1
+
+
+def test_only_the_item_that_killed_its_workers_is_dropped_of_items_sent_back_to_back(make_rig, unique):
+    rig = make_rig(sink_max_deliveries=3)
+    rule = f"r_{unique}"
+    sink = rig.host.start_sink("snk", rule)
+    for i in range(8):                       # no requireAck: eKuiper sends back to back
+        item = {"i": i, "die": "raise", "mode": "always"} if i == 1 else {"i": i}
+        sink.send(json.dumps(item).encode())
+    wait_until(lambda: len(rig.log_texts(r"dropped \d+ item\(s\)")) == 1, 10, 0.02, "the poison item dropped")
+    assert len(rig.log_texts(r"dropped 1 item\(s\) whose collect was running when a worker died 3 times")) == 1
+    wait_until(lambda: {c["i"] for c in rig.plugin.events("collect", rule=rule)} == {0, 2, 3, 4, 5, 6, 7},
+               5, 0.02, "every good item collected")
+    assert len(rig.plugin.events("fault", rule=rule, i=1)) == 3
+    assert rig.wait_row("the sink running", rule=rule, state="running")["errors"] == 1
+
+
+def test_an_operator_restart_of_a_slow_sink_drops_nothing(make_rig, unique):
+    rig = make_rig(sink_max_deliveries=1, stop_grace=0.2)
+    rule = f"r_{unique}"
+    sink = rig.host.start_sink("snk", rule, config={"slow": 30}, require_ack=True)
+    ack = []
+    sender = threading.Thread(target=lambda: ack.append(sink.collect(b'{"i": 1}', timeout=20)), daemon=True)
+    sender.start()
+    for n in range(1, 4):                    # restarted while its collect runs, three times
+        wait_until(lambda: len(rig.plugin.events("slow", rule=rule)) == n, 5, 0.02, "collect running")
+        if n == 3:                           # the fourth worker's collect is quick
+            open(os.path.join(rig.plugin.dir, "fast"), "w").close()
+        lines = status.request(rig.plugin.name, {"cmd": "restart", "symbol": "snk"})["lines"]
+        assert len(lines) == 1 and lines[0].endswith("running: restarting")
+    sender.join(20)
+    assert ack == [{}] and rig.row(rule=rule)["errors"] == 0
+    assert rig.log_texts(r"dropped \d+ item") == []
 
 
 # --- 4. functions ---------------------------------------------------------------------------------
@@ -432,6 +465,31 @@ def test_a_source_that_always_fails_is_marked_failed_after_flap_max_restarts(mak
     while time.monotonic() < deadline:
         assert rig.row(rule=rule)["state"] == "failed"
         assert len(rig.plugin.events("open", rule=rule)) == 4
+
+
+def test_a_source_exiting_with_code_5_is_restarted_with_backoff_not_recycled(make_rig, unique):
+    rig = make_rig(flap_max_restarts=3, flap_window=30.0, max_calls=10)
+    rule = f"r_{unique}"
+    rig.host.start_source("src", rule, config={"open_fault": "exit5"})
+    row = rig.wait_row("the source to be marked failed", rule=rule, state="failed")
+    assert row["restarts"] == 3 and row["restart_causes"] == {"exit": 4}  # the 4th failed it
+    assert "exit code 5" in row["last_error"]
+    assert len(rig.plugin.events("open", rule=rule)) == 4  # the first start and 3 restarts
+    assert rig.log_texts("recycling worker") == []
+
+
+def test_an_identical_call_after_eKuiper_gave_up_on_a_killed_one_is_run(make_rig):  # noqa: N802
+    """call_deadline above eKuiper's receive timeout: eKuiper has reported its timeout and
+    given the call up before the worker is killed, so the same call sent next is a new one."""
+    rig = make_rig(host_options={"recv_timeout": 1.0}, ekuiper_recv_timeout=1.0, call_deadline=1.5)
+    f = rig.host.start_function(rig.plugin.fn)
+    pid = f.exec(["pid"])["result"]
+    with pytest.raises(HostError, match="time out"):
+        f.exec(["hang_once", "m"])
+    rig.wait_row("the hung worker to be replaced", symbol=rig.plugin.fn, state="running", restarts_min=1)
+    reply = f.exec(["hang_once", "m"])                      # the same bytes, a new call
+    assert reply["state"] is True and reply["result"] != pid
+    assert len(rig.plugin.events("exec", what="hang_once")) == 2
 
 
 def test_a_function_that_cannot_start_again_fails_and_answers_at_once(make_rig):

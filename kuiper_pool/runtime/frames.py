@@ -2,7 +2,7 @@
 
 The link is an AF_UNIX socketpair made by the supervisor and handed to the worker
 at fork time: no path, nothing listening, and a hop costs a fraction of an nng hop
-(TRANSPORT-FACTS.md). A frame is ``type (1 byte) | length (4 bytes) | payload``.
+(docs/transport.md). A frame is ``type (1 byte) | length (4 bytes) | payload``.
 Control payloads are JSON; data payloads are binary and never unpickled.
 """
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Where a running supervisor can be asked how it is: a per-user private directory,
 a status socket in it, and Prometheus text metrics on loopback when enabled.
 
-Snapshot schema (``Supervisor.snapshot()``, the status answer and the metrics all
+Snapshot schema (``observe.snapshot()``, the status answer and the metrics all
 use it)::
 
     {"plugin": str, "pid": int, "zygote_pid": int, "uptime": float, "time": float,
@@ -12,19 +12,15 @@ use it)::
 """
 from __future__ import annotations
 
-import glob
-import hashlib
 import json
 import os
 import selectors
 import socket
-import stat
-import tempfile
 import threading
 import time
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, Optional
 
-from .. import logs
+from .. import paths
 
 Snapshot = Dict[str, Any]
 
@@ -33,63 +29,8 @@ class StatusError(RuntimeError):
     """No supervisor answers, or its answer is unusable (one line)."""
 
 
-SOCKET_PATH_MAX = 100   # AF_UNIX paths hold 107 bytes; leave room
 MAX_CLIENTS = 16        # status clients served at once; more are closed at once
 CLIENT_TIMEOUT = 2.0    # seconds a client gets to send its request and read the answer
-
-_fallback: Dict[str, str] = {}
-
-
-def _private(path: str) -> bool:
-    """A directory of ours that nobody else can enter (created 0700 if missing)."""
-    try:
-        os.mkdir(path, 0o700)
-    except FileExistsError:
-        pass
-    except OSError:
-        return False
-    st = os.lstat(path)
-    return stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid() and not st.st_mode & 0o077
-
-
-def private_base(runtime_dir: str = "") -> str:
-    """``<runtime_dir or tmp>/kuiper_pool-<uid>``, mode 0700 and ours. If someone else made
-    it first (or its mode is open), a fresh ``kuiper_pool-<uid>-*`` directory is used instead,
-    with one warning: another local user must not be able to block or spy on plugins."""
-    parent = runtime_dir or tempfile.gettempdir()
-    base = os.path.join(parent, f"kuiper_pool-{os.getuid()}")
-    if _private(base):
-        return base
-    if parent not in _fallback:
-        _fallback[parent] = tempfile.mkdtemp(prefix=f"kuiper_pool-{os.getuid()}-", dir=parent)
-        logs.supervisor_logger().warning(
-            "%s is not a private directory of uid %d (someone else's, or open to others); "
-            "using %s", base, os.getuid(), _fallback[parent])
-    return _fallback[parent]
-
-
-def _bases(runtime_dir: str) -> List[str]:
-    """Where a supervisor's status socket may be: the usual directory, then fallbacks."""
-    parent = runtime_dir or tempfile.gettempdir()
-    found = [os.path.join(parent, f"kuiper_pool-{os.getuid()}")]
-    found += sorted(glob.glob(os.path.join(parent, f"kuiper_pool-{os.getuid()}-*")))
-    return [b for b in found if os.path.isdir(b) and _owned_private(b)]
-
-
-def _owned_private(path: str) -> bool:
-    st = os.lstat(path)
-    return st.st_uid == os.getuid() and not st.st_mode & 0o077
-
-
-def socket_path(plugin: str, runtime_dir: str = "", base: Optional[str] = None) -> str:
-    """The status socket of ``plugin``; a hash of the name when the name is too long for a
-    Unix socket path (eKuiper allows names longer than AF_UNIX does)."""
-    base = base if base is not None else private_base(runtime_dir)
-    path = os.path.join(base, f"{plugin}.sock")
-    if len(path.encode()) > SOCKET_PATH_MAX:
-        path = os.path.join(base, "p-" + hashlib.sha1(plugin.encode()).hexdigest()[:16] + ".sock")
-    return path
-
 
 class _Client:
     def __init__(self, conn: socket.socket, now: float) -> None:
@@ -216,11 +157,10 @@ class StatusServer:
 
 def request(plugin: str, req: Dict[str, Any], runtime_dir: str = "", timeout: float = 3.0) -> Any:
     """Send ``req`` to the supervisor of ``plugin``; its answer."""
-    paths = [socket_path(plugin, base=b) for b in _bases(runtime_dir)]
-    live = [p for p in paths if os.path.exists(p)]
+    found = [paths.status_socket(plugin, base=b) for b in paths.private_bases(runtime_dir)]
+    live = [p for p in found if os.path.exists(p)]
     if not live:
-        first = paths[0] if paths else socket_path(plugin, base=os.path.join(
-            runtime_dir or tempfile.gettempdir(), f"kuiper_pool-{os.getuid()}"))
+        first = found[0] if found else paths.status_socket(plugin, base=paths.usual_base(runtime_dir))
         raise StatusError(f"no kuiper_pool supervisor is running for plugin {plugin} (no {first})")
     path = live[0]
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:

@@ -26,7 +26,9 @@ from ..transport import load as load_transport
 from ..transport.sp import ReqConnection
 from . import forensics
 from .callpage import CallPage, call_crc
+from .protocol import StartSpec, is_error_reply
 from .context import WorkerContext
+from .marks import CollectMark
 
 EXIT_OK = 0
 EXIT_CONFIGURE = 3    # configure or the factory failed; READY carried the error
@@ -40,10 +42,10 @@ DONE_EVERY = 32       # sink progress is reported at least this often
 class Worker:
     """State shared by the runner and the heartbeat thread."""
 
-    def __init__(self, link: frames.BlockingLink, plugin: PluginConfig, spec: Dict[str, Any]) -> None:
+    def __init__(self, link: frames.BlockingLink, plugin: PluginConfig, spec: StartSpec) -> None:
         self.link = link
         self.plugin = plugin
-        self.ctrl = wire.Control.from_dict(spec["control"])
+        self.ctrl = spec.control
         self.spec = spec
         self.processed = 0
         self.busy_since = 0.0
@@ -87,11 +89,11 @@ def run(link_sock: socket.socket, plugin: PluginConfig) -> int:
     first = link.recv()
     if first is None or first[0] != frames.START:
         return EXIT_ORPHAN
-    spec = json.loads(first[1])
-    if spec.get("dump_path"):
-        forensics.install(spec["dump_path"])
+    spec = StartSpec.decode(first[1])
+    if spec.dump_path:
+        forensics.install(spec.dump_path)
     worker = Worker(link, plugin, spec)
-    threading.Thread(target=worker.heartbeat, args=(spec["heartbeat_interval"], os.getppid()),
+    threading.Thread(target=worker.heartbeat, args=(spec.heartbeat_interval, os.getppid()),
                      daemon=True, name="kuiper_pool-heartbeat").start()
     factory = plugin.get(worker.ctrl.plugin_type, worker.ctrl.symbol)
     try:
@@ -126,9 +128,9 @@ def run_source(worker: Worker, source: Any) -> int:
     if not _configure(worker, lambda: source.configure(ctrl.datasource(), ctrl.config)):
         return EXIT_CONFIGURE
     url = wire.data_url(ctrl.rule_id, ctrl.op_id, ctrl.instance_id)
-    transport = load_transport(worker.spec.get("transport", "sp"))
+    transport = load_transport(worker.spec.transport)
     try:  # items go straight to eKuiper's PULL socket: no hop
-        push = transport.PushEndpoint(url, worker.spec["dial_timeout"], SEND_POLL)
+        push = transport.PushEndpoint(url, worker.spec.dial_timeout, SEND_POLL)
     except TransportError as e:
         worker.ready(f"{worker.where()}: cannot connect to eKuiper at {url}: {e}")
         return EXIT_CONFIGURE
@@ -172,9 +174,9 @@ def _watch_stop(worker: Worker, source: Any, ctx: WorkerContext, opened: threadi
         source.close(ctx)
     except Exception as e:  # noqa: BLE001
         worker.log.error("%s: close raised %s: %s", worker.where(), type(e).__name__, e)
-    if not opened.wait(worker.spec["stop_grace"]):
+    if not opened.wait(worker.spec.stop_grace):
         worker.log.warning("%s: open did not return within %.1fs of close; exiting",
-                           worker.where(), worker.spec["stop_grace"])
+                           worker.where(), worker.spec.stop_grace)
         sys.stdout.flush()
         os._exit(EXIT_OK)
 
@@ -185,7 +187,9 @@ def run_sink(worker: Worker, sink: Any) -> int:
     ctrl = worker.ctrl
     if not _configure(worker, lambda: sink.configure(ctrl.config)):
         return EXIT_CONFIGURE
-    current, acked = [0], [0]
+    # [0]: the seq whose collect began, [1]: whose collect returned (shared with the supervisor)
+    current = CollectMark(worker.link.fds.popleft()).slots if worker.spec.page else [0, 0]
+    acked = [0]
 
     def ack(data: bytes) -> None:  # an acked item is finished: its ack stands for its DONE
         acked[0] = current[0]
@@ -217,6 +221,7 @@ def run_sink(worker: Worker, sink: Any) -> int:
                     worker.link.send(frames.encode_seq(frames.DONE, done))
                 return worker.fault("collect", e)
             worker.busy_since = 0.0
+            current[1] = seq
             worker.processed += 1
             if acked[0] != seq:
                 done = seq
@@ -237,12 +242,12 @@ def run_sink(worker: Worker, sink: Any) -> int:
 def run_function(worker: Worker, function: Any) -> int:
     """Serve calls: on eKuiper's connection itself when the supervisor lends it (CONN),
     else relayed over the link (CALL/REPLY)."""
-    page = CallPage(worker.link.fds.popleft()) if worker.spec.get("call_page") else None
+    page = CallPage(worker.link.fds.popleft()) if worker.spec.page else None
     worker.ready(None)
     contexts: Dict[Tuple[Any, ...], WorkerContext] = {}
     conn: Any = None
     owed: Optional[Tuple[int, str]] = None
-    max_calls = worker.spec.get("max_calls", 0)
+    max_calls = worker.spec.max_calls
     poller = select.poll()  # the link and, while lent, eKuiper's connection (no FD_SETSIZE limit)
     poller.register(worker.link.sock.fileno(), select.POLLIN)
     while True:
@@ -301,7 +306,7 @@ def _serve_lent(worker: Worker, function: Any, contexts: Dict[Tuple[Any, ...], W
         page.replying()
     conn.send(reply)
     if page is not None:
-        page.finish(not reply.startswith(b'{"state": false'))
+        page.finish(not is_error_reply(reply))
     worker.processed += 1
 
 

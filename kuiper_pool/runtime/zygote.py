@@ -1,7 +1,7 @@
 """The zygote: a single-threaded process that makes workers and reports their exits.
 
 nng aborts any forked child of a process that has opened an nng socket
-(TRANSPORT-FACTS.md), so the supervisor forks the zygote before it opens any
+(docs/transport.md), so the supervisor forks the zygote before it opens any
 socket, and every worker is forked from the zygote (about 2 ms, plugin modules
 already loaded) or, with ``start_method: spawn``, exec'd from it. The zygote is
 the workers' parent: it alone reaps them, reports each exit status, and signals
@@ -35,7 +35,9 @@ import sys
 import time
 from typing import Callable, Dict, List, Optional, Tuple
 
-from ..transport.sp import identity, unlink_if_ours
+from ..paths import identity, unlink_if_ours
+from .protocol import (ZYGOTE_DISOWN, ZYGOTE_EXITED, ZYGOTE_KILL, ZYGOTE_OWN, ZYGOTE_START,
+                       ZYGOTE_STARTED)
 
 PR_SET_PDEATHSIG = 1
 PR_SET_CHILD_SUBREAPER = 36
@@ -100,7 +102,7 @@ class Zygote:
 
     def start_worker(self, wid: int, link: socket.socket) -> None:
         """Ask for a worker that talks over ``link`` (this side keeps no copy of it)."""
-        msg = json.dumps({"op": "start", "wid": wid}).encode()
+        msg = json.dumps({"op": ZYGOTE_START, "wid": wid}).encode()
         self.sock.setblocking(True)
         try:
             socket.send_fds(self.sock, [msg], [link.fileno()])
@@ -110,7 +112,7 @@ class Zygote:
 
     def kill(self, wid: int, sig: int = signal.SIGKILL) -> None:
         """Signal worker ``wid`` unless it has already exited."""
-        self._send({"op": "kill", "wid": wid, "sig": int(sig)})
+        self._send({"op": ZYGOTE_KILL, "wid": wid, "sig": int(sig)})
 
     def own_path(self, path: str) -> None:
         """An ipc file the supervisor listens on: removed if the supervisor dies, but only
@@ -119,10 +121,10 @@ class Zygote:
             ident = identity(path)
         except OSError:
             return
-        self._send({"op": "own", "path": path, "ident": list(ident)})
+        self._send({"op": ZYGOTE_OWN, "path": path, "ident": list(ident)})
 
     def disown_path(self, path: str) -> None:
-        self._send({"op": "disown", "path": path})
+        self._send({"op": ZYGOTE_DISOWN, "path": path})
 
     def _send(self, obj: dict) -> None:
         self.sock.setblocking(True)
@@ -220,18 +222,18 @@ class _Zygote:
 
     def apply(self, req: dict, fds: List[int]) -> None:
         op = req.get("op")
-        if op == "start" and fds and not self.leaving:
+        if op == ZYGOTE_START and fds and not self.leaving:
             pid = _fork_worker(self, fds[0])
             self.workers[pid] = req["wid"]
             self.by_wid[req["wid"]] = pid
-            self.report({"op": "started", "wid": req["wid"], "pid": pid})
-        elif op == "kill":
+            self.report({"op": ZYGOTE_STARTED, "wid": req["wid"], "pid": pid})
+        elif op == ZYGOTE_KILL:
             pid = self.by_wid.get(req["wid"])
             if pid is not None:
                 _signal(pid, req["sig"])
-        elif op == "own":
+        elif op == ZYGOTE_OWN:
             self.owned[req["path"]] = tuple(req["ident"])
-        elif op == "disown":
+        elif op == ZYGOTE_DISOWN:
             self.owned.pop(req["path"], None)
         for fd in fds:  # a forked worker has its copy of the link
             os.close(fd)
@@ -251,7 +253,7 @@ class _Zygote:
             if wid is not None:
                 self.by_wid.pop(wid, None)
                 _killpg(pid)
-                self.report({"op": "exited", "wid": wid, "pid": pid, "status": status})
+                self.report({"op": ZYGOTE_EXITED, "wid": wid, "pid": pid, "status": status})
                 swept = True
         if swept:
             self.sweep()
@@ -298,7 +300,7 @@ class _Zygote:
             if not msg:
                 return
             req = json.loads(msg)
-            if req.get("op") in ("own", "disown"):
+            if req.get("op") in (ZYGOTE_OWN, ZYGOTE_DISOWN):
                 self.apply(req, [])
 
 

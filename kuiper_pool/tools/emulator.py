@@ -38,6 +38,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import pynng
 
+from .. import paths
 from ..transport import TransportError, TransportTimeout, sp
 
 __all__ = ["HostError", "Host", "SourceHandle", "SinkHandle", "FunctionHandle", "go_json"]
@@ -596,7 +597,7 @@ class NativeRep:
                 conn.close()
             self._pipes.clear()
         self.listener.close()
-        sp.unlink_if_ours(self.path, self.ident)
+        paths.unlink_if_ours(self.path, self.ident)
 
 
 class NativePull:

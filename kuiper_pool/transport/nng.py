@@ -1,7 +1,7 @@
 """eKuiper's sockets through pynng: the fallback transport (``transport: nng``).
 
 The same endpoint interface as :mod:`.sp`; every message crosses nng's threads (about
-25-35 µs of hand-offs each, TRANSPORT-FACTS), and a connection cannot be lent to a worker,
+25-35 µs of hand-offs each, docs/transport.md), and a connection cannot be lent to a worker,
 so function calls are relayed by the supervisor.
 """
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """SP over ipc spoken natively: nng's and mangos's ipc framing on a Unix stream socket,
-with no nng in the process (TRANSPORT-FACTS: ~1.5 µs per message instead of ~30 µs).
+with no nng in the process (docs/transport.md: ~1.5 µs per message instead of ~30 µs).
 
 On connect each side sends ``00 'S' 'P' 00 <protocol id, 16-bit BE> 00 00`` once and checks
 the peer's; then every message is ``01`` + 8-byte BE length + payload. REQ puts a 4-byte BE
@@ -15,6 +15,7 @@ import threading
 import time
 from typing import List, Optional, Tuple
 
+from ..paths import identity, unlink_if_ours
 from . import TransportError, TransportTimeout
 
 PUSH, PULL, REQ, REP = 0x50, 0x51, 0x30, 0x31
@@ -355,21 +356,6 @@ def listen(path: str) -> Tuple[socket.socket, Tuple[int, ...]]:
     sock.listen(16)
     sock.setblocking(False)
     return sock, identity(path)
-
-
-def identity(path: str) -> Tuple[int, ...]:
-    """Which file ``path`` is: device, inode and ctime (inode numbers are reused at once)."""
-    st = os.stat(path)
-    return (st.st_dev, st.st_ino, st.st_ctime_ns)
-
-
-def unlink_if_ours(path: str, ident: Tuple[int, ...]) -> None:
-    """Remove ``path`` only if it is still the file we created."""
-    try:
-        if identity(path) == tuple(ident):
-            os.unlink(path)
-    except OSError:
-        pass
 
 
 class _Pipe:

@@ -1,0 +1,115 @@
+"""What eKuiper's control channel and the status socket ask of the supervisor: start and
+stop commands (answered exactly once), status snapshots and an operator's restart."""
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional
+
+from .. import wire
+from .instances import ENDED, FAILED, KINDS, Instance
+from .observe import snapshot
+
+if TYPE_CHECKING:
+    from .supervisor import Supervisor
+
+Answer = Callable[[bytes], None]
+
+
+class Commands:
+    """Turns commands into instance events; ``sup`` holds the instances and the loop."""
+
+    def __init__(self, sup: "Supervisor") -> None:
+        self.sup = sup
+
+    def on_control(self) -> None:
+        control = self.sup.control
+        assert control is not None
+        raw = control.recv()
+        if raw is None:
+            return
+        answered: List[bytes] = []
+
+        def answer(data: bytes) -> None:
+            if not answered and self.sup.control is not None:
+                answered.append(data)
+                self.sup.control.send(data)
+        try:
+            self.command(raw, answer)
+        finally:  # whatever happened, eKuiper waits for exactly one answer
+            if not answered and not self.waiting_answer(answer):
+                answer(wire.one_line(f"plugin {self.sup.plugin.name}: internal error; see the plugin's log"))
+
+    def waiting_answer(self, answer: Answer) -> bool:
+        """Whether an instance keeps ``answer`` to send later (after READY or the worker's exit)."""
+        return any(inst.pending is answer for inst in self.sup.instances.values())
+
+    def command(self, raw: bytes, answer: Answer) -> None:
+        sup = self.sup
+        try:
+            ctrl = wire.parse_command(raw)
+        except wire.ProtocolError as e:
+            sup.log.warning("plugin %s: bad command %r: %s", sup.plugin.name, raw[:200], e)
+            answer(wire.one_line(f"plugin {sup.plugin.name}: {e}"))
+            return
+        if sup.exiting:
+            answer(wire.one_line(f"plugin {sup.plugin.name} is shutting down: {sup.exiting}"))
+        elif ctrl.cmd == wire.CMD_START:
+            self.start(ctrl, answer)
+        else:
+            self.stop(ctrl, answer)
+
+    def start(self, ctrl: wire.Control, answer: Answer) -> None:
+        sup = self.sup
+        if sup.plugin.get(ctrl.plugin_type, ctrl.symbol) is None:
+            answer(wire.one_line(f"plugin {sup.plugin.name} has no {KINDS[ctrl.plugin_type]} "
+                                 f"named {ctrl.symbol}"))
+            return
+        inst = sup.instances.get(ctrl.key)
+        if inst is not None and inst.state not in (FAILED, ENDED):
+            sup.guarded("start", inst, inst.start_again, answer)
+            return
+        if inst is not None:
+            sup.guarded("start", inst, inst.remove)
+        inst = Instance(sup.plugin.name, ctrl, sup.s.for_symbol(ctrl.symbol), sup.fx)
+        sup.instances[ctrl.key] = inst
+        sup.guarded("start", inst, inst.begin, answer)
+
+    def stop(self, ctrl: wire.Control, answer: Answer) -> None:
+        sup = self.sup
+        inst = sup.instances.get(ctrl.key)
+        if ctrl.plugin_type == wire.TYPE_FUNC or inst is None:
+            # eKuiper never stops functions; an unknown instance is already stopped
+            sup.log.info("plugin %s: stop of %s: nothing running", sup.plugin.name, ctrl.describe())
+            answer(wire.OK)
+            return
+        sup.guarded("stop", inst, inst.stop, answer)
+
+    # --- the status socket ------------------------------------------------------------------
+
+    def on_status_request(self, req: Dict[str, Any]) -> Any:
+        """What ``kuiper-pool status`` and ``kuiper-pool restart`` ask over the status socket."""
+        if req.get("cmd") == "status":
+            return snapshot(self.sup)
+        if req.get("cmd") == "restart":
+            symbol = req.get("symbol")
+            return {"lines": self.restart(symbol if isinstance(symbol, str) and symbol else None)}
+        return {"error": f"unknown request {req.get('cmd')!r}"}
+
+    def restart(self, symbol: Optional[str]) -> List[str]:
+        """Restart the instances of ``symbol`` (all without one) now: failed or backing-off
+        ones start at once, running workers are recycled. One line per instance."""
+        sup = self.sup
+        lines = []
+        for inst in list(sup.instances.values()):
+            if symbol is not None and inst.ctrl.symbol != symbol:
+                continue
+            before, done = inst.state, []
+            sup.guarded("restart", inst, lambda i=inst: done.append(i.retry_now()))
+            what = "restarting" if done and done[0] else "nothing to restart"
+            lines.append(f"{inst.where()}: {before}: {what}")
+            if done and done[0]:
+                sup.fx.note(inst, logging.WARNING, "restart requested by an operator (was %s)", before)
+        if not lines:
+            lines.append(f"plugin {sup.plugin.name} has no instance"
+                         + (f" of {symbol}" if symbol else ""))
+        return lines

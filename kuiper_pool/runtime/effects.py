@@ -1,0 +1,290 @@
+"""What the state machine may ask for, and its one implementation over the zygote, the
+worker links and eKuiper's sockets.
+
+``Instance`` and its route act only through :class:`Effects`: make a worker, send it a
+frame, signal it, open/watch/close eKuiper's channels, lend a function connection, log.
+:class:`LoopEffects` does it inside the supervisor's selector loop and turns what comes
+back (link frames, the zygote's reports) into the instance's events. Unit tests replace it
+with a recorder and a fake clock (tests/test_instances_unit.py).
+"""
+from __future__ import annotations
+
+import os
+import selectors
+import socket
+import time
+from typing import TYPE_CHECKING, Any, Callable, Dict, Optional, Protocol, Tuple
+
+from .. import wire
+from ..config import Settings
+from ..logs import supervisor_logger
+from ..transport import load as load_transport
+from . import forensics, frames
+from .callpage import CallPage
+from .health import Vitals
+from .marks import CollectMark
+from .protocol import ZYGOTE_EXITED, ZYGOTE_STARTED, StartSpec
+from .routes.function import FunctionChannel, Handoff
+from .zygote import Zygote
+
+if TYPE_CHECKING:
+    from .instances import Instance
+
+ACK_SEND_TIMEOUT = 1.0  # as eKuiper's own sends: an ack nobody reads is dropped after it
+
+
+class WorkerHandle:
+    """What the state machine knows of one worker process (its link lives in the effects)."""
+
+    def __init__(self, wid: int, now: float) -> None:
+        self.wid = wid
+        self.pid = 0
+        self.started_at = now
+        self.vitals = Vitals(last_beat=now)
+        self.kill_reason = ""
+        self.fault = ""            # the error this worker reported (FAULT, READY) before exiting
+        self.kill_at = 0.0          # when to escalate to SIGKILL
+        self.page: Optional[CallPage] = None   # a function worker's call page (lent routes)
+        self.mark: Optional[CollectMark] = None  # a sink worker's collect mark
+        self.call_seq = -1          # the page's call seen executing on the previous tick
+        self.pending_signal = 0     # sent at signal_at, once its stack has been dumped
+        self.signal_at = 0.0
+
+
+class Effects(Protocol):
+    """What a transition may do. :class:`LoopEffects` implements it; tests record it."""
+
+    def now(self) -> float: ...
+    def spawn(self, inst: "Instance") -> WorkerHandle: ...   # OSError when no process/fd can be had
+    def send(self, w: WorkerHandle, frame: bytes) -> None: ...
+    def signal(self, w: WorkerHandle, sig: int) -> None: ...
+    def open_sink(self, inst: "Instance") -> Tuple[Any, Any]: ...   # (pull, ack); OSError
+    def close_sink(self, inst: "Instance", pull: Any, ack: Any) -> None: ...
+    def open_function(self, inst: "Instance", wait: bool = True) -> FunctionChannel: ...  # OSError
+    def close_function(self, inst: "Instance", channel: FunctionChannel) -> None: ...
+    def watch(self, inst: "Instance", endpoint: Any, reading: bool) -> None: ...  # read it or not
+    def hand_over(self, w: WorkerHandle, handoff: Handoff) -> None: ...  # lend the connection
+    def forget(self, inst: "Instance") -> None: ...
+    def cpu_seconds(self, w: WorkerHandle) -> Optional[float]: ...
+    def stack(self, w: WorkerHandle) -> str: ...   # the plugin frames of its last dump, or ""
+    def note(self, inst: "Instance", level: int, msg: str, *args: object) -> None: ...
+
+
+Register = Callable[..., None]
+Entry = Tuple[WorkerHandle, "Instance", frames.Link]
+
+
+class LoopEffects:
+    """:class:`Effects` inside the supervisor's loop. ``register(fd, handler, inst, events)``
+    and ``unregister(fd)`` are the loop's; ``guarded(where, inst, fn, *args)`` runs an
+    instance's event so that what it raises ends at most that instance."""
+
+    def __init__(self, settings: Settings, zygote: Zygote, register: Register,
+                 unregister: Callable[[int], None], modify: Callable[[int, int], None],
+                 guarded: Callable[..., None], forget: Callable[["Instance"], None]) -> None:
+        self.s = settings
+        self.zygote = zygote
+        self.register, self.unregister, self.modify = register, unregister, modify
+        self.guarded = guarded
+        self._forget = forget
+        self.log = supervisor_logger()
+        self.workers: Dict[int, Entry] = {}
+        self.procs: Dict[int, Any] = {}     # wid -> psutil.Process, made when first needed
+        self.next_wid = 1
+        self.transport = load_transport(settings.transport)
+        self.lends_functions = settings.transport == "sp"  # a native connection can be lent
+
+    def now(self) -> float:
+        return time.monotonic()
+
+    # --- workers ---------------------------------------------------------------------------
+
+    def spawn(self, inst: "Instance") -> WorkerHandle:
+        wid, self.next_wid = self.next_wid, self.next_wid + 1
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            self.zygote.start_worker(wid, theirs)
+        except OSError:
+            ours.close()
+            theirs.close()
+            raise
+        w = WorkerHandle(wid, time.monotonic())
+        link = frames.Link(ours)
+        entry = (w, inst, link)
+        self.workers[wid] = entry
+
+        def on_link(mask: int) -> None:
+            self.on_link(entry, mask)
+        self.register(link.fileno(), on_link, inst)
+        fd = inst.route.open_page(w, self.lends_functions)
+        start = StartSpec(inst.ctrl, inst.s.heartbeat_interval, inst.s.stop_grace,
+                          self.s.dial_timeout, inst.s.max_calls, self.s.transport,
+                          forensics.dump_path(self.zygote.rundir, wid), fd is not None).frame()
+        if fd is None:
+            link.send(start)
+        else:
+            try:
+                link.send_fds(start, [fd])
+            finally:
+                os.close(fd)
+        return w
+
+    def send(self, w: WorkerHandle, frame: bytes) -> None:
+        entry = self.workers.get(w.wid)
+        if entry is None:
+            return  # exited: its exit report is being handled
+        link = entry[2]
+        had_backlog = bool(link.outbox)
+        link.send(frame)
+        if link.outbox and not had_backlog:
+            self.modify(link.fileno(), selectors.EVENT_READ | selectors.EVENT_WRITE)
+
+    def signal(self, w: WorkerHandle, sig: int) -> None:
+        self.zygote.kill(w.wid, sig)
+
+    def on_link(self, entry: Entry, mask: int) -> None:
+        w, inst, link = entry
+        if self.workers.get(w.wid) is not entry:
+            return  # stale: the worker's exit was handled after select returned this event
+        if mask & selectors.EVENT_WRITE:
+            link.flush()
+            if not link.outbox:
+                self.modify(link.fileno(), selectors.EVENT_READ)
+        if not mask & selectors.EVENT_READ:
+            return
+        got = link.read()
+        if got is None:  # the worker is gone; the zygote's exit report tells how
+            self.unregister(link.fileno())
+            return
+        for ftype, payload in got:
+            inst.on_frame(w, ftype, payload)
+
+    def on_zygote(self) -> bool:
+        """The zygote's reports; False when the zygote itself is gone."""
+        events = self.zygote.events()
+        if events is None:
+            self.unregister(self.zygote.fileno())
+            return False
+        for ev in events:
+            entry = self.workers.get(ev.get("wid"))
+            if entry is None:
+                continue
+            if ev["op"] == ZYGOTE_STARTED:
+                self.guarded("started", entry[1], entry[1].on_started, entry[0], ev["pid"])
+            elif ev["op"] == ZYGOTE_EXITED:
+                self.on_exit(entry, ev["status"])
+        return True
+
+    def on_exit(self, entry: Entry, status: int) -> None:
+        w, inst, link = entry
+        del self.workers[w.wid]
+        self.procs.pop(w.wid, None)
+        # frames it sent just before exiting (READY error, FAULT, REPLY, DONE) may still be
+        # unread: the zygote's report can be read first
+        try:
+            for ftype, payload in link.read() or []:
+                self.guarded("frame", inst, inst.on_frame, w, ftype, payload)
+        finally:
+            self.unregister(link.fileno())
+            link.close()
+        self.guarded("exit", inst, inst.on_exit, w, status)
+
+    def proc(self, w: WorkerHandle) -> Any:
+        """psutil's handle of a worker (psutil is imported only when a figure is needed)."""
+        proc = self.procs.get(w.wid)
+        if proc is None and w.pid and w.wid in self.workers:
+            import psutil
+
+            try:
+                proc = self.procs[w.wid] = psutil.Process(w.pid)
+            except psutil.Error:
+                return None
+        return proc
+
+    def cpu_seconds(self, w: WorkerHandle) -> Optional[float]:
+        proc = self.proc(w)
+        if proc is None:
+            return None
+        try:
+            t = proc.cpu_times()
+            return t.user + t.system
+        except Exception:  # noqa: BLE001 - psutil.Error: gone or not readable
+            return None
+
+    def stack(self, w: WorkerHandle) -> str:
+        return forensics.user_frames(forensics.read(forensics.dump_path(self.zygote.rundir, w.wid)))
+
+    # --- eKuiper's channels ---------------------------------------------------------------
+
+    def open_sink(self, inst: "Instance") -> Tuple[Any, Any]:
+        ctrl = inst.ctrl
+        data_url = wire.data_url(ctrl.rule_id, ctrl.op_id, ctrl.instance_id)
+        pull = self.transport.PullEndpoint(data_url)
+        try:
+            # eKuiper listens on the ack path before it sends start: a dial that does not
+            # connect at once must not stall the loop (native: retried at the first ack)
+            ack = self.transport.PushEndpoint(wire.ack_url(ctrl.rule_id, ctrl.op_id, ctrl.instance_id),
+                                              0.0 if self.lends_functions else 0.5, ACK_SEND_TIMEOUT)
+        except OSError:
+            pull.close()
+            raise
+        self.zygote.own_path(wire.ipc_path(data_url))
+        return pull, ack
+
+    def close_sink(self, inst: "Instance", pull: Any, ack: Any) -> None:
+        self.unregister(pull.fileno())
+        ctrl = inst.ctrl
+        self.zygote.disown_path(wire.ipc_path(wire.data_url(ctrl.rule_id, ctrl.op_id, ctrl.instance_id)))
+        for endpoint in (pull, ack):
+            endpoint.close()
+
+    def open_function(self, inst: "Instance", wait: bool = True) -> FunctionChannel:
+        url = wire.function_url(inst.ctrl.symbol)
+        return FunctionChannel(self.req_endpoint(url, self.s.dial_timeout if wait else 0.0),
+                               self.lends_functions)
+
+    def close_function(self, inst: "Instance", channel: FunctionChannel) -> None:
+        if channel.fd >= 0:
+            self.unregister(channel.fd)
+        channel.close()
+
+    def req_endpoint(self, url: str, dial_timeout: float) -> Any:
+        """A REQ endpoint used the inverted way (control and function channels)."""
+        if self.lends_functions:  # native: 0 means "start unconnected, redial in ticks"
+            return self.transport.ReqEndpoint(url, dial_timeout)
+        return self.transport.ReqEndpoint(url, max(dial_timeout, 0.05))
+
+    def watch(self, inst: "Instance", endpoint: Any, reading: bool) -> None:
+        fd = endpoint.fileno()
+        if fd < 0:
+            return
+        self.unregister(fd)
+        if reading:
+            def on_readable(_mask: int) -> None:
+                inst.on_readable(endpoint)
+            self.register(fd, on_readable, inst)
+
+    def hand_over(self, w: WorkerHandle, handoff: Handoff) -> None:
+        entry = self.workers.get(w.wid)
+        try:
+            if entry is not None:
+                entry[2].send_fds(frames.encode_conn(handoff), [handoff.sock.fileno()])
+        finally:
+            handoff.sock.close()  # the worker holds it now; its death closes the connection
+
+    # --- the rest ------------------------------------------------------------------------
+
+    def forget(self, inst: "Instance") -> None:
+        self._forget(inst)
+
+    def note(self, inst: "Instance", level: int, msg: str, *args: object) -> None:
+        """Log about one instance: plugin, symbol and rule in the record, pid in the text."""
+        self.log.log(level, "%s: " + msg, inst.where(), *args, extra=fields(inst))
+
+
+def fields(inst: Optional["Instance"]) -> Dict[str, str]:
+    """The log record fields naming ``inst``."""
+    if inst is None:
+        return {}
+    return {"symbol": inst.ctrl.symbol, "rule": inst.ctrl.rule_id or "-"}
+

@@ -1,0 +1,48 @@
+"""What the supervisor shows: psutil samples of its workers and the status snapshot
+(schema in ``status.py``) that ``kuiper-pool status`` and the metrics serve."""
+from __future__ import annotations
+
+import os
+import time
+from typing import TYPE_CHECKING
+
+from .instances import RUNNING
+from .status import Snapshot
+
+if TYPE_CHECKING:
+    from .supervisor import Supervisor
+
+
+def sample(sup: "Supervisor") -> None:
+    """psutil figures of every worker."""
+    for w, _inst, _link in list(sup.fx.workers.values()):
+        proc = sup.fx.proc(w)
+        if proc is None:
+            continue
+        try:
+            with proc.oneshot():
+                w.vitals.rss = proc.memory_info().rss
+                w.vitals.cpu_percent = proc.cpu_percent(None)
+        except Exception:  # noqa: BLE001 - psutil.Error: gone meanwhile
+            pass
+
+
+def snapshot(sup: "Supervisor") -> Snapshot:
+    """Everything ``kuiper-pool status`` and the metrics show."""
+    now, mono = time.time(), time.monotonic()
+    rows = []
+    for inst in sup.instances.values():
+        w, c = inst.worker, inst.ctrl
+        v = w.vitals if w is not None else None
+        items_in, items_out, errors = inst.counts()
+        rows.append({
+            "symbol": c.symbol, "type": c.plugin_type, "rule": c.rule_id, "op": c.op_id,
+            "instance": c.instance_id, "pid": (w.pid or None) if w is not None else None,
+            "state": inst.state.value,
+            "uptime": mono - inst.running_since if inst.state is RUNNING else 0.0,
+            "restarts": inst.restarts, "restart_causes": dict(inst.restart_causes),
+            "last_error": inst.last_error, "rss": v.rss if v else 0,
+            "cpu_percent": v.cpu_percent if v else 0.0,
+            "items_in": items_in, "items_out": items_out, "errors": errors})
+    return {"plugin": sup.plugin.name, "pid": os.getpid(), "zygote_pid": sup.zygote.pid,
+            "uptime": now - sup.started_at, "time": now, "instances": rows}
