@@ -21,7 +21,7 @@ import pytest
 from conftest import kuiper_pool_cli
 from kuiper_pool.interpreter import MODULES, split_options
 from kuiper_pool.tools.rule import run_rule
-from plugins import official_pysam
+from plugins import COUNTING_SOURCE, make_plugin, official_pysam
 
 # Modules of the official package that are its single-process runtime, not an API a plugin
 # uses: kuiper_pool's supervisor and workers replace them.
@@ -263,3 +263,22 @@ def test_the_same_plugin_with_kuiper_pool_imports_runs_under_plain_python(tmp_pa
     out = io.StringIO()
     assert run_rule(root, out=out) == 0, out.getvalue()
     assert f'#3 {n["FN"]}(3) -> 6' in out.getvalue()
+
+
+def test_source_datasource_empty_passes_what_the_official_sdk_passes_and_the_start_line_says_it(
+        tmp_path, unique, host_runs):
+    """A source written against the official SDK's "" (e.g. one that subscribes to whatever
+    configure gets) keeps working with ``source_datasource: empty`` on its symbol."""
+    stream, official = f"s{unique}", f"o{unique}"
+    d = make_plugin(str(tmp_path), f"kp{unique}", sources={stream: COUNTING_SOURCE, official: "CountingSource"},
+                    yaml_settings={"symbols": {official: {"source_datasource": "empty"}}})
+    host = host_runs.launch(d)
+    cfg = {"datasource": f"topic/{unique}"}
+    got = {s: host.start_source(s, f"r{unique}", op=s, config=cfg).recv()["message"]["datasource"]
+           for s in (stream, official)}
+    assert got == {stream: f"topic/{unique}", official: ""}
+    with open(os.path.join(d, "stdout.log")) as f:
+        log = f.read()
+    for symbol, value, policy in ((stream, f"topic/{unique}", "stream"), (official, "", "empty")):
+        assert re.search(rf"INFO .*source {symbol} rule r{unique} op {symbol} instance 0: starting; "
+                         rf"configure gets datasource {value!r} \(source_datasource: {policy}\)", log), log

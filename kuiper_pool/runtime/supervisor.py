@@ -305,6 +305,7 @@ class Supervisor:
             "control": inst.ctrl.to_dict(), "heartbeat_interval": inst.s.heartbeat_interval,
             "stop_grace": inst.s.stop_grace, "dial_timeout": self.s.dial_timeout,
             "max_calls": inst.s.max_calls, "transport": self.s.transport,
+            "source_datasource": inst.s.source_datasource,
             "dump_path": forensics.dump_path(self.zygote.rundir, wid),
             "call_page": self.lends_functions and inst.kind == wire.TYPE_FUNC})
         if self.lends_functions and inst.kind == wire.TYPE_FUNC:
