@@ -17,6 +17,7 @@ import importlib.abc
 import os
 import runpy
 import sys
+import traceback
 from typing import List, NoReturn, Optional, Sequence
 
 OFFICIAL = "ekuiper"
@@ -66,7 +67,15 @@ def run(argv: Sequence[str]) -> None:
     # (neither under -I or -P)
     if not (sys.flags.isolated or getattr(sys.flags, "safe_path", False)) and sys.path:
         sys.path[0] = os.path.dirname(os.path.realpath(script))
-    runpy.run_path(script, run_name="__main__")
+    try:
+        runpy.run_path(script, run_name="__main__")
+    except Exception as e:  # noqa: BLE001 - e.g. an import of the plugin's own that fails
+        traceback.print_exc()
+        # eKuiper logs the plugin's output, but the rule only gets "control handshake error"
+        # after portable.initTimeout: one line that says what happened
+        print(f"kuiper-pool-python: {script} failed: {type(e).__name__}: {' '.join(str(e).split())}",
+              file=sys.stderr, flush=True)
+        sys.exit(1)
 
 
 def split_options(args: Sequence[str]) -> Optional[int]:

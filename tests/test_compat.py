@@ -134,6 +134,14 @@ def no_official_sdk(tmp_path, monkeypatch) -> None:
         p for p in (str(shadow.parent), os.environ.get("PYTHONPATH", "")) if p))
 
 
+def test_a_script_that_fails_at_import_ends_with_one_line_naming_the_cause(tmp_path):
+    (tmp_path / "main.py").write_text("from ekuiper import plugin\nimport not_installed_here\n")
+    got = kp_python("-u", "main.py", "{}", cwd=str(tmp_path))
+    assert got.returncode == 1
+    assert got.stderr.splitlines()[-1] == ("kuiper-pool-python: main.py failed: ModuleNotFoundError: "
+                                           "No module named 'not_installed_here'"), got.stderr
+
+
 def files_digest(folder: str) -> Dict[str, str]:
     out = {}
     for root, _, files in os.walk(folder):

@@ -420,7 +420,11 @@ class Host:
         """eKuiper's sink PUSH dialer, dialed once synchronously (fails when nobody listens);
         later losses are redialed (100 ms doubling to 5 s)."""
         if self.data_transport == "sp":
-            return sp.PushEndpoint(url, dial_timeout=0, send_timeout=SEND_TIMEOUT)
+            push = sp.PushEndpoint(url, dial_timeout=0, send_timeout=SEND_TIMEOUT)
+            if push.sock is None:  # the one attempt failed: mangos's Dial returns the error
+                push.close()
+                raise TransportError(f"{url}: nothing listens")
+            return push
         data = pynng.Push0(send_timeout=int(SEND_TIMEOUT * 1000))
         data.recv_max_size = 0
         data.reconnect_time_min, data.reconnect_time_max = 100, 5000
@@ -687,7 +691,17 @@ class NativePull:
 
 def _send_all(push: sp.PushEndpoint, data: bytes, timeout: float) -> None:
     """Send one message and wait until the socket has taken all of it, as a mangos pipe
-    writes each message with one blocking write; TransportTimeout after ``timeout``."""
+    writes each message with one blocking write; TransportTimeout after ``timeout``.
+
+    mangos notices at once that the peer closed (its pipe reader ends) and keeps the next
+    message for the next pipe (the plugin listening again after a restart); a plain socket
+    notices only when a write fails, and the message goes with it. A PUSH connection never
+    carries data back, so a readable one is closed: it is dropped before the send."""
+    sock = push.sock
+    if sock is not None and select.select([sock], [], [], 0)[0]:
+        with push.lock:
+            if push.sock is sock:
+                push._lost()
     push.send(data)
     deadline = time.monotonic() + timeout
     while push.pending():
