@@ -171,6 +171,11 @@ SETTINGS: Tuple[Setting, ...] = (
          "eKuiper's portable.recvTimeout: how long it waits for a function reply. It re-sends a "
          "call only while it waits, so a call a dead worker had begun is recognised in a new "
          "connection only within this time of the call's start.", gt=0),
+    _choice("host", "source_datasource", "stream", ("stream", "empty"),
+            'What a source\'s configure(datasource, conf) gets as datasource: "stream" the '
+            "stream's DATASOURCE as eKuiper sends it; \"empty\" always \"\", as the official SDK "
+            "passes (for sources written against that behaviour, e.g. ones that subscribe to "
+            "whatever they get). Usually set per symbol."),
     _choice("operations", "log_level", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR"),
             "Log level, case-insensitive.", fold=True),
     Setting("metrics_address", "operations", str, "",
@@ -208,6 +213,7 @@ class Settings:
     control_lost_timeout: float
     dial_timeout: float
     ekuiper_recv_timeout: float
+    source_datasource: str
     log_level: str
     metrics_address: str
     runtime_dir: str
@@ -229,7 +235,7 @@ PER_SYMBOL = frozenset((
     "stop_grace", "heartbeat_interval", "heartbeat_misses", "call_deadline", "collect_deadline",
     "start_timeout", "restart_backoff_initial", "restart_backoff_min", "restart_backoff_max",
     "restart_jitter", "flap_max_restarts", "flap_window", "failed_retry_min", "failed_retry_max",
-    "memory_limit_mb", "max_calls", "sink_window", "sink_max_deliveries"))
+    "memory_limit_mb", "max_calls", "sink_window", "sink_max_deliveries", "source_datasource"))
 
 
 _BY_NAME: Dict[str, Setting] = {s.name: s for s in SETTINGS}

@@ -55,8 +55,12 @@ def _serve(plugin: PluginConfig, settings: Any, script_dir: str) -> int:
         with open(os.open(payload, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as f:
             cloudpickle.dump({"name": plugin.name, "sources": plugin.sources, "sinks": plugin.sinks,
                               "functions": plugin.functions}, f)
-        spawn_argv = [sys.executable, "-u", "-m", "kuiper_pool.runtime.worker", payload, script_dir,
-                      settings.log_level]
+        from . import interpreter
+
+        # under kuiper-pool-python the plugin's modules import ekuiper: spawned workers too
+        run = ["-m", "kuiper_pool.interpreter"] if interpreter.installed() else []
+        spawn_argv = [sys.executable, "-u", *run, "-m", "kuiper_pool.runtime.worker", payload,
+                      script_dir, settings.log_level]
     # The zygote must exist before any nng socket does (nng aborts forked children).
     zygote = Zygote(lambda link: worker.run(link, plugin), rundir, spawn_argv)
     return Supervisor(plugin, settings, zygote).run()

@@ -1,6 +1,8 @@
-"""Generic fixtures and helpers: unique names, process-tree cleanup, ipc leak checks, polling."""
+"""Generic fixtures and helpers: unique names, process-tree cleanup, ipc leak checks, polling,
+and the backstop that bounds a test blocked where pytest-timeout cannot reach."""
 from __future__ import annotations
 
+import faulthandler
 import glob
 import os
 import time
@@ -11,6 +13,51 @@ import psutil
 import pytest
 
 T = TypeVar("T")
+_BACKSTOP_FD = pytest.StashKey[int]()
+
+
+# --- the timeout backstop ----------------------------------------------------------------------
+# pytest-timeout's signal method fails a test that overruns its timeout and the run goes on, but
+# its handler is Python code: a test blocked inside a C call (pynng's nng_close waiting for good)
+# never sees it. Its thread method reaches such a test but ends the whole run at the first
+# timeout. So: signal method, and this backstop, which ``timeout_backstop`` seconds after a
+# test's timeout (still blocked, then) writes every thread's traceback and ends the run
+# (faulthandler's watchdog is a C thread: it needs neither the main thread nor the GIL).
+
+def pytest_addoption(parser) -> None:
+    parser.addini("timeout_backstop", "seconds after a test's timeout at which a test still "
+                  "blocked (e.g. in a C call) ends the run with every thread's traceback",
+                  default="30")
+
+
+def pytest_configure(config) -> None:
+    config.stash[_BACKSTOP_FD] = os.dup(2)  # stderr itself, before a test's capture replaces fd 2
+
+
+def pytest_unconfigure(config) -> None:
+    os.close(config.stash[_BACKSTOP_FD])
+
+
+def _timeout_of(item) -> float:
+    marker = item.get_closest_marker("timeout")
+    if marker is not None:
+        value = marker.kwargs.get("timeout", marker.args[0] if marker.args else None)
+    else:
+        value = item.config.getoption("timeout", None) or item.config.getini("timeout")
+    return float(value or 0)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    limit = _timeout_of(item)
+    if limit > 0:
+        faulthandler.dump_traceback_later(limit + float(item.config.getini("timeout_backstop")),
+                                          exit=True, file=item.config.stash[_BACKSTOP_FD])
+    try:
+        yield
+    finally:
+        if limit > 0:
+            faulthandler.cancel_dump_traceback_later()
 
 
 @pytest.fixture

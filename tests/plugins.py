@@ -400,6 +400,45 @@ def runtime_entries(fragment: str) -> List[str]:
     return sorted(os.path.join(runtime_base(), n) for n in names if fragment in n)
 
 
+def official_pysam(dst: str, unique: str) -> Dict[str, str]:
+    """The official SDK's pysam plugin in ``dst``: this repo's example with its imports switched
+    back to ``ekuiper`` and its names (plugin, symbols, rule id) made unique. Returns the
+    example's names mapped to the unique ones."""
+    shutil.copytree(os.path.join(REPO, "examples", "pysam"), dst)
+    names = {n: f"{n}_{unique}" for n in ("pysam", "pyjson", "print", "revert")}
+
+    def edit(path: str, change) -> None:
+        with open(path) as f:
+            text = f.read()
+        with open(path, "w") as f:
+            f.write(change(text))
+
+    def port(text: str) -> str:
+        return text.replace("from kuiper_pool import", "from ekuiper import")
+
+    def rename(text: str) -> str:  # symbol names in the PluginConfig and the plugin json
+        for old, new in names.items():
+            text = text.replace(f'"{old}"', f'"{new}"')
+        return text
+
+    def rename_rule(text: str) -> str:
+        rule = json.loads(text)
+        rule["id"] = f"demo_{unique}"
+        for part in [rule["source"], rule["sink"]] + rule["functions"]:
+            part["symbol"] = names[part["symbol"]]
+        return json.dumps(rule)
+
+    for mod in ("pyjson.py", "print.py", "revert.py"):
+        edit(os.path.join(dst, mod), port)
+    edit(os.path.join(dst, "pysam.py"), lambda text: rename(port(text)))
+    os.rename(os.path.join(dst, "pysam.json"), os.path.join(dst, names["pysam"] + ".json"))
+    os.rename(os.path.join(dst, "sources", "pyjson.yaml"),
+              os.path.join(dst, "sources", names["pyjson"] + ".yaml"))
+    edit(os.path.join(dst, names["pysam"] + ".json"), rename)
+    edit(os.path.join(dst, "rule.json"), rename_rule)
+    return names
+
+
 class HostRuns:
     """Starts emulator Hosts and tears them down proving nothing is left behind.
 

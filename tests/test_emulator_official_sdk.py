@@ -10,7 +10,6 @@ import io
 import json
 import os
 import re
-import shutil
 import textwrap
 import threading
 from dataclasses import dataclass
@@ -20,10 +19,9 @@ import psutil
 import pytest
 
 from conftest import ipc_files, kill_tree, wait_until
+from plugins import official_pysam
 from kuiper_pool.tools.emulator import Host, HostError
 from kuiper_pool.tools.rule import RuleError, load_rule, run_rule
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 MAIN = '''
 import json, logging, os, sys, threading
@@ -522,43 +520,11 @@ def test_run_rule_reports_a_failing_function_and_cleans_up(plugin, ipc_leak_chec
     assert out.getvalue().splitlines()[-1].startswith(f"error: function {plugin.fn} failed on row #1: ")
 
 
-def _edit(path: str, edit) -> None:
-    with open(path) as f:
-        text = f.read()
-    with open(path, "w") as f:
-        f.write(edit(text))
-
-
 def test_pysam_example_runs_under_the_official_sdk(tmp_path, unique, ipc_leak_check):
     """The kuiper_pool pysam example, with its imports switched back to ``ekuiper`` and its
     names made unique, runs through `try` unchanged otherwise."""
     dst = str(tmp_path / "pysam")
-    shutil.copytree(os.path.join(REPO, "examples", "pysam"), dst)
-    names = {n: f"{n}_{unique}" for n in ("pysam", "pyjson", "print", "revert")}
-
-    def port(text: str) -> str:
-        return text.replace("from kuiper_pool import", "from ekuiper import")
-
-    def rename(text: str) -> str:  # symbol names in the PluginConfig and the plugin json
-        for old, new in names.items():
-            text = text.replace(f'"{old}"', f'"{new}"')
-        return text
-
-    for mod in ("pyjson.py", "print.py", "revert.py"):
-        _edit(os.path.join(dst, mod), port)
-    _edit(os.path.join(dst, "pysam.py"), lambda text: rename(port(text)))
-    os.rename(os.path.join(dst, "pysam.json"), os.path.join(dst, names["pysam"] + ".json"))
-    os.rename(os.path.join(dst, "sources", "pyjson.yaml"), os.path.join(dst, "sources", names["pyjson"] + ".yaml"))
-
-    def rename_rule(text: str) -> str:
-        rule = json.loads(text)
-        rule["id"] = f"demo_{unique}"
-        for part in [rule["source"], rule["sink"]] + rule["functions"]:
-            part["symbol"] = names[part["symbol"]]
-        return json.dumps(rule)
-
-    _edit(os.path.join(dst, names["pysam"] + ".json"), rename)
-    _edit(os.path.join(dst, "rule.json"), rename_rule)
+    names = official_pysam(dst, unique)
     out = io.StringIO()
     assert run_rule(dst, out=out) == 0, out.getvalue()
     text = out.getvalue()

@@ -101,7 +101,8 @@ def make_rig(tmp_path, unique, ipc_leak_check):
         merged = {**FAST, **settings}
         plugin = write_faulty_plugin(str(tmp_path / f"plugin{len(rigs)}"), f"{unique}{len(rigs)}", merged)
         log_path = str(tmp_path / f"plugin{len(rigs)}.log")
-        host = Host(plugin.dir, stdout=open(log_path, "ab"), init_timeout=20.0, **(host_options or {}))
+        host = Host(plugin.dir, stdout=open(log_path, "ab"), init_timeout=20.0,
+                    **{"data_transport": "sp", **(host_options or {})})
         rig = Rig(plugin, host, log_path, merged)
         rigs.append(rig)
         host.start()
@@ -609,7 +610,7 @@ def test_max_calls_recycles_a_function_worker_after_n_calls(make_rig):
 # --- 8. the eKuiper-facing channel survives worker replacement ------------------------------------
 
 def test_a_restarted_sink_worker_serves_the_same_host_connection(make_rig, unique):
-    rig = make_rig()
+    rig = make_rig(host_options={"data_transport": "nng"})  # the host's pipes are pynng's to inspect
     rule = f"r_{unique}"
     sink = rig.host.start_sink("snk", rule, require_ack=True)
     data_sock, ack_sock = sink._data, sink._ack
@@ -628,7 +629,7 @@ def test_a_restarted_function_worker_serves_the_same_host_socket(make_rig, trans
     """eKuiper's REP socket is untouched by a worker restart. Relayed (nng) calls keep the
     supervisor's pipe; a native connection lent to the worker dies with it and is dialed
     again at once (eKuiper's socket takes the new pipe as a reconnect)."""
-    rig = make_rig(transport=transport)
+    rig = make_rig(host_options={"data_transport": "nng"}, transport=transport)
     f = rig.host.start_function(rig.plugin.fn)
     sock = f._sock
     first = f.exec(["pid"])["result"]

@@ -119,7 +119,8 @@ class LoopEffects:
         fd = inst.route.open_page(w, self.lends_functions)
         start = StartSpec(inst.ctrl, inst.s.heartbeat_interval, inst.s.stop_grace,
                           self.s.dial_timeout, inst.s.max_calls, self.s.transport,
-                          forensics.dump_path(self.zygote.rundir, wid), fd is not None).frame()
+                          forensics.dump_path(self.zygote.rundir, wid), fd is not None,
+                          inst.s.source_datasource).frame()
         if fd is None:
             link.send(start)
         else:

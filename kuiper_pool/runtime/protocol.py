@@ -48,17 +48,20 @@ class StartSpec:
     dump_path: str = ""        # where the worker writes its stack when asked (forensics)
     page: bool = False         # a shared page's fd travels with the frame: a lent function's
                                # call page, a sink's collect mark
+    source_datasource: str = "stream"  # what a source's configure gets (config.py)
 
     def frame(self) -> bytes:
         return frames.encode_json(frames.START, {
             "control": self.control.to_dict(), "heartbeat_interval": self.heartbeat_interval,
             "stop_grace": self.stop_grace, "dial_timeout": self.dial_timeout,
             "max_calls": self.max_calls, "transport": self.transport,
-            "dump_path": self.dump_path, "page": self.page})
+            "dump_path": self.dump_path, "page": self.page,
+            "source_datasource": self.source_datasource})
 
     @classmethod
     def decode(cls, payload: bytes) -> "StartSpec":
         d: Any = frames.decode_json(payload)
         return cls(wire.Control.from_dict(d["control"]), float(d["heartbeat_interval"]),
                    float(d["stop_grace"]), float(d["dial_timeout"]), int(d["max_calls"]),
-                   str(d["transport"]), str(d["dump_path"]), bool(d["page"]))
+                   str(d["transport"]), str(d["dump_path"]), bool(d["page"]),
+                   str(d["source_datasource"]))

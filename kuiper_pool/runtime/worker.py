@@ -125,7 +125,11 @@ def _configure(worker: Worker, call) -> bool:
 
 def run_source(worker: Worker, source: Any) -> int:
     ctrl = worker.ctrl
-    if not _configure(worker, lambda: source.configure(ctrl.datasource(), ctrl.config)):
+    policy = worker.spec.source_datasource
+    datasource = ctrl.datasource() if policy == "stream" else ""
+    worker.log.info("%s: starting; configure gets datasource %r (source_datasource: %s)",
+                    worker.where(), datasource, policy)
+    if not _configure(worker, lambda: source.configure(datasource, ctrl.config)):
         return EXIT_CONFIGURE
     url = wire.data_url(ctrl.rule_id, ctrl.op_id, ctrl.instance_id)
     transport = load_transport(worker.spec.transport)

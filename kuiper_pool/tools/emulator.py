@@ -17,16 +17,19 @@ Every socket the host opens is closed again by :meth:`Host.close`, which removes
 its ``/tmp/*.ipc`` file. All receives use short timeouts in a loop (a blocking
 pynng ``recv`` cannot be interrupted), checking that the plugin is still alive.
 
-The data sockets of sources and sinks are pynng by default (an independent nng peer for
-conformance tests). ``Host(data_transport="sp")`` speaks them natively instead, the way
-eKuiper's Go host (mangos) does: a source's PULL listener reads whole batches of frames,
-and a sink's PUSH dialer writes one frame per write and waits while the socket is full,
-so the host side keeps up with a plugin at several hundred thousand messages per second
-(pynng caps near 30-45k). Control and function channels stay pynng either way.
+The data sockets of sources and sinks and the function channels are spoken natively by
+default, the way eKuiper's Go host (mangos) does: a source's PULL listener reads whole
+batches of frames, and a sink's PUSH dialer writes one frame per write and waits while the
+socket is full, so the host side keeps up with a plugin at several hundred thousand messages
+per second (pynng caps near 30-45k), and closing one never blocks. ``Host(data_transport="nng")``
+uses pynng sockets instead (an independent nng peer, for tests that mean nng). The control
+channel is pynng either way. A pynng socket is closed with a bound (:func:`_close`):
+``nng_close`` can block for good inside C, where no timeout reaches it.
 """
 from __future__ import annotations
 
 import json
+import logging
 import os
 import select
 import socket
@@ -47,6 +50,8 @@ PORTABLE_CONF = '{"sendTimeout":1000}'  # argv[1] of every plugin process (Porta
 SEND_TIMEOUT = 5.0  # portable.sendTimeout default: sink data push and function replies
 _SLICE_MS = 100  # every host socket receives in slices of this many ms
 DATA_TRANSPORTS = ("nng", "sp")
+CLOSE_TIMEOUT = 5.0  # longest the host waits for a pynng socket to close (see _close)
+log = logging.getLogger(__name__)
 
 MetaKey = Tuple[str, str, int]
 
@@ -137,9 +142,9 @@ class Host:
 
     def __init__(self, plugin_dir: str, *, python: str = sys.executable, init_timeout: float = 60.0,
                  recv_timeout: float = 5.0, env: Optional[dict] = None, stdout=None,
-                 command_timeout: float = 30.0, data_transport: str = "nng"):
-        """``data_transport``: ``"nng"`` (pynng sockets) or ``"sp"`` (native, mangos-like)
-        for the data and ack sockets of sources and sinks."""
+                 command_timeout: float = 30.0, data_transport: str = "sp"):
+        """``data_transport``: ``"sp"`` (native, mangos-like) or ``"nng"`` (pynng sockets)
+        for the data and ack sockets of sources and sinks and the function channels."""
         if data_transport not in DATA_TRANSPORTS:
             raise HostError(f"data_transport must be one of {DATA_TRANSPORTS}, got {data_transport!r}")
         self.data_transport = data_transport
@@ -374,7 +379,7 @@ class Host:
         try:
             self.command("start", ctrl)
         except BaseException:
-            sock.close()
+            _close(sock, url)
             raise
         return self._add(SourceHandle(self, ctrl, sock, url))
 
@@ -393,12 +398,12 @@ class Host:
         try:
             self.command("start", ctrl)
         except BaseException:
-            ack.close()  # eKuiper leaves it open here; we close every socket we open
+            _close(ack, base + "_ack.ipc")  # eKuiper leaves it open; we close every socket we open
             raise
         try:
             data = self._dial_push(base + ".ipc")
         except (pynng.NNGException, TransportError) as e:
-            ack.close()
+            _close(ack, base + "_ack.ipc")
             try:
                 self._stop_symbol(ctrl)
             except HostError:
@@ -416,7 +421,11 @@ class Host:
         """eKuiper's sink PUSH dialer, dialed once synchronously (fails when nobody listens);
         later losses are redialed (100 ms doubling to 5 s)."""
         if self.data_transport == "sp":
-            return sp.PushEndpoint(url, dial_timeout=0, send_timeout=SEND_TIMEOUT)
+            push = sp.PushEndpoint(url, dial_timeout=0, send_timeout=SEND_TIMEOUT)
+            if push.sock is None:  # the one attempt failed: mangos's Dial returns the error
+                push.close()
+                raise TransportError(f"{url}: nothing listens")
+            return push
         data = pynng.Push0(send_timeout=int(SEND_TIMEOUT * 1000))
         data.recv_max_size = 0
         data.reconnect_time_min, data.reconnect_time_max = 100, 5000
@@ -436,7 +445,7 @@ class Host:
         try:
             self.command("start", control(symbol, "func"))
         except BaseException:
-            sock.close()
+            _close(sock, url)
             raise
         return self._add(FunctionHandle(self, symbol, sock, url))
 
@@ -460,7 +469,7 @@ class Host:
                 pass
         self.kill()
         if self._ctrl is not None:
-            self._ctrl.close()
+            _close(self._ctrl, self.control_url)
             self._ctrl = None
 
     def __enter__(self) -> "Host":
@@ -507,6 +516,24 @@ def _take(sock: Union[pynng.Socket, "NativePull"]) -> Optional[bytes]:
         return None
     except (pynng.Closed, OSError, ValueError) as e:  # closed by another thread
         raise HostError("socket closed") from e
+
+
+def _close(sock: Any, what: str, timeout: float = CLOSE_TIMEOUT) -> bool:
+    """Close a host socket; a pynng one without blocking for good. ``nng_close`` waits for
+    the socket's pipes and callbacks, and a blocked C call cannot be interrupted (not even by
+    a test timeout): the close runs in a daemon thread, and after ``timeout`` seconds the
+    socket is left to that thread, with a warning. Returns whether the close finished."""
+    if not isinstance(sock, pynng.Socket):
+        sock.close()  # native sockets close at once
+        return True
+    closer = threading.Thread(target=sock.close, daemon=True, name=f"close {what}")
+    closer.start()
+    closer.join(timeout)
+    if closer.is_alive():
+        log.warning("emulator: closing the pynng socket of %s did not finish within %g s "
+                    "(nng_close is blocked); leaking it to a background thread", what, timeout)
+        return False
+    return True
 
 
 class NativeRep:
@@ -665,7 +692,17 @@ class NativePull:
 
 def _send_all(push: sp.PushEndpoint, data: bytes, timeout: float) -> None:
     """Send one message and wait until the socket has taken all of it, as a mangos pipe
-    writes each message with one blocking write; TransportTimeout after ``timeout``."""
+    writes each message with one blocking write; TransportTimeout after ``timeout``.
+
+    mangos notices at once that the peer closed (its pipe reader ends) and keeps the next
+    message for the next pipe (the plugin listening again after a restart); a plain socket
+    notices only when a write fails, and the message goes with it. A PUSH connection never
+    carries data back, so a readable one is closed: it is dropped before the send."""
+    sock = push.sock
+    if sock is not None and select.select([sock], [], [], 0)[0]:
+        with push.lock:
+            if push.sock is sock:
+                push._lost()
     push.send(data)
     deadline = time.monotonic() + timeout
     while push.pending():
@@ -707,7 +744,7 @@ class SourceHandle:
         """Close the data socket, then send stop with the same Control. Idempotent."""
         if self._sock is None:
             return
-        self._sock.close()
+        _close(self._sock, self.url)
         self._sock = None
         self.host._forget(self)
         self.host._stop_symbol(self.ctrl, timeout)
@@ -752,8 +789,8 @@ class SinkHandle:
         """Close data and ack sockets, then send stop. Idempotent."""
         if self._data is None:
             return
-        self._data.close()
-        self._ack.close()
+        _close(self._data, self.url)
+        _close(self._ack, self.url[:-len(".ipc")] + "_ack.ipc")
         self._data = self._ack = None
         self.host._forget(self)
         self.host._stop_symbol(self.ctrl, timeout)
@@ -821,6 +858,6 @@ class FunctionHandle:
         if self._sock is None:
             return
         with self._lock:
-            self._sock.close()
+            _close(self._sock, self.url)
             self._sock = None
         self.host._forget(self)

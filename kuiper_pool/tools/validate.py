@@ -20,7 +20,9 @@ Two kinds of checks, printed one line each as they are made (``ok``, ``note`` or
   The JSON's symbol lists are then compared with the PluginConfig's.
 
 Plugins written for the official SDK (``from ekuiper import plugin``) are recognised from
-the executable's imports and not run: one note says how to switch; the folder checks apply.
+the executable's imports. Under ``kuiper-pool-python`` (:mod:`kuiper_pool.interpreter`, which the
+interpreter probe recognises) they run on kuiper_pool and are checked like any other; under
+another interpreter they are not run: one note says how to switch; the folder checks apply.
 """
 from __future__ import annotations
 
@@ -32,6 +34,7 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Tuple
@@ -367,27 +370,47 @@ def _last_line(output: str) -> str:
     return (lines[-1] if lines else "(no output)")[:300]
 
 
-def _python_version(python: str, checks: Checks, official: bool) -> bool:
-    probe = "import sys; print('%d.%d.%d' % sys.version_info[:3])"
-    try:
-        proc = subprocess.run([python, "-c", probe], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              stdin=subprocess.DEVNULL, text=True, timeout=30)
-    except OSError as e:
-        checks.add(PROBLEM, "python", f"cannot run {python}: {e.strerror or e}")
-        return False
-    except subprocess.TimeoutExpired:
-        checks.add(PROBLEM, "python", f"{python} did not answer within 30 s")
-        return False
-    version = proc.stdout.strip()
+# Run as a script file, the way eKuiper runs a plugin: kuiper-pool-python aliases ekuiper only then.
+_PROBE = """import sys
+print('%d.%d.%d' % sys.version_info[:3])
+try:
+    import ekuiper
+    print(ekuiper.__name__)
+except ImportError:
+    print('')
+"""
+
+
+def _python_version(python: str, checks: Checks, official: bool) -> Optional[bool]:
+    """None when the interpreter is unusable; else whether ``import ekuiper`` is kuiper_pool
+    under it (``kuiper-pool-python``)."""
+    with tempfile.TemporaryDirectory(prefix="kuiper-pool-probe-") as tmp:
+        script = os.path.join(tmp, "probe.py")
+        with open(script, "w", encoding="utf-8") as f:
+            f.write(_PROBE)
+        try:
+            proc = subprocess.run([python, "-u", script], stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True,
+                                  timeout=30, env=dict(os.environ, PYTHONDONTWRITEBYTECODE="1"))
+        except OSError as e:
+            checks.add(PROBLEM, "python", f"cannot run {python}: {e.strerror or e}")
+            return None
+        except subprocess.TimeoutExpired:
+            checks.add(PROBLEM, "python", f"{python} did not answer within 30 s")
+            return None
+    lines = proc.stdout.splitlines()
+    version = lines[0].strip() if lines else ""
     if proc.returncode != 0 or not re.fullmatch(r"\d+\.\d+\.\d+", version):
         checks.add(PROBLEM, "python", f"{python} failed (exit {proc.returncode}): {_last_line(proc.stdout)}")
-        return False
-    if tuple(int(p) for p in version.split(".")[:2]) < MIN_PYTHON and not official:
+        return None
+    aliased = lines[1:2] == ["kuiper_pool"]
+    if tuple(int(p) for p in version.split(".")[:2]) < MIN_PYTHON and not (official and not aliased):
         checks.add(PROBLEM, "python", f"{python} is Python {version}; kuiper_pool needs "
                                       f"{'.'.join(map(str, MIN_PYTHON))} or later")
-        return False
-    checks.add(OK, "python", f"{python} is Python {version}")
-    return True
+        return None
+    checks.add(OK, "python", f"{python} is Python {version}"
+                             + (" and runs ekuiper imports on kuiper_pool" if aliased else ""))
+    return aliased
 
 
 def _describe_run(folder: PluginFolder, python: str, timeout: float, checks: Checks,
@@ -476,12 +499,14 @@ def runtime_checks(folder: PluginFolder, python: str, timeout: float, checks: Ch
                    say: Callable[[str], None]) -> None:
     """Interpreter, then the describe run and what it reports (needs a found executable)."""
     official = folder.sdk == "ekuiper"
-    if not _python_version(python, checks, official):
+    aliased = _python_version(python, checks, official)
+    if aliased is None:
         return
-    if official:
+    if official and not aliased:
         checks.add(NOTE, "sdk", f"{folder.executable} runs under the official SDK (ekuiper), one "
-                                f"thread per symbol; to switch, import plugin and PluginConfig from "
-                                f"kuiper_pool instead of ekuiper and add kuiper-pool to requirements.txt")
+                                f"thread per symbol; to switch, import from kuiper_pool instead, or without "
+                                f"an edit name kuiper-pool-python as eKuiper's portable.pythonBin "
+                                f"(and here as --python)")
         return
     report = _describe_run(folder, python, timeout, checks, say)
     if report is None:
