@@ -456,8 +456,11 @@ class Supervisor:
                 self.guarded("started", entry[1], entry[1].on_started, entry[0], ev["pid"])
             elif ev["op"] == "exited":
                 self.on_exit(entry, ev["status"])
+            elif ev["op"] == "refused":  # the zygote could not fork it: as if spawn had raised
+                self.on_exit(entry, 0, OSError(ev["errno"], f"cannot fork: {ev['error']}"))
 
-    def on_exit(self, entry: Tuple[WorkerHandle, Instance, frames.Link], status: int) -> None:
+    def on_exit(self, entry: Tuple[WorkerHandle, Instance, frames.Link], status: int,
+                refused: Optional[OSError] = None) -> None:
         w, inst, link = entry
         del self.workers[w.wid]
         self.procs.pop(w.wid, None)
@@ -469,7 +472,11 @@ class Supervisor:
         finally:
             self.unregister(link.fileno())
             link.close()
-        self.guarded("exit", inst, inst.on_exit, w, status)
+        if refused is not None:
+            self.guarded("refused", inst, inst.on_refused, w, refused)
+        else:
+            self.guarded("exit", inst, inst.on_exit, w, status)
+        forensics.discard(forensics.dump_path(self.zygote.rundir, w.wid))  # its instance may be gone
 
     def proc(self, w: WorkerHandle) -> Any:
         """psutil's handle of a worker (psutil is imported only when a figure is needed)."""

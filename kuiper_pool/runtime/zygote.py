@@ -221,10 +221,15 @@ class _Zygote:
     def apply(self, req: dict, fds: List[int]) -> None:
         op = req.get("op")
         if op == "start" and fds and not self.leaving:
-            pid = _fork_worker(self, fds[0])
-            self.workers[pid] = req["wid"]
-            self.by_wid[req["wid"]] = pid
-            self.report({"op": "started", "wid": req["wid"], "pid": pid})
+            try:
+                pid = _fork_worker(self, fds[0])
+            except OSError as e:  # at the process limit (pids.max, RLIMIT_NPROC), out of memory
+                self.report({"op": "refused", "wid": req["wid"], "errno": e.errno,
+                             "error": e.strerror or str(e)})
+            else:
+                self.workers[pid] = req["wid"]
+                self.by_wid[req["wid"]] = pid
+                self.report({"op": "started", "wid": req["wid"], "pid": pid})
         elif op == "kill":
             pid = self.by_wid.get(req["wid"])
             if pid is not None:
