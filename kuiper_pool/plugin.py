@@ -24,7 +24,7 @@ def start(c: Any) -> NoReturn:
         describe(c, script_dir)  # prints the symbol table and exits
     try:
         plugin = PluginConfig.adopt(c)
-        settings = load_settings(script_dir, plugin.settings)
+        settings = load_settings(script_dir, plugin.settings, known_symbols=plugin.symbol_names())
     except (ConfigError, ValueError) as e:
         print(f"kuiper_pool: cannot start: {e}", flush=True)
         sys.exit(2)
