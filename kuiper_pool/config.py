@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import errno
 import ipaddress
 import json
 import math
 import os
+import stat
 import textwrap
-from typing import Any, Callable, Dict, Iterable, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 
 ENV_PREFIX = "KUIPER_POOL_"
@@ -244,6 +246,53 @@ def _unknown(key: Any, source: str, known: Iterable[str]) -> ConfigError:
     return ConfigError(f"kuiper_pool config: unknown setting {key!s} (from {source}){hint}")
 
 
+def _path_chain(path: str) -> List[str]:
+    """Every directory whose entries decide where ``path`` leads (those holding each symlink
+    on the way included), then the file or directory it finally names."""
+    todo = os.path.abspath(path).split(os.sep)
+    current, chain, hops = os.sep, [os.sep], 0
+    while todo:
+        part = todo.pop(0)
+        if part in ("", "."):
+            continue
+        if part == "..":
+            current = os.path.dirname(current)
+            continue
+        step = os.path.join(current, part)
+        if os.path.islink(step):
+            hops += 1
+            if hops > 40:
+                raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), path)
+            target = os.readlink(step)
+            todo = target.split(os.sep) + todo
+            current = os.sep if target.startswith(os.sep) else current
+            continue
+        current = step
+        chain.append(current)
+    return chain
+
+
+def check_trusted(path: str, what: str) -> None:
+    """Refuse ``path`` (a settings file, the runtime dir) unless it and every directory on the
+    way to it (symlinks followed) belong to this user or root and nobody else can write them,
+    as ssh's StrictModes: otherwise another local user could choose our settings or swap a
+    directory under us. A world-writable directory with the sticky bit (/tmp) is fine: nobody
+    else can replace what is ours in it."""
+    uid = os.getuid()
+    try:
+        for step in _path_chain(path):
+            st = os.stat(step)
+            if st.st_uid not in (uid, 0):
+                why = f"{step} belongs to uid {st.st_uid}, not to uid {uid} or root"
+            elif st.st_mode & 0o022 and not (stat.S_ISDIR(st.st_mode) and st.st_mode & stat.S_ISVTX):
+                why = f"{step} is writable by others (mode {stat.S_IMODE(st.st_mode):04o})"
+            else:
+                continue
+            raise ConfigError(f"kuiper_pool config: refusing {what} {path}: {why}")
+    except OSError as e:
+        raise ConfigError(f"kuiper_pool config: cannot check {what} {path}: {e.strerror or e}") from None
+
+
 def _read_yaml(path: str) -> Mapping[Any, Any]:
     import yaml  # only when there is a file to read: start-up time matters
 
@@ -307,6 +356,8 @@ def load_settings(script_dir: Optional[str] = None, overrides: Optional[Mapping[
         raise ConfigError(f"kuiper_pool config: {CONFIG_ENV} names {path!r}, which is not an existing file")
     if path is None and script_dir is not None and os.path.isfile(os.path.join(script_dir, FILE_NAME)):
         path = os.path.join(script_dir, FILE_NAME)
+    if path:
+        check_trusted(path, "settings file")
     for key, raw in (_read_yaml(path) if path else {}).items():
         put(key, raw, path)
     for var in sorted(env):

@@ -338,3 +338,53 @@ def test_a_symbols_entry_must_name_a_symbol_of_the_plugin():
     s = load_settings(overrides={"symbols": {"heavy": {"call_deadline": 9}}}, environ={},
                       known_symbols=["heavy"])
     assert s.for_symbol("heavy").call_deadline == 9.0
+
+
+OTHER_UID = 65534  # nobody
+needs_root = pytest.mark.skipif(os.getuid() != 0, reason="making files of another user needs root")
+
+
+@pytest.fixture
+def trusted(tmp_path):
+    """A directory only we can write, with a good settings file in it."""
+    good = write(tmp_path / "good.yaml", "call_deadline: 3\n")
+    return tmp_path, good
+
+
+def test_a_settings_file_reached_through_trusted_symlinks_is_read(trusted):
+    d, good = trusted
+    os.symlink(good, d / "link.yaml")
+    assert load_settings(environ={config.CONFIG_ENV: str(d / "link.yaml")}).call_deadline == 3.0
+
+
+@needs_root
+@pytest.mark.parametrize("setup, blamed", [
+    # the file another user owns, reached through a symlink
+    (lambda d: (os.chown(write(d / "theirs.yaml", "runtime_dir: /x\n"), OTHER_UID, OTHER_UID),
+                os.symlink(d / "theirs.yaml", d / "s.yaml")), "theirs.yaml belongs to uid 65534"),
+    # a file anyone can write
+    (lambda d: (os.chmod(write(d / "open.yaml", ""), 0o666), os.symlink(d / "open.yaml", d / "s.yaml")),
+     "open.yaml is writable by others (mode 0666)"),
+    # the symlink itself in a directory anyone can write: it can be swapped
+    (lambda d: ((d / "pub").mkdir(), os.chmod(d / "pub", 0o777), os.symlink(d / "good.yaml", d / "pub" / "l"),
+                os.symlink(d / "pub" / "l", d / "s.yaml")), "pub is writable by others (mode 0777)"),
+    # a directory on the way that another user owns
+    (lambda d: ((d / "their").mkdir(), write(d / "their" / "k.yaml", ""), os.chown(d / "their", OTHER_UID, 0),
+                os.symlink(d / "their" / "k.yaml", d / "s.yaml")), "their belongs to uid 65534"),
+])
+def test_a_settings_file_others_can_change_is_refused(trusted, setup, blamed):
+    d, _good = trusted
+    setup(d)
+    with pytest.raises(ConfigError) as e:
+        load_settings(environ={config.CONFIG_ENV: str(d / "s.yaml")})
+    assert_one_line(e.value, f"refusing settings file {d / 's.yaml'}: ", blamed)
+
+
+@needs_root
+def test_the_sticky_tmp_is_trusted_but_not_a_runtime_dir_of_another_user(tmp_path):
+    config.check_trusted("/tmp", "runtime_dir")
+    (tmp_path / "rt").mkdir()
+    os.chown(tmp_path / "rt", OTHER_UID, OTHER_UID)
+    with pytest.raises(ConfigError) as e:
+        config.check_trusted(str(tmp_path / "rt"), "runtime_dir")
+    assert_one_line(e.value, "refusing runtime_dir", "belongs to uid 65534")

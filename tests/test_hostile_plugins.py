@@ -9,6 +9,7 @@ from __future__ import annotations
 import glob
 import os
 import subprocess
+import sys
 
 import psutil
 import pytest
@@ -16,7 +17,7 @@ import pytest
 from kuiper_pool.runtime import status
 from kuiper_pool.tools.emulator import HostError
 from conftest import wait_until
-from plugins import COUNTING_SOURCE, MODE_FUNCTION, make_plugin, read_jsonl, runtime_base
+from plugins import COUNTING_SOURCE, MODE_FUNCTION, REPO, make_plugin, read_jsonl, runtime_base
 
 PAGE_FUNCTION = '''
 class PageFunction(Function):
@@ -279,3 +280,28 @@ def test_a_forked_child_of_open_never_emits(tmp_path, host_runs, unique):
     assert [m["n"] for m in got] == list(range(got[0]["n"], got[0]["n"] + 20))
     assert len({m["pid"] for m in got}) == 1
     wait_until(lambda: _forked_lines(plugin) == 1, message="one line about the forked child")
+
+
+# --- files another user controls -----------------------------------------------------------------
+
+@pytest.mark.skipif(os.getuid() != 0, reason="making files of another user needs root")
+def test_settings_another_user_can_write_stop_the_start(tmp_path, unique):
+    plugin = make_plugin(str(tmp_path), f"kp{unique}", functions={f"fn{unique}": MODE_FUNCTION})
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "kp.yaml").write_text(f"runtime_dir: {theirs}\nstart_method: spawn\n")
+    os.chown(theirs, 65534, 65534)
+    os.chown(theirs / "kp.yaml", 65534, 65534)
+    os.symlink(theirs / "kp.yaml", tmp_path / "settings.yaml")
+    env = {**os.environ, "PYTHONPATH": REPO, "KUIPER_POOL_CONFIG": str(tmp_path / "settings.yaml")}
+    proc = subprocess.run([sys.executable, "main.py"], cwd=plugin, stdout=subprocess.PIPE, text=True,
+                          timeout=60, env=env)
+    assert proc.returncode == 2
+    assert proc.stdout.strip().splitlines() == [
+        f"kuiper_pool: cannot start: kuiper_pool config: refusing settings file {tmp_path}/settings.yaml: "
+        f"{theirs} belongs to uid 65534, not to uid 0 or root"]
+    del env["KUIPER_POOL_CONFIG"]
+    env["KUIPER_POOL_RUNTIME_DIR"] = str(theirs)
+    proc = subprocess.run([sys.executable, "main.py"], cwd=plugin, stdout=subprocess.PIPE, text=True,
+                          timeout=60, env=env)
+    assert proc.returncode == 2 and f"refusing runtime_dir {theirs}: {theirs} belongs to uid 65534" in proc.stdout

@@ -413,14 +413,22 @@ def call_function(worker: Worker, function: Any, contexts: Dict[Tuple[Any, ...],
 # --- spawn start method ----------------------------------------------------------------
 
 def spawn_main(argv: list) -> int:
-    """``python -m kuiper_pool.runtime.worker <payload> <script_dir> <log_level> <fd>``: load the
-    cloudpickled factories from the supervisor's private file (never from a socket), serve."""
+    """``python -m kuiper_pool.runtime.worker <payload fd> <script_dir> <log_level> <link fd>``:
+    load the cloudpickled factories from the sealed memfd the supervisor wrote and every
+    spawned worker inherits (never a path, never a socket), serve."""
     import cloudpickle
 
-    payload, script_dir, level, fd = argv[1], argv[2], argv[3], int(argv[4])
+    payload, script_dir, level, fd = int(argv[1]), argv[2], argv[3], int(argv[4])
     sys.path.insert(0, script_dir)
-    with open(payload, "rb") as f:
-        plugin = PluginConfig(**cloudpickle.load(f))
+    size, chunks, offset = os.fstat(payload).st_size, [], 0
+    while offset < size:  # pread: the fd's offset is shared with every other spawned worker
+        chunk = os.pread(payload, size - offset, offset)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        offset += len(chunk)
+    os.close(payload)
+    plugin = PluginConfig(**cloudpickle.loads(b"".join(chunks)))
     logs.setup(plugin.name, level)
     return run(socket.socket(fileno=fd), plugin)
 
