@@ -16,7 +16,7 @@ import sys
 import threading
 import time
 import traceback
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Set, Tuple
 
 from .. import logs, wire
 from . import frames
@@ -50,15 +50,15 @@ class ForkGuard:
 
     def __init__(self) -> None:
         self.pid = os.getpid()
-        self.fds: set = set()
+        self.forked = False  # set in a forked child: a flag test, not a getpid per emitted item
+        self.fds: Set[int] = set()
         self.page: Optional[CallPage] = None
         self.where = ""
         self.log = logs.supervisor_logger()  # the instance's, once the worker knows it
         os.register_at_fork(after_in_child=self.after_fork_in_child)
 
     def after_fork_in_child(self) -> None:
-        if os.getpid() == self.pid:
-            return
+        self.forked = True
         null = os.open(os.devnull, os.O_RDWR)
         for fd in self.fds:  # the numbers stay taken: nothing of the child's can reuse them
             try:
@@ -71,7 +71,7 @@ class ForkGuard:
 
     def check(self) -> None:
         """Exit at once in a process forked by plugin code; nothing in the worker itself."""
-        if os.getpid() != self.pid:
+        if self.forked:
             self.log.error(
                 "%s: a process forked by plugin code (pid %d, from worker pid %d) returned into "
                 "the worker instead of exiting; it exits now", self.where, os.getpid(), self.pid)
