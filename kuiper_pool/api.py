@@ -118,6 +118,10 @@ class PluginConfig:
         self.functions = dict(functions or {})
         self.settings = dict(settings or {})
 
+    def symbol_names(self) -> List[str]:
+        """Every source, sink and function symbol of the plugin."""
+        return [*self.sources, *self.sinks, *self.functions]
+
     def get(self, plugin_type: str, symbol_name: str) -> Optional[Factory]:
         """The factory of a symbol, or None."""
         table = {wire.TYPE_SOURCE: self.sources, wire.TYPE_SINK: self.sinks,

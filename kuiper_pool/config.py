@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import errno
 import ipaddress
 import json
 import math
 import os
+import stat
 import textwrap
-from typing import Any, Callable, Dict, Iterable, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 
 ENV_PREFIX = "KUIPER_POOL_"
@@ -43,12 +45,12 @@ class Setting:
 
     def validate(self, raw: Any, source: str) -> Any:
         """Check a value from YAML or code and return it coerced (an int is fine for a float)."""
-        value = float(raw) if self.type is float and type(raw) is int else raw
-        if type(value) is not self.type:
-            raise self.error(raw, source)
         try:
+            value = float(raw) if self.type is float and type(raw) is int else raw
+            if type(value) is not self.type:
+                raise ValueError
             return self.check(value)
-        except ValueError:
+        except (ValueError, OverflowError):  # OverflowError: an int too large for a float
             raise self.error(raw, source) from None
 
     def parse(self, text: str, source: str) -> Any:
@@ -63,17 +65,20 @@ class Setting:
             raise self.error(text, source) from None
 
     def error(self, raw: Any, source: str) -> ConfigError:
-        return ConfigError(f"kuiper_pool config: {self.name} must be {self.expected} (got {raw!r} from {source})")
+        shown = repr(raw)
+        shown = shown if len(shown) <= 60 else shown[:40] + f"... ({len(shown)} characters)"
+        return ConfigError(f"kuiper_pool config: {self.name} must be {self.expected} (got {shown} from {source})")
 
 
 def _num(section: str, name: str, kind: type, default: Any, description: str, *,
-         gt: Optional[float] = None, ge: Optional[float] = None, le: Optional[float] = None) -> Setting:
-    bounds = [f"{op} {b}" for op, b in ((">", gt), (">=", ge), ("<=", le)) if b is not None]
+         ge: float, le: float) -> Setting:
+    """A number in [ge, le]: every number has an upper bound too (a 400-digit heartbeat_misses
+    or a heartbeat_interval of 1e-6 is a mistake, not a setting)."""
+    bounds = [f"{op} {b}" for op, b in ((">=", ge), ("<=", le))]
     expected = ("a number " if kind is float else "an integer ") + " and ".join(bounds)
 
     def check(v: Any) -> Any:
-        if (kind is float and not math.isfinite(v)) or (gt is not None and v <= gt) \
-                or (ge is not None and v < ge) or (le is not None and v > le):
+        if (kind is float and not math.isfinite(v)) or not ge <= v <= le:
             raise ValueError
         return v
     return Setting(name, section, kind, default, expected, description, check)
@@ -115,62 +120,67 @@ SETTINGS: Tuple[Setting, ...] = (
             '(~2 ms a worker, plugin modules already loaded); "spawn" runs a fresh interpreter per '
             "worker and ships the plugin factories with cloudpickle (~60 ms)."),
     _num("workers", "stop_grace", float, 2.0,
-         "Seconds a worker gets to run close() and exit after a stop, and after SIGTERM, before SIGKILL.", gt=0),
-    _num("health", "heartbeat_interval", float, 0.5, "Seconds between worker heartbeats.", gt=0),
+         "Seconds a worker gets to run close() and exit after a stop, and after SIGTERM, before SIGKILL.",
+         ge=0.01, le=3600),
+    _num("health", "heartbeat_interval", float, 0.5, "Seconds between worker heartbeats.", ge=0.05, le=3600),
     _num("health", "heartbeat_misses", int, 4,
          "Missed heartbeats before a worker counts as hung and is killed "
-         "(SIGTERM, then SIGKILL after stop_grace).", ge=1),
+         "(SIGTERM, then SIGKILL after stop_grace).", ge=1, le=1000),
     _num("health", "call_deadline", float, 4.0,
          "Longest a function Exec/Validate/IsAggregate call or a sink collect may run before the "
          "worker is killed and replaced; below eKuiper's 5 s receive timeout so eKuiper gets the "
-         "error reply instead of its own timeout.", gt=0),
+         "error reply instead of its own timeout.", ge=0.01, le=86400),
     _num("health", "collect_deadline", float, 0.0,
          "Longest one sink collect may run before the worker is killed and the item redelivered "
-         "(0 = off: eKuiper imposes no limit on sinks).", ge=0),
+         "(0 = off: eKuiper imposes no limit on sinks).", ge=0, le=86400),
     _num("health", "start_timeout", float, 30.0,
          "Longest a worker's start may take (factory, configure and a sink's open) before it is "
-         "killed and the start refused.", gt=0),
+         "killed and the start refused.", ge=0.1, le=86400),
     _num("health", "sample_interval", float, 1.0,
-         "Seconds between psutil samples of each worker's memory and CPU.", gt=0),
+         "Seconds between psutil samples of each worker's memory and CPU.", ge=0.05, le=3600),
     _num("restart", "restart_backoff_initial", float, 0.0,
-         "Seconds before the first restart of a crashed worker.", ge=0),
+         "Seconds before the first restart of a crashed worker.", ge=0, le=86400),
     _num("restart", "restart_backoff_min", float, 0.1,
-         "Seconds the second restart waits; each later one doubles it.", gt=0),
+         "Seconds the second restart waits; each later one doubles it.", ge=0.001, le=86400),
     _num("restart", "restart_backoff_max", float, 10.0,
-         "Cap of the restart delay in seconds; at least restart_backoff_min.", gt=0),
+         "Cap of the restart delay in seconds; at least restart_backoff_min.", ge=0.001, le=86400),
     _num("restart", "restart_jitter", float, 0.2,
          "Random fraction added to or removed from each delay so instances do not restart in lockstep.",
          ge=0, le=1),
     _num("restart", "flap_max_restarts", int, 5,
          "Restarts within flap_window after which the instance is marked failed (tried again after "
-         "failed_retry_min).", ge=1),
-    _num("restart", "flap_window", float, 60.0, "Seconds over which flap_max_restarts is counted.", gt=0),
+         "failed_retry_min).", ge=1, le=1000000),
+    _num("restart", "flap_window", float, 60.0, "Seconds over which flap_max_restarts is counted.",
+         ge=0.1, le=2592000),
     _num("restart", "failed_retry_min", float, 60.0,
-         "Seconds after which a failed instance is tried again; each further failure doubles it.", gt=0),
-    _num("restart", "failed_retry_max", float, 1800.0, "Cap of the failed-instance retry delay.", gt=0),
+         "Seconds after which a failed instance is tried again; each further failure doubles it.",
+         ge=0.1, le=2592000),
+    _num("restart", "failed_retry_max", float, 1800.0, "Cap of the failed-instance retry delay.",
+         ge=0.1, le=2592000),
     _num("limits", "memory_limit_mb", float, 0.0,
          "Resident memory cap per worker in MB (0 = off); above it the worker is recycled gracefully "
-         "(a fresh worker starts, the old one drains and stops).", ge=0),
-    _num("limits", "max_calls", int, 0, "Recycle a function worker after this many calls (0 = off).", ge=0),
+         "(a fresh worker starts, the old one drains and stops).", ge=0, le=1000000000),
+    _num("limits", "max_calls", int, 0, "Recycle a function worker after this many calls (0 = off).",
+         ge=0, le=1000000000000000),
     _num("limits", "sink_window", int, 1000,
          "Items handed to a sink worker and not yet finished; beyond it the supervisor stops reading "
-         "from eKuiper (back-pressure).", ge=1),
+         "from eKuiper (back-pressure).", ge=1, le=1000000),
     _num("limits", "sink_max_deliveries", int, 3,
          "How many workers may crash while collecting one sink item before it is dropped as "
-         "poison (logged; error ack when the rule requires acks).", ge=1),
+         "poison (logged; error ack when the rule requires acks).", ge=1, le=1000),
     _choice("host", "transport", "sp", ("sp", "nng"),
             'How eKuiper\'s sockets are spoken: "sp" natively (SP over ipc framing, no nng thread '
             'hand-offs; function workers answer eKuiper on its connection directly) or "nng" '
             "through pynng (the fallback: function calls are relayed by the supervisor)."),
     _num("host", "control_lost_timeout", float, 10.0,
          "Seconds the control channel to eKuiper may stay disconnected before the supervisor stops "
-         "everything and exits.", gt=0),
+         "everything and exits.", ge=0.1, le=86400),
     _num("host", "dial_timeout", float, 5.0,
-         "Seconds to keep dialing eKuiper's control socket at start before giving up.", gt=0),
+         "Seconds to keep dialing eKuiper's control socket at start before giving up.", ge=0.1, le=3600),
     _num("host", "ekuiper_recv_timeout", float, 5.0,
          "eKuiper's portable.recvTimeout: how long it waits for a function reply. It re-sends a "
          "call only while it waits, so a call a dead worker had begun is recognised in a new "
-         "connection only within this time of the call's start.", gt=0),
+         "connection only within this time of the call's start.", ge=0.1, le=3600),
     _choice("host", "source_datasource", "stream", ("stream", "empty"),
             'What a source\'s configure(datasource, conf) gets as datasource: "stream" the '
             "stream's DATASOURCE as eKuiper sends it; \"empty\" always \"\", as the official SDK "
@@ -182,7 +192,9 @@ SETTINGS: Tuple[Setting, ...] = (
             '"" or "host:port" with a loopback host (127.x.x.x, ::1 or localhost) and port 1-65535',
             'Where to serve Prometheus text metrics ("" = off).', _loopback_address),
     Setting("runtime_dir", "operations", str, "", "a string",
-            'Where the private (0700) directory for internal sockets is made ("" = the system temp dir).'),
+            'Where the private (0700) directory for internal sockets is made ("" = the system temp dir); '
+            "it and every directory above it must belong to this user or root and be writable by "
+            "nobody else (a sticky directory such as /tmp is fine)."),
 )
 
 
@@ -247,6 +259,53 @@ def _unknown(key: Any, source: str, known: Iterable[str]) -> ConfigError:
     return ConfigError(f"kuiper_pool config: unknown setting {key!s} (from {source}){hint}")
 
 
+def _path_chain(path: str) -> List[str]:
+    """Every directory whose entries decide where ``path`` leads (those holding each symlink
+    on the way included), then the file or directory it finally names."""
+    todo = os.path.abspath(path).split(os.sep)
+    current, chain, hops = os.sep, [os.sep], 0
+    while todo:
+        part = todo.pop(0)
+        if part in ("", "."):
+            continue
+        if part == "..":
+            current = os.path.dirname(current)
+            continue
+        step = os.path.join(current, part)
+        if os.path.islink(step):
+            hops += 1
+            if hops > 40:
+                raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), path)
+            target = os.readlink(step)
+            todo = target.split(os.sep) + todo
+            current = os.sep if target.startswith(os.sep) else current
+            continue
+        current = step
+        chain.append(current)
+    return chain
+
+
+def check_trusted(path: str, what: str) -> None:
+    """Refuse ``path`` (a settings file, the runtime dir) unless it and every directory on the
+    way to it (symlinks followed) belong to this user or root and nobody else can write them,
+    as ssh's StrictModes: otherwise another local user could choose our settings or swap a
+    directory under us. A world-writable directory with the sticky bit (/tmp) is fine: nobody
+    else can replace what is ours in it."""
+    uid = os.getuid()
+    try:
+        for step in _path_chain(path):
+            st = os.stat(step)
+            if st.st_uid not in (uid, 0):
+                why = f"{step} belongs to uid {st.st_uid}, not to uid {uid} or root"
+            elif st.st_mode & 0o022 and not (stat.S_ISDIR(st.st_mode) and st.st_mode & stat.S_ISVTX):
+                why = f"{step} is writable by others (mode {stat.S_IMODE(st.st_mode):04o})"
+            else:
+                continue
+            raise ConfigError(f"kuiper_pool config: refusing {what} {path}: {why}")
+    except OSError as e:
+        raise ConfigError(f"kuiper_pool config: cannot check {what} {path}: {e.strerror or e}") from None
+
+
 def _read_yaml(path: str) -> Mapping[Any, Any]:
     import yaml  # only when there is a file to read: start-up time matters
 
@@ -264,8 +323,10 @@ def _read_yaml(path: str) -> Mapping[Any, Any]:
 
 
 def load_settings(script_dir: Optional[str] = None, overrides: Optional[Mapping[str, Any]] = None,
-                  environ: Optional[Mapping[str, str]] = None) -> Settings:
-    """Defaults < $KUIPER_POOL_CONFIG or <script_dir>/kuiper_pool.yaml < KUIPER_POOL_<NAME> < overrides."""
+                  environ: Optional[Mapping[str, str]] = None,
+                  known_symbols: Optional[Sequence[str]] = None) -> Settings:
+    """Defaults < $KUIPER_POOL_CONFIG or <script_dir>/kuiper_pool.yaml < KUIPER_POOL_<NAME> < overrides.
+    With ``known_symbols`` (the plugin's), a ``symbols:`` entry for any other name is an error."""
     env = os.environ if environ is None else environ
     values = {s.name: s.default for s in SETTINGS}
     sources = dict.fromkeys(values, "defaults")
@@ -290,6 +351,8 @@ def load_settings(script_dir: Optional[str] = None, overrides: Optional[Mapping[
             if not isinstance(symbol, str) or not isinstance(table, dict):
                 raise ConfigError(f"kuiper_pool config: {where} must be a mapping of setting: value "
                                   f"(got {table!r} from {source})")
+            symbols.setdefault(symbol, {})
+            symbol_sources.setdefault(symbol, {"": source})
             for key, value in table.items():
                 if key not in PER_SYMBOL:
                     what = "is not a per-symbol setting" if key in _BY_NAME else "is not a setting"
@@ -306,6 +369,8 @@ def load_settings(script_dir: Optional[str] = None, overrides: Optional[Mapping[
         raise ConfigError(f"kuiper_pool config: {CONFIG_ENV} names {path!r}, which is not an existing file")
     if path is None and script_dir is not None and os.path.isfile(os.path.join(script_dir, FILE_NAME)):
         path = os.path.join(script_dir, FILE_NAME)
+    if path:
+        check_trusted(path, "settings file")
     for key, raw in (_read_yaml(path) if path else {}).items():
         put(key, raw, path)
     for var in sorted(env):
@@ -317,9 +382,24 @@ def load_settings(script_dir: Optional[str] = None, overrides: Optional[Mapping[
     for key, raw in (overrides or {}).items():
         put(key, raw, "overrides")
     _check_ranges(values, sources, "")
+    if known_symbols is not None:
+        _check_symbols(symbols, known_symbols, symbol_sources)
     for symbol, table in symbols.items():
         _check_ranges({**values, **table}, {**sources, **symbol_sources[symbol]}, f"symbols.{symbol}.")
     return Settings(**values, symbols=symbols)
+
+
+def _check_symbols(symbols: Iterable[str], known: Sequence[str],
+                   sources: Mapping[str, Mapping[str, str]]) -> None:
+    """A ``symbols:`` entry must name a symbol of the plugin: a typo would silently leave the
+    symbol it meant with the defaults."""
+    for symbol in symbols:
+        if symbol not in known:
+            close = difflib.get_close_matches(symbol, known, n=1)
+            hint = f"; did you mean {close[0]}?" if close else ""
+            source = next(iter(sources[symbol].values()), "symbols")
+            raise ConfigError(f"kuiper_pool config: symbols.{symbol} names no symbol of the plugin "
+                              f"(from {source}; it has {', '.join(sorted(known)) or 'none'}){hint}")
 
 
 def _check_ranges(values: Mapping[str, Any], sources: Mapping[str, str], prefix: str) -> None:
@@ -339,6 +419,8 @@ def render_defaults_yaml() -> str:
         f"# as {FILE_NAME} (or point {CONFIG_ENV} at it) and keep only the keys you change.",
         f"# Any key can also be set from the environment as {ENV_PREFIX}<KEY IN UPPER CASE>;",
         "# precedence: defaults < this file < environment < overrides from code.",
+        "# The file, and every directory on the way to it, must belong to this user or root and be",
+        "# writable by nobody else (as ssh's StrictModes); otherwise the plugin refuses to start.",
         "# Generated by kuiper_pool.config.render_defaults_yaml(): edit the registry, not this file.",
     ]
     section = None

@@ -42,7 +42,8 @@ def describe(config: Any, script_dir: str) -> NoReturn:
         plugin = None
     if plugin is not None:
         try:
-            report["start_method"] = load_settings(script_dir, plugin.settings).start_method
+            report["start_method"] = load_settings(script_dir, plugin.settings,
+                                                   known_symbols=plugin.symbol_names()).start_method
         except ConfigError as e:
             report["settings_error"] = str(e)
         for kind in KINDS:

@@ -9,7 +9,7 @@ from typing import Any, NoReturn
 
 from . import logs
 from .api import PluginConfig
-from .config import ConfigError, load_settings
+from .config import ConfigError, check_trusted, load_settings
 from .describe import DESCRIBE_ENV
 
 
@@ -24,7 +24,8 @@ def start(c: Any) -> NoReturn:
         describe(c, script_dir)  # prints the symbol table and exits
     try:
         plugin = PluginConfig.adopt(c)
-        settings = load_settings(script_dir, plugin.settings)
+        settings = load_settings(script_dir, plugin.settings, known_symbols=plugin.symbol_names())
+        check_trusted(settings.runtime_dir or tempfile.gettempdir(), "runtime_dir")
     except (ConfigError, ValueError) as e:
         print(f"kuiper_pool: cannot start: {e}", flush=True)
         sys.exit(2)
@@ -47,23 +48,38 @@ def _serve(plugin: PluginConfig, settings: Any, script_dir: str) -> int:
 
     _raise_fd_limit()
     rundir = tempfile.mkdtemp(prefix=f"{plugin.name}-", dir=private_base(settings.runtime_dir))
-    spawn_argv = None
+    spawn_argv, payload = None, -1
     if settings.start_method == "spawn":
-        import cloudpickle
-
-        payload = os.path.join(rundir, "plugin.pkl")
-        with open(os.open(payload, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as f:
-            cloudpickle.dump({"name": plugin.name, "sources": plugin.sources, "sinks": plugin.sinks,
-                              "functions": plugin.functions}, f)
+        payload = _spawn_payload(plugin)
         from . import interpreter
 
         # under kuiper-pool-python the plugin's modules import ekuiper: spawned workers too
         run = ["-m", "kuiper_pool.interpreter"] if interpreter.installed() else []
-        spawn_argv = [sys.executable, "-u", *run, "-m", "kuiper_pool.runtime.worker", payload,
+        spawn_argv = [sys.executable, "-u", *run, "-m", "kuiper_pool.runtime.worker", str(payload),
                       script_dir, settings.log_level]
     # The zygote must exist before any nng socket does (nng aborts forked children).
     zygote = Zygote(lambda link: worker.run(link, plugin), rundir, spawn_argv)
+    if payload >= 0:
+        os.close(payload)  # the zygote has it: spawned workers inherit it
     return Supervisor(plugin, settings, zygote).run()
+
+
+def _spawn_payload(plugin: PluginConfig) -> int:
+    """The cloudpickled factories in a sealed memfd that spawned workers inherit: no path
+    another user could reach, no bytes anyone can change after it is written."""
+    import fcntl
+
+    import cloudpickle
+
+    data = cloudpickle.dumps({"name": plugin.name, "sources": plugin.sources, "sinks": plugin.sinks,
+                              "functions": plugin.functions})
+    fd = os.memfd_create("kuiper_pool-plugin", os.MFD_ALLOW_SEALING)  # inheritable on purpose
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+    fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW
+                | fcntl.F_SEAL_SEAL)
+    return fd
 
 
 def _raise_fd_limit() -> None:

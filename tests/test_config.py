@@ -137,7 +137,7 @@ def test_bad_value_in_file_names_the_file(tmp_path):
     path = write(tmp_path / "kuiper_pool.yaml", "heartbeat_interval: -1\n")
     with pytest.raises(ConfigError) as e:
         load_settings(str(tmp_path), environ={})
-    assert str(e.value) == f"kuiper_pool config: heartbeat_interval must be a number > 0 (got -1 from {path})"
+    assert str(e.value) == f"kuiper_pool config: heartbeat_interval must be a number >= 0.05 and <= 3600 (got -1 from {path})"
 
 
 @pytest.mark.parametrize("key, text", [
@@ -294,7 +294,7 @@ def test_symbols_can_come_from_code_overrides():
 @pytest.mark.parametrize("symbols, message", [
     ({"heavy": {"log_level": "DEBUG"}}, "symbols.heavy.log_level is not a per-symbol setting"),
     ({"heavy": {"call_dedline": 3}}, "symbols.heavy.call_dedline is not a setting"),
-    ({"heavy": {"call_deadline": -1}}, "symbols.heavy.call_deadline must be a number > 0 (got -1"),
+    ({"heavy": {"call_deadline": -1}}, "symbols.heavy.call_deadline must be a number >= 0.01 and <= 86400 (got -1"),
     ({"heavy": 5}, "symbols.heavy must be a mapping of setting: value"),
     ([1], "symbols must be a mapping of symbol name to settings"),
     ({"heavy": {"restart_backoff_min": 20.0}},
@@ -304,3 +304,87 @@ def test_bad_symbol_settings_fail_in_one_line_naming_the_key_path(symbols, messa
     with pytest.raises(ConfigError) as e:
         load_settings(overrides={"symbols": symbols}, environ={})
     assert message in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"symbols": {"f": {"heartbeat_misses": int("9" * 401)}}},
+     "symbols.f.heartbeat_misses must be an integer >= 1 and <= 1000 (got 9999"),
+    ({"heartbeat_interval": 1e-6}, "heartbeat_interval must be a number >= 0.05 and <= 3600 (got 1e-06"),
+    ({"stop_grace": int("9" * 401)}, "stop_grace must be a number >= 0.01 and <= 3600"),
+    ({"sink_window": 10 ** 7}, "sink_window must be an integer >= 1 and <= 1000000"),
+])
+def test_every_number_has_sane_bounds_named_in_one_short_line(overrides, message):
+    with pytest.raises(ConfigError) as e:
+        load_settings(overrides=overrides, environ={})
+    assert_one_line(e.value, message)
+    assert len(str(e.value)) < 200
+
+
+def test_every_numeric_setting_has_an_upper_bound_in_the_defaults_file():
+    for s in SETTINGS:
+        if s.type in (int, float):
+            assert " and <= " in s.expected, s.name
+            assert f"Must be {s.expected}." in " ".join(render_defaults_yaml().replace("# ", "").split())
+
+
+def test_a_symbols_entry_must_name_a_symbol_of_the_plugin():
+    with pytest.raises(ConfigError) as e:
+        load_settings(overrides={"symbols": {"heavvy": {"call_deadline": 9}}}, environ={},
+                      known_symbols=["heavy", "light"])
+    assert_one_line(e.value, "symbols.heavvy names no symbol of the plugin (from overrides; it has "
+                             "heavy, light); did you mean heavy?")
+    with pytest.raises(ConfigError):
+        load_settings(overrides={"symbols": {"heavvy": {}}}, environ={}, known_symbols=["heavy"])
+    s = load_settings(overrides={"symbols": {"heavy": {"call_deadline": 9}}}, environ={},
+                      known_symbols=["heavy"])
+    assert s.for_symbol("heavy").call_deadline == 9.0
+
+
+OTHER_UID = 65534  # nobody
+needs_root = pytest.mark.skipif(os.getuid() != 0, reason="making files of another user needs root")
+
+
+@pytest.fixture
+def trusted(tmp_path):
+    """A directory only we can write, with a good settings file in it."""
+    good = write(tmp_path / "good.yaml", "call_deadline: 3\n")
+    return tmp_path, good
+
+
+def test_a_settings_file_reached_through_trusted_symlinks_is_read(trusted):
+    d, good = trusted
+    os.symlink(good, d / "link.yaml")
+    assert load_settings(environ={config.CONFIG_ENV: str(d / "link.yaml")}).call_deadline == 3.0
+
+
+@needs_root
+@pytest.mark.parametrize("setup, blamed", [
+    # the file another user owns, reached through a symlink
+    (lambda d: (os.chown(write(d / "theirs.yaml", "runtime_dir: /x\n"), OTHER_UID, OTHER_UID),
+                os.symlink(d / "theirs.yaml", d / "s.yaml")), "theirs.yaml belongs to uid 65534"),
+    # a file anyone can write
+    (lambda d: (os.chmod(write(d / "open.yaml", ""), 0o666), os.symlink(d / "open.yaml", d / "s.yaml")),
+     "open.yaml is writable by others (mode 0666)"),
+    # the symlink itself in a directory anyone can write: it can be swapped
+    (lambda d: ((d / "pub").mkdir(), os.chmod(d / "pub", 0o777), os.symlink(d / "good.yaml", d / "pub" / "l"),
+                os.symlink(d / "pub" / "l", d / "s.yaml")), "pub is writable by others (mode 0777)"),
+    # a directory on the way that another user owns
+    (lambda d: ((d / "their").mkdir(), write(d / "their" / "k.yaml", ""), os.chown(d / "their", OTHER_UID, 0),
+                os.symlink(d / "their" / "k.yaml", d / "s.yaml")), "their belongs to uid 65534"),
+])
+def test_a_settings_file_others_can_change_is_refused(trusted, setup, blamed):
+    d, _good = trusted
+    setup(d)
+    with pytest.raises(ConfigError) as e:
+        load_settings(environ={config.CONFIG_ENV: str(d / "s.yaml")})
+    assert_one_line(e.value, f"refusing settings file {d / 's.yaml'}: ", blamed)
+
+
+@needs_root
+def test_the_sticky_tmp_is_trusted_but_not_a_runtime_dir_of_another_user(tmp_path):
+    config.check_trusted("/tmp", "runtime_dir")
+    (tmp_path / "rt").mkdir()
+    os.chown(tmp_path / "rt", OTHER_UID, OTHER_UID)
+    with pytest.raises(ConfigError) as e:
+        config.check_trusted(str(tmp_path / "rt"), "runtime_dir")
+    assert_one_line(e.value, "refusing runtime_dir", "belongs to uid 65534")

@@ -324,6 +324,21 @@ def test_no_fd_for_a_restart_backs_off_instead_of_failing_everything():
     assert inst.state == STARTING and len(fx.workers) == 2
 
 
+def test_a_fork_the_zygote_could_not_make_refuses_the_first_start_and_backs_off_a_restart():
+    eagain = OSError(errno.EAGAIN, "cannot fork: " + os.strerror(errno.EAGAIN))
+    inst, fx, answers = make()
+    inst.on_refused(fx.workers[0], eagain)
+    assert answers == [b"plugin plug sink sym rule rule1 op op1 instance 0: cannot start a worker: "
+                       b"cannot fork: Resource temporarily unavailable"]
+    assert inst.state == REMOVED
+    inst, fx, answers = running()
+    inst.on_exit(fx.workers[0], KILLED)
+    inst.on_refused(fx.workers[1], eagain)
+    assert inst.state == BACKOFF and "cannot fork" in inst.last_error and answers == [wire.OK]
+    inst.on_refused(fx.workers[0], eagain)      # about a worker long gone: nothing
+    assert inst.state == BACKOFF
+
+
 def test_eKuiper_channel_that_cannot_be_opened_refuses_the_start():  # noqa: N802
     inst, fx, answers = make()
     fx.route_error = TransportError("cannot listen on ipc:///tmp/x.ipc: Address in use")

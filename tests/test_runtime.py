@@ -457,11 +457,14 @@ def test_factories_that_are_lambdas_and_closures_work(tmp_path, names, host_runs
     for pid in pids:
         spawned = "kuiper_pool.runtime.worker" in psutil.Process(pid).cmdline()
         assert spawned == (start_method == "spawn"), psutil.Process(pid).cmdline()
-    if start_method == "spawn":  # the factories travel in a private file, never over a socket
+    if start_method == "spawn":  # the factories travel in an inherited sealed memfd: no path
         (rundir,) = glob.glob(os.path.join(runtime_base(), f"{n.plugin}-*"))
-        payload = os.path.join(rundir, "plugin.pkl")
-        assert stat.S_IMODE(os.stat(payload).st_mode) == 0o600
-        assert payload in psutil.Process(msg["pid"]).cmdline()
+        assert not glob.glob(os.path.join(rundir, "*.pkl"))
+        args = psutil.Process(msg["pid"]).cmdline()
+        payload = args[args.index("kuiper_pool.runtime.worker") + 1]
+        assert payload.isdigit()
+        fds = [os.readlink(f"/proc/{msg['pid']}/fd/{fd}") for fd in os.listdir(f"/proc/{msg['pid']}/fd")]
+        assert not [f for f in fds if "kuiper_pool-plugin" in f]  # closed once read
 
 
 PRINTING_SOURCE = '''

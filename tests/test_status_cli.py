@@ -13,6 +13,7 @@ import signal
 import socket
 import stat
 import subprocess
+import sys
 import threading
 import urllib.error
 import urllib.request
@@ -24,7 +25,7 @@ import pytest
 from conftest import kuiper_pool_cli, kuiper_pool_command, wait_until
 from kuiper_pool import paths
 from kuiper_pool.runtime import status
-from plugins import COUNTING_SOURCE, MODE_FUNCTION, RECORDING_SINK, make_plugin, read_jsonl, runtime_base
+from plugins import COUNTING_SOURCE, MODE_FUNCTION, RECORDING_SINK, REPO, make_plugin, read_jsonl, runtime_base
 
 FAST = {"heartbeat_interval": 0.1, "sample_interval": 0.1, "restart_backoff_initial": 0.0,
         "restart_backoff_min": 0.1, "restart_jitter": 0.0, "stop_grace": 1.0}
@@ -347,3 +348,27 @@ def test_version_names_the_package_version():
 
     proc = kuiper_pool_cli("--version")
     assert proc.returncode == 0 and proc.stdout.strip() == f"kuiper-pool {kuiper_pool.__version__}"
+
+
+def test_restart_with_an_empty_or_non_string_symbol_restarts_nothing(tmp_path, unique, host_runs):
+    pd = make_plugin(str(tmp_path), f"kp{unique}", functions={f"fn{unique}": MODE_FUNCTION})
+    host = host_runs.launch(pd)
+    fn = host.start_function(f"fn{unique}")
+    pid = fn.exec(["pid"])["result"]
+    proc = kuiper_pool_cli("restart", f"kp{unique}", "")
+    assert proc.returncode == 1 and "restart needs a symbol name or none (got '')" in proc.stderr
+    answer = status.request(f"kp{unique}", {"cmd": "restart", "symbol": 5})
+    assert answer == {"error": "restart needs a symbol name or none (got 5)"}
+    assert fn.exec(["pid"])["result"] == pid
+    assert status.query(f"kp{unique}")["instances"][0]["restarts"] == 0
+
+
+def test_a_symbols_entry_for_a_symbol_the_plugin_lacks_stops_the_start(tmp_path, unique):
+    pd = make_plugin(str(tmp_path), f"kp{unique}", functions={f"heavy{unique}": MODE_FUNCTION},
+                     yaml_settings={"symbols": {f"heavvy{unique}": {"call_deadline": 10}}})
+    proc = subprocess.run([sys.executable, "main.py"], cwd=pd, stdout=subprocess.PIPE, text=True,
+                          timeout=60, env={**os.environ, "PYTHONPATH": REPO})
+    assert proc.returncode == 2
+    assert proc.stdout.strip().splitlines() == [
+        f"kuiper_pool: cannot start: kuiper_pool config: symbols.heavvy{unique} names no symbol of the "
+        f"plugin (from {pd}/kuiper_pool.yaml; it has heavy{unique}); did you mean heavy{unique}?"]

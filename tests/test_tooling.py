@@ -462,7 +462,7 @@ BROKEN = {
     "bad settings key": ({"yaml_settings": {"heartbeat_intervall": 0.1}}, None,
                          "kuiper_pool.yaml: kuiper_pool config: unknown setting heartbeat_intervall"),
     "bad settings in code": ({"settings": {"call_deadline": -1}}, None,
-                             "settings: kuiper_pool config: call_deadline must be a number > 0"),
+                             "settings: kuiper_pool config: call_deadline must be a number >= 0.01"),
     "config name differs": ({}, lambda d, u: edit(os.path.join(d, "main.py"), f"PluginConfig('kp{u}'",
                                                   f"PluginConfig('other{u}'"),
                             "PluginConfig: name 'other{u}' differs from kp{u}.json"),

@@ -9,9 +9,18 @@ connection and the supervisor recognises it), ``done`` (calls answered) and ``fa
 (answered with state false). The writer stores ``started``/``crc`` before ``state``;
 the reader confirms a deadline on two ticks with the same ``seq`` before acting, so a torn
 read can delay a verdict but never cause one.
+
+The worker's plugin code can reach the page (its fd is in ``/proc/self/fd``), so the page is
+sealed against shrinking and growing: an ``ftruncate`` fails with EPERM instead of making the
+supervisor's next read a SIGBUS. What plugin code may write into it is only ever read as
+numbers: an unknown state reads as IDLE and a ``started`` that is not finite as 0 (no call),
+so garbage can at most hide that worker's own calls from ``call_deadline`` (the heartbeat
+check still applies), never raise in the supervisor.
 """
 from __future__ import annotations
 
+import fcntl
+import math
 import mmap
 import os
 import struct
@@ -33,9 +42,15 @@ class CallState(NamedTuple):
 
 
 def create() -> int:
-    """A new zeroed page as an fd (memfd: no path, passed to the worker with SCM_RIGHTS)."""
-    fd = os.memfd_create("kuiper_pool-calls", os.MFD_CLOEXEC)
-    os.ftruncate(fd, SIZE)
+    """A new zeroed page as an fd (memfd: no path, passed to the worker with SCM_RIGHTS),
+    sealed at its size: nobody can shrink it under the supervisor's mapping."""
+    fd = os.memfd_create("kuiper_pool-calls", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    try:
+        os.ftruncate(fd, SIZE)
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL)
+    except OSError:
+        os.close(fd)
+        raise
     return fd
 
 
@@ -69,7 +84,10 @@ class CallPage:
 
     # supervisor side
     def read(self) -> CallState:
-        return CallState(*_LAYOUT.unpack_from(self.map, 0))
+        st = CallState(*_LAYOUT.unpack_from(self.map, 0))
+        if st.state not in (IDLE, EXECUTING, REPLYING) or not math.isfinite(st.started):
+            return st._replace(state=IDLE, started=0.0)
+        return st
 
     def close(self) -> None:
         self.map.close()

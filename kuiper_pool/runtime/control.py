@@ -92,7 +92,9 @@ class Commands:
             return snapshot(self.sup)
         if req.get("cmd") == "restart":
             symbol = req.get("symbol")
-            return {"lines": self.restart(symbol if isinstance(symbol, str) and symbol else None)}
+            if symbol is not None and not (isinstance(symbol, str) and symbol):  # not "all"
+                return {"error": f"restart needs a symbol name or none (got {symbol!r})"}
+            return {"lines": self.restart(symbol)}
         return {"error": f"unknown request {req.get('cmd')!r}"}
 
     def restart(self, symbol: Optional[str]) -> List[str]:

@@ -23,7 +23,7 @@ from . import forensics, frames
 from .callpage import CallPage
 from .health import Vitals
 from .marks import CollectMark
-from .protocol import ZYGOTE_EXITED, ZYGOTE_STARTED, StartSpec
+from .protocol import ZYGOTE_EXITED, ZYGOTE_REFUSED, ZYGOTE_STARTED, StartSpec
 from .routes.function import FunctionChannel, Handoff
 from .zygote import Zygote
 
@@ -174,9 +174,11 @@ class LoopEffects:
                 self.guarded("started", entry[1], entry[1].on_started, entry[0], ev["pid"])
             elif ev["op"] == ZYGOTE_EXITED:
                 self.on_exit(entry, ev["status"])
+            elif ev["op"] == ZYGOTE_REFUSED:  # the zygote could not fork it: as if spawn had raised
+                self.on_exit(entry, 0, OSError(ev["errno"], f"cannot fork: {ev['error']}"))
         return True
 
-    def on_exit(self, entry: Entry, status: int) -> None:
+    def on_exit(self, entry: Entry, status: int, refused: Optional[OSError] = None) -> None:
         w, inst, link = entry
         del self.workers[w.wid]
         self.procs.pop(w.wid, None)
@@ -188,7 +190,11 @@ class LoopEffects:
         finally:
             self.unregister(link.fileno())
             link.close()
-        self.guarded("exit", inst, inst.on_exit, w, status)
+        if refused is not None:
+            self.guarded("refused", inst, inst.on_refused, w, refused)
+        else:
+            self.guarded("exit", inst, inst.on_exit, w, status)
+        forensics.discard(forensics.dump_path(self.zygote.rundir, w.wid))  # its instance may be gone
 
     def proc(self, w: WorkerHandle) -> Any:
         """psutil's handle of a worker (psutil is imported only when a figure is needed)."""

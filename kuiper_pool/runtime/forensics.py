@@ -41,10 +41,18 @@ def read(path: str) -> str:
     try:
         with open(path, encoding="utf-8", errors="replace") as f:
             text = f.read()
-        os.unlink(path)
     except OSError:
         return ""
+    discard(path)
     return text
+
+
+def discard(path: str) -> None:
+    """Remove a worker's dump nobody will read (its instance is gone, or it was read)."""
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
 
 
 def user_frames(dump: str, limit: int = 3) -> str:

@@ -194,6 +194,12 @@ class Instance:
         else:
             self._crashed(None, "not started", text)
 
+    def on_refused(self, w: WorkerHandle, error: OSError) -> None:
+        """The zygote could not make worker ``w`` (fork failed)."""
+        if self._current(w):
+            self.worker = None
+            self._cannot_spawn(error)
+
     def on_started(self, w: WorkerHandle, pid: int) -> None:
         if self._current(w):
             w.pid = pid

@@ -22,9 +22,11 @@ ZYGOTE_START = "start"
 ZYGOTE_KILL = "kill"
 ZYGOTE_OWN = "own"
 ZYGOTE_DISOWN = "disown"
-# zygote -> supervisor: {"op": ZYGOTE_STARTED, "wid", "pid"}, {"op": ZYGOTE_EXITED, "wid", "pid", "status"}
+# zygote -> supervisor: {"op": ZYGOTE_STARTED, "wid", "pid"}, {"op": ZYGOTE_EXITED, "wid", "pid", "status"},
+# {"op": ZYGOTE_REFUSED, "wid", "errno", "error"} (the fork failed: at the process limit, no memory)
 ZYGOTE_STARTED = "started"
 ZYGOTE_EXITED = "exited"
+ZYGOTE_REFUSED = "refused"
 
 # a function reply whose "state" is false, whatever the encoder's spacing
 _ERROR_REPLY = re.compile(rb'\s*\{\s*"state"\s*:\s*false\b')

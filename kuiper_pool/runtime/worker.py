@@ -16,7 +16,7 @@ import sys
 import threading
 import time
 import traceback
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Set, Tuple
 
 from .. import logs, wire
 from . import frames
@@ -35,15 +35,75 @@ EXIT_CONFIGURE = 3    # configure or the factory failed; READY carried the error
 EXIT_ORPHAN = 4       # the supervisor went away
 EXIT_CRASH = 70       # plugin code raised; FAULT carried the error
 EXIT_RECYCLED = frames.EXIT_RECYCLED  # served max_calls on a lent connection
+EXIT_FORKED = 1       # a process forked by plugin code came back into kuiper_pool's code
 SEND_POLL = 0.1       # how often a blocked emit re-checks for stop
 DONE_EVERY = 32       # sink progress is reported at least this often
+
+
+class ForkGuard:
+    """eKuiper's channels, the call page and the link belong to the worker process alone.
+
+    A process that plugin code forks inherits them; if its code returns instead of ending
+    with ``os._exit`` (a library whose child raises, a forgotten ``_exit``), it would run the
+    worker's loop: read the worker's frames, answer eKuiper's calls, write the page. At fork
+    the child's copies of the link and of a lent connection become /dev/null and its page
+    mapping is closed; the first time it reaches kuiper_pool's code it exits with one line.
+    """
+
+    def __init__(self) -> None:
+        self.pid = os.getpid()
+        self.forked = False  # set in a forked child: a flag test, not a getpid per emitted item
+        self.fds: Set[int] = set()
+        self.page: Optional[CallPage] = None
+        self.where = ""
+        self.log = logs.supervisor_logger()  # the instance's, once the worker knows it
+        os.register_at_fork(after_in_child=self.after_fork_in_child)
+
+    def after_fork_in_child(self) -> None:
+        self.forked = True
+        null = os.open(os.devnull, os.O_RDWR)
+        for fd in self.fds:  # the numbers stay taken: nothing of the child's can reuse them
+            try:
+                os.dup2(null, fd)
+            except OSError:
+                pass
+        os.close(null)
+        if self.page is not None:
+            self.page.close()
+
+    def check(self) -> None:
+        """Exit at once in a process forked by plugin code; nothing in the worker itself."""
+        if self.forked:
+            self.log.error(
+                "%s: a process forked by plugin code (pid %d, from worker pid %d) returned into "
+                "the worker instead of exiting; it exits now", self.where, os.getpid(), self.pid)
+            sys.stdout.flush()
+            os._exit(EXIT_FORKED)
+
+
+class GuardedLink(frames.BlockingLink):
+    """The worker's link, usable by the worker process alone (see :class:`ForkGuard`)."""
+
+    def __init__(self, sock: socket.socket, guard: ForkGuard) -> None:
+        super().__init__(sock)
+        self.guard = guard
+        guard.fds.add(sock.fileno())
+
+    def send(self, frame: bytes) -> None:
+        self.guard.check()
+        super().send(frame)
+
+    def recv(self) -> Optional[Tuple[int, bytes]]:
+        self.guard.check()
+        return super().recv()
 
 
 class Worker:
     """State shared by the runner and the heartbeat thread."""
 
-    def __init__(self, link: frames.BlockingLink, plugin: PluginConfig, spec: StartSpec) -> None:
+    def __init__(self, link: GuardedLink, plugin: PluginConfig, spec: StartSpec) -> None:
         self.link = link
+        self.guard = link.guard
         self.plugin = plugin
         self.ctrl = spec.control
         self.spec = spec
@@ -53,6 +113,7 @@ class Worker:
         self.stopped = threading.Event()
         self.log = logs.instance_logger(self.ctrl.symbol, self.ctrl.rule_id or None,
                                         self.ctrl.op_id, self.ctrl.instance_id)
+        self.guard.where, self.guard.log = self.where(), self.log
 
     def where(self) -> str:
         return f"plugin {self.plugin.name} {self.ctrl.describe()}"
@@ -85,14 +146,18 @@ class Worker:
 
 def run(link_sock: socket.socket, plugin: PluginConfig) -> int:
     """Serve one instance over ``link_sock``; return the exit code."""
-    link = frames.BlockingLink(link_sock)
+    link = GuardedLink(link_sock, ForkGuard())
     first = link.recv()
     if first is None or first[0] != frames.START:
         return EXIT_ORPHAN
     spec = StartSpec.decode(first[1])
-    if spec.dump_path:
-        forensics.install(spec.dump_path)
     worker = Worker(link, plugin, spec)
+    if spec.dump_path:
+        try:
+            forensics.install(spec.dump_path)
+        except OSError as e:  # a nicety: the worker serves without it
+            worker.log.warning("%s: no stack dump on a crash or hang: cannot create %s: %s",
+                               worker.where(), spec.dump_path, e.strerror or e)
     threading.Thread(target=worker.heartbeat, args=(spec.heartbeat_interval, os.getppid()),
                      daemon=True, name="kuiper_pool-heartbeat").start()
     factory = plugin.get(worker.ctrl.plugin_type, worker.ctrl.symbol)
@@ -141,6 +206,7 @@ def run_source(worker: Worker, source: Any) -> int:
     ctx: WorkerContext
 
     def send(data: bytes) -> None:
+        worker.guard.check()
         while True:  # back-pressure without loss, yet a stop is noticed within SEND_POLL
             try:
                 push.send(data)
@@ -162,6 +228,7 @@ def run_source(worker: Worker, source: Any) -> int:
             return worker.fault("open", e)
     finally:
         opened.set()
+    worker.guard.check()
     if not ctx.closing:
         worker.log.info("%s: open returned; the source has ended", worker.where())
     return EXIT_OK
@@ -224,6 +291,7 @@ def run_sink(worker: Worker, sink: Any) -> int:
                 if done > reported:
                     worker.link.send(frames.encode_seq(frames.DONE, done))
                 return worker.fault("collect", e)
+            worker.guard.check()  # the rest of the batch is the worker's alone
             worker.busy_since = 0.0
             current[1] = seq
             worker.processed += 1
@@ -247,6 +315,7 @@ def run_function(worker: Worker, function: Any) -> int:
     """Serve calls: on eKuiper's connection itself when the supervisor lends it (CONN),
     else relayed over the link (CALL/REPLY)."""
     page = CallPage(worker.link.fds.popleft()) if worker.spec.page else None
+    worker.guard.page = page
     worker.ready(None)
     contexts: Dict[Tuple[Any, ...], WorkerContext] = {}
     conn: Any = None
@@ -262,6 +331,7 @@ def run_function(worker: Worker, function: Any) -> int:
                     calls = conn.recv_ready()
                 except OSError:  # eKuiper closed it: the supervisor dials again and lends anew
                     poller.unregister(conn.fileno())
+                    worker.guard.fds.discard(conn.fileno())
                     conn.close()
                     conn = None
                     worker.link.send(frames.encode(frames.LOST))
@@ -281,6 +351,7 @@ def run_function(worker: Worker, function: Any) -> int:
             conn = ReqConnection(socket.socket(fileno=worker.link.fds.popleft()),
                                  head["request_id"], buffered)
             poller.register(conn.fileno(), select.POLLIN)
+            worker.guard.fds.add(conn.fileno())
             owed = (head["owed_crc"], head["owed_error"]) if head["owed_error"] else None
             if call is not None:
                 _serve_lent(worker, function, contexts, page, conn, call, owed)
@@ -306,6 +377,7 @@ def _serve_lent(worker: Worker, function: Any, contexts: Dict[Tuple[Any, ...], W
         reply = wire.func_error(owed[1])
     else:
         reply = call_function(worker, function, contexts, call)
+    worker.guard.check()
     if page is not None:
         page.replying()
     conn.send(reply)
@@ -350,14 +422,22 @@ def call_function(worker: Worker, function: Any, contexts: Dict[Tuple[Any, ...],
 # --- spawn start method ----------------------------------------------------------------
 
 def spawn_main(argv: list) -> int:
-    """``python -m kuiper_pool.runtime.worker <payload> <script_dir> <log_level> <fd>``: load the
-    cloudpickled factories from the supervisor's private file (never from a socket), serve."""
+    """``python -m kuiper_pool.runtime.worker <payload fd> <script_dir> <log_level> <link fd>``:
+    load the cloudpickled factories from the sealed memfd the supervisor wrote and every
+    spawned worker inherits (never a path, never a socket), serve."""
     import cloudpickle
 
-    payload, script_dir, level, fd = argv[1], argv[2], argv[3], int(argv[4])
+    payload, script_dir, level, fd = int(argv[1]), argv[2], argv[3], int(argv[4])
     sys.path.insert(0, script_dir)
-    with open(payload, "rb") as f:
-        plugin = PluginConfig(**cloudpickle.load(f))
+    size, chunks, offset = os.fstat(payload).st_size, [], 0
+    while offset < size:  # pread: the fd's offset is shared with every other spawned worker
+        chunk = os.pread(payload, size - offset, offset)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        offset += len(chunk)
+    os.close(payload)
+    plugin = PluginConfig(**cloudpickle.loads(b"".join(chunks)))
     logs.setup(plugin.name, level)
     return run(socket.socket(fileno=fd), plugin)
 

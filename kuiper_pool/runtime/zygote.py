@@ -36,8 +36,8 @@ import time
 from typing import Callable, Dict, List, Optional, Tuple
 
 from ..paths import identity, unlink_if_ours
-from .protocol import (ZYGOTE_DISOWN, ZYGOTE_EXITED, ZYGOTE_KILL, ZYGOTE_OWN, ZYGOTE_START,
-                       ZYGOTE_STARTED)
+from .protocol import (ZYGOTE_DISOWN, ZYGOTE_EXITED, ZYGOTE_KILL, ZYGOTE_OWN, ZYGOTE_REFUSED,
+                       ZYGOTE_START, ZYGOTE_STARTED)
 
 PR_SET_PDEATHSIG = 1
 PR_SET_CHILD_SUBREAPER = 36
@@ -223,10 +223,15 @@ class _Zygote:
     def apply(self, req: dict, fds: List[int]) -> None:
         op = req.get("op")
         if op == ZYGOTE_START and fds and not self.leaving:
-            pid = _fork_worker(self, fds[0])
-            self.workers[pid] = req["wid"]
-            self.by_wid[req["wid"]] = pid
-            self.report({"op": ZYGOTE_STARTED, "wid": req["wid"], "pid": pid})
+            try:
+                pid = _fork_worker(self, fds[0])
+            except OSError as e:  # at the process limit (pids.max, RLIMIT_NPROC), out of memory
+                self.report({"op": ZYGOTE_REFUSED, "wid": req["wid"], "errno": e.errno,
+                             "error": e.strerror or str(e)})
+            else:
+                self.workers[pid] = req["wid"]
+                self.by_wid[req["wid"]] = pid
+                self.report({"op": ZYGOTE_STARTED, "wid": req["wid"], "pid": pid})
         elif op == ZYGOTE_KILL:
             pid = self.by_wid.get(req["wid"])
             if pid is not None:
