@@ -5,7 +5,7 @@ import json
 import os
 import sys
 import tempfile
-from typing import Any, NoReturn
+from typing import Any, List, NoReturn
 
 from . import logs
 from .api import PluginConfig
@@ -43,12 +43,14 @@ def _serve(plugin: PluginConfig, settings: Any, script_dir: str) -> int:
     from .runtime import worker
     from .runtime.status import private_base
     from .runtime.supervisor import Supervisor
-    from .runtime.zygote import Zygote
+    from .runtime.zygote import Zygote, other_threads
 
     _raise_fd_limit()
     rundir = tempfile.mkdtemp(prefix=f"{plugin.name}-", dir=private_base(settings.runtime_dir))
+    exec_all = _exec_workers(plugin.name, settings.start_method, other_threads())
+    symbol_env = settings.symbol_env()
     spawn_argv = None
-    if settings.start_method == "spawn":
+    if exec_all or symbol_env:
         import cloudpickle
 
         payload = os.path.join(rundir, "plugin.pkl")
@@ -58,8 +60,22 @@ def _serve(plugin: PluginConfig, settings: Any, script_dir: str) -> int:
         spawn_argv = [sys.executable, "-u", "-m", "kuiper_pool.runtime.worker", payload, script_dir,
                       settings.log_level]
     # The zygote must exist before any nng socket does (nng aborts forked children).
-    zygote = Zygote(lambda link: worker.run(link, plugin), rundir, spawn_argv)
+    zygote = Zygote(lambda link: worker.run(link, plugin), rundir, spawn_argv, exec_all,
+                    settings.thread_env(), symbol_env)
     return Supervisor(plugin, settings, zygote).run()
+
+
+def _exec_workers(name: str, start_method: str, threads: List[str]) -> bool:
+    """Whether every worker execs: ``spawn``, or ``auto`` with threads alive (forking a
+    process with threads can deadlock the child on a lock one of them held)."""
+    if threads:
+        choice = ("workers are forked anyway (start_method: fork)" if start_method == "fork" else
+                  "workers are started with exec and import the plugin afresh (set start_method: "
+                  "fork to fork anyway)" if start_method == "auto" else "workers are started with exec")
+        logs.supervisor_logger().warning(
+            "plugin %s: %d thread(s) alive besides the main one before forking: %s; %s",
+            name, len(threads), "; ".join(threads), choice)
+    return start_method == "spawn" or (start_method == "auto" and bool(threads))
 
 
 def _raise_fd_limit() -> None:
