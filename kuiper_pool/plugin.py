@@ -5,7 +5,7 @@ import json
 import os
 import sys
 import tempfile
-from typing import Any, List, NoReturn
+from typing import Any, NoReturn, Tuple
 
 from . import logs
 from .api import PluginConfig
@@ -65,17 +65,18 @@ def _serve(plugin: PluginConfig, settings: Any, script_dir: str) -> int:
     return Supervisor(plugin, settings, zygote).run()
 
 
-def _exec_workers(name: str, start_method: str, threads: List[str]) -> bool:
+def _exec_workers(name: str, start_method: str, threads: Tuple[int, str]) -> bool:
     """Whether every worker execs: ``spawn``, or ``auto`` with threads alive (forking a
     process with threads can deadlock the child on a lock one of them held)."""
-    if threads:
+    count, which = threads
+    if count:
         choice = ("workers are forked anyway (start_method: fork)" if start_method == "fork" else
                   "workers are started with exec and import the plugin afresh (set start_method: "
                   "fork to fork anyway)" if start_method == "auto" else "workers are started with exec")
         logs.supervisor_logger().warning(
             "plugin %s: %d thread(s) alive besides the main one before forking: %s; %s",
-            name, len(threads), "; ".join(threads), choice)
-    return start_method == "spawn" or (start_method == "auto" and bool(threads))
+            name, count, which, choice)
+    return start_method == "spawn" or (start_method == "auto" and count > 0)
 
 
 def _raise_fd_limit() -> None:

@@ -350,7 +350,10 @@ def spawn_main(argv: list) -> int:
     with open(payload, "rb") as f:
         plugin = PluginConfig(**cloudpickle.load(f))
     logs.setup(plugin.name, level)
-    return run(socket.socket(fileno=fd), plugin)
+    try:
+        return run(socket.socket(fileno=fd), plugin)
+    except ConnectionError:  # the supervisor went away, as a forked worker's zygote reports it
+        return EXIT_ORPHAN
 
 
 if __name__ == "__main__":

@@ -70,17 +70,18 @@ def describe_status(status: int) -> str:
 WorkerMain = Callable[[socket.socket], int]
 
 
-def other_threads() -> List[str]:
-    """The threads of this process besides the calling one, described for a log line:
+def other_threads() -> Tuple[int, str]:
+    """How many threads this process has besides the calling one, and which, for a log line:
     Python threads by name, native ones (BLAS, OpenMP, ONNX Runtime pools) by their kernel
     name, with the thread pools threadpoolctl sees when it is installed."""
     try:
         tids = [int(t) for t in os.listdir("/proc/self/task")]
     except OSError:  # not Linux: Python's own threads only
-        tids = []
+        tids = [t.native_id for t in threading.enumerate() if t.native_id is not None]
     me = threading.get_native_id()
     named = {t.native_id: t.name for t in threading.enumerate() if t.native_id not in (None, me)}
-    out = [f"{name} (Python)" for name in named.values()]
+    python = [name for tid, name in named.items() if tid in tids]
+    parts = [f"{name!r} (Python)" for name in python]
     native: Dict[str, int] = {}
     for tid in tids:
         if tid == me or tid in named:
@@ -91,16 +92,17 @@ def other_threads() -> List[str]:
         except OSError:
             continue  # ended meanwhile
         native[comm] = native.get(comm, 0) + 1
-    out += [f"{n} native {comm!r}" for comm, n in native.items()]
+    parts += [f"{n} native {comm!r}" for comm, n in native.items()]
     if native:
         try:
             from threadpoolctl import threadpool_info
-            pools = ", ".join(f"{p['internal_api']} {p['num_threads']} threads" for p in threadpool_info())
+            pools = ", ".join(f"{p['internal_api']} ({p['prefix']}) {p['num_threads']} threads"
+                              for p in threadpool_info())
         except Exception:  # noqa: BLE001 - not installed or cannot inspect: the counts remain
             pools = ""
         if pools:
-            out.append(f"thread pools loaded: {pools}")
-    return out
+            parts.append(f"thread pools loaded: {pools}")
+    return len(python) + sum(native.values()), "; ".join(parts)
 
 
 class Zygote:
