@@ -20,7 +20,8 @@ from typing import Any, Dict, List
 import pytest
 
 for _lib in ("numpy", "cv2", "sklearn", "onnxruntime", "threadpoolctl"):
-    pytest.importorskip(_lib, reason=f"{_lib} has no wheel installed for Python {sys.version.split()[0]}")
+    pytest.importorskip(_lib, reason=f"{_lib} is not installed for Python {sys.version.split()[0]} "
+                               f"(the ml-test extra; skipped where it has no wheel)")
 
 from conftest import wait_until  # noqa: E402
 from kuiper_pool.runtime import status  # noqa: E402
