@@ -11,7 +11,6 @@ library, where a library has no wheel for this Python.
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import sys
 import threading
@@ -25,20 +24,12 @@ for _lib in ("numpy", "cv2", "sklearn", "onnxruntime", "threadpoolctl"):
 
 from conftest import wait_until  # noqa: E402
 from kuiper_pool.runtime import status  # noqa: E402
+from side_by_side import REPO, RUNTIMES, copy_example  # noqa: E402
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLE = os.path.join(REPO, "examples", "mlinfer")
 FUNCTIONS = ("features", "classify", "infer", "score", "score_batch")
 
-MAIN = '''
-import os, sys
-if os.environ["ML_RUNTIME"] == "official":
-    from ekuiper import Function, PluginConfig, plugin
-else:
-    from kuiper_pool import Function, PluginConfig, plugin
-import mlinfer
-
-
+PROBE = '''
 class Probe(Function):
     """exec() -> this worker's pid and the thread counts of its loaded OpenBLAS pools."""
 
@@ -54,30 +45,15 @@ class Probe(Function):
         return False
 
 
-if __name__ == "__main__":
-    prefix = os.environ["ML_PREFIX"]
-    table = dict(mlinfer.FUNCTIONS, probe=Probe, probe_env=Probe)
-    plugin.start(PluginConfig(os.environ["ML_PLUGIN"], {}, {},
-                              {prefix + k: (lambda c=c: c()) for k, c in table.items()}))
+EXTRA_FUNCTIONS = {"probe": Probe, "probe_env": Probe}
 '''
-
-
-def _plugin(root: str, name: str, prefix: str) -> str:
-    d = os.path.join(root, name)
-    shutil.copytree(EXAMPLE, d)
-    os.remove(os.path.join(d, "mlinfer.json"))
-    with open(os.path.join(d, "main.py"), "w") as f:
-        f.write(MAIN)
-    symbols = [prefix + s for s in FUNCTIONS + ("probe", "probe_env")]
-    with open(os.path.join(d, name + ".json"), "w") as f:
-        f.write('{"version": "v1.0.0", "language": "python", "executable": "main.py", '
-                '"sources": [], "sinks": [], "functions": %s}' % str(symbols).replace("'", '"'))
-    with open(os.path.join(d, "kuiper_pool.yaml"), "w") as f:
-        f.write(f"symbols:\n"
-                f"  {prefix}infer: {{env: {{OMP_NUM_THREADS: '1'}}}}\n"
-                f"  {prefix}classify: {{max_calls: 4}}\n"
-                f"  {prefix}probe_env: {{env: {{OPENBLAS_NUM_THREADS: '2'}}}}\n")
-    return d
+# an exec'd replacement imports scikit-learn and ONNX Runtime afresh (seconds on a busy box):
+# a call waiting for it is bounded by call_deadline
+SETTINGS = """symbols:
+  {p}infer: {env: {OMP_NUM_THREADS: '1'}, call_deadline: 30}
+  {p}classify: {max_calls: 4, call_deadline: 30}
+  {p}probe_env: {env: {OPENBLAS_NUM_THREADS: '2'}}
+"""
 
 
 def _frames(n: int) -> List[str]:
@@ -142,12 +118,11 @@ def test_ml_functions_equal_the_official_sdk_through_parallel_calls_a_crash_and_
         tmp_path, unique, host_runs):
     frames = _frames(10)
     runs = {}
-    for runtime in ("official", "kuiper_pool"):
-        name, prefix = f"ml{runtime[:2]}{unique}", f"{runtime[:2]}{unique}_"
-        d = _plugin(str(tmp_path), name, prefix)
-        host = host_runs.launch(d, env={"ML_RUNTIME": runtime, "ML_PLUGIN": name, "ML_PREFIX": prefix},
-                                recv_timeout=60.0)
-        runs[runtime] = _run(host, prefix, frames, name if runtime == "kuiper_pool" else "")
+    for runtime in RUNTIMES:
+        d, env, prefix = copy_example("mlinfer", str(tmp_path), runtime, unique, extra=PROBE,
+                                      extra_functions=("probe", "probe_env"), settings=SETTINGS)
+        host = host_runs.launch(d, env=env, recv_timeout=60.0)
+        runs[runtime] = _run(host, prefix, frames, env["KP_PLUGIN"] if runtime == "kuiper_pool" else "")
         if runtime == "kuiper_pool":
             probe = {s: _ok(host.start_function(prefix + s).exec([], rule="ml")) for s in ("probe", "probe_env")}
         host.close()
