@@ -54,7 +54,9 @@ class FileTail(Source):
         self.conf = {}
 
     def configure(self, datasource, conf):
-        self.conf = dict(conf, path=conf.get("path") or datasource)
+        # eKuiper 2.x passes the stream's DATASOURCE in conf["datasource"] (the official SDK
+        # hands ``datasource`` over empty)
+        self.conf = dict(conf, path=conf.get("path") or conf.get("datasource") or datasource)
         if not self.conf["path"]:
             raise ValueError("file_tail needs a path (config path or the stream's DATASOURCE)")
 
