@@ -98,7 +98,7 @@ class Sizes:
     big_items: Tuple[int, int]  # sink items and function calls of 1 MiB, of 8 MiB
 
 
-FULL = Sizes(0.3, 2.0, 100_000, 20000, 3000, 2.0, 3.0, 200_000, (1, 10, 50), 1.0, 5, 5000, (200, 30))
+FULL = Sizes(0.3, 2.0, 100_000, 20000, 3000, 2.0, 3.0, 200_000, (1, 50, 500), 1.0, 5, 5000, (200, 30))
 SMOKE = Sizes(0.05, 0.25, 2000, 300, 100, 0.25, 0.5, 50_000, (1, 2), 0.1, 2, 200, (4, 2))
 # Images travel as base64 JSON: the big-payload rows' sizes (label -> bytes of the payload)
 BIG = (("1m", 1 << 20), ("8m", 8 << 20))
@@ -121,7 +121,7 @@ class Session:
         self.dir = os.path.join(root, self.name)
         os.makedirs(self.dir)
         shutil.copy(PLUGIN_MAIN, os.path.join(self.dir, "main.py"))
-        functions = [self.name + k for k in ("noop", "burna", "burnb")] + \
+        functions = [self.name + k for k in ("noop", "nbytes", "burna", "burnb")] + \
             [f"{self.name}pid{i}" for i in range(pid_symbols)]
         with open(os.path.join(self.dir, self.name + ".json"), "w") as f:
             json.dump({"version": "v1.0.0", "language": "python", "executable": "main.py",
@@ -623,8 +623,10 @@ def run_runtime(root: str, tag: str, runtime: str, run: int, sz: Sizes,
     for label, pid_symbols, fn in (("m", sz.restarts if runtime == POOL else 0, None),
                                    ("n", 0, measure_pynng_host), ("b", 0, measure_big),
                                    ("k", 0, measure_memory)):
+        # idle sources send nothing: the memory session's host is pynng too, whose listeners
+        # (unlike the native host's select()) take any number of sources
         sess = Session(root, tag, runtime, run, label, pid_symbols,
-                       data_transport="nng" if fn is measure_pynng_host else "sp")
+                       data_transport="nng" if fn in (measure_pynng_host, measure_memory) else "sp")
         try:
             if fn is None:
                 measure_main(sess, sz, out)
