@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 import tempfile
-from typing import Any, NoReturn, Tuple
+from typing import Any, List, NoReturn, Tuple
 
 from . import logs
 from .api import PluginConfig
@@ -51,18 +52,32 @@ def _serve(plugin: PluginConfig, settings: Any, script_dir: str) -> int:
     symbol_env = settings.symbol_env()
     spawn_argv = None
     if exec_all or symbol_env:
-        import cloudpickle
-
-        payload = os.path.join(rundir, "plugin.pkl")
-        with open(os.open(payload, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as f:
-            cloudpickle.dump({"name": plugin.name, "sources": plugin.sources, "sinks": plugin.sinks,
-                              "functions": plugin.functions}, f)
-        spawn_argv = [sys.executable, "-u", "-m", "kuiper_pool.runtime.worker", payload, script_dir,
-                      settings.log_level]
+        try:
+            spawn_argv = _ship_factories(plugin, rundir, script_dir, settings.log_level)
+        except Exception as e:  # noqa: BLE001 - cloudpickle raises whatever an object's reduction raises
+            why = f"cannot ship the factories to exec'd workers: {type(e).__name__}: {e}"
+            if settings.start_method != "auto" or symbol_env:
+                shutil.rmtree(rundir, ignore_errors=True)
+                print(f"kuiper_pool: cannot start: plugin {plugin.name}: {why}", flush=True)
+                return 2
+            logs.supervisor_logger().warning("plugin %s: %s; workers are forked", plugin.name, why)
+            exec_all = False
     # The zygote must exist before any nng socket does (nng aborts forked children).
     zygote = Zygote(lambda link: worker.run(link, plugin), rundir, spawn_argv, exec_all,
                     settings.thread_env(), symbol_env)
     return Supervisor(plugin, settings, zygote).run()
+
+
+def _ship_factories(plugin: PluginConfig, rundir: str, script_dir: str, log_level: str) -> List[str]:
+    """Write the factories with cloudpickle to a 0600 file in the private run dir (never a
+    socket); return the command an exec'd worker runs."""
+    import cloudpickle
+
+    payload = os.path.join(rundir, "plugin.pkl")
+    with open(os.open(payload, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as f:
+        cloudpickle.dump({"name": plugin.name, "sources": plugin.sources, "sinks": plugin.sinks,
+                          "functions": plugin.functions}, f)
+    return [sys.executable, "-u", "-m", "kuiper_pool.runtime.worker", payload, script_dir, log_level]
 
 
 def _exec_workers(name: str, start_method: str, threads: Tuple[int, str]) -> bool:

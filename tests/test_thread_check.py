@@ -90,3 +90,16 @@ def test_a_symbol_env_reaches_only_its_workers_which_exec(tmp_path, unique, host
         assert b"KP_MARK=a" in f.read().split(b"\0")
     assert b["env"] == {"KP_MARK": None, "OMP_NUM_THREADS": "1"} and not _exec_d(b["pid"])
     assert _warnings(d) == []  # nothing but the main thread was alive
+
+
+def test_factories_that_cannot_be_shipped_make_auto_fork_and_say_why(tmp_path, unique, host_runs):
+    fn = f"env_{unique}"
+    d = make_plugin(str(tmp_path), f"thp{unique}", functions={fn: ENV_FUNCTION},
+                    main_code=THREAD_AT_IMPORT + "_LOCK = threading.Lock()\n",
+                    factories={fn: "lambda lock=_LOCK: EnvFunction()"})  # a lock does not pickle
+    host = host_runs.launch(d)
+    got = _call(host, fn, ["OPENBLAS_NUM_THREADS"])
+    assert not _exec_d(got["pid"])
+    with open(os.path.join(d, "stdout.log"), errors="replace") as f:
+        text = f.read()
+    assert "cannot ship the factories to exec'd workers: TypeError" in text and "workers are forked" in text
