@@ -115,10 +115,20 @@ SECTIONS: Dict[str, str] = {
 }
 
 SETTINGS: Tuple[Setting, ...] = (
-    _choice("workers", "start_method", "fork", ("fork", "spawn"),
+    _choice("workers", "start_method", "auto", ("auto", "fork", "spawn"),
             'How workers are made: "fork" from a zygote process forked before any nng socket exists '
             '(~2 ms a worker, plugin modules already loaded); "spawn" runs a fresh interpreter per '
-            "worker and ships the plugin factories with cloudpickle (~60 ms)."),
+            "worker and ships the plugin factories with cloudpickle (~60 ms), so libraries are "
+            'imported after exec; "auto" forks unless the plugin has threads alive when it starts '
+            "(thread pools that numpy, OpenCV or ONNX Runtime start at import: forking them is unsafe), "
+            "then spawns and says which threads, once, at WARNING. A symbol with an env entry in "
+            "symbols: always spawns, so its variables apply when its libraries are imported."),
+    _num("workers", "threads_per_worker", int, 1,
+         "Threads each worker's math libraries may use: OMP_NUM_THREADS, OPENBLAS_NUM_THREADS, "
+         "MKL_NUM_THREADS, NUMEXPR_NUM_THREADS and VECLIB_MAXIMUM_THREADS are set to it in workers "
+         "where neither the environment nor the symbol's env sets them (0 = leave them unset). "
+         "One thread per worker keeps N workers from running N x cores BLAS threads on a small "
+         "box; it applies to libraries a worker imports (spawned workers import everything).", ge=0, le=1024),
     _num("workers", "stop_grace", float, 2.0,
          "Seconds a worker gets to run close() and exit after a stop, and after SIGTERM, before SIGKILL.",
          ge=0.01, le=3600),
@@ -202,6 +212,7 @@ SETTINGS: Tuple[Setting, ...] = (
 class Settings:
     """The effective settings; fields mirror :data:`SETTINGS` in order (a test keeps them in step)."""
     start_method: str
+    threads_per_worker: int
     stop_grace: float
     heartbeat_interval: float
     heartbeat_misses: int
@@ -237,8 +248,24 @@ class Settings:
 
     def for_symbol(self, symbol: str) -> "Settings":
         """The settings of one symbol's instances: these, with its ``symbols:`` overrides."""
-        overrides = self.symbols.get(symbol)
+        overrides = {k: v for k, v in self.symbols.get(symbol, {}).items() if k != ENV_KEY}
         return dataclasses.replace(self, **overrides) if overrides else self
+
+    def symbol_env(self) -> Dict[str, Dict[str, str]]:
+        """``{symbol: {variable: value}}`` from the ``env`` entries of ``symbols:``."""
+        return {sym: dict(table[ENV_KEY]) for sym, table in self.symbols.items() if ENV_KEY in table}
+
+    def thread_env(self) -> Dict[str, str]:
+        """The math-library thread variables every worker gets unless already set."""
+        n = self.threads_per_worker
+        return {var: str(n) for var in THREAD_VARS} if n else {}
+
+
+# Read at import by OpenMP, OpenBLAS, MKL, numexpr and Accelerate to size their thread pools.
+THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
+               "NUMEXPR_NUM_THREADS", "VECLIB_MAXIMUM_THREADS")
+# A symbol's environment variables: ``symbols: {infer: {env: {OMP_NUM_THREADS: "1"}}}``.
+ENV_KEY = "env"
 
 
 # What a ``symbols: {<symbol>: {...}}`` entry may override: everything that is decided per
@@ -354,10 +381,13 @@ def load_settings(script_dir: Optional[str] = None, overrides: Optional[Mapping[
             symbols.setdefault(symbol, {})
             symbol_sources.setdefault(symbol, {"": source})
             for key, value in table.items():
+                if key == ENV_KEY:
+                    symbols.setdefault(symbol, {})[key] = _env_table(value, f"{where}.{key}", source)
+                    continue
                 if key not in PER_SYMBOL:
                     what = "is not a per-symbol setting" if key in _BY_NAME else "is not a setting"
                     raise ConfigError(f"kuiper_pool config: {where}.{key} {what} (from {source}; "
-                                      f"per-symbol: {', '.join(sorted(PER_SYMBOL))})")
+                                      f"per-symbol: {', '.join(sorted(PER_SYMBOL | {ENV_KEY}))})")
                 try:
                     symbols.setdefault(symbol, {})[key] = _BY_NAME[key].validate(value, source)
                 except ConfigError as e:
@@ -385,7 +415,7 @@ def load_settings(script_dir: Optional[str] = None, overrides: Optional[Mapping[
     if known_symbols is not None:
         _check_symbols(symbols, known_symbols, symbol_sources)
     for symbol, table in symbols.items():
-        _check_ranges({**values, **table}, {**sources, **symbol_sources[symbol]}, f"symbols.{symbol}.")
+        _check_ranges({**values, **table}, {**sources, **symbol_sources.get(symbol, {})}, f"symbols.{symbol}.")
     return Settings(**values, symbols=symbols)
 
 
@@ -400,6 +430,16 @@ def _check_symbols(symbols: Iterable[str], known: Sequence[str],
             source = next(iter(sources[symbol].values()), "symbols")
             raise ConfigError(f"kuiper_pool config: symbols.{symbol} names no symbol of the plugin "
                               f"(from {source}; it has {', '.join(sorted(known)) or 'none'}){hint}")
+
+
+def _env_table(raw: Any, where: str, source: str) -> Dict[str, str]:
+    """A symbol's ``env``: variable names to string values."""
+    if not isinstance(raw, dict) or not all(
+            isinstance(k, str) and k and "=" not in k and "\0" not in k
+            and isinstance(v, str) and "\0" not in v for k, v in raw.items()):
+        raise ConfigError(f"kuiper_pool config: {where} must be a mapping of environment variable "
+                          f"name to string value, e.g. {{OMP_NUM_THREADS: \"1\"}} (got {raw!r} from {source})")
+    return dict(raw)
 
 
 def _check_ranges(values: Mapping[str, Any], sources: Mapping[str, str], prefix: str) -> None:
@@ -436,7 +476,9 @@ def render_defaults_yaml() -> str:
     lines += ["", "# ==== symbols: per-symbol policy ====", ""]
     text = ("Overrides of per-instance settings for the instances of one symbol, e.g. "
             "symbols: {heavy: {call_deadline: 10, memory_limit_mb: 2048}}. Per-symbol settings: "
-            + ", ".join(sorted(PER_SYMBOL)) + ". Not settable from the environment.")
+            + ", ".join(sorted(PER_SYMBOL)) + ". Not settable from the environment. "
+            'env: {OMP_NUM_THREADS: "1", CUDA_VISIBLE_DEVICES: "0"} adds environment variables '
+            "to that symbol's workers, which then always spawn, so libraries read them at import.")
     lines += textwrap.wrap(text, 90, initial_indent="# ", subsequent_indent="# ",
                            break_long_words=False, break_on_hyphens=False)
     lines.append("symbols: {}")

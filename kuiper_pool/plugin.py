@@ -3,15 +3,15 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 import tempfile
-from typing import Any, NoReturn
+from typing import Any, List, NoReturn, Tuple
 
 from . import logs
 from .api import PluginConfig
 from .config import ConfigError, check_trusted, load_settings
 from .describe import DESCRIBE_ENV
-
 
 
 def start(c: Any) -> NoReturn:
@@ -44,28 +44,36 @@ def _serve(plugin: PluginConfig, settings: Any, script_dir: str) -> int:
     from .runtime import worker
     from .paths import private_base
     from .runtime.supervisor import Supervisor
-    from .runtime.zygote import Zygote
+    from .runtime.zygote import Zygote, other_threads
 
     _raise_fd_limit()
     rundir = tempfile.mkdtemp(prefix=f"{plugin.name}-", dir=private_base(settings.runtime_dir))
+    exec_all = _exec_workers(plugin.name, settings.start_method, other_threads())
+    symbol_env = settings.symbol_env()
     spawn_argv, payload = None, -1
-    if settings.start_method == "spawn":
-        payload = _spawn_payload(plugin)
-        from . import interpreter
-
-        # under kuiper-pool-python the plugin's modules import ekuiper: spawned workers too
-        run = ["-m", "kuiper_pool.interpreter"] if interpreter.installed() else []
-        spawn_argv = [sys.executable, "-u", *run, "-m", "kuiper_pool.runtime.worker", str(payload),
-                      script_dir, settings.log_level]
+    if exec_all or symbol_env:
+        try:
+            payload = _spawn_payload(plugin)
+        except Exception as e:  # noqa: BLE001 - cloudpickle raises whatever an object's reduction raises
+            why = f"cannot ship the factories to exec'd workers: {type(e).__name__}: {e}"
+            if settings.start_method != "auto" or symbol_env:
+                shutil.rmtree(rundir, ignore_errors=True)
+                print(f"kuiper_pool: cannot start: plugin {plugin.name}: {why}", flush=True)
+                return 2
+            logs.supervisor_logger().warning("plugin %s: %s; workers are forked", plugin.name, why)
+            exec_all = False
+        else:
+            spawn_argv = _worker_command(payload, script_dir, settings.log_level)
     # The zygote must exist before any nng socket does (nng aborts forked children).
-    zygote = Zygote(lambda link: worker.run(link, plugin), rundir, spawn_argv)
+    zygote = Zygote(lambda link: worker.run(link, plugin), rundir, spawn_argv, exec_all,
+                    settings.thread_env(), symbol_env)
     if payload >= 0:
-        os.close(payload)  # the zygote has it: spawned workers inherit it
+        os.close(payload)  # the zygote has it: exec'd workers inherit it
     return Supervisor(plugin, settings, zygote).run()
 
 
 def _spawn_payload(plugin: PluginConfig) -> int:
-    """The cloudpickled factories in a sealed memfd that spawned workers inherit: no path
+    """The cloudpickled factories in a sealed memfd that exec'd workers inherit: no path
     another user could reach, no bytes anyone can change after it is written."""
     import fcntl
 
@@ -80,6 +88,16 @@ def _spawn_payload(plugin: PluginConfig) -> int:
     fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW
                 | fcntl.F_SEAL_SEAL)
     return fd
+
+
+def _worker_command(payload: int, script_dir: str, log_level: str) -> List[str]:
+    """The command an exec'd worker runs; it reads the factories from fd ``payload``."""
+    from . import interpreter
+
+    # under kuiper-pool-python the plugin's modules import ekuiper: exec'd workers too
+    run = ["-m", "kuiper_pool.interpreter"] if interpreter.installed() else []
+    return [sys.executable, "-u", *run, "-m", "kuiper_pool.runtime.worker", str(payload), script_dir,
+            log_level]
 
 
 def _raise_fd_limit() -> None:

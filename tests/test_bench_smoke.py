@@ -32,6 +32,10 @@ COMPARED = [
     "1. source items/s, small items (pynng host)",
     "2. sink items/s, no requireAck (pynng host)",
     "5. memory, 1 source(s): total PSS MiB",
+    "7. source items/s, 1 MiB items",
+    "7. sink items/s, 8 MiB items, no requireAck",
+    "7. sink items/s, 8 MiB items, requireAck",
+    "7. function calls/s, 8 MiB argument",
 ]
 
 

@@ -45,7 +45,7 @@ def test_defaults_load():
     s = load_settings(environ={})
     assert s.as_dict() == {**DEFAULTS, "symbols": {}}
     assert s == Settings(**DEFAULTS)
-    assert (s.start_method, s.heartbeat_interval, s.sink_window, s.metrics_address) == ("fork", 0.5, 1000, "")
+    assert (s.start_method, s.heartbeat_interval, s.sink_window, s.metrics_address) == ("auto", 0.5, 1000, "")
     with pytest.raises(dataclasses.FrozenInstanceError):
         s.stop_grace = 1.0  # type: ignore[misc]
 
@@ -388,3 +388,24 @@ def test_the_sticky_tmp_is_trusted_but_not_a_runtime_dir_of_another_user(tmp_pat
     with pytest.raises(ConfigError) as e:
         config.check_trusted(str(tmp_path / "rt"), "runtime_dir")
     assert_one_line(e.value, "refusing runtime_dir", "belongs to uid 65534")
+
+
+def test_symbol_env_is_kept_apart_from_the_settings_it_overrides():
+    s = load_settings(overrides={"symbols": {"infer": {"env": {"OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "0"},
+                                                       "call_deadline": 3}}}, environ={})
+    assert s.symbol_env() == {"infer": {"OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "0"}}
+    assert s.for_symbol("infer").call_deadline == 3.0
+    assert load_settings(overrides={"symbols": {"x": {"env": {}}}}, environ={}).for_symbol("x").call_deadline == 4.0
+
+
+def test_threads_per_worker_sets_the_math_libraries_thread_variables():
+    assert load_settings(environ={}).thread_env()["OPENBLAS_NUM_THREADS"] == "1"
+    assert load_settings(environ={}, overrides={"threads_per_worker": 0}).thread_env() == {}
+
+
+@pytest.mark.parametrize("env", [{"OMP_NUM_THREADS": 1}, ["OMP_NUM_THREADS=1"], {"A=B": "1"}, {"": "1"}])
+def test_a_bad_symbol_env_fails_in_one_line_naming_the_key_path(env):
+    with pytest.raises(ConfigError) as e:
+        load_settings(overrides={"symbols": {"infer": {"env": env}}}, environ={})
+    assert "symbols.infer.env must be a mapping of environment variable name to string value" in str(e.value)
+    assert "\n" not in str(e.value)

@@ -10,7 +10,8 @@ and passes, through the emulator's ``Host(env=...)``:
 
 Symbols: sources ``flood`` (emits as fast as it can) and ``idle`` (emits nothing);
 sink ``count`` (counts items, acks with requireAck, touches a marker file at the
-expected count); functions ``<prefix>noop`` (returns its argument), ``<prefix>burna`` and
+expected count); functions ``<prefix>noop`` (returns its argument), ``<prefix>nbytes``
+(returns its argument's length: a big payload in, a small result out), ``<prefix>burna`` and
 ``<prefix>burnb`` (a CPU-bound pure-Python loop) and ``<prefix>pid<i>`` (returns the pid
 of the process that serves it).
 """
@@ -102,6 +103,19 @@ class Noop(Function):
         return False
 
 
+class NBytes(Function):
+    """An image in, a small result out: returns the length of its first argument."""
+
+    def validate(self, args):
+        return ""
+
+    def exec(self, args, ctx):
+        return len(args[0])
+
+    def is_aggregate(self):
+        return False
+
+
 class Burn(Function):
     """``burn(loops)``: pure-Python arithmetic, holds the GIL for the whole call."""
 
@@ -133,7 +147,8 @@ class Pid(Function):
 def config():
     name = os.environ["BENCH_PLUGIN"]
     prefix = os.environ.get("BENCH_PREFIX", name)
-    functions = {prefix + "noop": lambda: Noop(), prefix + "burna": lambda: Burn(),
+    functions = {prefix + "noop": lambda: Noop(), prefix + "nbytes": lambda: NBytes(),
+                 prefix + "burna": lambda: Burn(),
                  prefix + "burnb": lambda: Burn()}
     for i in range(int(os.environ.get("BENCH_PID_SYMBOLS", "0"))):
         functions[f"{prefix}pid{i}"] = lambda: Pid()

@@ -103,7 +103,7 @@ class LoopEffects:
         wid, self.next_wid = self.next_wid, self.next_wid + 1
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            self.zygote.start_worker(wid, theirs)
+            self.zygote.start_worker(wid, theirs, inst.ctrl.symbol)
         except OSError:
             ours.close()
             theirs.close()

@@ -439,7 +439,10 @@ def spawn_main(argv: list) -> int:
     os.close(payload)
     plugin = PluginConfig(**cloudpickle.loads(b"".join(chunks)))
     logs.setup(plugin.name, level)
-    return run(socket.socket(fileno=fd), plugin)
+    try:
+        return run(socket.socket(fileno=fd), plugin)
+    except ConnectionError:  # the supervisor went away, as a forked worker's zygote reports it
+        return EXIT_ORPHAN
 
 
 if __name__ == "__main__":

@@ -32,8 +32,10 @@ import shutil
 import signal
 import socket
 import sys
+import threading
 import time
-from typing import Callable, Dict, List, Optional, Tuple
+import warnings
+from typing import Callable, Dict, List, Mapping, Optional, Tuple
 
 from ..paths import identity, unlink_if_ours
 from .protocol import (ZYGOTE_DISOWN, ZYGOTE_EXITED, ZYGOTE_KILL, ZYGOTE_OWN, ZYGOTE_REFUSED,
@@ -70,25 +72,69 @@ def describe_status(status: int) -> str:
 WorkerMain = Callable[[socket.socket], int]
 
 
+def other_threads() -> Tuple[int, str]:
+    """How many threads this process has besides the calling one, and which, for a log line:
+    Python threads by name, native ones (BLAS, OpenMP, ONNX Runtime pools) by their kernel
+    name, with the thread pools threadpoolctl sees when it is installed."""
+    try:
+        tids = [int(t) for t in os.listdir("/proc/self/task")]
+    except OSError:  # not Linux: Python's own threads only
+        tids = [t.native_id for t in threading.enumerate() if t.native_id is not None]
+    me = threading.get_native_id()
+    named = {t.native_id: t.name for t in threading.enumerate() if t.native_id not in (None, me)}
+    python = [name for tid, name in named.items() if tid in tids]
+    parts = [f"{name!r} (Python)" for name in python]
+    native: Dict[str, int] = {}
+    for tid in tids:
+        if tid == me or tid in named:
+            continue
+        try:
+            with open(f"/proc/self/task/{tid}/comm") as f:
+                comm = f.read().strip()
+        except OSError:
+            continue  # ended meanwhile
+        native[comm] = native.get(comm, 0) + 1
+    parts += [f"{n} native {comm!r}" for comm, n in native.items()]
+    if native:
+        try:
+            from threadpoolctl import threadpool_info
+            pools = ", ".join(f"{p['internal_api']} ({p['prefix']}) {p['num_threads']} threads"
+                              for p in threadpool_info())
+        except Exception:  # noqa: BLE001 - not installed or cannot inspect: the counts remain
+            pools = ""
+        if pools:
+            parts.append(f"thread pools loaded: {pools}")
+    return len(python) + sum(native.values()), "; ".join(parts)
+
+
 class Zygote:
     """Supervisor-side handle of the zygote process."""
 
     def __init__(self, worker_main: WorkerMain, rundir: str,
-                 spawn_argv: Optional[List[str]] = None) -> None:
-        """Fork the zygote now. ``spawn_argv``, if given, makes workers exec that command
-        (the link fd number is appended) instead of running ``worker_main`` in a fork.
-        ``rundir`` is removed when the zygote exits."""
+                 spawn_argv: Optional[List[str]] = None, exec_all: bool = True,
+                 env: Optional[Mapping[str, str]] = None,
+                 symbol_env: Optional[Mapping[str, Mapping[str, str]]] = None) -> None:
+        """Fork the zygote now. ``spawn_argv``, if given, is the command a worker execs (the
+        link fd number is appended) instead of running ``worker_main`` in a fork: every
+        worker with ``exec_all``, else only those of symbols in ``symbol_env``, which exec
+        with that symbol's variables added. ``env`` is added to every worker's environment
+        where it is not set yet. ``rundir`` is removed when the zygote exits."""
         parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         supervisor_pid = os.getpid()
         sys.stdout.flush()
         sys.stderr.flush()
-        pid = os.fork()
+        with warnings.catch_warnings():  # threads alive were reported once, at start
+            warnings.simplefilter("ignore", DeprecationWarning)
+            pid = os.fork()
         if pid == 0:  # the zygote
             code = 1
             try:
                 parent_end.close()
                 die_with_parent(supervisor_pid, signal.SIGTERM)
-                code = _serve(child_end, worker_main, spawn_argv, rundir, supervisor_pid)
+                for key, value in (env or {}).items():
+                    os.environ.setdefault(key, value)
+                code = _serve(child_end, worker_main, spawn_argv, rundir, supervisor_pid,
+                              exec_all, dict(symbol_env or {}))
             finally:
                 os._exit(code)
         child_end.close()
@@ -100,9 +146,9 @@ class Zygote:
     def fileno(self) -> int:
         return self.sock.fileno()
 
-    def start_worker(self, wid: int, link: socket.socket) -> None:
-        """Ask for a worker that talks over ``link`` (this side keeps no copy of it)."""
-        msg = json.dumps({"op": ZYGOTE_START, "wid": wid}).encode()
+    def start_worker(self, wid: int, link: socket.socket, symbol: str = "") -> None:
+        """Ask for a worker of ``symbol`` that talks over ``link`` (this side keeps no copy of it)."""
+        msg = json.dumps({"op": ZYGOTE_START, "wid": wid, "symbol": symbol}).encode()
         self.sock.setblocking(True)
         try:
             socket.send_fds(self.sock, [msg], [link.fileno()])
@@ -191,10 +237,13 @@ class _Zygote:
     """The zygote's side: its children, the paths it must remove, reports it owes."""
 
     def __init__(self, sock: socket.socket, worker_main: WorkerMain,
-                 spawn_argv: Optional[List[str]], supervisor: int) -> None:
+                 spawn_argv: Optional[List[str]], supervisor: int, exec_all: bool,
+                 symbol_env: Dict[str, Mapping[str, str]]) -> None:
         self.sock = sock
         self.worker_main = worker_main
         self.spawn_argv = spawn_argv
+        self.exec_all = exec_all
+        self.symbol_env = symbol_env
         self.supervisor = supervisor
         self.me = os.getpid()
         self.workers: Dict[int, int] = {}      # pid -> wid
@@ -224,7 +273,7 @@ class _Zygote:
         op = req.get("op")
         if op == ZYGOTE_START and fds and not self.leaving:
             try:
-                pid = _fork_worker(self, fds[0])
+                pid = _fork_worker(self, fds[0], req.get("symbol", ""))
             except OSError as e:  # at the process limit (pids.max, RLIMIT_NPROC), out of memory
                 self.report({"op": ZYGOTE_REFUSED, "wid": req["wid"], "errno": e.errno,
                              "error": e.strerror or str(e)})
@@ -310,13 +359,14 @@ class _Zygote:
 
 
 def _serve(sock: socket.socket, worker_main: WorkerMain, spawn_argv: Optional[List[str]],
-           rundir: str, supervisor: int) -> int:
+           rundir: str, supervisor: int, exec_all: bool,
+           symbol_env: Dict[str, Mapping[str, str]]) -> int:
     """The zygote's loop: start workers, forward kills, report exits; clean up at the end.
     Signal handlers only wake the loop (an exception raised at an arbitrary point could
     skip the cleanup); the loop also notices the supervisor's death by itself."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the supervisor's to handle
     set_subreaper()
-    z = _Zygote(sock, worker_main, spawn_argv, supervisor)
+    z = _Zygote(sock, worker_main, spawn_argv, supervisor, exec_all, symbol_env)
     wake_r, wake_w = os.pipe()
     os.set_blocking(wake_w, False)
     os.set_blocking(wake_r, False)
@@ -383,7 +433,7 @@ def _signal(pid: int, sig: int) -> None:
         pass
 
 
-def _fork_worker(z: _Zygote, link_fd: int) -> int:
+def _fork_worker(z: _Zygote, link_fd: int, symbol: str) -> int:
     pid = os.fork()
     if pid:
         return pid
@@ -398,9 +448,10 @@ def _fork_worker(z: _Zygote, link_fd: int) -> int:
         die_with_parent(z.me)
         os.setpgid(0, 0)  # the worker's group: what it starts with Popen or fork dies with it
         set_subreaper()   # orphans of its descendants come to it while it lives, then to us
-        if z.spawn_argv:
-            os.set_inheritable(link_fd, True)
-            os.execv(z.spawn_argv[0], z.spawn_argv + [str(link_fd)])
+        if z.spawn_argv and (z.exec_all or symbol in z.symbol_env):
+            os.set_inheritable(link_fd, True)  # the symbol's variables apply from the first import
+            os.execve(z.spawn_argv[0], z.spawn_argv + [str(link_fd)],
+                      {**os.environ, **z.symbol_env.get(symbol, {})})
         code = z.worker_main(socket.socket(fileno=link_fd))
     except BaseException as e:  # noqa: BLE001 - the child must never return into the zygote loop
         if not isinstance(e, SystemExit):
