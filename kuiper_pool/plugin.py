@@ -100,6 +100,20 @@ def _worker_command(payload: int, script_dir: str, log_level: str) -> List[str]:
             log_level]
 
 
+def _exec_workers(name: str, start_method: str, threads: Tuple[int, str]) -> bool:
+    """Whether every worker execs: ``spawn``, or ``auto`` with threads alive (forking a
+    process with threads can deadlock the child on a lock one of them held)."""
+    count, which = threads
+    if count:
+        choice = ("workers are forked anyway (start_method: fork)" if start_method == "fork" else
+                  "workers are started with exec and import the plugin afresh (set start_method: "
+                  "fork to fork anyway)" if start_method == "auto" else "workers are started with exec")
+        logs.supervisor_logger().warning(
+            "plugin %s: %d thread(s) alive besides the main one before forking: %s; %s",
+            name, count, which, choice)
+    return start_method == "spawn" or (start_method == "auto" and count > 0)
+
+
 def _raise_fd_limit() -> None:
     """Every sink and function holds a few fds in the supervisor: use all the hard limit
     allows (the common soft limit of 1024 would cap a plugin near 165 sinks)."""
