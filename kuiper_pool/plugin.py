@@ -4,14 +4,12 @@ from __future__ import annotations
 import json
 import os
 import sys
-import tempfile
-from typing import Any, NoReturn
+from typing import Any, Callable, NoReturn, Tuple
 
 from . import logs
 from .api import PluginConfig
 from .config import ConfigError, load_settings
 from .describe import DESCRIBE_ENV
-
 
 
 def start(c: Any) -> NoReturn:
@@ -39,13 +37,48 @@ def start(c: Any) -> NoReturn:
 
 
 def _serve(plugin: PluginConfig, settings: Any, script_dir: str) -> int:
-    # Imported here so that importing kuiper_pool stays light for plugin modules and tools.
-    from .runtime import worker
-    from .paths import private_base
+    # The runtime is imported here, and most of it only after the handshake: eKuiper waits
+    # for the handshake, and importing kuiper_pool stays light for plugin modules and tools.
+    _raise_fd_limit()
+    if settings.transport == "nng":
+        # nng aborts a forked child of a process that has opened an nng socket: zygote first
+        zygote = _fork_zygote(plugin, settings, script_dir, ())
+        control = _open_control(plugin, settings)
+        if control is None:
+            zygote.close()
+            return 1
+    else:
+        # answer eKuiper first; commands it sends meanwhile wait in the socket for the loop
+        control = _open_control(plugin, settings)
+        if control is None:
+            return 1
+        zygote = _fork_zygote(plugin, settings, script_dir, (control,))
     from .runtime.supervisor import Supervisor
+
+    return Supervisor(plugin, settings, zygote, control).run()
+
+
+def _open_control(plugin: PluginConfig, settings: Any) -> Any:
+    """eKuiper's control channel, dialed and handshaken; None (logged) if it cannot be."""
+    from .transport import req_endpoint
+    from .wire import control_url
+
+    url = control_url(plugin.name)
+    try:
+        return req_endpoint(settings.transport, url, settings.dial_timeout)
+    except OSError as e:
+        logs.supervisor_logger().error("plugin %s: cannot reach eKuiper's control channel %s "
+                                       "within %gs: %s", plugin.name, url, settings.dial_timeout, e)
+        return None
+
+
+def _fork_zygote(plugin: PluginConfig, settings: Any, script_dir: str, inherited: Tuple[Any, ...]) -> Any:
+    """The zygote, in a fresh private run dir; ``inherited`` is closed in it."""
+    import tempfile
+
+    from .paths import private_base
     from .runtime.zygote import Zygote
 
-    _raise_fd_limit()
     rundir = tempfile.mkdtemp(prefix=f"{plugin.name}-", dir=private_base(settings.runtime_dir))
     spawn_argv = None
     if settings.start_method == "spawn":
@@ -57,9 +90,12 @@ def _serve(plugin: PluginConfig, settings: Any, script_dir: str) -> int:
                               "functions": plugin.functions}, f)
         spawn_argv = [sys.executable, "-u", "-m", "kuiper_pool.runtime.worker", payload, script_dir,
                       settings.log_level]
-    # The zygote must exist before any nng socket does (nng aborts forked children).
-    zygote = Zygote(lambda link: worker.run(link, plugin), rundir, spawn_argv)
-    return Supervisor(plugin, settings, zygote).run()
+
+    def load_worker() -> Callable[[Any], int]:  # runs in the zygote
+        from .runtime import worker
+
+        return lambda link: worker.run(link, plugin)
+    return Zygote(load_worker, rundir, spawn_argv, inherited)
 
 
 def _raise_fd_limit() -> None:

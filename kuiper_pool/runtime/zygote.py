@@ -1,9 +1,11 @@
 """The zygote: a single-threaded process that makes workers and reports their exits.
 
 nng aborts any forked child of a process that has opened an nng socket
-(docs/transport.md), so the supervisor forks the zygote before it opens any
-socket, and every worker is forked from the zygote (about 2 ms, plugin modules
-already loaded) or, with ``start_method: spawn``, exec'd from it. The zygote is
+(docs/transport.md), so with ``transport: nng`` the supervisor forks the zygote
+before it opens any socket; with the native transport it answers eKuiper's
+handshake first and the zygote closes the control channel it inherits. Every
+worker is forked from the zygote (about 2 ms, plugin modules already loaded) or,
+with ``start_method: spawn``, exec'd from it. The zygote is
 the workers' parent: it alone reaps them, reports each exit status, and signals
 only children it has not reaped yet, so a recycled pid is never hit.
 
@@ -33,7 +35,7 @@ import signal
 import socket
 import sys
 import time
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Protocol, Sequence, Tuple
 
 from ..paths import identity, unlink_if_ours
 from .protocol import (ZYGOTE_DISOWN, ZYGOTE_EXITED, ZYGOTE_KILL, ZYGOTE_OWN, ZYGOTE_START,
@@ -70,14 +72,21 @@ def describe_status(status: int) -> str:
 WorkerMain = Callable[[socket.socket], int]
 
 
+class Closable(Protocol):
+    def close(self) -> None: ...
+
+
 class Zygote:
     """Supervisor-side handle of the zygote process."""
 
-    def __init__(self, worker_main: WorkerMain, rundir: str,
-                 spawn_argv: Optional[List[str]] = None) -> None:
-        """Fork the zygote now. ``spawn_argv``, if given, makes workers exec that command
-        (the link fd number is appended) instead of running ``worker_main`` in a fork.
-        ``rundir`` is removed when the zygote exits."""
+    def __init__(self, load_worker: Callable[[], WorkerMain], rundir: str,
+                 spawn_argv: Optional[List[str]] = None, inherited: Sequence[Closable] = ()) -> None:
+        """Fork the zygote now. It calls ``load_worker`` once, before serving, for the
+        function each forked worker runs (what it imports is then shared by every worker
+        and kept off the supervisor's start). ``spawn_argv``, if given, makes workers exec
+        that command instead (the link fd number is appended). ``inherited``:
+        what the supervisor has opened so far (eKuiper's control channel): closed in the
+        zygote at once. ``rundir`` is removed when the zygote exits."""
         parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         supervisor_pid = os.getpid()
         sys.stdout.flush()
@@ -87,8 +96,10 @@ class Zygote:
             code = 1
             try:
                 parent_end.close()
+                for closable in inherited:  # a copy of the fd, not a shutdown: ours are unaffected
+                    closable.close()
                 die_with_parent(supervisor_pid, signal.SIGTERM)
-                code = _serve(child_end, worker_main, spawn_argv, rundir, supervisor_pid)
+                code = _serve(child_end, load_worker(), spawn_argv, rundir, supervisor_pid)
             finally:
                 os._exit(code)
         child_end.close()
