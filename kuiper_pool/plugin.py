@@ -91,9 +91,11 @@ def _fork_zygote(plugin: PluginConfig, settings: Any, script_dir: str, inherited
         spawn_argv = [sys.executable, "-u", "-m", "kuiper_pool.runtime.worker", payload, script_dir,
                       settings.log_level]
 
-    def load_worker() -> Callable[[Any], int]:  # runs in the zygote
+    def load_worker() -> Callable[[Any], int]:  # runs in the zygote: every worker shares it
+        from . import wire
         from .runtime import worker
 
+        wire.encoder()
         return lambda link: worker.run(link, plugin)
     return Zygote(load_worker, rundir, spawn_argv, inherited)
 
