@@ -4,12 +4,15 @@ from __future__ import annotations
 import json
 import os
 import sys
-from typing import Any, Callable, NoReturn, Tuple
+from typing import TYPE_CHECKING, Any, Callable, NoReturn, Tuple
 
 from . import logs
 from .api import PluginConfig
 from .config import ConfigError, load_settings
 from .describe import DESCRIBE_ENV
+
+if TYPE_CHECKING:
+    from .runtime.zygote import Zygote
 
 
 def start(c: Any) -> NoReturn:
@@ -72,7 +75,8 @@ def _open_control(plugin: PluginConfig, settings: Any) -> Any:
         return None
 
 
-def _fork_zygote(plugin: PluginConfig, settings: Any, script_dir: str, inherited: Tuple[Any, ...]) -> Any:
+def _fork_zygote(plugin: PluginConfig, settings: Any, script_dir: str,
+                 inherited: Tuple[Any, ...]) -> Zygote:
     """The zygote, in a fresh private run dir; ``inherited`` is closed in it."""
     import tempfile
 

@@ -5,9 +5,9 @@ nng aborts any forked child of a process that has opened an nng socket
 before it opens any socket; with the native transport it answers eKuiper's
 handshake first and the zygote closes the control channel it inherits. Every
 worker is forked from the zygote (about 2 ms, plugin modules already loaded) or,
-with ``start_method: spawn``, exec'd from it. The zygote is
-the workers' parent: it alone reaps them, reports each exit status, and signals
-only children it has not reaped yet, so a recycled pid is never hit.
+with ``start_method: spawn``, exec'd from it. The zygote is the workers' parent:
+it alone reaps them, reports each exit status, and signals only children it has
+not reaped yet, so a recycled pid is never hit.
 
 Orphans: when the supervisor dies, whatever killed it, the kernel sends the
 zygote SIGTERM (``PR_SET_PDEATHSIG``) and closes its link, and the zygote also
@@ -84,9 +84,9 @@ class Zygote:
         """Fork the zygote now. It calls ``load_worker`` once, before serving, for the
         function each forked worker runs (what it imports is then shared by every worker
         and kept off the supervisor's start). ``spawn_argv``, if given, makes workers exec
-        that command instead (the link fd number is appended). ``inherited``:
-        what the supervisor has opened so far (eKuiper's control channel): closed in the
-        zygote at once. ``rundir`` is removed when the zygote exits."""
+        that command instead (the link fd number is appended). ``inherited``: what the
+        supervisor has opened so far (eKuiper's control channel), closed in the zygote at
+        once. ``rundir`` is removed when the zygote exits."""
         parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         supervisor_pid = os.getpid()
         sys.stdout.flush()
