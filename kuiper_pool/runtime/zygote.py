@@ -95,6 +95,9 @@ class Zygote:
         if pid == 0:  # the zygote
             code = 1
             try:
+                # until _serve handles SIGTERM (load_worker takes a while): the link's EOF
+                # also tells of the supervisor's death, and the cleanup must not be skipped
+                signal.signal(signal.SIGTERM, signal.SIG_IGN)
                 parent_end.close()
                 for closable in inherited:  # a copy of the fd, not a shutdown: ours are unaffected
                     closable.close()
