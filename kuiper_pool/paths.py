@@ -8,14 +8,15 @@
   supervisor, the SP listener when it closes.
 
 eKuiper's own ipc paths are part of its protocol and live in ``wire.py``.
+
+The transport imports this module on the way to eKuiper's handshake: ``tempfile`` (with
+``shutil`` and ``random``) and ``hashlib`` are imported where they are used.
 """
 from __future__ import annotations
 
 import glob
-import hashlib
 import os
 import stat
-import tempfile
 from typing import Dict, List, Optional, Tuple
 
 from . import logs
@@ -41,6 +42,8 @@ def private_base(runtime_dir: str = "") -> str:
     """``<runtime_dir or tmp>/kuiper_pool-<uid>``, mode 0700 and ours. If someone else made
     it first (or its mode is open), a fresh ``kuiper_pool-<uid>-*`` directory is used instead,
     with one warning: another local user must not be able to block or spy on plugins."""
+    import tempfile
+
     parent = runtime_dir or tempfile.gettempdir()
     base = os.path.join(parent, f"kuiper_pool-{os.getuid()}")
     if _private(base):
@@ -55,6 +58,8 @@ def private_base(runtime_dir: str = "") -> str:
 
 def usual_base(runtime_dir: str = "") -> str:
     """The private directory as it is normally named (it may not exist)."""
+    import tempfile
+
     return os.path.join(runtime_dir or tempfile.gettempdir(), f"kuiper_pool-{os.getuid()}")
 
 
@@ -76,6 +81,8 @@ def status_socket(plugin: str, runtime_dir: str = "", base: Optional[str] = None
     base = base if base is not None else private_base(runtime_dir)
     path = os.path.join(base, f"{plugin}.sock")
     if len(path.encode()) > SOCKET_PATH_MAX:
+        import hashlib
+
         path = os.path.join(base, "p-" + hashlib.sha1(plugin.encode()).hexdigest()[:16] + ".sock")
     return path
 

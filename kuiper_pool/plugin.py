@@ -3,15 +3,16 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sys
-import tempfile
-from typing import Any, List, NoReturn, Tuple
+from typing import TYPE_CHECKING, Any, Callable, List, NoReturn, Optional, Tuple
 
 from . import logs
 from .api import PluginConfig
 from .config import ConfigError, check_trusted, load_settings
 from .describe import DESCRIBE_ENV
+
+if TYPE_CHECKING:
+    from .runtime.zygote import Zygote
 
 
 def start(c: Any) -> NoReturn:
@@ -25,7 +26,8 @@ def start(c: Any) -> NoReturn:
     try:
         plugin = PluginConfig.adopt(c)
         settings = load_settings(script_dir, plugin.settings, known_symbols=plugin.symbol_names())
-        check_trusted(settings.runtime_dir or tempfile.gettempdir(), "runtime_dir")
+        if settings.runtime_dir:  # the default (the system's tmp) is checked with the run dir
+            check_trusted(settings.runtime_dir, "runtime_dir")
     except (ConfigError, ValueError) as e:
         print(f"kuiper_pool: cannot start: {e}", flush=True)
         sys.exit(2)
@@ -40,13 +42,62 @@ def start(c: Any) -> NoReturn:
 
 
 def _serve(plugin: PluginConfig, settings: Any, script_dir: str) -> int:
-    # Imported here so that importing kuiper_pool stays light for plugin modules and tools.
-    from .runtime import worker
-    from .paths import private_base
+    # The runtime is imported here, and most of it only after the handshake: eKuiper waits
+    # for the handshake, and importing kuiper_pool stays light for plugin modules and tools.
+    _raise_fd_limit()
+    if settings.transport == "nng":
+        # nng aborts a forked child of a process that has opened an nng socket: zygote first
+        zygote = _fork_zygote(plugin, settings, script_dir, ())
+        if zygote is None:
+            return 2
+        control = _open_control(plugin, settings)
+        if control is None:
+            zygote.close()
+            return 1
+    else:
+        # answer eKuiper first; commands it sends meanwhile wait in the socket for the loop
+        control = _open_control(plugin, settings)
+        if control is None:
+            return 1
+        zygote = _fork_zygote(plugin, settings, script_dir, (control,))
+        if zygote is None:
+            control.close()
+            return 2
     from .runtime.supervisor import Supervisor
+
+    return Supervisor(plugin, settings, zygote, control).run()
+
+
+def _open_control(plugin: PluginConfig, settings: Any) -> Any:
+    """eKuiper's control channel, dialed and handshaken; None (logged) if it cannot be."""
+    from .transport import req_endpoint
+    from .wire import control_url
+
+    url = control_url(plugin.name)
+    try:
+        return req_endpoint(settings.transport, url, settings.dial_timeout)
+    except OSError as e:
+        logs.supervisor_logger().error("plugin %s: cannot reach eKuiper's control channel %s "
+                                       "within %gs: %s", plugin.name, url, settings.dial_timeout, e)
+        return None
+
+
+def _fork_zygote(plugin: PluginConfig, settings: Any, script_dir: str,
+                 inherited: Tuple[Any, ...]) -> Optional[Zygote]:
+    """The zygote, in a fresh private run dir; ``inherited`` is closed in it. None (said in
+    one line) when workers must exec and the factories cannot be shipped to them."""
+    import shutil
+    import tempfile
+
+    from .paths import private_base
     from .runtime.zygote import Zygote, other_threads
 
-    _raise_fd_limit()
+    if not settings.runtime_dir:
+        try:
+            check_trusted(tempfile.gettempdir(), "runtime_dir")
+        except ConfigError as e:
+            print(f"kuiper_pool: cannot start: {e}", flush=True)
+            return None
     rundir = tempfile.mkdtemp(prefix=f"{plugin.name}-", dir=private_base(settings.runtime_dir))
     exec_all = _exec_workers(plugin.name, settings.start_method, other_threads())
     symbol_env = settings.symbol_env()
@@ -59,17 +110,24 @@ def _serve(plugin: PluginConfig, settings: Any, script_dir: str) -> int:
             if settings.start_method != "auto" or symbol_env:
                 shutil.rmtree(rundir, ignore_errors=True)
                 print(f"kuiper_pool: cannot start: plugin {plugin.name}: {why}", flush=True)
-                return 2
+                return None
             logs.supervisor_logger().warning("plugin %s: %s; workers are forked", plugin.name, why)
             exec_all = False
         else:
             spawn_argv = _worker_command(payload, script_dir, settings.log_level)
-    # The zygote must exist before any nng socket does (nng aborts forked children).
-    zygote = Zygote(lambda link: worker.run(link, plugin), rundir, spawn_argv, exec_all,
-                    settings.thread_env(), symbol_env)
-    if payload >= 0:
-        os.close(payload)  # the zygote has it: exec'd workers inherit it
-    return Supervisor(plugin, settings, zygote).run()
+
+    def load_worker() -> Callable[[Any], int]:  # runs in the zygote: every worker shares it
+        from . import wire
+        from .runtime import worker
+
+        wire.encoder()
+        return lambda link: worker.run(link, plugin)
+    try:
+        return Zygote(load_worker, rundir, spawn_argv, inherited, exec_all, settings.thread_env(),
+                      symbol_env)
+    finally:
+        if payload >= 0:
+            os.close(payload)  # the zygote has it: exec'd workers inherit it
 
 
 def _spawn_payload(plugin: PluginConfig) -> int:

@@ -30,8 +30,9 @@ class Running:
                                settings=dict({"stop_grace": 1.0}, **settings))
         self.host = host_runs.launch(self.dir)
         self.supervisor = self.host.process.pid
-        (self.zygote,) = [p.pid for p in psutil.Process(self.supervisor).children()]
         self.sources = [self.host.start_source(self.src, self.rule, op=f"s{i}") for i in (1, 2)]
+        # the zygote exists once a start is answered (the handshake may come before it)
+        (self.zygote,) = [p.pid for p in psutil.Process(self.supervisor).children()]
         self.source_pids = [s.recv()["message"]["pid"] for s in self.sources]
         self.sink = self.host.start_sink(self.snk, self.rule, op="k", config={"file": self.items},
                                          require_ack=True)
@@ -123,3 +124,40 @@ def test_losing_the_control_channel_stops_the_plugin_after_control_lost_timeout(
     wait_until(lambda: run.all_dead([run.zygote, *run.workers]), timeout=2,
                message="workers and zygote gone")
     assert runtime_entries(unique) == []
+
+
+def socket_inodes(pid: int) -> set:
+    """The sockets ``pid`` holds, by inode (a copy of an fd across fork is the same inode)."""
+    found = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:  # closed meanwhile
+            continue
+        if target.startswith("socket:["):
+            found.add(target)
+    return found
+
+
+def test_starts_sent_right_after_the_handshake_are_served_and_the_zygote_holds_no_socket_of_ekuiper(
+        tmp_path, unique, host_runs, transport):
+    # Running sends each start as soon as the previous answer came, the first one right after
+    # the handshake; with the native transport the supervisor handshakes before the zygote exists
+    run = Running(host_runs, tmp_path, unique)
+    zygote_sockets = socket_inodes(run.zygote)
+    assert len(zygote_sockets) == 1  # its link to the supervisor, nothing it inherited
+    assert not zygote_sockets & socket_inodes(run.supervisor)
+
+    # a restarted plugin gets every start replayed at once, concurrently, as eKuiper restores it
+    run.host.restart_plugin()
+    supervisor = run.host.process.pid
+    host_runs.track([supervisor])
+    for handle, old in zip(run.sources, run.source_pids):
+        wait_until(lambda: handle.recv()["message"]["pid"] != old, timeout=10,
+                   message="an item from the restarted source")
+    # eKuiper keeps one start per meta key, and functions share theirs: the last one is replayed
+    assert run.functions[-1].exec(["pid"])["result"] not in run.function_pids
+    assert run.sink.collect(b'{"i": "after"}') == {}
+    (zygote,) = [p.pid for p in psutil.Process(supervisor).children()]
+    zygote_sockets = socket_inodes(zygote)
+    assert len(zygote_sockets) == 1 and not zygote_sockets & socket_inodes(supervisor)

@@ -16,6 +16,7 @@ import re
 import shutil
 import stat
 import subprocess
+import sys
 from dataclasses import dataclass
 
 import ekuiper
@@ -108,6 +109,18 @@ def test_plugin_config_takes_the_official_arguments_first():
     assert _params(kuiper_pool.PluginConfig.get) == _params(ekuiper.PluginConfig.get)
     cfg = kuiper_pool.PluginConfig("p", {"s": dict}, {"k": list}, {"f": set})
     assert (cfg.get("source", "s"), cfg.get("sink", "k"), cfg.get("func", "f")) == (dict, list, set)
+
+
+def test_importing_kuiper_pool_and_what_the_handshake_needs_loads_no_runtime():
+    """eKuiper times the plugin's start to its handshake: a plugin's ``import kuiper_pool``
+    and the native control channel must not pull in the runtime or what only it uses."""
+    code = ("import sys, kuiper_pool, kuiper_pool.transport.sp, kuiper_pool.wire as w; "
+            "w.control_url('p'); print(' '.join(sorted(sys.modules)))")
+    loaded = set(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                check=True).stdout.split())
+    heavy = {"kuiper_pool.runtime", "orjson", "tempfile", "hashlib", "psutil", "pynng", "yaml",
+             "cloudpickle"}
+    assert not heavy & loaded
 
 
 def _flow_through_all_symbols(host, n: Names, tmp_path) -> dict:

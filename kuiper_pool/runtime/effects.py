@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, Optional, Protocol, Tuple
 from .. import wire
 from ..config import Settings
 from ..logs import supervisor_logger
-from ..transport import load as load_transport
+from ..transport import load as load_transport, req_endpoint
 from . import forensics, frames
 from .callpage import CallPage
 from .health import Vitals
@@ -256,10 +256,8 @@ class LoopEffects:
         channel.close()
 
     def req_endpoint(self, url: str, dial_timeout: float) -> Any:
-        """A REQ endpoint used the inverted way (control and function channels)."""
-        if self.lends_functions:  # native: 0 means "start unconnected, redial in ticks"
-            return self.transport.ReqEndpoint(url, dial_timeout)
-        return self.transport.ReqEndpoint(url, max(dial_timeout, 0.05))
+        """A REQ endpoint used the inverted way (a function channel)."""
+        return req_endpoint(self.s.transport, url, dial_timeout)
 
     def watch(self, inst: "Instance", endpoint: Any, reading: bool) -> None:
         fd = endpoint.fileno()

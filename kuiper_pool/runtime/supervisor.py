@@ -44,7 +44,10 @@ Handler = Callable[[int], None]
 class Supervisor:
     """Owns the control channel, the instances and the loop."""
 
-    def __init__(self, plugin: PluginConfig, settings: Settings, zygote: Zygote) -> None:
+    def __init__(self, plugin: PluginConfig, settings: Settings, zygote: Zygote,
+                 control: Any = None) -> None:
+        """``control`` is eKuiper's control channel (a REQ endpoint), already dialed and
+        handshaken by ``plugin.start``."""
         self.plugin = plugin
         self.s = settings
         self.zygote = zygote
@@ -56,7 +59,7 @@ class Supervisor:
         self.commands = Commands(self)
         self.exiting = ""
         self.exit_code = 0
-        self.control: Any = None             # eKuiper's control channel (a REQ endpoint)
+        self.control: Any = control
         self.control_lost_since = 0.0
         self.parent = os.getppid()  # eKuiper (or conda run): when it exits, so do we
         self.last_sample = 0.0
@@ -78,8 +81,11 @@ class Supervisor:
             signal.signal(sig, lambda *_: None)  # the wakeup fd carries the signal number
         self.register(wake_r, lambda _m: self.on_signal(wake_r))
         self.register(self.zygote.fileno(), lambda _m: self.on_zygote())
+        # commands eKuiper sent since the handshake wait in the control socket until now
+        self.register(self.control.fileno(), lambda _m: self.commands.on_control())
+        self.log.info("plugin %s: supervisor pid %d serving %s (zygote pid %d)",
+                      self.plugin.name, os.getpid(), self.control.url, self.zygote.pid)
         self.open_status()
-        self.open_control()
         next_tick = 0.0
         try:
             while not (self.exiting and not self.instances):
@@ -168,19 +174,6 @@ class Supervisor:
             except OSError as e:
                 self.log.error("plugin %s: metrics_address %s: %s; serving without metrics",
                                self.plugin.name, self.s.metrics_address, e)
-
-    def open_control(self) -> None:
-        url = wire.control_url(self.plugin.name)
-        try:
-            self.control = self.fx.req_endpoint(url, self.s.dial_timeout)
-        except OSError as e:
-            self.log.error("plugin %s: cannot reach eKuiper's control channel %s within %gs: %s",
-                           self.plugin.name, url, self.s.dial_timeout, e)
-            self.exiting, self.exit_code = "no control channel", 1
-            return
-        self.register(self.control.fileno(), lambda _m: self.commands.on_control())
-        self.log.info("plugin %s: supervisor pid %d serving %s (zygote pid %d)",
-                      self.plugin.name, os.getpid(), url, self.zygote.pid)
 
     def close(self) -> None:
         for inst in list(self.instances.values()):

@@ -1,11 +1,13 @@
 """The zygote: a single-threaded process that makes workers and reports their exits.
 
 nng aborts any forked child of a process that has opened an nng socket
-(docs/transport.md), so the supervisor forks the zygote before it opens any
-socket, and every worker is forked from the zygote (about 2 ms, plugin modules
-already loaded) or, with ``start_method: spawn``, exec'd from it. The zygote is
-the workers' parent: it alone reaps them, reports each exit status, and signals
-only children it has not reaped yet, so a recycled pid is never hit.
+(docs/transport.md), so with ``transport: nng`` the supervisor forks the zygote
+before it opens any socket; with the native transport it answers eKuiper's
+handshake first and the zygote closes the control channel it inherits. Every
+worker is forked from the zygote (about 2 ms, plugin modules already loaded) or,
+with ``start_method: spawn``, exec'd from it. The zygote is the workers' parent:
+it alone reaps them, reports each exit status, and signals only children it has
+not reaped yet, so a recycled pid is never hit.
 
 Orphans: when the supervisor dies, whatever killed it, the kernel sends the
 zygote SIGTERM (``PR_SET_PDEATHSIG``) and closes its link, and the zygote also
@@ -35,7 +37,7 @@ import sys
 import threading
 import time
 import warnings
-from typing import Callable, Dict, List, Mapping, Optional, Tuple
+from typing import Callable, Dict, List, Mapping, Optional, Protocol, Sequence, Tuple
 
 from ..paths import identity, unlink_if_ours
 from .protocol import (ZYGOTE_DISOWN, ZYGOTE_EXITED, ZYGOTE_KILL, ZYGOTE_OWN, ZYGOTE_REFUSED,
@@ -107,18 +109,26 @@ def other_threads() -> Tuple[int, str]:
     return len(python) + sum(native.values()), "; ".join(parts)
 
 
+class Closable(Protocol):
+    def close(self) -> None: ...
+
+
 class Zygote:
     """Supervisor-side handle of the zygote process."""
 
-    def __init__(self, worker_main: WorkerMain, rundir: str,
-                 spawn_argv: Optional[List[str]] = None, exec_all: bool = True,
-                 env: Optional[Mapping[str, str]] = None,
+    def __init__(self, load_worker: Callable[[], WorkerMain], rundir: str,
+                 spawn_argv: Optional[List[str]] = None, inherited: Sequence[Closable] = (),
+                 exec_all: bool = True, env: Optional[Mapping[str, str]] = None,
                  symbol_env: Optional[Mapping[str, Mapping[str, str]]] = None) -> None:
-        """Fork the zygote now. ``spawn_argv``, if given, is the command a worker execs (the
-        link fd number is appended) instead of running ``worker_main`` in a fork: every
-        worker with ``exec_all``, else only those of symbols in ``symbol_env``, which exec
-        with that symbol's variables added. ``env`` is added to every worker's environment
-        where it is not set yet. ``rundir`` is removed when the zygote exits."""
+        """Fork the zygote now. It calls ``load_worker`` once, before serving, for the
+        function each forked worker runs (what it imports is then shared by every worker
+        and kept off the supervisor's start). ``spawn_argv``, if given, is the command a
+        worker execs (the link fd number is appended) instead of a fork: every worker with
+        ``exec_all``, else only those of symbols in ``symbol_env``, which exec with that
+        symbol's variables added. ``env`` is added to every worker's environment where it
+        is not set yet. ``inherited``: what the supervisor has opened so far (eKuiper's
+        control channel), closed in the zygote at once. ``rundir`` is removed when the
+        zygote exits."""
         parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         supervisor_pid = os.getpid()
         sys.stdout.flush()
@@ -129,11 +139,16 @@ class Zygote:
         if pid == 0:  # the zygote
             code = 1
             try:
+                # until _serve handles SIGTERM (load_worker takes a while): the link's EOF
+                # also tells of the supervisor's death, and the cleanup must not be skipped
+                signal.signal(signal.SIGTERM, signal.SIG_IGN)
                 parent_end.close()
+                for closable in inherited:  # a copy of the fd, not a shutdown: ours are unaffected
+                    closable.close()
                 die_with_parent(supervisor_pid, signal.SIGTERM)
                 for key, value in (env or {}).items():
                     os.environ.setdefault(key, value)
-                code = _serve(child_end, worker_main, spawn_argv, rundir, supervisor_pid,
+                code = _serve(child_end, load_worker(), spawn_argv, rundir, supervisor_pid,
                               exec_all, dict(symbol_env or {}))
             finally:
                 os._exit(code)

@@ -2,6 +2,7 @@
 Nothing here imports the runtime."""
 import importlib
 from types import ModuleType
+from typing import Any
 
 
 class TransportError(OSError):
@@ -16,3 +17,11 @@ def load(name: str) -> ModuleType:
     """The transport module by its setting's name (``sp`` or ``nng``); pynng is imported
     only for ``nng``."""
     return importlib.import_module(f"{__name__}.{name}")
+
+
+def req_endpoint(name: str, url: str, dial_timeout: float) -> Any:
+    """A REQ endpoint used the inverted way (control and function channels); it sends the
+    handshake as soon as it connects. Native: 0 means "start unconnected, redial in ticks";
+    pynng needs a moment to dial."""
+    module = load(name)
+    return module.ReqEndpoint(url, dial_timeout if name == "sp" else max(dial_timeout, 0.05))
