@@ -160,6 +160,9 @@ def test_workers_start_on_a_run_directory_with_no_free_inode(tmp_path, full_fs, 
     plugin = make_plugin(str(tmp_path), f"kp{unique}", sources={f"src{unique}": COUNTING_SOURCE},
                          functions={f"fn{unique}": MODE_FUNCTION}, settings={"runtime_dir": mnt})
     host = host_runs.launch(plugin)
+    # the handshake comes before the run dir and status socket exist: fill the fs after them
+    wait_until(lambda: glob.glob(os.path.join(mnt, "kuiper_pool-*", f"kp{unique}.sock")), 10, 0.01,
+               "the supervisor's status socket")
     assert fill() > 0
     fn = host.start_function(f"fn{unique}")
     assert fn.exec(["echo", 1]) == {"state": True, "result": 1}
