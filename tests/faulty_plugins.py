@@ -21,7 +21,8 @@ SIGKILLs itself), ``hang`` (a busy loop that never returns).
 * sink ``snk``, conf: ``open_fault`` (how ``open`` fails, every time),
   ``restart_open_fault`` (how ``open`` fails on every start of a rule but its first), ``tag_acks``
   (items whose ``i`` is a multiple of 3 are acked with ``ack_error("tag <i>")``, others
-  with ``ack_ok``). Items are JSON objects ``{"i": n}``; ``{"i": n, "die": how, "mode":
+  with ``ack_ok``), ``late_ack`` (seconds: ``ack_ok`` comes from a timer thread after
+  ``collect`` returned, as the official SDK allows). Items are JSON objects ``{"i": n}``; ``{"i": n, "die": how, "mode":
   "once"|"always"}`` fails in ``collect`` (``once``: only the first time that rule sees
   that ``i``); ``slow`` (seconds each collect sleeps while ``<root>/fast`` is absent, after
   a ``slow`` event). Events: ``configure`` (symbol, conf), ``collect`` (rule, i), ``fault``.
@@ -138,7 +139,9 @@ class Snk(Sink):
             record("slow", rule=rule, i=item["i"])
             time.sleep(float(self.conf["slow"]))
         record("collect", rule=rule, i=item["i"])
-        if self.conf.get("tag_acks") and item["i"] % 3 == 0:
+        if self.conf.get("late_ack"):
+            threading.Timer(float(self.conf["late_ack"]), ctx.ack_ok).start()
+        elif self.conf.get("tag_acks") and item["i"] % 3 == 0:
             ctx.ack_error("tag %d" % item["i"])
         else:
             ctx.ack_ok()

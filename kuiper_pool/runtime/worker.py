@@ -260,15 +260,17 @@ def run_sink(worker: Worker, sink: Any) -> int:
         return EXIT_CONFIGURE
     # [0]: the seq whose collect began, [1]: whose collect returned (shared with the supervisor)
     current = CollectMark(worker.link.fds.popleft()).slots if worker.spec.page else [0, 0]
-    acked = [0]
+    require_ack = wire.require_ack(ctrl.config)
 
-    def ack(data: bytes) -> None:  # an acked item is finished: its ack stands for its DONE
-        acked[0] = current[0]
+    def ack(data: bytes) -> None:
+        # With requireAck an item is finished at its ack, whenever it comes (from collect or
+        # later, from another thread): no DONE stands for it, so a late ack is never dropped.
+        # eKuiper sends the next item only after this ack, so ``current`` is still its item.
         worker.link.send(frames.encode_seq(frames.ACK, current[0], data))
 
     # without requireAck nobody reads acks: ack_ok/ack_error do nothing
     ctx = WorkerContext(ctrl.symbol, ctrl.rule_id, ctrl.op_id, ctrl.instance_id,
-                        ack=ack if wire.require_ack(ctrl.config) else None)
+                        ack=ack if require_ack else None)
     try:  # READY after open: an open that fails is the start's answer, start_timeout covers it
         sink.open(ctx)
     except Exception as e:  # noqa: BLE001
@@ -295,7 +297,7 @@ def run_sink(worker: Worker, sink: Any) -> int:
             worker.busy_since = 0.0
             current[1] = seq
             worker.processed += 1
-            if acked[0] != seq:
+            if not require_ack:
                 done = seq
             if done > reported and seq % DONE_EVERY == 0:
                 worker.link.send(frames.encode_seq(frames.DONE, done))
