@@ -563,12 +563,19 @@ def test_a_worker_dying_between_items_charges_none():
     assert items_sent_to(fx, restarted(inst, fx)) == [b"1", b"2"] and push.sent == []
 
 
-def test_back_pressure_stops_reading_and_progress_resumes_it():
-    inst, fx, _ = running(sink_window=2)
+def test_back_pressure_stops_reading_at_the_byte_budget_and_progress_resumes_it():
+    inst, fx, _ = running(sink_window_mb=1)
     pull, _push = fx.endpoints
-    pull.queue += [b"1", b"2", b"3"]
+    big = b"x" * 600_000
+    pull.queue += [big]
     inst.on_readable(fx.endpoints[0])
-    assert fx.watching[-1] is False and pull.queue == [b"3"]
+    assert fx.watching[-1] is True            # 600 KB held: under the 1 MiB budget
+    pull.queue += [big]
+    inst.on_readable(fx.endpoints[0])
+    assert fx.watching[-1] is False           # 1.2 MB held: reading stops
+    pull.queue += [b"3"]
+    inst.on_readable(fx.endpoints[0])         # a readiness event select() returned before
+    assert pull.queue == [b"3"]
     done(inst, fx.workers[0], 2)
     assert fx.watching[-1] is True
 
@@ -720,8 +727,23 @@ def test_a_silent_worker_busy_on_the_cpu_is_left_alone_and_an_idle_one_is_killed
     assert fx.signals == []
     fx.t += 2.5  # the next window: no CPU used
     inst.tick(fx.t)
-    assert_killed(inst, fx, w, signal.SIGTERM)
     assert "hung: no heartbeat" in w.kill_reason and "of CPU in the last" in w.kill_reason
+
+
+def test_a_hung_worker_is_continued_to_dump_its_stack_then_sigkilled_without_stop_grace():
+    inst, fx, _ = running()                  # a sink: SIGTERM and stop_grace for other kills
+    w = fx.workers[0]
+    inst.on_frame(w, frames.BEAT, b'{"n": 1, "busy": 0, "cpu": 1.0}')
+    beat_at, fx.cpu = fx.t, 1.5              # busy, then SIGSTOPped before the next beat
+    while not w.kill_reason:
+        fx.t += 0.05
+        inst.tick(fx.t)
+    assert fx.t - beat_at < 2.1              # silent past the limit (2 s): no second window
+    assert fx.signals == [(w.wid, signal.SIGUSR1), (w.wid, signal.SIGCONT)]
+    assert w.kill_reason.startswith("hung")
+    fx.t += 0.06                             # DUMP_GRACE, not DUMP_GRACE + stop_grace
+    inst.tick(fx.t)
+    assert fx.signals[-1] == (w.wid, signal.SIGKILL)
 
 
 # --- zero-hop functions: the worker owns eKuiper's connection -----------------------------------------

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from ..instances import Instance
 
 MAX_BATCH = 256     # sink items moved per wake-up
+ITEM_OVERHEAD = 128  # bytes an in-flight item costs beyond its payload (counted in the window)
 Items = List[Tuple[int, bytes]]
 
 
@@ -41,7 +42,8 @@ class SinkRoute(Route):
     def __init__(self, inst: "Instance") -> None:
         super().__init__(inst)
         self.require_ack = wire.require_ack(inst.ctrl.config)
-        self.window = inst.s.sink_window
+        self.window = int(inst.s.sink_window_mb * 1048576)   # bytes
+        self.held = 0    # bytes of the items in ``inflight`` (payload + ITEM_OVERHEAD each)
         self.max_deliveries = inst.s.sink_max_deliveries
         self.inflight: "OrderedDict[int, Item]" = OrderedDict()
         self.next_seq = 1
@@ -116,7 +118,7 @@ class SinkRoute(Route):
         inst.items_in += len(items)
         if running:
             self._deliver(w, items)
-        self._read(len(self.inflight) < self.window)  # back-pressure: DONE frames resume reading
+        self._read(self.held < self.window)  # back-pressure: DONE frames resume reading
 
     def _read(self, on: bool) -> None:
         if on != self.reading and self.pull is not None:
@@ -125,14 +127,20 @@ class SinkRoute(Route):
 
     def _take(self) -> Items:
         """Move what eKuiper sent into ``inflight``; return the new items."""
-        room = min(MAX_BATCH, self.window - len(self.inflight))
         out = []
-        for data in self.pull.recv_many(room) if room > 0 else ():
+        for data in self.pull.recv_many(MAX_BATCH) if self.held < self.window else ():
             seq = self.next_seq
             self.next_seq += 1
             self.inflight[seq] = Item(data)
+            self.held += len(data) + ITEM_OVERHEAD
             out.append((seq, data))
         return out
+
+    def _finish(self, seq: int) -> None:
+        """``seq`` leaves ``inflight`` (finished, acked, dropped or refused)."""
+        item = self.inflight.pop(seq, None)
+        if item is not None:
+            self.held -= len(item.data) + ITEM_OVERHEAD
 
     def _deliver(self, w: "WorkerHandle", items: Items) -> None:
         if items:
@@ -145,7 +153,7 @@ class SinkRoute(Route):
         for seq, item in list(self.inflight.items()):
             if item.faults >= self.max_deliveries:
                 poison.append(seq)
-                del self.inflight[seq]
+                self._finish(seq)
                 if not item.acked:
                     self._send_ack(wire.sink_ack_error(
                         f"item dropped: {item.faults} workers died during its collect"))
@@ -166,7 +174,7 @@ class SinkRoute(Route):
             return 0
         n = 0
         for seq, _data in self._take():
-            del self.inflight[seq]
+            self._finish(seq)
             self._send_ack(wire.sink_ack_error(reason))
             n += 1
         return n
@@ -180,6 +188,7 @@ class SinkRoute(Route):
                 n += 1
                 self._send_ack(wire.sink_ack_error(reason))
         self.inflight.clear()
+        self.held = 0
         return n
 
     # --- progress and acks from the worker ---------------------------------------------------------
@@ -191,16 +200,16 @@ class SinkRoute(Route):
         before = len(self.inflight)
         if ftype == frames.ACK:  # acked is finished: no DONE follows for it
             self._acked(seq, data)
-            self.inflight.pop(seq, None)
+            self._finish(seq)
         else:
             while self.inflight:
                 first = next(iter(self.inflight))
                 if first > seq:
                     break
-                del self.inflight[first]
+                self._finish(first)
         inst = self.inst
         inst.items_out += before - len(self.inflight)
-        if inst.state is State.RUNNING and not self.reading and len(self.inflight) < self.window:
+        if inst.state is State.RUNNING and not self.reading and self.held < self.window:
             self._read(True)
 
     def _acked(self, seq: int, data: bytes) -> None:
