@@ -13,7 +13,7 @@ import errno
 import json
 import os
 import signal
-from typing import Any, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import pytest
 
@@ -21,6 +21,7 @@ from kuiper_pool import wire
 from kuiper_pool.api import PluginConfig
 from kuiper_pool.config import load_settings
 from kuiper_pool.runtime import callpage, frames
+from kuiper_pool.runtime.sinkpage import SinkPage
 from kuiper_pool.runtime.effects import WorkerHandle
 from kuiper_pool.runtime.instances import (BACKOFF, ENDED, FAILED, RECYCLING, REMOVED, RUNNING,
                                            STARTING, STOPPING, Instance)
@@ -40,6 +41,8 @@ class MemoryPull:
     def __init__(self) -> None:
         self.queue: List[bytes] = []
         self.closed = False
+        self.idle = True       # the connection can be lent (nothing of it buffered here)
+        self.lent = False
 
     def fileno(self) -> int:
         return 99
@@ -125,6 +128,7 @@ class Recorder:
         self.lendable = False
         self.handoffs: List[Tuple[int, Any]] = []
         self.channels: List[MemoryReq] = []
+        self.worker_pages: Dict[int, SinkPage] = {}   # a sink worker's own mapping of its page
 
     def now(self) -> float:
         return self.t
@@ -136,6 +140,8 @@ class Recorder:
         w.pid = 5000 + self.next_wid
         fd = inst.route.open_page(w, self.lendable)   # a call page or a collect mark
         if fd is not None:
+            if w.sink_page is not None:
+                self.worker_pages[w.wid] = SinkPage(fd)   # the worker's side
             os.close(fd)
         self.next_wid += 1
         self.workers.append(w)
@@ -172,6 +178,16 @@ class Recorder:
 
     def hand_over(self, w: WorkerHandle, handoff: Any) -> None:
         self.handoffs.append((w.wid, handoff))
+
+    def lend_sink(self, w: WorkerHandle, pull: Any, ack: Any) -> bool:
+        if not (self.lendable and w.sink_page is not None and pull.idle and not pull.lent):
+            return False
+        pull.lent = True
+        self.handoffs.append((w.wid, "sink"))
+        return True
+
+    def take_back_sink(self, pull: Any) -> None:
+        pull.lent = False
 
     def watch(self, inst: Instance, endpoint: Any, reading: bool) -> None:
         if isinstance(endpoint, MemoryPull):  # the sink's reading; a function's is always on
@@ -855,3 +871,95 @@ def test_a_sink_retried_after_contain_opens_its_channel_again():
     inst.tick(fx.t)
     ready(inst, fx.workers[-1])
     assert inst.state == RUNNING and isinstance(inst.route, SinkRoute) and fx.watching[-1] is True
+
+
+# --- acked sinks: the worker owns eKuiper's connections --------------------------------------------
+
+def lent_sink() -> Tuple[Instance, Recorder, WorkerHandle]:
+    inst, fx, _ = running(lendable=True)
+    w = fx.workers[0]
+    assert fx.handoffs == [(w.wid, "sink")] and inst.route.lent_to is w and fx.endpoints[0].lent
+    return inst, fx, w
+
+
+def take(page: SinkPage, data: bytes) -> None:
+    """What the worker's one recv does: the frame lands in the page."""
+    area = page.receiving(len(data))
+    area[:] = b"\x01" + len(data).to_bytes(8, "big") + data
+
+
+@pytest.mark.parametrize("where, owed", [
+    ("before the recv", False), ("after the recv", True), ("in collect", True),
+    ("writing the ack", False), ("after the ack", False)])
+def test_a_dead_lent_sink_worker_owes_what_its_page_says(where, owed):
+    inst, fx, w = lent_sink()
+    page = fx.worker_pages[w.wid]
+    item = b'{"i": 7}'
+    if where == "before the recv":
+        page.receiving(len(item))
+    else:
+        take(page, item)
+        if where != "after the recv":
+            page.holding()
+        if where in ("writing the ack", "after the ack"):
+            page.acking()
+        if where == "after the ack":
+            page.acked()
+    inst.on_exit(w, KILLED)
+    assert not fx.endpoints[0].lent and inst.route.lent_to is None   # read here again
+    ready(inst, fx.workers[1])
+    items = [f for wid, t, f in fx.sent if t == frames.ITEMS and wid == fx.workers[1].wid]
+    if owed:  # relayed to the replacement; it is lent the connections only after its ack
+        assert [d for _s, d in frames.decode_items(items[0])] == [item]
+        assert fx.handoffs == [(w.wid, "sink")]
+        seq = next(iter(inst.route.inflight))
+        inst.on_frame(fx.workers[1], frames.ACK, frames.SEQ.pack(seq) + b"{}")
+        assert fx.endpoints[1].sent == [b"{}"]
+    else:
+        assert items == [] and fx.endpoints[1].sent == []
+    assert fx.handoffs[-1] == (fx.workers[1].wid, "sink")
+    assert (where == "writing the ack") == any("counted as sent" in n for n in fx.notes)
+
+
+def test_no_signal_reaches_a_worker_writing_an_ack_until_it_is_written():
+    inst, fx, w = lent_sink()
+    page = fx.worker_pages[w.wid]
+    take(page, b"x")
+    page.holding()
+    inst.kill(w, "call exceeded collect_deadline 1s")
+    page.acking()
+    fx.t += 10                                # past DUMP_GRACE and stop_grace
+    inst.tick(fx.t)
+    assert fx.signals == [(w.wid, signal.SIGUSR1)]   # only the stack dump, before ACKING
+    page.acked()
+    inst.tick(fx.t)
+    assert fx.signals[-1][1] in (signal.SIGTERM, signal.SIGKILL)
+
+
+def test_a_late_give_back_of_a_replaced_worker_changes_nothing():
+    inst, fx, w = lent_sink()
+    inst.on_exit(w, KILLED)
+    ready(inst, fx.workers[1])
+    assert inst.route.lent_to is fx.workers[1]
+    inst.on_frame(w, frames.LOST, b"closed")  # from the dead worker: ignored
+    assert inst.route.lent_to is fx.workers[1] and fx.endpoints[0].lent
+
+
+def test_a_given_back_connection_is_read_here_and_lent_again_after_the_ack():
+    inst, fx, w = lent_sink()
+    pull = fx.endpoints[0]
+    inst.on_frame(w, frames.LOST, b"large")
+    assert not pull.lent and inst.route.lent_to is None
+    pull.queue.append(b"L" * 100_000)
+    inst.on_readable(pull)
+    [items] = fx.frames_of(frames.ITEMS)
+    [(seq, data)] = frames.decode_items(items)
+    assert not pull.lent                      # not while the relayed item waits for its ack
+    inst.on_frame(w, frames.ACK, frames.SEQ.pack(seq) + b"{}")
+    assert pull.lent and inst.route.lent_to is w and fx.endpoints[1].sent == [b"{}"]
+
+
+def test_a_stale_readiness_event_while_lent_reads_nothing_of_the_lent_connection():
+    inst, fx, w = lent_sink()
+    inst.on_readable(fx.endpoints[0])          # select() returned it before the lend
+    assert fx.frames_of(frames.ITEMS) == [] and inst.route.lent_to is w

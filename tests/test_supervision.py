@@ -377,6 +377,46 @@ def test_sink_without_acks_loses_nothing_when_its_worker_is_stopped(make_rig, un
     assert line["rule"] == rule
 
 
+def holds_data_connection(pid: int, path: str) -> bool:
+    """Whether worker ``pid`` holds a connection accepted on eKuiper's sink data path."""
+    try:
+        proc = psutil.Process(pid)
+        conns = getattr(proc, "net_connections", proc.connections)(kind="unix")
+        return any(c.laddr == path for c in conns)
+    except psutil.NoSuchProcess:
+        return False
+
+
+@pytest.mark.parametrize("where", ["before_read", "collect", "before_ack", "after_ack"])
+def test_an_acked_sink_worker_killed_anywhere_costs_eKuiper_no_ack_and_no_item(  # noqa: N802
+        make_rig, unique, transport, where):
+    rig = make_rig()
+    rule = f"r_{unique}"
+    sink = rig.host.start_sink("snk", rule, require_ack=True)
+    assert sink.collect(b'{"i": 1}') == {}
+    pid = rig.row(rule=rule)["pid"]
+    if transport == "sp":  # the worker reads eKuiper's data connection itself
+        assert wait_until(lambda: holds_data_connection(pid, f"/tmp/{rule}_op_0.ipc"), 5, 0.02,
+                          "the data connection lent to the worker")
+    item = json.dumps({"i": 2, "block": where} if where != "before_read" else {"i": 2}).encode()
+    if where == "before_read":
+        os.kill(pid, signal.SIGSTOP)  # the item waits in the socket, unread
+        sink.send(item)
+    else:
+        sink.send(item)
+        wait_until(lambda: rig.plugin.events("blocked", rule=rule, i=2), 5, 0.02, f"blocked at {where}")
+    os.kill(pid, signal.SIGKILL)
+    assert sink.recv_ack(timeout=10) == {}  # from whichever worker: exactly one
+    with pytest.raises(HostError, match="no ack"):
+        sink.recv_ack(timeout=0.3)
+    assert sink.collect(b'{"i": 3}') == {}  # acks stay matched to items
+    collected = [c["i"] for c in rig.plugin.events("collect", rule=rule)]
+    assert set(collected) == {1, 2, 3}
+    twice = 2 if where in ("before_ack", "after_ack") else 1  # the dead worker had collected it
+    assert collected.count(2) == (1 if where == "after_ack" else twice)
+    assert rig.row(rule=rule)["restarts"] == 1
+
+
 def test_a_late_ack_from_a_timer_thread_reaches_ekuiper_once(make_rig, unique):
     rig = make_rig()
     rule = f"r_{unique}"

@@ -376,7 +376,7 @@ class Instance:
             self._spawn("retry")
             return
         w = self.worker
-        if w is None:
+        if w is None or self.route.signal_deferred(w):
             return
         if w.pending_signal and now >= w.signal_at:
             self.fx.signal(w, w.pending_signal)

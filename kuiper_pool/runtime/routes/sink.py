@@ -2,20 +2,28 @@
 path (README, "Data paths"). Items get sequence numbers and stay in ``inflight`` until the
 worker reports them finished (DONE) or acks them, so a replacement worker gets exactly the
 unfinished ones again; an item that has ended ``sink_max_deliveries`` workers is poison.
+
+An acked sink under ``transport: sp`` lends both connections to its worker while nothing
+is in flight: the worker takes each item into its item page (``sinkpage.py``) and acks
+eKuiper itself. When it dies the page tells whether it owed an item, which then goes to
+the replacement like any unfinished one; the worker gives the connections back for an
+item too large for the page or when eKuiper closed the data connection.
 """
 from __future__ import annotations
 
 import logging
+import os
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, List, Optional, Tuple
 
 from ... import wire
 from ...transport import TransportError
-from .. import callpage, frames
+from .. import frames, sinkpage
 from ..marks import CollectMark
 from ..states import State
-from .base import Route
+from ..sinkpage import ACKING, LENT, RECEIVING, SinkPage
+from .base import Counts, Route
 
 if TYPE_CHECKING:
     from ..effects import WorkerHandle
@@ -50,6 +58,7 @@ class SinkRoute(Route):
         self.pull: Any = None
         self.ack: Any = None
         self.reading = False
+        self.lent_to: "Optional[WorkerHandle]" = None   # the worker holding both connections
 
     # --- lifecycle events -------------------------------------------------------------------
 
@@ -61,10 +70,69 @@ class SinkRoute(Route):
         if not first:
             self._redeliver(w)
         self._on_data()
+        self._lend(w)
+
+    def _lend(self, w: "WorkerHandle") -> None:
+        """Lend eKuiper's connections to ``w`` when nothing is in flight (an item relayed
+        and not acked would race one the worker reads itself: acks match by order)."""
+        inst = self.inst
+        if (self.require_ack and self.lent_to is None and not self.inflight and self.pull is not None
+                and inst.state is State.RUNNING and inst.worker is w and not w.kill_reason
+                and self.fx.lend_sink(w, self.pull, self.ack)):
+            self.lent_to = w
+
+    def _take_back(self) -> None:
+        """Read the data connection here again (the worker gave it back or is gone)."""
+        if self.lent_to is not None:
+            self.lent_to = None
+            if self.pull is not None:
+                self.fx.take_back_sink(self.pull)
+
+    def on_worker_gone(self, w: "WorkerHandle", how: str, cause: str) -> None:
+        page, w.sink_page = w.sink_page, None   # it stays the mark (on_crashed reads it)
+        if page is None:
+            return
+        st, owed = page.read(), page.owed()
+        inst = self.inst
+        inst.items_in += st.taken + (owed is not None and st.state == RECEIVING)
+        inst.items_out += st.acked
+        if self.lent_to is w:
+            self._take_back()
+        if owed is not None:  # it goes to the replacement first
+            seq = self.next_seq
+            self.next_seq += 1
+            self.inflight[seq] = Item(owed)
+            self.inflight.move_to_end(seq, last=False)
+            self.held += len(owed) + ITEM_OVERHEAD
+            if page.running() == LENT:  # its collect was running: the mark names it now
+                page.slots[0] = seq
+        elif st.state == ACKING:
+            self.fx.note(inst, logging.WARNING, "worker pid %d died while writing an ack: "
+                         "counted as sent (a second ack would answer the next item)", w.pid)
+
+    def signal_deferred(self, w: "WorkerHandle") -> bool:
+        page = w.sink_page
+        return page is not None and page.read().state == ACKING
+
+    def counts(self, w: "WorkerHandle") -> Counts:
+        page = w.sink_page
+        if page is None:
+            return 0, 0, 0
+        st = page.read()
+        return st.taken, st.acked, 0
 
     def open_page(self, w: "WorkerHandle", lends: bool) -> Optional[int]:
-        fd = callpage.create()
-        w.mark = CollectMark(fd)
+        """The collect mark; with the item page when the worker may be lent eKuiper's
+        connections (an acked sink under transport sp)."""
+        items = lends and self.require_ack
+        fd = sinkpage.create(items)
+        try:
+            w.mark = SinkPage(fd) if items else CollectMark(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        if isinstance(w.mark, SinkPage):
+            w.sink_page = w.mark
         return fd
 
     def on_crashed(self, w: Optional["WorkerHandle"], how: str, cause: str) -> None:
@@ -90,6 +158,7 @@ class SinkRoute(Route):
     def close(self) -> None:
         pull, ack, self.pull, self.ack = self.pull, self.ack, None, None
         self.reading = False
+        self.lent_to = None
         if pull is not None:
             self.fx.close_sink(self.inst, pull, ack)
 
@@ -194,6 +263,11 @@ class SinkRoute(Route):
     # --- progress and acks from the worker ---------------------------------------------------------
 
     def on_frame(self, w: "WorkerHandle", ftype: int, payload: bytes) -> None:
+        if ftype == frames.LOST:  # the worker gave the connections back: relay what comes
+            if self.lent_to is w:
+                self._take_back()
+                self._on_data()
+            return
         if ftype not in (frames.DONE, frames.ACK):
             super().on_frame(w, ftype, payload)
         seq, data = frames.split_seq(payload)
@@ -211,6 +285,7 @@ class SinkRoute(Route):
         inst.items_out += before - len(self.inflight)
         if inst.state is State.RUNNING and not self.reading and self.held < self.window:
             self._read(True)
+        self._lend(w)
 
     def _acked(self, seq: int, data: bytes) -> None:
         """Forward the worker's ack for ``seq`` unless that item was acked already."""
