@@ -417,6 +417,48 @@ def test_an_acked_sink_worker_killed_anywhere_costs_eKuiper_no_ack_and_no_item( 
     assert rig.row(rule=rule)["restarts"] == 1
 
 
+def test_an_acked_sink_relays_items_too_large_for_the_page_and_lends_again(make_rig, unique, transport):
+    rig = make_rig()
+    rule = f"r_{unique}"
+    sink = rig.host.start_sink("snk", rule, require_ack=True)
+    sizes = [10, 300_000, 10, 70_000, 10]   # the page takes frames up to 64 KiB
+    for i, size in enumerate(sizes, 1):
+        assert sink.collect(json.dumps({"i": i, "pad": "x" * size}).encode()) == {}
+    with pytest.raises(HostError, match="no ack"):
+        sink.recv_ack(timeout=0.3)
+    assert [c["i"] for c in rig.plugin.events("collect", rule=rule)] == [1, 2, 3, 4, 5]
+    if transport == "sp":
+        pid = rig.row(rule=rule)["pid"]
+        assert wait_until(lambda: holds_data_connection(pid, f"/tmp/{rule}_op_0.ipc"), 5, 0.02,
+                          "the data connection lent again")
+
+
+def test_an_acked_sink_follows_ekuipers_reconnect_while_its_worker_holds_the_connection(
+        make_rig, unique, transport):
+    if transport != "sp":
+        pytest.skip("the connection is lent under transport sp only")
+    rig = make_rig()
+    rule = f"r_{unique}"
+    sink = rig.host.start_sink("snk", rule, require_ack=True)
+    assert sink.collect(b'{"i": 1}') == {}
+    pid = rig.row(rule=rule)["pid"]
+    path = f"/tmp/{rule}_op_0.ipc"
+    assert wait_until(lambda: holds_data_connection(pid, path), 5, 0.02, "the connection lent")
+    push = sink._data  # eKuiper's PUSH loses its pipe and dials again
+    if hasattr(push, "pipes"):
+        for pipe in list(push.pipes):
+            pipe.close()
+    else:
+        push._lost()
+    for i in (2, 3, 4):
+        assert sink.collect(json.dumps({"i": i}).encode()) == {}
+    with pytest.raises(HostError, match="no ack"):
+        sink.recv_ack(timeout=0.3)
+    assert [c["i"] for c in rig.plugin.events("collect", rule=rule)] == [1, 2, 3, 4]
+    assert rig.row(rule=rule)["pid"] == pid and rig.row(rule=rule)["restarts"] == 0
+    assert wait_until(lambda: holds_data_connection(pid, path), 5, 0.02, "the new connection lent")
+
+
 def test_a_late_ack_from_a_timer_thread_reaches_ekuiper_once(make_rig, unique):
     rig = make_rig()
     rule = f"r_{unique}"
