@@ -308,53 +308,23 @@ def test_sink_with_acks_loses_nothing_when_its_worker_dies(make_rig, unique):
     assert rig.row(rule=rule)["restarts"] == 1
 
 
-def test_sink_without_acks_loses_nothing_when_its_worker_is_killed(make_rig, unique):
-    rig = make_rig()
-    rule, n = f"r_{unique}", 3000
-    sink = rig.host.start_sink("snk", rule)
-    done = threading.Event()
-    errors: List[BaseException] = []
-
-    def send_all() -> None:
-        try:
-            for i in range(1, n + 1):
-                sink.send(json.dumps({"i": i}).encode())
-        except BaseException as e:  # noqa: BLE001 - reported by the test
-            errors.append(e)
-        finally:
-            done.set()
-
-    sender = threading.Thread(target=send_all, daemon=True)
-    sender.start()
-    wait_until(lambda: len(rig.plugin.events("collect", rule=rule)) >= n // 4, 20, 0.02,
-               "a quarter of the items collected")
-    pid = rig.row(rule=rule)["pid"]
-    os.kill(pid, signal.SIGKILL)
-    at_kill = len(rig.plugin.events("collect", rule=rule))
-    assert at_kill < n, "the kill must land mid-stream"
-    assert done.wait(20) and not errors, errors
-    wait_until(lambda: {c["i"] for c in rig.plugin.events("collect", rule=rule)} == set(range(1, n + 1)),
-               20, 0.1, "every item collected")
-    row = rig.row(rule=rule)
-    assert row["restarts"] == 1 and row["pid"] != pid
-    print(f"TIMING sink SIGKILL mid-stream: {at_kill}/{n} items collected at the kill")
-
-
-def test_sink_without_acks_loses_nothing_when_its_worker_is_stopped(make_rig, unique):
-    # the default detection settings: a stopped worker is found hung after 2 s of silence and
-    # SIGKILLed at once; meanwhile the supervisor keeps reading, so eKuiper's sends never wait
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGSTOP])
+def test_sink_without_acks_loses_nothing_when_its_worker_is_killed_or_stopped(make_rig, unique, sig):
+    # SIGSTOP under the default detection settings: the worker is found hung after 2 s of
+    # silence and SIGKILLed at once; meanwhile the supervisor keeps reading (sink_window_mb),
+    # so eKuiper's sends never wait
     rig = make_rig(heartbeat_interval=0.5, heartbeat_misses=4, stop_grace=2.0)
     rule, n = f"r_{unique}", 3000
     sink = rig.host.start_sink("snk", rule)
     done = threading.Event()
     errors: List[BaseException] = []
-    stopped = threading.Event()
+    hit = threading.Event()
 
     def send_all() -> None:
         try:
             for i in range(1, n + 1):
-                if i == n // 2:  # the rest goes out while the worker is stopped
-                    stopped.wait(10)
+                if i == n // 2:  # the rest goes out after the signal
+                    hit.wait(10)
                 sink.send(json.dumps({"i": i}).encode())
         except BaseException as e:  # noqa: BLE001 - reported by the test
             errors.append(e)
@@ -366,15 +336,20 @@ def test_sink_without_acks_loses_nothing_when_its_worker_is_stopped(make_rig, un
     wait_until(lambda: len(rig.plugin.events("collect", rule=rule)) >= n // 4, 20, 0.02,
                "a quarter of the items collected")
     pid = rig.row(rule=rule)["pid"]
-    os.kill(pid, signal.SIGSTOP)
-    stopped.set()
+    os.kill(pid, sig)
+    hit.set()
+    at_kill = len(rig.plugin.events("collect", rule=rule))
+    assert at_kill < n, "the signal must land mid-stream"
     assert done.wait(30) and not errors, errors
     wait_until(lambda: {c["i"] for c in rig.plugin.events("collect", rule=rule)} == set(range(1, n + 1)),
                20, 0.1, "every item collected")
     row = rig.row(rule=rule)
-    assert row["restarts"] == 1 and row["pid"] != pid and row["restart_causes"] == {"hang": 1}
-    [line] = rig.log_texts(rf"killing worker pid {pid}: hung")
-    assert line["rule"] == rule
+    cause = "signal" if sig == signal.SIGKILL else "hang"
+    assert row["restarts"] == 1 and row["pid"] != pid and row["restart_causes"] == {cause: 1}
+    if sig == signal.SIGSTOP:
+        [line] = rig.log_texts(rf"killing worker pid {pid}: hung")
+        assert line["rule"] == rule
+    print(f"TIMING sink {sig.name} mid-stream: {at_kill}/{n} items collected at the signal")
 
 
 def holds_data_connection(pid: int, path: str) -> bool:
