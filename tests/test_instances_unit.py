@@ -20,7 +20,7 @@ import pytest
 from kuiper_pool import wire
 from kuiper_pool.api import PluginConfig
 from kuiper_pool.config import load_settings
-from kuiper_pool.runtime import callpage, frames
+from kuiper_pool.runtime import callpage, frames, sinkpage
 from kuiper_pool.runtime.sinkpage import SinkPage
 from kuiper_pool.runtime.effects import WorkerHandle
 from kuiper_pool.runtime.instances import (BACKOFF, ENDED, FAILED, RECYCLING, REMOVED, RUNNING,
@@ -963,3 +963,19 @@ def test_a_stale_readiness_event_while_lent_reads_nothing_of_the_lent_connection
     inst, fx, w = lent_sink()
     inst.on_readable(fx.endpoints[0])          # select() returned it before the lend
     assert fx.frames_of(frames.ITEMS) == [] and inst.route.lent_to is w
+
+
+@pytest.mark.parametrize("stopped", [False, True])
+def test_a_lent_item_whose_collect_was_running_is_charged_only_with_a_crash(stopped):
+    inst, fx, w = lent_sink()
+    page = fx.worker_pages[w.wid]
+    take(page, b"bad")
+    page.holding()
+    page.slots[0] = sinkpage.LENT | page.taken   # its collect began
+    if stopped:                                 # a kuiper-pool restart of a slow sink
+        assert inst.retry_now()
+        fx.t += 2.1
+        inst.tick(fx.t)
+    inst.on_exit(w, KILLED)
+    [item] = inst.route.inflight.values()
+    assert item.data == b"bad" and item.faults == (0 if stopped else 1)

@@ -1,7 +1,8 @@
 """The item page: the collect mark (``marks.py``) of an acked sink worker that may be lent
 eKuiper's data and ack connections, extended in the same memfd so the supervisor can tell
 after the worker's death whether an item it read off the data connection is owed to
-eKuiper (README, "Data paths"). An item taken off the lent connection is marked ``LENT``.
+eKuiper (README, "Data paths"). An item taken off the lent connection is marked ``LENT | taken`` (relayed
+items' seqs stay below ``LENT``).
 
 eKuiper's sink ``Collect`` sends one item and, with ``requireAck``, waits for its ack
 before the next (docs/protocol.md, "Sinks"), so one page holds the one item in hand. The
@@ -33,7 +34,7 @@ from . import callpage
 from .marks import CollectMark
 
 FREE, RECEIVING, HOLDING, ACKING = 0, 1, 2, 3
-LENT = (1 << 64) - 1             # the mark's seq of an item taken off the lent connection
+LENT = 1 << 63                   # in the mark: LENT | taken, an item taken off the lent connection
 _HEAD = struct.Struct("=IIQQ")   # state, length, taken, acked
 _HEAD_AT = 16                    # after the collect mark's two slots
 DATA = mmap.PAGESIZE             # offset of the data area

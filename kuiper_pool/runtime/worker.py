@@ -268,7 +268,7 @@ def run_sink(worker: Worker, sink: Any) -> int:
         return EXIT_CONFIGURE
     require_ack = wire.require_ack(ctrl.config)
     # the collect mark, shared with the supervisor: [0] the seq whose collect began, [1]
-    # whose collect returned (LENT for an item taken off a lent connection). An acked sink
+    # whose collect returned (LENT | n for an item taken off a lent connection). An acked sink
     # under transport sp gets an item page with it and may be lent eKuiper's connections.
     mark = open_sink_page(worker.link.fds.popleft()) if worker.spec.page else None
     worker.guard.page = mark
@@ -279,7 +279,7 @@ def run_sink(worker: Worker, sink: Any) -> int:
         # With requireAck an item is finished at its ack, whenever it comes (from collect or
         # later, from another thread): no DONE stands for it, so a late ack is never dropped.
         # eKuiper sends the next item only after this ack, so ``current`` is still its item.
-        if current[0] == LENT and lent is not None:
+        if current[0] & LENT and lent is not None:
             lent.ack(data)
         else:
             worker.link.send(frames.encode_seq(frames.ACK, current[0], data))
@@ -308,7 +308,7 @@ def run_sink(worker: Worker, sink: Any) -> int:
             item = lent.wait()
             if item is not None:
                 try:
-                    collect(LENT, item)
+                    collect(LENT | lent.page.taken, item)
                 except Exception as e:  # noqa: BLE001 - the page still holds the item
                     return worker.fault("collect", e)
             if not lent.link_ready:

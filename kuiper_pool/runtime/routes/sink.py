@@ -104,7 +104,7 @@ class SinkRoute(Route):
             self.inflight[seq] = Item(owed)
             self.inflight.move_to_end(seq, last=False)
             self.held += len(owed) + ITEM_OVERHEAD
-            if page.running() == LENT:  # its collect was running: the mark names it now
+            if page.running() & LENT:  # its collect was running: the mark names it now
                 page.slots[0] = seq
         elif st.state == ACKING:
             self.fx.note(inst, logging.WARNING, "worker pid %d died while writing an ack: "
