@@ -773,6 +773,42 @@ def test_a_ready_worker_is_lent_the_connection_and_the_supervisor_stops_reading_
     assert fx.channels[0].replies == []
 
 
+def test_the_first_function_start_is_answered_once_its_channel_is_dialed():
+    inst, fx, answers = make(wire.TYPE_FUNC, lendable=True, dial_timeout=2.0)
+    fx.channel_up = False  # eKuiper has not answered the SP header yet: the loop goes on
+    ready(inst, fx.workers[0])
+    assert answers == [] and inst.state == RUNNING and not fx.handoffs
+    fx.t += 1.0
+    inst.tick(fx.t)
+    assert answers == []
+    fx.channels[0].up = True
+    inst.on_readable(fx.endpoints)  # the channel's readiness: headers exchanged
+    assert answers == [wire.OK]
+    fx.t += 5.0
+    inst.tick(fx.t)
+    assert answers == [wire.OK] and inst.state == RUNNING
+
+
+def test_the_first_function_start_is_refused_when_no_channel_is_up_within_dial_timeout():
+    inst, fx, answers = make(wire.TYPE_FUNC, lendable=True, dial_timeout=2.0)
+    fx.channel_up = False
+    ready(inst, fx.workers[0])
+    fx.t += 2.0
+    inst.tick(fx.t)
+    assert len(answers) == 1 and b"dial_timeout 2s" in answers[0] and b"func_fn" in answers[0]
+    assert inst.state == REMOVED and fx.channels[0].closed
+    assert (fx.workers[0].wid, signal.SIGKILL) in fx.signals
+
+
+def test_a_worker_dying_before_its_first_start_is_answered_refuses_it():
+    inst, fx, answers = make(wire.TYPE_FUNC, lendable=True, dial_timeout=2.0)
+    fx.channel_up = False
+    ready(inst, fx.workers[0])
+    inst.on_exit(fx.workers[0], KILLED)
+    assert len(answers) == 1 and b"before eKuiper's channel was up" in answers[0]
+    assert inst.state == REMOVED and fx.channels[0].closed and len(fx.channels) == 1
+
+
 def test_a_worker_dying_during_a_call_owes_eKuiper_an_error_for_its_resent_copy():  # noqa: N802
     inst, fx, w = lent()
     w.page.begin(b"call-A", fx.t)

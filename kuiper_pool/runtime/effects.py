@@ -249,6 +249,8 @@ class LoopEffects:
 
     def open_function(self, inst: "Instance", wait: bool = True) -> FunctionChannel:
         url = wire.function_url(inst.ctrl.symbol)
+        # native: always dialed in the loop (the route answers the first start once it is up)
+        wait = wait and not self.lends_functions
         return FunctionChannel(self.req_endpoint(url, self.s.dial_timeout if wait else 0.0),
                                self.lends_functions)
 
