@@ -31,7 +31,7 @@ from .zygote import Zygote
 if TYPE_CHECKING:
     from .instances import Instance
 
-ACK_SEND_TIMEOUT = 1.0  # as eKuiper's own sends: an ack nobody reads is dropped after it
+ACK_SEND_TIMEOUT = 1.0  # nng: as eKuiper's own sends, an ack nobody reads is dropped after it
 
 
 class WorkerHandle:
@@ -79,16 +79,18 @@ Entry = Tuple[WorkerHandle, "Instance", frames.Link]
 
 
 class LoopEffects:
-    """:class:`Effects` inside the supervisor's loop. ``register(fd, handler, inst, events)``
-    and ``unregister(fd)`` are the loop's; ``guarded(where, inst, fn, *args)`` runs an
-    instance's event so that what it raises ends at most that instance."""
+    """:class:`Effects` inside the supervisor's loop. ``register(fd, handler, inst, events)``,
+    ``unregister(fd)`` and ``want_write(fd, on)`` (watch a registered fd for writing too
+    while its outbox holds bytes: nothing here waits for a socket) are the loop's;
+    ``guarded(where, inst, fn, *args)`` runs an instance's event so that what it raises
+    ends at most that instance."""
 
     def __init__(self, settings: Settings, zygote: Zygote, register: Register,
-                 unregister: Callable[[int], None], modify: Callable[[int, int], None],
+                 unregister: Callable[[int], None], want_write: Callable[[int, bool], None],
                  guarded: Callable[..., None], forget: Callable[["Instance"], None]) -> None:
         self.s = settings
         self.zygote = zygote
-        self.register, self.unregister, self.modify = register, unregister, modify
+        self.register, self.unregister, self.want_write = register, unregister, want_write
         self.guarded = guarded
         self._forget = forget
         self.log = supervisor_logger()
@@ -113,7 +115,7 @@ class LoopEffects:
             theirs.close()
             raise
         w = WorkerHandle(wid, time.monotonic())
-        link = frames.Link(ours)
+        link = frames.Link(ours, lambda on: self.want_write(link.fileno(), on))
         entry = (w, inst, link)
         self.workers[wid] = entry
 
@@ -125,12 +127,10 @@ class LoopEffects:
                           self.s.dial_timeout, inst.s.max_calls, self.s.transport,
                           forensics.dump_path(self.zygote.rundir, wid), fd is not None,
                           inst.s.source_datasource).frame()
-        if fd is None:
-            link.send(start)
-        else:
-            try:
-                link.send_fds(start, [fd])
-            finally:
+        try:
+            link.send(start, [] if fd is None else [fd])   # any size: the rest waits in the outbox
+        finally:
+            if fd is not None:
                 os.close(fd)
         return w
 
@@ -138,11 +138,7 @@ class LoopEffects:
         entry = self.workers.get(w.wid)
         if entry is None:
             return  # exited: its exit report is being handled
-        link = entry[2]
-        had_backlog = bool(link.outbox)
-        link.send(frame)
-        if link.outbox and not had_backlog:
-            self.modify(link.fileno(), selectors.EVENT_READ | selectors.EVENT_WRITE)
+        entry[2].send(frame)
 
     def signal(self, w: WorkerHandle, sig: int) -> None:
         self.zygote.kill(w.wid, sig)
@@ -153,8 +149,6 @@ class LoopEffects:
             return  # stale: the worker's exit was handled after select returned this event
         if mask & selectors.EVENT_WRITE:
             link.flush()
-            if not link.outbox:
-                self.modify(link.fileno(), selectors.EVENT_READ)
         if not mask & selectors.EVENT_READ:
             return
         got = link.read()
@@ -164,8 +158,13 @@ class LoopEffects:
         for ftype, payload in got:
             inst.on_frame(w, ftype, payload)
 
-    def on_zygote(self) -> bool:
-        """The zygote's reports; False when the zygote itself is gone."""
+    def on_zygote(self, mask: int) -> bool:
+        """Requests the zygote can take now, then its reports; False when the zygote
+        itself is gone."""
+        if mask & selectors.EVENT_WRITE:
+            self.zygote.flush()
+        if not mask & selectors.EVENT_READ:
+            return True
         events = self.zygote.events()
         if events is None:
             self.unregister(self.zygote.fileno())
@@ -231,11 +230,12 @@ class LoopEffects:
         ctrl = inst.ctrl
         data_url = wire.data_url(ctrl.rule_id, ctrl.op_id, ctrl.instance_id)
         pull = self.transport.PullEndpoint(data_url)
+        ack_url = wire.ack_url(ctrl.rule_id, ctrl.op_id, ctrl.instance_id)
         try:
-            # eKuiper listens on the ack path before it sends start: a dial that does not
-            # connect at once must not stall the loop (native: retried at the first ack)
-            ack = self.transport.PushEndpoint(wire.ack_url(ctrl.rule_id, ctrl.op_id, ctrl.instance_id),
-                                              0.0 if self.lends_functions else 0.5, ACK_SEND_TIMEOUT)
+            # eKuiper listens on the ack path before it sends start; native: dialed and
+            # written without ever blocking the loop (the route watches it)
+            ack = (self.transport.PushDialer(ack_url) if self.lends_functions
+                   else self.transport.PushEndpoint(ack_url, 0.5, ACK_SEND_TIMEOUT))
         except OSError:
             pull.close()
             raise
@@ -243,7 +243,9 @@ class LoopEffects:
         return pull, ack
 
     def close_sink(self, inst: "Instance", pull: Any, ack: Any) -> None:
-        self.unregister(pull.fileno())
+        for endpoint in (pull, ack):
+            if endpoint.fileno() >= 0:
+                self.unregister(endpoint.fileno())
         ctrl = inst.ctrl
         self.zygote.disown_path(wire.ipc_path(wire.data_url(ctrl.rule_id, ctrl.op_id, ctrl.instance_id)))
         for endpoint in (pull, ack):
@@ -251,6 +253,8 @@ class LoopEffects:
 
     def open_function(self, inst: "Instance", wait: bool = True) -> FunctionChannel:
         url = wire.function_url(inst.ctrl.symbol)
+        # native: always dialed in the loop (the route answers the first start once it is up)
+        wait = wait and not self.lends_functions
         return FunctionChannel(self.req_endpoint(url, self.s.dial_timeout if wait else 0.0),
                                self.lends_functions)
 
@@ -277,22 +281,23 @@ class LoopEffects:
         entry = self.workers.get(w.wid)
         try:
             if entry is not None:
-                entry[2].send_fds(frames.encode_conn(handoff), [handoff.sock.fileno()])
+                entry[2].send(frames.encode_conn(handoff), [handoff.sock.fileno()])
         finally:
             handoff.sock.close()  # the worker holds it now; its death closes the connection
 
     def lend_sink(self, w: WorkerHandle, pull: Any, ack: Any) -> bool:
         """Lend copies of eKuiper's sink data connection (when idle) and ack connection
-        (when connected with nothing queued) to ``w``; we keep ours, to read the data
-        connection again after the worker."""
+        (when connected, past its greeting, with an empty outbox: the worker's acks must not
+        overtake ours) to ``w``; we keep ours, to read the data connection again after the
+        worker."""
         entry = self.workers.get(w.wid)
         if (entry is None or not self.lends_functions or w.sink_page is None
-                or ack.sock is None or ack.pending()):
+                or ack.sock is None or ack.greeting is not None or ack.pending()):
             return False
         data = pull.lend()
         if data is None:
             return False
-        entry[2].send_fds(frames.encode(frames.CONN), [data.fileno(), ack.sock.fileno()])
+        entry[2].send(frames.encode(frames.CONN), [data.fileno(), ack.sock.fileno()])
         return True
 
     def take_back_sink(self, pull: Any) -> None:

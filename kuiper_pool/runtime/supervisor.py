@@ -54,7 +54,7 @@ class Supervisor:
         self.log = supervisor_logger()
         self.sel = selectors.DefaultSelector()
         self.instances: Dict[str, Instance] = {}
-        self.fx = LoopEffects(settings, zygote, self.register, self.unregister, self.modify,
+        self.fx = LoopEffects(settings, zygote, self.register, self.unregister, self.want_write,
                               self.guarded, self.forget)
         self.commands = Commands(self)
         self.exiting = ""
@@ -80,7 +80,8 @@ class Supervisor:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: None)  # the wakeup fd carries the signal number
         self.register(wake_r, lambda _m: self.on_signal(wake_r))
-        self.register(self.zygote.fileno(), lambda _m: self.on_zygote())
+        self.register(self.zygote.fileno(), self.on_zygote)
+        self.zygote.watch(lambda on: self.want_write(self.zygote.fileno(), on))
         # commands eKuiper sent since the handshake wait in the control socket until now
         self.register(self.control.fileno(), lambda _m: self.commands.on_control())
         self.log.info("plugin %s: supervisor pid %d serving %s (zygote pid %d)",
@@ -113,8 +114,15 @@ class Supervisor:
         except (KeyError, ValueError):
             pass
 
-    def modify(self, fd: int, events: int) -> None:
-        self.sel.modify(fd, events, self.sel.get_key(fd).data)
+    def want_write(self, fd: int, on: bool) -> None:
+        """Watch ``fd`` for write readiness too while its outbox holds bytes."""
+        try:
+            key = self.sel.get_key(fd)
+        except (KeyError, ValueError):
+            return  # not watched (any more): nothing to wake for
+        events = selectors.EVENT_READ | (selectors.EVENT_WRITE if on else 0)
+        if key.events != events:
+            self.sel.modify(fd, events, key.data)
 
     def forget(self, inst: Instance) -> None:
         if self.instances.get(inst.ctrl.key) is inst:
@@ -192,8 +200,8 @@ class Supervisor:
             if signum in (signal.SIGTERM, signal.SIGINT):
                 self.shutdown(f"received {signal.Signals(signum).name}")
 
-    def on_zygote(self) -> None:
-        if self.fx.on_zygote():
+    def on_zygote(self, mask: int) -> None:
+        if self.fx.on_zygote(mask):
             return
         self.log.error("plugin %s: the zygote process died; no worker can be started", self.plugin.name)
         self.exiting, self.exit_code = "zygote died", 1

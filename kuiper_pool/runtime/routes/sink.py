@@ -8,6 +8,9 @@ is in flight: the worker takes each item into its item page (``sinkpage.py``) an
 eKuiper itself. When it dies the page tells whether it owed an item, which then goes to
 the replacement like any unfinished one; the worker gives the connections back for an
 item too large for the page or when eKuiper closed the data connection.
+
+Acks are never dropped while eKuiper's connection lives: past ACK_BACKLOG bytes of acks
+eKuiper has not read, the route stops reading its data until they have gone out.
 """
 from __future__ import annotations
 
@@ -31,6 +34,7 @@ if TYPE_CHECKING:
 
 MAX_BATCH = 256     # sink items moved per wake-up
 ITEM_OVERHEAD = 128  # bytes an in-flight item costs beyond its payload (counted in the window)
+ACK_BACKLOG = 1 << 20   # bytes of acks waiting for eKuiper beyond which a sink stops reading
 Items = List[Tuple[int, bytes]]
 
 
@@ -45,7 +49,8 @@ class SinkRoute(Route):
     """eKuiper's sink data and ack channels for one sink instance, and its in-flight items.
 
     ``pull`` listens on the data path (opened before eKuiper is answered ``ok``), ``ack``
-    is dialed to eKuiper's ack path; both are transport endpoints, None while closed."""
+    is dialed to eKuiper's ack path (watched too: its redials and queued acks advance on
+    readiness); both are transport endpoints, None while closed."""
 
     def __init__(self, inst: "Instance") -> None:
         super().__init__(inst)
@@ -65,6 +70,7 @@ class SinkRoute(Route):
     def open(self, first: bool) -> None:
         if self.pull is None:  # the first start, or a sink retried after contain closed it
             self.pull, self.ack = self.fx.open_sink(self.inst)
+            self.fx.watch(self.inst, self.ack, True)
 
     def on_ready(self, w: "WorkerHandle", first: bool) -> None:
         if not first:
@@ -167,6 +173,25 @@ class SinkRoute(Route):
     def on_readable(self, endpoint: Any) -> None:
         if endpoint is self.pull:
             self._on_data()
+        elif endpoint is self.ack:  # a redial's progress, acks out, or eKuiper gone
+            self.ack.pump(self.fx.now())
+            self._resume()
+            if self.inst.worker is not None:  # lent once the acks have gone out
+                self._lend(self.inst.worker)
+
+    def tick(self, now: float) -> None:
+        if self.ack is not None:
+            self.ack.tick(now)   # a due redial, or a peer silent past its header timeout
+
+    def _full(self) -> bool:
+        """No room for more items: the window is full, or acks eKuiper does not read pile
+        up (never dropped; reading resumes as they go out)."""
+        return self.held >= self.window or self.ack.pending() > ACK_BACKLOG
+
+    def _resume(self) -> None:
+        if (self.inst.state is State.RUNNING and self.pull is not None and not self.reading
+                and not self._full()):
+            self._read(True)
 
     def _on_data(self) -> None:
         inst = self.inst
@@ -187,7 +212,7 @@ class SinkRoute(Route):
         inst.items_in += len(items)
         if running:
             self._deliver(w, items)
-        self._read(self.held < self.window)  # back-pressure: DONE frames resume reading
+        self._read(not self._full())  # back-pressure: DONE frames and acks going out resume reading
 
     def _read(self, on: bool) -> None:
         if on != self.reading and self.pull is not None:
@@ -283,8 +308,7 @@ class SinkRoute(Route):
                 self._finish(first)
         inst = self.inst
         inst.items_out += before - len(self.inflight)
-        if inst.state is State.RUNNING and not self.reading and self.held < self.window:
-            self._read(True)
+        self._resume()
         self._lend(w)
 
     def _acked(self, seq: int, data: bytes) -> None:
