@@ -187,7 +187,8 @@ SETTINGS: Tuple[Setting, ...] = (
          "Seconds the control channel to eKuiper may stay disconnected before the supervisor stops "
          "everything and exits.", ge=0.1, le=86400),
     _num("host", "dial_timeout", float, 5.0,
-         "Seconds to keep dialing eKuiper's control socket at start before giving up.", ge=0.1, le=3600),
+         "Seconds to keep dialing eKuiper's control socket at start, and a function's channel "
+         "before its first start is refused, before giving up.", ge=0.1, le=3600),
     _num("host", "ekuiper_recv_timeout", float, 5.0,
          "eKuiper's portable.recvTimeout: how long it waits for a function reply. It re-sends a "
          "call only while it waits, so a call a dead worker had begun is recognised in a new "

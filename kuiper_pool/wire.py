@@ -95,7 +95,7 @@ class Control:
 # Limits on what eKuiper's bytes may make us decode. Go's encoder nests up to 10000 levels;
 # Python's json recurses once per level (RecursionError near 1000), and the config is
 # encoded again on its way to the worker, deeper in the stack: refuse beyond MAX_DEPTH.
-MAX_COMMAND_BYTES = 16 << 20
+MAX_COMMAND_BYTES = 128 << 20   # a start carries the whole config: 64 MiB ones must work
 MAX_DEPTH = 256
 MAX_INSTANCE_ID = (1 << 63) - 1  # eKuiper's instanceId is a Go int
 _SYMBOL = re.compile(r'"symbolName"\s*:\s*"([^"\\]{1,200})"')

@@ -25,6 +25,7 @@ from kuiper_pool.runtime.effects import WorkerHandle
 from kuiper_pool.runtime.instances import (BACKOFF, ENDED, FAILED, RECYCLING, REMOVED, RUNNING,
                                            STARTING, STOPPING, Instance)
 from kuiper_pool.runtime.routes import FunctionChannel, SinkRoute
+from kuiper_pool.runtime.routes.sink import ACK_BACKLOG
 from kuiper_pool.runtime.states import TRANSITIONS, TransitionError
 from kuiper_pool.runtime.supervisor import Supervisor
 from kuiper_pool.transport import TransportError
@@ -56,11 +57,24 @@ class MemoryPush:
     def __init__(self) -> None:
         self.sent: List[bytes] = []
         self.closed = False
+        self.backlog = 0   # bytes of acks eKuiper has not read yet
+
+    def fileno(self) -> int:
+        return 97
 
     def send(self, data: bytes) -> None:
         if self.closed:
             raise TransportError("closed")
         self.sent.append(data)
+
+    def pending(self) -> int:
+        return self.backlog
+
+    def pump(self, now: float) -> None:
+        pass
+
+    def tick(self, now: float) -> None:
+        pass
 
     def close(self) -> None:
         self.closed = True
@@ -73,9 +87,13 @@ class MemoryReq:
         self.calls: List[bytes] = []
         self.replies: List[bytes] = []
         self.closed = False
+        self.up = True   # connected (headers exchanged)
 
     def fileno(self) -> int:
         return 98
+
+    def connected(self) -> bool:
+        return self.up
 
     def recv(self) -> Optional[bytes]:
         return self.calls.pop(0) if self.calls else None
@@ -101,9 +119,6 @@ class LendableReq(MemoryReq):
         self.detached = True
         return "conn", 0x80000007, b""
 
-    def connected(self) -> bool:
-        return True
-
 
 class Recorder:
     """Effects: what the supervisor would do, recorded; time is ``self.t``."""
@@ -125,6 +140,7 @@ class Recorder:
         self.lendable = False
         self.handoffs: List[Tuple[int, Any]] = []
         self.channels: List[MemoryReq] = []
+        self.channel_up = True   # whether a function channel is connected when opened
 
     def now(self) -> float:
         return self.t
@@ -163,6 +179,7 @@ class Recorder:
         if self.route_error is not None:
             raise self.route_error
         self.endpoints = LendableReq() if self.lendable else MemoryReq()
+        self.endpoints.up = self.channel_up
         self.channels.append(self.endpoints)
         return FunctionChannel(self.endpoints, lendable=self.lendable)
 
@@ -573,6 +590,20 @@ def test_back_pressure_stops_reading_and_progress_resumes_it():
     assert fx.watching[-1] is True
 
 
+def test_acks_eKuiper_does_not_read_stop_the_reading_until_they_went_out():  # noqa: N802
+    inst, fx, _ = running(sink_window=10)
+    pull, push = fx.endpoints
+    push.backlog = ACK_BACKLOG + 1            # never dropped: the data waits in eKuiper instead
+    pull.queue += [b"1", b"2"]
+    inst.on_readable(pull)
+    assert fx.watching[-1] is False and pull.queue == []
+    done(inst, fx.workers[0], 2)              # room in the window, but not for more acks
+    assert fx.watching[-1] is False
+    push.backlog = 0
+    inst.on_readable(push)                    # the ack socket took them
+    assert fx.watching[-1] is True
+
+
 def test_a_failed_sink_error_acks_what_was_in_flight_and_what_comes():
     inst, fx, _ = running(flap_max_restarts=1)
     pull, push = fx.endpoints
@@ -771,6 +802,42 @@ def test_a_ready_worker_is_lent_the_connection_and_the_supervisor_stops_reading_
     assert inst.route.channel.fd == -1
     inst.on_readable(fx.endpoints)  # a stale readiness event of the channel before it was lent
     assert fx.channels[0].replies == []
+
+
+def test_the_first_function_start_is_answered_once_its_channel_is_dialed():
+    inst, fx, answers = make(wire.TYPE_FUNC, lendable=True, dial_timeout=2.0)
+    fx.channel_up = False  # eKuiper has not answered the SP header yet: the loop goes on
+    ready(inst, fx.workers[0])
+    assert answers == [] and inst.state == RUNNING and not fx.handoffs
+    fx.t += 1.0
+    inst.tick(fx.t)
+    assert answers == []
+    fx.channels[0].up = True
+    inst.on_readable(fx.endpoints)  # the channel's readiness: headers exchanged
+    assert answers == [wire.OK]
+    fx.t += 5.0
+    inst.tick(fx.t)
+    assert answers == [wire.OK] and inst.state == RUNNING
+
+
+def test_the_first_function_start_is_refused_when_no_channel_is_up_within_dial_timeout():
+    inst, fx, answers = make(wire.TYPE_FUNC, lendable=True, dial_timeout=2.0)
+    fx.channel_up = False
+    ready(inst, fx.workers[0])
+    fx.t += 2.0
+    inst.tick(fx.t)
+    assert len(answers) == 1 and b"dial_timeout 2s" in answers[0] and b"func_fn" in answers[0]
+    assert inst.state == REMOVED and fx.channels[0].closed
+    assert (fx.workers[0].wid, signal.SIGKILL) in fx.signals
+
+
+def test_a_worker_dying_before_its_first_start_is_answered_refuses_it():
+    inst, fx, answers = make(wire.TYPE_FUNC, lendable=True, dial_timeout=2.0)
+    fx.channel_up = False
+    ready(inst, fx.workers[0])
+    inst.on_exit(fx.workers[0], KILLED)
+    assert len(answers) == 1 and b"before eKuiper's channel was up" in answers[0]
+    assert inst.state == REMOVED and fx.channels[0].closed and len(fx.channels) == 1
 
 
 def test_a_worker_dying_during_a_call_owes_eKuiper_an_error_for_its_resent_copy():  # noqa: N802

@@ -16,6 +16,7 @@ import pytest
 
 from conftest import wait_until
 from kuiper_pool.transport import TransportError, TransportTimeout, sp
+from kuiper_pool.transport.outbox import Outbox
 
 
 @pytest.fixture
@@ -309,3 +310,181 @@ def test_close_leaves_a_file_someone_else_created_in_its_place(url):
     finally:
         other.close()
         os.unlink(path)
+
+
+# --- never blocking: the outbox, silent peers, stalled readers --------------------------------------
+
+def test_an_outbox_keeps_what_the_socket_does_not_take_in_order_with_descriptors():
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)
+    watched: list = []
+    box = Outbox(ours, watched.append)
+    r, w = os.pipe()
+    try:
+        assert box.write(b"a" * 10)                     # taken at once: nothing queued
+        big = bytes(range(256)) * 16384                 # 4 MiB: more than the socket takes
+        assert not box.write(big) and len(box) > 0 and watched == [True]
+        assert not box.write(b"fd", [w])                # the descriptor waits with its frame
+        os.close(w)                                     # the caller's copy may go at once
+        got, fds = bytearray(), []
+        theirs.setblocking(False)
+        while len(got) < 10 + len(big) + 2:
+            box.flush()
+            try:
+                data, more, _flags, _addr = socket.recv_fds(theirs, 1 << 20, 4)
+            except BlockingIOError:
+                continue
+            got += data
+            fds += more
+        assert bytes(got) == b"a" * 10 + big + b"fd" and len(box) == 0 and watched == [True, False]
+        assert len(fds) == 1
+        os.write(fds[0], b"!")                          # the same pipe travelled
+        assert os.read(r, 1) == b"!"
+        os.close(fds[0])
+    finally:
+        ours.close()
+        theirs.close()
+        os.close(r)
+
+
+def test_a_packet_outbox_keeps_each_message_whole_and_in_order_with_its_descriptor():
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    ours.setblocking(False)
+    box = Outbox(ours, packets=True)
+    r, w = os.pipe()
+    try:
+        n = 0
+        while box.write(b"%d:" % n + b"m" * 1000):      # until the zygote's socket is full
+            n += 1
+        box.write(b"start", [w])
+        os.close(w)
+        got, fds = [], []
+        theirs.setblocking(False)
+        while len(got) < n + 2:
+            box.flush()
+            try:
+                msg, more, _flags, _addr = socket.recv_fds(theirs, 65536, 4)
+            except BlockingIOError:
+                continue
+            got.append(msg)
+            fds += more
+        assert [m.split(b":")[0] for m in got[:n + 1]] == [b"%d" % i for i in range(n + 1)]
+        assert got[-1] == b"start" and len(fds) == 1 and not box.queue
+        os.close(fds[0])
+    finally:
+        ours.close()
+        theirs.close()
+        os.close(r)
+
+
+def test_a_push_dialer_never_blocks_on_a_pull_that_does_not_read_and_loses_nothing(url):
+    with pynng.Pull0(listen=url, recv_buffer_size=1, recv_timeout=5000) as pull:
+        push = sp.PushDialer(url)
+        try:
+            wait_until(lambda: (push.pump(time.monotonic()), push.connected())[-1], message="the dial")
+            n = 0
+            while push.pending() < 4 << 20:              # far past what the peer takes
+                push.send(b"%d:" % n + b"x" * 4000)
+                n += 1
+            got = []
+
+            def drained():
+                push.pump(time.monotonic())
+                try:
+                    got.append(pull.recv(block=False))
+                except pynng.TryAgain:
+                    pass
+                return len(got) == n
+            wait_until(drained, 30, interval=0, message=f"{n} messages")
+            assert [m.split(b":")[0] for m in got] == [b"%d" % i for i in range(n)]
+            assert push.pending() == 0
+        finally:
+            push.close()
+
+
+class SilentListener:
+    """Accepts connections and never answers: a peer stuck before its SP header."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.bind(path)
+        self.sock.listen(16)
+        self.sock.settimeout(5)
+
+    def close(self) -> None:
+        self.sock.close()
+        os.unlink(self.path)
+
+
+def test_a_peer_silent_after_accept_is_redialed_without_blocking_then_a_real_one_answers(url):
+    silent = SilentListener(sp.path_of(url))
+    try:
+        req = sp.ReqEndpoint(url, dial_timeout=0)       # returns at once: connect, no header yet
+        first, _ = silent.sock.accept()
+        assert first.recv(8) == sp.header(sp.REQ)
+        assert not req.connected() and req.recv() is None
+
+        def given_up():
+            req.tick(time.monotonic())
+            first.setblocking(False)
+            try:
+                return first.recv(1) == b""             # closed after HEADER_TIMEOUT
+            except BlockingIOError:
+                return False
+        wait_until(given_up, 5, message="the silent connection to be closed")
+        silent.sock.setblocking(False)
+
+        def redialed():                                  # and dialed again, after a backoff
+            req.tick(time.monotonic())
+            try:
+                return silent.sock.accept()[0]
+            except BlockingIOError:
+                return None
+        second = wait_until(redialed, 5, message="a redial")
+        second.settimeout(5)
+        assert second.recv(8) == sp.header(sp.REQ)
+        first.close()
+        second.close()
+    finally:
+        silent.close()
+    with pynng.Rep0(listen=url, recv_timeout=5000) as host:
+        wait_until(lambda: (req.tick(time.monotonic()), req.connected())[-1], 10, message="a dial")
+        assert host.recv() == b"handshake"
+        host.send(b"call")
+        assert req_recv(req) == b"call"
+        req.close()
+
+
+def test_a_push_dialer_holds_acks_until_its_first_connection_is_up(url):
+    push = sp.PushDialer(url)                            # nobody listens yet: no wait
+    try:
+        push.send(b"one")
+        push.send(b"two")
+        with pynng.Pull0(listen=url, recv_timeout=5000) as pull:
+            wait_until(lambda: (push.tick(time.monotonic() + 10), push.connected())[-1],
+                       10, message="a dial")
+            push.pump(time.monotonic())
+            assert [pull.recv(), pull.recv()] == [b"one", b"two"]
+    finally:
+        push.close()
+
+
+def test_acks_queued_while_a_peer_stays_silent_go_to_the_next_connection(url):
+    silent = SilentListener(sp.path_of(url))
+    push = sp.PushDialer(url)                            # connects; the header never comes
+    try:
+        push.send(b"kept")
+        conn, _ = silent.sock.accept()
+        wait_until(lambda: (push.tick(time.monotonic()), push.sock is None)[-1], 5,
+                   message="the silent peer to be given up")
+        conn.close()
+    finally:
+        silent.close()
+    try:
+        with pynng.Pull0(listen=url, recv_timeout=5000) as pull:
+            wait_until(lambda: (push.tick(time.monotonic() + 10), push.connected())[-1],
+                       10, message="a dial")
+            assert pull.recv() == b"kept" and push.pending() == 0
+    finally:
+        push.close()

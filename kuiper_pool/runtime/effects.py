@@ -33,7 +33,7 @@ from .zygote import Zygote
 if TYPE_CHECKING:
     from .instances import Instance
 
-ACK_SEND_TIMEOUT = 1.0  # as eKuiper's own sends: an ack nobody reads is dropped after it
+ACK_SEND_TIMEOUT = 1.0  # nng: as eKuiper's own sends, an ack nobody reads is dropped after it
 
 
 class WorkerHandle:
@@ -79,16 +79,18 @@ Entry = Tuple[WorkerHandle, "Instance", frames.Link]
 
 
 class LoopEffects:
-    """:class:`Effects` inside the supervisor's loop. ``register(fd, handler, inst, events)``
-    and ``unregister(fd)`` are the loop's; ``guarded(where, inst, fn, *args)`` runs an
-    instance's event so that what it raises ends at most that instance."""
+    """:class:`Effects` inside the supervisor's loop. ``register(fd, handler, inst, events)``,
+    ``unregister(fd)`` and ``want_write(fd, on)`` (watch a registered fd for writing too
+    while its outbox holds bytes: nothing here waits for a socket) are the loop's;
+    ``guarded(where, inst, fn, *args)`` runs an instance's event so that what it raises
+    ends at most that instance."""
 
     def __init__(self, settings: Settings, zygote: Zygote, register: Register,
-                 unregister: Callable[[int], None], modify: Callable[[int, int], None],
+                 unregister: Callable[[int], None], want_write: Callable[[int, bool], None],
                  guarded: Callable[..., None], forget: Callable[["Instance"], None]) -> None:
         self.s = settings
         self.zygote = zygote
-        self.register, self.unregister, self.modify = register, unregister, modify
+        self.register, self.unregister, self.want_write = register, unregister, want_write
         self.guarded = guarded
         self._forget = forget
         self.log = supervisor_logger()
@@ -115,7 +117,7 @@ class LoopEffects:
             theirs.close()
             raise
         w = WorkerHandle(wid, time.monotonic())
-        link = frames.Link(ours)
+        link = frames.Link(ours, lambda on: self.want_write(link.fileno(), on))
         entry = (w, inst, link)
         self.workers[wid] = entry
         self.made_by[wid] = self.zygote
@@ -128,12 +130,10 @@ class LoopEffects:
                           self.s.dial_timeout, inst.s.max_calls, self.s.transport,
                           forensics.dump_path(self.zygote.rundir, wid), fd is not None,
                           inst.s.source_datasource).frame()
-        if fd is None:
-            link.send(start)
-        else:
-            try:
-                link.send_fds(start, [fd])
-            finally:
+        try:
+            link.send(start, [] if fd is None else [fd])   # any size: the rest waits in the outbox
+        finally:
+            if fd is not None:
                 os.close(fd)
         link.send(frames.encode(frames.STATE, self._store(inst).frame_payload()))
         return w
@@ -142,11 +142,7 @@ class LoopEffects:
         entry = self.workers.get(w.wid)
         if entry is None:
             return  # exited: its exit report is being handled
-        link = entry[2]
-        had_backlog = bool(link.outbox)
-        link.send(frame)
-        if link.outbox and not had_backlog:
-            self.modify(link.fileno(), selectors.EVENT_READ | selectors.EVENT_WRITE)
+        entry[2].send(frame)
 
     def signal(self, w: WorkerHandle, sig: int) -> None:
         self.made_by.get(w.wid, self.zygote).kill(w.wid, sig)
@@ -164,8 +160,6 @@ class LoopEffects:
             return  # stale: the worker's exit was handled after select returned this event
         if mask & selectors.EVENT_WRITE:
             link.flush()
-            if not link.outbox:
-                self.modify(link.fileno(), selectors.EVENT_READ)
         if not mask & selectors.EVENT_READ:
             return
         got = link.read()
@@ -175,8 +169,12 @@ class LoopEffects:
         for ftype, payload in got:
             inst.on_frame(w, ftype, payload)
 
-    def on_zygote(self, z: Zygote) -> bool:
-        """The reports of zygote ``z``; False when it is gone."""
+    def on_zygote(self, z: Zygote, mask: int) -> bool:
+        """Requests zygote ``z`` can take now, then its reports; False when it is gone."""
+        if mask & selectors.EVENT_WRITE:
+            z.flush()
+        if not mask & selectors.EVENT_READ:
+            return True
         events = z.events()
         if events is None:
             self.unregister(z.fileno())
@@ -249,11 +247,12 @@ class LoopEffects:
         ctrl = inst.ctrl
         data_url = wire.data_url(ctrl.rule_id, ctrl.op_id, ctrl.instance_id)
         pull = self.transport.PullEndpoint(data_url)
+        ack_url = wire.ack_url(ctrl.rule_id, ctrl.op_id, ctrl.instance_id)
         try:
-            # eKuiper listens on the ack path before it sends start: a dial that does not
-            # connect at once must not stall the loop (native: retried at the first ack)
-            ack = self.transport.PushEndpoint(wire.ack_url(ctrl.rule_id, ctrl.op_id, ctrl.instance_id),
-                                              0.0 if self.lends_functions else 0.5, ACK_SEND_TIMEOUT)
+            # eKuiper listens on the ack path before it sends start; native: dialed and
+            # written without ever blocking the loop (the route watches it)
+            ack = (self.transport.PushDialer(ack_url) if self.lends_functions
+                   else self.transport.PushEndpoint(ack_url, 0.5, ACK_SEND_TIMEOUT))
         except OSError:
             pull.close()
             raise
@@ -261,7 +260,9 @@ class LoopEffects:
         return pull, ack
 
     def close_sink(self, inst: "Instance", pull: Any, ack: Any) -> None:
-        self.unregister(pull.fileno())
+        for endpoint in (pull, ack):
+            if endpoint.fileno() >= 0:
+                self.unregister(endpoint.fileno())
         ctrl = inst.ctrl
         self.zygote.disown_path(wire.ipc_path(wire.data_url(ctrl.rule_id, ctrl.op_id, ctrl.instance_id)))
         for endpoint in (pull, ack):
@@ -269,6 +270,8 @@ class LoopEffects:
 
     def open_function(self, inst: "Instance", wait: bool = True) -> FunctionChannel:
         url = wire.function_url(inst.ctrl.symbol)
+        # native: always dialed in the loop (the route answers the first start once it is up)
+        wait = wait and not self.lends_functions
         return FunctionChannel(self.req_endpoint(url, self.s.dial_timeout if wait else 0.0),
                                self.lends_functions)
 
@@ -295,7 +298,7 @@ class LoopEffects:
         entry = self.workers.get(w.wid)
         try:
             if entry is not None:
-                entry[2].send_fds(frames.encode_conn(handoff), [handoff.sock.fileno()])
+                entry[2].send(frames.encode_conn(handoff), [handoff.sock.fileno()])
         finally:
             handoff.sock.close()  # the worker holds it now; its death closes the connection
 

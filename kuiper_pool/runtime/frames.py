@@ -12,7 +12,9 @@ import socket
 import struct
 import threading
 from collections import deque
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+
+from ..transport.outbox import Outbox, Watch, no_watch
 
 HEADER = struct.Struct("!BI")
 SEQ = struct.Struct("!Q")
@@ -124,40 +126,35 @@ class FrameBuffer:
 
 
 class Link:
-    """The supervisor's end: non-blocking, output kept until the socket takes it."""
+    """The supervisor's end: non-blocking; what the socket does not take at once waits in
+    an :class:`Outbox` (``watch`` asks the loop for write readiness meanwhile). Nothing is
+    bounded here: what goes to a worker is bounded by the sink window and the one call at a
+    time, and a START by its config; a worker that stops reading is killed by the health
+    checks, which drops what waited."""
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, watch: Watch = no_watch) -> None:
         sock.setblocking(False)
         self.sock = sock
         self.inbox = FrameBuffer()
-        self.outbox = bytearray()
+        self.outbox = Outbox(sock, watch)
 
     def fileno(self) -> int:
         return self.sock.fileno()
 
-    def send(self, frame: bytes) -> None:
-        self.outbox += frame
-        self.flush()
-
-    def send_fds(self, frame: bytes, fds: List[int]) -> None:
-        """A frame that carries fds (SCM_RIGHTS): they travel with its first byte."""
-        self.flush()
-        if self.outbox:
-            raise BlockingIOError("the worker's link is full; cannot pass a descriptor now")
-        n = socket.send_fds(self.sock, [frame], fds)
-        self.outbox += frame[n:]
+    def send(self, frame: bytes, fds: Sequence[int] = ()) -> None:
+        """Send ``frame`` (with ``fds`` by SCM_RIGHTS, on its first byte; the caller may
+        close its own copies at once)."""
+        try:
+            self.outbox.write(frame, fds)
+        except OSError:
+            pass  # the worker is gone; its exit report follows
 
     def flush(self) -> None:
         """Write what the socket takes now; the rest waits for EVENT_WRITE."""
-        while self.outbox:
-            try:
-                n = self.sock.send(self.outbox)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError:
-                self.outbox.clear()  # the worker is gone; its exit report follows
-                return
-            del self.outbox[:n]
+        try:
+            self.outbox.flush()
+        except OSError:
+            pass  # the worker is gone; its exit report follows
 
     def read(self) -> Optional[List[Tuple[int, bytes]]]:
         """Whole frames received so far; None at EOF."""
@@ -176,6 +173,7 @@ class Link:
                 return out
 
     def close(self) -> None:
+        self.outbox.clear()   # closes the descriptors that waited
         self.sock.close()
 
 

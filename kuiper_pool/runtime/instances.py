@@ -228,8 +228,28 @@ class Instance:
         self.running_since = self.fx.now()
         self.failures = 0
         self.fx.note(self, logging.INFO, "%s in worker pid %d", "started" if first else "restarted", w.pid)
-        self.answer(wire.OK)
+        if first:
+            self._answer_start()
+            if self._state is REMOVED:
+                return
         self.route.on_ready(w, first)
+
+    def _answer_start(self) -> None:
+        """Answer the first start once the route's channel is up, or refuse it when the
+        route says it cannot come up; otherwise it waits (RUNNING, ``pending`` set)."""
+        why = self.route.start_answer(self.fx.now())
+        if why is None:
+            return
+        if why:
+            text = f"{self.where()}: {why}"
+            self.fx.note(self, logging.WARNING, "start refused: %s", text)
+            self.remove(wire.one_line(text))
+        else:
+            self.answer(wire.OK)
+
+    def _start_unanswered(self) -> bool:
+        """Running, and the first start still waits for the route's channel."""
+        return self._state is RUNNING and self.pending is not None
 
     def on_exit(self, w: WorkerHandle, status: int) -> None:
         """The zygote reaped worker ``w`` with wait status ``status``."""
@@ -252,8 +272,9 @@ class Instance:
         elif state is RECYCLING:
             self.fx.note(self, logging.INFO, "worker pid %d recycled (%s): %s", w.pid, how, w.kill_reason)
             self._spawn("recycled")
-        elif state is STARTING and self.pending is not None:  # died before READY, first start
-            text = f"{self.where()}: worker pid {w.pid} exited with {how} before it was ready: {cause}"
+        elif state in (STARTING, RUNNING) and self.pending is not None:  # first start unanswered
+            before = "it was ready" if state is STARTING else "eKuiper's channel was up"
+            text = f"{self.where()}: worker pid {w.pid} exited with {how} before {before}: {cause}"
             self.last_error = " ".join(text.split())
             self.fx.note(self, logging.WARNING, "start refused: %s", self.last_error)
             self.remove(wire.one_line(text))
@@ -373,11 +394,17 @@ class Instance:
         """eKuiper's channel ``endpoint`` has data (a stale endpoint changes nothing)."""
         if self._state is not REMOVED:
             self.route.on_readable(endpoint)
+            if self._start_unanswered():
+                self._answer_start()
 
     # --- the clock ------------------------------------------------------------------------------------
 
     def tick(self, now: float) -> None:
         self.route.tick(now)
+        if self._start_unanswered():
+            self._answer_start()
+            if self._state is REMOVED:
+                return
         if self._state in (BACKOFF, FAILED) and self.restart_at and now >= self.restart_at:
             if self._state is FAILED:
                 self.fx.note(self, logging.INFO, "trying the failed instance again")

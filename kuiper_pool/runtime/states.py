@@ -10,6 +10,7 @@ of ours, contained to the one instance by the supervisor)::
        \\--first start fails / times out--> REMOVED (eKuiper gets the error)
     BACKOFF/STARTING --too many restarts in flap_window--> FAILED --failed_retry--> STARTING
     RUNNING --a source's open returned--> ENDED
+    RUNNING --a function's first start still unanswered: no channel in dial_timeout--> REMOVED
     any state but STOPPING --internal error--> FAILED (contain)
 """
 from __future__ import annotations

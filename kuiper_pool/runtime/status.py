@@ -21,6 +21,7 @@ import time
 from typing import Any, Callable, Dict, Optional
 
 from .. import paths
+from ..transport.outbox import Outbox
 
 Snapshot = Dict[str, Any]
 
@@ -37,7 +38,8 @@ class _Client:
         self.conn = conn
         self.since = now
         self.request = b""
-        self.answer = b""
+        self.answer = Outbox(conn)
+        self.answered = False
 
 
 class StatusServer:
@@ -97,7 +99,7 @@ class StatusServer:
     def on_client(self, client: _Client, mask: int) -> None:
         if self.clients.get(client.conn.fileno()) is not client:
             return
-        if mask & selectors.EVENT_READ and not client.answer:
+        if mask & selectors.EVENT_READ and not client.answered:
             try:
                 data = client.conn.recv(65536)
             except (BlockingIOError, InterruptedError):
@@ -117,19 +119,23 @@ class StatusServer:
                 answer = self.handle(request)
             except ValueError as e:
                 answer = {"error": f"bad request: {e}"}
-            client.answer = json.dumps(answer).encode() + b"\n"
-            self.unwatch(client.conn.fileno())
-            self.watch(client.conn.fileno(), selectors.EVENT_WRITE,
-                       lambda m: self.on_client(client, m))
-        if client.answer:
+            client.answered = True
             try:
-                n = client.conn.send(client.answer)
-            except (BlockingIOError, InterruptedError):
-                return
+                done = client.answer.write(json.dumps(answer).encode() + b"\n")
             except OSError:
-                n = len(client.answer)
-            client.answer = client.answer[n:]
-            if not client.answer:
+                done = True
+            if not done:
+                self.unwatch(client.conn.fileno())
+                self.watch(client.conn.fileno(), selectors.EVENT_WRITE,
+                           lambda m: self.on_client(client, m))
+                return
+            self.drop(client)
+        elif mask & selectors.EVENT_WRITE:
+            try:
+                done = client.answer.flush()
+            except OSError:
+                done = True
+            if done:
                 self.drop(client)
 
     def tick(self, now: float) -> None:

@@ -57,7 +57,7 @@ class Supervisor:
         self.log = supervisor_logger()
         self.sel = selectors.DefaultSelector()
         self.instances: Dict[str, Instance] = {}
-        self.fx = LoopEffects(settings, zygote, self.register, self.unregister, self.modify,
+        self.fx = LoopEffects(settings, zygote, self.register, self.unregister, self.want_write,
                               self.guarded, self.forget)
         self.commands = Commands(self)
         self.exiting = ""
@@ -117,8 +117,15 @@ class Supervisor:
         except (KeyError, ValueError):
             pass
 
-    def modify(self, fd: int, events: int) -> None:
-        self.sel.modify(fd, events, self.sel.get_key(fd).data)
+    def want_write(self, fd: int, on: bool) -> None:
+        """Watch ``fd`` for write readiness too while its outbox holds bytes."""
+        try:
+            key = self.sel.get_key(fd)
+        except (KeyError, ValueError):
+            return  # not watched (any more): nothing to wake for
+        events = selectors.EVENT_READ | (selectors.EVENT_WRITE if on else 0)
+        if key.events != events:
+            self.sel.modify(fd, events, key.data)
 
     def forget(self, inst: Instance) -> None:
         if self.instances.get(inst.ctrl.key) is inst:
@@ -203,11 +210,13 @@ class Supervisor:
                     self.log.warning("%s", refused)
 
     def attach_zygote(self, z: Zygote) -> None:
-        """Serve the reports of ``z`` (the first zygote, or the one a reload switched to)."""
-        self.register(z.fileno(), lambda _m: self.on_zygote(z))
+        """Serve ``z`` (the first zygote, or the one a reload switched to): its reports, and
+        its requests as it can take them."""
+        self.register(z.fileno(), lambda mask: self.on_zygote(z, mask))
+        z.watch(lambda on: self.want_write(z.fileno(), on))
 
-    def on_zygote(self, z: Zygote) -> None:
-        if self.fx.on_zygote(z):
+    def on_zygote(self, z: Zygote, mask: int) -> None:
+        if self.fx.on_zygote(z, mask):
             return
         if z is not self.zygote:  # a zygote a reload replaced: its workers died with it
             self.fx.orphaned(z)

@@ -51,6 +51,8 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Protocol, Seque
 
 from ..paths import identity, unlink_if_ours
 from ..plugin import FRESH_ENV
+from ..transport.outbox import Outbox, Watch
+from .forensics import DUMP_SIGNAL
 from .protocol import (ZYGOTE_ADOPT, ZYGOTE_DISOWN, ZYGOTE_ERROR, ZYGOTE_EXITED, ZYGOTE_KILL,
                        ZYGOTE_OWN, ZYGOTE_REFUSED, ZYGOTE_RETIRE, ZYGOTE_START, ZYGOTE_STARTED)
 
@@ -170,6 +172,10 @@ class Zygote:
         self.rundir = rundir
         self.sock = sock
         self.sock.setblocking(False)
+        # never blocks the supervisor: requests the zygote has not taken yet wait here, in
+        # order, while the owner watches for write readiness (``watch``, then ``flush``);
+        # they are few and small (one per worker start, kill or listened path)
+        self.outbox = Outbox(self.sock, packets=True)
         self.owned: Dict[str, List[int]] = {}   # what it removes if the supervisor dies
         self.reaped = False
 
@@ -198,15 +204,20 @@ class Zygote:
     def fileno(self) -> int:
         return self.sock.fileno()
 
+    def watch(self, watch: Watch) -> None:
+        """Call ``watch(True)`` when requests start waiting, ``watch(False)`` when all went."""
+        self.outbox.watch = watch
+
+    def flush(self) -> None:
+        self._guard(self.outbox.flush)
+
     def start_worker(self, wid: int, link: socket.socket, symbol: str = "") -> None:
         """Ask for a worker of ``symbol`` that talks over ``link`` (this side keeps no copy of it)."""
         msg = json.dumps({"op": ZYGOTE_START, "wid": wid, "symbol": symbol}).encode()
-        self.sock.setblocking(True)
         try:
-            socket.send_fds(self.sock, [msg], [link.fileno()])
+            self._guard(self.outbox.write, msg, [link.fileno()])
         finally:
-            self.sock.setblocking(False)
-        link.close()
+            link.close()
 
     def kill(self, wid: int, sig: int = signal.SIGKILL) -> None:
         """Signal worker ``wid`` unless it has already exited."""
@@ -239,9 +250,13 @@ class Zygote:
             _signal(self.pid, signal.SIGKILL)
 
     def release(self) -> bool:
-        """Let it go without waiting (it exits once its link closes, killing any worker
-        left); True once it has been reaped."""
+        """Let it go without waiting once it has taken every request (a retired zygote must
+        not miss its RETIRE): it exits when its link closes, killing any worker left; True
+        once it has been reaped."""
         if self.sock.fileno() >= 0:
+            self.flush()
+            if len(self.outbox):
+                return False
             self.sock.close()
         if not self.reaped:
             try:
@@ -251,13 +266,14 @@ class Zygote:
         return self.reaped
 
     def _send(self, obj: dict) -> None:
-        self.sock.setblocking(True)
+        self._guard(self.outbox.write, json.dumps(obj).encode())
+
+    @staticmethod
+    def _guard(fn: Callable[..., object], *args: object) -> None:
         try:
-            self.sock.send(json.dumps(obj).encode())
+            fn(*args)
         except OSError:
             pass  # zygote gone: the supervisor notices through EOF
-        finally:
-            self.sock.setblocking(False)
 
     def events(self) -> Optional[List[dict]]:
         """Pending ``started``/``exited`` events; None when the zygote is gone."""
@@ -275,6 +291,7 @@ class Zygote:
 
     def close(self) -> None:
         """Make the zygote kill every worker left and exit; reap it."""
+        self.flush()
         try:
             self.sock.close()
         finally:
@@ -452,6 +469,9 @@ def _serve(sock: socket.socket, worker_main: WorkerMain, spawn_argv: Optional[Li
     Signal handlers only wake the loop (an exception raised at an arbitrary point could
     skip the cleanup); the loop also notices the supervisor's death by itself."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the supervisor's to handle
+    # the stack-dump signal is harmless to a worker until its faulthandler takes it over
+    # (inherited across fork and exec; forensics.install replaces it)
+    signal.signal(DUMP_SIGNAL, signal.SIG_IGN)
     set_subreaper()
     z = _Zygote(sock, worker_main, spawn_argv, supervisor, rundir, exec_all, symbol_env)
     wake_r, wake_w = os.pipe()

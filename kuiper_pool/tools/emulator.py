@@ -565,16 +565,16 @@ class NativeRep:
             except OSError:
                 return
             conn.setblocking(True)
-            conn.sendall(sp.header(sp.REP))
             got = b""
-            while len(got) < 8:
-                chunk = conn.recv(8 - len(got))
-                if not chunk:
-                    break
-                got += chunk
             try:
+                conn.sendall(sp.header(sp.REP))
+                while len(got) < 8:
+                    chunk = conn.recv(8 - len(got))
+                    if not chunk:
+                        break
+                    got += chunk
                 sp.check_header(got, sp.REQ, self.path)
-            except TransportError:
+            except OSError:  # a bad header, or a dialer that gave up at once: as eKuiper, go on
                 conn.close()
                 continue
             with self._lock:

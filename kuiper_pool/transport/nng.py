@@ -145,8 +145,19 @@ class PushEndpoint:
         except pynng.NNGException as e:
             raise TransportError(f"{self.url}: {e}") from None
 
+    def fileno(self) -> int:
+        """Nothing for a loop to watch: nng's threads write and redial."""
+        return -1
+
     def flush(self) -> None:
         """pynng queues inside nng: nothing to push."""
+
+    def tick(self, now: float) -> None:
+        """nng redials by itself."""
+
+    def pending(self) -> int:
+        """Bytes waiting here: none (nng holds them)."""
+        return 0
 
     def close(self) -> None:
         self.sock.close()

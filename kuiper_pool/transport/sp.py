@@ -17,6 +17,7 @@ from typing import List, Optional, Tuple
 
 from ..paths import identity, unlink_if_ours
 from . import TransportError, TransportTimeout
+from .outbox import Outbox
 
 PUSH, PULL, REQ, REP = 0x50, 0x51, 0x30, 0x31
 _HEADER = struct.Struct(">4sH2s")
@@ -72,11 +73,11 @@ class FrameReader:
         return out
 
 
-def recv_some(sock: socket.socket) -> Optional[bytes]:
-    """Up to READ_SIZE bytes; b"" when the peer is gone (EOF or reset), None when there is
+def recv_some(sock: socket.socket, size: int = READ_SIZE) -> Optional[bytes]:
+    """Up to ``size`` bytes; b"" when the peer is gone (EOF or reset), None when there is
     nothing to read now."""
     try:
-        return sock.recv(READ_SIZE)
+        return sock.recv(size)
     except (BlockingIOError, InterruptedError):
         return None
     except OSError:
@@ -160,11 +161,17 @@ def dial(url: str, proto: int, peer: int, timeout: float) -> socket.socket:
 
 
 REDIAL_MIN, REDIAL_MAX = 0.1, 5.0   # as mangos dialers with eKuiper's options
+HEADER_TIMEOUT = 0.5   # a peer that accepted but has not sent its SP header by then is redialed
 
 
 class _Dialer:
-    """What every dialing endpoint shares: one non-blocking connection, bytes it has not
-    taken yet, and redials with backoff after the peer went away."""
+    """What every dialing endpoint shares, without ever blocking: one connection, an
+    :class:`Outbox` of what it has not taken yet, and (re)dials as a state machine --
+    connect and send our header at once (a Unix connect answers at once), read the
+    peer's header when it comes (``greeting``), give up on a silent peer after
+    HEADER_TIMEOUT and try again with backoff. ``fileno`` is an epoll fd holding the
+    connection, the same across redials: readable when the connection has input, or is
+    writable while bytes wait. Call ``pump`` when it is readable and on ticks."""
 
     proto = peer = 0
 
@@ -172,91 +179,155 @@ class _Dialer:
         self.url = url
         self.path = path_of(url)
         self.sock: Optional[socket.socket] = None
-        self.outbox = bytearray()
+        self.greeting: Optional[bytearray] = None   # the peer's header while it is awaited
+        self.greet_by = 0.0
+        self.poll = select.epoll()
+        self.outbox = Outbox(None, self._want_write)
         self.redial_at = 0.0
         self.backoff = REDIAL_MIN
 
+    def fileno(self) -> int:
+        return self.poll.fileno()
+
+    def connected(self) -> bool:
+        return self.sock is not None and self.greeting is None
+
+    def _want_write(self, on: bool) -> None:
+        if self.connected():
+            assert self.sock is not None
+            self.poll.modify(self.sock.fileno(), select.EPOLLIN | (select.EPOLLOUT if on else 0))
+
+    def _adopt(self, sock: socket.socket) -> None:
+        """A connection whose headers were exchanged (by ``dial``) or are being exchanged."""
+        sock.setblocking(False)
+        self.sock = sock
+        self.poll.register(sock.fileno(), select.EPOLLIN)
+
+    def _dial_now(self, timeout: float) -> None:
+        """Dial within ``timeout``, blocking (TransportError after, the endpoint closed)."""
+        try:
+            self._adopt(dial(self.url, self.proto, self.peer, timeout))
+        except TransportError:
+            self.poll.close()
+            raise
+        self._connected()
+
+    def _redial(self, now: float) -> None:
+        """Start a connection if none is up and one is due."""
+        if self.sock is not None or now < self.redial_at:
+            return
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        try:
+            sock.connect(self.path)
+            sock.send(header(self.proto))   # 8 bytes into an empty socket buffer
+        except OSError:  # nobody listens (yet), or its backlog is full
+            sock.close()
+            self._retry_later(now)
+            return
+        self.greeting, self.greet_by = bytearray(), now + HEADER_TIMEOUT
+        self._adopt(sock)
+
+    def _greet(self, now: float) -> None:
+        """Read what came of the peer's header; connected once it is whole and right."""
+        assert self.sock is not None and self.greeting is not None
+        data = recv_some(self.sock, _HEADER.size - len(self.greeting))
+        if data == b"":
+            self._lost()
+            return
+        self.greeting += data or b""
+        if len(self.greeting) < _HEADER.size:
+            if now >= self.greet_by:  # accepted, and silent: as if nobody listened
+                self._lost()
+            return
+        try:
+            check_header(bytes(self.greeting), self.peer, self.url)
+        except TransportError:
+            self._lost()
+            return
+        self.greeting, self.backoff = None, REDIAL_MIN
+        self._connected()
+
+    def _connected(self) -> None:
+        self.outbox.sock = self.sock
+        if self.outbox.queue:
+            self._want_write(True)
+        self._flush()
+
     def _flush(self) -> None:
         """Write what the socket takes now."""
-        while self.outbox and self.sock is not None:
-            try:
-                n = self.sock.send(self.outbox)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError:
-                self._lost()
-                return
-            del self.outbox[:n]
+        try:
+            self.outbox.flush()
+        except OSError:
+            self._lost()
+
+    def pump(self, now: float) -> None:
+        """Advance whatever is under way: a due redial, the peer's header, queued bytes."""
+        if self.sock is None:
+            self._redial(now)
+        if self.greeting is not None:
+            self._greet(now)
+        elif self.sock is not None:
+            self._flush()
 
     def _lost(self) -> None:
-        """The peer went away: what was queued is lost with the connection (at most once)."""
+        """The peer went away. What was queued for a connection that was up is lost with it
+        (at most once: part of it may have been written); what waited for a connection that
+        never came up waits for the next one."""
+        was_up = self.connected()
         if self.sock is not None:
+            self.poll.unregister(self.sock.fileno())
             self.sock.close()
             self.sock = None
-        self.outbox.clear()
+        self.greeting = None
+        self.outbox.sock = None
+        if was_up:
+            self.outbox.clear()
         self._retry_later(time.monotonic())
 
     def _retry_later(self, now: float) -> None:
         self.redial_at = now + self.backoff
         self.backoff = min(REDIAL_MAX, self.backoff * 2)
 
-    def _redial(self, now: float) -> Optional[socket.socket]:
-        """A new connection if a redial is due and the peer listens again."""
-        if now < self.redial_at:
-            return None
-        try:
-            sock = connect(self.path, self.proto, self.peer, 0.5)
-        except (OSError, TransportError):
-            self._retry_later(now)
-            return None
-        sock.setblocking(False)
-        self.sock, self.backoff = sock, REDIAL_MIN
-        return sock
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+        self.outbox.sock = None
+        self.outbox.clear()
+        self.poll.close()
 
 
 class ReqEndpoint(_Dialer):
     """A REQ dialer used the eKuiper way, non-blocking, for the supervisor's selector: the
-    control channel and the function channels between workers.
-
-    ``fileno`` is an epoll fd holding the current connection, so it stays the same across
-    redials. No keepalive handshakes: unlike nng's REQ, nothing here times out while idle."""
+    control channel and the function channels. No keepalive handshakes: unlike nng's REQ,
+    nothing here times out while idle."""
 
     proto, peer = REQ, REP
 
     def __init__(self, url: str, dial_timeout: float) -> None:
-        """Dial within ``dial_timeout`` (TransportError after); with 0, start unconnected
-        and let ``tick`` redial in the background."""
+        """Dial within ``dial_timeout`` (blocking; TransportError after); with 0, start
+        unconnected and dial as ``pump`` and ``recv`` are called, never blocking."""
         super().__init__(url)
-        self.poll = select.epoll()
         self.request_id = 0x80000000 | (int.from_bytes(os.urandom(4), "big") & 0x7FFFFFFF)
         self.reader = FrameReader()
         self.inbox: List[bytes] = []
         self.unsent: Optional[bytes] = b"handshake"   # an answer waiting for a connection
         if dial_timeout > 0:
-            try:
-                self._attach(dial(url, REQ, REP, dial_timeout))
-            except TransportError:
-                self.poll.close()
-                raise
+            self._dial_now(dial_timeout)
         else:
-            self.tick(time.monotonic())
+            self.pump(time.monotonic())
 
-    def _attach(self, sock: socket.socket) -> None:
-        sock.setblocking(False)
-        self.sock, self.backoff = sock, REDIAL_MIN
-        self.poll.register(sock.fileno(), select.EPOLLIN)
+    def _connected(self) -> None:
+        self.outbox.sock = self.sock
         # eKuiper re-sends the command or call it waits on when a new pipe handshakes
         self.send(self.unsent if self.unsent is not None else b"handshake")
 
-    def fileno(self) -> int:
-        return self.poll.fileno()
-
-    def connected(self) -> bool:
-        return self.sock is not None
-
     def recv(self) -> Optional[bytes]:
         """eKuiper's next message (a reply to our outstanding request), or None."""
-        if self.sock is not None and not self.inbox:
+        if self.greeting is not None or self.outbox.queue:
+            self.pump(time.monotonic())
+        if self.sock is not None and self.greeting is None and not self.inbox:
             self._read()
         while self.inbox:
             msg = self.inbox.pop(0)
@@ -285,48 +356,40 @@ class ReqEndpoint(_Dialer):
         """Our answer (or a handshake) as the next request; kept until a connection takes it."""
         self.request_id = next_id(self.request_id)
         self.unsent = data
-        if self.sock is not None:
-            self.outbox += frame(_ID.pack(self.request_id) + data)
-            self._flush()
+        if self.connected():
+            try:
+                if self.outbox.write(frame(_ID.pack(self.request_id) + data)):
+                    self.unsent = None
+            except OSError:
+                self._lost()
 
     def _flush(self) -> None:
         super()._flush()
-        if not self.outbox and self.sock is not None:
+        if not self.outbox.queue and self.connected():
             self.unsent = None
 
     def _lost(self) -> None:
-        if self.sock is not None:
-            self.poll.unregister(self.sock.fileno())
         super()._lost()
         self.reader = FrameReader()
         self.inbox.clear()
 
     def tick(self, now: float) -> None:
-        """Flush what waits; redial a lost connection and send the kept answer or a
-        handshake on it."""
-        if self.sock is not None:
-            self._flush()
-            return
-        sock = self._redial(now)
-        if sock is not None:
-            self._attach(sock)
+        """Redial a lost connection (sending the kept answer or a handshake on it), give
+        up on a silent peer, flush what waits."""
+        self.pump(now)
 
     def detach(self) -> Tuple[socket.socket, int, bytes]:
         """Hand the connection over (zero-hop functions): the socket, our outstanding request
         id and bytes read but not yet a whole message. The endpoint is closed after."""
-        if self.sock is None or self.outbox:
+        if not self.connected() or self.outbox.queue:
             raise TransportError(f"{self.url}: no idle connection to hand over")
         sock, self.sock = self.sock, None
+        assert sock is not None
+        self.outbox.sock = None
         self.poll.unregister(sock.fileno())
         self.poll.close()
         sock.setblocking(True)
         return sock, self.request_id, bytes(self.reader.buf)
-
-    def close(self) -> None:
-        if self.sock is not None:
-            self.sock.close()
-            self.sock = None
-        self.poll.close()
 
 
 def listen(path: str) -> Tuple[socket.socket, Tuple[int, ...]]:
@@ -474,74 +537,98 @@ class PullEndpoint:
         unlink_if_ours(self.path, self.ident)
 
 
-def _writable(sock: socket.socket, timeout: float) -> None:
-    """Wait up to ``timeout`` for ``sock`` to take bytes (poll: no FD_SETSIZE limit)."""
-    poller = select.poll()
-    poller.register(sock.fileno(), select.POLLOUT)
-    poller.poll(timeout * 1000)
-
-
-HIGH_WATER = 1 << 20   # queued bytes beyond which a send waits for the peer
-
-
-class PushEndpoint(_Dialer):
-    """A PUSH dialer: sink acks (supervisor) and source items (worker, from a plugin
-    thread). A send writes at once when the socket takes it; otherwise frames queue and
-    go out together in one write (coalescing), pushed by a short-lived thread so nothing
-    waits for the next send; past HIGH_WATER a send waits up to ``send_timeout`` and raises
-    TransportTimeout. Thread-safe. A peer that went away is redialed on the next send
-    (eKuiper re-listens after a restart); with ``dial_timeout`` 0 the first dial is one
-    attempt, never a wait."""
+class PushDialer(_Dialer):
+    """A PUSH dialer for a selector loop (sink acks in the supervisor): ``send`` writes at
+    once what the socket takes and queues the rest, in order, never blocking and never
+    dropping while the connection lives (eKuiper waits for every ack, matched by order
+    alone); ``pending`` says how much waits, for the owner's back-pressure. Until a
+    connection is up, sends wait for it; what was queued for a connection that died is
+    dropped with it (eKuiper closed that rule). The peer never sends: input is EOF."""
 
     proto, peer = PUSH, PULL
 
-    def __init__(self, url: str, dial_timeout: float, send_timeout: float) -> None:
+    def __init__(self, url: str) -> None:
         super().__init__(url)
+        self.pump(time.monotonic())
+
+    def send(self, data: bytes) -> None:
+        try:
+            self.outbox.write(frame(data))   # queued while no connection is up
+        except OSError:
+            self._lost()
+        if self.sock is None or self.greeting is not None:
+            self.pump(time.monotonic())
+
+    def pending(self) -> int:
+        return len(self.outbox)
+
+    def tick(self, now: float) -> None:
+        """A due redial, or a peer silent past HEADER_TIMEOUT; nothing while all is well."""
+        if self.sock is None or self.greeting is not None or self.outbox.queue:
+            self.pump(now)
+
+    def pump(self, now: float) -> None:
+        if self.sock is not None and self.greeting is None and recv_some(self.sock, 4096) == b"":
+            self._lost()
+        super().pump(now)
+
+
+HIGH_WATER = 1 << 20   # queued bytes beyond which a source's send waits for the peer
+
+
+class PushEndpoint(PushDialer):
+    """A PUSH dialer for a source's items (in its worker, from a plugin thread) and the
+    emulator's data side: thread-safe. A send writes at once when the socket takes it;
+    otherwise frames queue and go out together in one write (coalescing), pushed by a
+    short-lived thread so nothing waits for the next send; past HIGH_WATER a send waits up
+    to ``send_timeout`` and raises TransportTimeout. A peer that went away is redialed on
+    the next send (eKuiper re-listens after a restart); with ``dial_timeout`` 0 the first
+    dial is one attempt, never a wait."""
+
+    def __init__(self, url: str, dial_timeout: float, send_timeout: float) -> None:
         self.send_timeout = send_timeout
         self.lock = threading.Lock()
         self.draining = False   # a thread pushes out what the socket did not take yet
         self.closed = False
         if dial_timeout > 0:
-            self.sock = dial(url, PUSH, PULL, dial_timeout)
-            self.sock.setblocking(False)
+            _Dialer.__init__(self, url)
+            self._dial_now(dial_timeout)
         else:  # one attempt now (a Unix connect answers at once); otherwise at the first send
-            self._redial(time.monotonic())
+            super().__init__(url)
 
     def send(self, data: bytes) -> None:
         with self.lock:
-            self.outbox += frame(data)
-            self._flush()
+            super().send(data)
             if len(self.outbox) > HIGH_WATER:
                 self._wait(self.send_timeout)
-            if self.outbox and not self.draining:  # what is queued must not wait for the next send
+            if self.outbox.queue and not self.draining:  # what is queued must not wait for the next send
                 self.draining = True
                 threading.Thread(target=self._drain, daemon=True, name="kuiper_pool-push").start()
 
     def _drain(self) -> None:
         while True:
             with self.lock:
-                if not self.outbox or self.closed:
+                if not self.outbox.queue or self.closed:
                     self.draining = False
                     return
-                sock = self.sock
-            if sock is not None:
-                _writable(sock, 0.1)
-            else:
-                time.sleep(0.05)
+            self._ready(0.1)
             with self.lock:
-                self._flush()
+                if not self.closed:
+                    self.pump(time.monotonic())
+
+    def _ready(self, timeout: float) -> None:
+        """Wait up to ``timeout`` for the connection to need attention (or a redial to be due)."""
+        if self.sock is None:
+            time.sleep(min(timeout, max(0.01, self.redial_at - time.monotonic())))
+            return
+        try:
+            self.poll.poll(timeout)
+        except (OSError, ValueError):  # closed meanwhile
+            pass
 
     def flush(self) -> None:
         with self.lock:
-            self._flush()
-
-    def pending(self) -> int:
-        return len(self.outbox)
-
-    def _flush(self) -> None:
-        if self.sock is None and self._redial(time.monotonic()) is None:
-            return
-        super()._flush()
+            self.pump(time.monotonic())
 
     def _wait(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -549,15 +636,10 @@ class PushEndpoint(_Dialer):
             left = deadline - time.monotonic()
             if left <= 0:
                 raise TransportTimeout(f"{self.url}: the peer took nothing for {timeout:g}s")
-            if self.sock is None:
-                time.sleep(min(left, 0.05))
-            else:
-                _writable(self.sock, min(left, 0.1))
-            self._flush()
+            self._ready(min(left, 0.1))
+            self.pump(time.monotonic())
 
     def close(self) -> None:
         with self.lock:
             self.closed = True
-            if self.sock is not None:
-                self.sock.close()
-                self.sock = None
+            super().close()

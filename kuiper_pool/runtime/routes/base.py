@@ -36,6 +36,11 @@ class Route:
     def on_ready(self, w: "WorkerHandle", first: bool) -> None:
         """``w`` runs: give it what waits."""
 
+    def start_answer(self, now: float) -> Optional[str]:
+        """Whether the first start can be answered now: "" ok, None not yet (asked again on
+        the channel's events and on ticks), otherwise why it is refused."""
+        return ""
+
     def on_frame(self, w: "WorkerHandle", ftype: int, payload: bytes) -> None:
         """A data frame of the current worker (lifecycle frames are the instance's)."""
         raise ValueError(f"unknown frame type {ftype} from worker pid {w.pid}")

@@ -95,12 +95,25 @@ class FunctionRoute(Route):
         super().__init__(inst)
         self.channel: Optional[FunctionChannel] = None
         self.reopen_at = 0.0                    # when to dial a lost channel again
+        self.answer_by = 0.0                    # the first start is refused if not up by then
 
     # --- lifecycle events -------------------------------------------------------------------
 
     def open(self, first: bool) -> None:
-        if first:
+        if first and self.channel is None:  # dialed in the loop (native): never waited for here
             self._attach(self.fx.open_function(self.inst))
+            self.answer_by = self.fx.now() + self.inst.s.dial_timeout
+
+    def start_answer(self, now: float) -> Optional[str]:
+        """Answered once eKuiper's channel is up, refused after dial_timeout."""
+        chan = self.channel
+        if chan is None or chan.lent or chan.req.connected():
+            return ""
+        if now < self.answer_by:
+            return None
+        return (f"cannot open eKuiper's channel: no connection to "
+                f"{wire.function_url(self.inst.ctrl.symbol)} within dial_timeout "
+                f"{self.inst.s.dial_timeout:g}s")
 
     def on_ready(self, w: "WorkerHandle", first: bool) -> None:
         if self.channel is not None:

@@ -2,6 +2,8 @@
 path (README, "Data paths"). Items get sequence numbers and stay in ``inflight`` until the
 worker reports them finished (DONE) or acks them, so a replacement worker gets exactly the
 unfinished ones again; an item that has ended ``sink_max_deliveries`` workers is poison.
+Acks are never dropped while eKuiper's connection lives: past ACK_BACKLOG bytes of acks
+eKuiper has not read, the route stops reading its data until they have gone out.
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ if TYPE_CHECKING:
     from ..instances import Instance
 
 MAX_BATCH = 256     # sink items moved per wake-up
+ACK_BACKLOG = 1 << 20   # bytes of acks waiting for eKuiper beyond which a sink stops reading
 Items = List[Tuple[int, bytes]]
 
 
@@ -36,7 +39,8 @@ class SinkRoute(Route):
     """eKuiper's sink data and ack channels for one sink instance, and its in-flight items.
 
     ``pull`` listens on the data path (opened before eKuiper is answered ``ok``), ``ack``
-    is dialed to eKuiper's ack path; both are transport endpoints, None while closed."""
+    is dialed to eKuiper's ack path (watched too: its redials and queued acks advance on
+    readiness); both are transport endpoints, None while closed."""
 
     def __init__(self, inst: "Instance") -> None:
         super().__init__(inst)
@@ -54,6 +58,7 @@ class SinkRoute(Route):
     def open(self, first: bool) -> None:
         if self.pull is None:  # the first start, or a sink retried after contain closed it
             self.pull, self.ack = self.fx.open_sink(self.inst)
+            self.fx.watch(self.inst, self.ack, True)
 
     def on_ready(self, w: "WorkerHandle", first: bool) -> None:
         if not first:
@@ -96,6 +101,23 @@ class SinkRoute(Route):
     def on_readable(self, endpoint: Any) -> None:
         if endpoint is self.pull:
             self._on_data()
+        elif endpoint is self.ack:  # a redial's progress, acks out, or eKuiper gone
+            self.ack.pump(self.fx.now())
+            self._resume()
+
+    def tick(self, now: float) -> None:
+        if self.ack is not None:
+            self.ack.tick(now)   # a due redial, or a peer silent past its header timeout
+
+    def _full(self) -> bool:
+        """No room for more items: the window is full, or acks eKuiper does not read pile
+        up (never dropped; reading resumes as they go out)."""
+        return len(self.inflight) >= self.window or self.ack.pending() > ACK_BACKLOG
+
+    def _resume(self) -> None:
+        if (self.inst.state is State.RUNNING and self.pull is not None and not self.reading
+                and not self._full()):
+            self._read(True)
 
     def _on_data(self) -> None:
         inst = self.inst
@@ -116,7 +138,7 @@ class SinkRoute(Route):
         inst.items_in += len(items)
         if running:
             self._deliver(w, items)
-        self._read(len(self.inflight) < self.window)  # back-pressure: DONE frames resume reading
+        self._read(not self._full())  # back-pressure: DONE frames and acks going out resume reading
 
     def _read(self, on: bool) -> None:
         if on != self.reading and self.pull is not None:
@@ -200,8 +222,7 @@ class SinkRoute(Route):
                 del self.inflight[first]
         inst = self.inst
         inst.items_out += before - len(self.inflight)
-        if inst.state is State.RUNNING and not self.reading and len(self.inflight) < self.window:
-            self._read(True)
+        self._resume()
 
     def _acked(self, seq: int, data: bytes) -> None:
         """Forward the worker's ack for ``seq`` unless that item was acked already."""

@@ -1,0 +1,217 @@
+"""The supervisor's loop never waits on a peer (native transport, real processes): a
+function channel whose peer accepts and never answers the SP header, an ack reader that
+never reads, a first function dial that does not connect, and START frames bigger than a
+socket takes. Meanwhile other rules are served as when idle, and the supervisor stays one
+thread."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+import time
+from typing import Callable, List
+
+import psutil
+import pytest
+
+from conftest import wait_until
+from kuiper_pool.runtime.forensics import DUMP_SIGNAL
+from kuiper_pool.tools.emulator import HostError, control
+from kuiper_pool.transport import sp
+from plugins import MODE_FUNCTION, RECORDING_SINK, make_plugin
+
+
+class SilentPeer:
+    """A listener at ``path`` that accepts every connection, optionally sends ``greeting``,
+    and then neither reads nor writes: the stalled peer."""
+
+    def __init__(self, path: str, greeting: bytes = b"") -> None:
+        self.path, self.greeting = path, greeting
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.listener.bind(path)
+        self.listener.listen(64)
+        self.conns: List[socket.socket] = []
+        self.thread = threading.Thread(target=self._accept, daemon=True)
+        self.thread.start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            if self.greeting:
+                conn.sendall(self.greeting)
+            self.conns.append(conn)
+
+    def close(self) -> None:
+        self.listener.close()
+        for conn in self.conns:
+            conn.close()
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+
+
+def p99(samples: List[float]) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]
+
+
+def round_trips(op: Callable[[], object], seconds: float, at_least: int = 100) -> List[float]:
+    """Durations of ``op`` run back to back for ``seconds`` (and at least ``at_least`` times)."""
+    out: List[float] = []
+    end = time.monotonic() + seconds
+    while time.monotonic() < end or len(out) < at_least:
+        t = time.monotonic()
+        op()
+        out.append(time.monotonic() - t)
+    return out
+
+
+def within_idle(loaded: float, idle: float) -> bool:
+    """The issue's criterion is a p99 within 2x of idle. On a shared 2-core machine an idle
+    p99 of a few ms can double from scheduling noise alone, so up to 250 ms more than idle
+    is accepted too; a loop that waits on a stalled peer adds 0.5-1 s per wait, and such
+    waits keep coming (every redial, every ack), so they show in the p99."""
+    return loaded <= max(2 * idle, idle + 0.25)
+
+
+def test_stalled_peers_never_hold_up_other_rules_and_the_supervisor_stays_one_thread(
+        tmp_path, unique, host_runs):
+    fn, stuck_fn, unanswered_fn, snk = f"fn{unique}", f"g{unique}", f"h{unique}", f"snk{unique}"
+    pd = make_plugin(str(tmp_path), f"kp{unique}", sinks={snk: RECORDING_SINK},
+                     functions={fn: MODE_FUNCTION, stuck_fn: MODE_FUNCTION, unanswered_fn: MODE_FUNCTION},
+                     settings={"dial_timeout": 2.0})
+    host = host_runs.launch(pd, data_transport="sp")
+    supervisor = psutil.Process(host.process.pid)
+    healthy = host.start_sink(snk, f"r1{unique}", config={"file": str(tmp_path / "ok.jsonl")},
+                              require_ack=True)
+    f = host.start_function(fn)
+    g = host.start_function(stuck_fn)
+    assert g.exec(["echo", 1])["result"] == 1   # g's worker holds its connection now
+
+    def collect() -> None:
+        assert healthy.collect(b'{"a":1}') == {}
+
+    def call() -> None:
+        assert f.exec(["echo", 2])["result"] == 2
+
+    idle_sink, idle_fn = p99(round_trips(collect, 1.0)), p99(round_trips(call, 1.0))
+
+    # 1. g's peer goes away and comes back accepting without ever answering the SP header:
+    #    the supervisor redials it again and again (header timeout, backoff)
+    g.close()
+    g_peer = SilentPeer(sp.path_of(g.url))
+    # 2. a first function start whose channel accepts and never answers: refused after
+    #    dial_timeout, answered without the loop waiting for it
+    h_peer = SilentPeer(f"/tmp/func_{unanswered_fn}.ipc")
+    refused: List[str] = []
+
+    def start_h() -> None:
+        try:
+            host.command("start", control(unanswered_fn, "func"))
+        except HostError as e:
+            refused.append(str(e))
+    starter = threading.Thread(target=start_h, daemon=True)
+    starter.start()
+    # 3. a sink whose ack reader never reads: every item is error-acked with its own 2 KiB
+    #    text, far more than the socket and the ack backlog take
+    rule2 = f"r2{unique}"
+    base = f"/tmp/{rule2}_op_0"
+    ack_peer = SilentPeer(base + "_ack.ipc", sp.header(sp.PULL))
+    ctrl2 = control(snk, "sink", rule2, "op", 0, config={
+        "requireAck": True, "reject": "bad", "file": str(tmp_path / "stalled.jsonl")})
+    host.command("start", ctrl2)
+    n_items = 3000
+    pusher = sp.PushEndpoint(f"ipc://{base}.ipc", dial_timeout=5.0, send_timeout=60.0)
+    push_error: List[BaseException] = []
+
+    def push() -> None:
+        try:
+            for i in range(n_items):
+                pusher.send(json.dumps({"i": i, "v": "bad", "pad": "x" * 2048}).encode())
+        except BaseException as e:  # noqa: BLE001 - reported by the assertion below
+            push_error.append(e)
+    sender = threading.Thread(target=push, daemon=True)
+    sender.start()
+    try:
+        stalled_sink = p99(round_trips(collect, 3.0))
+        stalled_fn = p99(round_trips(call, 1.0))
+        starter.join(10.0)
+        assert refused and "dial_timeout 2s" in refused[0] and unanswered_fn in refused[0]
+        assert within_idle(stalled_sink, idle_sink), (idle_sink, stalled_sink)
+        assert within_idle(stalled_fn, idle_fn), (idle_fn, stalled_fn)
+        assert supervisor.num_threads() == 1
+
+        # the acks that waited all arrive once eKuiper reads: none lost, none twice, in order
+        conn = wait_until(lambda: ack_peer.conns and ack_peer.conns[0], message="the ack dial")
+        acks = read_acks(conn, n_items)
+        assert [json.loads(json.loads(a)["error"][len("rejected "):])["i"] for a in acks] == list(range(n_items))
+        sender.join(30.0)
+        assert not push_error and not sender.is_alive()
+        conn.settimeout(0.2)
+        with pytest.raises(socket.timeout):
+            conn.recv(1)   # and nothing more
+        assert supervisor.num_threads() == 1
+    finally:
+        pusher.close()
+        ack_peer.close()
+        g_peer.close()
+        h_peer.close()
+        try:
+            host.command("stop", ctrl2)
+        except HostError:
+            pass
+
+
+def read_acks(conn: socket.socket, n: int, timeout: float = 30.0) -> List[bytes]:
+    """``n`` SP messages from a PUSH peer whose header is the first 8 bytes read."""
+    conn.settimeout(timeout)
+    head = b""
+    while len(head) < 8:
+        head += conn.recv(8 - len(head))
+    sp.check_header(head, sp.PUSH, "ack")
+    reader, out = sp.FrameReader(), []
+    while len(out) < n:
+        data = conn.recv(sp.READ_SIZE)
+        assert data, f"the supervisor closed its ack connection after {len(out)} acks"
+        out += reader.feed(data)
+    assert len(out) == n
+    return out
+
+
+@pytest.mark.parametrize("mib", [8, 64])
+def test_a_start_bigger_than_a_socket_takes_reaches_the_worker(tmp_path, unique, host_runs, mib):
+    snk = f"snk{unique}"
+    pd = make_plugin(str(tmp_path), f"kp{unique}", sinks={snk: RECORDING_SINK})
+    host = host_runs.launch(pd, data_transport="sp", command_timeout=60.0)
+    items = str(tmp_path / "items.jsonl")
+    pad = "x" * (mib << 20)
+    s = host.start_sink(snk, f"r{unique}", config={"file": items, "pad": pad}, require_ack=True)
+    assert s.collect(b'{"a":1}') == {}
+    assert psutil.Process(host.process.pid).num_threads() == 1
+
+
+def _signal_masks(pid: int) -> dict:
+    with open(f"/proc/{pid}/status") as f:
+        return {k: int(v, 16) for k, v in (line.split(":\t") for line in f if line.startswith("Sig"))
+                if k in ("SigIgn", "SigCgt")}
+
+
+def test_the_stack_dump_signal_is_harmless_until_the_worker_installed_its_handler(
+        tmp_path, unique, host_runs):
+    fn = f"fn{unique}"
+    host = host_runs.launch(make_plugin(str(tmp_path), f"kp{unique}", functions={fn: MODE_FUNCTION}))
+    f = host.start_function(fn)
+    worker = f.exec(["pid"])["result"]
+    zygote = psutil.Process(worker).ppid()
+    bit = 1 << (int(DUMP_SIGNAL) - 1)
+    # a worker is forked (or exec'd) with the signal ignored, so a dump asked before its
+    # faulthandler is installed does nothing; a running worker dumps its stack on it
+    assert _signal_masks(zygote)["SigIgn"] & bit
+    masks = _signal_masks(worker)
+    assert masks["SigCgt"] & bit and not masks["SigIgn"] & bit
+
