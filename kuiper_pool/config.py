@@ -173,9 +173,12 @@ SETTINGS: Tuple[Setting, ...] = (
          "(a fresh worker starts, the old one drains and stops).", ge=0, le=1000000000),
     _num("limits", "max_calls", int, 0, "Recycle a function worker after this many calls (0 = off).",
          ge=0, le=1000000000000000),
-    _num("limits", "sink_window", int, 1000,
-         "Items handed to a sink worker and not yet finished; beyond it the supervisor stops reading "
-         "from eKuiper (back-pressure).", ge=1, le=1000000),
+    _num("limits", "sink_window_mb", float, 128.0,
+         "MiB of sink items (payload plus 128 bytes each) read from eKuiper and not yet finished; "
+         "beyond it the supervisor stops reading (back-pressure). Large enough to keep reading at "
+         "full rate through hang detection and a restart, so eKuiper's sends never time out meanwhile; "
+         "a sink may hold up to twice this while its worker is stopped (the items and their frames "
+         "queued to the worker).", ge=1, le=16384),
     _num("limits", "sink_max_deliveries", int, 3,
          "How many workers may crash while collecting one sink item before it is dropped as "
          "poison (logged; error ack when the rule requires acks).", ge=1, le=1000),
@@ -245,7 +248,7 @@ class Settings:
     failed_retry_max: float
     memory_limit_mb: float
     max_calls: int
-    sink_window: int
+    sink_window_mb: float
     sink_max_deliveries: int
     transport: str
     control_lost_timeout: float
@@ -292,7 +295,7 @@ PER_SYMBOL = frozenset((
     "stop_grace", "heartbeat_interval", "heartbeat_misses", "call_deadline", "collect_deadline",
     "start_timeout", "restart_backoff_initial", "restart_backoff_min", "restart_backoff_max",
     "restart_jitter", "flap_max_restarts", "flap_window", "failed_retry_min", "failed_retry_max",
-    "memory_limit_mb", "max_calls", "sink_window", "sink_max_deliveries", "source_datasource",
+    "memory_limit_mb", "max_calls", "sink_window_mb", "sink_max_deliveries", "source_datasource",
     "state_max_bytes"))
 
 

@@ -21,10 +21,14 @@ SIGKILLs itself), ``hang`` (a busy loop that never returns).
 * sink ``snk``, conf: ``open_fault`` (how ``open`` fails, every time),
   ``restart_open_fault`` (how ``open`` fails on every start of a rule but its first), ``tag_acks``
   (items whose ``i`` is a multiple of 3 are acked with ``ack_error("tag <i>")``, others
-  with ``ack_ok``). Items are JSON objects ``{"i": n}``; ``{"i": n, "die": how, "mode":
+  with ``ack_ok``), ``late_ack`` (seconds: ``ack_ok`` comes from a timer thread after
+  ``collect`` returned, as the official SDK allows). Items are JSON objects ``{"i": n}``; ``{"i": n, "die": how, "mode":
   "once"|"always"}`` fails in ``collect`` (``once``: only the first time that rule sees
   that ``i``); ``slow`` (seconds each collect sleeps while ``<root>/fast`` is absent, after
-  a ``slow`` event). Events: ``configure`` (symbol, conf), ``collect`` (rule, i), ``fault``.
+  a ``slow`` event); ``{"i": n, "block": "collect"|"before_ack"|"after_ack"}`` records
+  ``blocked`` (at, rule, i) and blocks there the first time (in ``collect``; in a thread
+  after ``collect`` returned without acking; after ``ack_ok``), for a test to SIGKILL.
+  Events: ``configure`` (symbol, conf), ``collect`` (rule, i), ``fault``.
 * function ``fn_<unique>``: ``exec(["pid"])`` returns the worker pid;
   ``exec(["die", how])`` records ``exec`` then fails; ``exec(["hang"])`` loops;
   ``exec(["hang_once", marker])`` loops the first time for that marker, then returns the pid;
@@ -85,6 +89,12 @@ def fault(how, where, **fields):
     raise ValueError("unknown fault " + repr(how))
 
 
+def stay(where, **fields):
+    """Say where this worker is (event ``blocked``), then block until it is killed."""
+    record("blocked", at=where, **fields)
+    threading.Event().wait()
+
+
 class Src(Source):
     def __init__(self):
         self.stopped = threading.Event()
@@ -137,8 +147,19 @@ class Snk(Sink):
         if self.conf.get("slow") and not os.path.exists(os.path.join(HERE, "fast")):
             record("slow", rule=rule, i=item["i"])
             time.sleep(float(self.conf["slow"]))
+        block = item.get("block")  # blocks the first time, where the test SIGKILLs it
+        if block == "collect" and first_time("blocked_%s_%s" % (rule, item["i"])):
+            stay(block, rule=rule, i=item["i"])
         record("collect", rule=rule, i=item["i"])
-        if self.conf.get("tag_acks") and item["i"] % 3 == 0:
+        if block == "before_ack" and first_time("blocked_%s_%s" % (rule, item["i"])):
+            threading.Thread(target=stay, args=(block,), kwargs=dict(rule=rule, i=item["i"])).start()
+            return  # collect returned; its ack will not come from this worker
+        if block == "after_ack" and first_time("blocked_%s_%s" % (rule, item["i"])):
+            ctx.ack_ok()
+            stay(block, rule=rule, i=item["i"])
+        if self.conf.get("late_ack"):
+            threading.Timer(float(self.conf["late_ack"]), ctx.ack_ok).start()
+        elif self.conf.get("tag_acks") and item["i"] % 3 == 0:
             ctx.ack_error("tag %d" % item["i"])
         else:
             ctx.ack_ok()

@@ -45,7 +45,7 @@ def test_defaults_load():
     s = load_settings(environ={})
     assert s.as_dict() == {**DEFAULTS, "symbols": {}}
     assert s == Settings(**DEFAULTS)
-    assert (s.start_method, s.heartbeat_interval, s.sink_window, s.metrics_address) == ("auto", 0.5, 1000, "")
+    assert (s.start_method, s.heartbeat_interval, s.sink_window_mb, s.metrics_address) == ("auto", 0.5, 128.0, "")
     with pytest.raises(dataclasses.FrozenInstanceError):
         s.stop_grace = 1.0  # type: ignore[misc]
 
@@ -58,10 +58,10 @@ def test_as_dict_round_trips():
 # --- sources and precedence ---------------------------------------------------------------
 
 def test_file_overrides_defaults(tmp_path):
-    write(tmp_path / "kuiper_pool.yaml", "heartbeat_interval: 1\nlog_level: warning\nsink_window: 5\n")
+    write(tmp_path / "kuiper_pool.yaml", "heartbeat_interval: 1\nlog_level: warning\nsink_window_mb: 5\n")
     s = load_settings(str(tmp_path), environ={})
     assert s.heartbeat_interval == 1.0 and type(s.heartbeat_interval) is float
-    assert (s.log_level, s.sink_window, s.stop_grace) == ("WARNING", 5, 2.0)
+    assert (s.log_level, s.sink_window_mb, s.stop_grace) == ("WARNING", 5, 2.0)
 
 
 def test_missing_file_in_script_dir_is_fine(tmp_path):
@@ -75,19 +75,19 @@ def test_empty_file_is_fine(tmp_path, text):
 
 
 def test_env_wins_over_file_and_overrides_win_over_env(tmp_path):
-    write(tmp_path / "kuiper_pool.yaml", "stop_grace: 3\nmax_calls: 10\nsink_window: 20\n")
-    env = {"KUIPER_POOL_MAX_CALLS": "11", "KUIPER_POOL_SINK_WINDOW": "21", "PATH": "/bin"}
+    write(tmp_path / "kuiper_pool.yaml", "stop_grace: 3\nmax_calls: 10\nsink_window_mb: 20\n")
+    env = {"KUIPER_POOL_MAX_CALLS": "11", "KUIPER_POOL_SINK_WINDOW_MB": "21", "PATH": "/bin"}
     s = load_settings(str(tmp_path), environ=env)
-    assert (s.stop_grace, s.max_calls, s.sink_window) == (3.0, 11, 21)
-    s = load_settings(str(tmp_path), overrides={"sink_window": 22}, environ=env)
-    assert (s.stop_grace, s.max_calls, s.sink_window) == (3.0, 11, 22)
+    assert (s.stop_grace, s.max_calls, s.sink_window_mb) == (3.0, 11, 21)
+    s = load_settings(str(tmp_path), overrides={"sink_window_mb": 22}, environ=env)
+    assert (s.stop_grace, s.max_calls, s.sink_window_mb) == (3.0, 11, 22)
 
 
 def test_config_env_replaces_script_dir_lookup(tmp_path):
     write(tmp_path / "kuiper_pool.yaml", "max_calls: 1\n")
-    explicit = write(tmp_path / "other.yaml", "sink_window: 9\n")
+    explicit = write(tmp_path / "other.yaml", "sink_window_mb: 9\n")
     s = load_settings(str(tmp_path), environ={"KUIPER_POOL_CONFIG": explicit})
-    assert (s.max_calls, s.sink_window) == (0, 9)
+    assert (s.max_calls, s.sink_window_mb) == (0, 9)
 
 
 def test_config_env_missing_file(tmp_path):
@@ -118,7 +118,7 @@ BAD = [
     ("flap_max_restarts", 0), ("flap_window", 0),
     ("memory_limit_mb", -1), ("memory_limit_mb", "1G"),
     ("max_calls", -1), ("max_calls", False),
-    ("sink_window", 0), ("sink_max_deliveries", 0),
+    ("sink_window_mb", 0), ("sink_window_mb", 20000), ("sink_max_deliveries", 0),
     ("control_lost_timeout", 0), ("dial_timeout", -5),
     ("log_level", "TRACE"), ("log_level", 10),
     ("metrics_address", "0.0.0.0:9100"), ("metrics_address", 9100),
@@ -142,7 +142,7 @@ def test_bad_value_in_file_names_the_file(tmp_path):
 
 @pytest.mark.parametrize("key, text", [
     ("heartbeat_interval", "abc"), ("heartbeat_interval", "-1"), ("heartbeat_misses", "2.5"),
-    ("sink_window", ""), ("restart_jitter", "2"), ("start_method", "thread"), ("metrics_address", "10.0.0.1:80"),
+    ("sink_window_mb", ""), ("restart_jitter", "2"), ("start_method", "thread"), ("metrics_address", "10.0.0.1:80"),
 ])
 def test_bad_env_value_names_the_variable(key, text):
     var = "KUIPER_POOL_" + key.upper()
@@ -215,8 +215,8 @@ def test_unknown_key_in_file_suggests_closest(tmp_path):
 
 def test_unknown_override_suggests_closest():
     with pytest.raises(ConfigError) as e:
-        load_settings(overrides={"sink_windows": 5}, environ={})
-    assert_one_line(e.value, "unknown setting sink_windows", "overrides", "did you mean sink_window?")
+        load_settings(overrides={"sink_window_mbs": 5}, environ={})
+    assert_one_line(e.value, "unknown setting sink_window_mbs", "overrides", "did you mean sink_window_mb?")
 
 
 def test_unknown_key_without_close_match():
@@ -311,7 +311,7 @@ def test_bad_symbol_settings_fail_in_one_line_naming_the_key_path(symbols, messa
      "symbols.f.heartbeat_misses must be an integer >= 1 and <= 1000 (got 9999"),
     ({"heartbeat_interval": 1e-6}, "heartbeat_interval must be a number >= 0.05 and <= 3600 (got 1e-06"),
     ({"stop_grace": int("9" * 401)}, "stop_grace must be a number >= 0.01 and <= 3600"),
-    ({"sink_window": 10 ** 7}, "sink_window must be an integer >= 1 and <= 1000000"),
+    ({"sink_window_mb": 10 ** 7}, "sink_window_mb must be a number >= 1 and <= 16384"),
 ])
 def test_every_number_has_sane_bounds_named_in_one_short_line(overrides, message):
     with pytest.raises(ConfigError) as e:

@@ -175,15 +175,24 @@ def test_a_silent_idle_worker_is_hung_and_the_reason_says_so():
     assert why == "hung: no heartbeat for 3.0s (limit 2.0s) and 0.01s of CPU in the last 3.0s"
 
 
-def test_a_busy_worker_that_then_stops_using_cpu_is_hung_one_window_later():
+def test_a_busy_worker_that_then_stops_is_hung_at_the_limit_not_a_window_later():
+    s = settings(**VERDICT)  # limit 2 s; the CPU is watched from the first late beat
+    v = vitals(100.0, last_beat=100.0, cpu_at_beat=5.0)
+    assert verdict(v, 100.4, s, SINK, lambda: 5.4) is None    # beats on time: nothing read
+    assert v.cpu_mark is None
+    assert verdict(v, 100.55, s, SINK, lambda: 5.5) is None   # late; it ran until now
+    assert v.cpu_mark == (100.55, 5.5)
+    assert verdict(v, 101.5, s, SINK, lambda: 5.5) is None    # stopped, but not silent for 2 s
+    action, why = verdict(v, 102.05, s, SINK, lambda: 5.5)    # SIGSTOP right after a beat
+    assert action == KILL and "0.00s of CPU in the last 1.5s" in why
+
+
+def test_a_silent_worker_that_keeps_using_cpu_is_never_hung():
     s = settings(**VERDICT)
-    v = vitals(100.0, last_beat=97.0, cpu_at_beat=5.0)
-    cpu = [8.0]
-    assert verdict(v, 100.0, s, SOURCE, lambda: cpu[0]) is None  # busy: a new window starts
-    assert v.cpu_mark == (100.0, 8.0)
-    assert verdict(v, 101.0, s, SOURCE, lambda: cpu[0]) is None  # 1 s is too short to judge
-    action, why = verdict(v, 102.5, s, SOURCE, lambda: cpu[0])
-    assert action == KILL and "0.00s of CPU in the last 2.5s" in why
+    v = vitals(100.0, last_beat=100.0, cpu_at_beat=5.0)
+    for tick in range(1, 200):  # a C call holding the GIL for 10 s
+        now = 100.0 + tick * 0.05
+        assert verdict(v, now, s, SINK, lambda: 5.0 + tick * 0.05) is None
 
 
 def test_without_a_cpu_reading_silence_alone_decides():

@@ -13,14 +13,15 @@ import errno
 import json
 import os
 import signal
-from typing import Any, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import pytest
 
 from kuiper_pool import wire
 from kuiper_pool.api import PluginConfig
 from kuiper_pool.config import load_settings
-from kuiper_pool.runtime import callpage, frames
+from kuiper_pool.runtime import callpage, frames, sinkpage
+from kuiper_pool.runtime.sinkpage import SinkPage
 from kuiper_pool.runtime.effects import WorkerHandle
 from kuiper_pool.runtime.instances import (BACKOFF, ENDED, FAILED, RECYCLING, REMOVED, RUNNING,
                                            STARTING, STOPPING, Instance)
@@ -41,6 +42,8 @@ class MemoryPull:
     def __init__(self) -> None:
         self.queue: List[bytes] = []
         self.closed = False
+        self.idle = True       # the connection can be lent (nothing of it buffered here)
+        self.lent = False
 
     def fileno(self) -> int:
         return 99
@@ -140,6 +143,7 @@ class Recorder:
         self.lendable = False
         self.handoffs: List[Tuple[int, Any]] = []
         self.channels: List[MemoryReq] = []
+        self.worker_pages: Dict[int, SinkPage] = {}   # a sink worker's own mapping of its page
         self.channel_up = True   # whether a function channel is connected when opened
 
     def now(self) -> float:
@@ -152,6 +156,8 @@ class Recorder:
         w.pid = 5000 + self.next_wid
         fd = inst.route.open_page(w, self.lendable)   # a call page or a collect mark
         if fd is not None:
+            if w.sink_page is not None:
+                self.worker_pages[w.wid] = SinkPage(fd)   # the worker's side
             os.close(fd)
         self.next_wid += 1
         self.workers.append(w)
@@ -189,6 +195,17 @@ class Recorder:
 
     def hand_over(self, w: WorkerHandle, handoff: Any) -> None:
         self.handoffs.append((w.wid, handoff))
+
+    def lend_sink(self, w: WorkerHandle, pull: Any, ack: Any) -> bool:
+        if not (self.lendable and w.sink_page is not None and pull.idle and not pull.lent
+                and not ack.pending()):
+            return False
+        pull.lent = True
+        self.handoffs.append((w.wid, "sink"))
+        return True
+
+    def take_back_sink(self, pull: Any) -> None:
+        pull.lent = False
 
     def watch(self, inst: Instance, endpoint: Any, reading: bool) -> None:
         if isinstance(endpoint, MemoryPull):  # the sink's reading; a function's is always on
@@ -580,18 +597,25 @@ def test_a_worker_dying_between_items_charges_none():
     assert items_sent_to(fx, restarted(inst, fx)) == [b"1", b"2"] and push.sent == []
 
 
-def test_back_pressure_stops_reading_and_progress_resumes_it():
-    inst, fx, _ = running(sink_window=2)
+def test_back_pressure_stops_reading_at_the_byte_budget_and_progress_resumes_it():
+    inst, fx, _ = running(sink_window_mb=1)
     pull, _push = fx.endpoints
-    pull.queue += [b"1", b"2", b"3"]
+    big = b"x" * 600_000
+    pull.queue += [big]
     inst.on_readable(fx.endpoints[0])
-    assert fx.watching[-1] is False and pull.queue == [b"3"]
+    assert fx.watching[-1] is True            # 600 KB held: under the 1 MiB budget
+    pull.queue += [big]
+    inst.on_readable(fx.endpoints[0])
+    assert fx.watching[-1] is False           # 1.2 MB held: reading stops
+    pull.queue += [b"3"]
+    inst.on_readable(fx.endpoints[0])         # a readiness event select() returned before
+    assert pull.queue == [b"3"]
     done(inst, fx.workers[0], 2)
     assert fx.watching[-1] is True
 
 
 def test_acks_eKuiper_does_not_read_stop_the_reading_until_they_went_out():  # noqa: N802
-    inst, fx, _ = running(sink_window=10)
+    inst, fx, _ = running(sink_window_mb=1)
     pull, push = fx.endpoints
     push.backlog = ACK_BACKLOG + 1            # never dropped: the data waits in eKuiper instead
     pull.queue += [b"1", b"2"]
@@ -782,8 +806,23 @@ def test_a_silent_worker_busy_on_the_cpu_is_left_alone_and_an_idle_one_is_killed
     assert fx.signals == []
     fx.t += 2.5  # the next window: no CPU used
     inst.tick(fx.t)
-    assert_killed(inst, fx, w, signal.SIGTERM)
     assert "hung: no heartbeat" in w.kill_reason and "of CPU in the last" in w.kill_reason
+
+
+def test_a_hung_worker_is_continued_to_dump_its_stack_then_sigkilled_without_stop_grace():
+    inst, fx, _ = running()                  # a sink: SIGTERM and stop_grace for other kills
+    w = fx.workers[0]
+    inst.on_frame(w, frames.BEAT, b'{"n": 1, "busy": 0, "cpu": 1.0}')
+    beat_at, fx.cpu = fx.t, 1.5              # busy, then SIGSTOPped before the next beat
+    while not w.kill_reason:
+        fx.t += 0.05
+        inst.tick(fx.t)
+    assert fx.t - beat_at < 2.1              # silent past the limit (2 s): no second window
+    assert fx.signals == [(w.wid, signal.SIGUSR1), (w.wid, signal.SIGCONT)]
+    assert w.kill_reason.startswith("hung")
+    fx.t += 0.06                             # DUMP_GRACE, not DUMP_GRACE + stop_grace
+    inst.tick(fx.t)
+    assert fx.signals[-1] == (w.wid, signal.SIGKILL)
 
 
 # --- zero-hop functions: the worker owns eKuiper's connection -----------------------------------------
@@ -931,3 +970,126 @@ def test_a_sink_retried_after_contain_opens_its_channel_again():
     inst.tick(fx.t)
     ready(inst, fx.workers[-1])
     assert inst.state == RUNNING and isinstance(inst.route, SinkRoute) and fx.watching[-1] is True
+
+
+# --- acked sinks: the worker owns eKuiper's connections --------------------------------------------
+
+def lent_sink() -> Tuple[Instance, Recorder, WorkerHandle]:
+    inst, fx, _ = running(lendable=True)
+    w = fx.workers[0]
+    assert fx.handoffs == [(w.wid, "sink")] and inst.route.lent_to is w and fx.endpoints[0].lent
+    return inst, fx, w
+
+
+def take(page: SinkPage, data: bytes) -> None:
+    """What the worker's one recv does: the frame lands in the page."""
+    area = page.receiving(len(data))
+    area[:] = b"\x01" + len(data).to_bytes(8, "big") + data
+
+
+@pytest.mark.parametrize("where, owed", [
+    ("before the recv", False), ("after the recv", True), ("in collect", True),
+    ("writing the ack", False), ("after the ack", False)])
+def test_a_dead_lent_sink_worker_owes_what_its_page_says(where, owed):
+    inst, fx, w = lent_sink()
+    page = fx.worker_pages[w.wid]
+    item = b'{"i": 7}'
+    if where == "before the recv":
+        page.receiving(len(item))
+    else:
+        take(page, item)
+        if where != "after the recv":
+            page.holding()
+        if where in ("writing the ack", "after the ack"):
+            page.acking()
+        if where == "after the ack":
+            page.acked()
+    inst.on_exit(w, KILLED)
+    assert not fx.endpoints[0].lent and inst.route.lent_to is None   # read here again
+    ready(inst, fx.workers[1])
+    items = [f for wid, t, f in fx.sent if t == frames.ITEMS and wid == fx.workers[1].wid]
+    if owed:  # relayed to the replacement; it is lent the connections only after its ack
+        assert [d for _s, d in frames.decode_items(items[0])] == [item]
+        assert fx.handoffs == [(w.wid, "sink")]
+        seq = next(iter(inst.route.inflight))
+        inst.on_frame(fx.workers[1], frames.ACK, frames.SEQ.pack(seq) + b"{}")
+        assert fx.endpoints[1].sent == [b"{}"]
+    else:
+        assert items == [] and fx.endpoints[1].sent == []
+    assert fx.handoffs[-1] == (fx.workers[1].wid, "sink")
+    assert (where == "writing the ack") == any("counted as sent" in n for n in fx.notes)
+
+
+def test_no_signal_reaches_a_worker_writing_an_ack_until_it_is_written():
+    inst, fx, w = lent_sink()
+    page = fx.worker_pages[w.wid]
+    take(page, b"x")
+    page.holding()
+    inst.kill(w, "call exceeded collect_deadline 1s")
+    page.acking()
+    fx.t += 10                                # past DUMP_GRACE and stop_grace
+    inst.tick(fx.t)
+    assert fx.signals == [(w.wid, signal.SIGUSR1)]   # only the stack dump, before ACKING
+    page.acked()
+    inst.tick(fx.t)
+    assert fx.signals[-1][1] in (signal.SIGTERM, signal.SIGKILL)
+
+
+def test_a_late_give_back_of_a_replaced_worker_changes_nothing():
+    inst, fx, w = lent_sink()
+    inst.on_exit(w, KILLED)
+    ready(inst, fx.workers[1])
+    assert inst.route.lent_to is fx.workers[1]
+    inst.on_frame(w, frames.LOST, b"closed")  # from the dead worker: ignored
+    assert inst.route.lent_to is fx.workers[1] and fx.endpoints[0].lent
+
+
+def test_a_given_back_connection_is_read_here_and_lent_again_after_the_ack():
+    inst, fx, w = lent_sink()
+    pull = fx.endpoints[0]
+    inst.on_frame(w, frames.LOST, b"large")
+    assert not pull.lent and inst.route.lent_to is None
+    pull.queue.append(b"L" * 100_000)
+    inst.on_readable(pull)
+    [items] = fx.frames_of(frames.ITEMS)
+    [(seq, data)] = frames.decode_items(items)
+    assert not pull.lent                      # not while the relayed item waits for its ack
+    inst.on_frame(w, frames.ACK, frames.SEQ.pack(seq) + b"{}")
+    assert pull.lent and inst.route.lent_to is w and fx.endpoints[1].sent == [b"{}"]
+
+
+def test_a_stale_readiness_event_while_lent_reads_nothing_of_the_lent_connection():
+    inst, fx, w = lent_sink()
+    inst.on_readable(fx.endpoints[0])          # select() returned it before the lend
+    assert fx.frames_of(frames.ITEMS) == [] and inst.route.lent_to is w
+
+
+@pytest.mark.parametrize("stopped", [False, True])
+def test_a_lent_item_whose_collect_was_running_is_charged_only_with_a_crash(stopped):
+    inst, fx, w = lent_sink()
+    page = fx.worker_pages[w.wid]
+    take(page, b"bad")
+    page.holding()
+    page.slots[0] = sinkpage.LENT | page.taken   # its collect began
+    if stopped:                                 # a kuiper-pool restart of a slow sink
+        assert inst.retry_now()
+        fx.t += 2.1
+        inst.tick(fx.t)
+    inst.on_exit(w, KILLED)
+    [item] = inst.route.inflight.values()
+    assert item.data == b"bad" and item.faults == (0 if stopped else 1)
+
+
+def test_an_acked_sink_is_lent_only_once_the_acks_queued_here_have_gone_out():
+    inst, fx, w = lent_sink()
+    pull, push = fx.endpoints
+    inst.on_frame(w, frames.LOST, b"large")    # relayed from here on
+    pull.queue.append(b"L" * 100_000)
+    inst.on_readable(pull)
+    [(seq, _data)] = frames.decode_items(fx.frames_of(frames.ITEMS)[0])
+    push.backlog = 9                           # eKuiper has not read that ack yet
+    inst.on_frame(w, frames.ACK, frames.SEQ.pack(seq) + b"{}")
+    assert not pull.lent and inst.route.lent_to is None
+    push.backlog = 0
+    inst.on_readable(push)                     # the ack went out
+    assert pull.lent and inst.route.lent_to is w

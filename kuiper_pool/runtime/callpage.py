@@ -41,12 +41,12 @@ class CallState(NamedTuple):
     failed: int
 
 
-def create() -> int:
+def create(size: int = SIZE, name: str = "kuiper_pool-calls") -> int:
     """A new zeroed page as an fd (memfd: no path, passed to the worker with SCM_RIGHTS),
     sealed at its size: nobody can shrink it under the supervisor's mapping."""
-    fd = os.memfd_create("kuiper_pool-calls", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
     try:
-        os.ftruncate(fd, SIZE)
+        os.ftruncate(fd, size)
         fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL)
     except OSError:
         os.close(fd)

@@ -23,6 +23,7 @@ from ..logs import supervisor_logger
 from ..transport import load as load_transport, req_endpoint
 from . import forensics, frames
 from .callpage import CallPage
+from .sinkpage import SinkPage
 from .health import Vitals
 from .marks import CollectMark
 from .protocol import ZYGOTE_EXITED, ZYGOTE_REFUSED, ZYGOTE_STARTED, StartSpec
@@ -49,6 +50,7 @@ class WorkerHandle:
         self.kill_at = 0.0          # when to escalate to SIGKILL
         self.page: Optional[CallPage] = None   # a function worker's call page (lent routes)
         self.mark: Optional[CollectMark] = None  # a sink worker's collect mark
+        self.sink_page: Optional[SinkPage] = None  # the mark again, if lent eKuiper's connections
         self.call_seq = -1          # the page's call seen executing on the previous tick
         self.pending_signal = 0     # sent at signal_at, once its stack has been dumped
         self.signal_at = 0.0
@@ -67,6 +69,8 @@ class Effects(Protocol):
     def close_function(self, inst: "Instance", channel: FunctionChannel) -> None: ...
     def watch(self, inst: "Instance", endpoint: Any, reading: bool) -> None: ...  # read it or not
     def hand_over(self, w: WorkerHandle, handoff: Handoff) -> None: ...  # lend the connection
+    def lend_sink(self, w: WorkerHandle, pull: Any, ack: Any) -> bool: ...  # False: not now
+    def take_back_sink(self, pull: Any) -> None: ...
     def forget(self, inst: "Instance") -> None: ...
     def put_state(self, inst: "Instance", payload: bytes) -> None: ...   # a worker's PUT frame
     def cpu_seconds(self, w: WorkerHandle) -> Optional[float]: ...
@@ -301,6 +305,24 @@ class LoopEffects:
                 entry[2].send(frames.encode_conn(handoff), [handoff.sock.fileno()])
         finally:
             handoff.sock.close()  # the worker holds it now; its death closes the connection
+
+    def lend_sink(self, w: WorkerHandle, pull: Any, ack: Any) -> bool:
+        """Lend copies of eKuiper's sink data connection (when idle) and ack connection
+        (when connected, past its greeting, with an empty outbox: the worker's acks must not
+        overtake ours) to ``w``; we keep ours, to read the data connection again after the
+        worker."""
+        entry = self.workers.get(w.wid)
+        if (entry is None or not self.lends_functions or w.sink_page is None
+                or ack.sock is None or ack.greeting is not None or ack.pending()):
+            return False
+        data = pull.lend()
+        if data is None:
+            return False
+        entry[2].send(frames.encode(frames.CONN), [data.fileno(), ack.sock.fileno()])
+        return True
+
+    def take_back_sink(self, pull: Any) -> None:
+        pull.resume()
 
     # --- state ---------------------------------------------------------------------------
 

@@ -77,7 +77,7 @@ def verdict(v: Vitals, now: float, settings: Settings, kind: str,
     """
     silent = now - v.last_beat
     limit = settings.heartbeat_interval * settings.heartbeat_misses
-    if silent > limit:
+    if silent > settings.heartbeat_interval:  # a beat is late: watch the CPU from now on
         hung = _hung(v, now, silent, limit, cpu_seconds)
         if hung:
             return KILL, hung
@@ -98,20 +98,25 @@ def verdict(v: Vitals, now: float, settings: Settings, kind: str,
 
 def _hung(v: Vitals, now: float, silent: float, limit: float,
           cpu_seconds: Callable[[], Optional[float]]) -> str:
-    """Why a silent worker counts as hung, or "" while it is busy on the CPU."""
+    """Why a silent worker counts as hung, or "" while it may still be busy on the CPU.
+
+    Called on every tick once a beat is late: ``v.cpu_mark`` follows the last time the
+    worker's CPU time was seen moving, so a worker that was busy until it stopped (SIGSTOP,
+    a deadlock) is hung once silent past ``limit`` and idle for half of it; a new window
+    never starts after the beats stopped."""
     cpu = cpu_seconds()
     if cpu is None:  # no reading (gone, or not ours to read): silence alone decides
-        return f"hung: no heartbeat for {silent:.1f}s (limit {limit:.1f}s)"
+        return f"hung: no heartbeat for {silent:.1f}s (limit {limit:.1f}s)" if silent > limit else ""
     since, base = v.cpu_mark or (v.last_beat, v.cpu_at_beat)
     if base is None:  # no CPU figure from the worker yet: measure from now on
         v.cpu_mark = (now, cpu)
         return ""
-    span = now - since
-    if cpu - base > BUSY_CPU_SHARE * span:
-        if span >= limit:  # judge the next window on its own
-            v.cpu_mark = (now, cpu)
+    if cpu - base > BUSY_CPU_SHARE * (now - since):  # it ran since the mark: busy so far
+        v.cpu_mark = (now, cpu)
         return ""
-    if v.cpu_mark is not None and span < limit:  # too short a window to judge (10 ms ticks)
+    v.cpu_mark = (since, base)
+    span = now - since
+    if silent <= limit or span < limit / 2:  # too short a quiet to judge (10 ms CPU ticks)
         return ""
     return (f"hung: no heartbeat for {silent:.1f}s (limit {limit:.1f}s) and "
             f"{cpu - base:.2f}s of CPU in the last {span:.1f}s")

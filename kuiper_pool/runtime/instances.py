@@ -349,16 +349,20 @@ class Instance:
 
     def kill(self, w: WorkerHandle, why: str) -> None:
         """Dump its stack, SIGTERM (a function: SIGKILL) DUMP_GRACE later, SIGKILL after
-        stop_grace; the route answers what the worker holds."""
+        stop_grace; the route answers what the worker holds. A hung worker (stopped,
+        deadlocked) can use no grace: it is continued to dump its stack, then SIGKILLed."""
         if w.kill_reason:
             return
         w.kill_reason = why
+        hung = why.startswith("hung")
         now = self.fx.now()
-        w.kill_at = now + DUMP_GRACE + self.s.stop_grace
+        w.kill_at = now + DUMP_GRACE + (0.0 if hung else self.s.stop_grace)
         self.fx.note(self, logging.WARNING, "killing worker pid %d: %s", w.pid, why)
         self.route.on_kill(w, why)
         self.fx.signal(w, DUMP_SIGNAL)
-        w.pending_signal = self.route.kill_signal
+        if hung:
+            self.fx.signal(w, signal.SIGCONT)  # a stopped worker runs its dump handler
+        w.pending_signal = signal.SIGKILL if hung else self.route.kill_signal
         w.signal_at = now + DUMP_GRACE
 
     def _recycle(self, w: WorkerHandle, why: str) -> None:
@@ -411,7 +415,7 @@ class Instance:
             self._spawn("retry")
             return
         w = self.worker
-        if w is None:
+        if w is None or self.route.signal_deferred(w):
             return
         if w.pending_signal and now >= w.signal_at:
             self.fx.signal(w, w.pending_signal)

@@ -5,7 +5,8 @@ message per item.
 
 Layout: two native unsigned 64-bit slots, one writer: ``[0]`` the seq of the item whose
 collect began last, ``[1]`` the seq of the item whose collect returned last. An item is
-running when they differ. The page is made like a call page (``callpage.create``).
+running when they differ. The page is made like a call page (``callpage.create``); an
+acked sink lent eKuiper's connections has its item page in the same memfd (``sinkpage.py``).
 """
 from __future__ import annotations
 
@@ -17,11 +18,15 @@ from .callpage import SIZE
 class CollectMark:
     """One side's mapping of a collect mark page."""
 
-    def __init__(self, fd: int) -> None:
-        self.map = mmap.mmap(fd, SIZE)
-        self.slots = memoryview(self.map).cast("Q")   # the worker writes these two directly
+    def __init__(self, fd: int, size: int = SIZE) -> None:
+        self.map = mmap.mmap(fd, size)
+        self.slots = memoryview(self.map)[:16].cast("Q")   # the worker writes these two directly
 
     def running(self) -> int:
         """The seq of the item whose collect had begun and not returned, or 0."""
         began, ended = self.slots[0], self.slots[1]
         return began if began != ended else 0
+
+    def close(self) -> None:
+        self.slots.release()
+        self.map.close()

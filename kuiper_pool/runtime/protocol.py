@@ -58,7 +58,7 @@ class StartSpec:
     transport: str = "sp"
     dump_path: str = ""        # where the worker writes its stack when asked (forensics)
     page: bool = False         # a shared page's fd travels with the frame: a lent function's
-                               # call page, a sink's collect mark
+                               # call page, a sink's collect mark (and item page)
     source_datasource: str = "stream"  # what a source's configure gets (config.py)
 
     def frame(self) -> bytes:

@@ -42,6 +42,12 @@ def frame(payload: bytes) -> bytes:
     return _FRAME.pack(1, len(payload)) + payload
 
 
+def frame_header(head: bytes) -> Tuple[int, int]:
+    """A message's type (1) and payload length, from its first 9 bytes."""
+    kind, length = _FRAME.unpack(head)
+    return kind, length
+
+
 def path_of(url: str) -> str:
     return url[len("ipc://"):] if url.startswith("ipc://") else url
 
@@ -450,6 +456,7 @@ class PullEndpoint:
         os.set_blocking(self.wake_w, False)
         self.poll.register(self.wake_r, select.EPOLLIN)
         self.woken = False
+        self.lent: Optional[_Pipe] = None   # a connection another process reads meanwhile
 
     def fileno(self) -> int:
         return self.poll.fileno()
@@ -467,6 +474,25 @@ class PullEndpoint:
         out, self.queue = self.queue[:n], self.queue[n:]
         self._wake(bool(self.queue))
         return out
+
+    def lend(self) -> Optional[socket.socket]:
+        """The one connection, when nothing of it is held here (header taken, no part of a
+        message read, nothing queued), so another process may read it; reading it stops
+        until :meth:`resume`. None when it is not idle."""
+        if self.lent is not None or len(self.pipes) != 1 or self.queue:
+            return None
+        pipe = next(iter(self.pipes.values()))
+        if len(pipe.header) < _HEADER.size or pipe.reader.buf:
+            return None
+        self.poll.unregister(pipe.sock.fileno())
+        self.lent = pipe
+        return pipe.sock
+
+    def resume(self) -> None:
+        """Read the lent connection again (its borrower is done with it)."""
+        pipe, self.lent = self.lent, None
+        if pipe is not None and self.pipes.get(pipe.sock.fileno()) is pipe:
+            self.poll.register(pipe.sock.fileno(), select.EPOLLIN)
 
     def _wake(self, on: bool) -> None:
         if on and not self.woken:
@@ -521,6 +547,8 @@ class PullEndpoint:
     def _drop(self, pipe: _Pipe) -> None:
         fd = pipe.sock.fileno()
         self.pipes.pop(fd, None)
+        if self.lent is pipe:
+            self.lent = None
         try:
             self.poll.unregister(fd)
         except (OSError, ValueError):

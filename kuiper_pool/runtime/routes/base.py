@@ -71,6 +71,11 @@ class Route:
         """Whether this exit means the instance has ended by itself (not a crash)."""
         return False
 
+    def signal_deferred(self, w: "WorkerHandle") -> bool:
+        """Whether signals to ``w`` wait for the next tick (it is writing an ack eKuiper
+        waits for, and a death there would leave eKuiper unsure whether it was sent)."""
+        return False
+
     def busy(self) -> bool:
         """Whether a recycle must wait (something of eKuiper's is in the worker's hands)."""
         return False

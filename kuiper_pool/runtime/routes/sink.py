@@ -2,28 +2,38 @@
 path (README, "Data paths"). Items get sequence numbers and stay in ``inflight`` until the
 worker reports them finished (DONE) or acks them, so a replacement worker gets exactly the
 unfinished ones again; an item that has ended ``sink_max_deliveries`` workers is poison.
+
+An acked sink under ``transport: sp`` lends both connections to its worker while nothing
+is in flight: the worker takes each item into its item page (``sinkpage.py``) and acks
+eKuiper itself. When it dies the page tells whether it owed an item, which then goes to
+the replacement like any unfinished one; the worker gives the connections back for an
+item too large for the page or when eKuiper closed the data connection.
+
 Acks are never dropped while eKuiper's connection lives: past ACK_BACKLOG bytes of acks
 eKuiper has not read, the route stops reading its data until they have gone out.
 """
 from __future__ import annotations
 
 import logging
+import os
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, List, Optional, Tuple
 
 from ... import wire
 from ...transport import TransportError
-from .. import callpage, frames
+from .. import frames, sinkpage
 from ..marks import CollectMark
 from ..states import State
-from .base import Route
+from ..sinkpage import ACKING, LENT, RECEIVING, SinkPage
+from .base import Counts, Route
 
 if TYPE_CHECKING:
     from ..effects import WorkerHandle
     from ..instances import Instance
 
 MAX_BATCH = 256     # sink items moved per wake-up
+ITEM_OVERHEAD = 128  # bytes an in-flight item costs beyond its payload (counted in the window)
 ACK_BACKLOG = 1 << 20   # bytes of acks waiting for eKuiper beyond which a sink stops reading
 Items = List[Tuple[int, bytes]]
 
@@ -45,13 +55,15 @@ class SinkRoute(Route):
     def __init__(self, inst: "Instance") -> None:
         super().__init__(inst)
         self.require_ack = wire.require_ack(inst.ctrl.config)
-        self.window = inst.s.sink_window
+        self.window = int(inst.s.sink_window_mb * 1048576)   # bytes
+        self.held = 0    # bytes of the items in ``inflight`` (payload + ITEM_OVERHEAD each)
         self.max_deliveries = inst.s.sink_max_deliveries
         self.inflight: "OrderedDict[int, Item]" = OrderedDict()
         self.next_seq = 1
         self.pull: Any = None
         self.ack: Any = None
         self.reading = False
+        self.lent_to: "Optional[WorkerHandle]" = None   # the worker holding both connections
 
     # --- lifecycle events -------------------------------------------------------------------
 
@@ -64,10 +76,69 @@ class SinkRoute(Route):
         if not first:
             self._redeliver(w)
         self._on_data()
+        self._lend(w)
+
+    def _lend(self, w: "WorkerHandle") -> None:
+        """Lend eKuiper's connections to ``w`` when nothing is in flight (an item relayed
+        and not acked would race one the worker reads itself: acks match by order)."""
+        inst = self.inst
+        if (self.require_ack and self.lent_to is None and not self.inflight and self.pull is not None
+                and inst.state is State.RUNNING and inst.worker is w and not w.kill_reason
+                and self.fx.lend_sink(w, self.pull, self.ack)):
+            self.lent_to = w
+
+    def _take_back(self) -> None:
+        """Read the data connection here again (the worker gave it back or is gone)."""
+        if self.lent_to is not None:
+            self.lent_to = None
+            if self.pull is not None:
+                self.fx.take_back_sink(self.pull)
+
+    def on_worker_gone(self, w: "WorkerHandle", how: str, cause: str) -> None:
+        page, w.sink_page = w.sink_page, None   # it stays the mark (on_crashed reads it)
+        if page is None:
+            return
+        st, owed = page.read(), page.owed()
+        inst = self.inst
+        inst.items_in += st.taken + (owed is not None and st.state == RECEIVING)
+        inst.items_out += st.acked
+        if self.lent_to is w:
+            self._take_back()
+        if owed is not None:  # it goes to the replacement first
+            seq = self.next_seq
+            self.next_seq += 1
+            self.inflight[seq] = Item(owed)
+            self.inflight.move_to_end(seq, last=False)
+            self.held += len(owed) + ITEM_OVERHEAD
+            if page.running() & LENT:  # its collect was running: the mark names it now
+                page.slots[0] = seq
+        elif st.state == ACKING:
+            self.fx.note(inst, logging.WARNING, "worker pid %d died while writing an ack: "
+                         "counted as sent (a second ack would answer the next item)", w.pid)
+
+    def signal_deferred(self, w: "WorkerHandle") -> bool:
+        page = w.sink_page
+        return page is not None and page.read().state == ACKING
+
+    def counts(self, w: "WorkerHandle") -> Counts:
+        page = w.sink_page
+        if page is None:
+            return 0, 0, 0
+        st = page.read()
+        return st.taken, st.acked, 0
 
     def open_page(self, w: "WorkerHandle", lends: bool) -> Optional[int]:
-        fd = callpage.create()
-        w.mark = CollectMark(fd)
+        """The collect mark; with the item page when the worker may be lent eKuiper's
+        connections (an acked sink under transport sp)."""
+        items = lends and self.require_ack
+        fd = sinkpage.create(items)
+        try:
+            w.mark = SinkPage(fd) if items else CollectMark(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        if isinstance(w.mark, SinkPage):
+            w.sink_page = w.mark
         return fd
 
     def on_crashed(self, w: Optional["WorkerHandle"], how: str, cause: str) -> None:
@@ -93,6 +164,7 @@ class SinkRoute(Route):
     def close(self) -> None:
         pull, ack, self.pull, self.ack = self.pull, self.ack, None, None
         self.reading = False
+        self.lent_to = None
         if pull is not None:
             self.fx.close_sink(self.inst, pull, ack)
 
@@ -104,6 +176,8 @@ class SinkRoute(Route):
         elif endpoint is self.ack:  # a redial's progress, acks out, or eKuiper gone
             self.ack.pump(self.fx.now())
             self._resume()
+            if self.inst.worker is not None:  # lent once the acks have gone out
+                self._lend(self.inst.worker)
 
     def tick(self, now: float) -> None:
         if self.ack is not None:
@@ -112,7 +186,7 @@ class SinkRoute(Route):
     def _full(self) -> bool:
         """No room for more items: the window is full, or acks eKuiper does not read pile
         up (never dropped; reading resumes as they go out)."""
-        return len(self.inflight) >= self.window or self.ack.pending() > ACK_BACKLOG
+        return self.held >= self.window or self.ack.pending() > ACK_BACKLOG
 
     def _resume(self) -> None:
         if (self.inst.state is State.RUNNING and self.pull is not None and not self.reading
@@ -147,14 +221,20 @@ class SinkRoute(Route):
 
     def _take(self) -> Items:
         """Move what eKuiper sent into ``inflight``; return the new items."""
-        room = min(MAX_BATCH, self.window - len(self.inflight))
         out = []
-        for data in self.pull.recv_many(room) if room > 0 else ():
+        for data in self.pull.recv_many(MAX_BATCH) if self.held < self.window else ():
             seq = self.next_seq
             self.next_seq += 1
             self.inflight[seq] = Item(data)
+            self.held += len(data) + ITEM_OVERHEAD
             out.append((seq, data))
         return out
+
+    def _finish(self, seq: int) -> None:
+        """``seq`` leaves ``inflight`` (finished, acked, dropped or refused)."""
+        item = self.inflight.pop(seq, None)
+        if item is not None:
+            self.held -= len(item.data) + ITEM_OVERHEAD
 
     def _deliver(self, w: "WorkerHandle", items: Items) -> None:
         if items:
@@ -167,7 +247,7 @@ class SinkRoute(Route):
         for seq, item in list(self.inflight.items()):
             if item.faults >= self.max_deliveries:
                 poison.append(seq)
-                del self.inflight[seq]
+                self._finish(seq)
                 if not item.acked:
                     self._send_ack(wire.sink_ack_error(
                         f"item dropped: {item.faults} workers died during its collect"))
@@ -188,7 +268,7 @@ class SinkRoute(Route):
             return 0
         n = 0
         for seq, _data in self._take():
-            del self.inflight[seq]
+            self._finish(seq)
             self._send_ack(wire.sink_ack_error(reason))
             n += 1
         return n
@@ -202,27 +282,34 @@ class SinkRoute(Route):
                 n += 1
                 self._send_ack(wire.sink_ack_error(reason))
         self.inflight.clear()
+        self.held = 0
         return n
 
     # --- progress and acks from the worker ---------------------------------------------------------
 
     def on_frame(self, w: "WorkerHandle", ftype: int, payload: bytes) -> None:
+        if ftype == frames.LOST:  # the worker gave the connections back: relay what comes
+            if self.lent_to is w:
+                self._take_back()
+                self._on_data()
+            return
         if ftype not in (frames.DONE, frames.ACK):
             super().on_frame(w, ftype, payload)
         seq, data = frames.split_seq(payload)
         before = len(self.inflight)
         if ftype == frames.ACK:  # acked is finished: no DONE follows for it
             self._acked(seq, data)
-            self.inflight.pop(seq, None)
+            self._finish(seq)
         else:
             while self.inflight:
                 first = next(iter(self.inflight))
                 if first > seq:
                     break
-                del self.inflight[first]
+                self._finish(first)
         inst = self.inst
         inst.items_out += before - len(self.inflight)
         self._resume()
+        self._lend(w)
 
     def _acked(self, seq: int, data: bytes) -> None:
         """Forward the worker's ack for ``seq`` unless that item was acked already."""
