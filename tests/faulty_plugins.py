@@ -24,7 +24,8 @@ SIGKILLs itself), ``hang`` (a busy loop that never returns).
   with ``ack_ok``). Items are JSON objects ``{"i": n}``; ``{"i": n, "die": how, "mode":
   "once"|"always"}`` fails in ``collect`` (``once``: only the first time that rule sees
   that ``i``); ``slow`` (seconds each collect sleeps while ``<root>/fast`` is absent, after
-  a ``slow`` event). Events: ``configure`` (symbol, conf), ``collect`` (rule, i), ``fault``.
+  a ``slow`` event); ``digest`` (``collect`` events carry ``sha``, the item's sha256 hex).
+  Events: ``configure`` (symbol, conf), ``collect`` (rule, i), ``fault``.
 * function ``fn_<unique>``: ``exec(["pid"])`` returns the worker pid;
   ``exec(["die", how])`` records ``exec`` then fails; ``exec(["hang"])`` loops;
   ``exec(["hang_once", marker])`` loops the first time for that marker, then returns the pid;
@@ -40,7 +41,7 @@ from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
 MAIN = r'''
-import ctypes, json, os, signal, sys, threading, time
+import ctypes, hashlib, json, os, signal, sys, threading, time
 from kuiper_pool import plugin, PluginConfig, Source, Sink, Function
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -137,7 +138,8 @@ class Snk(Sink):
         if self.conf.get("slow") and not os.path.exists(os.path.join(HERE, "fast")):
             record("slow", rule=rule, i=item["i"])
             time.sleep(float(self.conf["slow"]))
-        record("collect", rule=rule, i=item["i"])
+        digest = {"sha": hashlib.sha256(data).hexdigest()} if self.conf.get("digest") else {}
+        record("collect", rule=rule, i=item["i"], **digest)
         if self.conf.get("tag_acks") and item["i"] % 3 == 0:
             ctx.ack_error("tag %d" % item["i"])
         else:

@@ -279,10 +279,14 @@ def run_sink(worker: Worker, sink: Any) -> int:
         frame = worker.link.recv()
         if frame is None or frame[0] == frames.STOP:
             break
-        if frame[0] != frames.ITEMS:
+        if frame[0] == frames.ITEMS:
+            items = frames.decode_items(frame[1])
+        elif frame[0] == frames.ITEM_FD:
+            items = frames.read_item_fd(frame[1], worker.link.fds.popleft())
+        else:
             continue
         done = reported = 0
-        for seq, data in frames.decode_items(frame[1]):
+        for seq, data in items:
             current[0] = seq
             worker.busy_since = time.monotonic()
             try:
