@@ -47,6 +47,23 @@ class Context:
     def ack_error(self, error: str) -> None:
         """Sink: the current item failed (only sent when the rule sets requireAck)."""
 
+    # kuiper_pool only (the official SDK has no state): docs/api.md, "State"
+
+    @abstractmethod
+    def put_state(self, key: str, value: Any) -> None:
+        """Keep ``value`` (anything JSON can encode, or bytes) under ``key`` for this instance
+        (a function: for this rule) across worker crashes, recycles and reloads, and with
+        ``state_dir`` across plugin restarts. TypeError for other values; ValueError beyond
+        ``state_max_bytes``."""
+
+    @abstractmethod
+    def get_state(self, key: str, default: Any = None) -> Any:
+        """The value last put under ``key`` (a fresh copy; bytes stay bytes), else ``default``."""
+
+    @abstractmethod
+    def delete_state(self, key: str) -> None:
+        """Forget ``key`` (nothing happens if it is not there)."""
+
 
 class Source:
     """A source symbol: ``open`` runs until ``close`` is called, emitting through the context."""

@@ -112,6 +112,7 @@ SECTIONS: Dict[str, str] = {
     "limits": "per-worker limits and sink flow control",
     "host": "the link to eKuiper",
     "operations": "logging, metrics and runtime files",
+    "state": "instance state (ctx.put_state) kept across worker restarts and plugin restarts",
 }
 
 SETTINGS: Tuple[Setting, ...] = (
@@ -206,6 +207,19 @@ SETTINGS: Tuple[Setting, ...] = (
             'Where the private (0700) directory for internal sockets is made ("" = the system temp dir); '
             "it and every directory above it must belong to this user or root and be writable by "
             "nobody else (a sticky directory such as /tmp is fine)."),
+    Setting("state_dir", "state", str, "", "a string",
+            'Directory where instance state (ctx.put_state) is kept so that it survives a restart of '
+            'the plugin by eKuiper ("" = in the supervisor\'s memory only: it survives worker crashes, '
+            "recycles and reloads). Made 0700 if missing; must be owned by the plugin's user and "
+            "closed to group and others."),
+    _num("state", "state_max_bytes", int, 1048576,
+         "Most bytes (keys plus encoded values) of state per source or sink instance, and per rule "
+         "of a function; a put_state beyond it raises ValueError in the plugin code.", ge=1,
+         le=1 << 30),
+    _num("state", "state_flush_interval", float, 1.0,
+         "Seconds between writes of changed state to state_dir (also written at stop and "
+         "shutdown); what changed since the last write is lost if the supervisor is killed.", ge=0.01,
+         le=3600),
 )
 
 
@@ -241,6 +255,9 @@ class Settings:
     log_level: str
     metrics_address: str
     runtime_dir: str
+    state_dir: str
+    state_max_bytes: int
+    state_flush_interval: float
 
     symbols: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
 
@@ -275,7 +292,8 @@ PER_SYMBOL = frozenset((
     "stop_grace", "heartbeat_interval", "heartbeat_misses", "call_deadline", "collect_deadline",
     "start_timeout", "restart_backoff_initial", "restart_backoff_min", "restart_backoff_max",
     "restart_jitter", "flap_max_restarts", "flap_window", "failed_retry_min", "failed_retry_max",
-    "memory_limit_mb", "max_calls", "sink_window", "sink_max_deliveries", "source_datasource"))
+    "memory_limit_mb", "max_calls", "sink_window", "sink_max_deliveries", "source_datasource",
+    "state_max_bytes"))
 
 
 _BY_NAME: Dict[str, Setting] = {s.name: s for s in SETTINGS}

@@ -46,13 +46,27 @@ def describe(config: Any, script_dir: str) -> NoReturn:
                                                    known_symbols=plugin.symbol_names()).start_method
         except ConfigError as e:
             report["settings_error"] = str(e)
-        for kind in KINDS:
-            for symbol, factory in getattr(plugin, kind).items():
-                report["symbols"][kind][str(symbol)] = _inspect_factory(
-                    factory, METHODS[kind], report["start_method"] == "spawn")
+        report["symbols"] = inspect_symbols(plugin, report["start_method"] == "spawn")
     print(DESCRIBE_MARK + json.dumps(report, default=repr), flush=True)
     sys.stderr.flush()
     os._exit(0)
+
+
+def inspect_symbols(plugin: PluginConfig, spawn: bool) -> Dict[str, Dict[str, Dict[str, Any]]]:
+    """Build every symbol and check its object: kind -> symbol -> what is wrong with it."""
+    return {kind: {str(symbol): _inspect_factory(factory, METHODS[kind], spawn)
+                   for symbol, factory in getattr(plugin, kind).items()} for kind in KINDS}
+
+
+def problem(entry: Dict[str, Any]) -> str:
+    """What :func:`inspect_symbols` found wrong with one symbol, in words ('' if nothing)."""
+    if entry["error"]:
+        return entry["error"]
+    if entry["missing"]:
+        return f"{entry['class']} has no {', '.join(entry['missing'])} method"
+    if entry["abstract"]:
+        return f"{entry['class']} does not implement {', '.join(entry['abstract'])}"
+    return "; ".join(entry["signature"])
 
 
 def _inspect_factory(factory: Callable[[], Any], methods: Dict[str, int], spawn: bool) -> Dict[str, Any]:

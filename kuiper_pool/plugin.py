@@ -12,7 +12,10 @@ from .config import ConfigError, check_trusted, load_settings
 from .describe import DESCRIBE_ENV
 
 if TYPE_CHECKING:
-    from .runtime.zygote import Zygote
+    from .runtime.zygote import WorkerMain, Zygote
+
+# set (to "<supervisor pid>:<run dir>") in a reload's fresh zygote: runtime/zygote.py
+FRESH_ENV = "KUIPER_POOL_FRESH_ZYGOTE"
 
 
 def start(c: Any) -> NoReturn:
@@ -23,15 +26,28 @@ def start(c: Any) -> NoReturn:
         from .describe import describe
 
         describe(c, script_dir)  # prints the symbol table and exits
+    fresh = None
+    if FRESH_ENV in os.environ:  # a reload's fresh zygote: it serves the running supervisor
+        from .runtime import zygote
+
+        fresh = zygote.fresh_link()
     try:
         plugin = PluginConfig.adopt(c)
         settings = load_settings(script_dir, plugin.settings, known_symbols=plugin.symbol_names())
         if settings.runtime_dir:  # the default (the system's tmp) is checked with the run dir
             check_trusted(settings.runtime_dir, "runtime_dir")
+        from .runtime.state import check_dir
+
+        check_dir(settings.state_dir)
     except (ConfigError, ValueError) as e:
+        if fresh is not None:
+            zygote.report_error(fresh[0], str(e))
+            sys.exit(2)
         print(f"kuiper_pool: cannot start: {e}", flush=True)
         sys.exit(2)
     logs.setup(plugin.name, settings.log_level)
+    if fresh is not None:
+        sys.exit(_serve_fresh(plugin, settings, script_dir, fresh))
     if len(sys.argv) > 1:
         try:
             json.loads(sys.argv[1])  # eKuiper's {"sendTimeout": ...}: nothing in it applies here
@@ -65,7 +81,31 @@ def _serve(plugin: PluginConfig, settings: Any, script_dir: str) -> int:
             return 2
     from .runtime.supervisor import Supervisor
 
-    return Supervisor(plugin, settings, zygote, control).run()
+    # a reload runs the main script again, as eKuiper did, in a fresh zygote (runtime/reload.py)
+    main_argv = _python("kuiper_pool.runtime.zygote") + [os.path.abspath(sys.argv[0]), *sys.argv[1:]]
+    return Supervisor(plugin, settings, zygote, control, main_argv).run()
+
+
+def _serve_fresh(plugin: PluginConfig, settings: Any, script_dir: str, fresh: Any) -> int:
+    """A reload's fresh zygote: report the new code's symbols (each built and checked in a
+    throwaway child, as ``kuiper-pool validate`` does) and settings, then make workers with
+    them exactly as a zygote forked at start would. It never dials eKuiper."""
+    from .describe import inspect_symbols
+    from .runtime import zygote
+    from .runtime.protocol import ZYGOTE_HELLO
+
+    try:
+        load_worker, spawn_argv, exec_all, _payload = _worker_setup(plugin, settings, script_dir)
+    except ValueError as e:
+        zygote.report_error(fresh[0], str(e))
+        return 2
+    hello = {"op": ZYGOTE_HELLO, "name": plugin.name, "sources": sorted(plugin.sources),
+             "sinks": sorted(plugin.sinks), "functions": sorted(plugin.functions),
+             "settings": settings.as_dict(),
+             "checks": zygote.in_child(lambda: inspect_symbols(plugin, settings.start_method == "spawn"))}
+    # the payload stays open here: this process is the zygote its exec'd workers inherit it from
+    return zygote.serve_fresh(fresh, hello, load_worker, spawn_argv, exec_all, settings.thread_env(),
+                              settings.symbol_env())
 
 
 def _open_control(plugin: PluginConfig, settings: Any) -> Any:
@@ -86,11 +126,10 @@ def _fork_zygote(plugin: PluginConfig, settings: Any, script_dir: str,
                  inherited: Tuple[Any, ...]) -> Optional[Zygote]:
     """The zygote, in a fresh private run dir; ``inherited`` is closed in it. None (said in
     one line) when workers must exec and the factories cannot be shipped to them."""
-    import shutil
     import tempfile
 
     from .paths import private_base
-    from .runtime.zygote import Zygote, other_threads
+    from .runtime.zygote import Zygote
 
     if not settings.runtime_dir:
         try:
@@ -98,7 +137,28 @@ def _fork_zygote(plugin: PluginConfig, settings: Any, script_dir: str,
         except ConfigError as e:
             print(f"kuiper_pool: cannot start: {e}", flush=True)
             return None
+    try:
+        load_worker, spawn_argv, exec_all, payload = _worker_setup(plugin, settings, script_dir)
+    except ValueError as e:
+        print(f"kuiper_pool: cannot start: {e}", flush=True)
+        return None
     rundir = tempfile.mkdtemp(prefix=f"{plugin.name}-", dir=private_base(settings.runtime_dir))
+    try:
+        return Zygote(load_worker, rundir, spawn_argv, inherited, exec_all, settings.thread_env(),
+                      settings.symbol_env())
+    finally:
+        if payload >= 0:
+            os.close(payload)  # the zygote has it: exec'd workers inherit it
+
+
+def _worker_setup(plugin: PluginConfig, settings: Any, script_dir: str
+                  ) -> Tuple[Callable[[], WorkerMain], Optional[List[str]], bool, int]:
+    """How a zygote makes workers: ``load_worker`` (run once in the zygote), the command
+    exec'd workers run (None: every worker is forked), whether every worker execs, and the
+    payload fd (-1: none) the command reads. ValueError (one line) when workers must exec
+    and the factories cannot be shipped to them."""
+    from .runtime.zygote import other_threads
+
     exec_all = _exec_workers(plugin.name, settings.start_method, other_threads())
     symbol_env = settings.symbol_env()
     spawn_argv, payload = None, -1
@@ -108,9 +168,7 @@ def _fork_zygote(plugin: PluginConfig, settings: Any, script_dir: str,
         except Exception as e:  # noqa: BLE001 - cloudpickle raises whatever an object's reduction raises
             why = f"cannot ship the factories to exec'd workers: {type(e).__name__}: {e}"
             if settings.start_method != "auto" or symbol_env:
-                shutil.rmtree(rundir, ignore_errors=True)
-                print(f"kuiper_pool: cannot start: plugin {plugin.name}: {why}", flush=True)
-                return None
+                raise ValueError(f"plugin {plugin.name}: {why}") from e
             logs.supervisor_logger().warning("plugin %s: %s; workers are forked", plugin.name, why)
             exec_all = False
         else:
@@ -122,12 +180,7 @@ def _fork_zygote(plugin: PluginConfig, settings: Any, script_dir: str,
 
         wire.encoder()
         return lambda link: worker.run(link, plugin)
-    try:
-        return Zygote(load_worker, rundir, spawn_argv, inherited, exec_all, settings.thread_env(),
-                      symbol_env)
-    finally:
-        if payload >= 0:
-            os.close(payload)  # the zygote has it: exec'd workers inherit it
+    return load_worker, spawn_argv, exec_all, payload
 
 
 def _spawn_payload(plugin: PluginConfig) -> int:
@@ -150,12 +203,16 @@ def _spawn_payload(plugin: PluginConfig) -> int:
 
 def _worker_command(payload: int, script_dir: str, log_level: str) -> List[str]:
     """The command an exec'd worker runs; it reads the factories from fd ``payload``."""
+    return _python("kuiper_pool.runtime.worker") + [str(payload), script_dir, log_level]
+
+
+def _python(module: str) -> List[str]:
+    """This interpreter running ``module``, unbuffered; under kuiper-pool-python the
+    plugin's modules import ekuiper, so what it starts runs under the alias too."""
     from . import interpreter
 
-    # under kuiper-pool-python the plugin's modules import ekuiper: exec'd workers too
     run = ["-m", "kuiper_pool.interpreter"] if interpreter.installed() else []
-    return [sys.executable, "-u", *run, "-m", "kuiper_pool.runtime.worker", str(payload), script_dir,
-            log_level]
+    return [sys.executable, "-u", *run, "-m", module]
 
 
 def _exec_workers(name: str, start_method: str, threads: Tuple[int, str]) -> bool:

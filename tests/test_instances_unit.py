@@ -741,6 +741,37 @@ def test_a_lent_function_worker_recycles_itself_only_after_max_calls():
     assert inst.state == STARTING and inst.restarts == 1 and len(fx.workers) == 3
 
 
+def test_a_replace_lets_the_call_in_flight_finish_and_is_never_a_crash():
+    inst, fx, _ = running(kind=wire.TYPE_FUNC)
+    fx.endpoints.calls.append(b"call")
+    inst.on_readable(fx.endpoints)
+    assert inst.replace("reload") is False and inst.state == RUNNING  # asked again on the next tick
+    reply(inst, fx.workers[0], 1, b'{"state": true, "result": 1}')
+    assert fx.endpoints.replies == [b'{"state": true, "result": 1}']
+    assert inst.replace("reload") is True and inst.state == RECYCLING and fx.frames_of(frames.STOP)
+    fx.endpoints.calls.append(b"next")
+    inst.on_readable(fx.endpoints)  # waits for the new worker
+    inst.on_exit(fx.workers[0], EXIT_0)
+    ready(inst, fx.workers[1])
+    assert fx.frames_of(frames.CALL)[-1] == frames.SEQ.pack(2) + b"next"
+    assert inst.restarts == 0 and not inst.restart_causes and inst.errors == 0
+
+
+def test_items_of_a_replaced_sink_worker_killed_while_stopping_are_no_poison():
+    inst, fx, _ = running(sink_max_deliveries=1)
+    pull, push = fx.endpoints
+    pull.queue += [b"1", b"2"]
+    inst.on_readable(pull)
+    assert inst.replace("reload") is True
+    fx.t += 2.1  # the old worker does not finish within stop_grace: SIGKILL
+    inst.tick(fx.t)
+    assert (fx.workers[0].wid, signal.SIGKILL) in fx.signals
+    inst.on_exit(fx.workers[0], KILLED)
+    ready(inst, fx.workers[1])
+    items = [f for w, t, f in fx.sent if t == frames.ITEMS and w == fx.workers[1].wid]
+    assert list(frames.decode_items(items[0])) == [(1, b"1"), (2, b"2")] and inst.errors == 0
+
+
 def test_a_silent_worker_busy_on_the_cpu_is_left_alone_and_an_idle_one_is_killed():
     inst, fx, _ = running(kind=wire.TYPE_SOURCE)
     w = fx.workers[0]

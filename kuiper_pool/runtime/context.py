@@ -2,10 +2,13 @@
 from __future__ import annotations
 
 import logging
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from .. import logs, wire
 from ..api import Context
+
+if TYPE_CHECKING:
+    from .state import LocalState
 
 
 class WorkerContext(Context):
@@ -15,12 +18,15 @@ class WorkerContext(Context):
     the supervisor over the worker link, which forwards exactly one per item.
     ``emit_error`` sends nothing: eKuiper 2.x would decode ``{"error": ...}`` as an empty
     row and ingest it; the error is logged and counted (``errors``) instead.
+    State lives in the worker's ``LocalState`` (shared by the contexts of one rule), every
+    change also goes to the supervisor (``state.py``).
     """
 
-    def __init__(self, symbol: str, rule_id: str, op_id: str, instance_id: int,
+    def __init__(self, symbol: str, rule_id: str, op_id: str, instance_id: int, state: LocalState,
                  send: Optional[Callable[[bytes], None]] = None,
                  ack: Optional[Callable[[bytes], None]] = None) -> None:
         self._rule_id, self._op_id, self._instance_id = rule_id, op_id, instance_id
+        self._state = state
         self._logger = logs.instance_logger(symbol, rule_id, op_id, instance_id)
         self._send = send
         self._ack = ack
@@ -60,3 +66,11 @@ class WorkerContext(Context):
         if self._ack is not None:
             self._ack(wire.sink_ack_error(error))
 
+    def put_state(self, key: str, value: Any) -> None:
+        self._state.put(self._rule_id, key, value)
+
+    def get_state(self, key: str, default: Any = None) -> Any:
+        return self._state.get(self._rule_id, key, default)
+
+    def delete_state(self, key: str) -> None:
+        self._state.delete(self._rule_id, key)

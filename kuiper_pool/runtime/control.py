@@ -1,5 +1,5 @@
 """What eKuiper's control channel and the status socket ask of the supervisor: start and
-stop commands (answered exactly once), status snapshots and an operator's restart."""
+stop commands (answered exactly once), status snapshots, an operator's restart and reload."""
 from __future__ import annotations
 
 import logging
@@ -95,6 +95,10 @@ class Commands:
             if symbol is not None and not (isinstance(symbol, str) and symbol):  # not "all"
                 return {"error": f"restart needs a symbol name or none (got {symbol!r})"}
             return {"lines": self.restart(symbol)}
+        if req.get("cmd") == "reload":  # answered at once; the outcome is polled (reload_status)
+            return self.sup.reloader.begin(check=bool(req.get("check")))
+        if req.get("cmd") == "reload_status":
+            return self.sup.reloader.status(req.get("id"))
         return {"error": f"unknown request {req.get('cmd')!r}"}
 
     def restart(self, symbol: Optional[str]) -> List[str]:

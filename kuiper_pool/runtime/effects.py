@@ -9,8 +9,10 @@ with a recorder and a fake clock (tests/test_instances_unit.py).
 """
 from __future__ import annotations
 
+import logging
 import os
 import selectors
+import signal
 import socket
 import time
 from typing import TYPE_CHECKING, Any, Callable, Dict, Optional, Protocol, Sequence, Tuple
@@ -25,6 +27,7 @@ from .health import Vitals
 from .marks import CollectMark
 from .protocol import ZYGOTE_EXITED, ZYGOTE_REFUSED, ZYGOTE_STARTED, StartSpec
 from .routes.function import FunctionChannel, Handoff
+from .state import States, Store
 from .zygote import Zygote
 
 if TYPE_CHECKING:
@@ -65,6 +68,7 @@ class Effects(Protocol):
     def watch(self, inst: "Instance", endpoint: Any, reading: bool) -> None: ...  # read it or not
     def hand_over(self, w: WorkerHandle, handoff: Handoff) -> None: ...  # lend the connection
     def forget(self, inst: "Instance") -> None: ...
+    def put_state(self, inst: "Instance", payload: bytes) -> None: ...   # a worker's PUT frame
     def cpu_seconds(self, w: WorkerHandle) -> Optional[float]: ...
     def stack(self, w: WorkerHandle) -> str: ...   # the plugin frames of its last dump, or ""
     def note(self, inst: "Instance", level: int, msg: str, *args: object) -> None: ...
@@ -91,10 +95,12 @@ class LoopEffects:
         self._forget = forget
         self.log = supervisor_logger()
         self.workers: Dict[int, Entry] = {}
+        self.made_by: Dict[int, Zygote] = {}  # wid -> its zygote (a reload leaves two for a while)
         self.procs: Dict[int, Any] = {}     # wid -> psutil.Process, made when first needed
         self.next_wid = 1
         self.transport = load_transport(settings.transport)
         self.lends_functions = settings.transport == "sp"  # a native connection can be lent
+        self.states = States(settings.state_dir, settings.state_flush_interval)
 
     def now(self) -> float:
         return time.monotonic()
@@ -114,6 +120,7 @@ class LoopEffects:
         link = frames.Link(ours, lambda on: self.want_write(link.fileno(), on))
         entry = (w, inst, link)
         self.workers[wid] = entry
+        self.made_by[wid] = self.zygote
 
         def on_link(mask: int) -> None:
             self.on_link(entry, mask)
@@ -128,6 +135,7 @@ class LoopEffects:
         finally:
             if fd is not None:
                 os.close(fd)
+        link.send(frames.encode(frames.STATE, self._store(inst).frame_payload()))
         return w
 
     def send(self, w: WorkerHandle, frame: bytes, fds: Sequence[int] = ()) -> None:
@@ -137,7 +145,14 @@ class LoopEffects:
         entry[2].send(frame, fds)
 
     def signal(self, w: WorkerHandle, sig: int) -> None:
-        self.zygote.kill(w.wid, sig)
+        self.made_by.get(w.wid, self.zygote).kill(w.wid, sig)
+
+    def zygote_of(self, w: WorkerHandle) -> Optional[Zygote]:
+        return self.made_by.get(w.wid)
+
+    def made(self, z: Zygote) -> bool:
+        """Whether a worker of ``z`` is still alive."""
+        return any(made is z for made in self.made_by.values())
 
     def on_link(self, entry: Entry, mask: int) -> None:
         w, inst, link = entry
@@ -154,16 +169,15 @@ class LoopEffects:
         for ftype, payload in got:
             inst.on_frame(w, ftype, payload)
 
-    def on_zygote(self, mask: int) -> bool:
-        """Requests the zygote can take now, then its reports; False when the zygote
-        itself is gone."""
+    def on_zygote(self, z: Zygote, mask: int) -> bool:
+        """Requests zygote ``z`` can take now, then its reports; False when it is gone."""
         if mask & selectors.EVENT_WRITE:
-            self.zygote.flush()
+            z.flush()
         if not mask & selectors.EVENT_READ:
             return True
-        events = self.zygote.events()
+        events = z.events()
         if events is None:
-            self.unregister(self.zygote.fileno())
+            self.unregister(z.fileno())
             return False
         for ev in events:
             entry = self.workers.get(ev.get("wid"))
@@ -177,9 +191,16 @@ class LoopEffects:
                 self.on_exit(entry, 0, OSError(ev["errno"], f"cannot fork: {ev['error']}"))
         return True
 
+    def orphaned(self, z: Zygote) -> None:
+        """Zygote ``z`` died: its workers die with it (PDEATHSIG) unreported."""
+        for wid, made in list(self.made_by.items()):
+            if made is z and wid in self.workers:
+                self.on_exit(self.workers[wid], signal.SIGKILL)
+
     def on_exit(self, entry: Entry, status: int, refused: Optional[OSError] = None) -> None:
         w, inst, link = entry
         del self.workers[w.wid]
+        self.made_by.pop(w.wid, None)
         self.procs.pop(w.wid, None)
         # frames it sent just before exiting (READY error, FAULT, REPLY, DONE) may still be
         # unread: the zygote's report can be read first
@@ -280,6 +301,25 @@ class LoopEffects:
                 entry[2].send(frames.encode_conn(handoff), [handoff.sock.fileno()])
         finally:
             handoff.sock.close()  # the worker holds it now; its death closes the connection
+
+    # --- state ---------------------------------------------------------------------------
+
+    def _store(self, inst: "Instance") -> Store:
+        return self.states.store(inst.plugin, inst.ctrl.key, inst.s.state_max_bytes)
+
+    def put_state(self, inst: "Instance", payload: bytes) -> None:
+        refused = self._store(inst).apply(payload)
+        if refused:  # the worker checks the limit first: only a worker gone astray gets here
+            self.note(inst, logging.ERROR, "%s", refused)
+
+    def flush_state(self, now: Optional[float] = None) -> None:
+        """Write changed state to state_dir: on ticks (``now``), or all of it now."""
+        def failed(store: Store, e: OSError) -> None:
+            self.log.error("cannot write state to %s: %s", store.path, e.strerror or e)
+        if now is None:
+            self.states.flush(failed)
+        else:
+            self.states.tick(now, failed)
 
     # --- the rest ------------------------------------------------------------------------
 

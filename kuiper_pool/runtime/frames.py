@@ -30,6 +30,7 @@ ITEM_FD = ord("B")    # one big sink item: seq, then its size; its bytes in a se
 CALL = ord("C")       # function request: call id, then eKuiper's request bytes
 STOP = ord("X")       # close the instance and exit
 CONN = ord("N")       # function: eKuiper's connection lent to the worker (fd with SCM_RIGHTS)
+STATE = ord("T")      # right after START: the instance's state (state.py encoding)
 # worker -> supervisor
 READY = ord("R")      # JSON: {"error": null | "text"} after configure
 DONE = ord("A")       # sink: every item up to this seq is finished
@@ -38,6 +39,7 @@ REPLY = ord("P")      # function: call id, then the reply bytes
 BEAT = ord("H")       # JSON heartbeat: counters and the running call's start
 FAULT = ord("F")      # JSON: {"error": text} the worker is about to exit because of it
 LOST = ord("L")       # function: eKuiper closed the connection the worker was lent
+PUT = ord("U")        # one put_state/delete_state (state.py encoding)
 
 
 # A function worker that owns eKuiper's connection counts its own calls: after max_calls it

@@ -337,6 +337,16 @@ class Instance:
             return True
         return False
 
+    def replace(self, why: str) -> bool:
+        """A reload: a running worker that holds nothing of eKuiper's is replaced as in a
+        recycle (its sink items finish or go to the next worker; never a crash). False
+        when it cannot be now (the caller asks again)."""
+        w = self.worker
+        if self._state is not RUNNING or w is None or w.kill_reason or self.route.busy():
+            return False
+        self._recycle(w, why)
+        return True
+
     def kill(self, w: WorkerHandle, why: str) -> None:
         """Dump its stack, SIGTERM (a function: SIGKILL) DUMP_GRACE later, SIGKILL after
         stop_grace; the route answers what the worker holds."""
@@ -375,6 +385,8 @@ class Instance:
             self.on_ready(w, frames.decode_json(payload)["error"])
         elif ftype == frames.FAULT:
             self.last_error = w.fault = " ".join(str(frames.decode_json(payload)["error"]).split())
+        elif ftype == frames.PUT:
+            self.fx.put_state(self, payload)
         else:
             self.route.on_frame(w, ftype, payload)
 

@@ -17,16 +17,25 @@ from .. import wire
 from . import frames
 
 # supervisor -> zygote: {"op": ZYGOTE_START, "wid"} with the link fd (SCM_RIGHTS),
-# {"op": ZYGOTE_KILL, "wid", "sig"}, {"op": ZYGOTE_OWN, "path", "ident"}, {"op": ZYGOTE_DISOWN, "path"}
+# {"op": ZYGOTE_KILL, "wid", "sig"}, {"op": ZYGOTE_OWN, "path", "ident"}, {"op": ZYGOTE_DISOWN, "path"};
+# a reload: {"op": ZYGOTE_ADOPT, "rundir", "paths": {path: ident}} makes a fresh zygote the one
+# that cleans up after the supervisor, {"op": ZYGOTE_RETIRE} makes the old one clean up nothing
 ZYGOTE_START = "start"
 ZYGOTE_KILL = "kill"
 ZYGOTE_OWN = "own"
 ZYGOTE_DISOWN = "disown"
+ZYGOTE_ADOPT = "adopt"
+ZYGOTE_RETIRE = "retire"
 # zygote -> supervisor: {"op": ZYGOTE_STARTED, "wid", "pid"}, {"op": ZYGOTE_EXITED, "wid", "pid", "status"},
-# {"op": ZYGOTE_REFUSED, "wid", "errno", "error"} (the fork failed: at the process limit, no memory)
+# {"op": ZYGOTE_REFUSED, "wid", "errno", "error"} (the fork failed: at the process limit, no memory);
+# a fresh zygote's first report (reload.py): {"op": ZYGOTE_HELLO, "name", "sources", "sinks",
+# "functions", "settings", "checks" (describe.inspect_symbols, or {"error"})} or
+# {"op": ZYGOTE_ERROR, "error"} (it cannot serve the new code)
 ZYGOTE_STARTED = "started"
 ZYGOTE_EXITED = "exited"
 ZYGOTE_REFUSED = "refused"
+ZYGOTE_HELLO = "hello"
+ZYGOTE_ERROR = "error"
 
 # a function reply whose "state" is false, whatever the encoder's spacing
 _ERROR_REPLY = re.compile(rb'\s*\{\s*"state"\s*:\s*false\b')

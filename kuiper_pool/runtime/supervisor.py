@@ -5,7 +5,8 @@ selects, dispatches and ticks; what it dispatches to lives beside it:
 * ``control.py``: eKuiper's start/stop commands, status requests, an operator's restart;
 * ``effects.py``: what instances may ask for (workers, links, eKuiper's channels);
 * ``instances.py`` + ``routes/``: the lifecycle, and each kind's data path;
-* ``observe.py``: psutil samples and the status snapshot.
+* ``observe.py``: psutil samples and the status snapshot;
+* ``reload.py``: a reload (SIGHUP, ``kuiper-pool reload``) onto the code as it is on disk now.
 
 A sink item: eKuiper -> ``SinkRoute.on_readable`` -> link (``frames``) -> ``worker.py``
 -> DONE/ACK -> ``SinkRoute.on_frame`` -> ack to eKuiper. A lent function call never passes
@@ -22,7 +23,7 @@ import os
 import selectors
 import signal
 import time
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 from .. import paths, wire
 from ..api import PluginConfig
@@ -32,6 +33,7 @@ from .control import Commands
 from .effects import LoopEffects, fields
 from .instances import REMOVED, Instance
 from .observe import sample, snapshot
+from .reload import Reloader
 from .status import MetricsServer, Snapshot, StatusServer
 from .zygote import Zygote
 
@@ -45,9 +47,10 @@ class Supervisor:
     """Owns the control channel, the instances and the loop."""
 
     def __init__(self, plugin: PluginConfig, settings: Settings, zygote: Zygote,
-                 control: Any = None) -> None:
+                 control: Any = None, main_argv: Sequence[str] = ()) -> None:
         """``control`` is eKuiper's control channel (a REQ endpoint), already dialed and
-        handshaken by ``plugin.start``."""
+        handshaken by ``plugin.start``; ``main_argv``: how to run the plugin's main script
+        again (a reload's fresh zygote)."""
         self.plugin = plugin
         self.s = settings
         self.zygote = zygote
@@ -68,6 +71,7 @@ class Supervisor:
         self.metrics: Optional[MetricsServer] = None
         self.cached: Optional[Snapshot] = None
         self.logged_errors: Dict[str, float] = {}
+        self.reloader = Reloader(self, list(main_argv))
 
     # --- the loop ----------------------------------------------------------------------------
 
@@ -77,11 +81,10 @@ class Supervisor:
         for fd in (wake_r, wake_w):
             os.set_blocking(fd, False)
         old_wakeup = signal.set_wakeup_fd(wake_w)
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, lambda *_: None)  # the wakeup fd carries the signal number
         self.register(wake_r, lambda _m: self.on_signal(wake_r))
-        self.register(self.zygote.fileno(), self.on_zygote)
-        self.zygote.watch(lambda on: self.want_write(self.zygote.fileno(), on))
+        self.attach_zygote(self.zygote)
         # commands eKuiper sent since the handshake wait in the control socket until now
         self.register(self.control.fileno(), lambda _m: self.commands.on_control())
         self.log.info("plugin %s: supervisor pid %d serving %s (zygote pid %d)",
@@ -189,6 +192,8 @@ class Supervisor:
         for closable in (self.control, self.status, self.metrics):
             if closable is not None:
                 self.guarded("close", None, closable.close)
+        self.guarded("close", None, self.fx.flush_state)
+        self.guarded("close", None, self.reloader.close)
         self.zygote.close()
 
     def on_signal(self, fd: int) -> None:
@@ -199,9 +204,22 @@ class Supervisor:
         for signum in data:
             if signum in (signal.SIGTERM, signal.SIGINT):
                 self.shutdown(f"received {signal.Signals(signum).name}")
+            elif signum == signal.SIGHUP:
+                refused = self.reloader.begin(check=False).get("error")
+                if refused:
+                    self.log.warning("%s", refused)
 
-    def on_zygote(self, mask: int) -> None:
-        if self.fx.on_zygote(mask):
+    def attach_zygote(self, z: Zygote) -> None:
+        """Serve ``z`` (the first zygote, or the one a reload switched to): its reports, and
+        its requests as it can take them."""
+        self.register(z.fileno(), lambda mask: self.on_zygote(z, mask))
+        z.watch(lambda on: self.want_write(z.fileno(), on))
+
+    def on_zygote(self, z: Zygote, mask: int) -> None:
+        if self.fx.on_zygote(z, mask):
+            return
+        if z is not self.zygote:  # a zygote a reload replaced: its workers died with it
+            self.fx.orphaned(z)
             return
         self.log.error("plugin %s: the zygote process died; no worker can be started", self.plugin.name)
         self.exiting, self.exit_code = "zygote died", 1
@@ -214,6 +232,8 @@ class Supervisor:
     def tick(self, now: float) -> None:
         for inst in list(self.instances.values()):
             self.guarded("tick", inst, inst.tick, now)
+        self.guarded("state", None, self.fx.flush_state, now)
+        self.guarded("reload", None, self.reloader.tick, now)
         if now - self.last_sample >= self.s.sample_interval:
             self.last_sample = now
             sample(self)

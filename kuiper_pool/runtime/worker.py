@@ -29,6 +29,7 @@ from .callpage import CallPage, call_crc
 from .protocol import StartSpec, is_error_reply
 from .context import WorkerContext
 from .marks import CollectMark
+from .state import LocalState
 
 EXIT_OK = 0
 EXIT_CONFIGURE = 3    # configure or the factory failed; READY carried the error
@@ -101,12 +102,15 @@ class GuardedLink(frames.BlockingLink):
 class Worker:
     """State shared by the runner and the heartbeat thread."""
 
-    def __init__(self, link: GuardedLink, plugin: PluginConfig, spec: StartSpec) -> None:
+    def __init__(self, link: GuardedLink, plugin: PluginConfig, spec: StartSpec,
+                 state: bytes) -> None:
         self.link = link
         self.guard = link.guard
         self.plugin = plugin
         self.ctrl = spec.control
         self.spec = spec
+        self.state = LocalState(state, lambda entry: link.send(frames.encode(frames.PUT, entry)),
+                                self.where(), self.ctrl.plugin_type == wire.TYPE_FUNC)
         self.processed = 0
         self.busy_since = 0.0
         self.ctx: Optional[WorkerContext] = None  # a source's: its emit_error count is reported
@@ -151,7 +155,10 @@ def run(link_sock: socket.socket, plugin: PluginConfig) -> int:
     if first is None or first[0] != frames.START:
         return EXIT_ORPHAN
     spec = StartSpec.decode(first[1])
-    worker = Worker(link, plugin, spec)
+    state = link.recv()  # always follows START
+    if state is None or state[0] != frames.STATE:
+        return EXIT_ORPHAN
+    worker = Worker(link, plugin, spec, state[1])
     if spec.dump_path:
         try:
             forensics.install(spec.dump_path)
@@ -216,7 +223,8 @@ def run_source(worker: Worker, source: Any) -> int:
                 if ctx.closing:
                     return
 
-    ctx = worker.ctx = WorkerContext(ctrl.symbol, ctrl.rule_id, ctrl.op_id, ctrl.instance_id, send=send)
+    ctx = worker.ctx = WorkerContext(ctrl.symbol, ctrl.rule_id, ctrl.op_id, ctrl.instance_id,
+                                     worker.state, send=send)
     opened = threading.Event()
     threading.Thread(target=_watch_stop, args=(worker, source, ctx, opened),
                      daemon=True, name="kuiper_pool-stop").start()
@@ -267,7 +275,7 @@ def run_sink(worker: Worker, sink: Any) -> int:
         worker.link.send(frames.encode_seq(frames.ACK, current[0], data))
 
     # without requireAck nobody reads acks: ack_ok/ack_error do nothing
-    ctx = WorkerContext(ctrl.symbol, ctrl.rule_id, ctrl.op_id, ctrl.instance_id,
+    ctx = WorkerContext(ctrl.symbol, ctrl.rule_id, ctrl.op_id, ctrl.instance_id, worker.state,
                         ack=ack if wire.require_ack(ctrl.config) else None)
     try:  # READY after open: an open that fails is the start's answer, start_timeout covers it
         sink.open(ctx)
@@ -415,7 +423,7 @@ def call_function(worker: Worker, function: Any, contexts: Dict[Tuple[Any, ...],
         rule = key[0]
         ctx = contexts.get(key)
         if ctx is None:
-            ctx = contexts[key] = WorkerContext(worker.ctrl.symbol, key[0], key[1], key[2])
+            ctx = contexts[key] = WorkerContext(worker.ctrl.symbol, key[0], key[1], key[2], worker.state)
         return wire.func_reply(True, function.exec(args[:-1], ctx))
     except Exception as e:  # noqa: BLE001 - the error goes back to the rule
         text = f"{worker.where()} rule {rule}: {type(e).__name__}: {e}"

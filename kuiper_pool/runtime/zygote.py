@@ -22,6 +22,14 @@ children, double-forked daemons) re-parent to it while it lives; the zygote is a
 subreaper too. When a worker exits, the zygote kills its process group, and any
 child of the zygote that is not a worker is an orphan of a dead worker and is
 killed with its group.
+
+A reload (``reload.py``) needs the plugin's code as it is on disk now, which a fork of the
+supervisor cannot give (and with ``transport: nng`` the supervisor must never fork): the
+supervisor ``posix_spawn``s a fresh interpreter that runs the plugin's main script with
+``FRESH_ENV`` set (``python -m kuiper_pool.runtime.zygote <script> <args>``), so that
+``plugin.start`` becomes a zygote serving the existing supervisor over a socketpair
+inherited as ``FRESH_FD``. Its first report says what the new code exposes (HELLO) or why
+it cannot serve (ERROR). Until the supervisor adopts it, it removes no file when it exits.
 """
 from __future__ import annotations
 
@@ -29,6 +37,7 @@ import ctypes
 import gc
 import json
 import os
+import runpy
 import selectors
 import shutil
 import signal
@@ -36,18 +45,21 @@ import socket
 import sys
 import threading
 import time
+import traceback
 import warnings
-from typing import Callable, Dict, List, Mapping, Optional, Protocol, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Protocol, Sequence, Tuple
 
 from ..paths import identity, unlink_if_ours
+from ..plugin import FRESH_ENV
 from ..transport.outbox import Outbox, Watch
 from .forensics import DUMP_SIGNAL
-from .protocol import (ZYGOTE_DISOWN, ZYGOTE_EXITED, ZYGOTE_KILL, ZYGOTE_OWN, ZYGOTE_REFUSED,
-                       ZYGOTE_START, ZYGOTE_STARTED)
+from .protocol import (ZYGOTE_ADOPT, ZYGOTE_DISOWN, ZYGOTE_ERROR, ZYGOTE_EXITED, ZYGOTE_KILL,
+                       ZYGOTE_OWN, ZYGOTE_REFUSED, ZYGOTE_RETIRE, ZYGOTE_START, ZYGOTE_STARTED)
 
 PR_SET_PDEATHSIG = 1
 PR_SET_CHILD_SUBREAPER = 36
 MAX_MSG = 65536
+FRESH_FD = 3   # where a fresh zygote finds its link
 
 
 def die_with_parent(expected_parent: int, sig: int = signal.SIGKILL) -> None:
@@ -148,21 +160,46 @@ class Zygote:
                 for closable in inherited:  # a copy of the fd, not a shutdown: ours are unaffected
                     closable.close()
                 die_with_parent(supervisor_pid, signal.SIGTERM)
-                for key, value in (env or {}).items():
-                    os.environ.setdefault(key, value)
-                code = _serve(child_end, load_worker(), spawn_argv, rundir, supervisor_pid,
-                              exec_all, dict(symbol_env or {}))
+                code = _become(child_end, load_worker, spawn_argv, rundir, supervisor_pid,
+                               exec_all, env, symbol_env)
             finally:
                 os._exit(code)
         child_end.close()
+        self._attach(pid, parent_end, rundir)
+
+    def _attach(self, pid: int, sock: socket.socket, rundir: str) -> None:
         self.pid = pid
         self.rundir = rundir
-        self.sock = parent_end
+        self.sock = sock
         self.sock.setblocking(False)
         # never blocks the supervisor: requests the zygote has not taken yet wait here, in
         # order, while the owner watches for write readiness (``watch``, then ``flush``);
         # they are few and small (one per worker start, kill or listened path)
         self.outbox = Outbox(self.sock, packets=True)
+        self.owned: Dict[str, List[int]] = {}   # what it removes if the supervisor dies
+        self.reaped = False
+
+    @classmethod
+    def launch(cls, argv: List[str], rundir: str) -> "Zygote":
+        """A fresh zygote: ``argv`` (the plugin's main script under ``python -m
+        kuiper_pool.runtime.zygote``) exec'd with ``posix_spawn`` (no fork of the supervisor,
+        no atfork handler runs), its link inherited as FRESH_FD and nothing else of ours:
+        not eKuiper's channels, whatever their library left inheritable. OSError if it
+        cannot start."""
+        parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        env = {**os.environ, FRESH_ENV: f"{os.getpid()}:{rundir}"}
+        actions = [(os.POSIX_SPAWN_CLOSE, fd) for fd in _inheritable_fds() if fd != child_end.fileno()]
+        try:
+            pid = os.posix_spawn(argv[0], argv, env, file_actions=actions + [
+                (os.POSIX_SPAWN_DUP2, child_end.fileno(), FRESH_FD)])
+        except OSError:
+            parent_end.close()
+            raise
+        finally:
+            child_end.close()
+        self = cls.__new__(cls)
+        self._attach(pid, parent_end, rundir)
+        return self
 
     def fileno(self) -> int:
         return self.sock.fileno()
@@ -193,10 +230,40 @@ class Zygote:
             ident = identity(path)
         except OSError:
             return
+        self.owned[path] = list(ident)
         self._send({"op": ZYGOTE_OWN, "path": path, "ident": list(ident)})
 
     def disown_path(self, path: str) -> None:
+        self.owned.pop(path, None)
         self._send({"op": ZYGOTE_DISOWN, "path": path})
+
+    def adopt(self, old: "Zygote") -> None:
+        """Take over from ``old`` (a reload): clean up its run dir and files if we die."""
+        self.rundir, self.owned = old.rundir, dict(old.owned)
+        self._send({"op": ZYGOTE_ADOPT, "rundir": self.rundir, "paths": self.owned})
+        old.owned = {}
+        old._send({"op": ZYGOTE_RETIRE})
+
+    def kill_now(self) -> None:
+        """SIGKILL the zygote itself (one that was never adopted: it owns nothing)."""
+        if not self.reaped:
+            _signal(self.pid, signal.SIGKILL)
+
+    def release(self) -> bool:
+        """Let it go without waiting once it has taken every request (a retired zygote must
+        not miss its RETIRE): it exits when its link closes, killing any worker left; True
+        once it has been reaped."""
+        if self.sock.fileno() >= 0:
+            self.flush()
+            if len(self.outbox):
+                return False
+            self.sock.close()
+        if not self.reaped:
+            try:
+                self.reaped = os.waitpid(self.pid, os.WNOHANG)[0] != 0
+            except ChildProcessError:
+                self.reaped = True
+        return self.reaped
 
     def _send(self, obj: dict) -> None:
         self._guard(self.outbox.write, json.dumps(obj).encode())
@@ -228,10 +295,12 @@ class Zygote:
         try:
             self.sock.close()
         finally:
-            try:
-                os.waitpid(self.pid, 0)
-            except ChildProcessError:
-                pass
+            if not self.reaped:
+                try:
+                    os.waitpid(self.pid, 0)
+                except ChildProcessError:
+                    pass
+                self.reaped = True
 
 
 SWEEP_EVERY = 1.0   # seconds between sweeps for orphans and for the supervisor's death
@@ -265,9 +334,10 @@ class _Zygote:
     """The zygote's side: its children, the paths it must remove, reports it owes."""
 
     def __init__(self, sock: socket.socket, worker_main: WorkerMain,
-                 spawn_argv: Optional[List[str]], supervisor: int, exec_all: bool,
+                 spawn_argv: Optional[List[str]], supervisor: int, rundir: str, exec_all: bool,
                  symbol_env: Dict[str, Mapping[str, str]]) -> None:
         self.sock = sock
+        self.rundir = rundir                   # removed at exit ("" : nothing, not adopted yet)
         self.worker_main = worker_main
         self.spawn_argv = spawn_argv
         self.exec_all = exec_all
@@ -317,6 +387,11 @@ class _Zygote:
             self.owned[req["path"]] = tuple(req["ident"])
         elif op == ZYGOTE_DISOWN:
             self.owned.pop(req["path"], None)
+        elif op == ZYGOTE_ADOPT:
+            self.rundir = req["rundir"]
+            self.owned.update((path, tuple(ident)) for path, ident in req["paths"].items())
+        elif op == ZYGOTE_RETIRE:
+            self.rundir, self.owned = "", {}
         for fd in fds:  # a forked worker has its copy of the link
             os.close(fd)
 
@@ -348,7 +423,7 @@ class _Zygote:
                 _killpg(pid)
                 _signal(pid, signal.SIGKILL)
 
-    def cleanup(self, rundir: str) -> None:
+    def cleanup(self) -> None:
         """Kill every worker and everything they started; remove the files we own (only if
         they are still the ones we created: a new supervisor may have made its own)."""
         for pid in list(self.workers):
@@ -357,7 +432,8 @@ class _Zygote:
         self.drain_requests()
         for path, ident in self.owned.items():
             unlink_if_ours(path, ident)
-        shutil.rmtree(rundir, ignore_errors=True)
+        if self.rundir:
+            shutil.rmtree(self.rundir, ignore_errors=True)
         deadline = time.monotonic() + 10.0
         while time.monotonic() < deadline:
             self.sweep()
@@ -382,7 +458,7 @@ class _Zygote:
             if not msg:
                 return
             req = json.loads(msg)
-            if req.get("op") in (ZYGOTE_OWN, ZYGOTE_DISOWN):
+            if req.get("op") in (ZYGOTE_OWN, ZYGOTE_DISOWN, ZYGOTE_ADOPT, ZYGOTE_RETIRE):
                 self.apply(req, [])
 
 
@@ -397,7 +473,7 @@ def _serve(sock: socket.socket, worker_main: WorkerMain, spawn_argv: Optional[Li
     # (inherited across fork and exec; forensics.install replaces it)
     signal.signal(DUMP_SIGNAL, signal.SIG_IGN)
     set_subreaper()
-    z = _Zygote(sock, worker_main, spawn_argv, supervisor, exec_all, symbol_env)
+    z = _Zygote(sock, worker_main, spawn_argv, supervisor, rundir, exec_all, symbol_env)
     wake_r, wake_w = os.pipe()
     os.set_blocking(wake_w, False)
     os.set_blocking(wake_r, False)
@@ -446,8 +522,108 @@ def _serve(sock: socket.socket, worker_main: WorkerMain, spawn_argv: Optional[Li
                 z.sweep()
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        z.cleanup(rundir)
+        z.cleanup()
     return 0
+
+
+# --- a fresh zygote (reload) --------------------------------------------------------------
+
+def fresh_link() -> Optional[Tuple[socket.socket, int, str]]:
+    """In a fresh zygote: its link, the supervisor's pid and the run dir; None otherwise.
+    The variable is consumed, so nothing this process starts inherits it."""
+    value = os.environ.pop(FRESH_ENV, None)
+    if value is None:
+        return None
+    supervisor, _, rundir = value.partition(":")
+    die_with_parent(int(supervisor), signal.SIGTERM)
+    return socket.socket(fileno=FRESH_FD), int(supervisor), rundir
+
+
+def in_child(fn: Callable[[], Any]) -> Any:
+    """``fn()`` run in a throwaway child (what plugin code does there stays there); its
+    JSON-encodable result, or ``{"error": why}`` when the child died."""
+    r, w = os.pipe()
+    sys.stdout.flush()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(r)
+            data = json.dumps(fn(), default=repr).encode()
+            with os.fdopen(w, "wb") as out:
+                out.write(data)
+        finally:
+            os._exit(0)
+    os.close(w)
+    with os.fdopen(r, "rb") as src:
+        data = src.read()
+    _pid, status = os.waitpid(pid, 0)
+    if not data:
+        return {"error": f"checking the symbols ended the process with {describe_status(status)}"}
+    return json.loads(data)
+
+
+def serve_fresh(link: Tuple[socket.socket, int, str], hello: Dict[str, Any],
+                load_worker: Callable[[], WorkerMain], spawn_argv: Optional[List[str]],
+                exec_all: bool, env: Mapping[str, str],
+                symbol_env: Mapping[str, Mapping[str, str]]) -> int:
+    """Report what the new code exposes, then serve as a zygote made at start does (see
+    :class:`Zygote`; nothing to clean up until the supervisor adopts us)."""
+    sock, supervisor, _rundir = link
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # once adopted, the loop's cleanup must run
+    sock.send(json.dumps(hello).encode())
+    return _become(sock, load_worker, spawn_argv, "", supervisor, exec_all, env, symbol_env)
+
+
+def _become(sock: socket.socket, load_worker: Callable[[], WorkerMain],
+            spawn_argv: Optional[List[str]], rundir: str, supervisor: int, exec_all: bool,
+            env: Optional[Mapping[str, str]], symbol_env: Optional[Mapping[str, Mapping[str, str]]]) -> int:
+    """This process serves as the zygote: ``env`` where not set yet, the worker loaded, the loop."""
+    for key, value in (env or {}).items():
+        os.environ.setdefault(key, value)
+    return _serve(sock, load_worker(), spawn_argv, rundir, supervisor, exec_all, dict(symbol_env or {}))
+
+
+def _inheritable_fds() -> List[int]:
+    """This process's descriptors beyond stdio that an exec'd child would inherit."""
+    out = []
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        try:
+            if fd > 2 and os.get_inheritable(fd):
+                out.append(fd)
+        except OSError:  # the listing's own descriptor, closed by now
+            pass
+    return out
+
+
+def report_error(sock: Optional[socket.socket], text: str) -> None:
+    """A fresh zygote cannot serve: tell the supervisor why, in one line."""
+    line = " ".join(text.split())
+    try:
+        if sock is None:
+            sock = socket.socket(fileno=os.dup(FRESH_FD))
+        sock.send(json.dumps({"op": ZYGOTE_ERROR, "error": line}).encode())
+    except OSError:
+        print(f"kuiper_pool fresh zygote: {line}", flush=True)
+
+
+def main(argv: List[str]) -> int:
+    """``python -m kuiper_pool.runtime.zygote <main script> <args>``: run the plugin's main
+    script as eKuiper would (``__main__``, its folder first on sys.path); its
+    ``plugin.start`` serves as the fresh zygote and never returns. An exception raised while
+    importing or building the config is reported in one line."""
+    script = argv[1]
+    sys.argv = argv[1:]
+    sys.path[0] = os.path.dirname(script)
+    try:
+        runpy.run_path(script, run_name="__main__")
+    except Exception as e:  # noqa: BLE001 - the plugin's own code failed: that is the answer
+        frames = traceback.extract_tb(e.__traceback__)
+        at = f"{os.path.basename(frames[-1].filename)}:{frames[-1].lineno}: " if frames else ""
+        report_error(None, f"{at}{type(e).__name__}: {e}")
+        return 1
+    report_error(None, f"{script} returned without calling plugin.start")
+    return 1
 
 
 def _killpg(pgid: int) -> None:
@@ -494,3 +670,10 @@ def _fork_worker(z: _Zygote, link_fd: int, symbol: str) -> int:
     finally:
         os._exit(code)
     return 0  # unreachable
+
+
+if __name__ == "__main__":
+    # the canonical module serves (plugin.start imports it, not this __main__ copy)
+    from kuiper_pool.runtime.zygote import main as _main
+
+    sys.exit(_main(sys.argv))

@@ -1,0 +1,243 @@
+"""Instance state that outlives workers: ``ctx.put_state``/``get_state``/``delete_state``.
+
+The supervisor keeps each instance's state (a source or sink instance: one bucket; a
+function symbol: one bucket per rule) and sends all of it to every new worker right after
+START (a ``STATE`` frame). A worker serves ``get_state`` from its own copy and sends each
+``put_state``/``delete_state`` to the supervisor as one ``PUT`` frame on its link before
+the call returns: no round trip, and the link keeps the order of puts, sink progress and
+acks. Once ``put_state`` has returned, the put survives the worker's crash, recycle or
+reload (the frame is in the socket; the supervisor reads it before the exit report).
+
+With ``state_dir`` set, a changed store is written there at most every
+``state_flush_interval`` seconds and when the supervisor exits (tmp file + rename, mode 0600,
+directory 0700 and ours), and read back when the instance starts in a new supervisor.
+
+Values are JSON text or raw bytes, encoded the same way in frames and files; nothing is
+ever unpickled.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import stat
+import struct
+from typing import Any, Callable, Dict, Iterator, Optional, Tuple
+from urllib.parse import quote
+
+from ..config import ConfigError
+
+HEAD = struct.Struct("!HHBI")     # rule length, key length, kind, value length
+LIMIT = struct.Struct("!Q")       # a STATE frame starts with the per-bucket byte limit
+JSON, RAW, DELETE = ord("j"), ord("b"), ord("d")
+FILE_SUFFIX = ".state"
+NAME_MAX = 200                    # longer file names are hashed
+
+Value = Tuple[int, bytes]         # (JSON or RAW, the encoded value)
+Bucket = Dict[str, Value]
+
+
+def encode_entry(rule: str, key: str, kind: int, value: bytes) -> bytes:
+    r, k = rule.encode(), key.encode()
+    return HEAD.pack(len(r), len(k), kind, len(value)) + r + k + value
+
+
+def decode_entries(data: bytes, pos: int = 0) -> Iterator[Tuple[str, str, int, bytes]]:
+    """(rule, key, kind, value) of every entry from ``pos`` on (ValueError on garbage)."""
+    end = len(data)
+    while pos < end:
+        if end - pos < HEAD.size:
+            raise ValueError("truncated state entry")
+        nr, nk, kind, nv = HEAD.unpack_from(data, pos)
+        pos += HEAD.size
+        if pos + nr + nk + nv > end or kind not in (JSON, RAW, DELETE):
+            raise ValueError("malformed state entry")
+        rule = data[pos:pos + nr].decode()
+        key = data[pos + nr:pos + nr + nk].decode()
+        pos += nr + nk
+        yield rule, key, kind, bytes(data[pos:pos + nv])
+        pos += nv
+
+
+def encode_value(value: Any) -> Value:
+    """JSON text of ``value``, or the bytes themselves (TypeError if neither)."""
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return RAW, bytes(value)
+    return JSON, json.dumps(value, separators=(",", ":"), allow_nan=False).encode()
+
+
+def decode_value(entry: Value) -> Any:
+    kind, data = entry
+    return data if kind == RAW else json.loads(data)
+
+
+class Buckets:
+    """State as both ends hold it: rule -> key -> encoded value, with byte sizes."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.data: Dict[str, Bucket] = {}
+        self.sizes: Dict[str, int] = {}
+
+    def change(self, rule: str, key: str, kind: int, value: bytes) -> bool:
+        """Apply one put or delete; False (nothing changed) when it would exceed the limit."""
+        bucket = self.data.setdefault(rule, {})
+        old = bucket.get(key)
+        size = self.sizes.get(rule, 0) - (len(key) + len(old[1]) if old else 0)
+        if kind == DELETE:
+            if old is not None:
+                del bucket[key]
+                self.sizes[rule] = size
+            return True
+        size += len(key) + len(value)
+        if size > self.limit:
+            return False
+        bucket[key] = (kind, value)
+        self.sizes[rule] = size
+        return True
+
+    def encode(self) -> bytes:
+        return b"".join(encode_entry(rule, key, kind, value)
+                        for rule, bucket in self.data.items() for key, (kind, value) in bucket.items())
+
+    def load(self, data: bytes, pos: int = 0) -> None:
+        for rule, key, kind, value in decode_entries(data, pos):
+            self.change(rule, key, kind, value)
+
+
+# --- the worker's side ----------------------------------------------------------------------
+
+class LocalState(Buckets):
+    """A worker's copy; ``send`` writes a PUT frame to the supervisor (blocking, in order)."""
+
+    def __init__(self, frame: bytes, send: Callable[[bytes], None], where: str,
+                 per_rule: bool) -> None:
+        """``where`` names the instance; ``per_rule``: a function's, whose errors name the rule."""
+        (limit,) = LIMIT.unpack_from(frame)
+        super().__init__(limit)
+        self.load(frame, LIMIT.size)
+        self.send = send
+        self.where = where
+        self.per_rule = per_rule
+
+    def put(self, rule: str, key: str, value: Any) -> None:
+        if not isinstance(key, str):
+            raise TypeError(f"state keys are strings, got {type(key).__name__}")
+        try:
+            kind, data = encode_value(value)
+        except (TypeError, ValueError) as e:
+            raise TypeError(f"state values are JSON or bytes: {e}") from None
+        if not self.change(rule, key, kind, data):
+            where = f"{self.where} rule {rule}" if self.per_rule else self.where
+            raise ValueError(f"{where}: state of {self.sizes.get(rule, 0)} bytes "
+                             f"plus {key!r} ({len(data)} bytes) exceeds state_max_bytes {self.limit}")
+        self.send(encode_entry(rule, key, kind, data))
+
+    def get(self, rule: str, key: str, default: Any = None) -> Any:
+        entry = self.data.get(rule, {}).get(key)
+        return default if entry is None else decode_value(entry)
+
+    def delete(self, rule: str, key: str) -> None:
+        if key in self.data.get(rule, {}):
+            self.change(rule, key, DELETE, b"")
+            self.send(encode_entry(rule, key, DELETE, b""))
+
+
+# --- the supervisor's side --------------------------------------------------------------------
+
+def check_dir(path: str) -> None:
+    """``state_dir`` must be a directory of ours closed to others (made 0700 if missing)."""
+    if not path:
+        return
+    try:
+        os.makedirs(path, 0o700, exist_ok=True)
+        st = os.lstat(path)
+    except OSError as e:
+        raise ConfigError(f"kuiper_pool config: state_dir {path!r}: {e.strerror or e}") from None
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
+        raise ConfigError(f"kuiper_pool config: state_dir {path!r} must be a directory owned by "
+                          f"uid {os.getuid()} with mode 0700 (no access for group or others)")
+
+
+class Store(Buckets):
+    """One instance's state in the supervisor, and its file when persisted."""
+
+    def __init__(self, limit: int, path: str = "") -> None:
+        super().__init__(limit)
+        self.path = path
+        self.dirty = False
+        if path:
+            try:
+                with open(path, "rb") as f:
+                    self.load(f.read())
+            except FileNotFoundError:
+                pass
+
+    def apply(self, payload: bytes) -> Optional[str]:
+        """A worker's PUT frame; the text of what was refused, if anything."""
+        for rule, key, kind, value in decode_entries(payload):
+            if not self.change(rule, key, kind, value):
+                return f"rule {rule}: put_state {key!r} refused: over state_max_bytes {self.limit}"
+            self.dirty = True
+        return None
+
+    def frame_payload(self) -> bytes:
+        return LIMIT.pack(self.limit) + self.encode()
+
+    def flush(self) -> None:
+        """Write the file if anything changed (atomically: a crash leaves the old one)."""
+        if not self.path or not self.dirty:
+            return
+        tmp = f"{self.path}.{os.getpid()}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+        try:
+            with open(fd, "wb") as f:
+                f.write(self.encode())
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise
+        self.dirty = False
+
+
+class States:
+    """Every instance's store, by instance identity (a function symbol: one store for all
+    rules); flushed to ``state_dir`` on ticks and when the supervisor stops."""
+
+    def __init__(self, state_dir: str, flush_interval: float) -> None:
+        self.dir = state_dir
+        self.flush_interval = flush_interval
+        self.stores: Dict[str, Store] = {}
+        self.next_flush = 0.0
+
+    def store(self, plugin: str, key: str, limit: int) -> Store:
+        """The store of the instance whose ``Control.key`` is ``key`` (read from its file
+        the first time, when persisted)."""
+        found = self.stores.get(key)
+        if found is None:
+            found = self.stores[key] = Store(limit, self.file_for(plugin, key) if self.dir else "")
+        found.limit = limit
+        return found
+
+    def file_for(self, plugin: str, key: str) -> str:
+        name = quote(plugin, safe="") + "--" + quote(key, safe="")
+        if len(name) > NAME_MAX:
+            name = "h-" + hashlib.sha256(name.encode()).hexdigest()
+        return os.path.join(self.dir, name + FILE_SUFFIX)
+
+    def tick(self, now: float, on_error: Callable[[Store, OSError], None]) -> None:
+        if self.dir and now >= self.next_flush:
+            self.next_flush = now + self.flush_interval
+            self.flush(on_error)
+
+    def flush(self, on_error: Callable[[Store, OSError], None]) -> None:
+        for store in self.stores.values():
+            try:
+                store.flush()
+            except OSError as e:
+                on_error(store, e)
