@@ -57,6 +57,7 @@ class Spilled:
     SEALS = fcntl.F_SEAL_SEAL | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE
 
     def __init__(self, size: int) -> None:
+        self.fd = -1
         self.fd = os.memfd_create("kuiper_pool-item", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         self.size = size
         self.got = 0
@@ -85,7 +86,8 @@ class Spilled:
         return self
 
     def __del__(self) -> None:
-        os.close(self.fd)
+        if self.fd >= 0:
+            os.close(self.fd)
 
 
 Message = Union[bytes, Spilled]
@@ -108,7 +110,10 @@ class FrameReader:
         out: List[Message] = []
         if self.body is not None:
             with memoryview(data) as view:
-                used = self.body.take(view)
+                try:
+                    used = self.body.take(view)
+                except OSError as e:
+                    raise TransportError(f"cannot hold an SP message of {self.body.size} bytes: {e}") from None
             if not self.body.full():
                 return out
             out.append(self._sealed())
@@ -123,9 +128,12 @@ class FrameReader:
                 raise TransportError(f"SP message of {n} bytes over the limit {self.max_size}")
             pos += _FRAME.size
             if self.spill and n >= self.spill:
-                body = Spilled(n)
-                with memoryview(buf) as view:
-                    pos += body.take(view[pos:])
+                try:
+                    body = Spilled(n)
+                    with memoryview(buf) as view:
+                        pos += body.take(view[pos:])
+                except OSError as e:  # out of descriptors or memory: as a bad frame, this peer goes
+                    raise TransportError(f"cannot hold an SP message of {n} bytes: {e}") from None
                 if not body.full():
                     self.body = body
                     break
@@ -143,7 +151,7 @@ class FrameReader:
 
     def recv_body(self, sock: socket.socket) -> Optional[List[Message]]:
         """Read what non-blocking ``sock`` has of the incomplete ``body`` into it: the
-        message once whole, [] meanwhile, None when the peer is gone."""
+        message once whole, [] meanwhile, None when the peer is to be dropped."""
         body = self.body
         assert body is not None
         if self.scratch is None:
@@ -151,13 +159,14 @@ class FrameReader:
         while not body.full():
             try:
                 n = sock.recv_into(self.scratch, min(READ_SIZE, body.size - body.got))
+                if n:
+                    body.take(self.scratch[:n])
             except (BlockingIOError, InterruptedError):
                 return []
-            except OSError:
+            except OSError:  # the peer is gone, or no memory to hold the message: drop it
                 return None
             if not n:
                 return None
-            body.take(self.scratch[:n])
         return [self._sealed()]
 
     def _sealed(self) -> Spilled:
