@@ -618,12 +618,18 @@ def measure_memory(sess: Session, sz: Sizes, out: Dict[str, Any]) -> None:
                 out[f"mem{n}_worker_{k}"] = m[f"worker_{k}"]
 
 
+# --only: the parts (session labels) a partial run measures
+ONLY = {"big": ("b",)}
+
+
 def run_runtime(root: str, tag: str, runtime: str, run: int, sz: Sizes,
-                errors: List[str]) -> Dict[str, Any]:
+                errors: List[str], only: Optional[str] = None) -> Dict[str, Any]:
     out: Dict[str, Any] = {}
     for label, pid_symbols, fn in (("m", sz.restarts if runtime == POOL else 0, None),
                                    ("n", 0, measure_pynng_host), ("b", 0, measure_big),
                                    ("k", 0, measure_memory)):
+        if only is not None and label not in ONLY[only]:
+            continue
         # idle sources send nothing: the memory session's host is pynng too, whose listeners
         # (unlike the native host's select()) take any number of sources
         sess = Session(root, tag, runtime, run, label, pid_symbols,
@@ -1043,12 +1049,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--results", default=None,
                     help="markdown output (default bench/RESULTS.md; none in --smoke unless given)")
     ap.add_argument("--tag", default=None, help="name fragment of every plugin, rule and ipc path")
+    ap.add_argument("--only", choices=sorted(ONLY), default=None,
+                    help="measure only these rows (big: the 1 MiB and 8 MiB rows) and no raw "
+                         "ceilings; no RESULTS.md unless --results is given")
     args = ap.parse_args(argv)
     raw_argv = list(sys.argv[1:] if argv is None else argv)
     sz = SMOKE if args.smoke else FULL
     runs = args.runs if args.runs is not None else (1 if args.smoke else 3)
     results_path = args.results if args.results is not None else (
-        None if args.smoke else os.path.join(HERE, "RESULTS.md"))
+        None if args.smoke or args.only else os.path.join(HERE, "RESULTS.md"))
     tag = args.tag or "kpb" + uuid.uuid4().hex[:8]
     if not tag.isalnum():
         ap.error("--tag must be letters and digits")
@@ -1068,11 +1077,11 @@ def main(argv: Optional[List[str]] = None) -> int:
             for rt in order:
                 t = time.monotonic()
                 print(f"run {run + 1}/{runs}: {rt} ...", file=sys.stderr, flush=True)
-                res[rt] = run_runtime(root, tag, rt, run, sz, errors)
+                res[rt] = run_runtime(root, tag, rt, run, sz, errors, args.only)
                 print(f"run {run + 1}/{runs}: {rt} done in {time.monotonic() - t:.1f}s",
                       file=sys.stderr, flush=True)
             results.append(res)
-            raw_results.append(run_raw(tag, sz, errors))
+            raw_results.append({} if args.only else run_raw(tag, sz, errors))
     finally:
         shutil.rmtree(root, ignore_errors=True)
     elapsed = time.monotonic() - t_begin

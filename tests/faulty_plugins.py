@@ -27,7 +27,7 @@ SIGKILLs itself), ``hang`` (a busy loop that never returns).
   that ``i``); ``slow`` (seconds each collect sleeps while ``<root>/fast`` is absent, after
   a ``slow`` event); ``{"i": n, "block": "collect"|"before_ack"|"after_ack"}`` records
   ``blocked`` (at, rule, i) and blocks there the first time (in ``collect``; in a thread
-  after ``collect`` returned without acking; after ``ack_ok``), for a test to SIGKILL.
+  after ``collect`` returned without acking; after ``ack_ok``), for a test to SIGKILL.; ``digest`` (``collect`` events carry ``sha``, the item's sha256 hex).
   Events: ``configure`` (symbol, conf), ``collect`` (rule, i), ``fault``.
 * function ``fn_<unique>``: ``exec(["pid"])`` returns the worker pid;
   ``exec(["die", how])`` records ``exec`` then fails; ``exec(["hang"])`` loops;
@@ -44,7 +44,7 @@ from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
 MAIN = r'''
-import ctypes, json, os, signal, sys, threading, time
+import ctypes, hashlib, json, os, signal, sys, threading, time
 from kuiper_pool import plugin, PluginConfig, Source, Sink, Function
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -150,7 +150,8 @@ class Snk(Sink):
         block = item.get("block")  # blocks the first time, where the test SIGKILLs it
         if block == "collect" and first_time("blocked_%s_%s" % (rule, item["i"])):
             stay(block, rule=rule, i=item["i"])
-        record("collect", rule=rule, i=item["i"])
+        digest = {"sha": hashlib.sha256(data).hexdigest()} if self.conf.get("digest") else {}
+        record("collect", rule=rule, i=item["i"], **digest)
         if block == "before_ack" and first_time("blocked_%s_%s" % (rule, item["i"])):
             threading.Thread(target=stay, args=(block,), kwargs=dict(rule=rule, i=item["i"])).start()
             return  # collect returned; its ack will not come from this worker

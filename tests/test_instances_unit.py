@@ -163,7 +163,7 @@ class Recorder:
         self.workers.append(w)
         return w
 
-    def send(self, w: WorkerHandle, frame: bytes) -> None:
+    def send(self, w: WorkerHandle, frame: bytes, fds: Sequence[int] = ()) -> None:
         (ftype, n), payload = frames.HEADER.unpack_from(frame), frame[frames.HEADER.size:]
         self.sent.append((w.wid, ftype, payload))
 

@@ -148,6 +148,33 @@ def test_pull_receives_in_order_from_a_pynng_push_including_empty_and_huge_messa
         pull.close()
 
 
+def test_pull_spills_big_messages_into_sealed_memfds_whole_and_in_order(url):
+    """With ``spill``, messages of that size or more arrive as memfds holding exactly their
+    bytes (read once, sealed), between the small ones, in order; a big message cut by its
+    peer's close is dropped, and the next peer's arrive."""
+    pull = sp.PullEndpoint(url, spill=1 << 18)
+    try:
+        with pusher(url) as push:
+            sent = [b"s0", os.urandom(8 << 20), b"s1", os.urandom(1 << 18), os.urandom((1 << 18) - 1),
+                    os.urandom(1 << 20), b""]
+            send_in_thread(push, sent)
+            got = recv_all(pull, len(sent), timeout=30)
+        assert [type(m) for m in got] == [bytes, sp.Spilled, bytes, sp.Spilled, bytes, sp.Spilled, bytes]
+        assert [m if isinstance(m, bytes) else os.pread(m.fileno(), len(m) + 1, 0) for m in got] == sent
+        with pytest.raises(PermissionError):
+            os.pwrite(got[1].fileno(), b"x", 0)
+        with raw_peer(url, pull) as raw:
+            raw.sendall(sp.header(sp.PUSH) + struct.pack(">BQ", 1, 1 << 20) + b"x" * 1000)
+            wait_until(lambda: pull.recv_many(10) == [] and any(p.reader.body for p in pull.pipes.values()),
+                       5, message="a big message begun")
+        wait_until(lambda: pull.recv_many(10) == [] and not pull.pipes, 5, message="the cut peer dropped")
+        with pusher(url) as push:
+            send_in_thread(push, [b"after"])
+            assert recv_all(pull, 1) == [b"after"]
+    finally:
+        pull.close()
+
+
 def test_pull_takes_two_peers_and_at_most_n_at_a_time(url):
     pull = sp.PullEndpoint(url)
     try:

@@ -15,7 +15,7 @@ import selectors
 import signal
 import socket
 import time
-from typing import TYPE_CHECKING, Any, Callable, Dict, Optional, Protocol, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, Optional, Protocol, Sequence, Tuple
 
 from .. import wire
 from ..config import Settings
@@ -61,7 +61,7 @@ class Effects(Protocol):
 
     def now(self) -> float: ...
     def spawn(self, inst: "Instance") -> WorkerHandle: ...   # OSError when no process/fd can be had
-    def send(self, w: WorkerHandle, frame: bytes) -> None: ...
+    def send(self, w: WorkerHandle, frame: bytes, fds: Sequence[int] = ()) -> None: ...
     def signal(self, w: WorkerHandle, sig: int) -> None: ...
     def open_sink(self, inst: "Instance") -> Tuple[Any, Any]: ...   # (pull, ack); OSError
     def close_sink(self, inst: "Instance", pull: Any, ack: Any) -> None: ...
@@ -142,11 +142,11 @@ class LoopEffects:
         link.send(frames.encode(frames.STATE, self._store(inst).frame_payload()))
         return w
 
-    def send(self, w: WorkerHandle, frame: bytes) -> None:
+    def send(self, w: WorkerHandle, frame: bytes, fds: Sequence[int] = ()) -> None:
         entry = self.workers.get(w.wid)
         if entry is None:
             return  # exited: its exit report is being handled
-        entry[2].send(frame)
+        entry[2].send(frame, fds)
 
     def signal(self, w: WorkerHandle, sig: int) -> None:
         self.made_by.get(w.wid, self.zygote).kill(w.wid, sig)
@@ -250,7 +250,7 @@ class LoopEffects:
     def open_sink(self, inst: "Instance") -> Tuple[Any, Any]:
         ctrl = inst.ctrl
         data_url = wire.data_url(ctrl.rule_id, ctrl.op_id, ctrl.instance_id)
-        pull = self.transport.PullEndpoint(data_url)
+        pull = self.transport.PullEndpoint(data_url, spill=frames.SPILL)
         ack_url = wire.ack_url(ctrl.rule_id, ctrl.op_id, ctrl.instance_id)
         try:
             # eKuiper listens on the ack path before it sends start; native: dialed and

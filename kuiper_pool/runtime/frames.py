@@ -8,21 +8,25 @@ Control payloads are JSON; data payloads are binary and never unpickled.
 from __future__ import annotations
 
 import json
+import os
 import socket
 import struct
 import threading
 from collections import deque
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 from ..transport.outbox import Outbox, Watch, no_watch
+from ..transport.sp import Spilled
 
 HEADER = struct.Struct("!BI")
+SPILL = 1 << 18   # sink items of this many bytes or more reach the worker as a memfd (ITEM_FD)
 SEQ = struct.Struct("!Q")
 ITEM_LEN = struct.Struct("!I")
 
 # supervisor -> worker
 START = ord("S")      # JSON: the instance's Control and settings
 ITEMS = ord("D")      # sink items: first seq, then length-prefixed items
+ITEM_FD = ord("B")    # one big sink item: seq, then its size; its bytes in a sealed memfd (SCM_RIGHTS)
 CALL = ord("C")       # function request: call id, then eKuiper's request bytes
 STOP = ord("X")       # close the instance and exit
 CONN = ord("N")       # function: eKuiper's connection lent to the worker (fd with SCM_RIGHTS)
@@ -88,6 +92,39 @@ def encode_items(first_seq: int, items: List[bytes]) -> bytes:
         parts.append(ITEM_LEN.pack(len(item)))
         parts.append(item)
     return encode(ITEMS, b"".join(parts))
+
+
+def item_frames(items: Sequence[Tuple[int, Union[bytes, Spilled]]]
+                ) -> Iterator[Tuple[bytes, Sequence[int]]]:
+    """The frames (and descriptors to pass with each) that hand ``items`` to a sink worker,
+    in order: runs of small items in one ITEMS frame each, every spilled one in an ITEM_FD
+    frame with its memfd (the supervisor keeps its own reference for redelivery)."""
+    run: List[bytes] = []
+    first = 0
+    for seq, data in items:
+        if isinstance(data, Spilled):
+            if run:
+                yield encode_items(first, run), ()
+                run = []
+            yield encode(ITEM_FD, SEQ.pack(seq) + ITEM_LEN.pack(len(data))), (data.fileno(),)
+            continue
+        if not run:
+            first = seq
+        run.append(data)
+    if run:
+        yield encode_items(first, run), ()
+
+
+def read_item_fd(payload: bytes, fd: int) -> List[Tuple[int, bytes]]:
+    """The item of an ITEM_FD frame, read out of its memfd in one copy; closes ``fd``."""
+    try:
+        seq, (size,) = SEQ.unpack_from(payload)[0], ITEM_LEN.unpack_from(payload, SEQ.size)
+        data = os.pread(fd, size, 0)
+        if len(data) != size:
+            raise ValueError(f"sink item memfd holds {len(data)} of {size} bytes")
+    finally:
+        os.close(fd)
+    return [(seq, data)]
 
 
 def decode_items(payload: bytes) -> Iterator[Tuple[int, bytes]]:

@@ -327,10 +327,14 @@ def run_sink(worker: Worker, sink: Any) -> int:
         if frame[0] == frames.CONN and lent is not None:
             lent.attach(worker.link.fds.popleft(), worker.link.fds.popleft())
             continue
-        if frame[0] != frames.ITEMS:
+        if frame[0] == frames.ITEMS:
+            items = frames.decode_items(frame[1])
+        elif frame[0] == frames.ITEM_FD:
+            items = frames.read_item_fd(frame[1], worker.link.fds.popleft())
+        else:
             continue
         done = reported = 0
-        for seq, data in frames.decode_items(frame[1]):
+        for seq, data in items:
             try:
                 collect(seq, data)
             except Exception as e:  # noqa: BLE001

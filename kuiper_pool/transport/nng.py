@@ -91,9 +91,10 @@ class ReqEndpoint:
 
 
 class PullEndpoint:
-    """Sink data over pynng: listens; ``recv_many`` returns what is there now."""
+    """Sink data over pynng: listens; ``recv_many`` returns what is there now, always as
+    bytes (pynng has received a message whole before we see it: ``spill`` is not used)."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, spill: int = 0) -> None:
         self.sock = pynng.Pull0(recv_max_size=0)  # nng's 1 MiB default drops bigger items silently
         try:
             self.sock.listen(url)

@@ -32,7 +32,7 @@ class Outbox:
         self.sock = sock
         self.watch = watch
         self.packets = packets
-        self.queue: Deque[List] = deque()   # [bytearray, descriptors not sent yet]
+        self.queue: Deque[List] = deque()   # [bytearray, descriptors not sent yet, bytes of it sent]
         self.size = 0
 
     def __len__(self) -> int:
@@ -53,14 +53,14 @@ class Outbox:
             if n == len(data):
                 return True
             if n:
-                data, fds = data[n:], ()   # the descriptors went with the first byte
+                data, fds = memoryview(data)[n:], ()   # the descriptors went with the first byte
         self._keep(data, fds)
         return False
 
     def _keep(self, data: bytes, fds: Sequence[int]) -> None:
         was_empty = not self.queue
         if fds or self.packets or was_empty or self.queue[-1][1]:
-            self.queue.append([bytearray(data), [os.dup(fd) for fd in fds]])
+            self.queue.append([bytearray(data), [os.dup(fd) for fd in fds], 0])
         else:  # coalesced: what waits goes out in as few writes as the socket allows
             self.queue[-1][0] += data
         self.size += len(data)
@@ -73,22 +73,29 @@ class Outbox:
         if not self.queue:
             return True
         while self.queue and self.sock is not None:
-            buf, fds = self.queue[0]
+            head = self.queue[0]
+            buf, fds, sent = head
+            rest = memoryview(buf)[sent:]   # from an offset: deleting the head copies the rest
             try:
-                n = socket.send_fds(self.sock, [buf], fds) if fds else self.sock.send(buf)
+                n = socket.send_fds(self.sock, [rest], fds) if fds else self.sock.send(rest)
             except BlockingIOError:
                 return False
             except OSError:
                 self.clear()
                 raise
+            finally:
+                rest.release()   # the buffer may grow again (coalescing) or be cut
             if fds:
                 _close(fds)
                 fds.clear()
             self.size -= n
-            if n == len(buf):
+            if sent + n == len(buf):
                 self.queue.popleft()
+            elif sent + n > len(buf) // 2:  # what was sent goes once it is most of it (coalescing appends)
+                del buf[:sent + n]
+                head[2] = 0
             else:
-                del buf[:n]
+                head[2] = sent + n
         if self.queue:
             return False
         self.watch(False)
@@ -98,7 +105,7 @@ class Outbox:
         """Drop what waits (the connection it was meant for is gone)."""
         if not self.queue:
             return
-        for _buf, fds in self.queue:
+        for _buf, fds, _sent in self.queue:
             _close(fds)
         self.queue.clear()
         self.size = 0

@@ -7,13 +7,14 @@ request id with the high bit set before the body; REP echoes it.
 """
 from __future__ import annotations
 
+import fcntl
 import os
 import select
 import socket
 import struct
 import threading
 import time
-from typing import List, Optional, Tuple
+from typing import List, Optional, Tuple, Union
 
 from ..paths import identity, unlink_if_ours
 from . import TransportError, TransportTimeout
@@ -52,16 +53,78 @@ def path_of(url: str) -> str:
     return url[len("ipc://"):] if url.startswith("ipc://") else url
 
 
-class FrameReader:
-    """Whole messages out of a byte stream (the 8-byte header already consumed)."""
+class Spilled:
+    """A message too big to relay, written into a sealed memfd as it is received: whoever
+    needs its bytes gets the descriptor (a sink worker, with SCM_RIGHTS) and reads them
+    once. The memfd is closed when the last reference goes. (Written with ``pwrite`` from
+    a reused buffer rather than received into a mapping of it: a page fault per 4 KiB
+    costs more than the second copy.)"""
 
-    def __init__(self, max_size: int = 0) -> None:
+    SEALS = fcntl.F_SEAL_SEAL | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE
+
+    def __init__(self, size: int) -> None:
+        self.fd = -1
+        self.fd = os.memfd_create("kuiper_pool-item", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        self.size = size
+        self.got = 0
+
+    def __len__(self) -> int:
+        return self.size
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def take(self, data: memoryview) -> int:
+        """Write the start of ``data`` (what the body still lacks); return how much."""
+        n = left = min(len(data), self.size - self.got)
+        while left:
+            k = os.pwrite(self.fd, data[n - left:n], self.got)
+            self.got += k
+            left -= k
+        return n
+
+    def full(self) -> bool:
+        return self.got == self.size
+
+    def seal(self) -> "Spilled":
+        """Whole: read-only for good (a worker cannot change a redelivered item)."""
+        fcntl.fcntl(self.fd, fcntl.F_ADD_SEALS, self.SEALS)
+        return self
+
+    def __del__(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+
+
+Message = Union[bytes, Spilled]
+
+
+class FrameReader:
+    """Whole messages out of a byte stream (the 8-byte header already consumed). With
+    ``spill``, a message of at least that many bytes goes into a :class:`Spilled` memfd
+    instead: ``body`` while it is incomplete (read the socket into it with
+    :meth:`recv_body`), then a message of its own."""
+
+    def __init__(self, max_size: int = 0, spill: int = 0) -> None:
         self.buf = bytearray()
         self.max_size = max_size
+        self.spill = spill
+        self.body: Optional[Spilled] = None
+        self.scratch: Optional[memoryview] = None   # recv_body's reused buffer
 
-    def feed(self, data: bytes) -> List[bytes]:
+    def feed(self, data: bytes) -> List[Message]:
+        out: List[Message] = []
+        if self.body is not None:
+            with memoryview(data) as view:
+                try:
+                    used = self.body.take(view)
+                except OSError as e:
+                    raise TransportError(f"cannot hold an SP message of {self.body.size} bytes: {e}") from None
+            if not self.body.full():
+                return out
+            out.append(self._sealed())
+            data = data[used:]
         self.buf += data
-        out: List[bytes] = []
         pos, buf = 0, self.buf
         while len(buf) - pos >= _FRAME.size:
             kind, n = _FRAME.unpack_from(buf, pos)
@@ -69,14 +132,53 @@ class FrameReader:
                 raise TransportError(f"bad SP message type {kind}")
             if self.max_size and n > self.max_size:
                 raise TransportError(f"SP message of {n} bytes over the limit {self.max_size}")
-            end = pos + _FRAME.size + n
+            pos += _FRAME.size
+            if self.spill and n >= self.spill:
+                try:
+                    body = Spilled(n)
+                    with memoryview(buf) as view:
+                        pos += body.take(view[pos:])
+                except OSError as e:  # out of descriptors or memory: as a bad frame, this peer goes
+                    raise TransportError(f"cannot hold an SP message of {n} bytes: {e}") from None
+                if not body.full():
+                    self.body = body
+                    break
+                out.append(body.seal())
+                continue
+            end = pos + n
             if len(buf) < end:
+                pos -= _FRAME.size
                 break
-            out.append(bytes(buf[pos + _FRAME.size:end]))
+            out.append(bytes(buf[pos:end]))
             pos = end
         if pos:
             del buf[:pos]
         return out
+
+    def recv_body(self, sock: socket.socket) -> Optional[List[Message]]:
+        """Read what non-blocking ``sock`` has of the incomplete ``body`` into it: the
+        message once whole, [] meanwhile, None when the peer is to be dropped."""
+        body = self.body
+        assert body is not None
+        if self.scratch is None:
+            self.scratch = memoryview(bytearray(READ_SIZE))
+        while not body.full():
+            try:
+                n = sock.recv_into(self.scratch, min(READ_SIZE, body.size - body.got))
+                if n:
+                    body.take(self.scratch[:n])
+            except (BlockingIOError, InterruptedError):
+                return []
+            except OSError:  # the peer is gone, or no memory to hold the message: drop it
+                return None
+            if not n:
+                return None
+        return [self._sealed()]
+
+    def _sealed(self) -> Spilled:
+        body, self.body = self.body, None
+        assert body is not None
+        return body.seal()
 
 
 def recv_some(sock: socket.socket, size: int = READ_SIZE) -> Optional[bytes]:
@@ -430,27 +532,29 @@ def listen(path: str) -> Tuple[socket.socket, Tuple[int, ...]]:
 class _Pipe:
     """One accepted connection of a PullEndpoint."""
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, spill: int) -> None:
         self.sock = sock
         self.header = b""
-        self.reader = FrameReader()
+        self.reader = FrameReader(spill=spill)
 
 
 class PullEndpoint:
     """A PULL listener (sink data): any number of PUSH peers (eKuiper reconnects), read in
-    batches of up to 256 KiB. ``fileno`` is one epoll fd for the outer selector; messages
-    read and not yet taken keep it readable (a pipe inside the epoll set), so none waits
-    for new traffic to be noticed."""
+    batches of up to 256 KiB; with ``spill``, messages of that many bytes or more arrive as
+    :class:`Spilled` memfds, received straight into them. ``fileno`` is one epoll fd for
+    the outer selector; messages read and not yet taken keep it readable (a pipe inside
+    the epoll set), so none waits for new traffic to be noticed."""
 
-    def __init__(self, url: str, max_size: int = 0) -> None:
+    def __init__(self, url: str, max_size: int = 0, spill: int = 0) -> None:
         self.url = url
         self.path = path_of(url)
         self.max_size = max_size
+        self.spill = spill
         self.listener, self.ident = listen(self.path)
         self.poll = select.epoll()
         self.poll.register(self.listener.fileno(), select.EPOLLIN)
         self.pipes: dict = {}
-        self.queue: List[bytes] = []
+        self.queue: List[Message] = []
         self.wake_r, self.wake_w = os.pipe()
         os.set_blocking(self.wake_r, False)
         os.set_blocking(self.wake_w, False)
@@ -461,7 +565,7 @@ class PullEndpoint:
     def fileno(self) -> int:
         return self.poll.fileno()
 
-    def recv_many(self, n: int) -> List[bytes]:
+    def recv_many(self, n: int) -> List[Message]:
         """Up to ``n`` whole messages available now (non-blocking)."""
         if len(self.queue) < n:
             for fd, _ev in self.poll.poll(0):
@@ -518,10 +622,17 @@ class PullEndpoint:
             except OSError:
                 sock.close()
                 continue
-            self.pipes[sock.fileno()] = _Pipe(sock)
+            self.pipes[sock.fileno()] = _Pipe(sock, self.spill)
             self.poll.register(sock.fileno(), select.EPOLLIN)
 
     def _read(self, pipe: _Pipe) -> None:
+        if pipe.reader.body is not None:   # a big message: its rest straight into its memfd
+            got = pipe.reader.recv_body(pipe.sock)
+            if got is None:
+                self._drop(pipe)
+            else:
+                self.queue += got
+            return
         data = recv_some(pipe.sock)
         if data is None:
             return

@@ -35,12 +35,12 @@ if TYPE_CHECKING:
 MAX_BATCH = 256     # sink items moved per wake-up
 ITEM_OVERHEAD = 128  # bytes an in-flight item costs beyond its payload (counted in the window)
 ACK_BACKLOG = 1 << 20   # bytes of acks waiting for eKuiper beyond which a sink stops reading
-Items = List[Tuple[int, bytes]]
+Items = List[Tuple[int, Any]]   # bytes, or a big item held in a memfd (frames.SPILL)
 
 
 @dataclass
 class Item:
-    data: bytes
+    data: Any   # bytes, or a big item held in a memfd until it is finished
     faults: int = 0         # workers that died while its collect was running
     acked: bool = False
 
@@ -237,8 +237,8 @@ class SinkRoute(Route):
             self.held -= len(item.data) + ITEM_OVERHEAD
 
     def _deliver(self, w: "WorkerHandle", items: Items) -> None:
-        if items:
-            self.fx.send(w, frames.encode_items(items[0][0], [data for _seq, data in items]))
+        for frame, fds in frames.item_frames(items):
+            self.fx.send(w, frame, fds)
 
     def _redeliver(self, w: "WorkerHandle") -> None:
         """Hand the unfinished items to a replacement worker; drop as poison those whose
