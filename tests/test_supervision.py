@@ -344,8 +344,9 @@ def test_sink_without_acks_loses_nothing_when_its_worker_is_killed_or_stopped(ma
     assert done.wait(30) and not errors, errors
     wait_until(lambda: {c["i"] for c in rig.plugin.events("collect", rule=rule)} == set(range(1, n + 1)),
                20, 0.1, "every item collected")
-    row = rig.row(rule=rule)
     cause = "signal" if sig == signal.SIGKILL else "hang"
+    row = wait_until(lambda: (lambda r: r if r["restarts"] >= 1 else None)(rig.row(rule=rule)), 10, 0.05,
+                     "the restart counted in status")
     assert row["restarts"] == 1 and row["pid"] != pid and row["restart_causes"] == {cause: 1}
     if sig == signal.SIGSTOP:
         [line] = rig.log_texts(rf"killing worker pid {pid}: hung")
