@@ -87,6 +87,11 @@ class Rig:
         rx = re.compile(pattern)
         return [line for line in self.log() if rx.search(line["text"])]
 
+    def wait_log(self, pattern: str, message: str, timeout: float = 5.0) -> List[Dict[str, str]]:
+        """The log lines matching ``pattern`` once there is at least one (lines logged
+        after the status row changed, such as a killed worker's exit report)."""
+        return wait_until(lambda: self.log_texts(pattern), timeout, 0.02, message)
+
     def supervisor(self) -> psutil.Process:
         return psutil.Process(self.host.process.pid)
 
@@ -694,7 +699,8 @@ def test_a_stopped_worker_is_detected_by_missed_heartbeats_killed_and_restarted(
     assert row["pid"] != first["pid"] and row["restart_causes"] == {"hang": 1}
     [kill] = rig.log_texts(rf"killing worker pid {first['pid']}: hung: no heartbeat")
     assert kill["rule"] == rule
-    [crash] = rig.log_texts(rf"worker pid {first['pid']} signal 9 \(SIGKILL\): hung")
+    # the replacement may run before the zygote reports the killed worker's exit
+    [crash] = rig.wait_log(rf"worker pid {first['pid']} signal 9 \(SIGKILL\): hung", "the kill's exit report")
     assert "restart 1 in" in crash["text"]
     while src.recv()["message"]["pid"] != row["pid"]:
         pass
