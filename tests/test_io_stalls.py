@@ -167,6 +167,52 @@ def test_stalled_peers_never_hold_up_other_rules_and_the_supervisor_stays_one_th
             pass
 
 
+def test_acks_of_a_lent_sink_that_ekuiper_does_not_read_queue_in_the_supervisor(tmp_path, unique, host_runs):
+    """The worker lent an acked sink's connections writes acks itself; when eKuiper stops
+    reading them, the worker passes the unsent end of the one it is writing to the
+    supervisor and gives the connections back: every ack still arrives once, in order."""
+    snk, rule = f"snk{unique}", f"r{unique}"
+    pd = make_plugin(str(tmp_path), f"kp{unique}", sinks={snk: RECORDING_SINK})
+    host = host_runs.launch(pd, data_transport="sp")
+    base = f"/tmp/{rule}_op_0"
+    ack_peer = SilentPeer(base + "_ack.ipc", sp.header(sp.PULL))
+    items = tmp_path / "items.jsonl"
+    ctrl = control(snk, "sink", rule, "op", 0, config={"requireAck": True, "reject": "bad", "file": str(items)})
+    host.command("start", ctrl)
+    pusher = sp.PushEndpoint(f"ipc://{base}.ipc", dial_timeout=5.0, send_timeout=10.0)
+    seen = [0, 0]   # bytes of the items file read, lines in them
+
+    def recorded() -> int:
+        if not items.exists():
+            return 0
+        with open(items, "rb") as f:
+            f.seek(seen[0])
+            more = f.read()
+        seen[0] += len(more)
+        seen[1] += more.count(b"\n")
+        return seen[1]
+    n_items = 300   # 2 KiB error acks each: more than the ack socket holds
+    try:
+        for i in range(n_items):  # one at a time: none is in flight at the supervisor, so it lends
+            pusher.send(json.dumps({"i": i, "v": "bad", "pad": "x" * 2048}).encode())
+            wait_until(lambda: recorded() > i, 10, 0.001, f"item {i} collected")
+        conn = wait_until(lambda: ack_peer.conns and ack_peer.conns[0], message="the ack dial")
+        acks = read_acks(conn, n_items)
+        assert [json.loads(json.loads(a)["error"][len("rejected "):])["i"] for a in acks] == list(range(n_items))
+        conn.settimeout(0.2)
+        with pytest.raises(socket.timeout):
+            conn.recv(1)   # and nothing more
+    finally:
+        pusher.close()
+        ack_peer.close()
+        try:
+            host.command("stop", ctrl)
+        except HostError:
+            pass
+    with open(os.path.join(pd, "stdout.log"), "rb") as f:
+        assert b"eKuiper has not read an ack for 1s: acks queue in the supervisor" in f.read()
+
+
 def read_acks(conn: socket.socket, n: int, timeout: float = 30.0) -> List[bytes]:
     """``n`` SP messages from a PUSH peer whose header is the first 8 bytes read."""
     conn.settimeout(timeout)

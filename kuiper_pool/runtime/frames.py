@@ -38,9 +38,14 @@ ACK = ord("K")        # sink: seq, then the ack bytes from ctx.ack_ok/ack_error
 REPLY = ord("P")      # function: call id, then the reply bytes
 BEAT = ord("H")       # JSON heartbeat: counters and the running call's start
 FAULT = ord("F")      # JSON: {"error": text} the worker is about to exit because of it
-LOST = ord("L")       # function: eKuiper closed the connection the worker was lent
+LOST = ord("L")       # a lent connection given back (eKuiper closed it, or the sink's reason)
+ACK_REST = ord("Q")   # acked sink: the unsent end of an ack eKuiper did not read in time
 PUT = ord("U")        # one put_state/delete_state (state.py encoding)
 
+
+# A worker lent an acked sink's connections waits this long for eKuiper to take an ack,
+# then passes what is left to the supervisor (ACK_REST), whose outbox never waits.
+ACK_WAIT = 1.0
 
 # A function worker that owns eKuiper's connection counts its own calls: after max_calls it
 # exits with this code and the supervisor starts a fresh one (a recycle, not a crash).

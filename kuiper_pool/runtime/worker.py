@@ -46,7 +46,6 @@ SEND_POLL = 0.1       # how often a blocked emit re-checks for stop
 DONE_EVERY = 32       # sink progress is reported at least this often
 PARTIAL_SPINS = 100   # a lent sink connection holds part of a frame: look again at once
 PARTIAL_WAIT = 0.001  # this many times, then after this (a peer that stalls mid-frame)
-ACK_SEND_TIMEOUT = 1.0  # as eKuiper's own sends: an ack nobody reads is dropped after it
 
 
 class ForkGuard:
@@ -374,6 +373,7 @@ class LentSink:
         self.poller.register(self.wake_r, select.POLLIN)
         self.polling_data = False
         self.link_ready = False
+        self.stalled = False  # an ack's end went to the supervisor: give the connections back
         self.partial = 0      # looks at the same part of a frame
         self.avail = array.array("i", [0])   # FIONREAD's answer
         self.runner = threading.get_ident()
@@ -408,6 +408,10 @@ class LentSink:
     def wait(self) -> Optional[bytes]:
         """Wait for the link or the next item; the item's bytes when one was taken."""
         self.worker.guard.check()
+        if self.stalled:  # the supervisor writes the rest of an ack: every later one is its too
+            self.stalled = False
+            self.give_back(b"stalled")
+            return None
         self._poll_data(self.page.state == FREE)
         ready = {fd for fd, _ev in self.poller.poll()}
         self.link_ready = self.worker.link.sock.fileno() in ready
@@ -465,16 +469,19 @@ class LentSink:
             self.page.acking()
             try:
                 if self.acks is not None:
-                    _send_within(self.acks, sp_frame(data), ACK_SEND_TIMEOUT)
+                    rest = _send_within(self.acks, sp_frame(data), frames.ACK_WAIT)
+                    if rest:  # eKuiper reads no acks now: the supervisor queues the rest, never waiting
+                        self.worker.link.send(frames.encode(frames.ACK_REST, rest))
+                        self.stalled = True
             finally:
                 self.page.acked()
         if threading.get_ident() != self.runner:  # a late ack: the runner waits in poll
             os.write(self.wake_w, b"x")
 
 
-def _send_within(sock: socket.socket, data: bytes, timeout: float) -> None:
-    """Write all of ``data`` to a non-blocking socket, waiting for room up to ``timeout``
-    in all (then the rest is dropped, as the supervisor drops an ack nobody reads)."""
+def _send_within(sock: socket.socket, data: bytes, timeout: float) -> bytes:
+    """Write ``data`` to a non-blocking socket, waiting for room up to ``timeout`` in all;
+    what it did not take by then is returned (b"" when all went, or the peer is gone)."""
     view = memoryview(data)
     deadline = 0.0
     while view:
@@ -484,14 +491,15 @@ def _send_within(sock: socket.socket, data: bytes, timeout: float) -> None:
         except (BlockingIOError, InterruptedError):
             pass
         except OSError:
-            return  # eKuiper closed the rule: nobody waits for this ack any more
+            return b""  # eKuiper closed the rule: nobody waits for this ack any more
         now = time.monotonic()
         deadline = deadline or now + timeout
         if now >= deadline:
-            return
+            return bytes(view)
         poller = select.poll()  # no FD_SETSIZE limit: plugin code may hold many fds
         poller.register(sock.fileno(), select.POLLOUT)
         poller.poll((deadline - now) * 1000)
+    return b""
 
 
 # --- functions ---------------------------------------------------------------------

@@ -698,6 +698,13 @@ class PushDialer(_Dialer):
         if self.sock is None or self.greeting is not None:
             self.pump(time.monotonic())
 
+    def send_rest(self, data: bytes) -> None:
+        """Queue the end of a frame someone else began writing on this connection."""
+        try:
+            self.outbox.write(data)
+        except OSError:
+            self._lost()
+
     def pending(self) -> int:
         return len(self.outbox)
 

@@ -293,6 +293,12 @@ class SinkRoute(Route):
                 self._take_back()
                 self._on_data()
             return
+        if ftype == frames.ACK_REST:  # its start is on the ack connection: the end goes next
+            if self.ack is not None:     # (the worker gives the connections back after it)
+                self.ack.send_rest(payload)
+                self.fx.note(self.inst, logging.WARNING, "eKuiper has not read an ack for %gs: "
+                             "acks queue in the supervisor until it does", frames.ACK_WAIT)
+            return
         if ftype not in (frames.DONE, frames.ACK):
             super().on_frame(w, ftype, payload)
         seq, data = frames.split_seq(payload)
