@@ -70,6 +70,10 @@ class MemoryPush:
             raise TransportError("closed")
         self.sent.append(data)
 
+    def send_rest(self, data: bytes) -> None:
+        self.sent.append(b"rest:" + data)
+        self.backlog += len(data)
+
     def pending(self) -> int:
         return self.backlog
 
@@ -1092,4 +1096,22 @@ def test_an_acked_sink_is_lent_only_once_the_acks_queued_here_have_gone_out():
     assert not pull.lent and inst.route.lent_to is None
     push.backlog = 0
     inst.on_readable(push)                     # the ack went out
+    assert pull.lent and inst.route.lent_to is w
+
+
+def test_an_ack_ekuiper_did_not_read_is_finished_here_and_nothing_is_lent_before_it_goes_out():
+    inst, fx, w = lent_sink()
+    pull, push = fx.endpoints
+    inst.on_frame(w, frames.ACK_REST, b"end of an ack")   # the worker's write waited 1 s
+    assert push.sent == [b"rest:end of an ack"] and any("has not read an ack" in n for n in fx.notes)
+    inst.on_frame(w, frames.LOST, b"stalled")              # then it gives the connections back
+    assert not pull.lent and inst.route.lent_to is None
+    pull.queue.append(b"next")
+    inst.on_readable(pull)                                 # relayed; its ack queues behind the rest
+    [(seq, data)] = frames.decode_items(fx.frames_of(frames.ITEMS)[0])
+    inst.on_frame(w, frames.ACK, frames.SEQ.pack(seq) + b"{}")
+    assert data == b"next" and push.sent == [b"rest:end of an ack", b"{}"]
+    assert not pull.lent                                   # not while eKuiper has not read them
+    push.backlog = 0
+    inst.on_readable(push)
     assert pull.lent and inst.route.lent_to is w
