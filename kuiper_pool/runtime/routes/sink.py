@@ -294,7 +294,7 @@ class SinkRoute(Route):
                 self._on_data()
             return
         if ftype == frames.ACK_REST:  # its start is on the ack connection: the end goes next
-            if self.ack is not None:     # (the worker gives the connections back after it)
+            if self.require_ack and self.ack is not None:   # (the connections come back next)
                 self.ack.send_rest(payload)
                 self.fx.note(self.inst, logging.WARNING, "eKuiper has not read an ack for %gs: "
                              "acks queue in the supervisor until it does", frames.ACK_WAIT)
