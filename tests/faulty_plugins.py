@@ -28,6 +28,10 @@ SIGKILLs itself), ``hang`` (a busy loop that never returns).
   a ``slow`` event); ``{"i": n, "block": "collect"|"before_ack"|"after_ack"}`` records
   ``blocked`` (at, rule, i) and blocks there the first time (in ``collect``; in a thread
   after ``collect`` returned without acking; after ``ack_ok``), for a test to SIGKILL.; ``digest`` (``collect`` events carry ``sha``, the item's sha256 hex).
+  ``{"i": n, "tamper": pid}``: ``collect`` tries to change every item memfd process ``pid``
+  holds (reopened through ``/proc/<pid>/fd``: write, ftruncate, writable mmap, punched
+  hole, new seal) and records ``tamper`` (i, ``tried``: memfds found, ``done``: attempts
+  that succeeded).
   Events: ``configure`` (symbol, conf), ``collect`` (rule, i), ``fault``.
 * function ``fn_<unique>``: ``exec(["pid"])`` returns the worker pid;
   ``exec(["die", how])`` records ``exec`` then fails; ``exec(["hang"])`` loops;
@@ -89,6 +93,40 @@ def fault(how, where, **fields):
     raise ValueError("unknown fault " + repr(how))
 
 
+def tamper(pid):
+    """Try to change every item memfd of process ``pid``; (memfds found, attempts that succeeded)."""
+    import fcntl, mmap
+    libc = ctypes.CDLL(None, use_errno=True)
+
+    def punch(fd):
+        if libc.fallocate(fd, 3, ctypes.c_long(0), ctypes.c_long(4096)):  # PUNCH_HOLE | KEEP_SIZE
+            raise OSError(ctypes.get_errno(), "fallocate")
+    attempts = {"write": lambda fd: os.pwrite(fd, b"x", 0), "ftruncate": lambda fd: os.ftruncate(fd, 0),
+                "mmap": lambda fd: mmap.mmap(fd, 4096, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE),
+                "punch": punch, "seal": lambda fd: fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_WRITE)}
+    found, done = 0, []
+    base = "/proc/%d/fd/" % pid
+    for name in os.listdir(base):
+        try:
+            if not os.readlink(base + name).startswith("/memfd:kuiper_pool-item"):
+                continue
+            fd = os.open(base + name, os.O_RDWR)
+        except OSError as e:  # gone meanwhile, or refused: nothing to try
+            done.append("open: %s" % e)
+            continue
+        found += 1
+        try:
+            for what, attempt in attempts.items():
+                try:
+                    attempt(fd)
+                    done.append(what)
+                except OSError:
+                    pass
+        finally:
+            os.close(fd)
+    return found, done
+
+
 def stay(where, **fields):
     """Say where this worker is (event ``blocked``), then block until it is killed."""
     record("blocked", at=where, **fields)
@@ -147,6 +185,9 @@ class Snk(Sink):
         if self.conf.get("slow") and not os.path.exists(os.path.join(HERE, "fast")):
             record("slow", rule=rule, i=item["i"])
             time.sleep(float(self.conf["slow"]))
+        if item.get("tamper"):
+            found, done = tamper(item["tamper"])
+            record("tamper", rule=rule, i=item["i"], tried=found, done=done)
         block = item.get("block")  # blocks the first time, where the test SIGKILLs it
         if block == "collect" and first_time("blocked_%s_%s" % (rule, item["i"])):
             stay(block, rule=rule, i=item["i"])
