@@ -275,7 +275,9 @@ class FrameReader:
         self.body: Optional[Spilled] = None
         self.scratch: Optional[memoryview] = None   # recv_body's reused buffer
 
-    def feed(self, data: bytes) -> List[Message]:
+    def feed(self, data: Union[bytes, memoryview]) -> List[Message]:
+        """The messages ``data`` completes. It may be a view of a buffer the caller reuses:
+        what is kept of it is copied."""
         out: List[Message] = []
         if self.body is not None:
             with memoryview(data) as view:
@@ -287,8 +289,12 @@ class FrameReader:
                 return out
             out.append(self._sealed())
             data = data[used:]
-        self.buf += data
-        pos, buf = 0, self.buf
+        if self.buf:
+            self.buf += data
+            buf: Union[bytes, bytearray, memoryview] = self.buf
+        else:  # parsed where it is: only a partial message at its end is copied (into buf)
+            buf = data
+        pos = 0
         while len(buf) - pos >= _FRAME.size:
             kind, n = _FRAME.unpack_from(buf, pos)
             if kind != 1:
@@ -314,7 +320,9 @@ class FrameReader:
                 break
             out.append(bytes(buf[pos:end]))
             pos = end
-        if pos:
+        if buf is not self.buf:
+            self.buf += buf[pos:]
+        elif pos:
             del buf[:pos]
         return out
 
@@ -726,6 +734,7 @@ class PullEndpoint:
         self.poll.register(self.wake_r, select.EPOLLIN)
         self.woken = False
         self.lent: Optional[_Pipe] = None   # a connection another process reads meanwhile
+        self.scratch: Optional[memoryview] = None   # _read's reused buffer
 
     def fileno(self) -> int:
         return self.poll.fileno()
@@ -798,12 +807,18 @@ class PullEndpoint:
             else:
                 self.queue += got
             return
-        data = recv_some(pipe.sock)
-        if data is None:
+        if self.scratch is None:
+            self.scratch = memoryview(bytearray(READ_SIZE))
+        try:
+            n = pipe.sock.recv_into(self.scratch)
+        except (BlockingIOError, InterruptedError):
             return
-        if not data:  # a frame cut by the close is dropped; whole ones were delivered
+        except OSError:  # reset: as EOF
+            n = 0
+        if not n:  # a frame cut by the close is dropped; whole ones were delivered
             self._drop(pipe)
             return
+        data = self.scratch[:n]   # feed copies what it keeps
         if len(pipe.header) < _HEADER.size:
             need = _HEADER.size - len(pipe.header)
             pipe.header += data[:need]
