@@ -203,7 +203,8 @@ class MemfdPool:
 
     Memory: at most ``KEEP`` free memfds (the bigger ones are kept), so beyond the
     messages in use at most 2 x 16 MiB, and as much as the biggest messages written into
-    them in practice (two 1 MiB images: ~2 MiB); all released by :meth:`close`.
+    them in practice (two 1 MiB images: ~2 MiB); all released by :meth:`close`. Each
+    pooled memfd takes two descriptors here (Python's mmap keeps a duplicate).
 
     A memfd is written again only after its message's last reference went: for a sink,
     once its item left the in-flight table, i.e. the worker it was passed to reported it
