@@ -28,6 +28,8 @@ SIGKILLs itself), ``hang`` (a busy loop that never returns).
   a ``slow`` event); ``{"i": n, "block": "collect"|"before_ack"|"after_ack"}`` records
   ``blocked`` (at, rule, i) and blocks there the first time (in ``collect``; in a thread
   after ``collect`` returned without acking; after ``ack_ok``), for a test to SIGKILL.; ``digest`` (``collect`` events carry ``sha``, the item's sha256 hex).
+  ``{"i": n, "tamper": pid}``: ``collect`` runs ``tamper_memfds`` on process ``pid`` and
+  records ``tamper`` (i, ``tried``: memfds found, ``done``: attempts that succeeded).
   Events: ``configure`` (symbol, conf), ``collect`` (rule, i), ``fault``.
 * function ``fn_<unique>``: ``exec(["pid"])`` returns the worker pid;
   ``exec(["die", how])`` records ``exec`` then fails; ``exec(["hang"])`` loops;
@@ -38,10 +40,11 @@ SIGKILLs itself), ``hang`` (a busy loop that never returns).
 """
 from __future__ import annotations
 
+import inspect
 import json
 import os
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 MAIN = r'''
 import ctypes, hashlib, json, os, signal, sys, threading, time
@@ -147,6 +150,9 @@ class Snk(Sink):
         if self.conf.get("slow") and not os.path.exists(os.path.join(HERE, "fast")):
             record("slow", rule=rule, i=item["i"])
             time.sleep(float(self.conf["slow"]))
+        if item.get("tamper"):
+            found, done = tamper_memfds("/proc/%d/fd" % item["tamper"])
+            record("tamper", rule=rule, i=item["i"], tried=found, done=done)
         block = item.get("block")  # blocks the first time, where the test SIGKILLs it
         if block == "collect" and first_time("blocked_%s_%s" % (rule, item["i"])):
             stay(block, rule=rule, i=item["i"])
@@ -210,6 +216,45 @@ if __name__ == "__main__":
 '''
 
 
+def tamper_memfds(fd_dir: str) -> "Tuple[int, List[str]]":
+    """Reopen for writing every big-item memfd in ``fd_dir`` (``/proc/<pid>/fd``), as plugin
+    code can, and try every way to change it: write, shrink, grow, map writable, punch a
+    hole, add a seal. The memfds reopened, and the attempts that succeeded. Written into
+    the plugin too (``MAIN``)."""
+    import ctypes
+    import fcntl
+    import mmap
+    libc = ctypes.CDLL(None, use_errno=True)
+
+    def punch(fd: int) -> None:
+        if libc.fallocate(fd, 3, ctypes.c_long(0), ctypes.c_long(4096)):  # PUNCH_HOLE | KEEP_SIZE
+            raise OSError(ctypes.get_errno(), "fallocate")
+    attempts = {"write": lambda fd: os.pwrite(fd, b"x", 0), "shrink": lambda fd: os.ftruncate(fd, 0),
+                "grow": lambda fd: os.posix_fallocate(fd, 0, 1 << 30),
+                "mmap": lambda fd: mmap.mmap(fd, 4096, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE),
+                "punch": punch, "seal": lambda fd: fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_WRITE)}
+    found, done = 0, []
+    for name in os.listdir(fd_dir):
+        path = os.path.join(fd_dir, name)
+        try:
+            if not os.readlink(path).startswith("/memfd:kuiper_pool-item"):
+                continue
+            fd = os.open(path, os.O_RDWR)
+        except OSError:  # closed meanwhile (or the descriptor listdir used), or refused
+            continue
+        found += 1
+        try:
+            for what, attempt in attempts.items():
+                try:
+                    attempt(fd)
+                    done.append(what)
+                except OSError:
+                    pass
+        finally:
+            os.close(fd)
+    return found, done
+
+
 @dataclass
 class FaultyPlugin:
     dir: str
@@ -242,7 +287,8 @@ def write_faulty_plugin(root: str, unique: str, settings: Optional[Dict[str, Any
     os.makedirs(os.path.join(root, "sources"), exist_ok=True)
     head = f"NAME = {p.name!r}\nFN = {p.fn!r}\nFLAKY = {p.flaky!r}\nSETTINGS = {dict(settings or {})!r}\n"
     with open(os.path.join(root, "main.py"), "w") as f:
-        f.write(head + MAIN)
+        f.write(head + MAIN.replace("\nclass Src(Source):", "\n" + inspect.getsource(tamper_memfds)
+                                    + "\n\nclass Src(Source):", 1))
     with open(os.path.join(root, p.name + ".json"), "w") as f:
         json.dump({"version": "v1.0.0", "language": "python", "executable": "main.py",
                    "sources": ["src"], "sinks": ["snk"], "functions": [p.fn, p.flaky]}, f)

@@ -488,6 +488,62 @@ def test_a_sink_gets_8_mib_items_intact_and_in_order_across_a_sigkill_mid_item(
     assert rig.row(rule=rule)["restarts"] == 1
 
 
+@pytest.mark.parametrize("require_ack", [False, True])
+def test_big_items_of_mixed_sizes_arrive_exact_through_reused_memfds(make_rig, unique, require_ack):
+    """Big items are received into memfds the supervisor reuses: each item arrives with
+    exactly its own bytes, none with the tail of a bigger one before it, whether it fits a
+    reused memfd or (over 16 MiB) gets one of its own."""
+    rig = make_rig()
+    rule = f"r_{unique}"
+    sink = rig.host.start_sink("snk", rule, config={"digest": True}, require_ack=require_ack)
+    kib = [6144, 300, 2048, 1024, 256, 1536, 17000, 700, 3000, 260, 1024, 512, 4096, 300]
+    sent = {}
+    for i, k in enumerate(kib, 1):
+        data = json.dumps({"i": i, "pad": os.urandom(k * 512).hex()}).encode()   # k KiB of hex
+        sent[i] = hashlib.sha256(data).hexdigest()
+        if require_ack:
+            assert sink.collect(data, timeout=10) == {}
+        else:
+            sink.send(data)
+    wait_until(lambda: len(rig.plugin.events("collect", rule=rule)) >= len(sent), 20, 0.02, "every item collected")
+    collected = rig.plugin.events("collect", rule=rule)
+    assert [c["i"] for c in collected] == list(sent)
+    assert all(c["sha"] == sent[c["i"]] for c in collected), "an item arrived changed"
+    assert rig.row(rule=rule)["restarts"] == 0
+
+
+def test_a_sink_worker_cannot_change_the_memfds_that_hold_big_items(make_rig, unique, transport):
+    """Plugin code can reopen the supervisor's item memfds through /proc/<pid>/fd: every way
+    to change one (write, ftruncate, writable mmap, punched hole, new seal) is refused, the
+    supervisor keeps serving and later items arrive exact."""
+    if transport != "sp":
+        pytest.skip("big items are held in memfds under transport sp only")
+    rig = make_rig()
+    rule = f"r_{unique}"
+    sink = rig.host.start_sink("snk", rule, config={"digest": True})
+    sup = rig.supervisor().pid
+    sent = {}
+    for i in range(1, 7):
+        item = {"i": i, "pad": os.urandom(1 << 19).hex()}   # 1 MiB
+        if i in (2, 5):
+            item["tamper"] = sup
+        data = json.dumps(item).encode()
+        sent[i] = hashlib.sha256(data).hexdigest()
+        sink.send(data)
+    wait_until(lambda: len(rig.plugin.events("collect", rule=rule)) >= len(sent), 20, 0.02, "every item collected")
+    tampers = rig.plugin.events("tamper", rule=rule)
+    assert [t["i"] for t in tampers] == [2, 5]
+    assert all(t["tried"] >= 1 and t["done"] == [] for t in tampers), [(t["tried"], t["done"]) for t in tampers]
+    collected = rig.plugin.events("collect", rule=rule)
+    assert [c["i"] for c in collected] == list(sent)
+    assert all(c["sha"] == sent[c["i"]] for c in collected), "an item arrived changed"
+    assert rig.host.alive() and rig.row(rule=rule)["restarts"] == 0
+    data = json.dumps({"i": 7, "pad": os.urandom(1 << 19).hex()}).encode()
+    sink.send(data)
+    wait_until(lambda: [c["sha"] for c in rig.plugin.events("collect", rule=rule, i=7)]
+               == [hashlib.sha256(data).hexdigest()], 10, 0.02, "the item after")
+
+
 def test_a_poison_item_is_dropped_with_an_error_ack_and_later_items_flow(make_rig, unique):
     rig = make_rig(sink_max_deliveries=3)
     rule = f"r_{unique}"

@@ -15,6 +15,7 @@ import pynng
 import pytest
 
 from conftest import wait_until
+from faulty_plugins import tamper_memfds
 from kuiper_pool.transport import TransportError, TransportTimeout, sp
 from kuiper_pool.transport.outbox import Outbox
 
@@ -148,21 +149,37 @@ def test_pull_receives_in_order_from_a_pynng_push_including_empty_and_huge_messa
         pull.close()
 
 
-def test_pull_spills_big_messages_into_sealed_memfds_whole_and_in_order(url):
+def item_memfds() -> int:
+    """Item memfds this process holds (a mapped one has two descriptors: mmap keeps a dup)."""
+    found = set()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            if os.readlink(f"/proc/self/fd/{fd}").startswith("/memfd:kuiper_pool-item"):
+                found.add(os.stat(f"/proc/self/fd/{fd}").st_ino)
+        except OSError:  # the fd listdir itself used
+            pass
+    return len(found)
+
+
+@pytest.mark.parametrize("pooled", [True, False], ids=["pool", "no-future-write"])
+def test_pull_spills_big_messages_into_sealed_memfds_whole_and_in_order(url, pooled):
     """With ``spill``, messages of that size or more arrive as memfds holding exactly their
     bytes (read once, sealed), between the small ones, in order; a big message cut by its
-    peer's close is dropped, and the next peer's arrive."""
+    peer's close is dropped, and the next peer's arrive. Without F_SEAL_FUTURE_WRITE (the
+    pool switched off, as the kernel's EINVAL leaves it) each gets a fresh sealed memfd."""
     pull = sp.PullEndpoint(url, spill=1 << 18)
+    pull.pool.pooling = pooled
     try:
         with pusher(url) as push:
             sent = [b"s0", os.urandom(8 << 20), b"s1", os.urandom(1 << 18), os.urandom((1 << 18) - 1),
                     os.urandom(1 << 20), b""]
             send_in_thread(push, sent)
             got = recv_all(pull, len(sent), timeout=30)
-        assert [type(m) for m in got] == [bytes, sp.Spilled, bytes, sp.Spilled, bytes, sp.Spilled, bytes]
-        assert [m if isinstance(m, bytes) else os.pread(m.fileno(), len(m) + 1, 0) for m in got] == sent
-        with pytest.raises(PermissionError):
-            os.pwrite(got[1].fileno(), b"x", 0)
+        assert [isinstance(m, sp.Spilled) for m in got] == [False, True, False, True, False, True, False]
+        assert all(isinstance(m, sp.PooledSpill if pooled else sp.SealedSpill) for m in got[1::2])
+        assert [m if isinstance(m, bytes) else os.pread(m.fileno(), len(m), 0) for m in got] == sent
+        found, done = tamper_memfds("/proc/self/fd")
+        assert found >= 3 and done == [] and os.pread(got[1].fileno(), len(sent[1]), 0) == sent[1]
         with raw_peer(url, pull) as raw:
             raw.sendall(sp.header(sp.PUSH) + struct.pack(">BQ", 1, 1 << 20) + b"x" * 1000)
             wait_until(lambda: pull.recv_many(10) == [] and any(p.reader.body for p in pull.pipes.values()),
@@ -173,6 +190,40 @@ def test_pull_spills_big_messages_into_sealed_memfds_whole_and_in_order(url):
             assert recv_all(pull, 1) == [b"after"]
     finally:
         pull.close()
+
+
+def test_pooled_memfds_are_reused_bounded_hold_each_message_exactly_and_go_at_close(url):
+    """Messages of mixed sizes, each dropped once read (as a sink's finished item): each
+    memfd holds exactly its message when it arrives, even one written where a bigger message
+    was; finished memfds are reused (no more than KEEP kept free) and a message over
+    LARGEST gets a sealed memfd of its own. close() releases the free ones, and a message
+    still held then releases its own when it goes."""
+    pull = sp.PullEndpoint(url, spill=1 << 18)
+    kib = [4096, 300, 1024, 256, 2048, 700, 3000, 260, 1024, 512, 4000, 300, 1500, 256] * 2
+    sent = [os.urandom(k << 10) for k in kib] + [os.urandom((16 << 20) + 1)]
+    seen = set()
+    try:
+        with pusher(url) as push:
+            sender = send_in_thread(push, sent)
+            for i, data in enumerate(sent):
+                [m] = recv_all(pull, 1, timeout=30)
+                assert os.pread(m.fileno(), len(data), 0) == data, f"message {i}"
+                assert isinstance(m, sp.PooledSpill if len(data) <= sp.MemfdPool.LARGEST else sp.SealedSpill)
+                found, done = tamper_memfds("/proc/self/fd")
+                assert found >= 1 and done == []
+                seen.add(os.fstat(m.fileno()).st_ino)
+                del m
+                assert len(pull.pool.free) <= sp.MemfdPool.KEEP
+            sender.join(10)
+            assert len(seen) < len(kib) // 3, "finished memfds were not reused"
+            send_in_thread(push, [os.urandom(1 << 20)])
+            [held] = recv_all(pull, 1)
+        assert item_memfds() == len(pull.pool.free) + 1
+    finally:
+        pull.close()
+    assert pull.pool.free == [] and item_memfds() == 1
+    del held
+    assert item_memfds() == 0
 
 
 def test_pull_takes_two_peers_and_at_most_n_at_a_time(url):

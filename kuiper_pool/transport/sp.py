@@ -7,7 +7,9 @@ request id with the high bit set before the body; REP echoes it.
 """
 from __future__ import annotations
 
+import errno
 import fcntl
+import mmap
 import os
 import select
 import socket
@@ -54,19 +56,15 @@ def path_of(url: str) -> str:
 
 
 class Spilled:
-    """A message too big to relay, written into a sealed memfd as it is received: whoever
-    needs its bytes gets the descriptor (a sink worker, with SCM_RIGHTS) and reads them
-    once. The memfd is closed when the last reference goes. (Written with ``pwrite`` from
-    a reused buffer rather than received into a mapping of it: a page fault per 4 KiB
-    costs more than the second copy.)"""
+    """A message too big to relay, held in a memfd as it is received: whoever needs its
+    bytes gets the descriptor (a sink worker, with SCM_RIGHTS) and reads the first
+    ``len()`` of them; nobody but this process can write it. Released when the last
+    reference goes."""
 
-    SEALS = fcntl.F_SEAL_SEAL | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE
-
-    def __init__(self, size: int) -> None:
-        self.fd = -1
-        self.fd = os.memfd_create("kuiper_pool-item", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
-        self.size = size
-        self.got = 0
+    fd: int
+    size: int
+    got: int   # bytes of the message written so far
+    uses_scratch = False   # whether ``recv`` needs a buffer to receive into
 
     def __len__(self) -> int:
         return self.size
@@ -74,8 +72,41 @@ class Spilled:
     def fileno(self) -> int:
         return self.fd
 
+    def full(self) -> bool:
+        return self.got == self.size
+
     def take(self, data: memoryview) -> int:
         """Write the start of ``data`` (what the body still lacks); return how much."""
+        raise NotImplementedError
+
+    def recv(self, sock: socket.socket, scratch: memoryview) -> Tuple[int, int]:
+        """Receive part of the rest from non-blocking ``sock`` (``scratch``: a reused
+        buffer, if it needs one): bytes received (0 at EOF) and asked for;
+        BlockingIOError when nothing waits."""
+        raise NotImplementedError
+
+    def seal(self) -> "Spilled":
+        """Whole: from now on nobody can change it (a redelivered item is the same)."""
+        return self
+
+
+class SealedSpill(Spilled):
+    """A fresh memfd per message, written with ``pwrite`` from a reused buffer and sealed
+    read-only once whole (F_SEAL_WRITE). The path when the kernel has no
+    F_SEAL_FUTURE_WRITE, and for a message too big for a :class:`MemfdPool`. (``pwrite``
+    rather than receiving into a mapping of it: a page fault per 4 KiB of a fresh memfd
+    costs more than the second copy.)"""
+
+    SEALS = fcntl.F_SEAL_SEAL | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE
+    uses_scratch = True
+
+    def __init__(self, size: int) -> None:
+        self.fd = -1
+        self.fd = os.memfd_create("kuiper_pool-item", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        self.size = size
+        self.got = 0
+
+    def take(self, data: memoryview) -> int:
         n = left = min(len(data), self.size - self.got)
         while left:
             k = os.pwrite(self.fd, data[n - left:n], self.got)
@@ -83,11 +114,14 @@ class Spilled:
             left -= k
         return n
 
-    def full(self) -> bool:
-        return self.got == self.size
+    def recv(self, sock: socket.socket, scratch: memoryview) -> Tuple[int, int]:
+        ask = min(len(scratch), self.size - self.got)
+        n = sock.recv_into(scratch, ask)
+        if n:
+            self.take(scratch[:n])
+        return n, ask
 
     def seal(self) -> "Spilled":
-        """Whole: read-only for good (a worker cannot change a redelivered item)."""
         fcntl.fcntl(self.fd, fcntl.F_ADD_SEALS, self.SEALS)
         return self
 
@@ -96,23 +130,155 @@ class Spilled:
             os.close(self.fd)
 
 
+F_SEAL_FUTURE_WRITE = 0x0010   # Linux >= 5.1; Python's fcntl module has no name for it
+
+
+class _Slot:
+    """One memfd of a :class:`MemfdPool`, mapped writable here, then sealed: no write(),
+    no new writable mapping (reopening /proc/<pid>/fd/N included), no resize, no further
+    seals; this process's mapping stays writable."""
+
+    SEALS = fcntl.F_SEAL_SEAL | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | F_SEAL_FUTURE_WRITE
+
+    def __init__(self, capacity: int) -> None:
+        fd = os.memfd_create("kuiper_pool-item", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        try:
+            os.ftruncate(fd, capacity)
+            self.map = mmap.mmap(fd, capacity, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+            try:
+                fcntl.fcntl(fd, fcntl.F_ADD_SEALS, self.SEALS)
+            except BaseException:
+                self.map.close()
+                raise
+        except BaseException:
+            os.close(fd)
+            raise
+        self.fd = fd
+        self.view = memoryview(self.map)
+        self.capacity = capacity
+
+    def close(self) -> None:
+        self.view.release()
+        self.map.close()
+        os.close(self.fd)
+
+
+class PooledSpill(Spilled):
+    """A message received straight into a :class:`MemfdPool` memfd's mapping (one copy,
+    its pages already there after the first use); the memfd goes back to the pool when
+    the last reference goes."""
+
+    def __init__(self, size: int, slot: _Slot, pool: "MemfdPool") -> None:
+        self.fd = slot.fd
+        self.size = size
+        self.got = 0
+        self.slot: Optional[_Slot] = slot
+        self.pool = pool
+
+    def take(self, data: memoryview) -> int:
+        n = min(len(data), self.size - self.got)
+        self.slot.view[self.got:self.got + n] = data[:n]
+        self.got += n
+        return n
+
+    def recv(self, sock: socket.socket, scratch: memoryview) -> Tuple[int, int]:
+        ask = self.size - self.got
+        with self.slot.view[self.got:self.size] as rest:
+            n = sock.recv_into(rest)
+        self.got += n
+        return n, ask
+
+    def __del__(self) -> None:
+        slot, self.slot = self.slot, None
+        if slot is not None:
+            self.pool.give_back(slot)
+
+
+class MemfdPool:
+    """Reusable memfds for the big messages of one endpoint (``FrameReader``'s ``spill``).
+    A fresh memfd costs the kernel a page allocation and zeroing per 4 KiB on first write
+    (~380 µs per MiB, against ~170 µs into pages already there), so a memfd whose message
+    is finished is kept, mapped, for the next one. Capacities are powers of two from
+    ``SMALLEST``; a message above ``LARGEST`` gets a :class:`SealedSpill` of its own.
+
+    Memory: at most ``KEEP`` free memfds (the bigger ones are kept), so beyond the
+    messages in use at most 2 x 16 MiB, and as much as the biggest messages written into
+    them in practice (two 1 MiB images: ~2 MiB); all released by :meth:`close`. Each
+    pooled memfd takes two descriptors here (Python's mmap keeps a duplicate).
+
+    A memfd is written again only after its message's last reference went: for a sink,
+    once its item left the in-flight table, i.e. the worker it was passed to reported it
+    done or acked (after reading it) or died. A worker only ever reads items of its own
+    sink from it. Without F_SEAL_FUTURE_WRITE (EINVAL: Linux < 5.1) every message gets a
+    :class:`SealedSpill`."""
+
+    KEEP = 2
+    SMALLEST = 1 << 18
+    LARGEST = 16 << 20
+
+    def __init__(self) -> None:
+        self.free: List[_Slot] = []
+        self.pooling = True   # False once closed, or when the kernel refuses the seals
+
+    def spill(self, size: int) -> Spilled:
+        """A memfd to receive a message of ``size`` bytes into. OSError when none can be made."""
+        slot = self._slot(size) if self.pooling and size <= self.LARGEST else None
+        return PooledSpill(size, slot, self) if slot is not None else SealedSpill(size)
+
+    def _slot(self, size: int) -> Optional[_Slot]:
+        fits = [s for s in self.free if s.capacity >= size]
+        if fits:
+            slot = min(fits, key=lambda s: s.capacity)
+            self.free.remove(slot)
+            return slot
+        try:
+            return _Slot(max(self.SMALLEST, 1 << (size - 1).bit_length()))
+        except OSError as e:
+            if e.errno != errno.EINVAL:
+                raise
+            self.pooling = False
+            return None
+
+    def give_back(self, slot: _Slot) -> None:
+        if self.pooling and len(self.free) < self.KEEP:
+            self.free.append(slot)
+            return
+        if self.pooling:  # full: keep the bigger ones (a big memfd holds small messages too)
+            smallest = min(self.free, key=lambda s: s.capacity)
+            if smallest.capacity < slot.capacity:
+                self.free.remove(smallest)
+                self.free.append(slot)
+                slot = smallest
+        slot.close()
+
+    def close(self) -> None:
+        """Release the free memfds; those still in use are released when their messages go."""
+        self.pooling = False
+        for slot in self.free:
+            slot.close()
+        self.free.clear()
+
+
 Message = Union[bytes, Spilled]
 
 
 class FrameReader:
     """Whole messages out of a byte stream (the 8-byte header already consumed). With
     ``spill``, a message of at least that many bytes goes into a :class:`Spilled` memfd
-    instead: ``body`` while it is incomplete (read the socket into it with
-    :meth:`recv_body`), then a message of its own."""
+    instead (from ``pool``, or a :class:`SealedSpill` of its own): ``body`` while it is
+    incomplete (read the socket into it with :meth:`recv_body`), then a message of its own."""
 
-    def __init__(self, max_size: int = 0, spill: int = 0) -> None:
+    def __init__(self, max_size: int = 0, spill: int = 0, pool: Optional[MemfdPool] = None) -> None:
         self.buf = bytearray()
         self.max_size = max_size
         self.spill = spill
+        self.pool = pool
         self.body: Optional[Spilled] = None
         self.scratch: Optional[memoryview] = None   # recv_body's reused buffer
 
-    def feed(self, data: bytes) -> List[Message]:
+    def feed(self, data: Union[bytes, memoryview]) -> List[Message]:
+        """The messages ``data`` completes. It may be a view of a buffer the caller reuses:
+        what is kept of it is copied."""
         out: List[Message] = []
         if self.body is not None:
             with memoryview(data) as view:
@@ -124,8 +290,12 @@ class FrameReader:
                 return out
             out.append(self._sealed())
             data = data[used:]
-        self.buf += data
-        pos, buf = 0, self.buf
+        if self.buf:
+            self.buf += data
+            buf: Union[bytes, bytearray, memoryview] = self.buf
+        else:  # parsed where it is: only a partial message at its end is copied (into buf)
+            buf = data
+        pos = 0
         while len(buf) - pos >= _FRAME.size:
             kind, n = _FRAME.unpack_from(buf, pos)
             if kind != 1:
@@ -135,7 +305,7 @@ class FrameReader:
             pos += _FRAME.size
             if self.spill and n >= self.spill:
                 try:
-                    body = Spilled(n)
+                    body = self.pool.spill(n) if self.pool is not None else SealedSpill(n)
                     with memoryview(buf) as view:
                         pos += body.take(view[pos:])
                 except OSError as e:  # out of descriptors or memory: as a bad frame, this peer goes
@@ -151,7 +321,9 @@ class FrameReader:
                 break
             out.append(bytes(buf[pos:end]))
             pos = end
-        if pos:
+        if buf is not self.buf:
+            self.buf += buf[pos:]
+        elif pos:
             del buf[:pos]
         return out
 
@@ -160,19 +332,19 @@ class FrameReader:
         message once whole, [] meanwhile, None when the peer is to be dropped."""
         body = self.body
         assert body is not None
-        if self.scratch is None:
+        if self.scratch is None and body.uses_scratch:
             self.scratch = memoryview(bytearray(READ_SIZE))
         while not body.full():
             try:
-                n = sock.recv_into(self.scratch, min(READ_SIZE, body.size - body.got))
-                if n:
-                    body.take(self.scratch[:n])
+                n, asked = body.recv(sock, self.scratch)
             except (BlockingIOError, InterruptedError):
                 return []
             except OSError:  # the peer is gone, or no memory to hold the message: drop it
                 return None
             if not n:
                 return None
+            if n < asked:  # drained for now (the loop's selector wakes us for more)
+                return []
         return [self._sealed()]
 
     def _sealed(self) -> Spilled:
@@ -532,24 +704,26 @@ def listen(path: str) -> Tuple[socket.socket, Tuple[int, ...]]:
 class _Pipe:
     """One accepted connection of a PullEndpoint."""
 
-    def __init__(self, sock: socket.socket, spill: int) -> None:
+    def __init__(self, sock: socket.socket, spill: int, pool: Optional[MemfdPool]) -> None:
         self.sock = sock
         self.header = b""
-        self.reader = FrameReader(spill=spill)
+        self.reader = FrameReader(spill=spill, pool=pool)
 
 
 class PullEndpoint:
     """A PULL listener (sink data): any number of PUSH peers (eKuiper reconnects), read in
     batches of up to 256 KiB; with ``spill``, messages of that many bytes or more arrive as
-    :class:`Spilled` memfds, received straight into them. ``fileno`` is one epoll fd for
-    the outer selector; messages read and not yet taken keep it readable (a pipe inside
-    the epoll set), so none waits for new traffic to be noticed."""
+    :class:`Spilled` memfds, received straight into them (from one :class:`MemfdPool` of
+    the endpoint's, released by :meth:`close`). ``fileno`` is one epoll fd for the outer
+    selector; messages read and not yet taken keep it readable (a pipe inside the epoll
+    set), so none waits for new traffic to be noticed."""
 
     def __init__(self, url: str, max_size: int = 0, spill: int = 0) -> None:
         self.url = url
         self.path = path_of(url)
         self.max_size = max_size
         self.spill = spill
+        self.pool = MemfdPool() if spill else None
         self.listener, self.ident = listen(self.path)
         self.poll = select.epoll()
         self.poll.register(self.listener.fileno(), select.EPOLLIN)
@@ -561,6 +735,7 @@ class PullEndpoint:
         self.poll.register(self.wake_r, select.EPOLLIN)
         self.woken = False
         self.lent: Optional[_Pipe] = None   # a connection another process reads meanwhile
+        self.scratch: Optional[memoryview] = None   # _read's reused buffer
 
     def fileno(self) -> int:
         return self.poll.fileno()
@@ -622,7 +797,7 @@ class PullEndpoint:
             except OSError:
                 sock.close()
                 continue
-            self.pipes[sock.fileno()] = _Pipe(sock, self.spill)
+            self.pipes[sock.fileno()] = _Pipe(sock, self.spill, self.pool)
             self.poll.register(sock.fileno(), select.EPOLLIN)
 
     def _read(self, pipe: _Pipe) -> None:
@@ -633,12 +808,18 @@ class PullEndpoint:
             else:
                 self.queue += got
             return
-        data = recv_some(pipe.sock)
-        if data is None:
+        if self.scratch is None:
+            self.scratch = memoryview(bytearray(READ_SIZE))
+        try:
+            n = pipe.sock.recv_into(self.scratch)
+        except (BlockingIOError, InterruptedError):
             return
-        if not data:  # a frame cut by the close is dropped; whole ones were delivered
+        except OSError:  # reset: as EOF
+            n = 0
+        if not n:  # a frame cut by the close is dropped; whole ones were delivered
             self._drop(pipe)
             return
+        data = self.scratch[:n]   # feed copies what it keeps
         if len(pipe.header) < _HEADER.size:
             need = _HEADER.size - len(pipe.header)
             pipe.header += data[:need]
@@ -671,6 +852,8 @@ class PullEndpoint:
             self._drop(pipe)
         self.listener.close()
         self.poll.close()
+        if self.pool is not None:
+            self.pool.close()
         os.close(self.wake_r)
         os.close(self.wake_w)
         unlink_if_ours(self.path, self.ident)
