@@ -16,7 +16,7 @@ from collections import deque
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 from ..transport.outbox import Outbox, Watch, no_watch
-from ..transport.sp import Spilled
+from ..transport.sp import READ_SIZE, Spilled, recv_view
 
 HEADER = struct.Struct("!BI")
 SPILL = 1 << 18   # sink items of this many bytes or more reach the worker as a memfd (ITEM_FD)
@@ -150,7 +150,7 @@ class FrameBuffer:
     def __init__(self) -> None:
         self._buf = bytearray()
 
-    def feed(self, data: bytes) -> List[Tuple[int, bytes]]:
+    def feed(self, data: Union[bytes, memoryview]) -> List[Tuple[int, bytes]]:
         self._buf += data
         frames = []
         pos = 0
@@ -203,7 +203,7 @@ class Link:
         out: List[Tuple[int, bytes]] = []
         while True:
             try:
-                data = self.sock.recv(1 << 18)
+                data = recv_view(self.sock)
             except (BlockingIOError, InterruptedError):
                 return out
             except OSError:
@@ -211,7 +211,7 @@ class Link:
             if not data:
                 return out or None
             out.extend(self.inbox.feed(data))
-            if len(data) < 1 << 18:  # drained; select is level-triggered and wakes us for more
+            if len(data) < READ_SIZE:  # drained; select is level-triggered and wakes us for more
                 return out
 
     def close(self) -> None:

@@ -274,7 +274,6 @@ class FrameReader:
         self.spill = spill
         self.pool = pool
         self.body: Optional[Spilled] = None
-        self.scratch: Optional[memoryview] = None   # recv_body's reused buffer
 
     def feed(self, data: Union[bytes, memoryview]) -> List[Message]:
         """The messages ``data`` completes. It may be a view of a buffer the caller reuses:
@@ -332,11 +331,9 @@ class FrameReader:
         message once whole, [] meanwhile, None when the peer is to be dropped."""
         body = self.body
         assert body is not None
-        if self.scratch is None and body.uses_scratch:
-            self.scratch = memoryview(bytearray(READ_SIZE))
         while not body.full():
             try:
-                n, asked = body.recv(sock, self.scratch)
+                n, asked = body.recv(sock, scratch())
             except (BlockingIOError, InterruptedError):
                 return []
             except OSError:  # the peer is gone, or no memory to hold the message: drop it
@@ -351,6 +348,27 @@ class FrameReader:
         body, self.body = self.body, None
         assert body is not None
         return body.seal()
+
+
+_local = threading.local()
+
+
+def scratch() -> memoryview:
+    """This thread's reused receive buffer of READ_SIZE bytes. A fresh ``recv(READ_SIZE)``
+    per read is an mmap/mremap/munmap per message wherever malloc's mmap threshold is below
+    it (measured: +12-16 us of worker CPU per function call). An anonymous mapping, so a
+    thread touches only the pages its reads fill. What is read into it must be consumed
+    (copied) before the thread's next read."""
+    view = getattr(_local, "view", None)
+    if view is None:
+        view = _local.view = memoryview(mmap.mmap(-1, READ_SIZE))
+    return view
+
+
+def recv_view(sock: socket.socket) -> memoryview:
+    """Up to READ_SIZE bytes into :func:`scratch` (empty at EOF); raises as ``recv`` does."""
+    view = scratch()
+    return view[:sock.recv_into(view)]
 
 
 def recv_some(sock: socket.socket, size: int = READ_SIZE) -> Optional[bytes]:
@@ -391,7 +409,7 @@ class ReqConnection:
         """eKuiper's calls that arrived (reads once; call when readable). TransportError at EOF."""
         msgs, self.pending = self.pending, []
         if not msgs:
-            data = self.sock.recv(READ_SIZE)
+            data = recv_view(self.sock)
             if not data:
                 raise TransportError("eKuiper closed the connection")
             msgs = self.reader.feed(data)
@@ -618,9 +636,12 @@ class ReqEndpoint(_Dialer):
     def _read(self) -> None:
         assert self.sock is not None
         while True:
-            data = recv_some(self.sock)
-            if data is None:
+            try:
+                data = recv_view(self.sock)
+            except (BlockingIOError, InterruptedError):
                 return
+            except OSError:
+                data = memoryview(b"")
             if not data:
                 self._lost()
                 return
@@ -735,7 +756,6 @@ class PullEndpoint:
         self.poll.register(self.wake_r, select.EPOLLIN)
         self.woken = False
         self.lent: Optional[_Pipe] = None   # a connection another process reads meanwhile
-        self.scratch: Optional[memoryview] = None   # _read's reused buffer
 
     def fileno(self) -> int:
         return self.poll.fileno()
@@ -808,18 +828,15 @@ class PullEndpoint:
             else:
                 self.queue += got
             return
-        if self.scratch is None:
-            self.scratch = memoryview(bytearray(READ_SIZE))
         try:
-            n = pipe.sock.recv_into(self.scratch)
+            data = recv_view(pipe.sock)   # feed copies what it keeps
         except (BlockingIOError, InterruptedError):
             return
         except OSError:  # reset: as EOF
-            n = 0
-        if not n:  # a frame cut by the close is dropped; whole ones were delivered
+            data = memoryview(b"")
+        if not data:  # a frame cut by the close is dropped; whole ones were delivered
             self._drop(pipe)
             return
-        data = self.scratch[:n]   # feed copies what it keeps
         if len(pipe.header) < _HEADER.size:
             need = _HEADER.size - len(pipe.header)
             pipe.header += data[:need]
