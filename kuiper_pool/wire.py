@@ -82,6 +82,11 @@ class Control:
         value = self.config.get("datasource", "")
         return value if isinstance(value, str) else ""
 
+    def source_datasource(self, policy: str) -> str:
+        """What a source's ``configure`` gets under the ``source_datasource`` setting: the
+        stream's DATASOURCE ("stream"), or "" as the official SDK passes ("empty")."""
+        return self.datasource() if policy == "stream" else ""
+
     def to_dict(self) -> Dict[str, Any]:
         return {"cmd": self.cmd, "symbol": self.symbol, "plugin_type": self.plugin_type,
                 "rule_id": self.rule_id, "op_id": self.op_id, "instance_id": self.instance_id,

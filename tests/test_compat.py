@@ -288,5 +288,5 @@ def test_source_datasource_empty_passes_what_the_official_sdk_passes_and_the_sta
     with open(os.path.join(d, "stdout.log")) as f:
         log = f.read()
     for symbol, value, policy in ((stream, f"topic/{unique}", "stream"), (official, "", "empty")):
-        assert re.search(rf"INFO .*source {symbol} rule r{unique} op {symbol} instance 0: starting; "
-                         rf"configure gets datasource {value!r} \(source_datasource: {policy}\)", log), log
+        assert re.search(rf"INFO .*source {symbol} rule r{unique} op {symbol} instance 0: started in worker "
+                         rf"pid \d+; configure got datasource {value!r} \(source_datasource: {policy}\)", log), log

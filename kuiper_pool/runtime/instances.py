@@ -227,7 +227,8 @@ class Instance:
         self._move(RUNNING, "ready")
         self.running_since = self.fx.now()
         self.failures = 0
-        self.fx.note(self, logging.INFO, "%s in worker pid %d", "started" if first else "restarted", w.pid)
+        self.fx.note(self, logging.INFO, "%s in worker pid %d%s", "started" if first else "restarted", w.pid,
+                     self.route.started_note())
         if first:
             self._answer_start()
             if self._state is REMOVED:

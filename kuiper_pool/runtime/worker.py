@@ -204,10 +204,7 @@ def _configure(worker: Worker, call) -> bool:
 
 def run_source(worker: Worker, source: Any) -> int:
     ctrl = worker.ctrl
-    policy = worker.spec.source_datasource
-    datasource = ctrl.datasource() if policy == "stream" else ""
-    worker.log.info("%s: starting; configure gets datasource %r (source_datasource: %s)",
-                    worker.where(), datasource, policy)
+    datasource = ctrl.source_datasource(worker.spec.source_datasource)  # the supervisor logs it
     if not _configure(worker, lambda: source.configure(datasource, ctrl.config)):
         return EXIT_CONFIGURE
     url = wire.data_url(ctrl.rule_id, ctrl.op_id, ctrl.instance_id)

@@ -86,6 +86,10 @@ class Route:
     def tick(self, now: float) -> None:
         """The clock: redials and deadlines of the route's own."""
 
+    def started_note(self) -> str:
+        """What the instance's "started in worker pid N" line adds for this kind."""
+        return ""
+
     def counts(self, w: "WorkerHandle") -> Counts:
         """What the live worker ``w`` has counted and the instance has not yet."""
         return 0, 0, 0
