@@ -26,7 +26,7 @@ from kuiper_pool.runtime.effects import WorkerHandle
 from kuiper_pool.runtime.instances import (BACKOFF, ENDED, FAILED, RECYCLING, REMOVED, RUNNING,
                                            STARTING, STOPPING, Instance)
 from kuiper_pool.runtime.routes import FunctionChannel, SinkRoute
-from kuiper_pool.runtime.routes.sink import ACK_BACKLOG
+from kuiper_pool.runtime.routes.sink import ACK_BACKLOG, RELAY_AFTER_LARGE
 from kuiper_pool.runtime.states import TRANSITIONS, TransitionError
 from kuiper_pool.runtime.supervisor import Supervisor
 from kuiper_pool.transport import TransportError
@@ -1051,15 +1051,38 @@ def test_a_late_give_back_of_a_replaced_worker_changes_nothing():
 def test_a_given_back_connection_is_read_here_and_lent_again_after_the_ack():
     inst, fx, w = lent_sink()
     pull = fx.endpoints[0]
-    inst.on_frame(w, frames.LOST, b"large")
+    inst.on_frame(w, frames.LOST, b"closed")   # eKuiper reconnected: the new one is read here
     assert not pull.lent and inst.route.lent_to is None
-    pull.queue.append(b"L" * 100_000)
+    pull.queue.append(b"small")
     inst.on_readable(pull)
     [items] = fx.frames_of(frames.ITEMS)
     [(seq, data)] = frames.decode_items(items)
     assert not pull.lent                      # not while the relayed item waits for its ack
     inst.on_frame(w, frames.ACK, frames.SEQ.pack(seq) + b"{}")
     assert pull.lent and inst.route.lent_to is w and fx.endpoints[1].sent == [b"{}"]
+
+
+def test_after_an_item_too_big_for_the_page_items_are_relayed_until_a_run_of_small_ones():
+    inst, fx, w = lent_sink()
+    pull = fx.endpoints[0]
+    inst.on_frame(w, frames.LOST, b"large")
+
+    def relay(data: bytes) -> None:
+        pull.queue.append(data)
+        inst.on_readable(pull)
+        [(seq, got)] = frames.decode_items(fx.frames_of(frames.ITEMS)[-1])
+        assert got == data
+        inst.on_frame(w, frames.ACK, frames.SEQ.pack(seq) + b"{}")
+    relay(b"L" * 100_000)                     # the one given back
+    for _ in range(RELAY_AFTER_LARGE - 1):
+        relay(b"small")
+    relay(b"L" * 100_000)                     # another big one: the run starts again
+    for _ in range(RELAY_AFTER_LARGE - 1):
+        relay(b"small")
+    assert not pull.lent and inst.route.lent_to is None
+    relay(b"small")                           # the run is complete: lent after its ack
+    assert pull.lent and inst.route.lent_to is w
+    assert fx.endpoints[1].sent == [b"{}"] * (2 * RELAY_AFTER_LARGE + 1)
 
 
 def test_a_stale_readiness_event_while_lent_reads_nothing_of_the_lent_connection():
@@ -1087,8 +1110,8 @@ def test_a_lent_item_whose_collect_was_running_is_charged_only_with_a_crash(stop
 def test_an_acked_sink_is_lent_only_once_the_acks_queued_here_have_gone_out():
     inst, fx, w = lent_sink()
     pull, push = fx.endpoints
-    inst.on_frame(w, frames.LOST, b"large")    # relayed from here on
-    pull.queue.append(b"L" * 100_000)
+    inst.on_frame(w, frames.LOST, b"closed")   # relayed from here on
+    pull.queue.append(b"small")
     inst.on_readable(pull)
     [(seq, _data)] = frames.decode_items(fx.frames_of(frames.ITEMS)[0])
     push.backlog = 9                           # eKuiper has not read that ack yet

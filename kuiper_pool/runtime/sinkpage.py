@@ -43,6 +43,11 @@ SIZE = DATA + CAPACITY
 SP_FRAME = 9                     # 01 + 8-byte big-endian length
 
 
+def fits(length: int) -> bool:
+    """Whether an item of ``length`` bytes is taken into the page (else it is relayed)."""
+    return SP_FRAME + length <= CAPACITY
+
+
 class PageState(NamedTuple):
     state: int
     length: int

@@ -31,7 +31,7 @@ from ..transport.sp import frame as sp_frame
 from ..transport.sp import frame_header as sp_frame_header
 from . import forensics
 from .callpage import CallPage, call_crc
-from .sinkpage import CAPACITY, FREE, HOLDING, LENT, SP_FRAME, SinkPage, open_sink_page
+from .sinkpage import FREE, HOLDING, LENT, SP_FRAME, SinkPage, fits, open_sink_page
 from .protocol import StartSpec, is_error_reply
 from .context import WorkerContext
 from .state import LocalState
@@ -439,7 +439,7 @@ class LentSink:
             self._partial()  # part of a frame: the rest is being written
             return None
         kind, length = sp_frame_header(self.data.recv(SP_FRAME, socket.MSG_PEEK))
-        if kind != 1 or SP_FRAME + length > CAPACITY:
+        if kind != 1 or not fits(length):
             self.give_back(b"large")  # the supervisor relays it (or drops a bad peer)
             return None
         if avail < SP_FRAME + length:

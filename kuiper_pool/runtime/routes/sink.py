@@ -35,6 +35,10 @@ if TYPE_CHECKING:
 MAX_BATCH = 256     # sink items moved per wake-up
 ITEM_OVERHEAD = 128  # bytes an in-flight item costs beyond its payload (counted in the window)
 ACK_BACKLOG = 1 << 20   # bytes of acks waiting for eKuiper beyond which a sink stops reading
+# After a worker gave the connections back for an item too big for its page, this many items
+# in a row must fit the page before they are lent again: a stream of big items (images) is
+# relayed without a lend and a give-back around each one.
+RELAY_AFTER_LARGE = 16
 Items = List[Tuple[int, Any]]   # bytes, or a big item held in a memfd (frames.SPILL)
 
 
@@ -64,6 +68,7 @@ class SinkRoute(Route):
         self.ack: Any = None
         self.reading = False
         self.lent_to: "Optional[WorkerHandle]" = None   # the worker holding both connections
+        self.relay_for = 0   # items that must fit the item page before the next lend
 
     # --- lifecycle events -------------------------------------------------------------------
 
@@ -82,7 +87,8 @@ class SinkRoute(Route):
         """Lend eKuiper's connections to ``w`` when nothing is in flight (an item relayed
         and not acked would race one the worker reads itself: acks match by order)."""
         inst = self.inst
-        if (self.require_ack and self.lent_to is None and not self.inflight and self.pull is not None
+        if (self.require_ack and self.lent_to is None and not self.inflight and not self.relay_for
+                and self.pull is not None
                 and inst.state is State.RUNNING and inst.worker is w and not w.kill_reason
                 and self.fx.lend_sink(w, self.pull, self.ack)):
             self.lent_to = w
@@ -228,6 +234,8 @@ class SinkRoute(Route):
             self.inflight[seq] = Item(data)
             self.held += len(data) + ITEM_OVERHEAD
             out.append((seq, data))
+            if self.relay_for:
+                self.relay_for = self.relay_for - 1 if sinkpage.fits(len(data)) else RELAY_AFTER_LARGE
         return out
 
     def _finish(self, seq: int) -> None:
@@ -290,6 +298,8 @@ class SinkRoute(Route):
     def on_frame(self, w: "WorkerHandle", ftype: int, payload: bytes) -> None:
         if ftype == frames.LOST:  # the worker gave the connections back: relay what comes
             if self.lent_to is w:
+                if payload == b"large":
+                    self.relay_for = RELAY_AFTER_LARGE
                 self._take_back()
                 self._on_data()
             return
