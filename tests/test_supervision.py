@@ -29,6 +29,7 @@ import pytest
 from conftest import ipc_files, wait_until
 from faulty_plugins import FaultyPlugin, write_faulty_plugin
 from kuiper_pool.runtime import status
+from kuiper_pool.runtime.routes.sink import RELAY_AFTER_LARGE
 from kuiper_pool.tools.emulator import Host, HostError
 
 # Short settings so faults resolve in fractions of a second.
@@ -403,12 +404,13 @@ def test_an_acked_sink_relays_items_too_large_for_the_page_and_lends_again(make_
     rig = make_rig()
     rule = f"r_{unique}"
     sink = rig.host.start_sink("snk", rule, require_ack=True)
-    sizes = [10, 300_000, 10, 70_000, 10]   # the page takes frames up to 64 KiB
+    # the page takes frames up to 64 KiB; after a bigger one, a run of small ones is relayed
+    sizes = [10, 300_000, 10, 70_000] + [10] * RELAY_AFTER_LARGE
     for i, size in enumerate(sizes, 1):
         assert sink.collect(json.dumps({"i": i, "pad": "x" * size}).encode()) == {}
     with pytest.raises(HostError, match="no ack"):
         sink.recv_ack(timeout=0.3)
-    assert [c["i"] for c in rig.plugin.events("collect", rule=rule)] == [1, 2, 3, 4, 5]
+    assert [c["i"] for c in rig.plugin.events("collect", rule=rule)] == list(range(1, len(sizes) + 1))
     if transport == "sp":
         pid = rig.row(rule=rule)["pid"]
         assert wait_until(lambda: holds_data_connection(pid, f"/tmp/{rule}_op_0.ipc"), 5, 0.02,
