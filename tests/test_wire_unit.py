@@ -184,3 +184,18 @@ def test_one_line_is_one_utf8_line(text):
 def test_func_reply_is_always_strict_json(result):
     reply = json.loads(wire.func_reply(True, result), parse_constant=lambda c: pytest.fail(c))
     assert set(reply) == {"state", "result"} and isinstance(reply["state"], bool)
+
+
+# what Go's encoding/json can write: finite floats, integers of at most 64 bits
+go_values = st.recursive(st.none() | st.booleans() | st.integers(-2 ** 63, 2 ** 64 - 1)
+                         | st.floats(allow_nan=False, allow_infinity=False) | st.text(),
+                         lambda inner: st.lists(inner, max_size=4)
+                         | st.dictionaries(st.text(max_size=8), inner, max_size=4), max_leaves=30)
+
+
+@given(go_values)
+@EXAMPLES
+def test_loads_reads_what_go_writes_as_json_does(value):
+    wire.encoder()  # chooses loads too (orjson under the fast extra)
+    raw = go_json({"func": "Exec", "arg": [value]})
+    assert wire.loads(raw) == json.loads(raw)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import array
 import fcntl
-import json
 import os
 import select
 import socket
@@ -581,7 +580,7 @@ def call_function(worker: Worker, function: Any, contexts: Dict[Tuple[Any, ...],
     """Answer one eKuiper function request with ``{"state", "result"}`` bytes."""
     rule = "-"
     try:
-        req = json.loads(request)
+        req = wire.loads(request)
         name, args = req.get("func"), req.get("arg")
         if name == "Validate":
             err = function.validate(args)
@@ -593,7 +592,7 @@ def call_function(worker: Worker, function: Any, contexts: Dict[Tuple[Any, ...],
         if not isinstance(args, list) or not args or not isinstance(args[-1], str):
             return wire.func_error(f"{worker.where()}: Exec needs its arguments and the "
                                    f"function meta as the last argument")
-        meta = json.loads(args[-1])
+        meta = wire.loads(args[-1])
         key = tuple(meta.get(k) for k in ("ruleId", "opId", "instanceId", "funcId"))
         if None in key:
             return wire.func_error(f"{worker.where()}: function meta {args[-1]} needs ruleId, "
