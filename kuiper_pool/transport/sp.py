@@ -64,7 +64,6 @@ class Spilled:
     fd: int
     size: int
     got: int   # bytes of the message written so far
-    uses_scratch = False   # whether ``recv`` needs a buffer to receive into
 
     def __len__(self) -> int:
         return self.size
@@ -79,10 +78,9 @@ class Spilled:
         """Write the start of ``data`` (what the body still lacks); return how much."""
         raise NotImplementedError
 
-    def recv(self, sock: socket.socket, scratch: memoryview) -> Tuple[int, int]:
-        """Receive part of the rest from non-blocking ``sock`` (``scratch``: a reused
-        buffer, if it needs one): bytes received (0 at EOF) and asked for;
-        BlockingIOError when nothing waits."""
+    def recv(self, sock: socket.socket) -> Tuple[int, int]:
+        """Receive part of the rest from non-blocking ``sock``: bytes received (0 at EOF)
+        and asked for; BlockingIOError when nothing waits."""
         raise NotImplementedError
 
     def seal(self) -> "Spilled":
@@ -98,7 +96,6 @@ class SealedSpill(Spilled):
     costs more than the second copy.)"""
 
     SEALS = fcntl.F_SEAL_SEAL | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE
-    uses_scratch = True
 
     def __init__(self, size: int) -> None:
         self.fd = -1
@@ -114,11 +111,12 @@ class SealedSpill(Spilled):
             left -= k
         return n
 
-    def recv(self, sock: socket.socket, scratch: memoryview) -> Tuple[int, int]:
-        ask = min(len(scratch), self.size - self.got)
-        n = sock.recv_into(scratch, ask)
+    def recv(self, sock: socket.socket) -> Tuple[int, int]:
+        buf = scratch()
+        ask = min(len(buf), self.size - self.got)
+        n = sock.recv_into(buf, ask)
         if n:
-            self.take(scratch[:n])
+            self.take(buf[:n])
         return n, ask
 
     def seal(self) -> "Spilled":
@@ -181,7 +179,7 @@ class PooledSpill(Spilled):
         self.got += n
         return n
 
-    def recv(self, sock: socket.socket, scratch: memoryview) -> Tuple[int, int]:
+    def recv(self, sock: socket.socket) -> Tuple[int, int]:
         ask = self.size - self.got
         with self.slot.view[self.got:self.size] as rest:
             n = sock.recv_into(rest)
@@ -333,7 +331,7 @@ class FrameReader:
         assert body is not None
         while not body.full():
             try:
-                n, asked = body.recv(sock, scratch())
+                n, asked = body.recv(sock)
             except (BlockingIOError, InterruptedError):
                 return []
             except OSError:  # the peer is gone, or no memory to hold the message: drop it
