@@ -940,6 +940,7 @@ def test_every_restart_and_kill_is_logged_once_with_its_details(make_rig, unique
     assert kills[0][:2] == ("src", rule) and kills[0][2].startswith(f"killing worker pid {second['pid']}: hung")
     assert kills[1] == (rig.plugin.fn, "-", f"killing worker pid {fpid2}: call exceeded call_deadline 1s")
     restarted = [ln for ln in log if "restarted in worker pid" in ln["text"]]
-    assert sorted((ln["symbol"], ln["text"].split()[-1]) for ln in restarted) == sorted(
+    restart_pids = [(ln["symbol"], re.search(r"restarted in worker pid (\d+)", ln["text"])[1]) for ln in restarted]
+    assert sorted(restart_pids) == sorted(
         [("src", str(p)) for p in (first["pid"], second["pid"], third["pid"])]
         + [(rig.plugin.fn, str(fpid2)), (rig.plugin.fn, str(rig.row(symbol=rig.plugin.fn)["pid"]))])
