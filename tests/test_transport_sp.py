@@ -566,3 +566,23 @@ def test_acks_queued_while_a_peer_stays_silent_go_to_the_next_connection(url):
             assert pull.recv() == b"kept" and push.pending() == 0
     finally:
         push.close()
+
+
+def test_the_receive_buffer_is_each_process_own_after_a_fork():
+    """The supervisor reads before it forks the zygote, which forks every worker: a receive
+    buffer shared across those forks would let one process overwrite what another parses."""
+    a, b = socket.socketpair()
+    try:
+        a.send(b"parent")
+        assert bytes(sp.recv_view(b)) == b"parent"
+        pid = os.fork()
+        if pid == 0:  # the child reads into its buffer, then exits without cleanup
+            a.send(b"CHILD!")
+            sp.recv_view(b)
+            os._exit(0)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert bytes(sp.scratch()[:6]) == b"parent"
+    finally:
+        a.close()
+        b.close()

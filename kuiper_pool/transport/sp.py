@@ -359,7 +359,8 @@ def scratch() -> memoryview:
     (copied) before the thread's next read."""
     view = getattr(_local, "view", None)
     if view is None:
-        view = _local.view = memoryview(mmap.mmap(-1, READ_SIZE))
+        # private: a forked child (the zygote, every worker) must get its own copy on write
+        view = _local.view = memoryview(mmap.mmap(-1, READ_SIZE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS))
     return view
 
 
