@@ -237,7 +237,10 @@ class BlockingLink:
     def recv(self) -> Optional[Tuple[int, bytes]]:
         """Next frame, or None when the supervisor is gone."""
         while not self._pending:
-            data, fds, _flags, _addr = socket.recv_fds(self.sock, 1 << 16, 4)
+            try:
+                data, fds, _flags, _addr = socket.recv_fds(self.sock, 1 << 16, 4)
+            except ConnectionError:  # the supervisor exited with frames of ours unread
+                return None
             self.fds.extend(fds)
             if not data:
                 return None

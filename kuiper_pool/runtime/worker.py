@@ -98,7 +98,10 @@ class GuardedLink(frames.BlockingLink):
 
     def send(self, frame: bytes) -> None:
         self.guard.check()
-        super().send(frame)
+        try:
+            super().send(frame)
+        except ConnectionError:  # the supervisor is gone: nothing left to serve (as the heartbeat does)
+            os._exit(EXIT_ORPHAN)
 
     def recv(self) -> Optional[Tuple[int, bytes]]:
         self.guard.check()
@@ -569,7 +572,10 @@ def _serve_lent(worker: Worker, function: Any, contexts: Dict[Tuple[Any, ...], W
     worker.guard.check()
     if page is not None:
         page.replying()
-    conn.send(reply)
+    try:
+        conn.send(reply)
+    except OSError:  # eKuiper closed it: the next poll reads its end and gives it back
+        pass
     if page is not None:
         page.finish(not is_error_reply(reply))
     worker.processed += 1
