@@ -754,9 +754,10 @@ def test_a_stopped_worker_is_detected_by_missed_heartbeats_killed_and_restarted(
     assert kill["rule"] == rule
     exit_report = rf"worker pid {first['pid']} signal 9 \(SIGKILL\): hung: no heartbeat"
     assert re.match(exit_report, row["last_error"]), row["last_error"]
-    # and in the log once (searched in the text: it held in the CI runs where the parsed lines missed it)
+    # and in the log once, searched in its text: the parsed lines missed it in CI runs under
+    # full load while the status row already had it
     with open(rig.log_path, encoding="utf-8", errors="replace") as f:
-        assert len(re.findall(exit_report + r".*; restart 1 in", f.read())) == 1
+        assert len(re.findall(exit_report, f.read())) == 1
     while src.recv()["message"]["pid"] != row["pid"]:
         pass
 
