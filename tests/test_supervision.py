@@ -752,12 +752,9 @@ def test_a_stopped_worker_is_detected_by_missed_heartbeats_killed_and_restarted(
     assert row["pid"] != first["pid"] and row["restart_causes"] == {"hang": 1}
     [kill] = rig.log_texts(rf"killing worker pid {first['pid']}: hung: no heartbeat")
     assert kill["rule"] == rule
-    exit_report = rf"worker pid {first['pid']} signal 9 \(SIGKILL\): hung: no heartbeat"
-    assert re.match(exit_report, row["last_error"]), row["last_error"]
-    # and in the log once, searched in its text: the parsed lines missed it in CI runs under
-    # full load while the status row already had it
-    with open(rig.log_path, encoding="utf-8", errors="replace") as f:
-        assert len(re.findall(exit_report, f.read())) == 1
+    # the exit report (test_every_restart_and_kill_is_logged_once checks its log line)
+    assert re.match(rf"worker pid {first['pid']} signal 9 \(SIGKILL\): hung: no heartbeat",
+                    row["last_error"]), row["last_error"]
     while src.recv()["message"]["pid"] != row["pid"]:
         pass
 
