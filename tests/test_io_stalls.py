@@ -147,14 +147,10 @@ def test_stalled_peers_never_hold_up_other_rules_and_the_supervisor_stays_one_th
         assert supervisor.num_threads() == 1
 
         # the acks that waited all arrive once eKuiper reads: none lost, none twice, in order
-        conn = wait_until(lambda: ack_peer.conns and ack_peer.conns[0], message="the ack dial")
-        acks = read_acks(conn, n_items)
-        assert [json.loads(json.loads(a)["error"][len("rejected "):])["i"] for a in acks] == list(range(n_items))
+        conn = assert_every_rejection_acked_once(ack_peer, n_items)
         sender.join(30.0)
         assert not push_error and not sender.is_alive()
-        conn.settimeout(0.2)
-        with pytest.raises(socket.timeout):
-            conn.recv(1)   # and nothing more
+        assert_nothing_more(conn)
         assert supervisor.num_threads() == 1
     finally:
         pusher.close()
@@ -196,12 +192,7 @@ def test_acks_of_a_lent_sink_that_ekuiper_does_not_read_queue_in_the_supervisor(
         for i in range(n_items):  # one at a time: none is in flight at the supervisor, so it lends
             pusher.send(json.dumps({"i": i, "v": "bad", "pad": "x" * 2048}).encode())
             wait_until(lambda: recorded() > i, 10, 0.001, f"item {i} collected")
-        conn = wait_until(lambda: ack_peer.conns and ack_peer.conns[0], message="the ack dial")
-        acks = read_acks(conn, n_items)
-        assert [json.loads(json.loads(a)["error"][len("rejected "):])["i"] for a in acks] == list(range(n_items))
-        conn.settimeout(0.2)
-        with pytest.raises(socket.timeout):
-            conn.recv(1)   # and nothing more
+        assert_nothing_more(assert_every_rejection_acked_once(ack_peer, n_items))
     finally:
         pusher.close()
         ack_peer.close()
@@ -211,6 +202,20 @@ def test_acks_of_a_lent_sink_that_ekuiper_does_not_read_queue_in_the_supervisor(
             pass
     with open(os.path.join(pd, "stdout.log"), "rb") as f:
         assert b"eKuiper has not read an ack for 1s: acks queue in the supervisor" in f.read()
+
+
+def assert_every_rejection_acked_once(ack_peer: SilentPeer, n: int) -> socket.socket:
+    """eKuiper's ack connection, once ``n`` error acks came on it for items 0..n-1 in order."""
+    conn = wait_until(lambda: ack_peer.conns and ack_peer.conns[0], message="the ack dial")
+    acks = read_acks(conn, n)
+    assert [json.loads(json.loads(a)["error"][len("rejected "):])["i"] for a in acks] == list(range(n))
+    return conn
+
+
+def assert_nothing_more(conn: socket.socket) -> None:
+    conn.settimeout(0.2)
+    with pytest.raises(socket.timeout):
+        conn.recv(1)
 
 
 def read_acks(conn: socket.socket, n: int, timeout: float = 30.0) -> List[bytes]:
