@@ -25,7 +25,8 @@ class SourceRoute(Route):
         # said here rather than by the worker: a log call in each worker dirties ~140 KiB
         # of pages it shares with the zygote
         policy = self.inst.s.source_datasource
-        return f"; configure got datasource {self.inst.ctrl.source_datasource(policy)!r} (source_datasource: {policy})"
+        datasource = self.inst.ctrl.source_datasource(policy)
+        return f"; configure got datasource {datasource!r} (source_datasource: {policy})"
 
     def counts(self, w: "WorkerHandle") -> Counts:
         return w.vitals.processed, w.vitals.processed, 0
