@@ -9,6 +9,8 @@ import sys
 import time
 from typing import Callable, Dict, List, Optional
 
+from .. import __version__
+
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 
 
@@ -129,17 +131,6 @@ def _duration(seconds: float) -> str:
     return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
 
 
-def _version() -> str:
-    try:
-        from importlib.metadata import version
-
-        return version("kuiper-pool")
-    except Exception:  # noqa: BLE001 - not installed (run from a checkout)
-        from .. import __version__
-
-        return __version__
-
-
 COMMANDS: Dict[str, Callable[[argparse.Namespace], int]] = {
     "try": cmd_try, "status": cmd_status, "restart": cmd_restart, "reload": cmd_reload,
     "package": cmd_package,
@@ -148,7 +139,7 @@ COMMANDS: Dict[str, Callable[[argparse.Namespace], int]] = {
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kuiper-pool", description=__doc__)
-    p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
     t = sub.add_parser("try", help="run a plugin's rule.json through the embedded eKuiper stand-in",
                        description="Start the plugin exactly as eKuiper does, run the small rule "
