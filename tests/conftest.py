@@ -168,3 +168,23 @@ def kuiper_pool_cli(*args, cwd=None, timeout: float = 120, env=None):
     return subprocess.run(kuiper_pool_command() + [str(a) for a in args], cwd=cwd, timeout=timeout,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                           env=None if env is None else {**os.environ, **env})
+
+
+@pytest.fixture(scope="session")
+def kuiper_pool_wheel(tmp_path_factory) -> str:
+    """The kuiper-pool wheel as the build backend makes it: ``$TEST_KUIPER_POOL_WHEEL`` (the one
+    ``.ci/test-installed`` built and installed), else one built now from this source tree."""
+    import subprocess
+    import sys
+
+    given = os.environ.get("TEST_KUIPER_POOL_WHEEL")
+    if given:
+        assert os.path.isfile(given), f"TEST_KUIPER_POOL_WHEEL={given} is not a file"
+        return given
+    out = str(tmp_path_factory.mktemp("kuiper_pool_wheel"))
+    source = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", out, source],
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout
+    (wheel,) = glob.glob(os.path.join(out, "kuiper_pool-*.whl"))
+    return wheel

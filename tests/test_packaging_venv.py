@@ -2,8 +2,9 @@
 does (unzip, ``/bin/sh install.sh``, ``<pythonBin> -u <executable> '<json>'``).
 
 Offline: pip reads a local wheel folder (``PIP_NO_INDEX``, ``PIP_FIND_LINKS``, which the generated
-install.sh leaves to pip) holding two versions of a tiny package, kuiper-pool built from this
-checkout and kuiper-pool's dependencies repacked from this interpreter's installed copies.
+install.sh leaves to pip) holding two versions of a tiny package, the kuiper-pool wheel the build
+backend made (``kuiper_pool_wheel`` in conftest.py) and kuiper-pool's dependencies repacked from
+this interpreter's installed copies.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import importlib.metadata
 import os
 import posixpath
 import re
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -24,7 +26,6 @@ import pytest
 from conftest import kuiper_pool_cli as cli
 from kuiper_pool.tools.emulator import HostError
 from kuiper_pool.tools.packaging import ENTRY
-from plugins import REPO
 from test_tooling import install_like_ekuiper, needs_installed_kuiper_pool, run_install_sh, write
 
 PROBE = "kpvenvprobe"  # a package name used only here; versions 1.0 and 2.0 live in the wheel folder
@@ -64,8 +65,9 @@ def _dependencies(name: str) -> List[importlib.metadata.Distribution]:
 
 
 @pytest.fixture(scope="module")
-def wheels(tmp_path_factory) -> str:
-    """The wheel folder: the probe package 1.0 and 2.0, kuiper-pool and its dependencies."""
+def wheels(tmp_path_factory, kuiper_pool_wheel) -> str:
+    """The wheel folder: the probe package 1.0 and 2.0, kuiper-pool's wheel as the build backend
+    makes it, and kuiper-pool's dependencies."""
     folder = str(tmp_path_factory.mktemp("wheels"))
     for version in ("1.0", "2.0"):
         write_wheel(folder, PROBE, version, {f"{PROBE}/__init__.py": f"__version__ = {version!r}\n".encode()},
@@ -75,17 +77,7 @@ def wheels(tmp_path_factory) -> str:
                  if f.parts[0] != ".." and not f.parts[0].endswith(".dist-info")
                  and "__pycache__" not in f.parts}
         write_wheel(folder, dist.metadata["Name"], dist.version, files, dist.read_text("METADATA"))
-    ours: Dict[str, bytes] = {}
-    for top, dirs, names in os.walk(os.path.join(REPO, "kuiper_pool")):
-        dirs[:] = [d for d in dirs if d != "__pycache__"]
-        for n in names:
-            if n.endswith(".py"):
-                with open(os.path.join(top, n), "rb") as f:
-                    ours[os.path.relpath(os.path.join(top, n), REPO).replace(os.sep, "/")] = f.read()
-    meta = importlib.metadata.metadata("kuiper-pool")
-    write_wheel(folder, "kuiper-pool", meta["Version"], ours,
-                f"Metadata-Version: 2.1\nName: kuiper-pool\nVersion: {meta['Version']}\n"
-                + "".join(f"Requires-Dist: {r}\n" for r in meta.get_all("Requires-Dist") or []))
+    shutil.copy(kuiper_pool_wheel, folder)
     return folder
 
 
