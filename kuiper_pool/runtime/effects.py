@@ -112,6 +112,10 @@ class LoopEffects:
     # --- workers ---------------------------------------------------------------------------
 
     def spawn(self, inst: "Instance") -> WorkerHandle:
+        """A new worker for ``inst``, sent its START and STATE. Whatever this raises, no
+        worker is left behind: one already asked of the zygote is killed (its exit report
+        then finds it no instance's current worker)."""
+        state = frames.encode(frames.STATE, self._store(inst).frame_payload())  # before any fork
         wid, self.next_wid = self.next_wid, self.next_wid + 1
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
@@ -128,18 +132,22 @@ class LoopEffects:
 
         def on_link(mask: int) -> None:
             self.on_link(entry, mask)
-        self.register(link.fileno(), on_link, inst)
-        fd = inst.route.open_page(w, self.lends_functions)
-        start = StartSpec(inst.ctrl, inst.s.heartbeat_interval, inst.s.stop_grace,
-                          self.s.dial_timeout, inst.s.max_calls, self.s.transport,
-                          forensics.dump_path(self.zygote.rundir, wid), fd is not None,
-                          inst.s.source_datasource).frame()
         try:
-            link.send(start, [] if fd is None else [fd])   # any size: the rest waits in the outbox
-        finally:
-            if fd is not None:
-                os.close(fd)
-        link.send(frames.encode(frames.STATE, self._store(inst).frame_payload()))
+            self.register(link.fileno(), on_link, inst)
+            fd = inst.route.open_page(w, self.lends_functions)
+            start = StartSpec(inst.ctrl, inst.s.heartbeat_interval, inst.s.stop_grace,
+                              self.s.dial_timeout, inst.s.max_calls, self.s.transport,
+                              forensics.dump_path(self.zygote.rundir, wid), fd is not None,
+                              inst.s.source_datasource).frame()
+            try:
+                link.send(start, [] if fd is None else [fd])   # any size: the rest waits in the outbox
+            finally:
+                if fd is not None:
+                    os.close(fd)
+            link.send(state)
+        except BaseException:
+            self.signal(w, signal.SIGKILL)
+            raise
         return w
 
     def send(self, w: WorkerHandle, frame: bytes, fds: Sequence[int] = ()) -> None:
@@ -329,7 +337,8 @@ class LoopEffects:
     # --- state ---------------------------------------------------------------------------
 
     def _store(self, inst: "Instance") -> Store:
-        return self.states.store(inst.plugin, inst.ctrl.key, inst.s.state_max_bytes)
+        return self.states.store(inst.plugin, inst.ctrl.key, inst.s.state_max_bytes,
+                                 lambda problem: self.note(inst, logging.WARNING, "%s", problem))
 
     def put_state(self, inst: "Instance", payload: bytes) -> None:
         refused = self._store(inst).apply(payload)
