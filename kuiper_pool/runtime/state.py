@@ -188,7 +188,8 @@ def move_aside(path: str) -> str:
     """Rename the unreadable state file ``path`` to ``<path>.corrupt-<UTC time>``; returns
     the new name ("" if it could not be moved: the next flush replaces it)."""
     now = time.time()
-    aside = f"{path}.corrupt-{time.strftime('%Y%m%dT%H%M%S', time.gmtime(now))}.{int(now % 1 * 1e6):06d}"
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(now)) + f".{int(now % 1 * 1e6):06d}"
+    aside = f"{path}.corrupt-{stamp}"
     try:
         os.rename(path, aside)
     except OSError:
