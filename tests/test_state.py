@@ -188,6 +188,7 @@ def test_a_state_dir_open_to_others_stops_the_start_naming_the_key(tmp_path, uni
 # --- state_dir as a hostile local user would attack it ---------------------------------------
 
 NOBODY = 65534
+AS_ROOT = pytest.mark.skipif(os.geteuid() != 0, reason="making another user's files needs root")
 
 
 def refused_start(pd: str) -> subprocess.CompletedProcess:
@@ -197,7 +198,8 @@ def refused_start(pd: str) -> subprocess.CompletedProcess:
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-@pytest.mark.parametrize("layout", ["parent", "grandparent", "open parent"])
+@pytest.mark.parametrize("layout", [pytest.param("parent", marks=AS_ROOT),
+                                    pytest.param("grandparent", marks=AS_ROOT), "open parent"])
 def test_a_state_dir_another_user_can_swap_is_refused_naming_the_key(tmp_path, unique, layout):
     """Every directory on the way to state_dir is checked (as for the settings file): a
     directory another user owns, or one anybody may write, lets them swap what is below."""
@@ -231,6 +233,7 @@ def warnings_about(pd: str, path: str) -> list:
         return [line for line in f if "WARNING" in line and path in line]
 
 
+@AS_ROOT
 def test_a_fifo_and_foreign_files_where_state_files_go_neither_block_nor_take_the_state(
         tmp_path, unique, host_runs):
     """A FIFO where the state file is read would block the supervisor in open(); a file
