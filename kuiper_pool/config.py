@@ -214,7 +214,9 @@ SETTINGS: Tuple[Setting, ...] = (
             'Directory where instance state (ctx.put_state) is kept so that it survives a restart of '
             'the plugin by eKuiper ("" = in the supervisor\'s memory only: it survives worker crashes, '
             "recycles and reloads). Made 0700 if missing; must be owned by the plugin's user and "
-            "closed to group and others."),
+            "closed to group and others, and every directory on its path writable by nobody else "
+            "(as the settings file's). A state file that cannot be read is moved aside "
+            "(<name>.corrupt-<time>, one WARNING) and the instance starts with empty state."),
     _num("state", "state_max_bytes", int, 1048576,
          "Most bytes (keys plus encoded values) of state per source or sink instance, and per rule "
          "of a function; a put_state beyond it raises ValueError in the plugin code.", ge=1,

@@ -25,8 +25,8 @@ from kuiper_pool.runtime.sinkpage import SinkPage
 from kuiper_pool.runtime.effects import WorkerHandle
 from kuiper_pool.runtime.instances import (BACKOFF, ENDED, FAILED, RECYCLING, REMOVED, RUNNING,
                                            STARTING, STOPPING, Instance)
-from kuiper_pool.runtime.routes import FunctionChannel, SinkRoute
-from kuiper_pool.runtime.routes.sink import ACK_BACKLOG, RELAY_AFTER_LARGE
+from kuiper_pool.runtime.routes.function import FunctionChannel
+from kuiper_pool.runtime.routes.sink import ACK_BACKLOG, RELAY_AFTER_LARGE, SinkRoute
 from kuiper_pool.runtime.states import TRANSITIONS, TransitionError
 from kuiper_pool.runtime.supervisor import Supervisor
 from kuiper_pool.transport import TransportError

@@ -37,6 +37,11 @@ STARTING, RUNNING, BACKOFF, RECYCLING = State.STARTING, State.RUNNING, State.BAC
 STOPPING, FAILED, ENDED, REMOVED = State.STOPPING, State.FAILED, State.ENDED, State.REMOVED
 
 
+def internal_error(where: str, error: BaseException) -> str:
+    """What eKuiper and the log are told of our own failure about the instance ``where``."""
+    return f"{where}: internal error: {type(error).__name__}: {error}"
+
+
 class Instance:
     """One source/sink instance or function symbol and the worker currently serving it."""
 
@@ -451,7 +456,7 @@ class Instance:
     def contain(self, error: BaseException) -> None:
         """Our own bug or exhaustion while handling this instance: end only this instance
         (FAILED, retried later, its channels opened anew), answer what waits."""
-        text = f"{self.where()}: internal error: {type(error).__name__}: {error}"
+        text = internal_error(self.where(), error)
         self.last_error = " ".join(text.split())
         starting = self.pending is not None  # a first start or a stop: nothing to keep
         try:
