@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 from typing import Callable, Dict, List, Optional
@@ -90,11 +91,30 @@ def _plugin_dir(args: argparse.Namespace) -> str:
 
 
 def cmd_package(args: argparse.Namespace) -> int:
-    from .packaging import build
+    from .packaging import Options, build
+    from .wheels import Target
 
+    error = args.subparser.error
     if args.output is not None and not args.output.endswith(".zip"):
-        args.subparser.error(f"-o {args.output}: eKuiper installs only files whose name ends in .zip")
-    return build(_plugin_dir(args), args.output, quiet=args.quiet, venv=args.venv)
+        error(f"-o {args.output}: eKuiper installs only files whose name ends in .zip")
+    if not args.offline and (args.platform or args.python_version):
+        error("--platform and --python-version choose the wheels of --offline; add --offline")
+    if args.python_version is not None and not re.fullmatch(r"3\.\d{1,2}", args.python_version):
+        error(f"--python-version {args.python_version}: give a Python 3 version as 3.11")
+    if args.no_kuiper_pool and args.kuiper_pool_wheel:
+        error("--kuiper-pool-wheel and --no-kuiper-pool exclude each other")
+    if args.kuiper_pool_wheel and not os.path.isfile(args.kuiper_pool_wheel):
+        error(f"--kuiper-pool-wheel {args.kuiper_pool_wheel}: no such file")
+    if args.timeout <= 0:
+        error("--timeout must be a positive number of seconds")
+    target = None
+    if args.offline:
+        target = Target(platforms=args.platform or [])
+        target.python_version = args.python_version or target.python_version
+    opts = Options(venv=args.venv, offline=target, carry_kuiper_pool=not args.no_kuiper_pool,
+                   kuiper_pool_wheel=args.kuiper_pool_wheel, run=not args.no_run, python=args.python,
+                   timeout=args.timeout)
+    return build(_plugin_dir(args), args.output, opts, quiet=args.quiet)
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -181,23 +201,47 @@ def build_parser() -> argparse.ArgumentParser:
                     help="seconds to wait for the outcome (default 120)")
     rl.add_argument("--runtime-dir", default="", help="the plugin's runtime_dir setting, if set")
     k = sub.add_parser("package", help="build the zip eKuiper installs",
-                       description="Check the plugin folder as eKuiper's installer would and build "
-                                   "the zip: <name>.json at the root, the executable and the "
-                                   "folder's modules and files, sources/sinks/functions metadata, "
-                                   "and install.sh (generated to pip install requirements.txt when "
+                       description="Check the plugin folder as kuiper-pool validate does (running "
+                                   "its main, unless --no-run) and build the zip: <name>.json at "
+                                   "the root, the executable and the folder's modules and files, "
+                                   "sources/sinks/functions metadata, wheels/ with the kuiper-pool "
+                                   "wheel (kuiper-pool is on no package index), and install.sh "
+                                   "(generated to pip install that wheel and requirements.txt when "
                                    "the folder has none). Refuses, listing every problem, when "
-                                   "eKuiper would reject the zip. Exit status: 0 built, 1 refused, "
-                                   "2 usage.")
+                                   "eKuiper would reject the zip or the plugin fails its checks. "
+                                   "Exit status: 0 built, 1 refused, 2 usage.")
     k.add_argument("plugin_dir", help="folder with <name>.json and the plugin's executable")
     k.add_argument("-o", "--output", help="zip to write (default: <name>.zip in the current folder)")
     k.add_argument("-q", "--quiet", action="store_true",
-                   help="print only problems and the zip's path, not every file added")
+                   help="print only problems, warnings and the zip's path, not every file added")
     k.add_argument("--venv", action="store_true",
                    help="give the plugin a virtual environment of its own: install.sh creates "
-                        ".venv in the plugin folder from requirements.txt, and the json's "
+                        ".venv in the plugin folder and installs into it, and the json's "
                         "executable becomes a generated entry that runs the plugin with "
                         ".venv/bin/python (plugins pinning different library versions can then "
                         "share one pythonBin)")
+    k.add_argument("--offline", action="store_true",
+                   help="for edge nodes with no package index: put the wheels of kuiper-pool, its "
+                        "dependencies and every requirement into wheels/ (pip download, binary "
+                        "wheels only), and make install.sh install from them alone (pip --no-index)")
+    k.add_argument("--platform", action="append", metavar="TAG",
+                   help="with --offline: a pip platform tag of the edge node, e.g. "
+                        "manylinux_2_28_aarch64 (repeatable; default: this machine's)")
+    k.add_argument("--python-version", metavar="X.Y",
+                   help="with --offline: the Python version of the edge node's pythonBin "
+                        "(default: this Python's)")
+    k.add_argument("--kuiper-pool-wheel", metavar="PATH",
+                   help="the kuiper-pool wheel to carry (default: one made from this installation)")
+    k.add_argument("--no-kuiper-pool", action="store_true",
+                   help="carry no kuiper-pool wheel: eKuiper's Python has kuiper-pool already, or "
+                        "requirements.txt gets it from an index of yours")
+    k.add_argument("--python", default=sys.executable,
+                   help="interpreter to run the plugin's checks with (default: this one)")
+    k.add_argument("--timeout", type=float, default=60.0,
+                   help="seconds the executable may take to reach plugin.start (default 60)")
+    k.add_argument("--no-run", action="store_true",
+                   help="do not run the plugin's main to check it (its requirements are not "
+                        "installed here); the folder checks still apply")
     k.set_defaults(subparser=k)
     v = sub.add_parser("validate", help="check that eKuiper would install and run a plugin",
                        description="Check the plugin json, executable and metadata as eKuiper's "
