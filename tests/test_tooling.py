@@ -23,6 +23,7 @@ from typing import Dict, List
 
 import pytest
 
+import kuiper_pool
 from conftest import ipc_files, kuiper_pool_cli as cli, kuiper_pool_command, wait_until
 from plugins import COUNTING_SOURCE, MODE_FUNCTION, RECORDING_SINK, REPO, is_dead, make_plugin
 
@@ -192,8 +193,9 @@ needs_installed_kuiper_pool = pytest.mark.skipif(
 
 # --- package ------------------------------------------------------------------------------------------
 
-@needs_installed_kuiper_pool
 def test_package_pysam_builds_a_zip_ekuipers_installer_accepts(tmp_path):
+    """The default package: the kuiper-pool wheel made from this installation (kuiper-pool is
+    on no index) travels in wheels/, and install.sh installs it with requirements.txt."""
     out_dir = tmp_path / "out"
     out_dir.mkdir()
     proc = cli("package", PYSAM, cwd=out_dir)
@@ -204,6 +206,8 @@ def test_package_pysam_builds_a_zip_ekuipers_installer_accepts(tmp_path):
     with zipfile.ZipFile(zip_path) as zf:
         names = zf.namelist()
     assert not [n for n in names if "__pycache__" in n or n.endswith(".pyc")], names
+    wheel = f"wheels/kuiper_pool-{kuiper_pool.__version__}-py3-none-any.whl"
+    assert names[-2:] == ["wheels/", wheel], names
     got = install_like_ekuiper(str(zip_path), "pysam", str(tmp_path / "ekuiper"))
     assert got["info"]["executable"] == "pysam.py" and got["install_sh"]
     # every file of the example is installed where eKuiper puts it, byte for byte
@@ -214,17 +218,22 @@ def test_package_pysam_builds_a_zip_ekuipers_installer_accepts(tmp_path):
             assert tree(got["etc"])[rel] == content == tree(got["data"])[rel], rel
         else:
             assert plugin_files[rel] == content, rel
-    assert set(plugin_files) - set(example) == {"install.sh"}
-    # the generated install.sh installs requirements.txt (kuiper-pool) with pip, for real
-    result = run_install_sh(got["plugin_dir"])
-    assert result.returncode == 0, result.stdout
-    assert re.search(r"Requirement already satisfied: kuiper-pool\b", result.stdout), result.stdout
+    assert set(plugin_files) - set(example) == {"install.sh", wheel}
+    with zipfile.ZipFile(os.path.join(got["plugin_dir"], wheel)) as whl:
+        modules = {n for n in whl.namelist() if n.endswith(".py")}
+    source = {os.path.relpath(p, REPO).replace(os.sep, "/")
+              for p in glob.glob(os.path.join(REPO, "kuiper_pool", "**", "*.py"), recursive=True)}
+    assert modules == source  # every module, nothing else (the wheel lacked one, once)
+    with open(os.path.join(got["plugin_dir"], "install.sh")) as f:
+        script = f.read()
+    assert f'"$PY" -m pip install {wheel} -r requirements.txt\n' in script, script
+    assert f"#   kuiper-pool ({wheel}) and requirements.txt." in script, script
 
 
-def test_generated_install_sh_fails_the_install_when_pip_fails(tmp_path, unique):
+def test_generated_install_sh_fails_the_install_when_pip_fails(tmp_path, unique, kuiper_pool_wheel):
     src = pysam_copy(tmp_path)
     write(os.path.join(src, "requirements.txt"), f"kuiper-pool\nno-such-package-{unique}\n")
-    assert cli("package", src, "-o", tmp_path / "p.zip").returncode == 0
+    assert cli("package", src, "-o", tmp_path / "p.zip", "--kuiper-pool-wheel", kuiper_pool_wheel).returncode == 0
     got = install_like_ekuiper(str(tmp_path / "p.zip"), "pysam", str(tmp_path / "ekuiper"))
     result = run_install_sh(got["plugin_dir"])
     assert result.returncode != 0, result.stdout  # eKuiper then removes what it unzipped
@@ -246,7 +255,7 @@ def test_packaged_plugin_with_nested_packages_installs_and_runs(tmp_path, unique
     write(os.path.join(src, "venv", "pyvenv.cfg"), "home = /usr/bin\n")
     write(os.path.join(src, "venv", "lib", "site.py"), "")
     write(os.path.join(src, "stray.pyc"), "junk")
-    proc = cli("package", src, "-o", tmp_path / "plugin.zip")
+    proc = cli("package", src, "-o", tmp_path / "plugin.zip", "--no-kuiper-pool")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "skip venv/ (virtual environment" in proc.stdout, proc.stdout
     with zipfile.ZipFile(tmp_path / "plugin.zip") as zf:
@@ -260,31 +269,40 @@ def test_packaged_plugin_with_nested_packages_installs_and_runs(tmp_path, unique
     wait_until(lambda: not ipc_files(unique), timeout=5, message="the rule's ipc files removed")
 
 
-def test_package_keeps_a_user_install_sh_and_generates_none_without_requirements(tmp_path):
-    own = pysam_copy(tmp_path, folder="own")
-    os.rename(os.path.join(own, "pysam.json"), os.path.join(own, "own.json"))
-    edit(os.path.join(own, "pysam.py"), 'PluginConfig("pysam"', 'PluginConfig("own"')
+def test_package_keeps_a_user_install_sh_and_generates_none_without_requirements(tmp_path, kuiper_pool_wheel):
+    own = pysam_copy(tmp_path, plugin="own", folder="own")
     script = "#!/bin/sh\nset -e\npython3 -m pip install --user -r requirements.txt\necho mine\n"
     write(os.path.join(own, "install.sh"), script)
-    assert cli("package", own, "-o", tmp_path / "own.zip").returncode == 0
+    proc = cli("package", own, "-o", tmp_path / "own.zip", "--kuiper-pool-wheel", kuiper_pool_wheel)
+    assert proc.returncode == 0, proc.stderr
+    wheel = "wheels/" + os.path.basename(kuiper_pool_wheel)
+    assert f"note     install.sh: the folder's own is kept; it must install {wheel} (or pass " \
+           f"--no-kuiper-pool)" in proc.stdout.splitlines(), proc.stdout
     with zipfile.ZipFile(tmp_path / "own.zip") as zf:
         assert zf.read("install.sh").decode() == script
         assert zf.namelist().count("install.sh") == 1
-    bare = pysam_copy(tmp_path, folder="bare")
-    os.rename(os.path.join(bare, "pysam.json"), os.path.join(bare, "bare.json"))
+    bare = pysam_copy(tmp_path, plugin="bare", folder="bare")
     os.unlink(os.path.join(bare, "requirements.txt"))
-    proc = cli("package", bare, "-o", tmp_path / "bare.zip")
+    proc = cli("package", bare, "-o", tmp_path / "bare.zip", "--no-kuiper-pool")
     assert proc.returncode == 0, proc.stderr
-    assert "requirements.txt" in proc.stdout  # a note: kuiper-pool must be installed some other way
+    assert "note     requirements.txt: does not list kuiper-pool, and --no-kuiper-pool: eKuiper's Python " \
+           "must already have it" in proc.stdout.splitlines(), proc.stdout
     with zipfile.ZipFile(tmp_path / "bare.zip") as zf:
         assert "install.sh" not in zf.namelist()
+    # carrying kuiper-pool, the bare plugin gets an install.sh that installs just that
+    proc = cli("package", bare, "-o", tmp_path / "bare.zip", "--kuiper-pool-wheel", kuiper_pool_wheel)
+    assert proc.returncode == 0, proc.stderr
+    assert f"  kuiper-pool: {wheel} (given, which requirements.txt does not list: install.sh installs " \
+           f"it)" in proc.stdout.splitlines(), proc.stdout
+    with zipfile.ZipFile(tmp_path / "bare.zip") as zf:
+        assert zf.read("install.sh").decode().endswith(f'"$PY" -m pip install {wheel}\n')
 
 
 def test_package_does_not_pack_its_own_output_or_an_earlier_zip(tmp_path):
     src = pysam_copy(tmp_path)
-    first = cli("package", src, cwd=src)  # default output lands inside the plugin folder
+    first = cli("package", src, "--no-kuiper-pool", cwd=src)  # default output: inside the folder
     assert first.returncode == 0, first.stderr
-    second = cli("package", src, cwd=src)
+    second = cli("package", src, "--no-kuiper-pool", cwd=src)
     assert second.returncode == 0, second.stderr
     with zipfile.ZipFile(os.path.join(src, "pysam.zip")) as zf:
         assert not [n for n in zf.namelist() if n.endswith(".zip")], zf.namelist()

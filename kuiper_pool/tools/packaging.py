@@ -324,6 +324,7 @@ def _wheels(folder: PluginFolder, opts: Options, requirements: bool, tmp: str,
         wheel = f"{WHEELS}/{os.path.basename(path)}"
         note = "" if lists_kuiper_pool(folder) else ", which requirements.txt does not list: install.sh installs it"
         say(f"  kuiper-pool: {wheel} ({how}{note})")
+
     if opts.offline:
         say(f"  downloading the wheels for {opts.offline.describe()} with pip download")
         download(([os.path.join(tmp, os.path.basename(wheel))] if wheel else [])
@@ -355,11 +356,15 @@ def build(plugin_dir: str, output: Optional[str] = None, opts: Optional[Options]
     if folder.executable and not checks.problems:
         if opts.run:
             runtime_checks(folder, opts.python, opts.timeout, checks, say)
+            if any(f.subject == "main" and "No module named" in f.text for f in checks.problems):
+                checks.add(NOTE, "main", f"install its requirements for {opts.python} (or name one "
+                                         f"that has them with --python), or package it without "
+                                         f"running it here: --no-run")
         else:
             checks.add(NOTE, "main", f"not run (--no-run): kuiper-pool validate {plugin_dir} "
                                      f"--python <eKuiper's pythonBin> checks it")
     for f in checks.findings:
-        if f.level != "ok" and (f.level == PROBLEM or not quiet):
+        if f.level != "ok" and (f.level == PROBLEM or not quiet or checks.problems):
             print(f.line(), file=err if f.level == PROBLEM else out, flush=True)
     if checks.problems:
         print(f"kuiper-pool package: not built: {len(checks.problems)} problem(s)", file=err)
@@ -380,6 +385,9 @@ def build(plugin_dir: str, output: Optional[str] = None, opts: Optional[Options]
     if problems:
         return _refuse(problems, err)
     _warn_imports(folder, entries, err)
+    if not opts.carry_kuiper_pool and not lists_kuiper_pool(folder) and folder.sdk != "ekuiper":
+        say(f"{NOTE:<8} requirements.txt: does not list kuiper-pool, and --no-kuiper-pool: eKuiper's "
+            f"Python must already have it")
     with tempfile.TemporaryDirectory(prefix="kuiper-pool-wheels-") as tmp:
         try:
             wheel_entries, wheel = _wheels(folder, opts, requirements, tmp, say) \
