@@ -379,6 +379,11 @@ def test_package_and_validate_report_the_same_folder_problems(tmp_path):
     (["package", "{tmp}/nowhere"], "is not a folder"),
     (["package", "{pysam}", "-o", "{tmp}/plugin.tar"], "ends in .zip"),
     (["package"], "the following arguments are required"),
+    (["package", "{pysam}", "--platform", "manylinux_2_28_aarch64"], "add --offline"),
+    (["package", "{pysam}", "--offline", "--python-version", "3"], "give a Python 3 version as 3.11"),
+    (["package", "{pysam}", "--kuiper-pool-wheel", "{tmp}/k.whl"], "{tmp}/k.whl: no such file"),
+    (["package", "{pysam}", "--kuiper-pool-wheel", "{pysam}/pysam.py", "--no-kuiper-pool"], "exclude each other"),
+    (["package", "{pysam}", "--timeout", "-1"], "--timeout must be a positive number"),
     (["validate", "{tmp}/nowhere"], "is not a folder"),
     (["validate", "{pysam}", "--timeout", "0"], "--timeout"),
     (["validate", "{pysam}", "--timeout", "soon"], "invalid float value"),
@@ -386,7 +391,7 @@ def test_package_and_validate_report_the_same_folder_problems(tmp_path):
 def test_usage_errors_exit_2(tmp_path, args, message):
     proc = cli(*[a.format(tmp=tmp_path, pysam=PYSAM) for a in args])
     assert proc.returncode == 2, proc.stdout + proc.stderr
-    assert message in proc.stderr and "usage: kuiper-pool" in proc.stderr, proc.stderr
+    assert message.format(tmp=tmp_path) in proc.stderr and "usage: kuiper-pool" in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr and not list(tmp_path.iterdir())
 
 
@@ -398,6 +403,128 @@ def test_every_command_has_help(command):
     if not command:
         for sub in ("try", "status", "package", "validate"):
             assert re.search(rf"^\s+{sub}\s+\S", proc.stdout, re.M), proc.stdout
+
+
+def test_package_refuses_a_symlink_that_leaves_the_folder(tmp_path):
+    """A link to a private file elsewhere would be packed, readable by all: refused in one line
+    each. A link to a file inside the folder is stored as that file."""
+    src = pysam_copy(tmp_path)
+    secret = tmp_path / "secret.txt"
+    secret.write_text("key\n")
+    secret.chmod(0o600)
+    os.symlink(secret, os.path.join(src, "secret.txt"))
+    os.makedirs(tmp_path / "elsewhere")
+    os.symlink(tmp_path / "elsewhere", os.path.join(src, "data"))
+    os.symlink("rule.json", os.path.join(src, "rule-copy.json"))
+    proc = cli("package", src, "-o", tmp_path / "out.zip", "--no-kuiper-pool")
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert lines_of(proc.stderr, "problem") == [
+        f"problem  data/: symbolic link to {tmp_path / 'elsewhere'}, outside the plugin folder: not "
+        "packaged (copy what it names into the folder, or remove it)",
+        f"problem  secret.txt: symbolic link to {secret}, outside the plugin folder: not packaged (copy "
+        "what it names into the folder, or remove it)"], proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "out.zip").exists()
+    for link in ("secret.txt", "data"):
+        os.unlink(os.path.join(src, link))
+    assert cli("package", src, "-o", tmp_path / "out.zip", "--no-kuiper-pool").returncode == 0
+    with zipfile.ZipFile(tmp_path / "out.zip") as zf:
+        assert zf.read("rule-copy.json") == zf.read("rule.json")
+
+
+@pytest.mark.parametrize("case", ["raises at import", "unknown symbol in kuiper_pool.yaml"])
+def test_package_runs_validates_checks_first(tmp_path, case):
+    """What would fail after install fails the package, with validate's own words."""
+    src = pysam_copy(tmp_path)
+    if case == "raises at import":
+        edit(os.path.join(src, "revert.py"), "class", "raise RuntimeError('no model file')\n\n\nclass")
+    else:
+        write(os.path.join(src, "kuiper_pool.yaml"), "symbols:\n  revrt: {call_deadline: 2}\n")
+    package = cli("package", src, "-o", tmp_path / "out.zip", "--no-kuiper-pool")
+    validate = cli("validate", src)
+    assert package.returncode == validate.returncode == 1, package.stdout + package.stderr
+    problems = lines_of(package.stderr, "problem")
+    assert problems == lines_of(validate.stdout, "problem") and len(problems) == 1, package.stderr
+    assert problems[0] == ("problem  main: pysam.py fails under " + sys.executable + " (exit 1): "
+                           "RuntimeError: no model file" if case == "raises at import" else
+                           f"problem  settings: kuiper_pool config: symbols.revrt names no symbol of the plugin "
+                           f"(from {src}/kuiper_pool.yaml; it has print, pyjson, revert); did you mean "
+                           f"revert?"), problems
+    assert "Traceback" not in package.stderr and not (tmp_path / "out.zip").exists()
+
+
+def test_package_without_running_says_how_to_check(tmp_path):
+    """A plugin whose requirements are not installed here: package names --no-run, which builds it."""
+    src = pysam_copy(tmp_path)
+    edit(os.path.join(src, "revert.py"), "class", "import kpnosuchlib\n\n\nclass")
+    proc = cli("package", src, "-o", tmp_path / "out.zip", "--no-kuiper-pool", "-q")
+    assert proc.returncode == 1
+    assert f"note     main: install its requirements for {sys.executable} (or name one that has them with " \
+           f"--python), or package it without running it here: --no-run" in proc.stdout.splitlines(), proc.stdout
+    proc = cli("package", src, "-o", tmp_path / "out.zip", "--no-kuiper-pool", "--no-run")
+    assert proc.returncode == 0, proc.stderr
+    assert f"note     main: not run (--no-run): kuiper-pool validate {src} --python <eKuiper's pythonBin> " \
+           f"checks it" in proc.stdout.splitlines(), proc.stdout
+
+
+def test_package_warns_of_imports_nothing_installs(tmp_path):
+    src = pysam_copy(tmp_path)
+    write(os.path.join(src, "helpers", "__init__.py"), "")
+    write(os.path.join(src, "model.py"), "import os, json\nimport numpy as np\nfrom sklearn.linear_model "
+                                         "import Ridge\nfrom helpers import x\nimport revert\nimport ekuiper\n"
+                                         "import yaml\ntry:\n    import orjson\nexcept ImportError:\n"
+                                         "    orjson = None\nfrom . import sibling\n")
+    proc = cli("package", src, "-o", tmp_path / "out.zip", "--no-kuiper-pool", "-q")
+    assert proc.returncode == 0, proc.stderr
+    # stdlib, the folder's own modules, optional imports and kuiper-pool's own dependencies
+    # (yaml) are fine; numpy and scikit-learn are named, with the distribution to add
+    assert lines_of(proc.stderr) == [
+        "warning  imports: numpy, sklearn (scikit-learn): neither standard library, nor in the plugin "
+        "folder, nor in requirements.txt: the installed plugin fails to import them unless eKuiper's "
+        "Python has them (add to requirements.txt)"], proc.stderr
+    write(os.path.join(src, "requirements.txt"), "kuiper-pool\nnumpy>=1.20  # arrays\nscikit_learn==1.5.0\n")
+    proc = cli("package", src, "-o", tmp_path / "out.zip", "--no-kuiper-pool", "-q")
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+
+
+@pytest.mark.parametrize("listed", [True, False])
+def test_generated_install_sh_says_truly_whether_it_installs_kuiper_pool(tmp_path, listed):
+    src = pysam_copy(tmp_path)
+    write(os.path.join(src, "requirements.txt"), "kuiper-pool\n" if listed else "six\n")
+    proc = cli("package", src, "-o", tmp_path / "out.zip", "--no-kuiper-pool")
+    assert proc.returncode == 0, proc.stderr
+    with zipfile.ZipFile(tmp_path / "out.zip") as zf:
+        script = zf.read("install.sh").decode()
+    said = [ln for ln in script.splitlines() if ln.startswith("#   ")]
+    assert said == (["#   requirements.txt (kuiper-pool included)."] if listed else
+                    ["#   requirements.txt (not kuiper-pool: the plugin's Python must already have it)."]), script
+    assert script.endswith('"$PY" -m pip install -r requirements.txt\n')
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda d: write(os.path.join(d, "other-1.0-py3-none-any.whl"), "x"),
+     "wheels: --kuiper-pool-wheel {path}: not a kuiper-pool wheel (kuiper_pool-<version>-<tag>.whl)"),
+    (lambda d: write(os.path.join(d, "kuiper_pool-0.2.0-py3-none-any.whl"), "not a zip"),
+     "wheels: --kuiper-pool-wheel {path}: not a readable wheel"),
+])
+def test_package_refuses_a_wheel_that_is_not_kuiper_pools(tmp_path, make, message):
+    src = pysam_copy(tmp_path)
+    make(str(tmp_path))
+    path = next(str(p) for p in tmp_path.glob("*.whl"))
+    proc = cli("package", src, "-o", tmp_path / "out.zip", "--kuiper-pool-wheel", path)
+    assert proc.returncode == 1
+    assert lines_of(proc.stderr, "problem") == ["problem  " + message.format(path=path)], proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "out.zip").exists()
+
+
+def test_package_refuses_a_wheels_folder_of_its_own(tmp_path, kuiper_pool_wheel):
+    src = pysam_copy(tmp_path)
+    write(os.path.join(src, "wheels", "x.txt"), "")
+    proc = cli("package", src, "-o", tmp_path / "out.zip", "--kuiper-pool-wheel", kuiper_pool_wheel)
+    assert proc.returncode == 1
+    assert lines_of(proc.stderr, "problem") == [
+        "problem  wheels/: the folder has its own; the zip's wheels/ holds the wheels install.sh installs "
+        "(rename yours, or pass --no-kuiper-pool)"], proc.stderr
+    assert cli("package", src, "-o", tmp_path / "out.zip", "--no-kuiper-pool").returncode == 0
 
 
 # --- validate -----------------------------------------------------------------------------------------
@@ -590,6 +717,15 @@ def test_validate_checks_the_interpreter(tmp_path, unique):
     assert proc.returncode == 1
     assert lines_of(proc.stdout, "problem") == [
         f"problem  python: cannot run {tmp_path / 'no-python'}: No such file or directory"], proc.stdout
+    # the README's --python kuiper-pool-python, with the venv's bin not on PATH: where it is
+    installed = os.path.join(os.path.dirname(kuiper_pool_command()[0]), "kuiper-pool-python")
+    assert os.access(installed, os.X_OK)
+    proc = cli("validate", d, "--python", "kuiper-pool-python", env={"PATH": "/usr/bin:/bin"})
+    assert proc.returncode == 1
+    assert lines_of(proc.stdout, "problem") == [
+        f"problem  python: cannot run kuiper-pool-python: No such file or directory (not on PATH; it is "
+        f"installed at {installed}: pass --python {installed}, and name that path as eKuiper's "
+        f"portable.pythonBin)"], proc.stdout
     old = next(iter(sorted(glob.glob(os.path.expanduser("~/.pyenv/versions/3.8*/bin/python3.8")))
                     + [p for p in ["/usr/bin/python3.8"] if os.path.exists(p)]), None)
     if old is None:
