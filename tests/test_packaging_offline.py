@@ -171,3 +171,73 @@ def test_offline_install_sh_refuses_another_python_version(tmp_path, unique, kui
     assert result.stdout == (f"kuiper-pool: the wheels in wheels/ are for Python {version}, but {other} is "
                              f"3.99: package the plugin again with --python-version 3.99, or install "
                              f"with a Python {version}\n")
+
+
+def _installed(site, files: dict):
+    """A distribution installed into ``site`` as pip leaves it: the files, a dist-info with a
+    RECORD of their hashes, a console script outside site-packages and bytecode."""
+    import importlib.metadata
+    import pathlib
+
+    info = "kuiper_pool-0.2.0.dist-info"
+    files = {**files, f"{info}/METADATA": b"Metadata-Version: 2.1\nName: kuiper-pool\nVersion: 0.2.0\n",
+             f"{info}/WHEEL": b"Wheel-Version: 1.0\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+             f"{info}/entry_points.txt": b"[console_scripts]\nkuiper-pool = kuiper_pool.tools.cli:main\n",
+             f"{info}/INSTALLER": b"pip\n", "kuiper_pool/__pycache__/__init__.cpython-311.pyc": b"\0"}
+    rows = []
+    for name, data in files.items():
+        (site / name).parent.mkdir(parents=True, exist_ok=True)
+        (site / name).write_bytes(data)
+        digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+        rows.append(f"{name},sha256={digest},{len(data)}")
+    rows += [f"{info}/RECORD,,", "../../../bin/kuiper-pool,sha256=x,1"]
+    (site / info / "RECORD").write_text("\n".join(rows) + "\n")
+    return importlib.metadata.PathDistribution(pathlib.Path(site / info))
+
+
+def test_wheel_rebuilt_from_an_installed_copy_is_a_true_wheel(tmp_path):
+    from kuiper_pool.tools.wheels import rebuild_installed
+
+    dist = _installed(tmp_path / "site", {"kuiper_pool/__init__.py": b"x = 1\n", "kuiper_pool/a.py": b""})
+    (tmp_path / "out").mkdir()
+    files = wheel_files(rebuild_installed(dist, str(tmp_path / "out")))
+    assert sorted(files) == ["kuiper_pool-0.2.0.dist-info/METADATA", "kuiper_pool-0.2.0.dist-info/RECORD",
+                             "kuiper_pool-0.2.0.dist-info/WHEEL", "kuiper_pool-0.2.0.dist-info/entry_points.txt",
+                             "kuiper_pool/__init__.py", "kuiper_pool/a.py"]
+    assert list(files)[-1].endswith("/RECORD")  # last, as wheel builders write it
+    assert_record_true(files)
+    assert os.listdir(tmp_path / "out") == ["kuiper_pool-0.2.0-py3-none-any.whl"]
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda site: os.unlink(site / "kuiper_pool" / "a.py"),
+     "the installed kuiper-pool lacks kuiper_pool/a.py (listed in its RECORD: No such file or directory); "
+     "reinstall it"),
+    (lambda site: (site / "kuiper_pool" / "a.py").write_text("changed = True\n"),
+     "the installed kuiper-pool's kuiper_pool/a.py changed since it was installed (its hash differs from "
+     "RECORD); reinstall it"),
+])
+def test_a_damaged_installed_copy_gives_no_wheel(tmp_path, damage, message):
+    from kuiper_pool.tools.wheels import WheelError, rebuild_installed
+
+    dist = _installed(tmp_path / "site", {"kuiper_pool/__init__.py": b"x = 1\n", "kuiper_pool/a.py": b""})
+    damage(tmp_path / "site")
+    with pytest.raises(WheelError) as e:
+        rebuild_installed(dist, str(tmp_path))
+    assert str(e.value) == message
+
+
+def test_a_wheel_missing_a_module_of_the_running_package_is_refused(tmp_path, kuiper_pool_wheel):
+    """What once shipped: a wheel without kuiper_pool/runtime/routes. Whatever made it, it is refused."""
+    from kuiper_pool.tools.wheels import WheelError, check_modules
+
+    cut = str(tmp_path / os.path.basename(kuiper_pool_wheel))
+    with zipfile.ZipFile(kuiper_pool_wheel) as src, zipfile.ZipFile(cut, "w") as dst:
+        for name in src.namelist():
+            if not name.startswith("kuiper_pool/runtime/routes/"):
+                dst.writestr(name, src.read(name))
+    with pytest.raises(WheelError) as e:
+        check_modules(cut)
+    assert str(e.value).startswith(f"{os.path.basename(cut)} lacks kuiper_pool/runtime/routes/__init__.py, "), e.value
+    assert str(e.value).endswith(" (a stale build/ folder, or an incomplete install?)")
+    check_modules(kuiper_pool_wheel)

@@ -6,8 +6,10 @@ Two kinds of checks, printed one line each as they are made (``ok``, ``note`` or
   (``internal/plugin/portable/manager.go``, ``model.go``) and its metadata readers require
   of the plugin json, the executable, ``sources/<symbol>.yaml`` and the ``sources/``,
   ``sinks/``, ``functions/`` metadata, plus the settings file ``kuiper_pool.yaml`` next to
-  the executable. ``kuiper-pool package`` (:mod:`kuiper_pool.tools.packaging`) runs exactly these
-  and refuses to build a zip while any of them is a problem.
+  the executable. ``kuiper-pool package`` (:mod:`kuiper_pool.tools.packaging`) runs exactly these,
+  then the runtime checks, and refuses to build a zip while any of them is a problem. How
+  kuiper-pool itself gets installed (:func:`check_install`) is validate's alone: ``package``
+  makes its zip carry kuiper-pool and says so itself.
 * **Runtime checks** (:func:`runtime_checks`): the interpreter (``--python``, like eKuiper's
   ``portable.pythonBin``) runs and is Python 3.9 or later; then the executable is run the
   way eKuiper runs it (``<python> -u <executable> '{"sendTimeout":1000}'`` in the

@@ -71,7 +71,7 @@ def _modules_of_package() -> Set[str]:
     return found
 
 
-def _check_modules(path: str) -> None:
+def check_modules(path: str) -> None:
     """The wheel at ``path`` must hold exactly the running package's modules."""
     with zipfile.ZipFile(path) as zf:
         inside = {n for n in zf.namelist() if n.startswith("kuiper_pool/") and n.endswith(".py")}
@@ -87,7 +87,7 @@ def _wheel_tag(wheel_text: str) -> str:
     """The file-name tag from a WHEEL file's ``Tag:`` lines (``py3-none-any``)."""
     tags = [ln.split(":", 1)[1].strip() for ln in wheel_text.splitlines() if ln.startswith("Tag:")]
     if not tags:
-        raise WheelError("its WHEEL file names no Tag")
+        raise WheelError("the installed kuiper-pool's WHEEL file names no Tag; reinstall it")
     parts = [sorted({t.split("-")[i] for t in tags}) for i in range(3)]
     return "-".join(".".join(p) for p in parts)
 
@@ -124,18 +124,20 @@ def rebuild_installed(dist: importlib.metadata.Distribution, dest: str) -> str:
     with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
         # package files first, the dist-info after them, RECORD last (as wheel builders order it)
         for name in sorted(files, key=lambda n: (n.startswith(info + "/"), n)):
-            entry = zipfile.ZipInfo(name, (1980, 1, 1, 0, 0, 0))
-            entry.external_attr = 0o100644 << 16
-            entry.compress_type = zipfile.ZIP_DEFLATED
-            zf.writestr(entry, files[name])
+            _add(zf, name, files[name])
             rows.append([name, _hash(files[name]), str(len(files[name]))])
         out = io.StringIO()
         csv.writer(out, lineterminator="\n").writerows(rows + [[f"{info}/RECORD", "", ""]])
-        entry = zipfile.ZipInfo(f"{info}/RECORD", (1980, 1, 1, 0, 0, 0))
-        entry.external_attr = 0o100644 << 16
-        entry.compress_type = zipfile.ZIP_DEFLATED
-        zf.writestr(entry, out.getvalue())
+        _add(zf, f"{info}/RECORD", out.getvalue().encode())
     return path
+
+
+def _add(zf: zipfile.ZipFile, name: str, data: bytes) -> None:
+    """A regular file, mode 0644, with a fixed date (the same files make the same wheel)."""
+    entry = zipfile.ZipInfo(name, (1980, 1, 1, 0, 0, 0))
+    entry.external_attr = 0o100644 << 16
+    entry.compress_type = zipfile.ZIP_DEFLATED
+    zf.writestr(entry, data)
 
 
 def build_from_source(source: str, dest: str, python: str = sys.executable) -> str:
@@ -202,7 +204,7 @@ def kuiper_pool_wheel(dest: str, explicit: Optional[str] = None) -> Tuple[str, s
     if not os.path.basename(path).startswith(f"{canonical(DIST)}-{kuiper_pool.__version__}-"):
         raise WheelError(f"{os.path.basename(path)} is not version {kuiper_pool.__version__}, "
                          f"which is running")
-    _check_modules(path)
+    check_modules(path)
     return path, how
 
 
