@@ -486,6 +486,19 @@ def test_package_warns_of_imports_nothing_installs(tmp_path):
     assert proc.returncode == 0 and proc.stderr == "", proc.stderr
 
 
+def test_requirements_are_read_by_project_name(tmp_path):
+    """Whether requirements.txt lists kuiper-pool (or numpy...) whatever the spelling pip accepts."""
+    from kuiper_pool.tools.requirements import requirement_names
+
+    write(str(tmp_path / "r.txt"), "# comment\nkuiper_pool[fast]>=0.2 ; python_version >= '3.9'\n"
+                                   "Scikit.Learn==1.5  # ml\n./w/Numpy-2.0-cp311-cp311-linux_x86_64.whl\n"
+                                   "https://example.org/Other_Pkg-1.0.tar.gz\nfoo @ https://example.org/f.whl\n"
+                                   "-r other.txt\n--index-url https://example.org\n"
+                                   "git+https://example.org/b.git#egg=bee\n")
+    assert requirement_names(str(tmp_path / "r.txt")) == {
+        "kuiper-pool", "scikit-learn", "numpy", "other-pkg", "foo", "bee"}
+
+
 @pytest.mark.parametrize("listed", [True, False])
 def test_generated_install_sh_says_truly_whether_it_installs_kuiper_pool(tmp_path, listed):
     src = pysam_copy(tmp_path)

@@ -65,11 +65,14 @@ def requirement_names(path: str) -> Set[str]:
     for line in lines:
         line = line.split(" #")[0].strip()
         egg = re.search(r"#egg=([A-Za-z0-9._-]+)", line)
+        token = line.split(";")[0].split()[0] if line else ""
         if egg:
             names.add(normalize(egg.group(1)))
+        elif token.endswith((".whl", ".tar.gz", ".zip")):  # a wheel or sdist by path or URL
+            names.add(normalize(token.rsplit("/", 1)[-1].split("-")[0]))
         elif line and not line.startswith(("#", "-")):
             match = re.match(r"[A-Za-z0-9][A-Za-z0-9._-]*", line)
-            if match and "://" not in line.split("@")[0]:
+            if match and "://" not in line.split("@")[0] and "/" not in match.group(0):
                 names.add(normalize(match.group(0)))
     return names
 
@@ -123,7 +126,7 @@ def imported_modules(files: Iterable[str]) -> Set[str]:
         try:
             with open(path, "rb") as f:
                 tree = ast.parse(f.read(), path)
-        except (OSError, SyntaxError, ValueError):
+        except (OSError, SyntaxError, ValueError, RecursionError):
             continue
         optional = _optional(tree)
         for node in ast.walk(tree):
