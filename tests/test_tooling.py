@@ -511,6 +511,9 @@ def test_generated_install_sh_says_truly_whether_it_installs_kuiper_pool(tmp_pat
     assert said == (["#   requirements.txt (kuiper-pool included)."] if listed else
                     ["#   requirements.txt (not kuiper-pool: the plugin's Python must already have it)."]), script
     assert script.endswith('"$PY" -m pip install -r requirements.txt\n')
+    notes = [ln for ln in lines_of(cli("validate", src).stdout, "note") if "requirements.txt" in ln]
+    assert notes == ([] if listed else ["note     requirements.txt: does not list kuiper-pool, which the plugin "
+                                        "imports (kuiper-pool package makes the zip install it)"]), notes
 
 
 @pytest.mark.parametrize("make, message", [
