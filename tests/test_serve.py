@@ -1,0 +1,137 @@
+"""``kuiper-pool serve``: a plugin's function served over REST by a pool of workers, called
+as eKuiper's REST executor calls a schema-based external function (``ekuiper_rest``)."""
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from conftest import wait_until
+from ekuiper_rest import Client, EKuiperError
+from plugins import read_jsonl
+from serve_helpers import Served, serve_plugin
+
+
+@pytest.fixture
+def served(tmp_path, unique):
+    """Start ``kuiper-pool serve`` on a test plugin (2 workers); at teardown nothing of it
+    may be left."""
+    runs = []
+
+    def start(**settings):
+        plugin_dir, fn, service, proto, port = serve_plugin(tmp_path, unique, **settings)
+        s = Served(plugin_dir, port, str(tmp_path / f"serve{len(runs)}.log"))
+        runs.append(s)
+        s.wait_ready()
+        return s, fn, lambda: Client(service, proto), plugin_dir
+    yield start
+    for s in runs:
+        left = s.close()
+        assert not left, f"processes left behind: {left}"
+
+
+def test_emitted_service_declares_each_function_as_eKuiper_loads_it(tmp_path, unique):
+    _dir, fn, service, proto, port = serve_plugin(tmp_path, unique)
+    text = open(proto).read()
+    assert f"rpc {fn}({fn}_args) returns (google.protobuf.StringValue)" in text
+    assert "string arg0 = 1;" in text and "string arg1 = 2;" in text
+    c = Client(service, proto)
+    assert (c.host, c.port) == ("127.0.0.1", port)
+    assert c.body(fn, ["echo", "x"]) == b'{"arg0":"echo","arg1":"x"}'
+
+
+def test_concurrent_rules_get_their_own_answers_from_both_workers(served):
+    s, fn, client, _dir = served()
+    assert s.get("/livez") == 200
+
+    def rule(i: int):
+        c = client()
+        try:
+            answers = [c.call(fn, "echo", f"rule{i}-{k}") for k in range(20)]
+            pid = c.call(fn, "slow", "0.2")
+            return answers, pid
+        finally:
+            c.close()
+    with ThreadPoolExecutor(6) as pool:
+        results = list(pool.map(rule, range(6)))
+    for i, (answers, _pid) in enumerate(results):
+        assert answers == [f"rule{i}-{k}" for k in range(20)]
+    assert {int(pid) for _a, pid in results} == set(s.worker_pids())  # every worker served
+
+
+def test_errors_reach_the_rule_as_eKuipers_http_error_in_one_line(served):
+    s, fn, client, _dir = served()
+    c = client()
+    with pytest.raises(EKuiperError) as e:
+        c.call(fn, "raise", "bad input")
+    assert "return code: 500" in str(e.value) and f"function {fn}" in str(e.value)
+    assert "ValueError: bad input" in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(EKuiperError, match="invalid type for string type field"):
+        c.call(fn, "echo", 3)        # eKuiper itself refuses it: the schema says string
+    assert c.call(fn, "echo", "still serving") == "still serving"
+    c.close()
+
+
+def test_a_worker_killed_mid_call_fails_only_that_call(served, tmp_path):
+    s, fn, client, plugin_dir = served()
+    events = os.path.join(plugin_dir, "events.jsonl")
+    held = {}
+
+    def hold():
+        c = client()
+        try:
+            held["answer"] = c.call(fn, "hold", "x")
+        except EKuiperError as e:
+            held["error"] = str(e)
+        finally:
+            c.close()
+
+    def others(i: int):
+        c = client()
+        try:
+            return [c.call(fn, "slow", "0.05") for _ in range(10)]
+        finally:
+            c.close()
+    t = threading.Thread(target=hold)
+    t.start()
+    with ThreadPoolExecutor(4) as pool:
+        futures = [pool.submit(others, i) for i in range(4)]
+        victim = wait_until(lambda: read_jsonl(events, "hold"), 10, message="the held call")[0]["pid"]
+        os.kill(victim, signal.SIGKILL)
+        answered = [f.result(timeout=30) for f in futures]
+    t.join(10)
+    assert "answer" not in held, held
+    assert "return code: 500" in held["error"] and f"worker pid {victim} died during the call" in held["error"]
+    assert all(len(a) == 10 for a in answered)            # every other call was answered
+    survivors = wait_until(lambda: len(s.worker_pids()) == 2 and victim not in s.worker_pids()
+                           and s.worker_pids(), 10, message="the restarted worker")
+    c = client()
+    with ThreadPoolExecutor(2) as pool:
+        pids = set(pool.map(lambda _i: int(client().call(fn, "slow", "0.3")), range(2)))
+    assert pids <= set(survivors)
+    assert c.call(fn, "echo", "after") == "after"
+    c.close()
+    assert f"worker pid {victim}" in s.text() and "restart" in s.text()
+
+
+def test_sigterm_drains_then_stops(served):
+    s, fn, client, plugin_dir = served(serve_drain=10)
+    got = {}
+
+    def long_call():
+        c = client()
+        got["pid"] = c.call(fn, "slow", "1.0")
+        c.close()
+    t = threading.Thread(target=long_call)
+    t.start()
+    wait_until(lambda: read_jsonl(os.path.join(plugin_dir, "events.jsonl"), "slow"), 10,
+               message="the call to start")
+    s.proc.send_signal(signal.SIGTERM)
+    wait_until(lambda: s.get("/readyz") == 503, 10, message="readyz off")
+    t.join(10)
+    assert "pid" in got                     # the call in flight was answered
+    assert s.proc.wait(timeout=20) == 0
+    assert "draining" in s.text()
+
