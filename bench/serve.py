@@ -1,0 +1,241 @@
+#!/usr/bin/env python3
+"""``kuiper-pool serve`` against the portable path, in one run (docs/serve.md).
+
+    python bench/serve.py            # ~30 s; prints the table, writes bench/SERVE-RESULTS.md
+    python bench/serve.py --smoke    # short windows; writes nothing
+
+1. one CPU-bound symbol (bench/plugin/main.py ``burna``, ~20 ms a call) called by 4
+   concurrent callers for a fixed window:
+   * serve with 2 workers: 4 threads each POSTing on one kept-alive connection what eKuiper's
+     REST executor posts for ``burna(loops)`` with the emitted schema (``{"arg0": "<int64>"}``);
+   * the portable path, kuiper_pool and the official SDK, through the eKuiper stand-in
+     (``Host``): 4 threads calling the one function channel, which eKuiper serialises per
+     symbol exactly so (one REQ/REP channel, a mutex per call);
+2. per-call overhead: one caller calling ``noop`` back to back; p50 of serve's round trip
+   (HTTP on loopback, the supervisor's loop, the worker's link) over a bare in-process call,
+   beside the portable path's p50.
+
+Every process started is killed at the end (process groups).
+"""
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from typing import Callable, List, Tuple
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+import run as portable  # noqa: E402  (bench/run.py: Session, call, exec_request)
+
+RESULTS = os.path.join(HERE, "SERVE-RESULTS.md")
+CALLERS = 4
+WORKERS = 2
+
+
+def calibrate(target_ms: float = 20.0) -> int:
+    """Loops of bench/plugin/main.py's Burn that take ~target_ms here."""
+    loops = 100_000
+    t0 = time.perf_counter()
+    _burn(loops)
+    per_loop = (time.perf_counter() - t0) / loops
+    return max(1000, int(target_ms / 1000 / per_loop))
+
+
+def _burn(loops: int) -> int:
+    acc = 0
+    for i in range(loops):
+        acc = (acc + i * i) % 1000003
+    return acc
+
+
+def hammer(call: Callable[[], None], callers: int, seconds: float) -> float:
+    """``callers`` threads call back to back for ``seconds``: calls/s."""
+    counts = [0] * callers
+    errors: List[BaseException] = []
+    stop_at = time.perf_counter() + seconds
+
+    def loop(i: int) -> None:
+        try:
+            while time.perf_counter() < stop_at:
+                call()
+                counts[i] += 1
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=loop, args=(i,)) for i in range(callers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return sum(counts) / (time.perf_counter() - t0)
+
+
+def latencies(call: Callable[[], None], n: int) -> List[float]:
+    out = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        call()
+        out.append(time.perf_counter() - t0)
+    return sorted(out)
+
+
+# --- serve ------------------------------------------------------------------------------------
+
+class Served:
+    def __init__(self, root: str, name: str, loops: int) -> None:
+        self.dir = os.path.join(root, name)
+        os.makedirs(self.dir)
+        shutil.copy(portable.PLUGIN_MAIN, os.path.join(self.dir, "main.py"))
+        with open(os.path.join(self.dir, name + ".json"), "w") as f:
+            json.dump({"version": "v1.0.0", "language": "python", "executable": "main.py",
+                       "sources": ["flood", "idle"], "sinks": ["count"],
+                       "functions": [name + "noop", name + "burna"]}, f)
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        with open(os.path.join(self.dir, "kuiper_pool.yaml"), "w") as f:
+            json.dump({"serve_workers": 1, "symbols": {
+                name + "burna": {"serve_workers": WORKERS, "serve_args": "int64"},
+                name + "noop": {"serve_args": "string"}}}, f)
+        env = dict(os.environ, BENCH_RUNTIME=portable.POOL, BENCH_PLUGIN=name, BENCH_PREFIX=name,
+                   PYTHONPATH=os.pathsep.join(p for p in (portable.REPO, os.environ.get("PYTHONPATH")) if p))
+        self.log = open(os.path.join(root, name + ".log"), "wb")
+        self.proc = subprocess.Popen([sys.executable, "-m", "kuiper_pool.tools.cli", "serve", self.dir,
+                                      "--listen", f"127.0.0.1:{self.port}"], env=env, stdout=self.log,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+        self.name = name
+        self.burn_body = json.dumps({"arg0": str(loops)}).encode()
+        deadline = time.monotonic() + 60
+        while not self.ready():
+            if time.monotonic() > deadline or self.proc.poll() is not None:
+                raise RuntimeError(f"serve did not become ready; see {self.log.name}")
+            time.sleep(0.05)
+
+    def ready(self) -> bool:
+        try:
+            c = http.client.HTTPConnection("127.0.0.1", self.port, timeout=2)
+            c.request("GET", "/readyz")
+            return c.getresponse().status == 200
+        except OSError:
+            return False
+
+    def caller(self, symbol: str, body: bytes) -> Callable[[], None]:
+        """One eKuiper executor's calls: POST on a kept-alive connection, 5 s timeout."""
+        local = threading.local()
+
+        def call() -> None:
+            conn = getattr(local, "conn", None)
+            if conn is None:
+                conn = local.conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=5)
+            conn.request("POST", "/" + symbol, body, {"Content-Type": "application/json"})
+            resp = conn.getresponse()
+            data = resp.read()
+            if resp.status != 200:
+                raise RuntimeError(f"{symbol}: {resp.status} {data[:200]!r}")
+        return call
+
+    def close(self) -> None:
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait(10)
+        self.log.close()
+
+
+def measure_serve(root: str, tag: str, loops: int, window: float, n_lat: int) -> Tuple[float, float]:
+    s = Served(root, f"{tag}s", loops)
+    try:
+        burn = s.caller(s.name + "burna", s.burn_body)
+        hammer(burn, CALLERS, 0.5)   # warm-up: every worker has run
+        rate = hammer(burn, CALLERS, window)
+        noop = s.caller(s.name + "noop", b'{"arg0":"x"}')
+        latencies(noop, 200)
+        p50 = statistics.median(latencies(noop, n_lat))
+        return rate, p50
+    finally:
+        s.close()
+
+
+def measure_portable(root: str, tag: str, runtime: str, loops: int, window: float,
+                     n_lat: int) -> Tuple[float, float]:
+    sess = portable.Session(root, tag, runtime, 0, "")
+    try:
+        fh = sess.host.start_function(sess.name + "burna")
+        burn = portable.exec_request([loops])
+        hammer(lambda: portable.call(fh, burn), CALLERS, 0.5)
+        rate = hammer(lambda: portable.call(fh, burn), CALLERS, window)
+        fn = sess.host.start_function(sess.name + "noop")
+        noop = portable.exec_request(["x"])
+        latencies(lambda: portable.call(fn, noop), 200)
+        p50 = statistics.median(latencies(lambda: portable.call(fn, noop), n_lat))
+        return rate, p50
+    finally:
+        sess.close()
+
+
+def bare_p50(n: int) -> float:
+    """A bare call of the function: Noop.exec in this process."""
+    sys.path.insert(0, os.path.dirname(portable.PLUGIN_MAIN))
+    os.environ.setdefault("BENCH_RUNTIME", portable.POOL)
+    import main as plugin_main  # bench/plugin/main.py
+
+    fn = plugin_main.Noop()
+    return statistics.median(latencies(lambda: fn.exec(["x"], None), n))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--smoke", action="store_true", help="short windows; write no results file")
+    args = ap.parse_args()
+    window, n_lat = (0.5, 200) if args.smoke else (4.0, 3000)
+    loops = calibrate()
+    root = tempfile.mkdtemp(prefix="kp-serve-bench-")
+    tag = "sb" + uuid.uuid4().hex[:6]
+    try:
+        serve_rate, serve_p50 = measure_serve(root, tag, loops, window, n_lat)
+        pool_rate, pool_p50 = measure_portable(root, tag, portable.POOL, loops, window, n_lat)
+        off_rate, off_p50 = measure_portable(root, tag, portable.OFFICIAL, loops, window, n_lat)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    bare = bare_p50(n_lat)
+    rows = [
+        ("calls/s, burna (~20 ms) x 4 callers: serve, 2 workers", f"{serve_rate:.1f}"),
+        ("calls/s, the same through the portable path, kuiper_pool", f"{pool_rate:.1f}"),
+        ("calls/s, the same through the portable path, official SDK", f"{off_rate:.1f}"),
+        ("ratio serve / portable kuiper_pool", f"{serve_rate / pool_rate:.2f}x"),
+        ("ratio serve / portable official SDK", f"{serve_rate / off_rate:.2f}x"),
+        ("p50 of one noop call, serve (REST round trip)", f"{serve_p50 * 1e6:.0f} us"),
+        ("p50 of one noop call, portable kuiper_pool", f"{pool_p50 * 1e6:.0f} us"),
+        ("p50 of one noop call, portable official SDK", f"{off_p50 * 1e6:.0f} us"),
+        ("p50 of a bare in-process noop call", f"{bare * 1e6:.1f} us"),
+        ("per-call overhead of serve over a bare call, p50", f"{(serve_p50 - bare) * 1e6:.0f} us"),
+    ]
+    table = "\n".join(["| figure | value |", "| --- | --- |"] + [f"| {a} | {b} |" for a, b in rows])
+    head = (f"# kuiper-pool serve benchmark\n\n{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
+            f"{os.cpu_count()} cores, Python {sys.version.split()[0]}, burn loops {loops}, "
+            f"window {window:g} s, {n_lat} latency samples.\n\n")
+    print(head + table)
+    if not args.smoke:
+        with open(RESULTS, "w") as f:
+            f.write(head + table + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
