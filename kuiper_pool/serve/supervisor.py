@@ -41,8 +41,7 @@ class ServeSupervisor(Supervisor):
         super().__init__(*args, **kwargs)
         self.parent = 0    # started by a person or a service manager: no eKuiper to outlive
         self.pools: Dict[str, SymbolPool] = {}
-        self.inbox = http.Inbox()
-        self.server: Optional[http.Server] = None
+        self.server: Optional[http.HttpServer] = None
         self.draining = ""
         self.drain_until = 0.0
         self.busy_at = 0.0
@@ -54,10 +53,9 @@ class ServeSupervisor(Supervisor):
         for symbol in sorted(self.plugin.functions):
             s = self.s.for_symbol(symbol)
             types[symbol] = (arg_types(s.serve_args), s.serve_result)
-        # a reply can wait for a worker to become free (call_deadline), then run up to it
-        wait = 2 * max([self.s.for_symbol(sym).call_deadline for sym in types] + [0]) + self.s.stop_grace + 1
         # listen first: when it cannot, no worker has been made
-        self.server, _thread = http.start(self.s.serve_listen, http.Functions(types, wait, self.inbox, self.ready))
+        self.server = http.HttpServer(self.s.serve_listen, types, self.submit, self.ready,
+                                      self.register, self.unregister, self.want_write)
         for symbol in sorted(self.plugin.functions):
             s = self.s.for_symbol(symbol)
             pool = self.pools[symbol] = SymbolPool(symbol, s.call_deadline, self.deliver)
@@ -67,7 +65,6 @@ class ServeSupervisor(Supervisor):
                 fx.endpoints[ctrl.key] = pool.add(inst).endpoint
                 self.instances[ctrl.key] = inst
                 self.guarded("start", inst, inst.begin, self.started_answer(inst))
-        self.register(self.inbox.wake_r, lambda _m: self.on_calls())
         self.log.info("plugin %s: supervisor pid %d serving %s over REST on %s (zygote pid %d)",
                       self.plugin.name, os.getpid(),
                       ", ".join(f"{sym} x{len(p.slots)}" for sym, p in self.pools.items()) or "no function",
@@ -83,10 +80,6 @@ class ServeSupervisor(Supervisor):
     def deliver(self, inst: Instance, endpoint: ServeEndpoint) -> None:
         self.guarded("call", inst, inst.on_readable, endpoint)
 
-    def on_calls(self) -> None:
-        for symbol, call in self.inbox.drain():
-            self.submit(symbol, call)
-
     def submit(self, symbol: str, call: Call) -> None:
         self.busy_at = time.monotonic()
         pool = self.pools.get(symbol)
@@ -98,8 +91,7 @@ class ServeSupervisor(Supervisor):
             pool.submit(call)
 
     def ready(self) -> Optional[str]:
-        """None when every function has a running worker and no drain has begun (read by
-        the HTTP threads: a racy read costs at most one probe's answer)."""
+        """None when every function has a running worker and no drain has begun."""
         if self.draining or self.exiting:
             return f"draining: {self.draining or self.exiting}"
         waiting = [sym for sym, pool in list(self.pools.items()) if not pool.ready()]
@@ -117,13 +109,15 @@ class ServeSupervisor(Supervisor):
 
     def stop_serving(self, reason: str, code: int = 0) -> None:
         if self.server is not None:
-            self.server.shutdown()   # no new connection; handlers still waiting get answers below
+            self.server.stop_accepting()   # open connections are answered until the loop ends
         for pool in self.pools.values():
             pool.fail_all(f"plugin {self.plugin.name} is shutting down: {reason}")
         super().shutdown(reason, code)
 
     def tick(self, now: float) -> None:
         super().tick(now)
+        if self.server is not None:
+            self.guarded("http", None, self.server.tick, now)
         for pool in self.pools.values():
             if any(s.call is not None for s in pool.slots) or pool.queue:
                 self.busy_at = now
@@ -140,7 +134,5 @@ class ServeSupervisor(Supervisor):
             super().close()
         finally:
             if self.server is not None:
-                self.server.server_close()
-            self.unregister(self.inbox.wake_r)
-            self.inbox.close()
+                self.server.close()
             self.log.log(logging.INFO, "plugin %s: stopped serving", self.plugin.name)
