@@ -135,3 +135,64 @@ def test_sigterm_drains_then_stops(served):
     assert s.proc.wait(timeout=20) == 0
     assert "draining" in s.text()
 
+
+
+def _exchange(port: int, raw: bytes, replies: int = 1) -> list:
+    """Send ``raw`` on a fresh connection; the (status, body) of ``replies`` answers."""
+    import socket
+
+    out = []
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(raw)
+        buf = b""
+        while len(out) < replies:
+            end = buf.find(b"\r\n\r\n")
+            if end >= 0:
+                head = buf[:end].decode()
+                length = int(next(h.split(":")[1] for h in head.split("\r\n") if h.lower().startswith("content-length")))
+                if len(buf) >= end + 4 + length:
+                    out.append((int(head[9:12]), buf[end + 4:end + 4 + length].decode()))
+                    buf = buf[end + 4 + length:]
+                    continue
+            chunk = sock.recv(65536)
+            assert chunk, f"connection closed after {out}"
+            buf += chunk
+    return out
+
+
+def _post(fn: str, body: bytes, extra: str = "") -> bytes:
+    return (f"POST /{fn} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n{extra}\r\n").encode() + body
+
+
+def test_http_requests_eKuiper_does_not_send_are_refused_in_one_line(served):
+    s, fn, _client, _dir = served()
+    chunked = f"POST /{fn} HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n".encode()
+    assert _exchange(s.port, chunked)[0][0] == 501
+    assert _exchange(s.port, _post(fn, b"[1]"))[0] == (400, f"function {fn}: the body must be a JSON object, got list")
+    assert _exchange(s.port, _post("nope", b"{}"))[0][0] == 404
+    assert _exchange(s.port, b"GET /elsewhere HTTP/1.1\r\nHost: x\r\n\r\n")[0][0] == 404
+
+
+def test_pipelined_calls_are_answered_in_order_and_a_stalled_client_holds_up_nobody(served):
+    import socket
+
+    s, fn, client, _dir = served()
+    stalled = socket.create_connection(("127.0.0.1", s.port), timeout=5)
+    try:
+        stalled.sendall(_post(fn, b'{"arg0":"echo","arg1":"never finished"}')[:-10])  # half a request
+        pipelined = _post(fn, b'{"arg0":"echo","arg1":"one"}') + _post(fn, b'{"arg0":"echo","arg1":"two"}')
+        assert _exchange(s.port, pipelined, 2) == [(200, "one"), (200, "two")]
+        c = client()
+        assert c.call(fn, "echo", "others are served") == "others are served"
+        c.close()
+    finally:
+        stalled.close()
+
+
+def test_max_calls_recycles_workers_between_calls_and_no_call_fails(served):
+    s, fn, client, _dir = served(max_calls=3)
+    c = client()
+    pids = [int(c.call(fn, "slow", "0")) for _ in range(12)]
+    c.close()
+    assert len(set(pids)) >= 3          # 12 calls, 2 workers, 3 calls each: fresh workers took over
+    assert "served max_calls 3" in s.text()
