@@ -196,3 +196,35 @@ def test_max_calls_recycles_workers_between_calls_and_no_call_fails(served):
     c.close()
     assert len(set(pids)) >= 3          # 12 calls, 2 workers, 3 calls each: fresh workers took over
     assert "served max_calls 3" in s.text()
+
+
+def test_a_reload_replaces_every_worker_and_no_call_fails(served):
+    s, fn, client, _dir = served()
+    before = set(s.worker_pids())
+    stop, errors, answered = threading.Event(), [], []
+
+    def rule() -> None:
+        c = client()
+        try:
+            while not stop.is_set():
+                try:
+                    answered.append(c.call(fn, "echo", "x"))
+                except EKuiperError as e:
+                    errors.append(str(e))
+        finally:
+            c.close()
+    threads = [threading.Thread(target=rule) for _ in range(3)]
+    for t in threads:
+        t.start()
+    try:
+        wait_until(lambda: len(answered) > 20, 10, message="calls flowing")
+        s.proc.send_signal(signal.SIGHUP)
+        wait_until(lambda: "reloaded: 2 instance(s) replaced" in s.text(), 60, message="the reload")
+        n = len(answered)
+        wait_until(lambda: len(answered) > n + 20, 10, message="calls after the reload")
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(10)
+    assert not errors, errors[:3]
+    assert not before & set(s.worker_pids())
