@@ -228,3 +228,20 @@ def test_a_reload_replaces_every_worker_and_no_call_fails(served):
             t.join(10)
     assert not errors, errors[:3]
     assert not before & set(s.worker_pids())
+
+
+def test_a_taken_address_is_one_line_and_exit_1(tmp_path, unique):
+    import socket
+    import subprocess
+
+    from conftest import kuiper_pool_command
+
+    plugin_dir, _fn, _service, _proto, _port = serve_plugin(tmp_path, unique)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = subprocess.run(kuiper_pool_command() + ["serve", plugin_dir, "--listen", f"127.0.0.1:{port}"],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=60)
+    assert done.returncode == 1, done.stdout
+    assert f"plugin p{unique}: cannot serve on 127.0.0.1:{port}: [Errno 98]" in done.stdout
