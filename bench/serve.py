@@ -17,7 +17,7 @@
 
 The three take turns in rounds (medians over rounds): the machine may be shared.
 
-Every process started is killed at the end (process groups).
+Every process started is killed at the end.
 """
 from __future__ import annotations
 
@@ -27,7 +27,6 @@ import json
 import re
 import os
 import shutil
-import signal
 import socket
 import statistics
 import subprocess
@@ -40,6 +39,8 @@ from typing import Callable, Dict, List, Tuple
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
+
+import psutil  # noqa: E402
 
 import run as portable  # noqa: E402  (bench/run.py: Session, call, exec_request)
 
@@ -120,7 +121,8 @@ class Served:
         self.log = open(os.path.join(root, name + ".log"), "wb")
         self.proc = subprocess.Popen([sys.executable, "-m", "kuiper_pool.tools.cli", "serve", self.dir,
                                       "--listen", f"127.0.0.1:{self.port}"], env=env, stdout=self.log,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
+                                     stderr=subprocess.STDOUT)  # the bench's session, as the portable plugins'
+                                                                # (the kernel's autogroups share CPU per session)
         self.name = name
         self.burn_body = json.dumps({"arg0": str(loops)}).encode()
         deadline = time.monotonic() + 60
@@ -168,9 +170,16 @@ class Served:
 
     def close(self) -> None:
         try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+            procs = psutil.Process(self.proc.pid).children(recursive=True)
+        except psutil.Error:
+            procs = []
+        self.proc.kill()
+        for p in procs:
+            try:
+                p.kill()
+            except psutil.Error:
+                pass
+        psutil.wait_procs(procs, timeout=10)
         self.proc.wait(10)
         self.log.close()
 
