@@ -40,7 +40,7 @@ def field(i: int) -> str:
 def decode_args(body: bytes, types: Sequence[str]) -> List[Any]:
     """The function's arguments from eKuiper's JSON body (a missing field is a zero value)."""
     try:
-        obj = json.loads(body) if body.strip() else {}
+        obj = wire.loads(body) if body.strip() else {}
     except ValueError as e:
         raise CallError(f"the body is not JSON: {e}") from None
     if not isinstance(obj, dict):
@@ -82,7 +82,7 @@ def encode_result(reply: bytes, result_type: str) -> Tuple[int, bytes]:
     """The HTTP status and text/plain body for a worker's ``{"state", "result"}`` reply:
     200 and the value as eKuiper parses it into the wrapper type, or 500 and one line."""
     try:
-        answer = json.loads(reply)
+        answer = wire.loads(reply)
         ok, result = bool(answer["state"]), answer["result"]
     except (ValueError, KeyError, TypeError) as e:
         return 500, wire.one_line(f"unreadable reply from the worker: {e}")

@@ -122,7 +122,8 @@ def format_status(snap: Dict) -> str:
             "CPU%", "IN", "OUT", "ERRORS", "LAST ERROR"]
     rows: List[List[str]] = []
     for i in sorted(snap["instances"], key=lambda i: (i["symbol"], i["rule"], i["op"], i["instance"])):
-        where = f"{i['rule']}/{i['op']}/{i['instance']}" if i["type"] != "func" else "(all rules)"
+        where = (f"{i['rule']}/{i['op']}/{i['instance']}" if i["type"] != "func" else
+                 f"serve worker {i['instance']}" if i["instance"] else "(all rules)")
         rows.append([i["symbol"], i["type"], where, str(i["pid"] or "-"), i["state"],
                      _duration(i["uptime"]), str(i["restarts"]), f"{i['rss'] / 1048576:.1f}M",
                      f"{i['cpu_percent']:.0f}", str(i["items_in"]), str(i["items_out"]),
