@@ -245,3 +245,13 @@ def test_a_taken_address_is_one_line_and_exit_1(tmp_path, unique):
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=60)
     assert done.returncode == 1, done.stdout
     assert f"plugin p{unique}: cannot serve on 127.0.0.1:{port}: [Errno 98]" in done.stdout
+
+
+def test_a_call_past_call_deadline_is_answered_with_an_error_and_its_worker_replaced(served):
+    s, fn, client, _dir = served(call_deadline=0.5)
+    c = client()
+    with pytest.raises(EKuiperError) as e:
+        c.call(fn, "slow", "3")
+    assert "return code: 500" in str(e.value) and "call_deadline 0.5" in str(e.value), str(e.value)
+    assert c.call(fn, "echo", "next") == "next"
+    c.close()
