@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from conftest import wait_until
 from ekuiper_rest import Client, EKuiperError
-from plugins import read_jsonl
+from plugins import read_jsonl, runtime_entries
 from serve_helpers import Served, serve_plugin
 
 
@@ -30,6 +30,8 @@ def served(tmp_path, unique):
     for s in runs:
         left = s.close()
         assert not left, f"processes left behind: {left}"
+    # the zygote removes the run dir and status socket of a supervisor that was killed
+    wait_until(lambda: not runtime_entries(unique), 10, message="the private directory emptied")
 
 
 def test_emitted_service_declares_each_function_as_eKuiper_loads_it(tmp_path, unique):

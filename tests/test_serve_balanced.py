@@ -104,6 +104,9 @@ def test_a_killed_instance_fails_only_its_calls_in_flight(tmp_path, unique):
         nginx.wait(timeout=10)
         left = a.close() + b.close()
         assert not left, f"processes left behind: {left}"
+        bases = [tmp_path / run / f"kuiper_pool-{os.getuid()}" for run in ("run-a", "run-b")]
+        wait_until(lambda: not any(os.listdir(b) for b in bases if b.exists()), 10,
+                   message="the private directories emptied")
 
 
 def _answers(client: Client, fn: str) -> bool:
