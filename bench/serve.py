@@ -25,6 +25,7 @@ started is killed at the end.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import http.client
 import importlib.util
 import json
@@ -202,16 +203,13 @@ class HttpService:
         return call
 
     def close(self) -> None:
-        try:
+        procs: List[psutil.Process] = []
+        with contextlib.suppress(psutil.Error):
             procs = psutil.Process(self.proc.pid).children(recursive=True)
-        except psutil.Error:
-            procs = []
         self.proc.kill()
         for p in procs:
-            try:
+            with contextlib.suppress(psutil.Error):
                 p.kill()
-            except psutil.Error:
-                pass
         psutil.wait_procs(procs, timeout=10)
         self.proc.wait(10)
         self.log.close()
