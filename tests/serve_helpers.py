@@ -48,16 +48,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def serve_plugin(tmp_path, unique: str, workers: int = 2, **settings) -> tuple:
-    """A plugin with one function ``f<unique>`` (``SERVE_FN``, two string arguments) and its
-    service files emitted by ``kuiper-pool serve --emit-service``: (dir, fn, json, proto, port)."""
+def serve_plugin(tmp_path, unique: str, workers: int = 2, factory: Optional[str] = None,
+                 main_code: str = "", **settings) -> tuple:
+    """A plugin with one function ``f<unique>`` (``SERVE_FN``, two string arguments; made by
+    ``factory``, an expression in main.py after ``main_code``) and its service files emitted
+    by ``kuiper-pool serve --emit-service``: (dir, fn, json, proto, port)."""
     fn = f"f{unique}"
     port = free_port()
     yaml_settings = {"serve_listen": f"127.0.0.1:{port}",
                      "symbols": {fn: {"serve_workers": workers, "serve_args": "string,string"}}}
     yaml_settings.update(settings)
     plugin_dir = make_plugin(str(tmp_path), f"p{unique}", functions={fn: SERVE_FN},
-                             yaml_settings=yaml_settings)
+                             yaml_settings=yaml_settings, main_code=main_code,
+                             factories={fn: factory} if factory else None)
     out = tmp_path / "services"
     done = kuiper_pool_cli("serve", plugin_dir, "--emit-service", out)
     assert done.returncode == 0, done.stderr

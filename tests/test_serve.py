@@ -20,11 +20,12 @@ def served(tmp_path, unique):
     may be left."""
     runs = []
 
-    def start(**settings):
+    def start(wait: bool = True, **settings):
         plugin_dir, fn, service, proto, port = serve_plugin(tmp_path, unique, **settings)
         s = Served(plugin_dir, port, str(tmp_path / f"serve{len(runs)}.log"))
         runs.append(s)
-        s.wait_ready()
+        if wait:
+            s.wait_ready()
         return s, fn, lambda: Client(service, proto), plugin_dir
     yield start
     for s in runs:
@@ -256,4 +257,24 @@ def test_a_call_past_call_deadline_is_answered_with_an_error_and_its_worker_repl
         c.call(fn, "slow", "3")
     assert "return code: 500" in str(e.value) and "call_deadline 0.5" in str(e.value), str(e.value)
     assert c.call(fn, "echo", "next") == "next"
+    c.close()
+
+
+GATED = """
+def gated():
+    if not os.path.exists(os.path.join(PLUGIN_DIR, "ready")):
+        raise RuntimeError("not ready yet")
+    return ServeFn()
+"""
+
+
+def test_a_worker_whose_start_is_refused_is_started_again_until_it_serves(served):
+    s, fn, client, plugin_dir = served(wait=False, factory="gated", main_code=GATED)
+    wait_until(lambda: s.text().count("not ready yet; trying again in") >= 2, 30, message="refused starts")
+    assert s.get("/readyz") == 503
+    open(os.path.join(plugin_dir, "ready"), "w").close()
+    s.wait_ready()
+    wait_until(lambda: len(s.worker_pids()) == 2, 30, message="both workers")
+    c = client()
+    assert c.call(fn, "echo", "up") == "up"
     c.close()

@@ -60,10 +60,11 @@ class ServeEndpoint:
 
 
 class Slot:
-    """One worker's instance, its endpoint and the call it holds."""
+    """One worker's instance (a new one after a refused start), its endpoint and the call
+    it holds."""
 
-    def __init__(self, inst: "Instance", pool: "SymbolPool") -> None:
-        self.inst = inst
+    def __init__(self, pool: "SymbolPool") -> None:
+        self.inst: "Instance" = None  # type: ignore[assignment]  # set by the supervisor at once
         self.call: Optional[Call] = None
         self.endpoint = ServeEndpoint(lambda data: pool.replied(self, data))
 
@@ -91,8 +92,8 @@ class SymbolPool:
         self.slots: List[Slot] = []
         self.queue: Deque[Call] = collections.deque()
 
-    def add(self, inst: "Instance") -> Slot:
-        slot = Slot(inst, self)
+    def add(self) -> Slot:
+        slot = Slot(self)
         self.slots.append(slot)
         return slot
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 from .. import wire
 from ..runtime.effects import LoopEffects
@@ -14,7 +14,8 @@ from ..runtime.instances import Instance
 from ..runtime.routes.function import FunctionChannel
 from ..runtime.supervisor import Supervisor
 from . import http
-from .pool import Call, ServeEndpoint, SymbolPool
+from ..runtime.states import State
+from .pool import Call, ServeEndpoint, Slot, SymbolPool
 from .schema import arg_types
 
 IDLE_TO_STOP = 1.0   # seconds without a call in flight after which a drain ends early
@@ -42,6 +43,7 @@ class ServeSupervisor(Supervisor):
         self.parent = 0    # started by a person or a service manager: no eKuiper to outlive
         self.pools: Dict[str, SymbolPool] = {}
         self.server: Optional[http.HttpServer] = None
+        self.refused: Dict[str, Tuple[float, int]] = {}   # key -> (retry at, refused starts)
         self.draining = ""
         self.drain_until = 0.0
         self.busy_at = 0.0
@@ -61,21 +63,31 @@ class ServeSupervisor(Supervisor):
             pool = self.pools[symbol] = SymbolPool(symbol, s.call_deadline, self.deliver)
             for i in range(1, (s.serve_workers or os.cpu_count() or 1) + 1):
                 ctrl = wire.Control(wire.CMD_START, symbol, wire.TYPE_FUNC, instance_id=i)
-                inst = Instance(self.plugin.name, ctrl, s, fx)
-                fx.endpoints[ctrl.key] = pool.add(inst).endpoint
-                self.instances[ctrl.key] = inst
-                self.guarded("start", inst, inst.begin, self.started_answer(inst))
+                slot = pool.add()
+                fx.endpoints[ctrl.key] = slot.endpoint
+                self.begin(slot, ctrl)
         self.log.info("plugin %s: supervisor pid %d serving %s over REST on %s (zygote pid %d)",
                       self.plugin.name, os.getpid(),
                       ", ".join(f"{sym} x{len(p.slots)}" for sym, p in self.pools.items()) or "no function",
                       self.s.serve_listen, self.zygote.pid)
 
-    def started_answer(self, inst: Instance) -> Any:
+    def begin(self, slot: Slot, ctrl: wire.Control) -> None:
+        """Start the instance of one worker of a pool (again, after a refused start)."""
+        s = self.s.for_symbol(ctrl.symbol)
+        inst = slot.inst = self.instances[ctrl.key] = Instance(self.plugin.name, ctrl, s, self.fx)
+
         def answer(data: bytes) -> None:
-            if data != wire.OK:
-                self.log.error("%s: cannot start: %s", inst.where(), data.decode("utf-8", "replace"),
-                               extra={"symbol": inst.ctrl.symbol, "rule": "-"})
-        return answer
+            if data == wire.OK:
+                self.refused.pop(ctrl.key, None)
+                return
+            # no eKuiper starts it again: retried with backoff, so the pool keeps its size
+            tries = self.refused.get(ctrl.key, (0.0, 0))[1] + 1
+            delay = min(s.failed_retry_max, s.restart_backoff_min * 2 ** tries)
+            self.refused[ctrl.key] = (time.monotonic() + delay, tries)
+            self.log.error("%s: cannot start: %s; trying again in %gs", inst.where(),
+                           data.decode("utf-8", "replace"), delay,
+                           extra={"symbol": ctrl.symbol, "rule": "-"})
+        self.guarded("start", inst, inst.begin, answer)
 
     def deliver(self, inst: Instance, endpoint: ServeEndpoint) -> None:
         self.guarded("call", inst, inst.on_readable, endpoint)
@@ -119,6 +131,11 @@ class ServeSupervisor(Supervisor):
         if self.server is not None:
             self.guarded("http", None, self.server.tick, now)
         for pool in self.pools.values():
+            for slot in pool.slots:
+                due = self.refused.get(slot.inst.ctrl.key)
+                if due and now >= due[0] and slot.inst.state is State.REMOVED and not self.exiting:
+                    self.refused[slot.inst.ctrl.key] = (float("inf"), due[1])
+                    self.begin(slot, slot.inst.ctrl)
             if any(s.call is not None for s in pool.slots) or pool.queue:
                 self.busy_at = now
             self.guarded("pool", None, pool.tick, now)
