@@ -3,7 +3,6 @@ with the REST server in place of eKuiper's control channel and a pool of functio
 instances per symbol (``pool.py``) in place of eKuiper's function sockets."""
 from __future__ import annotations
 
-import logging
 import os
 import time
 from typing import Any, Dict, Optional, Tuple
@@ -12,9 +11,9 @@ from .. import wire
 from ..runtime.effects import LoopEffects
 from ..runtime.instances import Instance
 from ..runtime.routes.function import FunctionChannel
+from ..runtime.states import State
 from ..runtime.supervisor import Supervisor
 from . import http
-from ..runtime.states import State
 from .pool import Call, ServeEndpoint, Slot, SymbolPool
 from .schema import arg_types
 
@@ -89,6 +88,13 @@ class ServeSupervisor(Supervisor):
                            extra={"symbol": ctrl.symbol, "rule": "-"})
         self.guarded("start", inst, inst.begin, answer)
 
+    def retry_refused(self, pool: SymbolPool, now: float) -> None:
+        for slot in pool.slots:
+            due = self.refused.get(slot.inst.ctrl.key)
+            if due and now >= due[0] and slot.inst.state is State.REMOVED and not self.exiting:
+                self.refused[slot.inst.ctrl.key] = (float("inf"), due[1])   # until it answers
+                self.begin(slot, slot.inst.ctrl)
+
     def deliver(self, inst: Instance, endpoint: ServeEndpoint) -> None:
         self.guarded("call", inst, inst.on_readable, endpoint)
 
@@ -131,11 +137,7 @@ class ServeSupervisor(Supervisor):
         if self.server is not None:
             self.guarded("http", None, self.server.tick, now)
         for pool in self.pools.values():
-            for slot in pool.slots:
-                due = self.refused.get(slot.inst.ctrl.key)
-                if due and now >= due[0] and slot.inst.state is State.REMOVED and not self.exiting:
-                    self.refused[slot.inst.ctrl.key] = (float("inf"), due[1])
-                    self.begin(slot, slot.inst.ctrl)
+            self.retry_refused(pool, now)
             if any(s.call is not None for s in pool.slots) or pool.queue:
                 self.busy_at = now
             self.guarded("pool", None, pool.tick, now)
@@ -152,4 +154,4 @@ class ServeSupervisor(Supervisor):
         finally:
             if self.server is not None:
                 self.server.close()
-            self.log.log(logging.INFO, "plugin %s: stopped serving", self.plugin.name)
+            self.log.info("plugin %s: stopped serving", self.plugin.name)
