@@ -62,7 +62,9 @@ class HttpServer:
                  register: Register, unregister: Callable[[int], None],
                  want_write: Callable[[int, bool], None]) -> None:
         host, _, port = listen.rpartition(":")
-        self.listener = socket.create_server((host.strip("[]"), int(port)), backlog=256)
+        host = host.strip("[]")
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.listener = socket.create_server((host, int(port)), family=family, backlog=256)
         self.listener.setblocking(False)
         self.types, self.submit, self.ready = types, submit, ready
         self.register, self.unregister, self.want_write = register, unregister, want_write

@@ -42,7 +42,7 @@ def emit_service(plugin_dir: str, out_dir: str, address: Optional[str]) -> int:
         return 1
     if address is None:
         host, _, port = settings.serve_listen.rpartition(":")
-        address = f"http://{'127.0.0.1' if host in ('0.0.0.0', '') else host}:{port}"
+        address = f"http://{'127.0.0.1' if host in ('0.0.0.0', '[::]', '') else host}:{port}"
     types = {}
     for f in functions:
         s = settings.for_symbol(f)
