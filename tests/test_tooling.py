@@ -387,6 +387,7 @@ def test_package_and_validate_report_the_same_folder_problems(tmp_path):
     (["validate", "{tmp}/nowhere"], "is not a folder"),
     (["validate", "{pysam}", "--timeout", "0"], "--timeout"),
     (["validate", "{pysam}", "--timeout", "soon"], "invalid float value"),
+    (["serve", "{tmp}/nowhere"], "is not a folder"),
 ])
 def test_usage_errors_exit_2(tmp_path, args, message):
     proc = cli(*[a.format(tmp=tmp_path, pysam=PYSAM) for a in args])
@@ -395,13 +396,13 @@ def test_usage_errors_exit_2(tmp_path, args, message):
     assert "Traceback" not in proc.stderr and not list(tmp_path.iterdir())
 
 
-@pytest.mark.parametrize("command", [[], ["try"], ["status"], ["package"], ["validate"]])
+@pytest.mark.parametrize("command", [[], ["try"], ["status"], ["package"], ["validate"], ["serve"]])
 def test_every_command_has_help(command):
     proc = cli(*command, "--help")
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("usage: kuiper-pool " + " ".join(command)), proc.stdout
     if not command:
-        for sub in ("try", "status", "package", "validate"):
+        for sub in ("try", "status", "package", "validate", "serve"):
             assert re.search(rf"^\s+{sub}\s+\S", proc.stdout, re.M), proc.stdout
 
 

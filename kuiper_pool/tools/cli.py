@@ -125,6 +125,15 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return validate(_plugin_dir(args), python=args.python, timeout=args.timeout)
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .serve import emit_service, serve
+
+    plugin_dir = _plugin_dir(args)
+    if args.emit_service:
+        return emit_service(plugin_dir, args.emit_service, args.address)
+    return serve(plugin_dir, args.python, args.listen)
+
+
 def format_status(snap: Dict) -> str:
     """The status table a person reads."""
     head = (f"plugin {snap['plugin']}  supervisor pid {snap['pid']}  zygote pid {snap['zygote_pid']}"
@@ -133,7 +142,8 @@ def format_status(snap: Dict) -> str:
             "CPU%", "IN", "OUT", "ERRORS", "LAST ERROR"]
     rows: List[List[str]] = []
     for i in sorted(snap["instances"], key=lambda i: (i["symbol"], i["rule"], i["op"], i["instance"])):
-        where = f"{i['rule']}/{i['op']}/{i['instance']}" if i["type"] != "func" else "(all rules)"
+        where = (f"{i['rule']}/{i['op']}/{i['instance']}" if i["type"] != "func" else
+                 f"serve worker {i['instance']}" if i["instance"] else "(all rules)")
         rows.append([i["symbol"], i["type"], where, str(i["pid"] or "-"), i["state"],
                      _duration(i["uptime"]), str(i["restarts"]), f"{i['rss'] / 1048576:.1f}M",
                      f"{i['cpu_percent']:.0f}", str(i["items_in"]), str(i["items_out"]),
@@ -154,7 +164,7 @@ def _duration(seconds: float) -> str:
 COMMANDS: Dict[str, Callable[[argparse.Namespace], int]] = {
     "try": cmd_try, "status": cmd_status, "restart": cmd_restart, "reload": cmd_reload,
     "package": cmd_package,
-    "validate": cmd_validate}
+    "validate": cmd_validate, "serve": cmd_serve}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -259,6 +269,22 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--timeout", type=float, default=60.0,
                    help="seconds the executable may take to reach plugin.start (default 60)")
     v.set_defaults(subparser=v)
+    sv = sub.add_parser("serve", help="serve a plugin's functions as an eKuiper external service",
+                        description="Run the plugin unchanged with its functions served over REST "
+                                    "as eKuiper's external service functions call them, each "
+                                    "function by serve_workers supervised worker processes "
+                                    "(kuiper_pool.yaml). SIGTERM drains, then stops. With "
+                                    "--emit-service DIR, write the service JSON and the .proto "
+                                    "eKuiper registers (DIR/<plugin>.json, DIR/schemas/<plugin>.proto) "
+                                    "and exit. See docs/serve.md.")
+    sv.add_argument("plugin_dir", help="folder with <name>.json and the plugin's executable")
+    sv.add_argument("--listen", help="host:port to serve on (default: serve_listen, 127.0.0.1:9081)")
+    sv.add_argument("--python", default=sys.executable, help="interpreter to run the plugin with "
+                                                             "(default: this one)")
+    sv.add_argument("--emit-service", metavar="DIR", help="write the service files to DIR and exit")
+    sv.add_argument("--address", help="with --emit-service: the URL eKuiper calls (default: "
+                                      "http://<serve_listen>, 0.0.0.0 as 127.0.0.1)")
+    sv.set_defaults(subparser=sv)
     return p
 
 
