@@ -242,7 +242,8 @@ class Reloader:
             inst.s = sup.s.for_symbol(inst.ctrl.symbol)
             sup.guarded("reload", inst, lambda: setattr(self, "asked", inst.replace("reload")))
         if not done and inst is not None:
-            limit = inst.s.stop_grace + inst.s.start_timeout + REPLACE_SLACK
+            limit = inst.s.stop_grace + inst.s.start_timeout + REPLACE_SLACK + (
+                inst.s.call_deadline if inst.kind == wire.TYPE_FUNC else 0.0)  # a call finishes first
             if now - self.current_since > limit:
                 done = f"{inst.where()}: not replaced within {limit:g}s ({inst.state}: {inst.last_error})"
         if not done:
