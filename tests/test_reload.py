@@ -360,3 +360,47 @@ def test_a_call_in_flight_when_a_reload_comes_finishes_past_stop_grace(tmp_path,
     assert proc.returncode == 0 and "reloaded: 1 instance(s) replaced" in proc.stdout, proc.stdout + proc.stderr
     version, pid = function.exec(["pid"])["result"]
     assert version == "v2" and pid != old
+
+
+def test_a_plugin_with_900_functions_reloads(tmp_path, unique, host_runs):
+    """The fresh zygote's first report grows with the symbols (over 64 KiB here): it
+    arrives whole, whatever its size up to a bound of many MiB."""
+    name = f"kp{unique}"
+    functions = {f"fn{unique}_{i}": "ModeFunction" for i in range(900)}
+    plugin_dir = make_plugin(str(tmp_path), name, functions=functions,
+                             settings={**FAST, "start_timeout": 20.0})
+    host = host_runs.launch(plugin_dir)
+    function = host.start_function(f"fn{unique}_899")
+    old = function.exec(["pid"])["result"]
+    proc = kuiper_pool_cli("reload", name, timeout=90)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.startswith(f"plugin {name}: reloaded: 1 instance(s) replaced"), proc.stdout
+    assert function.exec(["pid"])["result"] != old
+
+
+def test_zygote_messages_of_any_size_up_to_the_bound_arrive_whole_and_others_name_the_cause():
+    """Over a real SEQPACKET socketpair, as between the supervisor and a zygote."""
+    import socket
+
+    from kuiper_pool.runtime import protocol
+
+    before = len(os.listdir("/proc/self/fd"))
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    with a, b:
+        for size in (10, protocol.INLINE + 1, 3 << 20):
+            obj = {"op": "hello", "blob": "x" * size}
+            data, fds = protocol.encode_zygote(obj)
+            socket.send_fds(a, [data], fds)
+            for fd in fds:
+                os.close(fd)
+            assert protocol.decode_zygote(*protocol.recv_zygote(b)) == (obj, [])
+        data, fds = protocol.encode_zygote({"op": "hello", "blob": "x" * (protocol.MAX_MESSAGE + 1)})
+        socket.send_fds(a, [data], fds)
+        for fd in fds:
+            os.close(fd)
+        with pytest.raises(ValueError, match=f"over the bound of {protocol.MAX_MESSAGE} bytes"):
+            protocol.decode_zygote(*protocol.recv_zygote(b))
+        a.send(b"{" + b" " * protocol.ZYGOTE_DATAGRAM + b"}")   # a datagram too big to read whole
+        with pytest.raises(ValueError, match="cut short"):
+            protocol.recv_zygote(b)
+    assert len(os.listdir("/proc/self/fd")) == before   # every memfd closed, read or refused

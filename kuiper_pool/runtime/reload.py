@@ -110,7 +110,11 @@ class Reloader:
     def on_candidate(self, z: Zygote) -> None:
         if z is not self.candidate:
             return
-        events = z.events()
+        try:
+            events = z.events()
+        except ValueError as e:  # never left to start_timeout: the refusal names the cause
+            self._refuse(f"the new code's report cannot be read: {e}")
+            return
         if events == []:
             return
         first = events[0] if events else None
