@@ -250,7 +250,7 @@ class LoopEffects:
     def open_sink(self, inst: "Instance") -> Tuple[Any, Any]:
         ctrl = inst.ctrl
         data_url = wire.data_url(ctrl.rule_id, ctrl.op_id, ctrl.instance_id)
-        pull = self.transport.PullEndpoint(data_url, spill=frames.SPILL)
+        pull = self.transport.PullEndpoint(data_url, spill=frames.SPILL, notice=inst.route.on_notice)
         ack_url = wire.ack_url(ctrl.rule_id, ctrl.op_id, ctrl.instance_id)
         try:
             # eKuiper listens on the ack path before it sends start; native: dialed and
