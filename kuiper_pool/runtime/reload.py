@@ -11,8 +11,9 @@ stopping a rule.
 3. The switch: the fresh zygote takes over the run dir and the files to clean up, new workers
    come from it, the new settings apply (per instance, as each is replaced).
 4. Instances are replaced one at a time, each like a recycle (``Instance.replace``): a sink's
-   worker finishes what it holds and its unfinished items go to the new worker, a function
-   call in flight finishes on the old worker while the next waits for the new one, a source
+   worker finishes what it holds (and waits for an ack on the way) and its unfinished items go
+   to the new worker, a function call in flight finishes on the old worker within its
+   call_deadline (``Route.runs_until``) while the next waits for the new one, a source
    is closed and opened again on the new code. Instances without a worker (backing off,
    failed, ended) get the new code at their next start.
 5. The old zygote exits once its last worker has.
