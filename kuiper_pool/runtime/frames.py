@@ -7,6 +7,7 @@ Control payloads are JSON; data payloads are binary and never unpickled.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import socket
@@ -186,11 +187,15 @@ class Link:
 
     def send(self, frame: bytes, fds: Sequence[Passed] = ()) -> None:
         """Send ``frame`` (with ``fds`` by SCM_RIGHTS, on its first byte; the caller may
-        close its own int descriptors at once, an owner object is referenced until sent)."""
+        close its own int descriptors at once, an owner object is referenced until sent).
+        OSError when a descriptor cannot be copied to wait in the queue (never dropped
+        silently: the caller's instance is contained)."""
         try:
             self.outbox.write(frame, fds)
-        except OSError:
-            pass  # the worker is gone; its exit report follows
+        except OSError as e:
+            if e.errno in (errno.EMFILE, errno.ENFILE):
+                raise
+            # otherwise the worker is gone; its exit report follows
 
     def flush(self) -> None:
         """Write what the socket takes now; the rest waits for EVENT_WRITE."""
