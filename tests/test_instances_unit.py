@@ -1192,3 +1192,15 @@ def test_a_recycled_worker_whose_call_ended_exits_and_is_not_held_back():
     fx.t += 2.1
     inst.tick(fx.t)
     assert (w.wid, signal.SIGKILL) in fx.signals and w.kill_reason == "reload"
+
+
+def test_a_recycled_worker_whose_page_claims_an_endless_call_is_held_once_for_call_deadline():
+    inst, fx, w = lent(call_deadline=8.0)
+    w.page.begin(b"call", fx.t + 1e9)     # plugin code scribbled a start far in the future
+    assert inst.replace("reload") is True
+    fx.t += 2.1
+    inst.tick(fx.t)
+    assert (w.wid, signal.SIGKILL) not in fx.signals
+    fx.t += 8.0
+    inst.tick(fx.t)
+    assert (w.wid, signal.SIGKILL) in fx.signals and "call_deadline 8s" in w.kill_reason

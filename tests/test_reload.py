@@ -357,7 +357,8 @@ def test_a_call_in_flight_when_a_reload_comes_finishes_past_stop_grace(tmp_path,
     assert replies == [{"state": True, "result": ["v1", old]}], replies
     reload["thread"].join(90)
     proc = reload["proc"]
-    assert proc.returncode == 0 and "reloaded: 1 instance(s) replaced" in proc.stdout, proc.stdout + proc.stderr
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "reloaded: 1 instance(s) replaced" in proc.stdout, proc.stdout
     version, pid = function.exec(["pid"])["result"]
     assert version == "v2" and pid != old
 

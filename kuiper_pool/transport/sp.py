@@ -389,8 +389,8 @@ class FrameReader:
                 return body
         if not self.copying:
             self.copying = True
-            self.notice(False, f"big items are held in memory and relayed by copy: "
-                               f"{why or f'the {SPILL_BUDGET.limit()} memfds of the descriptor budget are in use'} "
+            why = why or f"the {SPILL_BUDGET.limit()} memfds of the descriptor budget are in use"
+            self.notice(False, f"big items are held in memory and relayed by copy: {why} "
                                f"(RLIMIT_NOFILE {resource.getrlimit(resource.RLIMIT_NOFILE)[0]})")
         return None
 
