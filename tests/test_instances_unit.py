@@ -1138,3 +1138,69 @@ def test_an_ack_ekuiper_did_not_read_is_finished_here_and_nothing_is_lent_before
     push.backlog = 0
     inst.on_readable(push)
     assert pull.lent and inst.route.lent_to is w
+
+
+# --- reload: what is in flight in the old worker finishes there -------------------------------------
+
+def test_a_late_ack_after_the_replace_began_finishes_the_item_in_the_old_worker():
+    inst, fx, _ = running()
+    pull, push = fx.endpoints
+    pull.queue.append(b"1")
+    inst.on_readable(pull)
+    old = fx.workers[0]
+    assert inst.replace("reload") is True and inst.state == RECYCLING
+    inst.on_frame(old, frames.ACK, frames.SEQ.pack(1) + b"{}")   # collect had returned: the ack comes now
+    assert push.sent == [b"{}"] and not inst.route.inflight
+    inst.on_exit(old, EXIT_0)
+    new = fx.workers[1]
+    ready(inst, new)
+    assert items_sent_to(fx, new) == [] and inst.errors == 0
+
+
+def test_a_lent_sink_item_acked_after_the_replace_began_is_not_collected_again():
+    inst, fx, w = lent_sink()
+    page = fx.worker_pages[w.wid]
+    take(page, b"x")
+    page.holding()                       # collect returned; its ack is on the way
+    assert inst.replace("reload") is True
+    page.acking()
+    page.acked()                         # the worker waited for it before leaving
+    inst.on_exit(w, EXIT_0)
+    ready(inst, fx.workers[1])
+    assert items_sent_to(fx, fx.workers[1]) == [] and not inst.route.inflight
+
+
+def test_a_recycled_worker_with_a_call_in_flight_is_killed_at_call_deadline_not_stop_grace():
+    inst, fx, w = lent(call_deadline=8.0)
+    w.page.begin(b"slow", fx.t)
+    assert inst.replace("reload") is True
+    fx.t += 2.5                          # past stop_grace (2 s): the call runs on
+    inst.tick(fx.t)
+    assert (w.wid, signal.SIGKILL) not in fx.signals
+    fx.t += 5.6                          # past the call's own deadline
+    inst.tick(fx.t)
+    assert (w.wid, signal.SIGKILL) in fx.signals and "call_deadline 8s" in w.kill_reason
+    inst.on_exit(w, KILLED)
+    assert inst.state == STARTING and inst.restarts == 0   # a recycle, never a crash
+
+
+def test_a_recycled_worker_whose_call_ended_exits_and_is_not_held_back():
+    inst, fx, w = lent(call_deadline=8.0)
+    w.page.begin(b"quick", fx.t)
+    w.page.finish(True)
+    assert inst.replace("reload") is True
+    fx.t += 2.1
+    inst.tick(fx.t)
+    assert (w.wid, signal.SIGKILL) in fx.signals and w.kill_reason == "reload"
+
+
+def test_a_recycled_worker_whose_page_claims_an_endless_call_is_held_once_for_call_deadline():
+    inst, fx, w = lent(call_deadline=8.0)
+    w.page.begin(b"call", fx.t + 1e9)     # plugin code scribbled a start far in the future
+    assert inst.replace("reload") is True
+    fx.t += 2.1
+    inst.tick(fx.t)
+    assert (w.wid, signal.SIGKILL) not in fx.signals
+    fx.t += 8.0
+    inst.tick(fx.t)
+    assert (w.wid, signal.SIGKILL) in fx.signals and "call_deadline 8s" in w.kill_reason

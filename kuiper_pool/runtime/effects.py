@@ -54,6 +54,7 @@ class WorkerHandle:
         self.call_seq = -1          # the page's call seen executing on the previous tick
         self.pending_signal = 0     # sent at signal_at, once its stack has been dumped
         self.signal_at = 0.0
+        self.held = ""              # recycled with a call in flight: the kill reason past its deadline
 
 
 class Effects(Protocol):
@@ -258,7 +259,7 @@ class LoopEffects:
     def open_sink(self, inst: "Instance") -> Tuple[Any, Any]:
         ctrl = inst.ctrl
         data_url = wire.data_url(ctrl.rule_id, ctrl.op_id, ctrl.instance_id)
-        pull = self.transport.PullEndpoint(data_url, spill=frames.SPILL)
+        pull = self.transport.PullEndpoint(data_url, spill=frames.SPILL, notice=inst.route.on_notice)
         ack_url = wire.ack_url(ctrl.rule_id, ctrl.op_id, ctrl.instance_id)
         try:
             # eKuiper listens on the ack path before it sends start; native: dialed and

@@ -85,8 +85,7 @@ def verdict(v: Vitals, now: float, settings: Settings, kind: str,
         settings.collect_deadline if kind == wire.TYPE_SINK else 0.0)
     started = v.call_started or v.busy_since
     if deadline and started and now - started > deadline:
-        name = "call_deadline" if kind == wire.TYPE_FUNC else "collect_deadline"
-        return KILL, f"call exceeded {name} {deadline:g}s"
+        return KILL, overran("call_deadline" if kind == wire.TYPE_FUNC else "collect_deadline", deadline)
     limit_mb = settings.memory_limit_mb
     if limit_mb and v.rss > limit_mb * 1024 * 1024:
         return RECYCLE, (f"resident memory {v.rss / 1048576:.0f} MiB over "
@@ -94,6 +93,11 @@ def verdict(v: Vitals, now: float, settings: Settings, kind: str,
     if settings.max_calls and v.calls >= settings.max_calls:
         return RECYCLE, f"served max_calls {settings.max_calls}"
     return None
+
+
+def overran(name: str, deadline: float) -> str:
+    """The kill reason of a call or collect that ran past its deadline setting ``name``."""
+    return f"call exceeded {name} {deadline:g}s"
 
 
 def _hung(v: Vitals, now: float, silent: float, limit: float,

@@ -427,8 +427,15 @@ class Instance:
             self.fx.signal(w, w.pending_signal)
             w.pending_signal = 0
         if w.kill_at and now >= w.kill_at:
+            if self._state is RECYCLING and not w.held:
+                until, w.held = self.route.runs_until(w)
+                if now < until:  # its call in flight finishes here, bounded by its own deadline
+                    # held once: a start time scribbled on the page cannot hold it longer
+                    w.kill_at = min(until, now + self.s.call_deadline)
+                    return
             w.kill_at = 0.0
-            w.kill_reason = w.kill_reason or f"did not exit within stop_grace {self.s.stop_grace:g}s"
+            w.kill_reason = (w.held or w.kill_reason
+                             or f"did not exit within stop_grace {self.s.stop_grace:g}s")
             self.fx.signal(w, signal.SIGKILL)
             return
         self.check_health(w, now)

@@ -45,6 +45,7 @@ SEND_POLL = 0.1       # how often a blocked emit re-checks for stop
 DONE_EVERY = 32       # sink progress is reported at least this often
 PARTIAL_SPINS = 100   # a lent sink connection holds part of a frame: look again at once
 PARTIAL_WAIT = 0.001  # this many times, then after this (a peer that stalls mid-frame)
+ACK_WAIT_SHARE = 0.5  # of stop_grace a stopping sink waits for a pending ack; close gets the rest
 
 
 class ForkGuard:
@@ -280,6 +281,7 @@ def run_sink(worker: Worker, sink: Any) -> int:
     worker.guard.page = mark
     current = mark.slots if mark is not None else [0, 0]
     lent = LentSink(worker, mark) if isinstance(mark, SinkPage) else None
+    owed = AckOwed()
 
     def ack(data: bytes) -> None:
         # With requireAck an item is finished at its ack, whenever it comes (from collect or
@@ -289,6 +291,7 @@ def run_sink(worker: Worker, sink: Any) -> int:
             lent.ack(data)
         else:
             worker.link.send(frames.encode_seq(frames.ACK, current[0], data))
+        owed.paid()
 
     # without requireAck nobody reads acks: ack_ok/ack_error do nothing
     ctx = WorkerContext(ctrl.symbol, ctrl.rule_id, ctrl.op_id, ctrl.instance_id, worker.state,
@@ -302,6 +305,8 @@ def run_sink(worker: Worker, sink: Any) -> int:
 
     def collect(seq: int, data: bytes) -> None:
         current[0] = seq
+        if require_ack:
+            owed.begin()
         worker.busy_since = time.monotonic()
         sink.collect(ctx, data)
         worker.guard.check()  # what follows is the worker's alone
@@ -346,11 +351,39 @@ def run_sink(worker: Worker, sink: Any) -> int:
                 reported = done
         if done > reported:
             worker.link.send(frames.encode_seq(frames.DONE, done))
+    if not owed.wait(worker.spec.stop_grace * ACK_WAIT_SHARE):
+        worker.log.warning("%s: the ack of the last item did not come within %gs of the stop; "
+                           "the item goes to the next worker", worker.where(),
+                           worker.spec.stop_grace * ACK_WAIT_SHARE)
     try:
         sink.close(ctx)
     except Exception as e:  # noqa: BLE001
         worker.log.error("%s: close raised %s: %s", worker.where(), type(e).__name__, e)
     return EXIT_OK
+
+
+class AckOwed:
+    """Whether the item collected last still owes its ack (a sink may ack after ``collect``
+    returned, from a thread of its own). A stopping worker waits for it, so an item is
+    never collected again by the next worker only because its ack was on the way."""
+
+    def __init__(self) -> None:
+        self.cond = threading.Condition()
+        self.owed = False
+
+    def begin(self) -> None:
+        with self.cond:
+            self.owed = True
+
+    def paid(self) -> None:
+        with self.cond:
+            self.owed = False
+            self.cond.notify_all()
+
+    def wait(self, timeout: float) -> bool:
+        """True once nothing is owed; False if the ack did not come within ``timeout``."""
+        with self.cond:
+            return self.cond.wait_for(lambda: not self.owed, timeout)
 
 
 class LentSink:
@@ -518,7 +551,8 @@ def run_function(worker: Worker, function: Any) -> int:
     while True:
         if conn is not None and not worker.link.has_frame():
             ready_fds = [fd for fd, _ev in poller.poll()]
-            if conn.fileno() in ready_fds:
+            # the link first: after a STOP the next call is the next worker's (eKuiper re-sends it)
+            if conn.fileno() in ready_fds and worker.link.sock.fileno() not in ready_fds:
                 try:
                     calls = conn.recv_ready()
                 except OSError:  # eKuiper closed it: the supervisor dials again and lends anew

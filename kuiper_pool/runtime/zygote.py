@@ -54,11 +54,11 @@ from ..plugin import FRESH_ENV
 from ..transport.outbox import Outbox, Watch
 from .forensics import DUMP_SIGNAL
 from .protocol import (ZYGOTE_ADOPT, ZYGOTE_DISOWN, ZYGOTE_ERROR, ZYGOTE_EXITED, ZYGOTE_KILL,
-                       ZYGOTE_OWN, ZYGOTE_REFUSED, ZYGOTE_RETIRE, ZYGOTE_START, ZYGOTE_STARTED)
+                       ZYGOTE_OWN, ZYGOTE_REFUSED, ZYGOTE_RETIRE, ZYGOTE_START, ZYGOTE_STARTED,
+                       decode_zygote, encode_zygote, recv_zygote)
 
 PR_SET_PDEATHSIG = 1
 PR_SET_CHILD_SUBREAPER = 36
-MAX_MSG = 65536
 FRESH_FD = 3   # where a fresh zygote finds its link
 
 
@@ -266,7 +266,11 @@ class Zygote:
         return self.reaped
 
     def _send(self, obj: dict) -> None:
-        self._guard(self.outbox.write, json.dumps(obj).encode())
+        data, fds = encode_zygote(obj)
+        try:
+            self._guard(self.outbox.write, data, fds)
+        finally:
+            _close_all(fds)
 
     @staticmethod
     def _guard(fn: Callable[..., object], *args: object) -> None:
@@ -276,18 +280,19 @@ class Zygote:
             pass  # zygote gone: the supervisor notices through EOF
 
     def events(self) -> Optional[List[dict]]:
-        """Pending ``started``/``exited`` events; None when the zygote is gone."""
+        """Pending ``started``/``exited`` events; None when the zygote is gone. ValueError
+        naming the cause for a report that cannot be read."""
         out = []
         while True:
             try:
-                data = self.sock.recv(MAX_MSG)
+                data, fds = recv_zygote(self.sock, 1)
             except BlockingIOError:
                 return out
             except OSError:
                 return None
             if not data:
                 return None if not out else out
-            out.append(json.loads(data))
+            out.append(decode_zygote(data, fds)[0])
 
     def close(self) -> None:
         """Make the zygote kill every worker left and exit; reap it."""
@@ -347,24 +352,28 @@ class _Zygote:
         self.workers: Dict[int, int] = {}      # pid -> wid
         self.by_wid: Dict[int, int] = {}       # wid -> pid
         self.owned: Dict[str, Tuple[int, ...]] = {}  # path -> its identity when owned
-        self.unsent: List[bytes] = []
+        self.unsent: List[Tuple[bytes, List[int]]] = []   # reports and their descriptors
         self.leaving = False
 
     def report(self, obj: dict) -> None:
         """Never blocks: a supervisor that does not read gets its reports later, a dead one never."""
-        self.unsent.append(json.dumps(obj).encode())
+        self.unsent.append(encode_zygote(obj))
         self.flush()
 
     def flush(self) -> None:
         while self.unsent:
+            data, fds = self.unsent[0]
             try:
-                self.sock.send(self.unsent[0], socket.MSG_DONTWAIT)
+                socket.send_fds(self.sock, [data], fds, socket.MSG_DONTWAIT)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError:  # the supervisor is gone
+                for _data, left in self.unsent:
+                    _close_all(left)
                 self.unsent.clear()
                 self.leaving = True
                 return
+            _close_all(fds)
             self.unsent.pop(0)
 
     def apply(self, req: dict, fds: List[int]) -> None:
@@ -450,14 +459,13 @@ class _Zygote:
         self.sock.setblocking(False)
         while True:
             try:
-                msg, fds, _flags, _addr = socket.recv_fds(self.sock, MAX_MSG, 4)
-            except OSError:
+                msg, fds = recv_zygote(self.sock)
+                if not msg:
+                    return
+                req, fds = decode_zygote(msg, fds)
+            except (OSError, ValueError):
                 return
-            for fd in fds:
-                os.close(fd)
-            if not msg:
-                return
-            req = json.loads(msg)
+            _close_all(fds)
             if req.get("op") in (ZYGOTE_OWN, ZYGOTE_DISOWN, ZYGOTE_ADOPT, ZYGOTE_RETIRE):
                 self.apply(req, [])
 
@@ -506,15 +514,16 @@ def _serve(sock: socket.socket, worker_main: WorkerMain, spawn_argv: Optional[Li
                         sel.modify(sock, selectors.EVENT_READ)
                 if mask & selectors.EVENT_READ:
                     try:
-                        msg, fds, _flags, _addr = socket.recv_fds(sock, MAX_MSG, 4)
+                        msg, fds = recv_zygote(sock)
+                        req, fds = decode_zygote(msg, fds) if msg else ({}, fds)
                     except (BlockingIOError, InterruptedError):
                         continue
-                    except OSError:
+                    except (OSError, ValueError):  # unreadable: as the supervisor's end
                         msg, fds = b"", []
                     if not msg:  # supervisor gone or done: every worker goes down
                         z.leaving = True
                         break
-                    z.apply(json.loads(msg), fds)
+                    z.apply(req, fds)
             if os.getppid() != supervisor:
                 z.leaving = True
             if not events:
@@ -570,7 +579,7 @@ def serve_fresh(link: Tuple[socket.socket, int, str], hello: Dict[str, Any],
     :class:`Zygote`; nothing to clean up until the supervisor adopts us)."""
     sock, supervisor, _rundir = link
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # once adopted, the loop's cleanup must run
-    sock.send(json.dumps(hello).encode())
+    _send_now(sock, hello)
     return _become(sock, load_worker, spawn_argv, "", supervisor, exec_all, env, symbol_env)
 
 
@@ -602,9 +611,23 @@ def report_error(sock: Optional[socket.socket], text: str) -> None:
     try:
         if sock is None:
             sock = socket.socket(fileno=os.dup(FRESH_FD))
-        sock.send(json.dumps({"op": ZYGOTE_ERROR, "error": line}).encode())
+        _send_now(sock, {"op": ZYGOTE_ERROR, "error": line})
     except OSError:
         print(f"kuiper_pool fresh zygote: {line}", flush=True)
+
+
+def _send_now(sock: socket.socket, obj: Dict[str, Any]) -> None:
+    """A fresh zygote's first report, whatever its size (a blocking send)."""
+    data, fds = encode_zygote(obj)
+    try:
+        socket.send_fds(sock, [data], fds)
+    finally:
+        _close_all(fds)
+
+
+def _close_all(fds: Sequence[int]) -> None:
+    for fd in fds:
+        os.close(fd)
 
 
 def main(argv: List[str]) -> int:
