@@ -1,5 +1,8 @@
-"""``kuiper-pool``: check and package a plugin, try it against the embedded eKuiper stand-in,
-and ask a running supervisor how it is."""
+"""kuiper-pool: check and package a plugin, try it against the embedded eKuiper stand-in,
+and ask a running supervisor how it is.
+
+Every command writes its errors to stderr, one line each, and exits with 0 (done), 1 (the
+plugin, the supervisor or a check failed) or 2 (usage: a bad argument, folder, rule or call)."""
 from __future__ import annotations
 
 import argparse
@@ -15,9 +18,16 @@ EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 
 
 def cmd_try(args: argparse.Namespace) -> int:
-    from .rule import run_rule
+    from .rule import RuleError, load_calls, parse_call, run_rule
 
-    return run_rule(args.plugin_dir, args.rule, python=args.python)
+    try:
+        calls = [parse_call(symbol, text) for symbol, text in args.call or []]
+        if args.calls:
+            calls += load_calls(args.calls)
+    except RuleError as e:
+        args.subparser.error(str(e))
+    return run_rule(_plugin_dir(args), args.rule, python=args.python, keep_running=args.keep_running,
+                    calls=calls)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -85,7 +95,9 @@ def cmd_reload(args: argparse.Namespace) -> int:
 def _plugin_dir(args: argparse.Namespace) -> str:
     """The plugin folder argument; a usage error (exit 2) if it is not a folder."""
     if not os.path.isdir(args.plugin_dir):
-        args.subparser.error(f"{args.plugin_dir} is not a folder")
+        what = "it is a file" if os.path.exists(args.plugin_dir) else "it does not exist"
+        args.subparser.error(f"{args.plugin_dir} is not a folder ({what}; give the folder that "
+                             f"holds <name>.json and the executable)")
     return args.plugin_dir
 
 
@@ -138,17 +150,33 @@ COMMANDS: Dict[str, Callable[[argparse.Namespace], int]] = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="kuiper-pool", description=__doc__)
+    p = argparse.ArgumentParser(prog="kuiper-pool", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
     t = sub.add_parser("try", help="run a plugin's rule.json through the embedded eKuiper stand-in",
                        description="Start the plugin exactly as eKuiper does, run the small rule "
-                                   "described in <plugin-dir>/rule.json, print what flows, stop.")
+                                   "described in <plugin-dir>/rule.json, print what flows, stop. "
+                                   "Each line says whose it is: try (this runner), plugin (what "
+                                   "the plugin's code prints) or kuiper_pool (its log). A plugin "
+                                   "with only functions is tried with --call or --calls. Exit "
+                                   "status: 0 ran, 1 the plugin failed, 2 usage (folder, rule, "
+                                   "calls).")
     t.add_argument("plugin_dir", help="folder with <name>.json and the plugin's executable")
     t.add_argument("--rule", help="rule file (default: <plugin-dir>/rule.json)")
     t.add_argument("--python", default=sys.executable,
                    help="interpreter to run the plugin with, like eKuiper's portable.pythonBin "
                         "(default: this one)")
+    t.add_argument("--call", nargs=2, action="append", metavar=("SYMBOL", "ARGS"),
+                   help="call function SYMBOL with ARGS, a JSON array (e.g. '[\"abc\"]'), and "
+                        "print the result instead of running the rule; may be repeated")
+    t.add_argument("--calls", metavar="FILE",
+                   help='calls from a JSON file: [{"symbol": "revert", "args": ["abc"]}, ...]')
+    t.add_argument("--keep-running", action="store_true",
+                   help="run the rule (or keep the plugin up after the calls) until Ctrl-C or "
+                        "SIGTERM, to try kuiper-pool status, restart, reload and metrics on it; "
+                        "then stop everything")
+    t.set_defaults(subparser=t)
     s = sub.add_parser("status", help="show a running supervisor's instances",
                        description="Ask the supervisor of a running plugin (over its private "
                                    "socket) for its instances, workers and counters.")
