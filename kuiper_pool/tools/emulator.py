@@ -140,7 +140,8 @@ def _find_plugin_json(plugin_dir: str) -> Tuple[str, dict]:
     checks = Checks()
     name, meta = find_plugin_json(plugin_dir, checks)
     if meta is None:
-        raise FolderError("; ".join(f.text for f in checks.problems) + f" (in {plugin_dir})")
+        text = "; ".join(f.text for f in checks.problems)
+        raise FolderError(text if plugin_dir in text else f"{text} (in {plugin_dir})")
     if "executable" not in meta:
         raise FolderError(f"{name}.json in {plugin_dir} names no executable")
     return name, meta
