@@ -116,6 +116,13 @@ class Commands:
             if done and done[0]:
                 sup.fx.note(inst, logging.WARNING, "restart requested by an operator (was %s)", before)
         if not lines:
-            lines.append(f"plugin {sup.plugin.name} has no instance"
-                         + (f" of {symbol}" if symbol else ""))
+            p = sup.plugin
+            known = "; ".join(f"{kind} {', '.join(sorted(names))}" for kind, names in (
+                ("sources", p.sources), ("sinks", p.sinks), ("functions", p.functions)) if names)
+            if symbol is None:
+                lines.append(f"plugin {p.name} has no instance (no rule uses it now)")
+            elif symbol in p.symbol_names():
+                lines.append(f"plugin {p.name} has no instance of {symbol} (no rule uses it now)")
+            else:
+                lines.append(f"plugin {p.name} has no symbol {symbol}; its symbols: {known or 'none'}")
         return lines

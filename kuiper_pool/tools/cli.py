@@ -30,6 +30,29 @@ def cmd_try(args: argparse.Namespace) -> int:
                     calls=calls)
 
 
+def _no_answer(command: str, e: Exception, runtime_dir: str) -> int:
+    """A supervisor that cannot be asked, in one line on stderr; when none was found, where
+    we looked and how that place is chosen."""
+    from .. import paths
+    from ..runtime.status import NoSupervisor
+
+    text = str(e)
+    if isinstance(e, NoSupervisor):
+        if runtime_dir:
+            how = f"--runtime-dir {runtime_dir}"
+        elif os.environ.get("TMPDIR"):
+            how = f"TMPDIR={os.environ['TMPDIR']}"
+        else:
+            how = "no TMPDIR and no --runtime-dir"
+        text += (f"; looked in {paths.usual_base(runtime_dir)} and {paths.usual_base(runtime_dir)}-* "
+                 f"(uid {os.getuid()}, {how}): a supervisor makes its socket in <runtime_dir or "
+                 f"TMPDIR or /tmp>/kuiper_pool-<uid of the user eKuiper runs as>, so run this as "
+                 f"that user with eKuiper's TMPDIR, or give --runtime-dir when the plugin sets "
+                 f"runtime_dir")
+    print(f"kuiper-pool {command}: {text}", file=sys.stderr)
+    return EXIT_FAIL
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     from ..runtime.status import StatusError, query
 
@@ -37,8 +60,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         try:
             snap = query(args.plugin, args.runtime_dir)
         except StatusError as e:
-            print(f"kuiper-pool status: {e}", file=sys.stderr)
-            return EXIT_FAIL
+            return _no_answer("status", e, args.runtime_dir)
         out = json.dumps(snap, indent=2) if args.json else format_status(snap)
         if not args.watch:
             print(out)
@@ -53,8 +75,7 @@ def cmd_restart(args: argparse.Namespace) -> int:
     try:
         answer = request(args.plugin, {"cmd": "restart", "symbol": args.symbol}, args.runtime_dir)
     except StatusError as e:
-        print(f"kuiper-pool restart: {e}", file=sys.stderr)
-        return EXIT_FAIL
+        return _no_answer("restart", e, args.runtime_dir)
     lines = answer.get("lines") if isinstance(answer, dict) else None
     if not lines:
         print(f"kuiper-pool restart: {answer.get('error') if isinstance(answer, dict) else answer}",
@@ -85,8 +106,7 @@ def cmd_reload(args: argparse.Namespace) -> int:
             time.sleep(0.1)
             outcome = ask({"cmd": "reload_status", "id": outcome["id"]})
     except StatusError as e:
-        print(f"kuiper-pool reload: {e}", file=sys.stderr)
-        return EXIT_FAIL
+        return _no_answer("reload", e, args.runtime_dir)
     for line in outcome["lines"]:
         print(line)
     return EXIT_OK if outcome["ok"] else EXIT_FAIL
@@ -117,23 +137,60 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return validate(_plugin_dir(args), python=args.python, timeout=args.timeout)
 
 
+LAST_ERROR_WIDTH = 60   # characters of LAST ERROR in the table; --json has it whole
+
+
 def format_status(snap: Dict) -> str:
-    """The status table a person reads."""
+    """The status table a person reads. Times are the local clock's, as in the log."""
     head = (f"plugin {snap['plugin']}  supervisor pid {snap['pid']}  zygote pid {snap['zygote_pid']}"
-            f"  up {_duration(snap['uptime'])}  instances {len(snap['instances'])}")
+            f"  up {_duration(snap['uptime'])}  instances {len(snap['instances'])}"
+            f"  kuiper_pool {snap.get('version', '?')}")
     cols = ["SYMBOL", "TYPE", "RULE/OP/INST", "PID", "STATE", "UPTIME", "RESTARTS", "RSS",
             "CPU%", "IN", "OUT", "ERRORS", "LAST ERROR"]
     rows: List[List[str]] = []
+    cut = False
     for i in sorted(snap["instances"], key=lambda i: (i["symbol"], i["rule"], i["op"], i["instance"])):
         where = f"{i['rule']}/{i['op']}/{i['instance']}" if i["type"] != "func" else "(all rules)"
-        rows.append([i["symbol"], i["type"], where, str(i["pid"] or "-"), i["state"],
-                     _duration(i["uptime"]), str(i["restarts"]), f"{i['rss'] / 1048576:.1f}M",
-                     f"{i['cpu_percent']:.0f}", str(i["items_in"]), str(i["items_out"]),
-                     str(i["errors"]), i["last_error"][:60] or "-"])
+        state = i["state"]
+        if i.get("next_retry_at"):
+            state += f", retry in {_duration(max(i['next_retry_at'] - snap['time'], 0.0))}"
+        error = _cut(i["last_error"], LAST_ERROR_WIDTH)
+        cut = cut or error != i["last_error"]
+        if error and i.get("last_error_at"):
+            error = f"{_clock(i['last_error_at'], snap['time'])} {error}"
+        rows.append([i["symbol"], i["type"], where, str(i["pid"] or "-"), state,
+                     _duration(i["uptime"]), _restarts(i, snap["time"]),
+                     f"{i['rss'] / 1048576:.1f}M", f"{i['cpu_percent']:.0f}", str(i["items_in"]),
+                     str(i["items_out"]), str(i["errors"]), error or "-"])
     widths = [max(len(r[c]) for r in rows + [cols]) for c in range(len(cols))]
     lines = [head, ""] + ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip()
                           for r in [cols] + rows]
+    if cut:
+        lines += ["", f"(LAST ERROR is cut; kuiper-pool status {snap['plugin']} --json has it whole)"]
     return "\n".join(lines)
+
+
+def _restarts(inst: Dict, now: float) -> str:
+    """``3 (2 hang, 1 signal) last 14:02:11``."""
+    text = str(inst["restarts"])
+    causes = inst.get("restart_causes") or {}
+    if causes:
+        text += " (" + ", ".join(f"{n} {cause}" for cause, n in sorted(causes.items())) + ")"
+    recent = inst.get("recent_restarts") or []
+    if recent:
+        text += f" last {_clock(recent[-1]['at'], now)}"
+    return text
+
+
+def _cut(text: str, width: int) -> str:
+    """``text`` in at most ``width`` characters, cut at a word boundary."""
+    if len(text) <= width:
+        return text
+    head = text[:width - 3]
+    space = head.rfind(" ")
+    if space > width // 2:
+        head = head[:space]
+    return head.rstrip(" ,;:") + "..."
 
 
 def _duration(seconds: float) -> str:
@@ -141,6 +198,12 @@ def _duration(seconds: float) -> str:
     if s >= 3600:
         return f"{s // 3600}h{s % 3600 // 60:02d}m"
     return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
+
+
+def _clock(at: float, now: float) -> str:
+    """A past moment on the local clock: the time of day, with the date when not today."""
+    then = time.localtime(at)
+    return time.strftime("%H:%M:%S" if then[:3] == time.localtime(now)[:3] else "%m-%d %H:%M", then)
 
 
 COMMANDS: Dict[str, Callable[[argparse.Namespace], int]] = {

@@ -152,9 +152,11 @@ class Host:
 
     def __init__(self, plugin_dir: str, *, python: str = sys.executable, init_timeout: float = 60.0,
                  recv_timeout: float = 5.0, env: Optional[dict] = None, stdout=None,
-                 command_timeout: float = 30.0, data_transport: str = "sp"):
+                 command_timeout: float = 30.0, data_transport: str = "sp", own_session: bool = False):
         """``data_transport``: ``"sp"`` (native, mangos-like) or ``"nng"`` (pynng sockets)
-        for the data and ack sockets of sources and sinks and the function channels."""
+        for the data and ack sockets of sources and sinks and the function channels.
+        ``own_session``: the plugin gets a session of its own, so a terminal's Ctrl-C reaches
+        only the caller, which then stops the plugin in order."""
         if data_transport not in DATA_TRANSPORTS:
             raise HostError(f"data_transport must be one of {DATA_TRANSPORTS}, got {data_transport!r}")
         self.data_transport = data_transport
@@ -169,6 +171,7 @@ class Host:
         self.command_timeout = command_timeout  # eKuiper waits up to 1 h for an answer
         self.env = env
         self.stdout = stdout
+        self.own_session = own_session
         self.process: Optional[subprocess.Popen] = None
         self.handshake_seconds: Optional[float] = None  # last start: Popen -> handshake received
         self.control_url = f"ipc:///tmp/plugin_{self.name}.ipc"
@@ -220,7 +223,8 @@ class Host:
         try:
             self.process = subprocess.Popen(
                 self.argv(), cwd=os.path.dirname(self.executable), env=env, stdout=self.stdout,
-                stderr=None if self.stdout is None else subprocess.STDOUT)
+                stderr=None if self.stdout is None else subprocess.STDOUT,
+                start_new_session=self.own_session)
         except OSError as e:
             raise HostError(f"fail to start plugin {self.name}: {e}") from e
         try:

@@ -290,7 +290,7 @@ def run_rule(plugin_dir: str, rule_file: Optional[str] = None, out: TextIO = sys
     stop = _Stop() if keep_running else None
     relay: Optional[threading.Thread] = None
     try:
-        host = Host(plugin_dir, python=python)
+        host = Host(plugin_dir, python=python, own_session=True)
         rule = None
         if not calls:
             path = rule_file or os.path.join(plugin_dir, DEFAULT_RULE_FILE)
