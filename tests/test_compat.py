@@ -21,7 +21,7 @@ import pytest
 from conftest import kuiper_pool_cli
 from kuiper_pool.interpreter import MODULES, split_options
 from kuiper_pool.tools.rule import run_rule
-from plugins import COUNTING_SOURCE, make_plugin, official_pysam
+from plugins import COUNTING_SOURCE, make_plugin, unique_pysam
 
 # Modules of the official package that are its single-process runtime, not an API a plugin
 # uses: kuiper_pool's supervisor and workers replace them.
@@ -160,7 +160,7 @@ def test_the_official_pysam_runs_unmodified_under_kuiper_pool_python(tmp_path, u
     """Spawned workers re-import the plugin's modules (``from ekuiper import ...``): they get
     the alias too."""
     dst = str(tmp_path / "pysam")
-    names = official_pysam(dst, unique)
+    names = unique_pysam(dst, unique, sdk="ekuiper")
     before = files_digest(dst)
     monkeypatch.setenv("KUIPER_POOL_START_METHOD", start_method)
     out = io.StringIO()

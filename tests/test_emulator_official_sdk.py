@@ -19,7 +19,7 @@ import psutil
 import pytest
 
 from conftest import ipc_files, kill_tree, wait_until
-from plugins import official_pysam
+from plugins import unique_pysam
 from kuiper_pool.tools.emulator import Host, HostError
 from kuiper_pool.tools.rule import RuleError, load_rule, run_rule
 
@@ -526,7 +526,7 @@ def test_pysam_example_runs_under_the_official_sdk(tmp_path, unique, ipc_leak_ch
     """The kuiper_pool pysam example, with its imports switched back to ``ekuiper`` and its
     names made unique, runs through `try` unchanged otherwise."""
     dst = str(tmp_path / "pysam")
-    names = official_pysam(dst, unique)
+    names = unique_pysam(dst, unique, sdk="ekuiper")
     out = io.StringIO()
     assert run_rule(dst, out=out) == 0, out.getvalue()
     text = out.getvalue()
