@@ -157,8 +157,9 @@ class Worker:
         return EXIT_CRASH
 
 
-def run(link_sock: socket.socket, plugin: PluginConfig) -> int:
-    """Serve one instance over ``link_sock``; return the exit code."""
+def run(link_sock: socket.socket, plugin: PluginConfig, spawned: bool = False) -> int:
+    """Serve one instance over ``link_sock``; return the exit code. ``spawned``: this worker
+    was exec'd (``start_method: spawn``), not forked, which its process title says."""
     link = GuardedLink(link_sock, ForkGuard())
     first = link.recv()
     if first is None or first[0] != frames.START:
@@ -171,7 +172,7 @@ def run(link_sock: socket.socket, plugin: PluginConfig) -> int:
     c = worker.ctrl
     # most telling first: the title is cut to the length of the command line it replaces
     kind = "function" if c.plugin_type == wire.TYPE_FUNC else c.plugin_type
-    proctitle.set_title(f"kuiper-pool {plugin.name} {kind} {c.symbol}"
+    proctitle.set_title(f"kuiper-pool {'(exec) ' if spawned else ''}{plugin.name} {kind} {c.symbol}"
                         + (f" {c.rule_id}/{c.op_id}/{c.instance_id}" if c.rule_id else ""), c.symbol)
     if spec.dump_path:
         try:
@@ -640,7 +641,7 @@ def spawn_main(argv: list) -> int:
     plugin = PluginConfig(**cloudpickle.loads(b"".join(chunks)))
     logs.setup(plugin.name, level)
     try:
-        return run(socket.socket(fileno=fd), plugin)
+        return run(socket.socket(fileno=fd), plugin, spawned=True)
     except ConnectionError:  # the supervisor went away, as a forked worker's zygote reports it
         return EXIT_ORPHAN
 
