@@ -231,8 +231,8 @@ def test_packaged_plugin_with_nested_packages_installs_and_runs(tmp_path, unique
     """Nested packages need their folder entries (eKuiper's unzip makes one folder level at a
     time); caches, version control and virtual environments stay out; the installed plugin runs."""
     src = str(tmp_path / "pysam")
-    names = unique_pysam(src, unique)
-    name = names["pysam"]
+    renamed = unique_pysam(src, unique)
+    name = renamed["pysam"]
     write(os.path.join(src, "helpers", "__init__.py"), "")
     write(os.path.join(src, "helpers", "text", "__init__.py"), "")
     write(os.path.join(src, "helpers", "text", "rev.py"), "def rev(s):\n    return s[::-1]\n")
@@ -253,7 +253,7 @@ def test_packaged_plugin_with_nested_packages_installs_and_runs(tmp_path, unique
     got = install_like_ekuiper(str(tmp_path / "plugin.zip"), name, str(tmp_path / "ekuiper"))
     run = cli("try", got["plugin_dir"], timeout=90)
     assert run.returncode == 0, run.stdout + run.stderr
-    revert = names["revert"]
+    revert = renamed["revert"]
     assert f'#1 {revert}("pyjson") -> "nosjyp"' in run.stdout and f'#5 {revert}("sink") -> "knis"' in run.stdout
     wait_until(lambda: not ipc_files(unique), timeout=5, message="the rule's ipc files removed")
 

@@ -143,3 +143,14 @@ def test_keep_running_serves_the_rule_until_stopped_then_cleans_up(tmp_path, uni
     assert proc.stderr.read() == ""
     wait_until(lambda: not ipc_files(unique), timeout=5, message="the rule's ipc files removed")
     assert cli("status", f"kp{unique}").returncode == 1  # the supervisor is gone
+
+
+@pytest.mark.parametrize("command", [[], ["try"], ["status"], ["restart"], ["reload"], ["package"],
+                                     ["validate"]])
+def test_help_is_plain_text(command):
+    proc = cli(*command, "--help")
+    assert proc.returncode == 0, proc.stderr
+    assert not re.search(r"``|:(mod|func|class|data):`", proc.stdout), proc.stdout
+    if not command:
+        assert proc.stdout.split("\n\n")[1].startswith("kuiper-pool: check and package a plugin")
+        assert "exits with 0 (done), 1 (the\nplugin, the supervisor or a check failed) or 2" in proc.stdout
