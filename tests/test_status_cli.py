@@ -353,8 +353,9 @@ def test_restart_brings_a_failed_function_back_and_replaces_running_workers(tmp_
     assert proc.returncode == 0 and len(proc.stdout.splitlines()) == 2, proc.stdout
     wait_until(lambda: src.recv()["message"]["pid"] != first_src, message="a new source worker")
     proc = kuiper_pool_cli("restart", f"kp{unique}", "nosuch")
-    assert proc.returncode == 1 and proc.stdout.strip() == (
-        f"plugin kp{unique} has no symbol nosuch; its symbols: sources src{unique}; functions fn{unique}")
+    assert proc.returncode == 2 and proc.stdout == "" and proc.stderr.splitlines() == [
+        f"kuiper-pool restart: plugin kp{unique} has no symbol nosuch; its symbols: sources src{unique}; "
+        f"functions fn{unique}"]
 
 
 def test_status_says_when_errors_and_restarts_happened_and_when_the_next_try_is(tmp_path, unique,
@@ -388,8 +389,8 @@ def test_status_says_when_errors_and_restarts_happened_and_when_the_next_try_is(
     assert full.startswith(cut) and full[len(cut)] in " ,;:" and len(cut) <= 60, (cut, full)
     assert table.splitlines()[-1] == f"(LAST ERROR is cut; kuiper-pool status kp{unique} --json has it whole)"
     proc = kuiper_pool_cli("restart", f"kp{unique}", f"nofn{unique}")
-    assert proc.stdout.strip() == (f"plugin kp{unique} has no symbol nofn{unique}; its symbols: "
-                                   f"functions fn{unique}")
+    assert proc.returncode == 2 and proc.stderr.strip() == (
+        f"kuiper-pool restart: plugin kp{unique} has no symbol nofn{unique}; its symbols: functions fn{unique}")
 
 
 def test_workers_are_named_by_plugin_kind_and_symbol_in_ps_also_after_a_reload(rig):
@@ -422,9 +423,9 @@ def test_restart_with_an_empty_or_non_string_symbol_restarts_nothing(tmp_path, u
     fn = host.start_function(f"fn{unique}")
     pid = fn.exec(["pid"])["result"]
     proc = kuiper_pool_cli("restart", f"kp{unique}", "")
-    assert proc.returncode == 1 and "restart needs a symbol name or none (got '')" in proc.stderr
+    assert proc.returncode == 2 and "restart needs a symbol name or none (got '')" in proc.stderr
     answer = status.request(f"kp{unique}", {"cmd": "restart", "symbol": 5})
-    assert answer == {"error": "restart needs a symbol name or none (got 5)"}
+    assert answer == {"error": "restart needs a symbol name or none (got 5)", "usage": True}
     assert fn.exec(["pid"])["result"] == pid
     assert status.query(f"kp{unique}")["instances"][0]["restarts"] == 0
 

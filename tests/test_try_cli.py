@@ -145,6 +145,18 @@ def test_keep_running_serves_the_rule_until_stopped_then_cleans_up(tmp_path, uni
     assert cli("status", f"kp{unique}").returncode == 1  # the supervisor is gone
 
 
+@pytest.mark.parametrize("args, message", [
+    (["status", "kp{u}", "--interval", "0"], "--interval must be a positive number of seconds"),
+    (["status", "kp{u}", "--interval", "soon"], "invalid float value"),
+    (["reload", "kp{u}", "--timeout", "soon"], "invalid float value"),
+    (["restart"], "the following arguments are required: plugin"),
+    (["try", "{tmp}", "--call", "fn"], "expected 2 arguments"),
+])
+def test_usage_errors_of_the_operator_commands_exit_2(tmp_path, unique, args, message):
+    line = one_error(cli(*[a.format(u=unique, tmp=tmp_path) for a in args]), 2)
+    assert message in line, line
+
+
 @pytest.mark.parametrize("command", [[], ["try"], ["status"], ["restart"], ["reload"], ["package"],
                                      ["validate"]])
 def test_help_is_plain_text(command):

@@ -93,7 +93,13 @@ class Commands:
         if req.get("cmd") == "restart":
             symbol = req.get("symbol")
             if symbol is not None and not (isinstance(symbol, str) and symbol):  # not "all"
-                return {"error": f"restart needs a symbol name or none (got {symbol!r})"}
+                return {"error": f"restart needs a symbol name or none (got {symbol!r})", "usage": True}
+            p = self.sup.plugin
+            if symbol is not None and symbol not in p.symbol_names():
+                known = "; ".join(f"{kind} {', '.join(sorted(names))}" for kind, names in (
+                    ("sources", p.sources), ("sinks", p.sinks), ("functions", p.functions)) if names)
+                return {"error": f"plugin {p.name} has no symbol {symbol}; its symbols: {known or 'none'}",
+                        "usage": True}
             return {"lines": self.restart(symbol)}
         if req.get("cmd") == "reload":  # answered at once; the outcome is polled (reload_status)
             return self.sup.reloader.begin(check=bool(req.get("check")))
@@ -116,13 +122,6 @@ class Commands:
             if done and done[0]:
                 sup.fx.note(inst, logging.WARNING, "restart requested by an operator (was %s)", before)
         if not lines:
-            p = sup.plugin
-            known = "; ".join(f"{kind} {', '.join(sorted(names))}" for kind, names in (
-                ("sources", p.sources), ("sinks", p.sinks), ("functions", p.functions)) if names)
-            if symbol is None:
-                lines.append(f"plugin {p.name} has no instance (no rule uses it now)")
-            elif symbol in p.symbol_names():
-                lines.append(f"plugin {p.name} has no instance of {symbol} (no rule uses it now)")
-            else:
-                lines.append(f"plugin {p.name} has no symbol {symbol}; its symbols: {known or 'none'}")
+            lines.append(f"plugin {sup.plugin.name} has no instance"
+                         + (f" of {symbol}" if symbol else "") + " (no rule uses it now)")
         return lines

@@ -56,6 +56,8 @@ def _no_answer(command: str, e: Exception, runtime_dir: str) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     from ..runtime.status import StatusError, query
 
+    if args.interval <= 0:
+        args.subparser.error("--interval must be a positive number of seconds")
     while True:
         try:
             snap = query(args.plugin, args.runtime_dir)
@@ -80,7 +82,7 @@ def cmd_restart(args: argparse.Namespace) -> int:
     if not lines:
         print(f"kuiper-pool restart: {answer.get('error') if isinstance(answer, dict) else answer}",
               file=sys.stderr)
-        return EXIT_FAIL
+        return EXIT_USAGE if isinstance(answer, dict) and answer.get("usage") else EXIT_FAIL
     for line in lines:
         print(line)
     return EXIT_OK if any(line.endswith(": restarting") for line in lines) else EXIT_FAIL
@@ -248,12 +250,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--watch", action="store_true", help="refresh until interrupted")
     s.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes")
     s.add_argument("--runtime-dir", default="", help="the plugin's runtime_dir setting, if set")
+    s.set_defaults(subparser=s)
     r = sub.add_parser("restart", help="restart a running plugin's instances now",
                        description="Ask the supervisor of a running plugin to restart the "
                                    "instances of one symbol (all instances without one): failed "
                                    "or backing-off instances start at once, running workers are "
                                    "replaced gracefully. One line per instance. Exit status: 0 "
-                                   "something restarted, 1 nothing to restart or no supervisor.")
+                                   "something restarted, 1 nothing to restart or no supervisor, "
+                                   "2 a symbol the plugin lacks.")
     r.add_argument("plugin", help="the plugin's name")
     r.add_argument("symbol", nargs="?", help="a source, sink or function symbol of the plugin")
     r.add_argument("--runtime-dir", default="", help="the plugin's runtime_dir setting, if set")
