@@ -16,6 +16,10 @@ The rule lives in ``rule.json`` in the plugin folder::
      "count": 5,                                     # optional, rows to process, default 5
      "timeout": 30}                                  # optional, seconds for the whole run, default 30
 
+Without a source (a plugin of functions only) ``try`` calls functions instead, each once with
+the arguments given (``--call SYMBOL '[args]'`` or a calls file), and prints the results.
+With ``--keep-running`` the rule runs until Ctrl-C or SIGTERM instead of ``count`` rows.
+
 Like eKuiper 2.x, the source gets its data source in ``config["datasource"]``
 (next to ``format``, ``key``, ...; the top-level ``dataSource`` stays empty), the
 sink gets each row as a JSON array of one object (a plain object when the sink
