@@ -140,7 +140,8 @@ def test_keep_running_serves_the_rule_until_stopped_then_cleans_up(tmp_path, uni
     assert proc.wait(timeout=30) == 0, proc.stderr.read()
     text = out.read_text()
     assert re.search(r"^try +\| done: \d+ rows in ", text, re.M), text
-    assert proc.stderr.read() == ""
+    errors = proc.stderr.read()  # a call cut by the restart would be one line, and the run goes on
+    assert "Traceback" not in errors and all(ln.startswith("kuiper-pool try: ") for ln in errors.splitlines())
     wait_until(lambda: not ipc_files(unique), timeout=5, message="the rule's ipc files removed")
     assert cli("status", f"kp{unique}").returncode == 1  # the supervisor is gone
 
