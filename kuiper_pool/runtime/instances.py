@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import logging
 import signal
-from collections import Counter
-from typing import Any, Callable, Optional, Tuple
+import time
+from collections import Counter, deque
+from typing import Any, Callable, Deque, Dict, Optional, Tuple
 
 from .. import wire
 from ..config import Settings
@@ -32,7 +33,7 @@ from .zygote import describe_status
 Answer = Callable[[bytes], None]
 KINDS = {wire.TYPE_SOURCE: "source", wire.TYPE_SINK: "sink", wire.TYPE_FUNC: "function"}
 DUMP_GRACE = 0.05   # seconds a worker gets to write its stack before it is killed
-
+RECENT_RESTARTS = 10  # crashes kept with their time and cause for `kuiper-pool status`
 STARTING, RUNNING, BACKOFF, RECYCLING = State.STARTING, State.RUNNING, State.BACKOFF, State.RECYCLING
 STOPPING, FAILED, ENDED, REMOVED = State.STOPPING, State.FAILED, State.ENDED, State.REMOVED
 
@@ -60,7 +61,9 @@ class Instance:
         self.restarts = 0
         self.failures = 0                           # times this instance went FAILED in a row
         self.restart_causes: "Counter[str]" = Counter()
-        self.last_error = ""
+        self.recent_restarts: Deque[Dict[str, Any]] = deque(maxlen=RECENT_RESTARTS)
+        self._last_error = ""
+        self.last_error_at = 0.0                    # wall clock, for an operator; 0: never
         self.running_since = 0.0
         self.items_in = 0
         self.items_out = 0
@@ -80,6 +83,15 @@ class Instance:
 
     def where(self) -> str:
         return f"plugin {self.plugin} {self.ctrl.describe()}"
+
+    @property
+    def last_error(self) -> str:
+        return self._last_error
+
+    @last_error.setter
+    def last_error(self, text: str) -> None:
+        """Every error is stamped with when it happened (``kuiper-pool status`` shows it)."""
+        self._last_error, self.last_error_at = text, time.time()
 
     def _move(self, new: State, event: str) -> None:
         """The one place a state changes: checked against TRANSITIONS, logged and counted."""
@@ -297,6 +309,8 @@ class Instance:
                 "deadline" if "deadline" in cause or "start_timeout" in cause else
                 "signal" if how.startswith("signal") else "exit")
         self.restart_causes[kind] += 1
+        self.recent_restarts.append({"at": time.time(), "cause": kind,
+                                     "error": " ".join(f"{how}: {cause}".split())})
         pid = w.pid if w is not None else 0
         self.route.on_crashed(w, how, cause)
         now = self.fx.now()

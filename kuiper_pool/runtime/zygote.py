@@ -73,15 +73,19 @@ def die_with_parent(expected_parent: int, sig: int = signal.SIGKILL) -> None:
         os._exit(1)
 
 
+def signal_text(sig: int) -> str:
+    """``signal 9 (SIGKILL)``."""
+    try:
+        name = signal.Signals(sig).name
+    except ValueError:
+        name = "?"
+    return f"signal {sig} ({name})"
+
+
 def describe_status(status: int) -> str:
     """``exit code 3`` or ``signal 9 (SIGKILL)`` from a raw wait status."""
     if os.WIFSIGNALED(status):
-        sig = os.WTERMSIG(status)
-        try:
-            name = signal.Signals(sig).name
-        except ValueError:
-            name = "?"
-        return f"signal {sig} ({name})"
+        return signal_text(os.WTERMSIG(status))
     return f"exit code {os.WEXITSTATUS(status)}"
 
 
