@@ -47,11 +47,16 @@ def tree(path: str) -> Dict[str, bytes]:
     return files
 
 
-def pysam_copy(tmp_path, folder: str = "pysam") -> str:
-    """examples/pysam copied to tmp_path/<folder>, to be packaged (a copy that runs needs unique
-    names: plugins.unique_pysam)."""
+def pysam_copy(tmp_path, plugin: str = "pysam", folder: str = "pysam") -> str:
+    """examples/pysam copied to tmp_path/<folder>, to be packaged; with another ``plugin`` name
+    the json file, the PluginConfig name and the rule id are renamed. A copy that runs needs
+    every socket name unique, its function's too: plugins.unique_pysam."""
     dst = str(tmp_path / folder)
     shutil.copytree(PYSAM, dst, ignore=shutil.ignore_patterns("__pycache__"))
+    if plugin != "pysam":
+        os.rename(os.path.join(dst, "pysam.json"), os.path.join(dst, plugin + ".json"))
+        edit(os.path.join(dst, "pysam.py"), 'PluginConfig("pysam"', f'PluginConfig("{plugin}"')
+        edit(os.path.join(dst, "rule.json"), '"id": "pysamdemo"', f'"id": "r{plugin}"')
     return dst
 
 
