@@ -82,7 +82,8 @@ def _serve(plugin: PluginConfig, settings: Any, script_dir: str) -> int:
     from .runtime.supervisor import Supervisor
 
     # a reload runs the main script again, as eKuiper did, in a fresh zygote (runtime/reload.py)
-    main_argv = _python("kuiper_pool.runtime.zygote") + [os.path.abspath(sys.argv[0]), *sys.argv[1:]]
+    main_argv = _python("kuiper_pool.runtime.zygote", script_dir) + [os.path.abspath(sys.argv[0]),
+                                                                     *sys.argv[1:]]
     return Supervisor(plugin, settings, zygote, control, main_argv).run()
 
 
@@ -203,16 +204,19 @@ def _spawn_payload(plugin: PluginConfig) -> int:
 
 def _worker_command(payload: int, script_dir: str, log_level: str) -> List[str]:
     """The command an exec'd worker runs; it reads the factories from fd ``payload``."""
-    return _python("kuiper_pool.runtime.worker") + [str(payload), script_dir, log_level]
+    return _python("kuiper_pool.runtime.worker", script_dir) + [str(payload), log_level]
 
 
-def _python(module: str) -> List[str]:
-    """This interpreter running ``module``, unbuffered; under kuiper-pool-python the
-    plugin's modules import ekuiper, so what it starts runs under the alias too."""
+def _python(module: str, script_dir: str) -> List[str]:
+    """This interpreter running ``module``, unbuffered, with the plugin's folder first on
+    sys.path (as eKuiper's ``python <script>`` has it) and never the working directory;
+    under kuiper-pool-python the plugin's modules import ekuiper, so what it starts runs
+    under the alias too."""
     from . import interpreter
+    from .launch import python_command
 
-    run = ["-m", "kuiper_pool.interpreter"] if interpreter.installed() else []
-    return [sys.executable, "-u", *run, "-m", module]
+    alias = ["kuiper_pool.interpreter"] if interpreter.installed() else []
+    return python_command(script_dir, alias + [module])
 
 
 def _exec_workers(name: str, start_method: str, threads: Tuple[int, str]) -> bool:
