@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import subprocess
 import sys
 from typing import List
 
@@ -170,3 +171,59 @@ def test_no_process_imports_from_a_working_directory_it_did_not_choose(tmp_path,
     assert psutil.Process(pid).cwd() == str(hostile)
     wait_until(lambda: p.source.recv()["message"]["version"] == "v2", message="the source on v2")
     assert not os.path.exists(marker), open(marker).read()
+
+
+# --- 3. a kill is reported as the kill it was -------------------------------------------------
+
+@pytest.fixture
+def cpu_load():
+    """Three busy loops on the box for the test's length (each ends itself after 5 minutes)."""
+    loop = "import signal\nsignal.alarm(300)\nwhile True:\n    pass\n"
+    procs = [subprocess.Popen([sys.executable, "-c", loop]) for _ in range(3)]
+    yield
+    for proc in procs:
+        proc.kill()
+        proc.wait(10)
+
+
+CRASHING_DUMP_SOURCE = '''
+class CrashingDumpSource(CountingSource):
+    """A CountingSource whose stack dump crashes: its SIGUSR1 handler is an address where no
+    code is, so the dump the supervisor asks for before a kill segfaults the worker first."""
+
+    def open(self, ctx):
+        libc = ctypes.CDLL(None)
+        libc.signal.restype = ctypes.c_void_p
+        libc.signal.argtypes = [ctypes.c_int, ctypes.c_void_p]
+        libc.signal(signal.SIGUSR1, 16)
+        return super().open(ctx)
+'''
+DUMP_CRASHED = "; its stack dump, asked for before the SIGKILL, crashed it first with signal 11 (SIGSEGV)"
+
+
+@pytest.mark.parametrize("dump, run", [(dump, run) for dump in ("as it comes", "crashing") for run in range(5)])
+def test_a_stopped_worker_killed_under_cpu_load_is_reported_as_killed_for_its_hang(tmp_path, unique, host_runs,
+                                                                                   cpu_load, dump, run):
+    """The stopped worker is continued to dump its stack and SIGKILLed: whatever the dump
+    does meanwhile, its exit is reported as that SIGKILL and the hang (and counted as a hang);
+    a dump that crashed the worker first is reported as such, never as a segfault of its own."""
+    name, src, rule = f"kp{unique}", f"src{unique}", f"r{unique}"
+    plugin_dir = make_plugin(str(tmp_path), name, sources={
+        src: CRASHING_DUMP_SOURCE if dump == "crashing" else "CountingSource"},
+        yaml_settings={"heartbeat_interval": 0.1, "heartbeat_misses": 3, "stop_grace": 30.0})
+    host = host_runs.launch(plugin_dir)
+    source = host.start_source(src, rule, config={"interval": 0.01})
+    pid = source.recv()["message"]["pid"]
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        row = wait_until(lambda: [r for r in status.query(name)["instances"] if r["restarts"] >= 1
+                                  and r["state"] == "running"], 20, 0.02, "the stopped worker replaced")[0]
+    finally:
+        if psutil.pid_exists(pid):
+            os.kill(pid, signal.SIGCONT)
+    assert row["restart_causes"] == {"hang": 1}, row
+    error = row["last_error"]
+    assert re.match(rf"worker pid {pid} signal 9 \(SIGKILL\): hung: no heartbeat for ", error), error
+    assert error.endswith(DUMP_CRASHED) or "stack dump" not in error, error  # SIGKILL may come first
+    [line] = [line for line in log_lines(plugin_dir) if f"worker pid {pid} signal" in line]
+    assert f": worker pid {pid} signal 9 (SIGKILL): hung: no heartbeat for " in line

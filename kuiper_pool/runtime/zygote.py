@@ -92,13 +92,17 @@ def die_with_parent(expected_parent: int, sig: int = signal.SIGKILL) -> None:
 def describe_status(status: int) -> str:
     """``exit code 3`` or ``signal 9 (SIGKILL)`` from a raw wait status."""
     if os.WIFSIGNALED(status):
-        sig = os.WTERMSIG(status)
-        try:
-            name = signal.Signals(sig).name
-        except ValueError:
-            name = "?"
-        return f"signal {sig} ({name})"
+        return describe_signal(os.WTERMSIG(status))
     return f"exit code {os.WEXITSTATUS(status)}"
+
+
+def describe_signal(sig: int) -> str:
+    """``signal 9 (SIGKILL)``."""
+    try:
+        name = signal.Signals(sig).name
+    except ValueError:
+        name = "?"
+    return f"signal {sig} ({name})"
 
 
 WorkerMain = Callable[[socket.socket], int]
