@@ -6,6 +6,12 @@ there; before killing a hung or overrunning worker the supervisor sends SIGUSR1,
 writes the same dump (faulthandler's handler is C code: it runs even while a C call holds
 the GIL). :func:`user_frames` picks the innermost frames of the plugin's own code for the
 log line and the status ``last_error``.
+
+That dump reads the other threads' frame stacks without the GIL. A stopped worker continued
+to dump its stack runs all its threads again meanwhile, and a thread whose frames move across
+a data-stack chunk changes them under the reader: the dump can crash the worker (SIGSEGV, and
+faulthandler's "Fatal Python error" in the file, :attr:`Dump.fatal`) before the supervisor's
+SIGKILL lands; ``instances.py`` reports such an exit as the kill it was.
 """
 from __future__ import annotations
 
