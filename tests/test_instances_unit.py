@@ -832,8 +832,22 @@ def test_a_hung_worker_is_continued_to_dump_its_stack_then_sigkilled_without_sto
     assert fx.signals[-1] == (w.wid, signal.SIGKILL)
 
 
+def test_a_crash_is_counted_by_the_cause_of_our_kill_never_by_words_in_the_plugins_fault():
+    inst, fx, _ = running(kind=wire.TYPE_SOURCE)
+    w = fx.workers[0]
+    inst.on_frame(w, frames.FAULT, json.dumps({"error": "hung: deadline missed, start_timeout"}).encode())
+    inst.on_exit(w, 70 << 8)                  # exit code 70: the plugin's own fault
+    assert inst.restart_causes == {"exit": 1}
+    w = fx.workers[1]
+    ready(inst, w)
+    inst.kill(w, Cause.START_TIMEOUT, "a text that says nothing of the cause")
+    inst.on_exit(w, signal.SIGTERM)
+    assert inst.restart_causes == {"exit": 1, "deadline": 1}
+
+
 @pytest.mark.parametrize("status, first", [
-    (signal.SIGSEGV, "its stack dump, asked for before the SIGKILL, crashed it first with signal 11 (SIGSEGV)"),
+    (signal.SIGSEGV,
+     "its stack dump, asked for before the SIGKILL, crashed it first with signal 11 (SIGSEGV)"),
     (signal.SIGUSR1, "it ended with signal 10 (SIGUSR1) while dumping its stack, before the SIGKILL")])
 def test_a_worker_the_stack_dump_ends_before_the_kill_is_reported_as_the_kill_it_was(status, first):
     inst, fx, _ = running()

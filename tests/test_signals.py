@@ -155,7 +155,9 @@ def test_no_process_imports_from_a_working_directory_it_did_not_choose(tmp_path,
     for module in ("kuiper_pool/__init__.py", "runpy.py"):
         (hostile / module).parent.mkdir(parents=True, exist_ok=True)
         (hostile / module).write_text(PLANTED.format(marker=marker))
-    interpreter = sys.executable if python == "python" else os.path.join(os.path.dirname(sys.executable), python)
+    interpreter = sys.executable  # the venv's: kuiper-pool-python is next to it
+    if python != "python":
+        interpreter = os.path.join(os.path.dirname(sys.executable), python)
     p = Plugin(tmp_path, unique, host_runs, main_code=f"os.chdir({str(hostile)!r})",
                python=interpreter, start_method="spawn")
     _version, first, _ = p.call()
@@ -201,9 +203,9 @@ class CrashingDumpSource(CountingSource):
 DUMP_CRASHED = "; its stack dump, asked for before the SIGKILL, crashed it first with signal 11 (SIGSEGV)"
 
 
-@pytest.mark.parametrize("dump, run", [(dump, run) for dump in ("as it comes", "crashing") for run in range(5)])
-def test_a_stopped_worker_killed_under_cpu_load_is_reported_as_killed_for_its_hang(tmp_path, unique, host_runs,
-                                                                                   cpu_load, dump, run):
+@pytest.mark.parametrize("dump, run", [(d, r) for d in ("as it comes", "crashing") for r in range(5)])
+def test_a_stopped_worker_killed_under_cpu_load_is_reported_as_killed_for_its_hang(
+        tmp_path, unique, host_runs, cpu_load, dump, run):
     """The stopped worker is continued to dump its stack and SIGKILLed: whatever the dump
     does meanwhile, its exit is reported as that SIGKILL and the hang (and counted as a hang);
     a dump that crashed the worker first is reported as such, never as a segfault of its own."""

@@ -31,8 +31,8 @@ supervisor cannot give (and with ``transport: nng`` the supervisor must never fo
 supervisor ``posix_spawn``s a fresh interpreter that runs the plugin's main script with
 ``FRESH_ENV`` set (``kuiper_pool.runtime.zygote <script> <args>``, started by
 ``launch.python_command``: the script's folder first on sys.path, never the working
-directory), so that ``plugin.start`` becomes a zygote serving the existing supervisor over a socketpair
-inherited as ``FRESH_FD``. Its first report says what the new code exposes (HELLO) or why
+directory), so that ``plugin.start`` becomes a zygote serving the existing supervisor over a
+socketpair inherited as ``FRESH_FD``. Its first report says what the new code exposes (HELLO) or why
 it cannot serve (ERROR). Until the supervisor adopts it, it removes no file when it exits.
 """
 from __future__ import annotations
@@ -212,8 +212,8 @@ class Zygote:
         env = {**os.environ, FRESH_ENV: f"{os.getpid()}:{rundir}"}
         actions = [(os.POSIX_SPAWN_CLOSE, fd) for fd in _inheritable_fds() if fd != child_end.fileno()]
         try:
-            pid = os.posix_spawn(argv[0], argv, env, setsigmask=OPERATOR_SIGNALS, file_actions=actions + [
-                (os.POSIX_SPAWN_DUP2, child_end.fileno(), FRESH_FD)])
+            pid = os.posix_spawn(argv[0], argv, env, setsigmask=OPERATOR_SIGNALS,
+                                 file_actions=actions + [(os.POSIX_SPAWN_DUP2, child_end.fileno(), FRESH_FD)])
         except OSError:
             parent_end.close()
             raise
