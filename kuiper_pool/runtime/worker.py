@@ -657,13 +657,13 @@ def call_function(worker: Worker, function: Any, contexts: Dict[Tuple[Any, ...],
 # --- spawn start method ----------------------------------------------------------------
 
 def spawn_main(argv: list) -> int:
-    """``python -m kuiper_pool.runtime.worker <payload fd> <script_dir> <log_level> <link fd>``:
-    load the cloudpickled factories from the sealed memfd the supervisor wrote and every
-    spawned worker inherits (never a path, never a socket), serve."""
+    """``kuiper_pool.runtime.worker <payload fd> <log_level> <link fd>`` (started by
+    ``launch.python_command`` with the plugin's folder first on sys.path): load the
+    cloudpickled factories from the sealed memfd the supervisor wrote and every spawned
+    worker inherits (never a path, never a socket), serve."""
     import cloudpickle
 
-    payload, script_dir, level, fd = int(argv[1]), argv[2], argv[3], int(argv[4])
-    sys.path.insert(0, script_dir)
+    payload, level, fd = int(argv[1]), argv[2], int(argv[3])
     size, chunks, offset = os.fstat(payload).st_size, [], 0
     while offset < size:  # pread: the fd's offset is shared with every other spawned worker
         chunk = os.pread(payload, size - offset, offset)
