@@ -861,6 +861,23 @@ def test_a_worker_the_stack_dump_ends_before_the_kill_is_reported_as_the_kill_it
     assert inst.restart_causes == {"hang": 1}
 
 
+def test_a_hung_worker_whose_dump_crashed_it_is_reported_as_the_kill_even_when_the_exit_comes_after_it():
+    """Under load the zygote's report of the dump's SIGSEGV can arrive after our SIGKILL went
+    out; nothing outruns a SIGKILL, so the SIGSEGV came first: still reported as the kill."""
+    inst, fx, _ = running()
+    w = fx.workers[0]
+    inst.on_started(w, 4242)
+    inst.kill(w, Cause.HANG, "hung: no heartbeat for 0.3s")
+    fx.t += 0.06
+    inst.tick(fx.t)
+    assert fx.signals[-1] == (w.wid, signal.SIGKILL)
+    fx.dumps[w.wid] = Dump("", True)
+    inst.on_exit(w, signal.SIGSEGV)
+    assert inst.last_error == ("worker pid 4242 signal 9 (SIGKILL): hung: no heartbeat for 0.3s; its stack "
+                               "dump, asked for before the SIGKILL, crashed it first with signal 11 (SIGSEGV)")
+    assert inst.restart_causes == {"hang": 1}
+
+
 def test_a_killed_worker_that_dies_of_another_signal_after_the_kill_was_sent_is_reported_as_it_died():
     inst, fx, _ = running()                   # a sink: SIGTERM DUMP_GRACE after the dump
     w = fx.workers[0]

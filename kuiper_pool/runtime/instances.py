@@ -278,8 +278,11 @@ class Instance:
         how = describe_status(status)
         dump = self.fx.dump(w)  # the plugin code it was in, when it crashed or was killed
         cause = (w.kill_reason or w.fault or "exited unexpectedly") + (f" (at {dump.at})" if dump.at else "")
-        if w.pending_signal and os.WIFSIGNALED(status) and os.WTERMSIG(status) != w.pending_signal:
-            how, cause = self._ended_before_the_kill(w, how, cause, dump.fatal)
+        # the signal we meant to end it with; SIGKILL even once sent, since nothing catches it:
+        # a death by another signal then came before it (the zygote may report it only later)
+        meant = w.pending_signal or (signal.SIGKILL if w.sigkill_sent else 0)
+        if meant and os.WIFSIGNALED(status) and os.WTERMSIG(status) != meant:
+            how, cause = self._ended_before_the_kill(meant, how, cause, dump.fatal)
         self.route.on_worker_gone(w, how, cause)
         self.errors += w.vitals.emit_errors
         state = self._state
@@ -308,14 +311,14 @@ class Instance:
             raise TransitionError(f"{self.where()}: worker exit in state {state}")
 
     @staticmethod
-    def _ended_before_the_kill(w: WorkerHandle, how: str, cause: str, fatal: bool) -> Tuple[str, str]:
+    def _ended_before_the_kill(meant: int, how: str, cause: str, fatal: bool) -> Tuple[str, str]:
         """A worker we were killing died of a signal of its own between the stack dump we asked
-        for and the signal we meant to send (the dump crashed it, a handler of the plugin's...):
-        the kill is reported as the kill it was, followed by what ended it first."""
-        name = signal.Signals(w.pending_signal).name
+        for and the signal ``meant`` (the dump crashed it, a handler of the plugin's...): the
+        kill is reported as the kill it was, followed by what ended it first."""
+        name = signal.Signals(meant).name
         first = (f"its stack dump, asked for before the {name}, crashed it first with {how}" if fatal
                  else f"it ended with {how} while dumping its stack, before the {name}")
-        return signal_text(w.pending_signal), f"{cause}; {first}"
+        return signal_text(meant), f"{cause}; {first}"
 
     def _crashed(self, w: Optional[WorkerHandle], how: str, cause: str, kind: str) -> None:
         self.restart_causes[kind] += 1
@@ -449,6 +452,7 @@ class Instance:
             return
         if w.pending_signal and now >= w.signal_at:
             self.fx.signal(w, w.pending_signal)
+            w.sigkill_sent = w.sigkill_sent or w.pending_signal == signal.SIGKILL
             w.pending_signal = 0
         if w.kill_at and now >= w.kill_at:
             if self._state is RECYCLING and not w.held:
@@ -463,6 +467,7 @@ class Instance:
             w.kill_reason = (w.held or w.kill_reason
                              or f"did not exit within stop_grace {self.s.stop_grace:g}s")
             self.fx.signal(w, signal.SIGKILL)
+            w.sigkill_sent = True
             return
         self.check_health(w, now)
 
