@@ -33,26 +33,21 @@ it cannot serve (ERROR). Until the supervisor adopts it, it removes no file when
 """
 from __future__ import annotations
 
-import ctypes
 import gc
 import json
 import os
-import runpy
 import selectors
-import shutil
 import signal
 import socket
 import sys
 import threading
 import time
-import traceback
 import warnings
 from typing import Any, Callable, Dict, List, Mapping, Optional, Protocol, Sequence, Tuple
 
 from ..paths import identity, unlink_if_ours
 from ..plugin import FRESH_ENV
 from ..transport.outbox import Outbox, Watch
-from .forensics import DUMP_SIGNAL
 from .protocol import (ZYGOTE_ADOPT, ZYGOTE_DISOWN, ZYGOTE_ERROR, ZYGOTE_EXITED, ZYGOTE_KILL,
                        ZYGOTE_OWN, ZYGOTE_REFUSED, ZYGOTE_RETIRE, ZYGOTE_START, ZYGOTE_STARTED,
                        decode_zygote, encode_zygote, recv_zygote)
@@ -64,6 +59,8 @@ FRESH_FD = 3   # where a fresh zygote finds its link
 
 def die_with_parent(expected_parent: int, sig: int = signal.SIGKILL) -> None:
     """Ask the kernel to send ``sig`` when the parent dies; exit if it already has."""
+    import ctypes  # in the zygote and workers: the supervisor forks the zygote before it
+
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
@@ -313,6 +310,8 @@ SWEEP_EVERY = 1.0   # seconds between sweeps for orphans and for the supervisor'
 
 def set_subreaper() -> None:
     """Orphaned descendants re-parent to us instead of init (Linux; elsewhere a no-op)."""
+    import ctypes
+
     try:
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
     except (OSError, AttributeError):
@@ -442,6 +441,8 @@ class _Zygote:
         for path, ident in self.owned.items():
             unlink_if_ours(path, ident)
         if self.rundir:
+            import shutil
+
             shutil.rmtree(self.rundir, ignore_errors=True)
         deadline = time.monotonic() + 10.0
         while time.monotonic() < deadline:
@@ -476,6 +477,8 @@ def _serve(sock: socket.socket, worker_main: WorkerMain, spawn_argv: Optional[Li
     """The zygote's loop: start workers, forward kills, report exits; clean up at the end.
     Signal handlers only wake the loop (an exception raised at an arbitrary point could
     skip the cleanup); the loop also notices the supervisor's death by itself."""
+    from .forensics import DUMP_SIGNAL  # the zygote's own imports come after its fork
+
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the supervisor's to handle
     # the stack-dump signal is harmless to a worker until its faulthandler takes it over
     # (inherited across fork and exec; forensics.install replaces it)
@@ -635,6 +638,9 @@ def main(argv: List[str]) -> int:
     script as eKuiper would (``__main__``, its folder first on sys.path); its
     ``plugin.start`` serves as the fresh zygote and never returns. An exception raised while
     importing or building the config is reported in one line."""
+    import runpy
+    import traceback
+
     script = argv[1]
     sys.argv = argv[1:]
     sys.path[0] = os.path.dirname(script)
