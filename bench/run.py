@@ -71,6 +71,7 @@ import psutil  # noqa: E402
 import pynng  # noqa: E402
 
 import kuiper_pool  # noqa: E402
+import reap  # noqa: E402
 from kuiper_pool.tools.emulator import Host, NativePull, SourceHandle, go_json  # noqa: E402
 from kuiper_pool import paths  # noqa: E402
 from kuiper_pool.transport import sp  # noqa: E402
@@ -189,13 +190,7 @@ class Session:
                         live.append(p)
                 except psutil.Error:
                     pass
-            _gone, alive = psutil.wait_procs(live, timeout=5.0)
-            for p in alive:
-                try:
-                    p.kill()
-                except psutil.Error:
-                    pass
-            psutil.wait_procs(alive, timeout=5.0)
+            reap.end(live, 5.0)
             self.log.close()
 
     def tail(self, n: int = 15) -> str:

@@ -51,6 +51,8 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import psutil
 
+import reap
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 PACKAGE = os.path.join(REPO, "kuiper_pool")
@@ -167,13 +169,7 @@ class Launch:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
-        _gone, alive = psutil.wait_procs(self.plugin_processes(), timeout=10)
-        for p in alive:
-            try:
-                p.kill()
-            except psutil.Error:
-                pass
-        psutil.wait_procs(alive, timeout=5)
+        reap.end(self.plugin_processes(), 10.0)
         if self.proc.stdout is not None:
             self.proc.stdout.close()
 

@@ -64,21 +64,12 @@ class Idle(Source):
         self.stopped.set()
 
 
-class Clock(Source):
+class Clock(Idle):
     """Emits ``{"t": time.time()}`` once, then nothing until closed."""
-
-    def __init__(self):
-        self.stopped = threading.Event()
-
-    def configure(self, datasource, conf):
-        pass
 
     def open(self, ctx):
         ctx.emit({"t": time.time()}, None)
-        self.stopped.wait()
-
-    def close(self, ctx):
-        self.stopped.set()
+        super().open(ctx)
 
 
 class Count(Sink):
