@@ -5,7 +5,7 @@
     python bench/startup.py --host /path/to/ekhostc --runs 15 --results startup.md
 
 ``--host`` (or ``$EKHOSTC``) is the C stand-in for eKuiper's portable-plugin runtime
-(``ekhostc``, docs/protocol.md): it starts a plugin as eKuiper does (``<python> -u <script>
+(``ekhostc``, docs/startup-bench.md): it starts a plugin as eKuiper does (``<python> -u <script>
 '{"sendTimeout":1000}'``) and its ``check`` mode prints ``PASS handshake <ms> ms``, the time
 from eKuiper's ``CreateIns`` (control channel, exec) to the plugin's handshake.
 
