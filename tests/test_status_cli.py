@@ -15,6 +15,7 @@ import stat
 import subprocess
 import sys
 import threading
+import time
 import urllib.error
 import urllib.request
 from typing import Dict, FrozenSet, List, Tuple
@@ -196,12 +197,24 @@ def test_metrics_count_items_and_restarts_by_cause(tmp_path, unique, host_runs):
                timeout=10, message="the items of all three instances in the metrics")
     first = scrape(port)
     assert value(first, "kuiper_pool_up", plugin=p) == 1
+    import kuiper_pool
+
+    assert value(first, "kuiper_pool_build_info", plugin=p, version=kuiper_pool.__version__) == 1
+    assert 0 < time.time() - value(first, "kuiper_pool_start_time_seconds", plugin=p) < 600
     for sym, kind, rule, op in ((rig.src, "source", rig.rule, "in"), (rig.snk, "sink", rig.rule, "out"),
                                 (rig.fn, "func", "", "")):
-        assert value(first, "kuiper_pool_instance_running", plugin=p, symbol=sym, type=kind, rule=rule,
-                     op=op, instance="0") == 1
+        where = dict(plugin=p, symbol=sym, type=kind, rule=rule, op=op, instance="0")
+        states = {dict(ls)["state"]: v for (n, ls), v in first.items()
+                  if n == "kuiper_pool_instance_state" and set(where.items()) <= ls}
+        assert states == {"starting": 0, "running": 1, "backoff": 0, "recycling": 0, "stopping": 0,
+                          "failed": 0, "ended": 0}
+        # every cause from the start, at 0: increase() sees the first restart
+        assert {c: value(first, "kuiper_pool_restarts_total", cause=c, **where)
+                for c in ("exit", "signal", "hang", "deadline")} == dict.fromkeys(
+                    ("exit", "signal", "hang", "deadline"), 0)
         assert value(first, "kuiper_pool_resident_memory_bytes", symbol=sym) > 0
-    assert not [k for k in first if k[0] == "kuiper_pool_restarts_total"]
+    wait_until(lambda: value(scrape(port), "kuiper_pool_cpu_seconds_total", symbol=rig.src) > 0,
+               timeout=10, message="the source's CPU time sampled")
     # the source's worker is killed by a signal, the function's worker exits in a call
     os.kill(rig.source_pid, signal.SIGKILL)
     assert rig.function.exec(["exit", 3])["state"] is False
@@ -214,6 +227,9 @@ def test_metrics_count_items_and_restarts_by_cause(tmp_path, unique, host_runs):
     snap = rig.snapshot()
     assert rig.instance(snap, rig.src)["restart_causes"] == {"signal": 1}
     assert rig.instance(snap, rig.fn)["restart_causes"] == {"exit": 1}
+    head = urllib.request.Request(f"http://127.0.0.1:{port}/metrics", method="HEAD")
+    with urllib.request.urlopen(head, timeout=5) as r:  # as GET, without the body
+        assert r.status == 200 and int(r.headers["Content-Length"]) > 0 and r.read() == b""
     with pytest.raises(urllib.error.HTTPError) as e:
         urllib.request.urlopen(f"http://127.0.0.1:{port}/other", timeout=5)
     assert e.value.code == 404

@@ -658,8 +658,8 @@ def test_a_source_that_always_fails_is_marked_failed_after_flap_max_restarts(mak
     rule = f"r_{unique}"
     rig.host.start_source("src", rule, config={"open_fault": "raise"})
     row = rig.wait_row("the source to be marked failed", rule=rule, state="failed")
-    assert row["restarts"] == 3 and row["pid"] is None
-    assert "failed after 3 restarts within 30s" in row["last_error"]
+    assert row["restarts"] == 4 and row["pid"] is None  # the 4th crash failed it
+    assert "failed: worker ended 4 times within 30s (flap_max_restarts 3)" in row["last_error"]
     assert "open raised RuntimeError: injected fault in open of rule " + rule in row["last_error"]
     assert len(rig.plugin.events("open", rule=rule)) == 4  # the first start and 3 restarts
     assert len(rig.log_texts("next try in 60s")) == 1
@@ -674,7 +674,8 @@ def test_a_source_exiting_with_code_5_is_restarted_with_backoff_not_recycled(mak
     rule = f"r_{unique}"
     rig.host.start_source("src", rule, config={"open_fault": "exit5"})
     row = rig.wait_row("the source to be marked failed", rule=rule, state="failed")
-    assert row["restarts"] == 3 and row["restart_causes"] == {"exit": 4}  # the 4th failed it
+    # the 4th failed it, and counts as the metrics count it (retried after failed_retry_min)
+    assert row["restarts"] == 4 and row["restart_causes"] == {"exit": 4}
     assert "exit code 5" in row["last_error"]
     assert len(rig.plugin.events("open", rule=rule)) == 4  # the first start and 3 restarts
     assert rig.log_texts("recycling worker") == []

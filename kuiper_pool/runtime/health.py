@@ -60,6 +60,7 @@ class Vitals:
     cpu_mark: Optional[Tuple[float, float]] = None  # (when, CPU seconds) while beats are late
     rss: int = 0
     cpu_percent: float = 0.0
+    cpu_seconds: float = 0.0         # user + system, as last sampled
 
 
 BUSY_CPU_SHARE = 0.05   # CPU seconds per second of silence above which a silent worker is busy

@@ -60,6 +60,7 @@ class Instance:
         self.items_in = 0
         self.items_out = 0
         self.errors = 0
+        self.cpu_seconds = 0.0                      # of the workers gone, as last sampled
         self.route = route_for(self)
 
     # --- naming and the state -------------------------------------------------------------------
@@ -262,6 +263,7 @@ class Instance:
         cause = (w.kill_reason or w.fault or "exited unexpectedly") + (f" (at {at})" if at else "")
         self.route.on_worker_gone(w, how, cause)
         self.errors += w.vitals.emit_errors
+        self.cpu_seconds += w.vitals.cpu_seconds
         state = self._state
         if state is STOPPING:
             self.fx.note(self, logging.INFO, "stopped (worker pid %d %s)", w.pid, how)
@@ -291,18 +293,21 @@ class Instance:
         kind = ("hang" if cause.startswith("hung") else
                 "deadline" if "deadline" in cause or "start_timeout" in cause else
                 "signal" if how.startswith("signal") else "exit")
+        # every crash counts, the one that fails the instance too (it is retried later):
+        # status and the metrics (the sum of the causes) agree
         self.restart_causes[kind] += 1
+        self.restarts += 1
         pid = w.pid if w is not None else 0
         self.route.on_crashed(w, how, cause)
         now = self.fx.now()
         delay = self.policy.next_delay(now)
         if delay is None:
-            self.last_error = " ".join((f"failed after {self.s.flap_max_restarts} restarts within "
-                                        f"{self.s.flap_window:g}s; last worker pid {pid} {how}: "
+            self.last_error = " ".join((f"failed: worker ended {self.s.flap_max_restarts + 1} times "
+                                        f"within {self.s.flap_window:g}s (flap_max_restarts "
+                                        f"{self.s.flap_max_restarts}); last worker pid {pid} {how}: "
                                         f"{cause}").split())
             self._fail()
             return
-        self.restarts += 1
         self._move(BACKOFF, "crash")
         self.restart_at = now + delay
         self.last_error = " ".join(f"worker pid {pid} {how}: {cause}".split())
