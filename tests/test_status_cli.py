@@ -18,7 +18,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from typing import Dict, FrozenSet, List, Tuple
+from typing import Dict, List, Tuple
 
 import psutil
 import pytest
@@ -26,6 +26,7 @@ import pytest
 from conftest import kuiper_pool_cli, kuiper_pool_command, wait_until
 from kuiper_pool import paths
 from kuiper_pool.runtime import status
+from metrics_text import scrape, value
 from plugins import COUNTING_SOURCE, MODE_FUNCTION, RECORDING_SINK, REPO, make_plugin, read_jsonl, runtime_base
 
 FAST = {"heartbeat_interval": 0.1, "sample_interval": 0.1, "restart_backoff_initial": 0.0,
@@ -153,49 +154,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-Sample = Dict[Tuple[str, FrozenSet[Tuple[str, str]]], float]
-_SAMPLE = re.compile(r'^(kuiper_pool_\w+)\{((?:\w+="(?:[^"\\]|\\.)*",?)*)\} (-?[0-9.e+]+)$')
-
-
-def scrape(port: int) -> Sample:
-    """GET /metrics; every line must be HELP, TYPE or a sample, each family announced first."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
-        assert r.status == 200
-        assert r.headers["Content-Type"].startswith("text/plain; version=0.0.4")
-        text = r.read().decode()
-    samples: Sample = {}
-    typed = set()
-    for line in text.splitlines():
-        m = re.match(r"^# (HELP|TYPE) (kuiper_pool_\w+) (.+)$", line)
-        if m:
-            if m.group(1) == "TYPE":
-                assert m.group(3) in ("counter", "gauge"), line
-                typed.add(m.group(2))
-            continue
-        m = _SAMPLE.match(line)
-        assert m, f"not Prometheus text: {line!r}"
-        assert m.group(1) in typed, f"{m.group(1)} has no TYPE line before it"
-        labels = frozenset(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', m.group(2)))
-        samples[(m.group(1), labels)] = float(m.group(3))
-    return samples
-
-
-def value(samples: Sample, name: str, **labels: str) -> float:
-    """The one sample of ``name`` whose labels include ``labels`` (0 if there is none)."""
-    found = [v for (n, ls), v in samples.items() if n == name and set(labels.items()) <= ls]
-    assert len(found) <= 1, (name, labels, found)
-    return found[0] if found else 0.0
-
-
 def test_metrics_count_items_and_restarts_by_cause(tmp_path, unique, host_runs):
     port = _free_port()
     rig = Rig(tmp_path, unique, host_runs, metrics_address=f"127.0.0.1:{port}")
     p = rig.plugin
-    wait_until(lambda: value(scrape(port), "kuiper_pool_items_in_total", symbol=rig.snk) == 1
-               and value(scrape(port), "kuiper_pool_items_out_total", symbol=rig.fn) == 1
-               and value(scrape(port), "kuiper_pool_items_in_total", symbol=rig.src) >= 1,
+    wait_until(lambda: value(scrape(f"http://127.0.0.1:{port}/metrics"), "kuiper_pool_items_in_total", symbol=rig.snk) == 1
+               and value(scrape(f"http://127.0.0.1:{port}/metrics"), "kuiper_pool_items_out_total", symbol=rig.fn) == 1
+               and value(scrape(f"http://127.0.0.1:{port}/metrics"), "kuiper_pool_items_in_total", symbol=rig.src) >= 1,
                timeout=10, message="the items of all three instances in the metrics")
-    first = scrape(port)
+    first = scrape(f"http://127.0.0.1:{port}/metrics")
     assert value(first, "kuiper_pool_up", plugin=p) == 1
     import kuiper_pool
 
@@ -213,15 +180,15 @@ def test_metrics_count_items_and_restarts_by_cause(tmp_path, unique, host_runs):
                 for c in ("exit", "signal", "hang", "deadline")} == dict.fromkeys(
                     ("exit", "signal", "hang", "deadline"), 0)
         assert value(first, "kuiper_pool_resident_memory_bytes", symbol=sym) > 0
-    wait_until(lambda: value(scrape(port), "kuiper_pool_cpu_seconds_total", symbol=rig.src) > 0,
+    wait_until(lambda: value(scrape(f"http://127.0.0.1:{port}/metrics"), "kuiper_pool_cpu_seconds_total", symbol=rig.src) > 0,
                timeout=10, message="the source's CPU time sampled")
     # the source's worker is killed by a signal, the function's worker exits in a call
     os.kill(rig.source_pid, signal.SIGKILL)
     assert rig.function.exec(["exit", 3])["state"] is False
-    wait_until(lambda: value(scrape(port), "kuiper_pool_restarts_total", symbol=rig.src, cause="signal") == 1
-               and value(scrape(port), "kuiper_pool_restarts_total", symbol=rig.fn, cause="exit") == 1,
+    wait_until(lambda: value(scrape(f"http://127.0.0.1:{port}/metrics"), "kuiper_pool_restarts_total", symbol=rig.src, cause="signal") == 1
+               and value(scrape(f"http://127.0.0.1:{port}/metrics"), "kuiper_pool_restarts_total", symbol=rig.fn, cause="exit") == 1,
                timeout=10, message="both restarts, by cause, in the metrics")
-    after = scrape(port)
+    after = scrape(f"http://127.0.0.1:{port}/metrics")
     assert value(after, "kuiper_pool_restarts_total", symbol=rig.snk, cause="signal") == 0
     assert value(after, "kuiper_pool_errors_total", symbol=rig.fn) == 1  # the call the worker died in
     snap = rig.snapshot()

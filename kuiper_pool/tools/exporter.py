@@ -70,11 +70,11 @@ def serve(listen: str, runtime_dirs: Sequence[str]) -> int:
     except (OSError, ValueError) as e:  # ValueError: a host that is no address
         print(f"kuiper-pool metrics: cannot listen on {listen}: {e}", file=sys.stderr)
         return 2
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     where = ", ".join(paths.usual_base(d) for d in dirs)
     beyond = "" if is_loopback(listen) else " (beyond loopback, as --listen asks)"
     print(f"kuiper-pool metrics: serving the metrics of every plugin in {where} at "
           f"{server.url}{beyond}", flush=True)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
         server.thread.join()
     except KeyboardInterrupt:
