@@ -302,10 +302,14 @@ PER_SYMBOL = frozenset((
 _BY_NAME: Dict[str, Setting] = {s.name: s for s in SETTINGS}
 
 
-def _unknown(key: Any, source: str, known: Iterable[str]) -> ConfigError:
+def _did_you_mean(key: Any, known: Iterable[str]) -> str:
     close = difflib.get_close_matches(str(key), list(known), n=1)
-    hint = f"; did you mean {close[0]}?" if close else ""
-    return ConfigError(f"kuiper_pool config: unknown setting {key!s} (from {source}){hint}")
+    return f"; did you mean {close[0]}?" if close else ""
+
+
+def _unknown(key: Any, source: str, known: Iterable[str]) -> ConfigError:
+    return ConfigError(f"kuiper_pool config: unknown setting {key!s} (from {source})"
+                       f"{_did_you_mean(key, known)}")
 
 
 def _path_chain(path: str) -> List[str]:
@@ -373,9 +377,13 @@ def _read_yaml(path: str) -> Mapping[Any, Any]:
 
 def load_settings(script_dir: Optional[str] = None, overrides: Optional[Mapping[str, Any]] = None,
                   environ: Optional[Mapping[str, str]] = None,
-                  known_symbols: Optional[Sequence[str]] = None) -> Settings:
+                  known_symbols: Optional[Sequence[str]] = None,
+                  warn: Optional[Callable[[str], None]] = None) -> Settings:
     """Defaults < $KUIPER_POOL_CONFIG or <script_dir>/kuiper_pool.yaml < KUIPER_POOL_<NAME> < overrides.
-    With ``known_symbols`` (the plugin's), a ``symbols:`` entry for any other name is an error."""
+    With ``known_symbols`` (the plugin's), a ``symbols:`` entry for any other name is an error.
+    An unknown ``KUIPER_POOL_*`` variable is only a warning (``warn``, else the log): eKuiper's
+    environment is every plugin's, and one left from another kuiper_pool version (a newer
+    setting, after a rollback) must not stop them all."""
     env = os.environ if environ is None else environ
     values = {s.name: s.default for s in SETTINGS}
     sources = dict.fromkeys(values, "defaults")
@@ -429,7 +437,8 @@ def load_settings(script_dir: Optional[str] = None, overrides: Optional[Mapping[
         if var.startswith(ENV_PREFIX) and var != CONFIG_ENV:
             name, source = var[len(ENV_PREFIX):].lower(), f"environment variable {var}"
             if name not in _BY_NAME:
-                raise _unknown(var, "the environment", (ENV_PREFIX + n.upper() for n in _BY_NAME))
+                _warn_unknown_env(var, warn)
+                continue
             values[name], sources[name] = _BY_NAME[name].parse(env[var], source), source
     for key, raw in (overrides or {}).items():
         put(key, raw, "overrides")
@@ -441,14 +450,22 @@ def load_settings(script_dir: Optional[str] = None, overrides: Optional[Mapping[
     return Settings(**values, symbols=symbols)
 
 
+def _warn_unknown_env(var: str, warn: Optional[Callable[[str], None]]) -> None:
+    from . import __version__, logs
+
+    hint = _did_you_mean(var, (ENV_PREFIX + n.upper() for n in _BY_NAME))
+    text = (f"kuiper_pool config: ignoring environment variable {var}: not a setting of "
+            f"kuiper_pool {__version__}{hint}")
+    (warn or logs.supervisor_logger().warning)(text)
+
+
 def _check_symbols(symbols: Iterable[str], known: Sequence[str],
                    sources: Mapping[str, Mapping[str, str]]) -> None:
     """A ``symbols:`` entry must name a symbol of the plugin: a typo would silently leave the
     symbol it meant with the defaults."""
     for symbol in symbols:
         if symbol not in known:
-            close = difflib.get_close_matches(symbol, known, n=1)
-            hint = f"; did you mean {close[0]}?" if close else ""
+            hint = _did_you_mean(symbol, known)
             source = next(iter(sources[symbol].values()), "symbols")
             raise ConfigError(f"kuiper_pool config: symbols.{symbol} names no symbol of the plugin "
                               f"(from {source}; it has {', '.join(sorted(known)) or 'none'}){hint}")

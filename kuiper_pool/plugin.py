@@ -31,9 +31,11 @@ def start(c: Any) -> NoReturn:
         from .runtime import zygote
 
         fresh = zygote.fresh_link()
+    warnings: List[str] = []
     try:
         plugin = PluginConfig.adopt(c)
-        settings = load_settings(script_dir, plugin.settings, known_symbols=plugin.symbol_names())
+        settings = load_settings(script_dir, plugin.settings, known_symbols=plugin.symbol_names(),
+                                 warn=warnings.append)
         if settings.runtime_dir:  # the default (the system's tmp) is checked with the run dir
             check_trusted(settings.runtime_dir, "runtime_dir")
         from .runtime.state import check_dir
@@ -46,6 +48,8 @@ def start(c: Any) -> NoReturn:
         print(f"kuiper_pool: cannot start: {e}", flush=True)
         sys.exit(2)
     logs.setup(plugin.name, settings.log_level)
+    for text in warnings:
+        logs.supervisor_logger().warning("plugin %s: %s", plugin.name, text)
     if fresh is not None:
         sys.exit(_serve_fresh(plugin, settings, script_dir, fresh))
     if len(sys.argv) > 1:
