@@ -94,6 +94,7 @@ def _serve_fresh(plugin: PluginConfig, settings: Any, script_dir: str, fresh: An
     """A reload's fresh zygote: report the new code's symbols (each built and checked in a
     throwaway child, as ``kuiper-pool validate`` does) and settings, then make workers with
     them exactly as a zygote forked at start would. It never dials eKuiper."""
+    from . import __version__  # the kuiper_pool the new code imports (its own, once upgraded)
     from .describe import inspect_symbols
     from .runtime import zygote
     from .runtime.protocol import ZYGOTE_HELLO
@@ -103,7 +104,7 @@ def _serve_fresh(plugin: PluginConfig, settings: Any, script_dir: str, fresh: An
     except ValueError as e:
         zygote.report_error(fresh[0], str(e))
         return 2
-    hello = {"op": ZYGOTE_HELLO, "name": plugin.name, "sources": sorted(plugin.sources),
+    hello = {"op": ZYGOTE_HELLO, "version": __version__, "name": plugin.name, "sources": sorted(plugin.sources),
              "sinks": sorted(plugin.sinks), "functions": sorted(plugin.functions),
              "settings": settings.as_dict(),
              "checks": zygote.in_child(lambda: inspect_symbols(plugin, settings.start_method == "spawn"))}

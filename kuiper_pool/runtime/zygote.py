@@ -49,6 +49,7 @@ import traceback
 import warnings
 from typing import Any, Callable, Dict, List, Mapping, Optional, Protocol, Sequence, Tuple
 
+from .. import __version__
 from ..paths import identity, unlink_if_ours
 from ..plugin import FRESH_ENV
 from ..transport.outbox import Outbox, Watch
@@ -657,7 +658,7 @@ def _fork_worker(z: _Zygote, link_fd: int, symbol: str) -> int:
         set_subreaper()   # orphans of its descendants come to it while it lives, then to us
         if z.spawn_argv and (z.exec_all or symbol in z.symbol_env):
             os.set_inheritable(link_fd, True)  # the symbol's variables apply from the first import
-            os.execve(z.spawn_argv[0], z.spawn_argv + [str(link_fd)],
+            os.execve(z.spawn_argv[0], z.spawn_argv + [str(link_fd), __version__],
                       {**os.environ, **z.symbol_env.get(symbol, {})})
         code = z.worker_main(socket.socket(fileno=link_fd))
     except BaseException as e:  # noqa: BLE001 - the child must never return into the zygote loop
