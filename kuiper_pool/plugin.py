@@ -21,6 +21,10 @@ FRESH_ENV = "KUIPER_POOL_FRESH_ZYGOTE"
 def start(c: Any) -> NoReturn:
     """Run the plugin under kuiper_pool; never returns (exits when eKuiper goes away or on
     SIGTERM/SIGINT). Accepts kuiper_pool's ``PluginConfig`` or the official SDK's."""
+    if not sys.platform.startswith("linux"):
+        print(f"kuiper_pool: cannot start: kuiper_pool runs on Linux only (this is {sys.platform}): "
+              f"it needs memfd_create, prctl and /proc", flush=True)
+        sys.exit(2)
     script_dir = os.path.dirname(os.path.abspath(sys.argv[0])) if sys.argv and sys.argv[0] else os.getcwd()
     if os.environ.get(DESCRIBE_ENV):
         from .describe import describe

@@ -428,3 +428,18 @@ def test_a_bad_symbol_env_fails_in_one_line_naming_the_key_path(env):
         load_settings(overrides={"symbols": {"infer": {"env": env}}}, environ={})
     assert "symbols.infer.env must be a mapping of environment variable name to string value" in str(e.value)
     assert "\n" not in str(e.value)
+
+
+def test_a_plugin_started_elsewhere_than_linux_stops_in_one_line(tmp_path, unique):
+    import subprocess
+    import sys
+
+    from plugins import REPO
+
+    pd = make_plugin(str(tmp_path), f"kp{unique}", functions={f"fn{unique}": MODE_FUNCTION},
+                     main_code="import sys\nsys.platform = 'darwin'  # as on a Mac\n")
+    proc = subprocess.run([sys.executable, "main.py"], cwd=pd, stdout=subprocess.PIPE, text=True,
+                          timeout=60, env={**os.environ, "PYTHONPATH": REPO})
+    assert proc.returncode == 2
+    assert proc.stdout.splitlines() == ["kuiper_pool: cannot start: kuiper_pool runs on Linux only "
+                                        "(this is darwin): it needs memfd_create, prctl and /proc"]
