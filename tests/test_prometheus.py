@@ -52,6 +52,22 @@ def test_the_alert_rules_pass_their_tests_on_recorded_series():
     assert proc.returncode == 0 and "SUCCESS" in proc.stdout, proc.stdout
 
 
+def test_every_alert_the_docs_show_is_a_tested_rule():
+    import yaml
+
+    with open(RULES) as f:
+        rules = {r["alert"]: r["expr"] for g in yaml.safe_load(f)["groups"] for r in g["rules"]}
+    with open(os.path.join(REPO, "README.md")) as f:
+        readme = f.read()
+    shown = re.findall(r"- alert: (\w+).*\n  expr: (.+)", readme)
+    assert shown, "no alert in README.md"
+    for name, expr in shown:
+        assert rules.get(name) == expr.strip(), f"README.md's {name} is not the rule in {RULES}"
+    with open(os.path.join(REPO, "docs", "operating.md")) as f:
+        named = set(re.findall(r"`(KuiperPool\w+)`", f.read()))
+    assert named == set(rules)
+
+
 def dashboard() -> Dict[str, Any]:
     with open(DASHBOARD) as f:
         return json.load(f)
