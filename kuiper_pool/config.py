@@ -205,7 +205,9 @@ SETTINGS: Tuple[Setting, ...] = (
             "Log level, case-insensitive.", fold=True),
     Setting("metrics_address", "operations", str, "",
             '"" or "host:port" with a loopback host (127.x.x.x, ::1 or localhost) and port 1-65535',
-            'Where to serve Prometheus text metrics ("" = off).', _loopback_address),
+            "Where this plugin's supervisor serves its Prometheus metrics over HTTP itself, one "
+            'port per plugin ("" = not: `kuiper-pool metrics` serves every plugin\'s from their '
+            "status sockets on one address).", _loopback_address),
     Setting("runtime_dir", "operations", str, "", "a string",
             'Where the private (0700) directory for internal sockets is made ("" = the system temp dir); '
             "it and every directory above it must belong to this user or root and be writable by "

@@ -702,7 +702,8 @@ def test_a_function_that_cannot_start_again_fails_and_answers_at_once(make_rig):
     reply = f.exec(["die", "exit"])
     assert reply["state"] is False
     row = rig.wait_row("the function to be marked failed", symbol=rig.plugin.flaky, state="failed")
-    assert row["restarts"] == 3 and "flaky factory refuses to start again" in row["last_error"]
+    # the crash and 3 failed restarts; the last one failed it
+    assert row["restarts"] == 4 and "flaky factory refuses to start again" in row["last_error"]
     for _ in range(3):
         t0 = time.monotonic()
         reply = f.exec(["pid"])
@@ -720,7 +721,7 @@ def test_a_failed_sink_answers_every_item_with_one_error_ack(make_rig, unique):
     doomed = {"i": 1, "die": "raise", "mode": "always"}  # its worker dies; restarts fail in open
     early = [sink.collect(json.dumps(doomed).encode(), timeout=5)]
     row = rig.wait_row("the sink to be marked failed", rule=rule, state="failed")
-    assert row["restarts"] == 2 and "open failed: RuntimeError" in row["last_error"]
+    assert row["restarts"] == 3 and "open failed: RuntimeError" in row["last_error"]  # the 3rd failed it
     later = [sink.collect(json.dumps({"i": i}).encode(), timeout=5) for i in (2, 3)]
     for ack in early + later:  # the item in flight when it failed too, not only later ones
         assert set(ack) == {"error"} and "has failed" in ack["error"], ack
