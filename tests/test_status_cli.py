@@ -355,3 +355,26 @@ def test_a_symbols_entry_for_a_symbol_the_plugin_lacks_stops_the_start(tmp_path,
     assert proc.stdout.strip().splitlines() == [
         f"kuiper_pool: cannot start: kuiper_pool config: symbols.heavvy{unique} names no symbol of the "
         f"plugin (from {pd}/kuiper_pool.yaml; it has heavy{unique}); did you mean heavy{unique}?"]
+
+
+def test_after_six_kills_status_and_the_metrics_both_count_six_restarts(tmp_path, unique, host_runs):
+    port = _free_port()
+    pd = make_plugin(str(tmp_path), f"kp{unique}", functions={f"fn{unique}": MODE_FUNCTION},
+                     settings={**FAST, "flap_max_restarts": 5, "flap_window": 120.0,
+                               "metrics_address": f"127.0.0.1:{port}"})
+    host = host_runs.launch(pd)
+    fn = host.start_function(f"fn{unique}")
+    url = f"http://127.0.0.1:{port}/metrics"
+    for kill in range(1, 7):  # the 6th fails the instance (more than flap_max_restarts)
+        pid = wait_until(lambda: status.query(f"kp{unique}")["instances"][0]["pid"], timeout=15,
+                         message=f"a worker to kill ({kill})")
+        os.kill(pid, signal.SIGKILL)
+        wait_until(lambda: status.query(f"kp{unique}")["instances"][0]["restarts"] == kill, timeout=15,
+                   message=f"restart {kill} counted")
+    (row,) = status.query(f"kp{unique}")["instances"]
+    assert row["state"] == "failed" and row["restarts"] == 6 and row["restart_causes"] == {"signal": 6}
+    wait_until(lambda: value(scrape(url), "kuiper_pool_restarts_total", cause="signal") == 6
+               and value(scrape(url), "kuiper_pool_instance_state", state="failed") == 1,
+               timeout=10, message="six restarts and the failed state in the metrics")
+    assert sum(v for (n, _ls), v in scrape(url).items() if n == "kuiper_pool_restarts_total") == 6
+    assert fn.exec(["echo", 1])["state"] is False  # failed: answered at once with an error
