@@ -147,6 +147,10 @@ def test_prometheus_sees_a_hang_alert_and_runs_every_dashboard_query(
     pid = function.exec(["pid"])["result"]
     host.start_source(src, f"r{unique}", config={"interval": 0.05}).recv()
     exporter = Exporter(reaper, "--listen", "127.0.0.1:0")
+    with urllib.request.urlopen(exporter.url, timeout=10) as r:  # Prometheus' own linter
+        lint = subprocess.run([binary("promtool"), "check", "metrics"], input=r.read(),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=60)
+    assert lint.returncode == 0 and lint.stdout == b"", lint.stdout
     prom = Prometheus(tmp_path, exporter.url.split("/")[2], reaper)
     try:
         wait_until(lambda: prom.query(f'kuiper_pool_restarts_total{{plugin="{name}",cause="hang"}} == 0'),
