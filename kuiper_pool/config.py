@@ -94,13 +94,20 @@ def _choice(section: str, name: str, default: str, choices: Sequence[str], descr
     return Setting(name, section, str, default, "one of " + ", ".join(choices), description, check)
 
 
+def is_loopback(address: str) -> bool:
+    """Whether the host of ``host:port`` (``[v6]:port`` too) is this machine only."""
+    host = address.rpartition(":")[0]
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:  # not an IP address
+        return False
+
+
 def _loopback_address(value: str) -> str:
     if value:
-        host, _, port = value.rpartition(":")
-        host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-        if not (port.isascii() and port.isdigit() and 1 <= int(port) <= 65535):
-            raise ValueError
-        if host != "localhost" and not ipaddress.ip_address(host).is_loopback:  # ValueError if no IP
+        port = value.rpartition(":")[2]
+        if not (port.isascii() and port.isdigit() and 1 <= int(port) <= 65535) or not is_loopback(value):
             raise ValueError
     return value
 

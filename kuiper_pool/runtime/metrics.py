@@ -13,11 +13,10 @@ import socket
 import threading
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
-from .states import State
+from .states import RESTART_CAUSES, State
 
 Snapshot = Dict[str, Any]
 Labels = Dict[str, str]
-CAUSES = ("exit", "signal", "hang", "deadline")   # Instance._crashed's restart causes
 STATES = tuple(s.value for s in State if s is not State.REMOVED)
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -68,7 +67,7 @@ def render(snaps: Iterable[Snapshot], down: Iterable[str] = ()) -> str:
                                               for s in STATES]
             causes = inst.get("restart_causes", {})
             fam["restarts_total"].samples += [(dict(labels, cause=c), causes.get(c, 0))
-                                              for c in sorted(set(CAUSES) | set(causes))]
+                                              for c in sorted(set(RESTART_CAUSES) | set(causes))]
             for key, name in (("items_in", "items_in_total"), ("items_out", "items_out_total"),
                               ("errors", "errors_total"), ("rss", "resident_memory_bytes"),
                               ("cpu_seconds", "cpu_seconds_total")):

@@ -9,13 +9,13 @@ listens on (a killed supervisor's) is skipped; a supervisor that does not answer
 from __future__ import annotations
 
 import glob
-import ipaddress
 import os
 import signal
 import sys
 from typing import List, Sequence
 
 from .. import paths
+from ..config import is_loopback
 from ..runtime.metrics import MetricsServer, render
 from ..runtime.status import NotRunning, StatusError, ask
 
@@ -48,14 +48,6 @@ def scrape(runtime_dirs: Sequence[str]) -> str:
         else:
             down.append(name)
     return render(snaps, down)
-
-
-def is_loopback(address: str) -> bool:
-    host = address.rpartition(":")[0].strip("[]")
-    try:
-        return host == "localhost" or ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def serve(listen: str, runtime_dirs: Sequence[str]) -> int:
