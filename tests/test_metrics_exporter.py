@@ -7,10 +7,8 @@ exporter process (the real command), real HTTP requests.
 from __future__ import annotations
 
 import os
-import select
 import signal
 import subprocess
-import time
 import urllib.error
 import urllib.request
 from typing import List
@@ -19,39 +17,11 @@ import pytest
 
 from conftest import kuiper_pool_command, wait_until
 from kuiper_pool import paths
-from metrics_text import scrape, value
+from metrics_text import Exporter, free_port, scrape, value
 from plugins import COUNTING_SOURCE, MODE_FUNCTION, make_plugin
 
 FAST = {"heartbeat_interval": 0.1, "sample_interval": 0.1, "restart_backoff_initial": 0.0,
         "restart_jitter": 0.0}
-
-
-class Exporter:
-    """A running ``kuiper-pool metrics``; ``url`` is where it says it serves."""
-
-    def __init__(self, reaper, *args: str) -> None:
-        self.proc = subprocess.Popen(kuiper_pool_command() + ["metrics", *args], stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, text=True)
-        reaper(self.proc.pid)
-        self.line = self.first_line()
-        self.url = self.line.rsplit(" at ", 1)[1].split()[0]
-
-    def first_line(self) -> str:
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            ready, _, _ = select.select([self.proc.stdout], [], [], 0.2)
-            if ready:
-                return self.proc.stdout.readline().strip()
-            if self.proc.poll() is not None:
-                pytest.fail(f"kuiper-pool metrics exited: {self.proc.stderr.read()}")
-        pytest.fail("kuiper-pool metrics said nothing within 30 s")
-
-    def stop(self) -> int:
-        self.proc.send_signal(signal.SIGTERM)
-        code = self.proc.wait(timeout=15)
-        self.proc.stdout.close()
-        self.proc.stderr.close()
-        return code
 
 
 def plugin(tmp_path, host_runs, name: str, fn: str, **settings):
@@ -128,11 +98,7 @@ def test_a_bad_listen_address_is_one_line(listen, error):
 
 
 def test_a_plugin_with_metrics_address_says_where_it_serves_them(tmp_path, unique, host_runs):
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     pd, _host, fn = plugin(tmp_path, host_runs, f"kp{unique}", f"fn{unique}",
                            metrics_address=f"127.0.0.1:{port}")
     assert fn.exec(["echo", 1])["result"] == 1

@@ -12,9 +12,9 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import time
+import urllib.error
 import urllib.parse
 import urllib.request
 from typing import Any, Dict, List
@@ -22,8 +22,8 @@ from typing import Any, Dict, List
 import pytest
 
 from conftest import wait_until
+from metrics_text import Exporter, free_port
 from plugins import COUNTING_SOURCE, MODE_FUNCTION, REPO, make_plugin
-from test_metrics_exporter import Exporter
 
 RULES = os.path.join(REPO, "docs", "prometheus", "kuiper_pool.rules.yml")
 RULE_TESTS = os.path.join(REPO, "tests", "prometheus", "kuiper_pool.rules.test.yml")
@@ -71,12 +71,6 @@ def test_every_alert_the_docs_show_is_a_tested_rule():
 def dashboard() -> Dict[str, Any]:
     with open(DASHBOARD) as f:
         return json.load(f)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Prometheus:

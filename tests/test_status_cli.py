@@ -26,7 +26,7 @@ import pytest
 from conftest import kuiper_pool_cli, kuiper_pool_command, wait_until
 from kuiper_pool import paths
 from kuiper_pool.runtime import status
-from metrics_text import scrape, value
+from metrics_text import free_port, scrape, value
 from plugins import COUNTING_SOURCE, MODE_FUNCTION, RECORDING_SINK, REPO, make_plugin, read_jsonl, runtime_base
 
 FAST = {"heartbeat_interval": 0.1, "sample_interval": 0.1, "restart_backoff_initial": 0.0,
@@ -148,14 +148,8 @@ def test_status_with_the_stale_socket_of_a_killed_supervisor_fails_in_one_line(u
         os.unlink(path)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_metrics_count_items_and_restarts_by_cause(tmp_path, unique, host_runs):
-    port = _free_port()
+    port = free_port()
     rig = Rig(tmp_path, unique, host_runs, metrics_address=f"127.0.0.1:{port}")
     p = rig.plugin
     wait_until(lambda: value(scrape(f"http://127.0.0.1:{port}/metrics"), "kuiper_pool_items_in_total", symbol=rig.snk) == 1
@@ -358,7 +352,7 @@ def test_a_symbols_entry_for_a_symbol_the_plugin_lacks_stops_the_start(tmp_path,
 
 
 def test_after_six_kills_status_and_the_metrics_both_count_six_restarts(tmp_path, unique, host_runs):
-    port = _free_port()
+    port = free_port()
     pd = make_plugin(str(tmp_path), f"kp{unique}", functions={f"fn{unique}": MODE_FUNCTION},
                      settings={**FAST, "flap_max_restarts": 5, "flap_window": 120.0,
                                "metrics_address": f"127.0.0.1:{port}"})
