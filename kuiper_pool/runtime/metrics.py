@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import socket
 import threading
-from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Tuple
 
 from .states import RESTART_CAUSES, State
 
@@ -91,9 +91,9 @@ def _number(value: float) -> str:
 
 class MetricsServer:
     """``GET /metrics`` (and ``HEAD``, the same without a body) on ``host:port``, served from
-    a thread; ``text()`` gives the exposition, or None for a 503."""
+    a thread; ``text()`` gives the exposition."""
 
-    def __init__(self, address: str, text: Callable[[], Optional[str]]) -> None:
+    def __init__(self, address: str, text: Callable[[], str]) -> None:
         from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer  # only when enabled
 
         host, _, port = address.rpartition(":")
@@ -110,11 +110,7 @@ class MetricsServer:
                 if self.path.split("?")[0] != "/metrics":
                     self.send_error(404)
                     return
-                found = text()
-                if found is None:
-                    self.send_error(503)
-                    return
-                data = found.encode()
+                data = text().encode()
                 self.send_response(200)
                 self.send_header("Content-Type", CONTENT_TYPE)
                 self.send_header("Content-Length", str(len(data)))

@@ -70,7 +70,7 @@ class Supervisor:
         self.started_at = time.time()
         self.status: Optional[StatusServer] = None
         self.metrics: Optional[MetricsServer] = None
-        self.cached: Optional[str] = None   # the metrics text the metrics thread serves
+        self.cached = ""    # the metrics text the metrics thread serves
         self.logged_errors: Dict[str, float] = {}
         self.reloader = Reloader(self, list(main_argv))
 
