@@ -18,7 +18,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import psutil
 import pytest
@@ -26,7 +26,7 @@ import pytest
 from conftest import kuiper_pool_cli, kuiper_pool_command, wait_until
 from kuiper_pool import paths
 from kuiper_pool.runtime import status
-from metrics_text import free_port, scrape, value
+from metrics_text import Sample, free_port, scrape, value
 from plugins import COUNTING_SOURCE, MODE_FUNCTION, RECORDING_SINK, REPO, make_plugin, read_jsonl, runtime_base
 
 FAST = {"heartbeat_interval": 0.1, "sample_interval": 0.1, "restart_backoff_initial": 0.0,
@@ -179,12 +179,15 @@ def test_metrics_count_items_and_restarts_by_cause(tmp_path, unique, host_runs):
     # the source's worker is killed by a signal, the function's worker exits in a call
     os.kill(rig.source_pid, signal.SIGKILL)
     assert rig.function.exec(["exit", 3])["state"] is False
-    wait_until(lambda: value(scrape(f"http://127.0.0.1:{port}/metrics"), "kuiper_pool_restarts_total", symbol=rig.src, cause="signal") == 1
-               and value(scrape(f"http://127.0.0.1:{port}/metrics"), "kuiper_pool_restarts_total", symbol=rig.fn, cause="exit") == 1,
-               timeout=10, message="both restarts, by cause, in the metrics")
-    after = scrape(f"http://127.0.0.1:{port}/metrics")
+
+    def restarted() -> Optional[Sample]:  # the text is sampled every sample_interval: poll it
+        now = scrape(f"http://127.0.0.1:{port}/metrics")
+        return now if (value(now, "kuiper_pool_restarts_total", symbol=rig.src, cause="signal") == 1
+                       and value(now, "kuiper_pool_restarts_total", symbol=rig.fn, cause="exit") == 1
+                       and value(now, "kuiper_pool_errors_total", symbol=rig.fn) == 1) else None
+    # the function's error: the call its worker died in
+    after = wait_until(restarted, timeout=10, message="both restarts, by cause, and the error in the metrics")
     assert value(after, "kuiper_pool_restarts_total", symbol=rig.snk, cause="signal") == 0
-    assert value(after, "kuiper_pool_errors_total", symbol=rig.fn) == 1  # the call the worker died in
     snap = rig.snapshot()
     assert rig.instance(snap, rig.src)["restart_causes"] == {"signal": 1}
     assert rig.instance(snap, rig.fn)["restart_causes"] == {"exit": 1}
