@@ -106,3 +106,11 @@ def test_a_plugin_with_metrics_address_says_where_it_serves_them(tmp_path, uniqu
     assert value(samples, "kuiper_pool_up", plugin=f"kp{unique}") == 1
     log = open(os.path.join(pd, "stdout.log")).read()
     assert f"plugin kp{unique}: metrics served at http://127.0.0.1:{port}/metrics" in log
+    # the same address for a second plugin (one setting for all): it says what to do instead
+    pd2, _host2, fn2 = plugin(tmp_path, host_runs, f"kq{unique}", f"fq{unique}",
+                              metrics_address=f"127.0.0.1:{port}")
+    assert fn2.exec(["echo", 2])["result"] == 2
+    log = open(os.path.join(pd2, "stdout.log")).read()
+    assert (f"plugin kq{unique}: metrics_address 127.0.0.1:{port}: Address already in use; serving "
+            f"them on the status socket only (each plugin needs a port of its own; kuiper-pool "
+            f"metrics serves every plugin's on one)") in log

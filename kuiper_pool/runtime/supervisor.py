@@ -187,8 +187,10 @@ class Supervisor:
             try:
                 self.metrics = MetricsServer(self.s.metrics_address, lambda: self.cached)
             except OSError as e:
-                self.log.error("plugin %s: metrics_address %s: %s; serving without metrics",
-                               self.plugin.name, self.s.metrics_address, e)
+                self.log.error("plugin %s: metrics_address %s: %s; serving them on the status socket "
+                               "only (each plugin needs a port of its own; kuiper-pool metrics "
+                               "serves every plugin's on one)", self.plugin.name,
+                               self.s.metrics_address, e.strerror or e)
             else:
                 self.log.info("plugin %s: metrics served at %s", self.plugin.name, self.metrics.url)
 
