@@ -20,8 +20,7 @@ from kuiper_pool import paths
 from metrics_text import Exporter, free_port, scrape, value
 from plugins import COUNTING_SOURCE, MODE_FUNCTION, make_plugin
 
-FAST = {"heartbeat_interval": 0.1, "sample_interval": 0.1, "restart_backoff_initial": 0.0,
-        "restart_jitter": 0.0}
+FAST = {"sample_interval": 0.1, "restart_backoff_initial": 0.0, "restart_jitter": 0.0}
 
 
 def plugin(tmp_path, host_runs, name: str, fn: str, **settings):

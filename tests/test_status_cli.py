@@ -357,7 +357,8 @@ def test_a_symbols_entry_for_a_symbol_the_plugin_lacks_stops_the_start(tmp_path,
 def test_after_six_kills_status_and_the_metrics_both_count_six_restarts(tmp_path, unique, host_runs):
     port = free_port()
     pd = make_plugin(str(tmp_path), f"kp{unique}", functions={f"fn{unique}": MODE_FUNCTION},
-                     settings={**FAST, "flap_max_restarts": 5, "flap_window": 120.0,
+                     settings={**FAST, "heartbeat_interval": 1.0,  # no hang on a busy machine
+                               "flap_max_restarts": 5, "flap_window": 120.0,
                                "metrics_address": f"127.0.0.1:{port}"})
     host = host_runs.launch(pd)
     fn = host.start_function(f"fn{unique}")

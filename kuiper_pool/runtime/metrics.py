@@ -34,46 +34,66 @@ class _Family:
             yield f"{self.name}{{{text}}} {_number(value)}"
 
 
+FAMILIES = (
+    ("up", "gauge", "1 while the plugin's supervisor answers."),
+    ("build_info", "gauge", "The kuiper_pool version and Python the supervisor runs; always 1."),
+    ("start_time_seconds", "gauge", "When the supervisor started, seconds since the epoch."),
+    ("instance_state", "gauge", "1 for the state the instance is in, 0 for the others."),
+    ("items_in_total", "counter", "Items and calls received from eKuiper, or items a source emitted."),
+    ("items_out_total", "counter", "Items finished, calls answered, items a source sent."),
+    ("errors_total", "counter", "Failed calls, dropped items and emit_error calls."),
+    ("restarts_total", "counter", "Unexpected worker ends by cause; each is restarted "
+     "(at once, after backoff, or after failed_retry_min once failed)."),
+    ("resident_memory_bytes", "gauge", "The worker's resident memory (0 without a worker)."),
+    ("cpu_seconds_total", "counter", "CPU time (user + system) of the instance's workers."),
+)
+Sample = Tuple[str, Labels, float]
+
+
 def render(snaps: Iterable[Snapshot], down: Iterable[str] = ()) -> str:
     """The exposition of every snapshot, one family at a time (as the format requires),
-    plus ``kuiper_pool_up 0`` for each plugin in ``down`` (found, but not answering)."""
-    fam = {f.name[len("kuiper_pool_"):]: f for f in (
-        _Family("up", "gauge", "1 while the plugin's supervisor answers."),
-        _Family("build_info", "gauge", "The kuiper_pool version and Python the supervisor runs; always 1."),
-        _Family("start_time_seconds", "gauge", "When the supervisor started, seconds since the epoch."),
-        _Family("instance_state", "gauge", "1 for the state the instance is in, 0 for the others."),
-        _Family("items_in_total", "counter", "Items and calls received from eKuiper, or items a source emitted."),
-        _Family("items_out_total", "counter", "Items finished, calls answered, items a source sent."),
-        _Family("errors_total", "counter", "Failed calls, dropped items and emit_error calls."),
-        _Family("restarts_total", "counter", "Unexpected worker ends by cause; each is restarted "
-                "(at once, after backoff, or after failed_retry_min once failed)."),
-        _Family("resident_memory_bytes", "gauge", "The worker's resident memory (0 without a worker)."),
-        _Family("cpu_seconds_total", "counter", "CPU time (user + system) of the instance's workers."),
-    )}
+    plus ``kuiper_pool_up 0`` for each plugin in ``down`` (found, but not answering) and for
+    each snapshot that cannot be read (the others are served all the same)."""
+    fam = {name: _Family(name, kind, text) for name, kind, text in FAMILIES}
     for plugin in down:
         fam["up"].samples.append(({"plugin": plugin}, 0))
     for snap in snaps:
-        plugin = str(snap["plugin"])
-        fam["up"].samples.append(({"plugin": plugin}, 1))
-        if "version" in snap:
-            fam["build_info"].samples.append((
-                {"plugin": plugin, "version": str(snap["version"]),
-                 "python": str(snap.get("python", ""))}, 1))
-        if "started" in snap:
-            fam["start_time_seconds"].samples.append(({"plugin": plugin}, snap["started"]))
-        for inst in snap.get("instances", ()):
-            labels = instance_labels(plugin, inst)
-            fam["instance_state"].samples += [(dict(labels, state=s), int(inst["state"] == s))
-                                              for s in STATES]
-            causes = inst.get("restart_causes", {})
-            fam["restarts_total"].samples += [(dict(labels, cause=c), causes.get(c, 0))
-                                              for c in sorted(set(RESTART_CAUSES) | set(causes))]
-            for key, name in (("items_in", "items_in_total"), ("items_out", "items_out_total"),
-                              ("errors", "errors_total"), ("rss", "resident_memory_bytes"),
-                              ("cpu_seconds", "cpu_seconds_total")):
-                if key in inst:
-                    fam[name].samples.append((labels, inst[key]))
+        try:
+            found = _samples(snap)
+        except (KeyError, TypeError, ValueError, AttributeError):
+            found = [("up", {"plugin": str(snap.get("plugin"))}, 0)]
+        for name, labels, value in found:
+            fam[name].samples.append((labels, value))
     return "\n".join(line for f in fam.values() for line in f.lines()) + "\n"
+
+
+def _samples(snap: Snapshot) -> List[Sample]:
+    """Every sample of one supervisor's snapshot (KeyError, TypeError... if it is malformed)."""
+    plugin = str(snap["plugin"])
+    out: List[Sample] = [("up", {"plugin": plugin}, 1)]
+    if "version" in snap:
+        out.append(("build_info", {"plugin": plugin, "version": str(snap["version"]),
+                                   "python": str(snap.get("python", ""))}, 1))
+    if "started" in snap:
+        out.append(("start_time_seconds", {"plugin": plugin}, float(snap["started"])))
+    for inst in snap.get("instances", ()):
+        labels = instance_labels(plugin, inst)
+        out += [("instance_state", dict(labels, state=s), int(inst["state"] == s)) for s in STATES]
+        causes = inst.get("restart_causes", {})
+        out += [("restarts_total", dict(labels, cause=c), int(causes.get(c, 0)))
+                for c in sorted(set(RESTART_CAUSES) | set(causes))]
+        for key, name in (("items_in", "items_in_total"), ("items_out", "items_out_total"),
+                          ("errors", "errors_total"), ("rss", "resident_memory_bytes"),
+                          ("cpu_seconds", "cpu_seconds_total")):
+            if key in inst:
+                out.append((name, labels, _check(inst[key])))
+    return out
+
+
+def _check(value: Any) -> float:
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise TypeError(f"not a number: {value!r}")
+    return value
 
 
 def instance_labels(plugin: str, inst: Dict[str, Any]) -> Labels:
