@@ -22,6 +22,7 @@ from typing import Any, Dict, List
 import pytest
 
 from conftest import wait_until
+from kuiper_pool.runtime import status
 from metrics_text import Exporter, free_port
 from plugins import COUNTING_SOURCE, MODE_FUNCTION, REPO, make_plugin
 
@@ -124,6 +125,21 @@ class Prometheus:
         self.log.close()
 
 
+def stop_worker(plugin: str, symbol: str) -> None:
+    """SIGSTOP the function's current worker (a busy machine may have replaced the one seen
+    before: then the next one)."""
+    def stopped() -> bool:
+        (pid,) = [i["pid"] for i in status.query(plugin)["instances"] if i["symbol"] == symbol]
+        try:
+            if pid:
+                os.kill(pid, signal.SIGSTOP)
+                return True
+        except ProcessLookupError:
+            pass
+        return False
+    wait_until(stopped, timeout=30, message="a function worker to stop")
+
+
 @pytest.fixture
 def prometheus_binaries():
     binary("prometheus")
@@ -134,11 +150,11 @@ def test_prometheus_sees_a_hang_alert_and_runs_every_dashboard_query(
         prometheus_binaries, tmp_path, unique, host_runs, reaper):
     name, fn, src = f"kp{unique}", f"fn{unique}", f"src{unique}"
     pd = make_plugin(str(tmp_path), name, functions={fn: MODE_FUNCTION}, sources={src: COUNTING_SOURCE},
-                     settings={"heartbeat_interval": 0.1, "sample_interval": 0.1,
+                     settings={"heartbeat_interval": 0.2, "sample_interval": 0.1,
                                "restart_backoff_initial": 0.0, "restart_jitter": 0.0})
     host = host_runs.launch(pd)
     function = host.start_function(fn)
-    pid = function.exec(["pid"])["result"]
+    assert function.exec(["echo", 1])["result"] == 1
     host.start_source(src, f"r{unique}", config={"interval": 0.05}).recv()
     exporter = Exporter(reaper, "--listen", "127.0.0.1:0")
     with urllib.request.urlopen(exporter.url, timeout=10) as r:  # Prometheus' own linter
@@ -150,7 +166,7 @@ def test_prometheus_sees_a_hang_alert_and_runs_every_dashboard_query(
         wait_until(lambda: prom.query(f'kuiper_pool_restarts_total{{plugin="{name}",cause="hang"}} == 0'),
                    timeout=60, interval=0.2, message="the hang counter scraped at 0 before any hang")
         assert prom.query(f'kuiper_pool_instance_state{{plugin="{name}",symbol="{fn}",state="running"}} == 1')
-        os.kill(pid, signal.SIGSTOP)  # a worker that hangs: no heartbeat, no CPU
+        stop_worker(name, fn)  # a worker that hangs: no heartbeat, no CPU
         alert = wait_until(lambda: [a for a in prom.api("alerts")["data"]["alerts"]
                                     if a["labels"]["alertname"] == "KuiperPoolHangs"
                                     and a["labels"].get("plugin") == name
