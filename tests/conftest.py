@@ -7,7 +7,7 @@ import glob
 import os
 import time
 import uuid
-from typing import Callable, List, Optional, TypeVar
+from typing import Callable, Dict, List, Optional, TypeVar
 
 import psutil
 import pytest
@@ -65,6 +65,30 @@ def unique() -> str:
     """A short name fragment unique to this test, for plugin, rule and symbol names
     (ipc paths in /tmp are global, so parallel test runs must not share them)."""
     return "u" + uuid.uuid4().hex[:10]
+
+
+_FUNCTION_SYMBOLS: Dict[str, str] = {}  # function symbol -> the test that started it first
+
+
+@pytest.fixture(autouse=True)
+def function_symbols_cannot_collide(request, monkeypatch) -> None:
+    """Every function the emulator starts in this process must carry this test's ``unique``
+    token and no other test's symbol: eKuiper names a function's socket after its symbol alone
+    (``/tmp/func_<symbol>.ipc``), so a unique plugin name does not keep two tests or two jobs
+    apart. (``kuiper-pool try`` runs in a subprocess: its plugins are named by the same rule,
+    ``plugins.unique_pysam``.)"""
+    from kuiper_pool.tools.emulator import Host
+    from plugins import function_symbol_problem
+
+    start = Host.start_function
+
+    def checked(self, symbol: str):
+        problem = function_symbol_problem(symbol, request.node.nodeid, _FUNCTION_SYMBOLS)
+        if problem:
+            pytest.fail(problem, pytrace=False)
+        return start(self, symbol)
+
+    monkeypatch.setattr(Host, "start_function", checked)
 
 
 def kill_tree(pid: int, timeout: float = 5.0) -> List[int]:
@@ -168,3 +192,23 @@ def kuiper_pool_cli(*args, cwd=None, timeout: float = 120, env=None):
     return subprocess.run(kuiper_pool_command() + [str(a) for a in args], cwd=cwd, timeout=timeout,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                           env=None if env is None else {**os.environ, **env})
+
+
+@pytest.fixture(scope="session")
+def kuiper_pool_wheel(tmp_path_factory) -> str:
+    """The kuiper-pool wheel as the build backend makes it: ``$TEST_KUIPER_POOL_WHEEL`` (the one
+    ``.ci/test-installed`` built and installed), else one built now from this source tree."""
+    import subprocess
+    import sys
+
+    given = os.environ.get("TEST_KUIPER_POOL_WHEEL")
+    if given:
+        assert os.path.isfile(given), f"TEST_KUIPER_POOL_WHEEL={given} is not a file"
+        return given
+    out = str(tmp_path_factory.mktemp("kuiper_pool_wheel"))
+    source = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", out, source],
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout
+    (wheel,) = glob.glob(os.path.join(out, "kuiper_pool-*.whl"))
+    return wheel

@@ -12,8 +12,11 @@ import stat
 import subprocess
 import sys
 
+import pytest
+
 from conftest import kuiper_pool_cli, wait_until
-from plugins import make_plugin
+from kuiper_pool.runtime.state import JSON, States, encode_entry
+from plugins import descendants, make_plugin
 
 FAST = {"heartbeat_interval": 0.1, "restart_backoff_initial": 0.0, "restart_backoff_min": 0.1,
         "restart_jitter": 0.0, "stop_grace": 1.0}
@@ -180,3 +183,129 @@ def test_a_state_dir_open_to_others_stops_the_start_naming_the_key(tmp_path, uni
     assert proc.stdout.strip() == (f"kuiper_pool: cannot start: kuiper_pool config: state_dir "
                                    f"{str(open_dir)!r} must be a directory owned by uid {os.getuid()} "
                                    f"with mode 0700 (no access for group or others)")
+
+
+# --- state_dir as a hostile local user would attack it ---------------------------------------
+
+NOBODY = 65534
+AS_ROOT = pytest.mark.skipif(os.geteuid() != 0, reason="making another user's files needs root")
+
+
+def refused_start(pd: str) -> subprocess.CompletedProcess:
+    """Run the plugin's main script as eKuiper would; it must refuse to start."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    return subprocess.run([sys.executable, "-u", "main.py", "{}"], cwd=pd, env=env, timeout=60,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+@pytest.mark.parametrize("layout", [pytest.param("parent", marks=AS_ROOT),
+                                    pytest.param("grandparent", marks=AS_ROOT), "open parent"])
+def test_a_state_dir_another_user_can_swap_is_refused_naming_the_key(tmp_path, unique, layout):
+    """Every directory on the way to state_dir is checked (as for the settings file): a
+    directory another user owns, or one anybody may write, lets them swap what is below."""
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    if layout == "open parent":
+        os.chmod(theirs, 0o777)  # ours, but without the sticky bit
+    else:
+        os.chown(theirs, NOBODY, NOBODY)
+        os.chmod(theirs, 0o755)
+    below = theirs / "mine" if layout == "grandparent" else theirs
+    below.mkdir(mode=0o700, exist_ok=True)
+    state_dir = below / "state"
+    state_dir.mkdir(mode=0o700)  # ours and closed: only the last component was ever checked
+    pd = make_plugin(str(tmp_path), f"kp{unique}", functions={f"fn{unique}": STATE_FUNCTION},
+                     settings={"state_dir": str(state_dir)})
+    proc = refused_start(pd)
+    assert proc.returncode == 2, proc.stdout
+    why = (f"{theirs} is writable by others (mode 0777)" if layout == "open parent" else
+           f"{theirs} belongs to uid {NOBODY}, not to uid {os.getuid()} or root")
+    assert proc.stdout.strip() == (f"kuiper_pool: cannot start: kuiper_pool config: refusing "
+                                   f"state_dir {state_dir}: {why}")
+
+
+def state_file(state_dir, plugin: str, key: str) -> str:
+    return States(str(state_dir), 1.0).file_for(plugin, key)
+
+
+def warnings_about(pd: str, path: str) -> list:
+    with open(os.path.join(pd, "stdout.log"), encoding="utf-8", errors="replace") as f:
+        return [line for line in f if "WARNING" in line and path in line]
+
+
+@AS_ROOT
+def test_a_fifo_and_foreign_files_where_state_files_go_neither_block_nor_take_the_state(
+        tmp_path, unique, host_runs):
+    """A FIFO where the state file is read would block the supervisor in open(); a file
+    of another user where the next temporary file goes would make the state file theirs."""
+    fn, plugin = f"fn{unique}", f"kp{unique}"
+    state_dir = tmp_path / "state"
+    state_dir.mkdir(mode=0o700)
+    path = state_file(state_dir, plugin, f"func:{fn}")
+    os.mkfifo(path, 0o666)
+    pd = make_plugin(str(tmp_path), plugin, functions={fn: STATE_FUNCTION},
+                     settings={**FAST, "state_dir": str(state_dir), "state_flush_interval": 0.05})
+    host = host_runs.launch(pd, command_timeout=15.0)  # a blocked supervisor never answers
+    tmp = f"{path}.{host.process.pid}.tmp"  # where the supervisor's first flush writes
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT, 0o666))
+    os.chown(tmp, NOBODY, NOBODY)
+    os.chmod(tmp, 0o666)
+    f = host.start_function(fn)
+    assert f.exec(["incr"], rule="a")["result"] == 1  # started with empty state
+    aside = [n for n in os.listdir(state_dir) if ".corrupt-" in n]
+    assert len(aside) == 1 and stat.S_ISFIFO(os.lstat(state_dir / aside[0]).st_mode), aside
+    [warning] = warnings_about(pd, path)
+    assert f"plugin {plugin} function {fn}" in warning and "not a regular file" in warning
+    wait_until(lambda: os.path.exists(path) and stat.S_ISREG(os.lstat(path).st_mode),
+               message="the state file written")
+    st = os.lstat(path)
+    assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (os.getuid(), 0o600)
+    assert f.exec(["incr"], rule="a")["result"] == 2
+
+
+def test_a_state_file_swapped_for_a_link_is_not_followed(tmp_path, unique, host_runs):
+    fn, plugin = f"fn{unique}", f"kp{unique}"
+    state_dir = tmp_path / "state"
+    state_dir.mkdir(mode=0o700)
+    elsewhere = tmp_path / "elsewhere.state"
+    elsewhere.write_bytes(encode_entry("a", "n", JSON, b"41"))  # state someone else chose
+    path = state_file(state_dir, plugin, f"func:{fn}")
+    os.symlink(elsewhere, path)
+    pd = make_plugin(str(tmp_path), plugin, functions={fn: STATE_FUNCTION},
+                     settings={**FAST, "state_dir": str(state_dir)})
+    host = host_runs.launch(pd)
+    f = host.start_function(fn)
+    assert f.exec(["incr"], rule="a")["result"] == 1
+    [aside] = [n for n in os.listdir(state_dir) if ".corrupt-" in n]
+    assert os.readlink(state_dir / aside) == str(elsewhere)
+    assert elsewhere.read_bytes() == encode_entry("a", "n", JSON, b"41")
+    assert len(warnings_about(pd, path)) == 1
+
+
+# --- corrupt state files ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("damage", ["cut short", "key not UTF-8"])
+def test_a_corrupt_state_file_is_moved_aside_and_the_instance_starts_empty(tmp_path, unique,
+                                                                          host_runs, damage):
+    src, plugin, rule = f"src{unique}", f"kp{unique}", f"r{unique}"
+    state_dir = tmp_path / "state"
+    state_dir.mkdir(mode=0o700)
+    path = state_file(state_dir, plugin, f"source:{src}:{rule}:op:0")
+    good = encode_entry("", "n", JSON, b"1000000")
+    data = good[:-3] if damage == "cut short" else good.replace(b"n", b"\xff", 1)
+    with open(path, "wb") as f:
+        f.write(data)
+    pd = make_plugin(str(tmp_path), plugin, sources={src: STATE_SOURCE},
+                     settings={**FAST, "state_dir": str(state_dir)})
+    host = host_runs.launch(pd)
+    for _ in range(3):  # eKuiper replays starts: none is refused, none leaves a worker
+        s = host.start_source(src, rule)
+        assert s.recv()["message"]["n"] < 1000  # empty state: counting from 1
+        s.stop()
+        wait_until(lambda: len(descendants(host.process.pid)) == 1,
+                   message="only the zygote left after the stop")
+    [aside] = [n for n in os.listdir(state_dir) if ".corrupt-" in n]
+    assert (state_dir / aside).read_bytes() == data
+    [warning] = warnings_about(pd, path)
+    assert f"plugin {plugin} source {src} rule {rule}" in warning
+    assert "starting with empty state" in warning and aside in warning

@@ -6,7 +6,8 @@ import logging
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional
 
 from .. import wire
-from .instances import ENDED, FAILED, KINDS, Instance
+from .effects import ctrl_fields
+from .instances import ENDED, FAILED, KINDS, Instance, internal_error
 from .observe import snapshot
 
 if TYPE_CHECKING:
@@ -33,11 +34,17 @@ class Commands:
             if not answered and self.sup.control is not None:
                 answered.append(data)
                 self.sup.control.send(data)
+        failure: Optional[Exception] = None
         try:
             self.command(raw, answer)
+        except Exception as e:  # noqa: BLE001 - the loop logs it; eKuiper hears its cause
+            failure = e
+            raise
         finally:  # whatever happened, eKuiper waits for exactly one answer
             if not answered and not self.waiting_answer(answer):
-                answer(wire.one_line(f"plugin {self.sup.plugin.name}: internal error; see the plugin's log"))
+                where = f"plugin {self.sup.plugin.name}"
+                answer(wire.one_line(internal_error(where, failure) if failure is not None
+                                     else f"{where}: internal error; see the plugin's log"))
 
     def waiting_answer(self, answer: Answer) -> bool:
         """Whether an instance keeps ``answer`` to send later (after READY or the worker's exit)."""
@@ -70,7 +77,13 @@ class Commands:
             return
         if inst is not None:
             sup.guarded("start", inst, inst.remove)
-        inst = Instance(sup.plugin.name, ctrl, sup.s.for_symbol(ctrl.symbol), sup.fx)
+        try:  # loads the kind's code on its first start: what fails refuses this start only
+            inst = Instance(sup.plugin.name, ctrl, sup.s.for_symbol(ctrl.symbol), sup.fx)
+        except Exception as e:  # noqa: BLE001 - any failure is this start's answer
+            text = internal_error(f"plugin {sup.plugin.name} {ctrl.describe()}", e)
+            sup.log.error("%s", text, exc_info=e, extra=ctrl_fields(ctrl))
+            answer(wire.one_line(text))
+            return
         sup.instances[ctrl.key] = inst
         sup.guarded("start", inst, inst.begin, answer)
 
@@ -93,7 +106,13 @@ class Commands:
         if req.get("cmd") == "restart":
             symbol = req.get("symbol")
             if symbol is not None and not (isinstance(symbol, str) and symbol):  # not "all"
-                return {"error": f"restart needs a symbol name or none (got {symbol!r})"}
+                return {"error": f"restart needs a symbol name or none (got {symbol!r})", "usage": True}
+            p = self.sup.plugin
+            if symbol is not None and symbol not in p.symbol_names():
+                known = "; ".join(f"{kind} {', '.join(sorted(names))}" for kind, names in (
+                    ("sources", p.sources), ("sinks", p.sinks), ("functions", p.functions)) if names)
+                return {"error": f"plugin {p.name} has no symbol {symbol}; its symbols: {known or 'none'}",
+                        "usage": True}
             return {"lines": self.restart(symbol)}
         if req.get("cmd") == "reload":  # answered at once; the outcome is polled (reload_status)
             return self.sup.reloader.begin(check=bool(req.get("check")))
@@ -117,5 +136,5 @@ class Commands:
                 sup.fx.note(inst, logging.WARNING, "restart requested by an operator (was %s)", before)
         if not lines:
             lines.append(f"plugin {sup.plugin.name} has no instance"
-                         + (f" of {symbol}" if symbol else ""))
+                         + (f" of {symbol}" if symbol else "") + " (no rule uses it now)")
         return lines

@@ -22,17 +22,17 @@ from ..config import Settings
 from ..logs import supervisor_logger
 from ..transport import load as load_transport, req_endpoint
 from . import forensics, frames
-from .callpage import CallPage
-from .sinkpage import SinkPage
-from .health import Vitals
-from .marks import CollectMark
+from .health import Cause, Vitals
 from .protocol import ZYGOTE_EXITED, ZYGOTE_REFUSED, ZYGOTE_STARTED, StartSpec
-from .routes.function import FunctionChannel, Handoff
 from .state import States, Store
 from .zygote import Zygote
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # a kind's modules are imported when its first instance starts (routes/)
+    from .callpage import CallPage
     from .instances import Instance
+    from .marks import CollectMark
+    from .routes.function import FunctionChannel, Handoff
+    from .sinkpage import SinkPage
 
 ACK_SEND_TIMEOUT = 1.0  # nng: as eKuiper's own sends, an ack nobody reads is dropped after it
 
@@ -45,15 +45,17 @@ class WorkerHandle:
         self.pid = 0
         self.started_at = now
         self.vitals = Vitals(last_beat=now)
-        self.kill_reason = ""
+        self.kill_reason = ""       # why we end it (free text), beside ...
+        self.kill_cause: Optional[Cause] = None  # ... the kind of reason, when we kill or recycle it
         self.fault = ""            # the error this worker reported (FAULT, READY) before exiting
         self.kill_at = 0.0          # when to escalate to SIGKILL
-        self.page: Optional[CallPage] = None   # a function worker's call page (lent routes)
-        self.mark: Optional[CollectMark] = None  # a sink worker's collect mark
-        self.sink_page: Optional[SinkPage] = None  # the mark again, if lent eKuiper's connections
+        self.page: Optional["CallPage"] = None   # a function worker's call page (lent routes)
+        self.mark: Optional["CollectMark"] = None  # a sink worker's collect mark
+        self.sink_page: Optional["SinkPage"] = None  # the mark again, if lent eKuiper's connections
         self.call_seq = -1          # the page's call seen executing on the previous tick
         self.pending_signal = 0     # sent at signal_at, once its stack has been dumped
         self.signal_at = 0.0
+        self.held = ""              # recycled with a call in flight: the kill reason past its deadline
 
 
 class Effects(Protocol):
@@ -65,16 +67,16 @@ class Effects(Protocol):
     def signal(self, w: WorkerHandle, sig: int) -> None: ...
     def open_sink(self, inst: "Instance") -> Tuple[Any, Any]: ...   # (pull, ack); OSError
     def close_sink(self, inst: "Instance", pull: Any, ack: Any) -> None: ...
-    def open_function(self, inst: "Instance", wait: bool = True) -> FunctionChannel: ...  # OSError
-    def close_function(self, inst: "Instance", channel: FunctionChannel) -> None: ...
+    def open_function(self, inst: "Instance", wait: bool = True) -> "FunctionChannel": ...  # OSError
+    def close_function(self, inst: "Instance", channel: "FunctionChannel") -> None: ...
     def watch(self, inst: "Instance", endpoint: Any, reading: bool) -> None: ...  # read it or not
-    def hand_over(self, w: WorkerHandle, handoff: Handoff) -> None: ...  # lend the connection
+    def hand_over(self, w: WorkerHandle, handoff: "Handoff") -> None: ...  # lend the connection
     def lend_sink(self, w: WorkerHandle, pull: Any, ack: Any) -> bool: ...  # False: not now
     def take_back_sink(self, pull: Any) -> None: ...
     def forget(self, inst: "Instance") -> None: ...
     def put_state(self, inst: "Instance", payload: bytes) -> None: ...   # a worker's PUT frame
     def cpu_seconds(self, w: WorkerHandle) -> Optional[float]: ...
-    def stack(self, w: WorkerHandle) -> str: ...   # the plugin frames of its last dump, or ""
+    def dump(self, w: WorkerHandle) -> forensics.Dump: ...   # what its last stack dump says
     def note(self, inst: "Instance", level: int, msg: str, *args: object) -> None: ...
 
 
@@ -112,6 +114,10 @@ class LoopEffects:
     # --- workers ---------------------------------------------------------------------------
 
     def spawn(self, inst: "Instance") -> WorkerHandle:
+        """A new worker for ``inst``, sent its START and STATE. Whatever this raises, no
+        worker is left behind: one already asked of the zygote is killed (its exit report
+        then finds it no instance's current worker)."""
+        state = frames.encode(frames.STATE, self._store(inst).frame_payload())  # before any fork
         wid, self.next_wid = self.next_wid, self.next_wid + 1
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
@@ -128,18 +134,22 @@ class LoopEffects:
 
         def on_link(mask: int) -> None:
             self.on_link(entry, mask)
-        self.register(link.fileno(), on_link, inst)
-        fd = inst.route.open_page(w, self.lends_functions)
-        start = StartSpec(inst.ctrl, inst.s.heartbeat_interval, inst.s.stop_grace,
-                          self.s.dial_timeout, inst.s.max_calls, self.s.transport,
-                          forensics.dump_path(self.zygote.rundir, wid), fd is not None,
-                          inst.s.source_datasource).frame()
         try:
-            link.send(start, [] if fd is None else [fd])   # any size: the rest waits in the outbox
-        finally:
-            if fd is not None:
-                os.close(fd)
-        link.send(frames.encode(frames.STATE, self._store(inst).frame_payload()))
+            self.register(link.fileno(), on_link, inst)
+            fd = inst.route.open_page(w, self.lends_functions)
+            start = StartSpec(inst.ctrl, inst.s.heartbeat_interval, inst.s.stop_grace,
+                              self.s.dial_timeout, inst.s.max_calls, self.s.transport,
+                              forensics.dump_path(self.zygote.rundir, wid), fd is not None,
+                              inst.s.source_datasource).frame()
+            try:
+                link.send(start, [] if fd is None else [fd])   # any size: the rest waits in the outbox
+            finally:
+                if fd is not None:
+                    os.close(fd)
+            link.send(state)
+        except BaseException:
+            self.signal(w, signal.SIGKILL)
+            raise
         return w
 
     def send(self, w: WorkerHandle, frame: bytes, fds: Sequence[int] = ()) -> None:
@@ -242,15 +252,15 @@ class LoopEffects:
         except Exception:  # noqa: BLE001 - psutil.Error: gone or not readable
             return None
 
-    def stack(self, w: WorkerHandle) -> str:
-        return forensics.user_frames(forensics.read(forensics.dump_path(self.zygote.rundir, w.wid)))
+    def dump(self, w: WorkerHandle) -> forensics.Dump:
+        return forensics.summary(forensics.read(forensics.dump_path(self.zygote.rundir, w.wid)))
 
     # --- eKuiper's channels ---------------------------------------------------------------
 
     def open_sink(self, inst: "Instance") -> Tuple[Any, Any]:
         ctrl = inst.ctrl
         data_url = wire.data_url(ctrl.rule_id, ctrl.op_id, ctrl.instance_id)
-        pull = self.transport.PullEndpoint(data_url, spill=frames.SPILL)
+        pull = self.transport.PullEndpoint(data_url, spill=frames.SPILL, notice=inst.route.on_notice)
         ack_url = wire.ack_url(ctrl.rule_id, ctrl.op_id, ctrl.instance_id)
         try:
             # eKuiper listens on the ack path before it sends start; native: dialed and
@@ -272,14 +282,16 @@ class LoopEffects:
         for endpoint in (pull, ack):
             endpoint.close()
 
-    def open_function(self, inst: "Instance", wait: bool = True) -> FunctionChannel:
+    def open_function(self, inst: "Instance", wait: bool = True) -> "FunctionChannel":
+        from .routes.function import FunctionChannel  # only functions need it
+
         url = wire.function_url(inst.ctrl.symbol)
         # native: always dialed in the loop (the route answers the first start once it is up)
         wait = wait and not self.lends_functions
         return FunctionChannel(self.req_endpoint(url, self.s.dial_timeout if wait else 0.0),
                                self.lends_functions)
 
-    def close_function(self, inst: "Instance", channel: FunctionChannel) -> None:
+    def close_function(self, inst: "Instance", channel: "FunctionChannel") -> None:
         if channel.fd >= 0:
             self.unregister(channel.fd)
         channel.close()
@@ -298,7 +310,7 @@ class LoopEffects:
                 inst.on_readable(endpoint)
             self.register(fd, on_readable, inst)
 
-    def hand_over(self, w: WorkerHandle, handoff: Handoff) -> None:
+    def hand_over(self, w: WorkerHandle, handoff: "Handoff") -> None:
         entry = self.workers.get(w.wid)
         try:
             if entry is not None:
@@ -327,7 +339,8 @@ class LoopEffects:
     # --- state ---------------------------------------------------------------------------
 
     def _store(self, inst: "Instance") -> Store:
-        return self.states.store(inst.plugin, inst.ctrl.key, inst.s.state_max_bytes)
+        return self.states.store(inst.plugin, inst.ctrl.key, inst.s.state_max_bytes,
+                                 lambda problem: self.note(inst, logging.WARNING, "%s", problem))
 
     def put_state(self, inst: "Instance", payload: bytes) -> None:
         refused = self._store(inst).apply(payload)
@@ -355,7 +368,10 @@ class LoopEffects:
 
 def fields(inst: Optional["Instance"]) -> Dict[str, str]:
     """The log record fields naming ``inst``."""
-    if inst is None:
-        return {}
-    return {"symbol": inst.ctrl.symbol, "rule": inst.ctrl.rule_id or "-"}
+    return {} if inst is None else ctrl_fields(inst.ctrl)
+
+
+def ctrl_fields(ctrl: wire.Control) -> Dict[str, str]:
+    """The log record fields naming the instance ``ctrl`` starts or stops."""
+    return {"symbol": ctrl.symbol, "rule": ctrl.rule_id or "-"}
 

@@ -13,7 +13,8 @@ import socket
 import threading
 from typing import Any, Callable, Dict, Iterable, List, Tuple
 
-from .states import RESTART_CAUSES, State
+from .health import RESTART_CAUSES
+from .states import State
 
 Snapshot = Dict[str, Any]
 Labels = Dict[str, str]

@@ -10,22 +10,27 @@ reload (the frame is in the socket; the supervisor reads it before the exit repo
 
 With ``state_dir`` set, a changed store is written there at most every
 ``state_flush_interval`` seconds and when the supervisor exits (tmp file + rename, mode 0600,
-directory 0700 and ours), and read back when the instance starts in a new supervisor.
+directory 0700 and ours, every directory on its path closed to others as the settings
+file's), and read back when the instance starts in a new supervisor. Files are opened
+without following links or waiting on a FIFO; one that is not a whole state file is moved
+aside (``<name>.corrupt-<time>``, one WARNING) and the instance starts with empty state.
 
 Values are JSON text or raw bytes, encoded the same way in frames and files; nothing is
 ever unpickled.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import stat
 import struct
+import time
 from typing import Any, Callable, Dict, Iterator, Optional, Tuple
 from urllib.parse import quote
 
-from ..config import ConfigError
+from ..config import ConfigError, check_trusted
 
 HEAD = struct.Struct("!HHBI")     # rule length, key length, kind, value length
 LIMIT = struct.Struct("!Q")       # a STATE frame starts with the per-bucket byte limit
@@ -146,7 +151,9 @@ class LocalState(Buckets):
 # --- the supervisor's side --------------------------------------------------------------------
 
 def check_dir(path: str) -> None:
-    """``state_dir`` must be a directory of ours closed to others (made 0700 if missing)."""
+    """``state_dir`` must be a directory of ours closed to others (made 0700 if missing),
+    reached through directories nobody else can change (as the settings file): otherwise
+    another local user could swap it, or plant files where ours go."""
     if not path:
         return
     try:
@@ -157,6 +164,37 @@ def check_dir(path: str) -> None:
     if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
         raise ConfigError(f"kuiper_pool config: state_dir {path!r} must be a directory owned by "
                           f"uid {os.getuid()} with mode 0700 (no access for group or others)")
+    check_trusted(path, "state_dir")
+
+
+# a state file is opened without following a link or waiting for a FIFO's writer
+OPEN_FLAGS = os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+
+
+def read_file(path: str) -> Optional[bytes]:
+    """The bytes of the state file ``path``; None when there is none. OSError (ELOOP: a
+    link, EINVAL: not a regular file, ...) when what is there cannot be a state file."""
+    try:
+        fd = os.open(path, os.O_RDONLY | OPEN_FLAGS)
+    except FileNotFoundError:
+        return None
+    with open(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", path)
+        return f.read()
+
+
+def move_aside(path: str) -> str:
+    """Rename the unreadable state file ``path`` to ``<path>.corrupt-<UTC time>``; returns
+    the new name ("" if it could not be moved: the next flush replaces it)."""
+    now = time.time()
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(now)) + f".{int(now % 1 * 1e6):06d}"
+    aside = f"{path}.corrupt-{stamp}"
+    try:
+        os.rename(path, aside)
+    except OSError:
+        return ""
+    return aside
 
 
 class Store(Buckets):
@@ -166,12 +204,22 @@ class Store(Buckets):
         super().__init__(limit)
         self.path = path
         self.dirty = False
-        if path:
-            try:
-                with open(path, "rb") as f:
-                    self.load(f.read())
-            except FileNotFoundError:
-                pass
+
+    def load_file(self) -> Optional[str]:
+        """Read the file, if any; a file that is not a whole state file (cut short, a key
+        that is not UTF-8, a link, a FIFO) is moved aside and the state starts empty.
+        Returns what was wrong and where the file went, or None."""
+        try:
+            data = read_file(self.path)
+            if data is not None:
+                self.load(data)
+            return None
+        except (OSError, ValueError) as e:  # UnicodeDecodeError is a ValueError
+            self.data, self.sizes = {}, {}
+            why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+            aside = move_aside(self.path)
+            return f"state file {self.path} is unreadable ({why}): " + (
+                f"moved to {aside}" if aside else "could not move it aside") + "; starting with empty state"
 
     def apply(self, payload: bytes) -> Optional[str]:
         """A worker's PUT frame; the text of what was refused, if anything."""
@@ -189,7 +237,12 @@ class Store(Buckets):
         if not self.path or not self.dirty:
             return
         tmp = f"{self.path}.{os.getpid()}.tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | OPEN_FLAGS
+        try:
+            fd = os.open(tmp, flags, 0o600)
+        except FileExistsError:  # left by a killed supervisor of the same pid: never reused
+            os.unlink(tmp)
+            fd = os.open(tmp, flags, 0o600)
         try:
             with open(fd, "wb") as f:
                 f.write(self.encode())
@@ -215,12 +268,17 @@ class States:
         self.stores: Dict[str, Store] = {}
         self.next_flush = 0.0
 
-    def store(self, plugin: str, key: str, limit: int) -> Store:
+    def store(self, plugin: str, key: str, limit: int,
+              warn: Callable[[str], None] = lambda _text: None) -> Store:
         """The store of the instance whose ``Control.key`` is ``key`` (read from its file
-        the first time, when persisted)."""
+        the first time, when persisted; ``warn`` hears of a file moved aside)."""
         found = self.stores.get(key)
         if found is None:
-            found = self.stores[key] = Store(limit, self.file_for(plugin, key) if self.dir else "")
+            found = Store(limit, self.file_for(plugin, key) if self.dir else "")
+            problem = found.load_file() if found.path else None
+            if problem:
+                warn(problem)
+            self.stores[key] = found
         found.limit = limit
         return found
 

@@ -47,10 +47,6 @@ TRANSITIONS: Dict[State, FrozenSet[State]] = {
 }
 
 
-# why a worker ended unexpectedly (``Instance._crashed``): status' restart_causes, the metrics' cause
-RESTART_CAUSES = ("exit", "signal", "hang", "deadline")
-
-
 class TransitionError(RuntimeError):
     """An event arrived in a state that does not allow it: a bug of ours, contained to
     the one instance by the supervisor."""

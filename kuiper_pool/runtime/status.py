@@ -6,16 +6,19 @@ metrics`` for every plugin).
 Snapshot schema (``observe.snapshot()``, the status answer and the metrics all
 use it)::
 
-    {"plugin": str, "pid": int, "zygote_pid": int, "uptime": float, "time": float,
-     "version": str, "python": str, "started": float,
+    {"plugin": str, "version": str, "pid": int, "zygote_pid": int, "uptime": float, "time": float,
+     "python": str, "started": float,
      "instances": [{"symbol", "type", "rule", "op", "instance", "pid", "state",
                     "uptime", "restarts", "restart_causes": {cause: n},
-                    "last_error", "rss", "cpu_percent", "items_in", "items_out",
-                    "errors", "cpu_seconds"}]}
+                    "recent_restarts": [{at: time, cause: kind, error: text}],
+                    "next_retry_at", "last_error", "last_error_at", "rss", "cpu_percent",
+                    "items_in", "items_out", "errors", "cpu_seconds"}]}
 
-``version`` is the supervisor's kuiper_pool, ``started`` its start (seconds since the
-epoch), ``restarts`` the sum of ``restart_causes``, ``cpu_seconds`` the CPU time of all
-the instance's workers so far.
+Times (``time``, ``at``, ``next_retry_at``, ``last_error_at``, ``started``) are Unix time;
+``next_retry_at`` is set while an instance waits to be started again (backoff, failed),
+``last_error_at`` once it has an error (``null`` otherwise), and ``last_error`` is never cut.
+``version`` is the supervisor's kuiper_pool, ``started`` its start, ``restarts`` the sum of
+``restart_causes``, ``cpu_seconds`` the CPU time of all the instance's workers so far.
 """
 from __future__ import annotations
 
@@ -38,6 +41,10 @@ class StatusError(RuntimeError):
 
 class NotRunning(StatusError):
     """The socket is there, but no supervisor listens on it (a killed one's)."""
+
+
+class NoSupervisor(StatusError):
+    """No status socket where the plugin's supervisor would make it."""
 
 
 MAX_CLIENTS = 16        # status clients served at once; more are closed at once
@@ -177,7 +184,7 @@ def request(plugin: str, req: Dict[str, Any], runtime_dir: str = "", timeout: fl
     live = [p for p in found if os.path.exists(p)]
     if not live:
         first = found[0] if found else paths.status_socket(plugin, base=paths.usual_base(runtime_dir))
-        raise StatusError(f"no kuiper_pool supervisor is running for plugin {plugin} (no {first})")
+        raise NoSupervisor(f"no kuiper_pool supervisor is running for plugin {plugin} (no {first})")
     return ask(live[0], req, timeout, f"plugin {plugin}")
 
 
