@@ -1202,6 +1202,21 @@ def test_an_ack_ekuiper_did_not_read_is_finished_here_and_nothing_is_lent_before
     assert pull.lent and inst.route.lent_to is w
 
 
+def test_every_crash_counts_as_a_restart_the_one_that_fails_the_instance_too():
+    # status shows ``restarts`` and the metrics the sum of ``restart_causes``: six kills are six
+    inst, fx, _ = running(kind=wire.TYPE_SOURCE, flap_max_restarts=5)
+    for kill in range(6):
+        if inst.state == BACKOFF:
+            fx.t += 5.0
+            inst.tick(fx.t)
+        if inst.state == STARTING:
+            ready(inst, fx.workers[-1])
+        assert inst.state == RUNNING, kill
+        inst.on_exit(fx.workers[-1], KILLED)
+    assert inst.state == FAILED and "worker ended 6 times within 60s" in inst.last_error
+    assert inst.restarts == 6 and inst.restart_causes == {"signal": 6}
+
+
 # --- reload: what is in flight in the old worker finishes there -------------------------------------
 
 def test_a_late_ack_after_the_replace_began_finishes_the_item_in_the_old_worker():

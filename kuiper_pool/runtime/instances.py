@@ -69,6 +69,7 @@ class Instance:
         self.items_in = 0
         self.items_out = 0
         self.errors = 0
+        self.cpu_seconds = 0.0                      # of the workers gone, as last sampled
         self.route = route_for(self)
 
     # --- naming and the state -------------------------------------------------------------------
@@ -285,6 +286,7 @@ class Instance:
             how, cause = self._ended_before_the_kill(meant, how, cause, dump.fatal)
         self.route.on_worker_gone(w, how, cause)
         self.errors += w.vitals.emit_errors
+        self.cpu_seconds += w.vitals.cpu_seconds
         state = self._state
         if state is STOPPING:
             self.fx.note(self, logging.INFO, "stopped (worker pid %d %s)", w.pid, how)
@@ -321,7 +323,10 @@ class Instance:
         return signal_text(meant), f"{cause}; {first}"
 
     def _crashed(self, w: Optional[WorkerHandle], how: str, cause: str, kind: str) -> None:
+        # every crash counts, the one that fails the instance too (it is retried later):
+        # status and the metrics (the sum of the causes) agree
         self.restart_causes[kind] += 1
+        self.restarts += 1
         self.recent_restarts.append({"at": time.time(), "cause": kind,
                                      "error": " ".join(f"{how}: {cause}".split())})
         pid = w.pid if w is not None else 0
@@ -329,12 +334,12 @@ class Instance:
         now = self.fx.now()
         delay = self.policy.next_delay(now)
         if delay is None:
-            self.last_error = " ".join((f"failed after {self.s.flap_max_restarts} restarts within "
-                                        f"{self.s.flap_window:g}s; last worker pid {pid} {how}: "
+            self.last_error = " ".join((f"failed: worker ended {self.s.flap_max_restarts + 1} times "
+                                        f"within {self.s.flap_window:g}s (flap_max_restarts "
+                                        f"{self.s.flap_max_restarts}); last worker pid {pid} {how}: "
                                         f"{cause}").split())
             self._fail()
             return
-        self.restarts += 1
         self._move(BACKOFF, "crash")
         self.restart_at = now + delay
         self.last_error = " ".join(f"worker pid {pid} {how}: {cause}".split())

@@ -49,6 +49,7 @@ import time
 import warnings
 from typing import Any, Callable, Dict, List, Mapping, Optional, Protocol, Sequence, Tuple
 
+from .. import __version__
 from ..paths import identity, unlink_if_ours
 from ..plugin import FRESH_ENV
 from ..transport.outbox import Outbox, Watch
@@ -732,7 +733,7 @@ def _fork_worker(z: _Zygote, link_fd: int, symbol: str) -> int:
 
             signal.signal(DUMP_SIGNAL, signal.SIG_IGN)  # kept across exec, unlike a handler
             os.set_inheritable(link_fd, True)  # the symbol's variables apply from the first import
-            os.execve(z.spawn_argv[0], z.spawn_argv + [str(link_fd)],
+            os.execve(z.spawn_argv[0], z.spawn_argv + [str(link_fd), __version__],
                       {**os.environ, **z.symbol_env.get(symbol, {})})
         code = z.worker_main(socket.socket(fileno=link_fd))
     except BaseException as e:  # noqa: BLE001 - the child must never return into the zygote loop
