@@ -266,3 +266,59 @@ def test_the_stack_dump_signal_is_harmless_until_the_worker_installed_its_handle
     masks = _signal_masks(worker)
     assert masks["SigCgt"] & bit and not masks["SigIgn"] & bit
 
+
+
+def test_under_nng_a_stalled_ack_reader_and_a_missing_function_channel_hold_up_nothing(
+        tmp_path, unique, host_runs, monkeypatch):
+    """``transport: nng``: acks eKuiper does not read queue in the supervisor (nng's sends
+    never wait) and a function channel nobody listens on is dialed in nng's threads, so
+    other rules' calls and starts go on as when idle; every ack arrives once read."""
+    monkeypatch.setenv("KUIPER_POOL_TRANSPORT", "nng")
+    fn, absent_fn, late_fn, snk = f"fn{unique}", f"g{unique}", f"h{unique}", f"snk{unique}"
+    pd = make_plugin(str(tmp_path), f"kp{unique}", sinks={snk: RECORDING_SINK},
+                     functions={fn: MODE_FUNCTION, absent_fn: MODE_FUNCTION, late_fn: MODE_FUNCTION},
+                     settings={"dial_timeout": 2.0})
+    host = host_runs.launch(pd, data_transport="sp")
+    f = host.start_function(fn)
+
+    def call() -> None:
+        assert f.exec(["echo", 2])["result"] == 2
+
+    idle_fn = p99(round_trips(call, 1.0))
+    refused: List[str] = []
+
+    def start_absent() -> None:  # nobody listens on its channel: refused after dial_timeout
+        try:
+            host.command("start", control(absent_fn, "func"))
+        except HostError as e:
+            refused.append(str(e))
+    starter = threading.Thread(target=start_absent, daemon=True)
+    rule = f"r{unique}"
+    base = f"/tmp/{rule}_op_0"
+    ack_peer = SilentPeer(base + "_ack.ipc", sp.header(sp.PULL))
+    ctrl = control(snk, "sink", rule, "op", 0, config={
+        "requireAck": True, "reject": "bad", "file": str(tmp_path / "stalled.jsonl")})
+    n_items = 1000
+    pusher = None
+    try:
+        host.command("start", ctrl)
+        pusher = sp.PushEndpoint(f"ipc://{base}.ipc", dial_timeout=5.0, send_timeout=60.0)
+        for i in range(n_items):  # far more error acks (2 KiB each) than a socket takes
+            pusher.send(json.dumps({"i": i, "v": "bad", "pad": "x" * 2048}).encode())
+        starter.start()
+        stalled_fn = p99(round_trips(call, 2.0))
+        late = host.start_function(late_fn)  # another instance starts meanwhile
+        assert late.exec(["echo", 3])["result"] == 3
+        starter.join(10.0)
+        assert refused and "dial_timeout 2s" in refused[0] and absent_fn in refused[0]
+        assert within_idle(stalled_fn, idle_fn), (idle_fn, stalled_fn)
+        conn = assert_every_rejection_acked_once(ack_peer, n_items)
+        assert_nothing_more(conn)
+    finally:
+        if pusher is not None:
+            pusher.close()
+        ack_peer.close()
+        try:
+            host.command("stop", ctrl)
+        except HostError:
+            pass
