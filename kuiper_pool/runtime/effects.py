@@ -345,8 +345,12 @@ class LoopEffects:
 
     def flush_state(self, now: Optional[float] = None) -> None:
         """Write changed state to state_dir: on ticks (``now``), or all of it now."""
-        def failed(store: Store, e: OSError) -> None:
-            self.log.error("cannot write state to %s: %s", store.path, e.strerror or e)
+        def failed(store: Optional[Store], e: OSError) -> None:
+            if store is None:
+                self.log.error("cannot start the state syncer: %s; state is synced in the loop",
+                               e.strerror or e)
+            else:
+                self.log.error("cannot write state to %s: %s", store.path, e.strerror or e)
         if now is None:
             self.states.flush(failed)
         else:
