@@ -2,7 +2,8 @@
 worker links and eKuiper's sockets.
 
 ``Instance`` and its route act only through :class:`Effects`: make a worker, send it a
-frame, signal it, open/watch/close eKuiper's channels, lend a function connection, log.
+frame, signal it, open/watch/close eKuiper's channels, lend a worker eKuiper's
+connections (a function's, an acked sink's) and take them back, keep state, log.
 :class:`LoopEffects` does it inside the supervisor's selector loop and turns what comes
 back (link frames, the zygote's reports) into the instance's events. Unit tests replace it
 with a recorder and a fake clock (tests/test_instances_unit.py).
