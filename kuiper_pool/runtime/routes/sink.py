@@ -195,7 +195,8 @@ class SinkRoute(Route):
     def tick(self, now: float) -> None:
         if self.ack is not None:
             self.ack.tick(now)   # a due redial, a peer silent past its header timeout, nng's queued acks
-            self._resume()       # reading stopped at ACK_BACKLOG goes on once the acks went out
+            if self.lent_to is None:  # reading stopped at ACK_BACKLOG goes on once they went out
+                self._resume()
 
     def _full(self) -> bool:
         """No room for more items: the window is full, or acks eKuiper does not read pile
