@@ -91,7 +91,7 @@ def start_in_thread(host, symbol: str) -> Tuple[threading.Thread, List[str]]:
     return threading.Thread(target=start, daemon=True), refused
 
 
-def stalled_sink(host, snk: str, rule: str, tmp_path) -> Tuple[SilentPeer, dict, str]:
+def start_stalled_sink(host, snk: str, rule: str, tmp_path) -> Tuple[SilentPeer, dict, str]:
     """A sink started with an ack reader that never reads and items that are all rejected:
     (the ack peer, the sink's Control, its data url)."""
     base = f"/tmp/{rule}_op_0"
@@ -147,7 +147,7 @@ def test_stalled_peers_never_hold_up_other_rules_and_the_supervisor_stays_one_th
     starter.start()
     # 3. a sink whose ack reader never reads: every item is error-acked with its own 2 KiB
     #    text, far more than the socket and the ack backlog take
-    ack_peer, ctrl2, data_url = stalled_sink(host, snk, f"r2{unique}", tmp_path)
+    ack_peer, ctrl2, data_url = start_stalled_sink(host, snk, f"r2{unique}", tmp_path)
     n_items = 3000
     pusher = sp.PushEndpoint(data_url, dial_timeout=5.0, send_timeout=60.0)
     push_error: List[BaseException] = []
@@ -306,7 +306,7 @@ def test_under_nng_a_stalled_ack_reader_and_a_missing_function_channel_hold_up_n
 
     idle_fn = p99(round_trips(call, 1.0))
     starter, refused = start_in_thread(host, absent_fn)  # nobody listens on its channel
-    ack_peer, ctrl, data_url = stalled_sink(host, snk, f"r{unique}", tmp_path)
+    ack_peer, ctrl, data_url = start_stalled_sink(host, snk, f"r{unique}", tmp_path)
     n_items = 1000
     pusher = None
     try:
