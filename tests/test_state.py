@@ -314,9 +314,15 @@ def test_a_corrupt_state_file_is_moved_aside_and_the_instance_starts_empty(tmp_p
 
 
 def syncers(supervisor: int) -> Set[int]:
-    """The state syncer processes among ``supervisor``'s children."""
-    return {p.pid for p in psutil.Process(supervisor).children()
-            if any(a.endswith("syncer.py") for a in p.cmdline())}
+    """The live state syncer processes among ``supervisor``'s children."""
+    out = set()
+    for p in psutil.Process(supervisor).children():
+        try:
+            if p.status() != psutil.STATUS_ZOMBIE and any(a.endswith("syncer.py") for a in p.cmdline()):
+                out.add(p.pid)
+        except psutil.Error:  # gone meanwhile
+            pass
+    return out
 
 
 def test_a_state_disk_that_does_not_answer_holds_up_no_call_or_start(tmp_path, unique, host_runs, transport):
@@ -337,8 +343,8 @@ def test_a_state_disk_that_does_not_answer_holds_up_no_call_or_start(tmp_path, u
         pids = syncers(host.process.pid)
         return psutil.Process(pids.pop()) if pids else None
 
-    def state_file_ends_with(text: bytes) -> bool:
-        files = [n for n in os.listdir(state_dir) if n.endswith(".state")]
+    def state_file_ends_with(text: bytes) -> bool:  # fn's file (g has its own)
+        files = [n for n in os.listdir(state_dir) if n.endswith(".state") and fn in n]
         return bool(files) and (state_dir / files[0]).read_bytes().endswith(text)
 
     stalled = wait_until(syncer, message="the state syncer")
@@ -353,8 +359,8 @@ def test_a_state_disk_that_does_not_answer_holds_up_no_call_or_start(tmp_path, u
     finally:
         stalled.resume()
     wait_until(lambda: state_file_ends_with(b"201"), message="the flush of 201 after the stall")
-    stalled.kill()
-    stalled.wait(10)
+    stalled.kill()  # reaped by the supervisor when it next writes state
+    wait_until(lambda: not syncers(host.process.pid), message="the syncer's death")
     assert f.exec(["incr"])["result"] == 202
     wait_until(lambda: state_file_ends_with(b"202"), message="a flush by a new syncer")
-    assert syncer().pid != stalled.pid
+    assert syncers(host.process.pid) - {stalled.pid}
