@@ -18,6 +18,7 @@ from .. import wire
 from . import TransportError, TransportTimeout
 
 KEEPALIVE = 5.0     # seconds idle before re-sending b"handshake", as eKuiper expects
+SEND_BUFFER = 1024  # acks nng's threads hold for eKuiper (NNG_OPT_SENDBUF; nng allows up to 8192)
 
 
 def dial(sock: pynng.Socket, url: str, timeout: float) -> None:
@@ -142,7 +143,9 @@ class PushDialer:
 
     def __init__(self, url: str) -> None:
         self.url = url
-        self.sock = pynng.Push0()
+        # without a buffer a non-blocking send succeeds only while no write is under way:
+        # nng's threads write this many acks on their own, the queue here holds the rest
+        self.sock = pynng.Push0(send_buffer_size=SEND_BUFFER)
         self.queue: Deque[bytes] = deque()
         self.queued = 0
         try:

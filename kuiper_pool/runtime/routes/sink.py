@@ -194,8 +194,9 @@ class SinkRoute(Route):
 
     def tick(self, now: float) -> None:
         if self.ack is not None:
+            backlog = self.ack.pending() > ACK_BACKLOG
             self.ack.tick(now)   # a due redial, a peer silent past its header timeout, nng's queued acks
-            if self.lent_to is None:  # reading stopped at ACK_BACKLOG goes on once they went out
+            if backlog and self.ack.pending() <= ACK_BACKLOG:  # reading stopped for them goes on
                 self._resume()
 
     def _full(self) -> bool:
