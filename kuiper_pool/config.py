@@ -9,14 +9,11 @@ a :class:`ConfigError` whose message is one line.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import errno
-import ipaddress
 import json
 import math
 import os
 import stat
-import textwrap
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 
@@ -115,6 +112,8 @@ def _serve_args(value: str) -> str:
 
 def _loopback_address(value: str) -> str:
     if value:
+        import ipaddress  # only when the setting is given: every plugin start reads the settings
+
         host, _, port = value.rpartition(":")
         host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
         if not (port.isascii() and port.isdigit() and 1 <= int(port) <= 65535):
@@ -348,6 +347,8 @@ _BY_NAME: Dict[str, Setting] = {s.name: s for s in SETTINGS}
 
 
 def _unknown(key: Any, source: str, known: Iterable[str]) -> ConfigError:
+    import difflib  # only for a mistake
+
     close = difflib.get_close_matches(str(key), list(known), n=1)
     hint = f"; did you mean {close[0]}?" if close else ""
     return ConfigError(f"kuiper_pool config: unknown setting {key!s} (from {source}){hint}")
@@ -492,6 +493,8 @@ def _check_symbols(symbols: Iterable[str], known: Sequence[str],
     symbol it meant with the defaults."""
     for symbol in symbols:
         if symbol not in known:
+            import difflib  # only for a mistake
+
             close = difflib.get_close_matches(symbol, known, n=1)
             hint = f"; did you mean {close[0]}?" if close else ""
             source = next(iter(sources[symbol].values()), "symbols")
@@ -521,6 +524,8 @@ def _check_ranges(values: Mapping[str, Any], sources: Mapping[str, str], prefix:
 
 def render_defaults_yaml() -> str:
     """The commented defaults file (config/kuiper_pool.yaml), generated from :data:`SETTINGS`."""
+    import textwrap  # only here: every plugin start imports this module
+
     lines = [
         "# kuiper_pool settings, with their defaults. Copy this file next to the plugin's main script",
         f"# as {FILE_NAME} (or point {CONFIG_ENV} at it) and keep only the keys you change.",

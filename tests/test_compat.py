@@ -21,7 +21,7 @@ import pytest
 from conftest import kuiper_pool_cli
 from kuiper_pool.interpreter import MODULES, split_options
 from kuiper_pool.tools.rule import run_rule
-from plugins import COUNTING_SOURCE, make_plugin, official_pysam
+from plugins import COUNTING_SOURCE, make_plugin, unique_pysam
 
 # Modules of the official package that are its single-process runtime, not an API a plugin
 # uses: kuiper_pool's supervisor and workers replace them.
@@ -82,8 +82,9 @@ def test_the_interpreter_finds_the_script_after_pythons_options(argv, script):
 def kp_python(*args: str, cwd=None) -> subprocess.CompletedProcess:
     exe = shutil.which("kuiper-pool-python")
     assert exe, "kuiper-pool-python is not installed (pip install -e .)"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # only -u may unbuffer
     return subprocess.run([exe, *args], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          text=True, timeout=60)
+                          text=True, timeout=60, env=env)
 
 
 def test_the_interpreter_passes_everything_but_a_script_to_python():
@@ -93,7 +94,10 @@ def test_the_interpreter_passes_everything_but_a_script_to_python():
     assert kp_python("-m", "json.tool", "--help").returncode == 0
 
 
-def test_a_script_sees_python_s_argv_and_path_and_ekuiper_is_kuiper_pool(tmp_path):
+@pytest.mark.parametrize("options", [["-u"], ["-u", "-W", "ignore"]], ids=["ekuiper-form", "more-options"])
+def test_a_script_sees_python_s_argv_and_path_and_ekuiper_is_kuiper_pool(tmp_path, options):
+    """eKuiper's own form (``-u``) runs the script in the console script's process; any other
+    option makes it exec Python with those options: the script sees the same either way."""
     sub = tmp_path / "plugin"
     sub.mkdir()
     (sub / "helper.py").write_text("VALUE = 'from the script folder'\n")
@@ -110,9 +114,10 @@ def test_a_script_sees_python_s_argv_and_path_and_ekuiper_is_kuiper_pool(tmp_pat
                           "ekuiper": ekuiper.__name__, "plugin": ekuiper.runtime.plugin.__name__,
                           "context": Context.__module__, "internal": internal,
                           "unbuffered": not sys.stdout.line_buffering and sys.stdout.write_through,
+                          "raw": [type(f.buffer).__name__ for f in (sys.stdout, sys.stderr)],
                           "filters": [f[0] for f in warnings.filters[:1]]}))
         """))
-    got = kp_python("-u", "-W", "ignore", "plugin/main.py", '{"sendTimeout":1000}', cwd=str(tmp_path))
+    got = kp_python(*options, "plugin/main.py", '{"sendTimeout":1000}', cwd=str(tmp_path))
     assert got.returncode == 0, got.stderr
     seen = json.loads(got.stdout)
     assert seen["name"] == "__main__" and seen["argv"] == ["plugin/main.py", '{"sendTimeout":1000}']
@@ -120,7 +125,8 @@ def test_a_script_sees_python_s_argv_and_path_and_ekuiper_is_kuiper_pool(tmp_pat
     assert (seen["ekuiper"], seen["plugin"], seen["context"]) == (
         "kuiper_pool", "kuiper_pool.runtime.plugin", "kuiper_pool.api")
     assert "'ekuiper.runtime.connection'" in seen["internal"] and "not its internals" in seen["internal"]
-    assert seen["unbuffered"] and seen["filters"] == ["ignore"]  # -u and -W reached python
+    assert seen["unbuffered"] and seen["raw"] == ["FileIO", "FileIO"]  # as python -u makes them
+    assert (seen["filters"] == ["ignore"]) == ("-W" in options)
 
 
 @pytest.fixture
@@ -155,21 +161,21 @@ def files_digest(folder: str) -> Dict[str, str]:
 
 @pytest.mark.parametrize("start_method", ["fork", "spawn"])
 def test_the_official_pysam_runs_unmodified_under_kuiper_pool_python(tmp_path, unique, ipc_leak_check,
-                                                                     monkeypatch, capfd, start_method,
+                                                                     monkeypatch, start_method,
                                                                      no_official_sdk):
     """Spawned workers re-import the plugin's modules (``from ekuiper import ...``): they get
     the alias too."""
     dst = str(tmp_path / "pysam")
-    names = official_pysam(dst, unique)
+    names = unique_pysam(dst, unique, sdk="ekuiper")
     before = files_digest(dst)
     monkeypatch.setenv("KUIPER_POOL_START_METHOD", start_method)
     out = io.StringIO()
     assert run_rule(dst, out=out, python=shutil.which("kuiper-pool-python")) == 0, out.getvalue()
     text = out.getvalue()
-    assert re.search(r'#5 source \{"name":"pyjson","value":5\}', text), text
+    assert re.search(r'#5 source \{"name":"sink","value":5\}', text), text
     assert f'#1 {names["revert"]}("pyjson") -> "nosjyp"' in text
     assert text.count("sink acked {}") == 5
-    assert f"plugin {names['pysam']}: supervisor pid" in capfd.readouterr().out  # kuiper_pool served it
+    assert f"plugin {names['pysam']}: supervisor pid" in text  # kuiper_pool served it
     after = files_digest(dst)
     assert {k: v for k, v in after.items() if k in before} == before
 

@@ -25,7 +25,7 @@ import pytest
 
 import kuiper_pool
 from conftest import ipc_files, kuiper_pool_cli as cli, kuiper_pool_command, wait_until
-from plugins import COUNTING_SOURCE, MODE_FUNCTION, RECORDING_SINK, REPO, is_dead, make_plugin
+from plugins import COUNTING_SOURCE, MODE_FUNCTION, RECORDING_SINK, REPO, is_dead, make_plugin, unique_pysam
 
 EXAMPLES = os.path.join(REPO, "examples")
 PYSAM = os.path.join(EXAMPLES, "pysam")
@@ -48,8 +48,9 @@ def tree(path: str) -> Dict[str, bytes]:
 
 
 def pysam_copy(tmp_path, plugin: str = "pysam", folder: str = "pysam") -> str:
-    """examples/pysam copied to tmp_path/<folder>; with another ``plugin`` name the json file,
-    the PluginConfig name and the rule id are renamed (ipc paths in /tmp are global)."""
+    """examples/pysam copied to tmp_path/<folder>, to be packaged; with another ``plugin`` name
+    the json file, the PluginConfig name and the rule id are renamed. A copy that runs needs
+    every socket name unique, its function's too: plugins.unique_pysam."""
     dst = str(tmp_path / folder)
     shutil.copytree(PYSAM, dst, ignore=shutil.ignore_patterns("__pycache__"))
     if plugin != "pysam":
@@ -243,8 +244,9 @@ def test_generated_install_sh_fails_the_install_when_pip_fails(tmp_path, unique,
 def test_packaged_plugin_with_nested_packages_installs_and_runs(tmp_path, unique):
     """Nested packages need their folder entries (eKuiper's unzip makes one folder level at a
     time); caches, version control and virtual environments stay out; the installed plugin runs."""
-    name = "pysam" + unique
-    src = pysam_copy(tmp_path, plugin=name)
+    src = str(tmp_path / "pysam")
+    renamed = unique_pysam(src, unique)
+    name = renamed["pysam"]
     write(os.path.join(src, "helpers", "__init__.py"), "")
     write(os.path.join(src, "helpers", "text", "__init__.py"), "")
     write(os.path.join(src, "helpers", "text", "rev.py"), "def rev(s):\n    return s[::-1]\n")
@@ -265,7 +267,8 @@ def test_packaged_plugin_with_nested_packages_installs_and_runs(tmp_path, unique
     got = install_like_ekuiper(str(tmp_path / "plugin.zip"), name, str(tmp_path / "ekuiper"))
     run = cli("try", got["plugin_dir"], timeout=90)
     assert run.returncode == 0, run.stdout + run.stderr
-    assert len(re.findall(r'revert\("pyjson"\) -> "nosjyp"', run.stdout)) == 5, run.stdout
+    revert = renamed["revert"]
+    assert f'#1 {revert}("pyjson") -> "nosjyp"' in run.stdout and f'#5 {revert}("sink") -> "knis"' in run.stdout
     wait_until(lambda: not ipc_files(unique), timeout=5, message="the rule's ipc files removed")
 
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import hashlib
 import json
 import os
 import select
@@ -32,7 +31,6 @@ import struct
 import sys
 import time
 from typing import Any, Callable, Dict, Iterator, Optional, Tuple
-from urllib.parse import quote
 
 from ..config import ConfigError, check_trusted
 
@@ -348,6 +346,10 @@ class States:
         return found
 
     def file_for(self, plugin: str, key: str) -> str:
+        # imported here: plugin.start checks state_dir before its handshake, with this module
+        import hashlib
+        from urllib.parse import quote
+
         name = quote(plugin, safe="") + "--" + quote(key, safe="")
         if len(name) > NAME_MAX:
             name = "h-" + hashlib.sha256(name.encode()).hexdigest()

@@ -28,7 +28,7 @@ from ..transport import load as load_transport
 from ..transport.sp import ReqConnection
 from ..transport.sp import frame as sp_frame
 from ..transport.sp import frame_header as sp_frame_header
-from . import forensics
+from . import forensics, proctitle
 from .callpage import CallPage, call_crc
 from .sinkpage import FREE, HOLDING, LENT, SP_FRAME, SinkPage, fits, open_sink_page
 from .protocol import StartSpec, is_error_reply
@@ -158,8 +158,9 @@ class Worker:
         return EXIT_CRASH
 
 
-def run(link_sock: socket.socket, plugin: PluginConfig) -> int:
-    """Serve one instance over ``link_sock``; return the exit code."""
+def run(link_sock: socket.socket, plugin: PluginConfig, spawned: bool = False) -> int:
+    """Serve one instance over ``link_sock``; return the exit code. ``spawned``: this worker
+    was exec'd (``start_method: spawn``), not forked, which its process title says."""
     link = GuardedLink(link_sock, ForkGuard())
     first = link.recv()
     if first is None or first[0] != frames.START:
@@ -169,6 +170,11 @@ def run(link_sock: socket.socket, plugin: PluginConfig) -> int:
     if state is None or state[0] != frames.STATE:
         return EXIT_ORPHAN
     worker = Worker(link, plugin, spec, state[1])
+    c = worker.ctrl
+    # most telling first: the title is cut to the length of the command line it replaces
+    kind = "function" if c.plugin_type == wire.TYPE_FUNC else c.plugin_type
+    proctitle.set_title(f"kuiper-pool {'(exec) ' if spawned else ''}{plugin.name} {kind} {c.symbol}"
+                        + (f" {c.rule_id}/{c.op_id}/{c.instance_id}" if c.rule_id else ""), c.symbol)
     if spec.dump_path:
         try:
             forensics.install(spec.dump_path)
@@ -651,13 +657,13 @@ def call_function(worker: Worker, function: Any, contexts: Dict[Tuple[Any, ...],
 # --- spawn start method ----------------------------------------------------------------
 
 def spawn_main(argv: list) -> int:
-    """``python -m kuiper_pool.runtime.worker <payload fd> <script_dir> <log_level> <link fd>``:
-    load the cloudpickled factories from the sealed memfd the supervisor wrote and every
-    spawned worker inherits (never a path, never a socket), serve."""
+    """``kuiper_pool.runtime.worker <payload fd> <log_level> <link fd>`` (started by
+    ``launch.python_command`` with the plugin's folder first on sys.path): load the
+    cloudpickled factories from the sealed memfd the supervisor wrote and every spawned
+    worker inherits (never a path, never a socket), serve."""
     import cloudpickle
 
-    payload, script_dir, level, fd = int(argv[1]), argv[2], argv[3], int(argv[4])
-    sys.path.insert(0, script_dir)
+    payload, level, fd = int(argv[1]), argv[2], int(argv[3])
     size, chunks, offset = os.fstat(payload).st_size, [], 0
     while offset < size:  # pread: the fd's offset is shared with every other spawned worker
         chunk = os.pread(payload, size - offset, offset)
@@ -669,7 +675,7 @@ def spawn_main(argv: list) -> int:
     plugin = PluginConfig(**cloudpickle.loads(b"".join(chunks)))
     logs.setup(plugin.name, level)
     try:
-        return run(socket.socket(fileno=fd), plugin)
+        return run(socket.socket(fileno=fd), plugin, spawned=True)
     except ConnectionError:  # the supervisor went away, as a forked worker's zygote reports it
         return EXIT_ORPHAN
 

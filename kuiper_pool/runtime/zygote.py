@@ -15,6 +15,9 @@ checks its parent every second; any of these makes it SIGKILL every worker, remo
 the ipc files the supervisor listened on (only while they are the files it created,
 checked by inode) and the private runtime directory, and exit. Workers set
 ``PR_SET_PDEATHSIG(SIGKILL)`` too, so they die with the zygote even if it is SIGKILLed.
+A SIGTERM while the supervisor lives (sent to the whole tree) changes nothing here: the
+supervisor stops every instance and then the zygote. SIGHUP and SIGINT are ignored by the
+zygote and its workers (:data:`OPERATOR_SIGNALS`).
 
 What plugin code starts dies with its worker: each worker leads its own process
 group and is a child subreaper, so orphans of its descendants (``setsid``
@@ -26,32 +29,28 @@ killed with its group.
 A reload (``reload.py``) needs the plugin's code as it is on disk now, which a fork of the
 supervisor cannot give (and with ``transport: nng`` the supervisor must never fork): the
 supervisor ``posix_spawn``s a fresh interpreter that runs the plugin's main script with
-``FRESH_ENV`` set (``python -m kuiper_pool.runtime.zygote <script> <args>``), so that
-``plugin.start`` becomes a zygote serving the existing supervisor over a socketpair
-inherited as ``FRESH_FD``. Its first report says what the new code exposes (HELLO) or why
+``FRESH_ENV`` set (``kuiper_pool.runtime.zygote <script> <args>``, started by
+``launch.python_command``: the script's folder first on sys.path, never the working
+directory), so that ``plugin.start`` becomes a zygote serving the existing supervisor over a
+socketpair inherited as ``FRESH_FD``. Its first report says what the new code exposes (HELLO) or why
 it cannot serve (ERROR). Until the supervisor adopts it, it removes no file when it exits.
 """
 from __future__ import annotations
 
-import ctypes
 import gc
 import json
 import os
-import runpy
 import selectors
-import shutil
 import signal
 import socket
 import sys
 import threading
 import time
-import traceback
 import warnings
 from typing import Any, Callable, Dict, List, Mapping, Optional, Protocol, Sequence, Tuple
 
 from ..paths import identity, unlink_if_ours
 from ..transport.outbox import Outbox, Watch
-from .forensics import DUMP_SIGNAL
 from .protocol import (FRESH_ENV, ZYGOTE_ADOPT, ZYGOTE_DISOWN, ZYGOTE_ERROR, ZYGOTE_EXITED, ZYGOTE_KILL,
                        ZYGOTE_OWN, ZYGOTE_REFUSED, ZYGOTE_RETIRE, ZYGOTE_START, ZYGOTE_STARTED,
                        decode_zygote, encode_zygote, recv_zygote)
@@ -59,28 +58,59 @@ from .protocol import (FRESH_ENV, ZYGOTE_ADOPT, ZYGOTE_DISOWN, ZYGOTE_ERROR, ZYG
 PR_SET_PDEATHSIG = 1
 PR_SET_CHILD_SUBREAPER = 36
 FRESH_FD = 3   # where a fresh zygote finds its link
+# What reaches a whole process group or tree (a closed terminal's SIGHUP, Ctrl-C, ``pkill -HUP
+# -f <script>``) is the supervisor's to act on (reload, stop): the zygote ignores them, and its
+# workers inherit that (plugin code may install handlers of its own in a worker).
+OPERATOR_SIGNALS = (signal.SIGHUP, signal.SIGINT)
+
+
+def ignore_operator_signals() -> None:
+    """Ignore :data:`OPERATOR_SIGNALS` (then unblock them: a fresh zygote starts with them
+    blocked, so none can end it before this runs)."""
+    for sig in OPERATOR_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, OPERATOR_SIGNALS)
+
+
+_prctl: Optional[Callable[..., int]] = None
+
+
+def prctl(*args: int) -> int:
+    """libc's ``prctl``, looked up once, in the zygote (the supervisor forks it before it
+    imports ctypes): every forked worker calls it as it is. A ``CDLL`` made in a worker
+    makes a class of its own and touches ctypes' objects (~180 KiB of the zygote's pages
+    copied into a bare forked child). OSError or AttributeError where there is no prctl."""
+    global _prctl
+    if _prctl is None:
+        import ctypes
+
+        _prctl = ctypes.CDLL(None, use_errno=True).prctl
+    return _prctl(*args)
 
 
 def die_with_parent(expected_parent: int, sig: int = signal.SIGKILL) -> None:
     """Ask the kernel to send ``sig`` when the parent dies; exit if it already has."""
     try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
+        prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
     except (OSError, AttributeError):  # not Linux: the getppid checks remain
         pass
     if os.getppid() != expected_parent:
         os._exit(1)
 
 
+def signal_text(sig: int) -> str:
+    """``signal 9 (SIGKILL)``."""
+    try:
+        name = signal.Signals(sig).name
+    except ValueError:
+        name = "?"
+    return f"signal {sig} ({name})"
+
+
 def describe_status(status: int) -> str:
     """``exit code 3`` or ``signal 9 (SIGKILL)`` from a raw wait status."""
     if os.WIFSIGNALED(status):
-        sig = os.WTERMSIG(status)
-        try:
-            name = signal.Signals(sig).name
-        except ValueError:
-            name = "?"
-        return f"signal {sig} ({name})"
+        return signal_text(os.WTERMSIG(status))
     return f"exit code {os.WEXITSTATUS(status)}"
 
 
@@ -155,6 +185,7 @@ class Zygote:
                 # until _serve handles SIGTERM (load_worker takes a while): the link's EOF
                 # also tells of the supervisor's death, and the cleanup must not be skipped
                 signal.signal(signal.SIGTERM, signal.SIG_IGN)
+                ignore_operator_signals()
                 parent_end.close()
                 for closable in inherited:  # a copy of the fd, not a shutdown: ours are unaffected
                     closable.close()
@@ -180,17 +211,18 @@ class Zygote:
 
     @classmethod
     def launch(cls, argv: List[str], rundir: str) -> "Zygote":
-        """A fresh zygote: ``argv`` (the plugin's main script under ``python -m
-        kuiper_pool.runtime.zygote``) exec'd with ``posix_spawn`` (no fork of the supervisor,
+        """A fresh zygote: ``argv`` (the plugin's main script under
+        ``kuiper_pool.runtime.zygote``) exec'd with ``posix_spawn`` (no fork of the supervisor,
         no atfork handler runs), its link inherited as FRESH_FD and nothing else of ours:
-        not eKuiper's channels, whatever their library left inheritable. OSError if it
-        cannot start."""
+        not eKuiper's channels, whatever their library left inheritable. It starts with the
+        operator's signals blocked (:data:`OPERATOR_SIGNALS`) until :func:`main` ignores them.
+        OSError if it cannot start."""
         parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         env = {**os.environ, FRESH_ENV: f"{os.getpid()}:{rundir}"}
         actions = [(os.POSIX_SPAWN_CLOSE, fd) for fd in _inheritable_fds() if fd != child_end.fileno()]
         try:
-            pid = os.posix_spawn(argv[0], argv, env, file_actions=actions + [
-                (os.POSIX_SPAWN_DUP2, child_end.fileno(), FRESH_FD)])
+            pid = os.posix_spawn(argv[0], argv, env, setsigmask=OPERATOR_SIGNALS,
+                                 file_actions=actions + [(os.POSIX_SPAWN_DUP2, child_end.fileno(), FRESH_FD)])
         except OSError:
             parent_end.close()
             raise
@@ -313,13 +345,21 @@ SWEEP_EVERY = 1.0   # seconds between sweeps for orphans and for the supervisor'
 def set_subreaper() -> None:
     """Orphaned descendants re-parent to us instead of init (Linux; elsewhere a no-op)."""
     try:
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+        prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
     except (OSError, AttributeError):
         pass
 
 
 def children_of(pid: int) -> List[int]:
-    """Live children of ``pid``, read from /proc (no psutil in the zygote)."""
+    """Live children of ``pid``, read from /proc (no psutil in the zygote). For this process,
+    its own ``children`` file (one read, Linux 3.5+) instead of every process's ``stat``: the
+    zygote sweeps every second, which with 500 workers meant opening ~1,000 files a second."""
+    if pid == os.getpid():
+        try:
+            with open(f"/proc/self/task/{pid}/children", "rb") as f:
+                return [int(p) for p in f.read().split()]
+        except OSError:  # an older kernel: look at every process
+            pass
     out = []
     for name in os.listdir("/proc"):
         if not name.isdigit():
@@ -441,6 +481,8 @@ class _Zygote:
         for path, ident in self.owned.items():
             unlink_if_ours(path, ident)
         if self.rundir:
+            import shutil
+
             shutil.rmtree(self.rundir, ignore_errors=True)
         deadline = time.monotonic() + 10.0
         while time.monotonic() < deadline:
@@ -475,17 +517,22 @@ def _serve(sock: socket.socket, worker_main: WorkerMain, spawn_argv: Optional[Li
     """The zygote's loop: start workers, forward kills, report exits; clean up at the end.
     Signal handlers only wake the loop (an exception raised at an arbitrary point could
     skip the cleanup); the loop also notices the supervisor's death by itself."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the supervisor's to handle
-    # the stack-dump signal is harmless to a worker until its faulthandler takes it over
-    # (inherited across fork and exec; forensics.install replaces it)
-    signal.signal(DUMP_SIGNAL, signal.SIG_IGN)
+    from . import forensics  # the zygote's own imports come after its fork
+
+    ignore_operator_signals()
+    # the stack-dump signal is harmless to a worker until its own dump file is in place:
+    # forked workers inherit faulthandler writing to /dev/null (forensics.install points it
+    # at their file), exec'd ones ignore it until they install theirs (see _fork_worker)
+    forensics.prepare()
     set_subreaper()
     z = _Zygote(sock, worker_main, spawn_argv, supervisor, rundir, exec_all, symbol_env)
     wake_r, wake_w = os.pipe()
     os.set_blocking(wake_w, False)
     os.set_blocking(wake_r, False)
     signal.set_wakeup_fd(wake_w)
-    for sig in (signal.SIGCHLD, signal.SIGTERM):  # SIGTERM: PDEATHSIG, the supervisor died
+    # SIGTERM is PDEATHSIG (the supervisor died), or sent to the whole tree, which the
+    # supervisor stops gracefully: either way the loop leaves only once the supervisor is gone
+    for sig in (signal.SIGCHLD, signal.SIGTERM):
         signal.signal(sig, lambda *_: None)
     gc.freeze()  # keep the preloaded heap shared copy-on-write with the workers
     z.wake = (wake_r, wake_w)
@@ -500,11 +547,9 @@ def _serve(sock: socket.socket, worker_main: WorkerMain, spawn_argv: Optional[Li
             for key, mask in events:
                 if key.fileobj == wake_r:
                     try:
-                        signals = os.read(wake_r, 4096)
+                        os.read(wake_r, 4096)
                     except BlockingIOError:
-                        signals = b""
-                    if signal.SIGTERM in signals:
-                        z.leaving = True
+                        pass
                     z.reap()
                     continue
                 if mask & selectors.EVENT_WRITE:
@@ -630,13 +675,17 @@ def _close_all(fds: Sequence[int]) -> None:
 
 
 def main(argv: List[str]) -> int:
-    """``python -m kuiper_pool.runtime.zygote <main script> <args>``: run the plugin's main
-    script as eKuiper would (``__main__``, its folder first on sys.path); its
-    ``plugin.start`` serves as the fresh zygote and never returns. An exception raised while
-    importing or building the config is reported in one line."""
+    """``kuiper_pool.runtime.zygote <main script> <args>`` (started by
+    ``launch.python_command`` with the script's folder first on sys.path): run the plugin's
+    main script as eKuiper would, as ``__main__``; its ``plugin.start`` serves as the fresh
+    zygote and never returns. An exception raised while importing or building the config is
+    reported in one line."""
+    import runpy
+    import traceback
+
+    ignore_operator_signals()
     script = argv[1]
     sys.argv = argv[1:]
-    sys.path[0] = os.path.dirname(script)
     try:
         runpy.run_path(script, run_name="__main__")
     except Exception as e:  # noqa: BLE001 - the plugin's own code failed: that is the answer
@@ -670,7 +719,7 @@ def _fork_worker(z: _Zygote, link_fd: int, symbol: str) -> int:
     try:
         signal.set_wakeup_fd(-1)
         for sig in (signal.SIGCHLD, signal.SIGTERM):
-            signal.signal(sig, signal.SIG_DFL)  # SIGINT stays ignored: the supervisor stops us
+            signal.signal(sig, signal.SIG_DFL)  # OPERATOR_SIGNALS stay ignored: the supervisor's
         z.sock.close()
         for fd in z.wake:
             os.close(fd)
@@ -678,6 +727,9 @@ def _fork_worker(z: _Zygote, link_fd: int, symbol: str) -> int:
         os.setpgid(0, 0)  # the worker's group: what it starts with Popen or fork dies with it
         set_subreaper()   # orphans of its descendants come to it while it lives, then to us
         if z.spawn_argv and (z.exec_all or symbol in z.symbol_env):
+            from .forensics import DUMP_SIGNAL
+
+            signal.signal(DUMP_SIGNAL, signal.SIG_IGN)  # kept across exec, unlike a handler
             os.set_inheritable(link_fd, True)  # the symbol's variables apply from the first import
             os.execve(z.spawn_argv[0], z.spawn_argv + [str(link_fd)],
                       {**os.environ, **z.symbol_env.get(symbol, {})})

@@ -1,5 +1,8 @@
-"""``kuiper-pool``: check and package a plugin, try it against the embedded eKuiper stand-in,
-and ask a running supervisor how it is."""
+"""kuiper-pool: check and package a plugin, try it against the embedded eKuiper stand-in,
+and ask a running supervisor how it is.
+
+Every command writes its errors to stderr, one line each, and exits with 0 (done), 1 (the
+plugin, the supervisor or a check failed) or 2 (usage: a bad argument, folder, rule or call)."""
 from __future__ import annotations
 
 import argparse
@@ -16,20 +19,51 @@ EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 
 
 def cmd_try(args: argparse.Namespace) -> int:
-    from .rule import run_rule
+    from .rule import RuleError, load_calls, parse_call, run_rule
 
-    return run_rule(args.plugin_dir, args.rule, python=args.python)
+    try:
+        calls = [parse_call(symbol, text) for symbol, text in args.call or []]
+        if args.calls:
+            calls += load_calls(args.calls)
+    except RuleError as e:
+        args.subparser.error(str(e))
+    return run_rule(_plugin_dir(args), args.rule, python=args.python, keep_running=args.keep_running,
+                    calls=calls)
+
+
+def _no_answer(command: str, e: Exception, runtime_dir: str) -> int:
+    """A supervisor that cannot be asked, in one line on stderr; when none was found, where
+    we looked and how that place is chosen."""
+    from .. import paths
+    from ..runtime.status import NoSupervisor
+
+    text = str(e)
+    if isinstance(e, NoSupervisor):
+        if runtime_dir:
+            how = f"--runtime-dir {runtime_dir}"
+        elif os.environ.get("TMPDIR"):
+            how = f"TMPDIR={os.environ['TMPDIR']}"
+        else:
+            how = "no TMPDIR and no --runtime-dir"
+        text += (f"; looked in {paths.usual_base(runtime_dir)} and {paths.usual_base(runtime_dir)}-* "
+                 f"(uid {os.getuid()}, {how}): a supervisor makes its socket in <runtime_dir or "
+                 f"TMPDIR or /tmp>/kuiper_pool-<uid of the user eKuiper runs as>, so run this as "
+                 f"that user with eKuiper's TMPDIR, or give --runtime-dir when the plugin sets "
+                 f"runtime_dir")
+    print(f"kuiper-pool {command}: {text}", file=sys.stderr)
+    return EXIT_FAIL
 
 
 def cmd_status(args: argparse.Namespace) -> int:
     from ..runtime.status import StatusError, query
 
+    if args.interval <= 0:
+        args.subparser.error("--interval must be a positive number of seconds")
     while True:
         try:
             snap = query(args.plugin, args.runtime_dir)
         except StatusError as e:
-            print(f"kuiper-pool status: {e}", file=sys.stderr)
-            return EXIT_FAIL
+            return _no_answer("status", e, args.runtime_dir)
         out = json.dumps(snap, indent=2) if args.json else format_status(snap)
         if not args.watch:
             print(out)
@@ -44,13 +78,12 @@ def cmd_restart(args: argparse.Namespace) -> int:
     try:
         answer = request(args.plugin, {"cmd": "restart", "symbol": args.symbol}, args.runtime_dir)
     except StatusError as e:
-        print(f"kuiper-pool restart: {e}", file=sys.stderr)
-        return EXIT_FAIL
+        return _no_answer("restart", e, args.runtime_dir)
     lines = answer.get("lines") if isinstance(answer, dict) else None
     if not lines:
         print(f"kuiper-pool restart: {answer.get('error') if isinstance(answer, dict) else answer}",
               file=sys.stderr)
-        return EXIT_FAIL
+        return EXIT_USAGE if isinstance(answer, dict) and answer.get("usage") else EXIT_FAIL
     for line in lines:
         print(line)
     return EXIT_OK if any(line.endswith(": restarting") for line in lines) else EXIT_FAIL
@@ -76,8 +109,7 @@ def cmd_reload(args: argparse.Namespace) -> int:
             time.sleep(0.1)
             outcome = ask({"cmd": "reload_status", "id": outcome["id"]})
     except StatusError as e:
-        print(f"kuiper-pool reload: {e}", file=sys.stderr)
-        return EXIT_FAIL
+        return _no_answer("reload", e, args.runtime_dir)
     for line in outcome["lines"]:
         print(line)
     return EXIT_OK if outcome["ok"] else EXIT_FAIL
@@ -86,7 +118,9 @@ def cmd_reload(args: argparse.Namespace) -> int:
 def _plugin_dir(args: argparse.Namespace) -> str:
     """The plugin folder argument; a usage error (exit 2) if it is not a folder."""
     if not os.path.isdir(args.plugin_dir):
-        args.subparser.error(f"{args.plugin_dir} is not a folder")
+        what = "it is a file" if os.path.exists(args.plugin_dir) else "it does not exist"
+        args.subparser.error(f"{args.plugin_dir} is not a folder ({what}; give the folder that "
+                             f"holds <name>.json and the executable)")
     return args.plugin_dir
 
 
@@ -134,24 +168,61 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return serve(plugin_dir, args.python, args.listen)
 
 
+LAST_ERROR_WIDTH = 60   # characters of LAST ERROR in the table; --json has it whole
+
+
 def format_status(snap: Dict) -> str:
-    """The status table a person reads."""
+    """The status table a person reads. Times are the local clock's, as in the log."""
     head = (f"plugin {snap['plugin']}  supervisor pid {snap['pid']}  zygote pid {snap['zygote_pid']}"
-            f"  up {_duration(snap['uptime'])}  instances {len(snap['instances'])}")
+            f"  up {_duration(snap['uptime'])}  instances {len(snap['instances'])}"
+            f"  kuiper_pool {snap.get('version', '?')}")
     cols = ["SYMBOL", "TYPE", "RULE/OP/INST", "PID", "STATE", "UPTIME", "RESTARTS", "RSS",
             "CPU%", "IN", "OUT", "ERRORS", "LAST ERROR"]
     rows: List[List[str]] = []
+    cut = False
     for i in sorted(snap["instances"], key=lambda i: (i["symbol"], i["rule"], i["op"], i["instance"])):
         where = (f"{i['rule']}/{i['op']}/{i['instance']}" if i["type"] != "func" else
                  f"serve worker {i['instance']}" if i["instance"] else "(all rules)")
-        rows.append([i["symbol"], i["type"], where, str(i["pid"] or "-"), i["state"],
-                     _duration(i["uptime"]), str(i["restarts"]), f"{i['rss'] / 1048576:.1f}M",
-                     f"{i['cpu_percent']:.0f}", str(i["items_in"]), str(i["items_out"]),
-                     str(i["errors"]), i["last_error"][:60] or "-"])
+        state = i["state"]
+        if i.get("next_retry_at"):
+            state += f", retry in {_duration(max(i['next_retry_at'] - snap['time'], 0.0))}"
+        error = _cut(i["last_error"], LAST_ERROR_WIDTH)
+        cut = cut or error != i["last_error"]
+        if error and i.get("last_error_at"):
+            error = f"{_clock(i['last_error_at'], snap['time'])} {error}"
+        rows.append([i["symbol"], i["type"], where, str(i["pid"] or "-"), state,
+                     _duration(i["uptime"]), _restarts(i, snap["time"]),
+                     f"{i['rss'] / 1048576:.1f}M", f"{i['cpu_percent']:.0f}", str(i["items_in"]),
+                     str(i["items_out"]), str(i["errors"]), error or "-"])
     widths = [max(len(r[c]) for r in rows + [cols]) for c in range(len(cols))]
     lines = [head, ""] + ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip()
                           for r in [cols] + rows]
+    if cut:
+        lines += ["", f"(LAST ERROR is cut; kuiper-pool status {snap['plugin']} --json has it whole)"]
     return "\n".join(lines)
+
+
+def _restarts(inst: Dict, now: float) -> str:
+    """``3 (2 hang, 1 signal) last 14:02:11``."""
+    text = str(inst["restarts"])
+    causes = inst.get("restart_causes") or {}
+    if causes:
+        text += " (" + ", ".join(f"{n} {cause}" for cause, n in sorted(causes.items())) + ")"
+    recent = inst.get("recent_restarts") or []
+    if recent:
+        text += f" last {_clock(recent[-1]['at'], now)}"
+    return text
+
+
+def _cut(text: str, width: int) -> str:
+    """``text`` in at most ``width`` characters, cut at a word boundary."""
+    if len(text) <= width:
+        return text
+    head = text[:width - 3]
+    space = head.rfind(" ")
+    if space > width // 2:
+        head = head[:space]
+    return head.rstrip(" ,;:") + "..."
 
 
 def _duration(seconds: float) -> str:
@@ -161,6 +232,12 @@ def _duration(seconds: float) -> str:
     return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
 
 
+def _clock(at: float, now: float) -> str:
+    """A past moment on the local clock: the time of day, with the date when not today."""
+    then = time.localtime(at)
+    return time.strftime("%H:%M:%S" if then[:3] == time.localtime(now)[:3] else "%m-%d %H:%M", then)
+
+
 COMMANDS: Dict[str, Callable[[argparse.Namespace], int]] = {
     "try": cmd_try, "status": cmd_status, "restart": cmd_restart, "reload": cmd_reload,
     "package": cmd_package,
@@ -168,17 +245,33 @@ COMMANDS: Dict[str, Callable[[argparse.Namespace], int]] = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="kuiper-pool", description=__doc__)
+    p = argparse.ArgumentParser(prog="kuiper-pool", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
     t = sub.add_parser("try", help="run a plugin's rule.json through the embedded eKuiper stand-in",
                        description="Start the plugin exactly as eKuiper does, run the small rule "
-                                   "described in <plugin-dir>/rule.json, print what flows, stop.")
+                                   "described in <plugin-dir>/rule.json, print what flows, stop. "
+                                   "Each line says whose it is: try (this runner), plugin (what "
+                                   "the plugin's code prints) or kuiper_pool (its log). A plugin "
+                                   "with only functions is tried with --call or --calls. Exit "
+                                   "status: 0 ran, 1 the plugin failed, 2 usage (folder, rule, "
+                                   "calls).")
     t.add_argument("plugin_dir", help="folder with <name>.json and the plugin's executable")
     t.add_argument("--rule", help="rule file (default: <plugin-dir>/rule.json)")
     t.add_argument("--python", default=sys.executable,
                    help="interpreter to run the plugin with, like eKuiper's portable.pythonBin "
                         "(default: this one)")
+    t.add_argument("--call", nargs=2, action="append", metavar=("SYMBOL", "ARGS"),
+                   help="call function SYMBOL with ARGS, a JSON array (e.g. '[\"abc\"]'), and "
+                        "print the result instead of running the rule; may be repeated")
+    t.add_argument("--calls", metavar="FILE",
+                   help='calls from a JSON file: [{"symbol": "revert", "args": ["abc"]}, ...]')
+    t.add_argument("--keep-running", action="store_true",
+                   help="run the rule (or keep the plugin up after the calls) until Ctrl-C or "
+                        "SIGTERM, to try kuiper-pool status, restart, reload and metrics on it; "
+                        "then stop everything")
+    t.set_defaults(subparser=t)
     s = sub.add_parser("status", help="show a running supervisor's instances",
                        description="Ask the supervisor of a running plugin (over its private "
                                    "socket) for its instances, workers and counters.")
@@ -187,12 +280,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--watch", action="store_true", help="refresh until interrupted")
     s.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes")
     s.add_argument("--runtime-dir", default="", help="the plugin's runtime_dir setting, if set")
+    s.set_defaults(subparser=s)
     r = sub.add_parser("restart", help="restart a running plugin's instances now",
                        description="Ask the supervisor of a running plugin to restart the "
                                    "instances of one symbol (all instances without one): failed "
                                    "or backing-off instances start at once, running workers are "
                                    "replaced gracefully. One line per instance. Exit status: 0 "
-                                   "something restarted, 1 nothing to restart or no supervisor.")
+                                   "something restarted, 1 nothing to restart or no supervisor, "
+                                   "2 a symbol the plugin lacks.")
     r.add_argument("plugin", help="the plugin's name")
     r.add_argument("symbol", nargs="?", help="a source, sink or function symbol of the plugin")
     r.add_argument("--runtime-dir", default="", help="the plugin's runtime_dir setting, if set")
