@@ -123,7 +123,7 @@ def _serve_fresh(plugin: PluginConfig, settings: Any, script_dir: str, fresh: An
     """A reload's fresh zygote: report the new code's symbols (each built and checked in a
     throwaway child, as ``kuiper-pool validate`` does) and settings, then make workers with
     them exactly as a zygote forked at start would. It never dials eKuiper."""
-    from . import __version__  # the kuiper_pool the new code imports (its own, once upgraded)
+    from .version import __version__  # the kuiper_pool the new code imports (its own, once upgraded)
     from .describe import inspect_symbols
     from .runtime import zygote
     from .runtime.protocol import ZYGOTE_HELLO

@@ -49,7 +49,7 @@ import time
 import warnings
 from typing import Any, Callable, Dict, List, Mapping, Optional, Protocol, Sequence, Tuple
 
-from .. import __version__
+from ..version import __version__
 from ..paths import identity, unlink_if_ours
 from ..transport.outbox import Outbox, Watch
 from .protocol import (FRESH_ENV, ZYGOTE_ADOPT, ZYGOTE_DISOWN, ZYGOTE_ERROR, ZYGOTE_EXITED, ZYGOTE_KILL,
