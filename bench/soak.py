@@ -42,7 +42,7 @@ import psutil
 
 from kuiper_pool.paths import private_base
 from kuiper_pool.runtime.state import HEAD, JSON, States, encode_entry
-from kuiper_pool.runtime.status import query
+from kuiper_pool.runtime.status import StatusError, query
 from kuiper_pool.tools.emulator import Host, HostError
 
 PLUGIN = textwrap.dedent('''
@@ -218,7 +218,10 @@ class Chaos:
         self.counts[action] = self.counts.get(action, 0) + 1
 
     def chaos_pids(self) -> List[int]:
-        rows = query(self.tag)["instances"]
+        try:
+            rows = query(self.tag)["instances"]
+        except StatusError:  # the supervisor is gone: the end of the run says so
+            return []
         return [r["pid"] for r in rows if r["pid"] and r["rule"].startswith(f"{self.tag}c")]
 
     def start_source(self) -> None:
@@ -416,6 +419,31 @@ class Chaos:
             handle.stop()
         self.sources, self.sinks = [], []
 
+    def wind_down(self, before: dict) -> Optional[dict]:
+        """Stop the chaos, reload once more, and measure once the supervisor has settled
+        (None if it died meanwhile)."""
+        try:
+            self.stop_all()
+            for pid in self.chaos_pids():  # SIGSTOPped ones were killed; make sure none waits
+                try:
+                    os.kill(pid, signal.SIGCONT)
+                except ProcessLookupError:
+                    pass
+            self.poll_reload(wait=150)
+            self.final_reload()
+            self.check_healthy()
+            pid = self.host.process.pid
+            deadline = time.monotonic() + 15
+            after = measure(pid, self.tag)
+            while time.monotonic() < deadline and after != before and any(
+                    after[k] > before[k] for k in ("fds", "threads", "workers", "ipc_files")):
+                time.sleep(0.2)  # noqa: workers killed last are still being reaped
+                after = measure(pid, self.tag)
+            return after
+        except (HostError, StatusError, psutil.NoSuchProcess) as e:
+            self.wrong.append(f"winding down: {type(e).__name__}: {e}")
+            return None
+
 
 ACTIONS = ["start_source", "start_sink", "stop_one", "stop_one", "kill_worker", "crash_call",
            "bad_call", "bad_command", "garbage_on_sink", "reload", "sighup_supervisor",
@@ -443,26 +471,13 @@ def chaos(seconds: float, seed: int, tree_hup: bool = True, out=sys.stdout) -> t
                 before = measure(host.process.pid, tag)
                 end = time.monotonic() + seconds
                 next_check = 0.0
-                while time.monotonic() < end:
+                while time.monotonic() < end and host.alive():
                     ch.act()
                     if time.monotonic() >= next_check:
                         ch.check_healthy()
                         next_check = time.monotonic() + 1.0
-                ch.stop_all()
-                for pid in ch.chaos_pids():  # SIGSTOPped ones were killed; make sure none waits
-                    try:
-                        os.kill(pid, signal.SIGCONT)
-                    except ProcessLookupError:
-                        pass
-                ch.poll_reload(wait=150)
-                ch.final_reload()
-                ch.check_healthy()
-                deadline = time.monotonic() + 15
-                after = measure(host.process.pid, tag)
-                while time.monotonic() < deadline and after != before and any(
-                        after[k] > before[k] for k in ("fds", "threads", "workers", "ipc_files")):
-                    time.sleep(0.2)  # noqa: workers killed last are still being reaped
-                    after = measure(host.process.pid, tag)
+                after = ch.wind_down(before) if host.alive() else None
+                ch.poll_reload(wait=30)  # one the supervisor's death interrupted
                 alive = host.alive()
             finally:
                 host.close()
@@ -477,7 +492,7 @@ def chaos(seconds: float, seed: int, tree_hup: bool = True, out=sys.stdout) -> t
           + (f" (first: {ch.wrong[0]})" if ch.wrong else ""), file=out)
     print(f"  supervisor alive at the end: {alive}", file=out)
     for key in before:
-        print(f"  {key:14} before {before[key]:>8}  after {after[key]:>8}", file=out)
+        print(f"  {key:14} before {before[key]:>8}  after {after[key] if after else '-':>8}", file=out)
     return before, after, alive and not ch.failures and not ch.wrong
 
 
@@ -501,6 +516,10 @@ def main() -> int:
     else:
         before, after = soak(args.cycles, args.crashes)
         ok, slack = True, args.mem_slack
+    if after is None:
+        print("nothing measured: the supervisor is gone")
+        print("FAIL")
+        return 1
     grew = [k for k in ("fds", "threads", "ipc_files", "private_files", "workers") if after[k] > before[k]]
     if after["rss_mib"] - before["rss_mib"] > slack:
         grew.append("rss_mib")
