@@ -36,7 +36,7 @@ import tempfile
 import textwrap
 import time
 import uuid
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import psutil
 
@@ -397,22 +397,28 @@ class Chaos:
             if n != 1000001:
                 self.wrong.append(f"state file intact: the source counted from {n}, not 1000001")
             return f"state file {damage}"
-        deadline = time.monotonic() + 5
-        while True:
-            with open(self.log, "rb") as f:
-                f.seek(logged)
-                warnings = [x for x in f.read().decode("utf-8", "replace").splitlines()
-                            if "WARNING" in x and path in x and "starting with empty state" in x]
-            if warnings or time.monotonic() > deadline:
-                break
-            time.sleep(0.05)  # noqa: the supervisor writes the line as it spawns the worker
+        warnings = self.logged_since(logged, lambda x: "WARNING" in x and path in x
+                                     and "starting with empty state" in x)
         aside = glob.glob(glob.escape(path) + ".corrupt-*")
-        if n >= 1000 or len(warnings) != 1 or len(aside) != 1:
+        kept = [name for name in aside if open(name, "rb").read() == data]
+        if n >= 1000 or len(warnings) != 1 or len(aside) != 1 or not kept:
             self.wrong.append(f"state file {damage}: first n {n}, {len(warnings)} WARNING(s), "
-                                 f"{len(aside)} file(s) moved aside")
+                              f"{len(aside)} file(s) moved aside, {len(kept)} holding what was there")
         for name in aside:
             os.unlink(name)
         return f"state file {damage}"
+
+    def logged_since(self, pos: int, wanted: Callable[[str], bool]) -> List[str]:
+        """The plugin's log lines from byte ``pos`` on that are ``wanted`` (waiting up to 5 s
+        for the first)."""
+        deadline = time.monotonic() + 5
+        while True:
+            with open(self.log, "rb") as f:
+                f.seek(pos)
+                lines = [x for x in f.read().decode("utf-8", "replace").splitlines() if wanted(x)]
+            if lines or time.monotonic() > deadline:
+                return lines
+            time.sleep(0.05)  # noqa: the supervisor writes the line as it spawns the worker
 
     def stop_all(self) -> None:
         for handle in self.sources + self.sinks:
