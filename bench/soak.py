@@ -201,10 +201,12 @@ class Chaos:
     def check_healthy(self) -> None:
         try:
             self.src.recv(timeout=5)
-            if self.snk.collect(b'{"ok": 1}', timeout=5) != {}:
-                raise RuntimeError("the healthy sink's ack was an error")
-            if self.fn.exec(["alive"])["state"] is not True:
-                raise RuntimeError("the healthy function failed")
+            ack = self.snk.collect(b'{"ok": 1}', timeout=5)
+            if ack != {}:
+                raise RuntimeError(f"the healthy sink's ack was an error: {ack}")
+            reply = self.fn.exec(["alive"])
+            if reply["state"] is not True:
+                raise RuntimeError(f"the healthy function failed: {reply['result']}")
         except Exception as e:  # noqa: BLE001 - every failure is reported at the end
             self.failures.append(f"{type(e).__name__}: {e}")
 
@@ -492,10 +494,10 @@ def chaos(seconds: float, seed: int, tree_hup: bool = True, out=sys.stdout) -> t
     print("  reloads: " + ", ".join(f"{k} {v}" for k, v in logged.items()) + "; kuiper-pool reload: "
           + ", ".join(f"{k} {v}" for k, v in sorted(ch.reloads.items())) + f"; last version {ch.version}",
           file=out)
-    print(f"  healthy instance checks failed: {len(ch.failures)}"
-          + (f" (first: {ch.failures[0]})" if ch.failures else ""), file=out)
-    print(f"  reload and state checks failed: {len(ch.wrong)}"
-          + (f" (first: {ch.wrong[0]})" if ch.wrong else ""), file=out)
+    for what, failed in (("healthy instance checks", ch.failures), ("reload and state checks", ch.wrong)):
+        print(f"  {what} failed: {len(failed)}", file=out)
+        for text in failed[:5]:
+            print(f"    {text}", file=out)
     print(f"  supervisor alive at the end: {alive}", file=out)
     for key in before:
         print(f"  {key:14} before {before[key]:>8}  after {after[key] if after else '-':>8}", file=out)
