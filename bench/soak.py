@@ -386,15 +386,18 @@ class Chaos:
         with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as f:
             f.write(data)
         logged = os.path.getsize(self.log)
-        try:
-            src = self.host.start_source("count", rule, op="st")
+        for attempt in range(3):
             try:
-                n = src.recv(timeout=10)["message"]["n"]
-            finally:
-                src.stop()
-        except HostError as e:
-            self.wrong.append(f"state file {damage}: {e}")
-            return f"state file {damage}"
+                src = self.host.start_source("count", rule, op="st")
+                try:
+                    n = src.recv(timeout=10)["message"]["n"]
+                finally:
+                    src.stop()
+                break
+            except HostError as e:  # a worker killed as hung under load may be retried
+                if "state" in str(e) or attempt == 2:
+                    self.wrong.append(f"state file {damage}: {e}")
+                    return f"state file {damage}"
         if damage == "intact":
             if n != 1000001:
                 self.wrong.append(f"state file intact: the source counted from {n}, not 1000001")
