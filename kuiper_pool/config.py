@@ -94,6 +94,25 @@ def _choice(section: str, name: str, default: str, choices: Sequence[str], descr
     return Setting(name, section, str, default, "one of " + ", ".join(choices), description, check)
 
 
+def _address(value: str) -> str:
+    host, _, port = value.rpartition(":")
+    if not host or not (port.isascii() and port.isdigit() and 1 <= int(port) <= 65535):
+        raise ValueError
+    return value
+
+
+# Protobuf scalar types a served function's arguments and result may have (docs/serve.md);
+# bytes only as an argument (eKuiper sends it base64-encoded).
+SERVE_TYPES = ("string", "double", "int64", "bool", "bytes")
+
+
+def _serve_args(value: str) -> str:
+    types = [t.strip() for t in value.split(",")] if value.strip() else []
+    if any(t not in SERVE_TYPES for t in types):
+        raise ValueError
+    return ",".join(types)
+
+
 def _loopback_address(value: str) -> str:
     if value:
         host, _, port = value.rpartition(":")
@@ -113,6 +132,7 @@ SECTIONS: Dict[str, str] = {
     "host": "the link to eKuiper",
     "operations": "logging, metrics and runtime files",
     "state": "instance state (ctx.put_state) kept across worker restarts and plugin restarts",
+    "serve": "kuiper-pool serve: functions as an eKuiper external service (docs/serve.md)",
 }
 
 SETTINGS: Tuple[Setting, ...] = (
@@ -225,6 +245,24 @@ SETTINGS: Tuple[Setting, ...] = (
          "Seconds between writes of changed state to state_dir (also written at stop and "
          "shutdown); what changed since the last write is lost if the supervisor is killed.", ge=0.01,
          le=3600),
+    Setting("serve_listen", "serve", str, "127.0.0.1:9081", '"host:port" with port 1-65535',
+            "Where kuiper-pool serve accepts eKuiper's REST calls. Loopback by default; name "
+            "0.0.0.0:<port> (or another address) to serve other machines and pods.", _address),
+    _num("serve", "serve_workers", int, 0,
+         "Worker processes per function symbol under kuiper-pool serve; each call goes to an "
+         "idle one (0 = the machine's cores). Usually set per symbol.", ge=0, le=1024),
+    Setting("serve_args", "serve", str, "string",
+            "a comma-separated list of " + ", ".join(SERVE_TYPES),
+            "The protobuf type of each argument of a served function, in order (eKuiper converts "
+            "SQL values to these before the call; docs/serve.md). Usually set per symbol.",
+            _serve_args),
+    _choice("serve", "serve_result", "string", SERVE_TYPES[:-1],
+            "The protobuf type of a served function's result; with string, a result that is not "
+            "a string arrives as its JSON text. Usually set per symbol."),
+    _num("serve", "serve_drain", float, 10.0,
+         "Seconds kuiper-pool serve keeps answering after SIGTERM (readiness is off meanwhile, "
+         "so load balancers stop sending) before it stops; it stops sooner once no call has "
+         "been in flight for a second.", ge=0, le=3600),
 )
 
 
@@ -263,6 +301,11 @@ class Settings:
     state_dir: str
     state_max_bytes: int
     state_flush_interval: float
+    serve_listen: str
+    serve_workers: int
+    serve_args: str
+    serve_result: str
+    serve_drain: float
 
     symbols: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
 
@@ -298,7 +341,7 @@ PER_SYMBOL = frozenset((
     "start_timeout", "restart_backoff_initial", "restart_backoff_min", "restart_backoff_max",
     "restart_jitter", "flap_max_restarts", "flap_window", "failed_retry_min", "failed_retry_max",
     "memory_limit_mb", "max_calls", "sink_window_mb", "sink_max_deliveries", "source_datasource",
-    "state_max_bytes"))
+    "state_max_bytes", "serve_workers", "serve_args", "serve_result"))
 
 
 _BY_NAME: Dict[str, Setting] = {s.name: s for s in SETTINGS}

@@ -3,10 +3,11 @@
 Name it as eKuiper's ``portable.pythonBin`` and plugins written for the official SDK run
 under kuiper_pool without an edit. eKuiper starts a plugin as ``<pythonBin> -u <script>
 '<json>'``: for that form (any interpreter options, then a script) :func:`main` re-executes
-the real interpreter (``sys.executable``) with the same options on ``-m kuiper_pool.interpreter
-<script> <args>``, which makes the official SDK's public modules (:data:`MODULES`) resolve to
-the kuiper_pool modules of the same path (:func:`install`), then runs the script as
-``__main__`` with ``sys.argv`` and ``sys.path[0]`` as Python sets them. Every other use (``-c``,
+the real interpreter (``sys.executable``) with the same options on ``kuiper_pool.interpreter
+<script> <args>`` (``launch.py``: the script's folder first on ``sys.path``, as Python puts
+it, never the working directory), which makes the official SDK's public modules
+(:data:`MODULES`) resolve to the kuiper_pool modules of the same path (:func:`install`), then
+runs the script as ``__main__`` with ``sys.argv`` as Python sets it. Every other use (``-c``,
 ``-m``, ``-``, no arguments, ``--version``, ``-m pip``) execs the real interpreter unchanged,
 so the alias exists only in plugin processes, whether or not the official package is installed.
 """
@@ -19,6 +20,8 @@ import runpy
 import sys
 import traceback
 from typing import List, NoReturn, Optional, Sequence
+
+from .launch import python_command
 
 OFFICIAL = "ekuiper"
 # The official SDK's public modules; each is served by the kuiper_pool module of the same
@@ -63,10 +66,6 @@ def run(argv: Sequence[str]) -> None:
         return
     script = argv[0]
     sys.argv = list(argv)
-    # python -m put the current folder first; python <script> puts the script's folder there
-    # (neither under -I or -P)
-    if not (sys.flags.isolated or getattr(sys.flags, "safe_path", False)) and sys.path:
-        sys.path[0] = os.path.dirname(os.path.realpath(script))
     try:
         runpy.run_path(script, run_name="__main__")
     except Exception as e:  # noqa: BLE001 - e.g. an import of the plugin's own that fails
@@ -107,12 +106,14 @@ def main(argv: Optional[List[str]] = None) -> NoReturn:
     """The ``kuiper-pool-python`` console script: exec the real interpreter (see the module doc)."""
     args = sys.argv[1:] if argv is None else argv
     at = split_options(args)
+    command = [sys.executable] + list(args)
     if at is not None:
-        args = list(args[:at]) + ["-m", __name__] + list(args[at:])
-        if args[at - 1:at] == ["--"]:
-            del args[at - 1]
+        options = list(args[:at - 1] if args[at - 1:at] == ["--"] else args[:at])
+        script = args[at]
+        command = python_command(os.path.dirname(os.path.realpath(script)), [__name__], options)
+        command += list(args[at:])
     sys.stdout.flush()
-    os.execv(sys.executable, [sys.executable] + list(args))
+    os.execv(sys.executable, command)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,8 @@ if TYPE_CHECKING:
 
 # set (to "<supervisor pid>:<run dir>") in a reload's fresh zygote: runtime/zygote.py
 FRESH_ENV = "KUIPER_POOL_FRESH_ZYGOTE"
+# set by ``kuiper-pool serve`` (tools/serve.py); outside the KUIPER_POOL_ settings namespace
+SERVE_ENV = "KUIPERPOOL_SERVE"
 
 
 def start(c: Any) -> NoReturn:
@@ -48,6 +50,8 @@ def start(c: Any) -> NoReturn:
     logs.setup(plugin.name, settings.log_level)
     if fresh is not None:
         sys.exit(_serve_fresh(plugin, settings, script_dir, fresh))
+    if os.environ.get(SERVE_ENV):  # kuiper-pool serve: functions over REST, no eKuiper to dial
+        sys.exit(_serve_rest(plugin, settings, script_dir))
     if len(sys.argv) > 1:
         try:
             json.loads(sys.argv[1])  # eKuiper's {"sendTimeout": ...}: nothing in it applies here
@@ -81,9 +85,30 @@ def _serve(plugin: PluginConfig, settings: Any, script_dir: str) -> int:
             return 2
     from .runtime.supervisor import Supervisor
 
-    # a reload runs the main script again, as eKuiper did, in a fresh zygote (runtime/reload.py)
-    main_argv = _python("kuiper_pool.runtime.zygote") + [os.path.abspath(sys.argv[0]), *sys.argv[1:]]
-    return Supervisor(plugin, settings, zygote, control, main_argv).run()
+    return Supervisor(plugin, settings, zygote, control, _main_argv(script_dir)).run()
+
+
+def _serve_rest(plugin: PluginConfig, settings: Any, script_dir: str) -> int:
+    """``kuiper-pool serve``: the plugin's functions as an eKuiper external service."""
+    _raise_fd_limit()
+    zygote = _fork_zygote(plugin, settings, script_dir, ())
+    if zygote is None:
+        return 2
+    from .serve.supervisor import ServeSupervisor
+
+    try:
+        return ServeSupervisor(plugin, settings, zygote, None, _main_argv(script_dir)).run()
+    except OSError as e:  # cannot listen on serve_listen
+        logs.supervisor_logger().error("plugin %s: cannot serve on %s: %s", plugin.name,
+                                       settings.serve_listen, e)
+        zygote.close()
+        return 1
+
+
+def _main_argv(script_dir: str) -> List[str]:
+    """How a reload runs the main script again, as eKuiper did, in a fresh zygote
+    (runtime/reload.py)."""
+    return _python("kuiper_pool.runtime.zygote", script_dir) + [os.path.abspath(sys.argv[0]), *sys.argv[1:]]
 
 
 def _serve_fresh(plugin: PluginConfig, settings: Any, script_dir: str, fresh: Any) -> int:
@@ -203,16 +228,19 @@ def _spawn_payload(plugin: PluginConfig) -> int:
 
 def _worker_command(payload: int, script_dir: str, log_level: str) -> List[str]:
     """The command an exec'd worker runs; it reads the factories from fd ``payload``."""
-    return _python("kuiper_pool.runtime.worker") + [str(payload), script_dir, log_level]
+    return _python("kuiper_pool.runtime.worker", script_dir) + [str(payload), log_level]
 
 
-def _python(module: str) -> List[str]:
-    """This interpreter running ``module``, unbuffered; under kuiper-pool-python the
-    plugin's modules import ekuiper, so what it starts runs under the alias too."""
+def _python(module: str, script_dir: str) -> List[str]:
+    """This interpreter running ``module``, unbuffered, with the plugin's folder first on
+    sys.path (as eKuiper's ``python <script>`` has it) and never the working directory;
+    under kuiper-pool-python the plugin's modules import ekuiper, so what it starts runs
+    under the alias too."""
     from . import interpreter
+    from .launch import python_command
 
-    run = ["-m", "kuiper_pool.interpreter"] if interpreter.installed() else []
-    return [sys.executable, "-u", *run, "-m", module]
+    alias = ["kuiper_pool.interpreter"] if interpreter.installed() else []
+    return python_command(script_dir, alias + [module])
 
 
 def _exec_workers(name: str, start_method: str, threads: Tuple[int, str]) -> bool:

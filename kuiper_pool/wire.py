@@ -63,15 +63,16 @@ class Control:
 
     @property
     def key(self) -> str:
-        """Identity of the instance: one function worker per symbol, else per (rule, op, instance)."""
+        """Identity of the instance: one function worker per symbol (kuiper-pool serve: worker
+        ``instance_id`` of the symbol's pool, from 1), else per (rule, op, instance)."""
         if self.plugin_type == TYPE_FUNC:
-            return f"func:{self.symbol}"
+            return f"func:{self.symbol}" + (f":{self.instance_id}" if self.instance_id else "")
         return f"{self.plugin_type}:{self.symbol}:{self.rule_id}:{self.op_id}:{self.instance_id}"
 
     def describe(self) -> str:
         """How logs and errors name the instance."""
         if self.plugin_type == TYPE_FUNC:
-            return f"function {self.symbol}"
+            return f"function {self.symbol}" + (f" worker {self.instance_id}" if self.instance_id else "")
         return (f"{self.plugin_type} {self.symbol} rule {self.rule_id} "
                 f"op {self.op_id} instance {self.instance_id}")
 

@@ -7,7 +7,7 @@ import glob
 import os
 import time
 import uuid
-from typing import Callable, List, Optional, TypeVar
+from typing import Callable, Dict, List, Optional, TypeVar
 
 import psutil
 import pytest
@@ -65,6 +65,30 @@ def unique() -> str:
     """A short name fragment unique to this test, for plugin, rule and symbol names
     (ipc paths in /tmp are global, so parallel test runs must not share them)."""
     return "u" + uuid.uuid4().hex[:10]
+
+
+_FUNCTION_SYMBOLS: Dict[str, str] = {}  # function symbol -> the test that started it first
+
+
+@pytest.fixture(autouse=True)
+def function_symbols_cannot_collide(request, monkeypatch) -> None:
+    """Every function the emulator starts in this process must carry this test's ``unique``
+    token and no other test's symbol: eKuiper names a function's socket after its symbol alone
+    (``/tmp/func_<symbol>.ipc``), so a unique plugin name does not keep two tests or two jobs
+    apart. (``kuiper-pool try`` runs in a subprocess: its plugins are named by the same rule,
+    ``plugins.unique_pysam``.)"""
+    from kuiper_pool.tools.emulator import Host
+    from plugins import function_symbol_problem
+
+    start = Host.start_function
+
+    def checked(self, symbol: str):
+        problem = function_symbol_problem(symbol, request.node.nodeid, _FUNCTION_SYMBOLS)
+        if problem:
+            pytest.fail(problem, pytrace=False)
+        return start(self, symbol)
+
+    monkeypatch.setattr(Host, "start_function", checked)
 
 
 def kill_tree(pid: int, timeout: float = 5.0) -> List[int]:

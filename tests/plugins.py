@@ -400,11 +400,14 @@ def runtime_entries(fragment: str) -> List[str]:
     return sorted(os.path.join(runtime_base(), n) for n in names if fragment in n)
 
 
-def official_pysam(dst: str, unique: str) -> Dict[str, str]:
-    """The official SDK's pysam plugin in ``dst``: this repo's example with its imports switched
-    back to ``ekuiper`` and its names (plugin, symbols, rule id) made unique. Returns the
-    example's names mapped to the unique ones."""
-    shutil.copytree(os.path.join(REPO, "examples", "pysam"), dst)
+def unique_pysam(dst: str, unique: str, sdk: str = "kuiper_pool") -> Dict[str, str]:
+    """This repo's pysam example in ``dst`` with every name eKuiper makes a path of (plugin,
+    symbols, rule id) made unique: function sockets are named by symbol alone
+    (``/tmp/func_<symbol>.ipc``), so a unique plugin name does not keep two tests or two jobs
+    with a function ``revert`` apart. ``sdk="ekuiper"`` switches its imports back to the
+    official SDK. Returns the example's names mapped to the unique ones."""
+    shutil.copytree(os.path.join(REPO, "examples", "pysam"), dst,
+                    ignore=shutil.ignore_patterns("__pycache__"))
     names = {n: f"{n}_{unique}" for n in ("pysam", "pyjson", "print", "revert")}
 
     def edit(path: str, change) -> None:
@@ -414,7 +417,7 @@ def official_pysam(dst: str, unique: str) -> Dict[str, str]:
             f.write(change(text))
 
     def port(text: str) -> str:
-        return text.replace("from kuiper_pool import", "from ekuiper import")
+        return text if sdk == "kuiper_pool" else text.replace("from kuiper_pool import", "from ekuiper import")
 
     def rename(text: str) -> str:  # symbol names in the PluginConfig and the plugin json
         for old, new in names.items():
@@ -432,11 +435,28 @@ def official_pysam(dst: str, unique: str) -> Dict[str, str]:
         edit(os.path.join(dst, mod), port)
     edit(os.path.join(dst, "pysam.py"), lambda text: rename(port(text)))
     os.rename(os.path.join(dst, "pysam.json"), os.path.join(dst, names["pysam"] + ".json"))
-    os.rename(os.path.join(dst, "sources", "pyjson.yaml"),
-              os.path.join(dst, "sources", names["pyjson"] + ".yaml"))
+    for kind, symbol, ext in (("sources", "pyjson", "yaml"), ("sources", "pyjson", "json"),
+                              ("sinks", "print", "json"), ("functions", "revert", "json")):
+        os.rename(os.path.join(dst, kind, f"{symbol}.{ext}"), os.path.join(dst, kind, f"{names[symbol]}.{ext}"))
     edit(os.path.join(dst, names["pysam"] + ".json"), rename)
     edit(os.path.join(dst, "rule.json"), rename_rule)
     return names
+
+
+UNIQUE_TOKEN = re.compile(r"u[0-9a-f]{10}")  # what the `unique` fixture makes
+
+
+def function_symbol_problem(symbol: str, test: str, owners: Dict[str, str]) -> str:
+    """Why function ``symbol``, started by ``test``, could meet another test's or job's (eKuiper's
+    function socket is ``/tmp/func_<symbol>.ipc``, whatever the plugin); "" when it cannot.
+    ``owners`` maps each symbol seen to the test that started it first."""
+    if not UNIQUE_TOKEN.search(symbol):
+        return (f"function symbol {symbol!r} of {test} has no token of the `unique` fixture: its "
+                f"socket /tmp/func_{symbol}.ipc is the same in every test and job that uses the name")
+    owner = owners.setdefault(symbol, test)
+    if owner != test:
+        return f"function symbol {symbol!r} of {test} is also started by {owner}"
+    return ""
 
 
 class HostRuns:

@@ -111,3 +111,24 @@ def test_the_chaos_soak_passes_a_short_run():
     assert proc.returncode == 0 and out.rstrip().endswith("PASS"), out[-3000:]
     assert "healthy instance checks failed: 0" in out and "supervisor alive at the end: True" in out
     assert "reload and state checks failed: 0" in out and re.search(r"reloads: reloaded [1-9]", out), out[-3000:]
+
+
+def test_the_serve_bench_smoke_run_prints_every_figure_and_cleans_up(unique):
+    """``bench/serve.py --smoke``: serve, the portable path (both runtimes) and, with the bench
+    extra, the hand-written service, each measured; nothing left behind."""
+    proc = subprocess.Popen([sys.executable, os.path.join(REPO, "bench", "serve.py"), "--smoke", "--tag", unique],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        out, _ = proc.communicate(timeout=150)
+    finally:
+        kill_tree(proc.pid)
+    assert proc.returncode == 0, out[-4000:]
+    rows = dict(re.findall(r"^\| (.+?) \| (.+?) \|$", out, re.M))
+    for label in ("calls/s, burna (~20 ms) x 4 callers: serve, 2 workers",
+                  "ratio serve / portable kuiper_pool", "ratio serve / portable official SDK",
+                  "per-call overhead of serve over a bare call, p50"):
+        assert re.match(r"^-?[\d.]+( us|x)?$", rows[label]), (label, rows.get(label), out[-3000:])
+    assert re.match(r"^\d+ of 4$", rows["calls failed when the busiest worker is SIGKILLed with 4 calls in flight: serve"])
+    left = [p.info["pid"] for p in psutil.process_iter(["pid", "cmdline", "cwd"])
+            if unique in " ".join(p.info.get("cmdline") or []) or unique in (p.info.get("cwd") or "")]
+    assert not left, f"processes left behind: {left}"

@@ -21,7 +21,7 @@ import pytest
 from conftest import kuiper_pool_cli
 from kuiper_pool.interpreter import MODULES, split_options
 from kuiper_pool.tools.rule import run_rule
-from plugins import COUNTING_SOURCE, make_plugin, official_pysam
+from plugins import COUNTING_SOURCE, make_plugin, unique_pysam
 
 # Modules of the official package that are its single-process runtime, not an API a plugin
 # uses: kuiper_pool's supervisor and workers replace them.
@@ -155,21 +155,21 @@ def files_digest(folder: str) -> Dict[str, str]:
 
 @pytest.mark.parametrize("start_method", ["fork", "spawn"])
 def test_the_official_pysam_runs_unmodified_under_kuiper_pool_python(tmp_path, unique, ipc_leak_check,
-                                                                     monkeypatch, capfd, start_method,
+                                                                     monkeypatch, start_method,
                                                                      no_official_sdk):
     """Spawned workers re-import the plugin's modules (``from ekuiper import ...``): they get
     the alias too."""
     dst = str(tmp_path / "pysam")
-    names = official_pysam(dst, unique)
+    names = unique_pysam(dst, unique, sdk="ekuiper")
     before = files_digest(dst)
     monkeypatch.setenv("KUIPER_POOL_START_METHOD", start_method)
     out = io.StringIO()
     assert run_rule(dst, out=out, python=shutil.which("kuiper-pool-python")) == 0, out.getvalue()
     text = out.getvalue()
-    assert re.search(r'#5 source \{"name":"pyjson","value":5\}', text), text
+    assert re.search(r'#5 source \{"name":"sink","value":5\}', text), text
     assert f'#1 {names["revert"]}("pyjson") -> "nosjyp"' in text
     assert text.count("sink acked {}") == 5
-    assert f"plugin {names['pysam']}: supervisor pid" in capfd.readouterr().out  # kuiper_pool served it
+    assert f"plugin {names['pysam']}: supervisor pid" in text  # kuiper_pool served it
     after = files_digest(dst)
     assert {k: v for k, v in after.items() if k in before} == before
 

@@ -19,7 +19,7 @@ import psutil
 import pytest
 
 from conftest import ipc_files, kill_tree, wait_until
-from plugins import official_pysam
+from plugins import unique_pysam
 from kuiper_pool.tools.emulator import Host, HostError
 from kuiper_pool.tools.rule import RuleError, load_rule, run_rule
 
@@ -475,7 +475,7 @@ def test_run_rule_drives_the_official_sdk_plugin(plugin, ipc_leak_check):
                    "count": 3, "timeout": 20}, f)
     out = io.StringIO()
     assert run_rule(plugin.dir, out=out) == 0, out.getvalue()
-    lines = out.getvalue().splitlines()
+    lines = [ln.split(" | ", 1)[1] for ln in out.getvalue().splitlines() if ln.startswith("try ")]
     assert lines[0].startswith(f"plugin {plugin.name}: started, pid ")
     assert sum(ln.startswith("#") and " source " in ln for ln in lines) == 3
     assert sum(ln.endswith("sink acked {}") for ln in lines) == 3
@@ -502,9 +502,10 @@ def test_run_rule_reports_a_bad_rule_in_one_line(plugin, ipc_leak_check):
     for body, expected in cases:
         with open(rule, "w") as f:
             json.dump(body, f)
-        out = io.StringIO()
-        assert run_rule(plugin.dir, rule_file=rule, out=out) == 1
-        assert out.getvalue().count("\n") == 1 and expected in out.getvalue(), out.getvalue()
+        out, err = io.StringIO(), io.StringIO()
+        assert run_rule(plugin.dir, rule_file=rule, out=out, err=err) == 2
+        assert err.getvalue().count("\n") == 1 and expected in err.getvalue(), err.getvalue()
+        assert err.getvalue().startswith("kuiper-pool try: ") and out.getvalue() == ""
     with open(rule, "w") as f:
         f.write("{nope")
     with pytest.raises(RuleError, match="bad.json is not valid JSON"):
@@ -515,19 +516,20 @@ def test_run_rule_reports_a_failing_function_and_cleans_up(plugin, ipc_leak_chec
     with open(os.path.join(plugin.dir, "rule.json"), "w") as f:
         json.dump({"id": plugin.rule, "source": {"symbol": plugin.src},
                    "functions": [{"symbol": plugin.fn, "args": ["boom"]}], "count": 2}, f)
-    out = io.StringIO()
-    assert run_rule(plugin.dir, out=out) == 1
-    assert out.getvalue().splitlines()[-1].startswith(f"error: function {plugin.fn} failed on row #1: ")
+    out, err = io.StringIO(), io.StringIO()
+    assert run_rule(plugin.dir, out=out, err=err) == 1
+    assert err.getvalue().splitlines() == [err.getvalue().strip()], err.getvalue()
+    assert err.getvalue().startswith(f"kuiper-pool try: function {plugin.fn} failed on row #1: ")
 
 
 def test_pysam_example_runs_under_the_official_sdk(tmp_path, unique, ipc_leak_check):
     """The kuiper_pool pysam example, with its imports switched back to ``ekuiper`` and its
     names made unique, runs through `try` unchanged otherwise."""
     dst = str(tmp_path / "pysam")
-    names = official_pysam(dst, unique)
+    names = unique_pysam(dst, unique, sdk="ekuiper")
     out = io.StringIO()
     assert run_rule(dst, out=out) == 0, out.getvalue()
     text = out.getvalue()
-    assert re.search(r'#5 source \{"name":"pyjson","value":5\}', text), text
+    assert re.search(r'#5 source \{"name":"sink","value":5\}', text), text
     assert f'#1 {names["revert"]}("pyjson") -> "nosjyp"' in text
     assert text.count("sink acked {}") == 5

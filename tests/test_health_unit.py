@@ -8,7 +8,7 @@ import pytest
 
 from kuiper_pool import wire
 from kuiper_pool.config import load_settings
-from kuiper_pool.runtime.health import KILL, RECYCLE, RestartPolicy, Vitals, verdict
+from kuiper_pool.runtime.health import Cause, RestartPolicy, Vitals, restart_kind, verdict
 
 MiB = 1048576
 
@@ -106,22 +106,22 @@ def vitals(now: float, **kw) -> Vitals:
 def test_missed_heartbeats_mean_hung_for_every_kind(kind):
     s = settings(**VERDICT)  # limit 0.5 * 4 = 2 s
     assert verdict(vitals(100.0, last_beat=98.1), 100.0, s, kind, NO_CPU) is None
-    action, why = verdict(vitals(100.0, last_beat=97.5), 100.0, s, kind, NO_CPU)
-    assert action == KILL and why.startswith("hung: no heartbeat for 2.5s (limit 2.0s)")
+    cause, why = verdict(vitals(100.0, last_beat=97.5), 100.0, s, kind, NO_CPU)
+    assert cause is Cause.HANG and cause.kills and why.startswith("hung: no heartbeat for 2.5s (limit 2.0s)")
 
 
 def test_a_call_past_its_deadline_is_killed():
     s = settings(**VERDICT)
     assert verdict(vitals(100.0, call_started=98.5), 100.0, s, FUNC, NO_CPU) is None
     kind, why = verdict(vitals(100.0, call_started=97.9), 100.0, s, FUNC, NO_CPU)
-    assert (kind, why) == (KILL, "call exceeded call_deadline 2s")
+    assert (kind, why) == (Cause.DEADLINE, "call exceeded call_deadline 2s")
 
 
 def test_a_sink_collect_past_collect_deadline_is_killed():
     s = settings(**VERDICT, collect_deadline=2.0)
     assert verdict(vitals(100.0, busy_since=98.5), 100.0, s, SINK, NO_CPU) is None
     assert verdict(vitals(100.0, busy_since=97.0), 100.0, s, SINK, NO_CPU) == (
-        KILL, "call exceeded collect_deadline 2s")
+        Cause.DEADLINE, "call exceeded collect_deadline 2s")
 
 
 def test_a_slow_sink_collect_is_left_alone_by_default():
@@ -138,8 +138,9 @@ def test_memory_over_the_limit_recycles():
     s = settings(**{**VERDICT, "memory_limit_mb": 100.0})
     assert verdict(vitals(100.0, rss=100 * MiB), 100.0, s, FUNC, NO_CPU) is None
     kind, why = verdict(vitals(100.0, rss=150 * MiB), 100.0, s, FUNC, NO_CPU)
-    assert (kind, why) == (RECYCLE, "resident memory 150 MiB over memory_limit_mb 100")
-    assert verdict(vitals(100.0, rss=150 * MiB), 100.0, s, SOURCE, NO_CPU)[0] == RECYCLE  # sources too
+    assert (kind, why) == (Cause.MEMORY, "resident memory 150 MiB over memory_limit_mb 100")
+    assert not kind.kills
+    assert verdict(vitals(100.0, rss=150 * MiB), 100.0, s, SOURCE, NO_CPU)[0] is Cause.MEMORY  # sources too
     off = settings(**VERDICT)
     assert verdict(vitals(100.0, rss=10 ** 12), 100.0, off, FUNC, NO_CPU) is None
 
@@ -147,16 +148,16 @@ def test_memory_over_the_limit_recycles():
 def test_max_calls_recycles_after_n_calls():
     s = settings(**{**VERDICT, "max_calls": 5})
     assert verdict(vitals(100.0, calls=4), 100.0, s, FUNC, NO_CPU) is None
-    assert verdict(vitals(100.0, calls=5), 100.0, s, FUNC, NO_CPU) == (RECYCLE, "served max_calls 5")
+    assert verdict(vitals(100.0, calls=5), 100.0, s, FUNC, NO_CPU) == (Cause.MAX_CALLS, "served max_calls 5")
     assert verdict(vitals(100.0, calls=10 ** 6), 100.0, settings(**VERDICT), FUNC, NO_CPU) is None
 
 
 def test_a_hung_worker_is_killed_rather_than_recycled():
     s = settings(**{**VERDICT, "memory_limit_mb": 100.0, "max_calls": 5})
     v = vitals(100.0, last_beat=90.0, rss=500 * MiB, calls=50, call_started=50.0)
-    assert verdict(v, 100.0, s, FUNC, NO_CPU)[0] == KILL
+    assert verdict(v, 100.0, s, FUNC, NO_CPU)[0] is Cause.HANG
     v = vitals(100.0, rss=500 * MiB, calls=50, call_started=50.0)
-    assert verdict(v, 100.0, s, FUNC, NO_CPU) == (KILL, "call exceeded call_deadline 2s")
+    assert verdict(v, 100.0, s, FUNC, NO_CPU) == (Cause.DEADLINE, "call exceeded call_deadline 2s")
 
 
 # --- hung means silent and idle; busy on the CPU is not hung -----------------------------------
@@ -170,8 +171,8 @@ def test_a_silent_worker_burning_cpu_is_busy_not_hung():
 def test_a_silent_idle_worker_is_hung_and_the_reason_says_so():
     s = settings(**VERDICT)
     v = vitals(100.0, last_beat=97.0, cpu_at_beat=5.0)
-    action, why = verdict(v, 100.0, s, SOURCE, lambda: 5.01)
-    assert action == KILL
+    cause, why = verdict(v, 100.0, s, SOURCE, lambda: 5.01)
+    assert cause is Cause.HANG
     assert why == "hung: no heartbeat for 3.0s (limit 2.0s) and 0.01s of CPU in the last 3.0s"
 
 
@@ -183,8 +184,8 @@ def test_a_busy_worker_that_then_stops_is_hung_at_the_limit_not_a_window_later()
     assert verdict(v, 100.55, s, SINK, lambda: 5.5) is None   # late; it ran until now
     assert v.cpu_mark == (100.55, 5.5)
     assert verdict(v, 101.5, s, SINK, lambda: 5.5) is None    # stopped, but not silent for 2 s
-    action, why = verdict(v, 102.05, s, SINK, lambda: 5.5)    # SIGSTOP right after a beat
-    assert action == KILL and "0.00s of CPU in the last 1.5s" in why
+    cause, why = verdict(v, 102.05, s, SINK, lambda: 5.5)    # SIGSTOP right after a beat
+    assert cause is Cause.HANG and "0.00s of CPU in the last 1.5s" in why
 
 
 def test_a_silent_worker_that_keeps_using_cpu_is_never_hung():
@@ -197,11 +198,18 @@ def test_a_silent_worker_that_keeps_using_cpu_is_never_hung():
 
 def test_without_a_cpu_reading_silence_alone_decides():
     s = settings(**VERDICT)
-    assert verdict(vitals(100.0, last_beat=97.0), 100.0, s, SOURCE, NO_CPU)[0] == KILL
+    assert verdict(vitals(100.0, last_beat=97.0), 100.0, s, SOURCE, NO_CPU)[0] is Cause.HANG
 
 
 def test_a_first_cpu_reading_without_a_baseline_waits_one_window():
     s = settings(**VERDICT)
     v = vitals(100.0, last_beat=97.0)  # the worker's beats carried no CPU figure
     assert verdict(v, 100.0, s, SOURCE, lambda: 3.0) is None
-    assert verdict(v, 102.1, s, SOURCE, lambda: 3.0)[0] == KILL
+    assert verdict(v, 102.1, s, SOURCE, lambda: 3.0)[0] is Cause.HANG
+
+
+def test_the_restart_cause_label_comes_from_the_kill_cause_not_from_its_text():
+    assert restart_kind(Cause.HANG, True) == "hang"
+    assert restart_kind(Cause.DEADLINE, True) == restart_kind(Cause.START_TIMEOUT, False) == "deadline"
+    assert restart_kind(Cause.NO_CHANNEL, True) == restart_kind(None, True) == "signal"
+    assert restart_kind(None, False) == "exit"

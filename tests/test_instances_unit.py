@@ -23,6 +23,8 @@ from kuiper_pool.config import load_settings
 from kuiper_pool.runtime import callpage, frames, sinkpage
 from kuiper_pool.runtime.sinkpage import SinkPage
 from kuiper_pool.runtime.effects import WorkerHandle
+from kuiper_pool.runtime.forensics import Dump
+from kuiper_pool.runtime.health import Cause
 from kuiper_pool.runtime.instances import (BACKOFF, ENDED, FAILED, RECYCLING, REMOVED, RUNNING,
                                            STARTING, STOPPING, Instance)
 from kuiper_pool.runtime.routes.function import FunctionChannel
@@ -136,6 +138,7 @@ class Recorder:
         self.workers: List[WorkerHandle] = []
         self.sent: List[Tuple[int, int, bytes]] = []     # (wid, frame type, payload)
         self.signals: List[Tuple[int, int]] = []
+        self.dumps: Dict[int, Dump] = {}                  # wid -> what its stack dump says
         self.watching: List[bool] = []
         self.closed_routes: List[Any] = []
         self.forgotten: List[Instance] = []
@@ -221,8 +224,8 @@ class Recorder:
     def cpu_seconds(self, w: WorkerHandle) -> Optional[float]:
         return self.cpu
 
-    def stack(self, w: WorkerHandle) -> str:
-        return ""
+    def dump(self, w: WorkerHandle) -> Dump:
+        return self.dumps.get(w.wid, Dump("", False))
 
     def note(self, inst: Instance, level: int, msg: str, *args: object) -> None:
         self.notes.append(msg % args)
@@ -829,6 +832,48 @@ def test_a_hung_worker_is_continued_to_dump_its_stack_then_sigkilled_without_sto
     assert fx.signals[-1] == (w.wid, signal.SIGKILL)
 
 
+def test_a_crash_is_counted_by_the_cause_of_our_kill_never_by_words_in_the_plugins_fault():
+    inst, fx, _ = running(kind=wire.TYPE_SOURCE)
+    w = fx.workers[0]
+    inst.on_frame(w, frames.FAULT, json.dumps({"error": "hung: deadline missed, start_timeout"}).encode())
+    inst.on_exit(w, 70 << 8)                  # exit code 70: the plugin's own fault
+    assert inst.restart_causes == {"exit": 1}
+    w = fx.workers[1]
+    ready(inst, w)
+    inst.kill(w, Cause.START_TIMEOUT, "a text that says nothing of the cause")
+    inst.on_exit(w, signal.SIGTERM)
+    assert inst.restart_causes == {"exit": 1, "deadline": 1}
+
+
+@pytest.mark.parametrize("status, first", [
+    (signal.SIGSEGV,
+     "its stack dump, asked for before the SIGKILL, crashed it first with signal 11 (SIGSEGV)"),
+    (signal.SIGUSR1, "it ended with signal 10 (SIGUSR1) while dumping its stack, before the SIGKILL")])
+def test_a_worker_the_stack_dump_ends_before_the_kill_is_reported_as_the_kill_it_was(status, first):
+    inst, fx, _ = running()
+    w = fx.workers[0]
+    inst.on_started(w, 4242)
+    inst.kill(w, Cause.HANG, "hung: no heartbeat for 0.3s")
+    fx.dumps[w.wid] = Dump("", status == signal.SIGSEGV)  # faulthandler wrote a fatal error
+    inst.on_exit(w, status)                   # before DUMP_GRACE ended: no SIGKILL sent yet
+    assert fx.signals == [(w.wid, signal.SIGUSR1), (w.wid, signal.SIGCONT)]
+    assert inst.last_error == f"worker pid 4242 signal 9 (SIGKILL): hung: no heartbeat for 0.3s; {first}"
+    assert inst.restart_causes == {"hang": 1}
+
+
+def test_a_killed_worker_that_dies_of_another_signal_after_the_kill_was_sent_is_reported_as_it_died():
+    inst, fx, _ = running()                   # a sink: SIGTERM DUMP_GRACE after the dump
+    w = fx.workers[0]
+    inst.on_started(w, 4242)
+    inst.kill(w, Cause.DEADLINE, "call exceeded collect_deadline 1s")
+    fx.t += 0.06
+    inst.tick(fx.t)
+    assert fx.signals[-1] == (w.wid, signal.SIGTERM)
+    inst.on_exit(w, signal.SIGABRT)           # the plugin's own SIGTERM handler aborted
+    assert inst.last_error == "worker pid 4242 signal 6 (SIGABRT): call exceeded collect_deadline 1s"
+    assert inst.restart_causes == {"deadline": 1}
+
+
 # --- zero-hop functions: the worker owns eKuiper's connection -----------------------------------------
 
 def lent(**overrides: Any) -> Tuple[Instance, Recorder, WorkerHandle]:
@@ -1029,7 +1074,7 @@ def test_no_signal_reaches_a_worker_writing_an_ack_until_it_is_written():
     page = fx.worker_pages[w.wid]
     take(page, b"x")
     page.holding()
-    inst.kill(w, "call exceeded collect_deadline 1s")
+    inst.kill(w, Cause.DEADLINE, "call exceeded collect_deadline 1s")
     page.acking()
     fx.t += 10                                # past DUMP_GRACE and stop_grace
     inst.tick(fx.t)
@@ -1138,3 +1183,69 @@ def test_an_ack_ekuiper_did_not_read_is_finished_here_and_nothing_is_lent_before
     push.backlog = 0
     inst.on_readable(push)
     assert pull.lent and inst.route.lent_to is w
+
+
+# --- reload: what is in flight in the old worker finishes there -------------------------------------
+
+def test_a_late_ack_after_the_replace_began_finishes_the_item_in_the_old_worker():
+    inst, fx, _ = running()
+    pull, push = fx.endpoints
+    pull.queue.append(b"1")
+    inst.on_readable(pull)
+    old = fx.workers[0]
+    assert inst.replace("reload") is True and inst.state == RECYCLING
+    inst.on_frame(old, frames.ACK, frames.SEQ.pack(1) + b"{}")   # collect had returned: the ack comes now
+    assert push.sent == [b"{}"] and not inst.route.inflight
+    inst.on_exit(old, EXIT_0)
+    new = fx.workers[1]
+    ready(inst, new)
+    assert items_sent_to(fx, new) == [] and inst.errors == 0
+
+
+def test_a_lent_sink_item_acked_after_the_replace_began_is_not_collected_again():
+    inst, fx, w = lent_sink()
+    page = fx.worker_pages[w.wid]
+    take(page, b"x")
+    page.holding()                       # collect returned; its ack is on the way
+    assert inst.replace("reload") is True
+    page.acking()
+    page.acked()                         # the worker waited for it before leaving
+    inst.on_exit(w, EXIT_0)
+    ready(inst, fx.workers[1])
+    assert items_sent_to(fx, fx.workers[1]) == [] and not inst.route.inflight
+
+
+def test_a_recycled_worker_with_a_call_in_flight_is_killed_at_call_deadline_not_stop_grace():
+    inst, fx, w = lent(call_deadline=8.0)
+    w.page.begin(b"slow", fx.t)
+    assert inst.replace("reload") is True
+    fx.t += 2.5                          # past stop_grace (2 s): the call runs on
+    inst.tick(fx.t)
+    assert (w.wid, signal.SIGKILL) not in fx.signals
+    fx.t += 5.6                          # past the call's own deadline
+    inst.tick(fx.t)
+    assert (w.wid, signal.SIGKILL) in fx.signals and "call_deadline 8s" in w.kill_reason
+    inst.on_exit(w, KILLED)
+    assert inst.state == STARTING and inst.restarts == 0   # a recycle, never a crash
+
+
+def test_a_recycled_worker_whose_call_ended_exits_and_is_not_held_back():
+    inst, fx, w = lent(call_deadline=8.0)
+    w.page.begin(b"quick", fx.t)
+    w.page.finish(True)
+    assert inst.replace("reload") is True
+    fx.t += 2.1
+    inst.tick(fx.t)
+    assert (w.wid, signal.SIGKILL) in fx.signals and w.kill_reason == "reload"
+
+
+def test_a_recycled_worker_whose_page_claims_an_endless_call_is_held_once_for_call_deadline():
+    inst, fx, w = lent(call_deadline=8.0)
+    w.page.begin(b"call", fx.t + 1e9)     # plugin code scribbled a start far in the future
+    assert inst.replace("reload") is True
+    fx.t += 2.1
+    inst.tick(fx.t)
+    assert (w.wid, signal.SIGKILL) not in fx.signals
+    fx.t += 8.0
+    inst.tick(fx.t)
+    assert (w.wid, signal.SIGKILL) in fx.signals and "call_deadline 8s" in w.kill_reason

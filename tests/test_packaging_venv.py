@@ -1,10 +1,11 @@
 """``kuiper-pool package --venv``: a virtual environment per plugin, installed and run as eKuiper
 does (unzip, ``/bin/sh install.sh``, ``<pythonBin> -u <executable> '<json>'``).
 
-Offline: pip reads a local wheel folder (``PIP_NO_INDEX``, ``PIP_FIND_LINKS``, which the generated
-install.sh leaves to pip) holding two versions of a tiny package, the kuiper-pool wheel the build
-backend made (``kuiper_pool_wheel`` in conftest.py) and kuiper-pool's dependencies repacked from
-this interpreter's installed copies.
+Offline: the zip carries the real kuiper-pool wheel; pip reads a local wheel folder
+(``PIP_NO_INDEX``, ``PIP_FIND_LINKS``, which the generated install.sh leaves to pip) holding two
+versions of a tiny package and kuiper-pool's dependencies repacked from this interpreter's
+installed copies. The plugins import that package, which is not installed here: they are
+packaged with ``--no-run``.
 """
 from __future__ import annotations
 
@@ -14,7 +15,6 @@ import importlib.metadata
 import os
 import posixpath
 import re
-import shutil
 import subprocess
 import sys
 import zipfile
@@ -65,9 +65,9 @@ def _dependencies(name: str) -> List[importlib.metadata.Distribution]:
 
 
 @pytest.fixture(scope="module")
-def wheels(tmp_path_factory, kuiper_pool_wheel) -> str:
-    """The wheel folder: the probe package 1.0 and 2.0, kuiper-pool's wheel as the build backend
-    makes it, and kuiper-pool's dependencies."""
+def wheels(tmp_path_factory) -> str:
+    """The wheel folder: the probe package 1.0 and 2.0 and kuiper-pool's dependencies (the zip
+    carries kuiper-pool's own wheel)."""
     folder = str(tmp_path_factory.mktemp("wheels"))
     for version in ("1.0", "2.0"):
         write_wheel(folder, PROBE, version, {f"{PROBE}/__init__.py": f"__version__ = {version!r}\n".encode()},
@@ -77,7 +77,6 @@ def wheels(tmp_path_factory, kuiper_pool_wheel) -> str:
                  if f.parts[0] != ".." and not f.parts[0].endswith(".dist-info")
                  and "__pycache__" not in f.parts}
         write_wheel(folder, dist.metadata["Name"], dist.version, files, dist.read_text("METADATA"))
-    shutil.copy(kuiper_pool_wheel, folder)
     return folder
 
 
@@ -114,10 +113,10 @@ def probe_plugin(root: str, name: str, symbol: str, version: str, executable: st
     return folder
 
 
-def package_and_install(tmp_path, src: str, name: str) -> dict:
+def package_and_install(tmp_path, src: str, name: str, wheel: str) -> dict:
     """``kuiper-pool package --venv``, then eKuiper's unzip; ``install.sh`` not run yet."""
     zip_path = tmp_path / (name + ".zip")
-    proc = cli("package", "--venv", src, "-o", zip_path)
+    proc = cli("package", "--venv", "--no-run", "--kuiper-pool-wheel", wheel, src, "-o", zip_path)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return install_like_ekuiper(str(zip_path), name, str(tmp_path / "ekuiper"))
 
@@ -129,14 +128,14 @@ def venv_python(plugin_dir: str) -> str:
 @needs_installed_kuiper_pool
 @pytest.mark.timeout(300)
 def test_two_plugins_pinning_different_versions_run_side_by_side(tmp_path, unique, wheels, host_runs,
-                                                                  monkeypatch):
+                                                                  monkeypatch, kuiper_pool_wheel):
     monkeypatch.setenv("PIP_NO_INDEX", "1")
     monkeypatch.setenv("PIP_FIND_LINKS", wheels)
     plugins = {}
     for version, executable in (("1.0", "main.py"), ("2.0", "src/main.py")):  # and one in a subfolder
         name, symbol = f"p{version[0]}{unique}", f"v{version[0]}{unique}"
         src = probe_plugin(str(tmp_path / "src"), name, symbol, version, executable)
-        got = package_and_install(tmp_path, src, name)
+        got = package_and_install(tmp_path, src, name, kuiper_pool_wheel)
         assert got["info"]["executable"] == posixpath.join(posixpath.dirname(executable), ENTRY)
         result = run_install_sh(got["plugin_dir"])
         assert result.returncode == 0, result.stdout
@@ -159,10 +158,11 @@ def test_two_plugins_pinning_different_versions_run_side_by_side(tmp_path, uniqu
         assert check.returncode == 0, check.stdout + check.stderr
 
 
-def test_without_its_venv_the_plugin_says_so_in_one_line(tmp_path, unique, host_runs):
+def test_without_its_venv_the_plugin_says_so_in_one_line(tmp_path, unique, host_runs, kuiper_pool_wheel):
     """install.sh never ran (or failed): eKuiper's log gets one line naming plugin and cause."""
     name = "p" + unique
-    got = package_and_install(tmp_path, probe_plugin(str(tmp_path / "src"), name, "v" + unique, "1.0"), name)
+    got = package_and_install(tmp_path, probe_plugin(str(tmp_path / "src"), name, "v" + unique, "1.0"), name,
+                              kuiper_pool_wheel)
     with pytest.raises(HostError, match="exited with code 1 before the handshake"):
         host_runs.launch(got["plugin_dir"], python=PYTHON_BIN)
     with open(os.path.join(got["plugin_dir"], "stdout.log")) as f:
@@ -172,12 +172,13 @@ def test_without_its_venv_the_plugin_says_so_in_one_line(tmp_path, unique, host_
                      "plugin again (install.sh creates it)"], lines
 
 
-def test_install_fails_clearly_when_python_cannot_make_a_venv(tmp_path, unique, monkeypatch):
+def test_install_fails_clearly_when_python_cannot_make_a_venv(tmp_path, unique, monkeypatch, kuiper_pool_wheel):
     """A Python without a working venv module (minimal images; Debian's python3 without
     python3-venv) or no Python at all: install.sh exits non-zero (eKuiper fails the install)
     and says what to do."""
     name = "p" + unique
-    got = package_and_install(tmp_path, probe_plugin(str(tmp_path / "src"), name, "v" + unique, "1.0"), name)
+    got = package_and_install(tmp_path, probe_plugin(str(tmp_path / "src"), name, "v" + unique, "1.0"), name,
+                              kuiper_pool_wheel)
     write(str(tmp_path / "no_venv" / "venv" / "__init__.py"), "raise ImportError('No module named venv')\n")
     monkeypatch.setenv("PYTHONPATH", str(tmp_path / "no_venv"))
     result = run_install_sh(got["plugin_dir"])
@@ -196,8 +197,7 @@ def test_install_fails_clearly_when_python_cannot_make_a_venv(tmp_path, unique, 
 @pytest.mark.parametrize("case, problem", [
     ("own install.sh", "install.sh: the folder has its own; --venv generates the one that creates the "
                        "plugin's environment"),
-    ("no requirements.txt", "requirements.txt: missing: --venv installs it (with kuiper-pool) into the "
-                            "plugin's own environment"),
+    ("no requirements.txt", "requirements.txt: missing, and --no-kuiper-pool: --venv would install nothing"),
     ("entry taken", f"{ENTRY}: --venv generates this file; rename yours"),
     ("conda", "pv.json: virtualEnvType (conda) and --venv exclude each other: eKuiper would run the "
               "entry in conda"),
@@ -213,7 +213,7 @@ def test_package_venv_refuses_what_it_cannot_generate(tmp_path, case, problem):
     else:
         write(os.path.join(src, "pv.json"), '{"language": "python", "executable": "main.py", '
                                             '"functions": ["pvf"], "virtualEnvType": "conda", "env": "e"}')
-    proc = cli("package", "--venv", src, "-o", tmp_path / "pv.zip")
+    proc = cli("package", "--venv", "--no-run", "--no-kuiper-pool", src, "-o", tmp_path / "pv.zip")
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert [ln for ln in proc.stderr.splitlines() if ln.startswith("problem")] == \
         [f"problem  {problem}"]

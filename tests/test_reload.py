@@ -17,7 +17,8 @@ import pytest
 
 from conftest import kuiper_pool_cli, wait_until
 from kuiper_pool.runtime.status import request
-from plugins import RECORDING_SINK, make_plugin, read_jsonl
+from kuiper_pool.tools.emulator import HostError
+from plugins import RECORDING_SINK, events, make_plugin, read_jsonl
 
 FAST = {"heartbeat_interval": 0.1, "restart_backoff_initial": 0.0, "restart_backoff_min": 0.1,
         "restart_jitter": 0.0, "stop_grace": 2.0}
@@ -234,9 +235,9 @@ def test_a_plugin_of_the_official_sdk_under_kuiper_pool_python_reloads_under_it(
     supervisor = psutil.Process(host.process.pid)
     wait_until(lambda: len(supervisor.children()) == 1, message="only the fresh zygote left")
     (zygote,) = supervisor.children()
-    for process in (zygote, psutil.Process(pid)):
-        assert "kuiper_pool.interpreter" in process.cmdline()
-    assert "kuiper_pool.runtime.zygote" in zygote.cmdline()
+    assert "kuiper_pool.interpreter" in zygote.cmdline() and "kuiper_pool.runtime.zygote" in zygote.cmdline()
+    # the worker it exec'd (with the same interpreter: its `import ekuiper` served v2 above)
+    assert psutil.Process(pid).cmdline()[0] == f"kuiper-pool (exec) {name} function {fn}"
 
 
 def test_new_code_stuck_in_its_imports_is_refused_at_start_timeout_and_killed(tmp_path, unique, host_runs):
@@ -250,3 +251,178 @@ def test_new_code_stuck_in_its_imports_is_refused_at_start_timeout_and_killed(tm
     assert rig.call()[:2] == [version, pid]
     supervisor = psutil.Process(rig.host.process.pid)
     wait_until(lambda: len(supervisor.children()) == 1, message="only the first zygote left")
+
+
+GATED = '''
+def _gate(path):
+    """Wait (bounded) until the test creates ``path``."""
+    deadline = time.monotonic() + 60
+    while not os.path.exists(path) and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+class GatedAckSink(Sink):
+    """Records each item, then acks it from a thread of its own once conf["gate"] exists."""
+
+    def configure(self, conf):
+        self.conf = dict(conf)
+
+    def open(self, ctx):
+        pass
+
+    def collect(self, ctx, data):
+        record("item", self.conf["file"], data=data.decode())
+
+        def late():
+            _gate(self.conf["gate"])
+            ctx.ack_ok()
+
+        threading.Thread(target=late, daemon=True).start()
+
+    def close(self, ctx):
+        pass
+
+
+class GatedFunction(Function):
+    """exec(["gated", gate, seconds]): records "begun", waits for the gate, then sleeps
+    ``seconds`` more; any other call: [version.VERSION, pid]."""
+
+    def validate(self, args):
+        return ""
+
+    def exec(self, args, ctx):
+        import version
+        if args and args[0] == "gated":
+            record("begun")
+            _gate(args[1])
+            time.sleep(float(args[2]))
+        return [version.VERSION, os.getpid()]
+
+    def is_aggregate(self):
+        return False
+'''
+
+
+def _gated_plugin(tmp_path, unique, host_runs, **settings):
+    name = f"kp{unique}"
+    plugin_dir = make_plugin(str(tmp_path), name, sinks={f"snk{unique}": GATED},
+                             functions={f"fn{unique}": "GatedFunction"},
+                             extra_modules={"version": 'VERSION = "v1"\n'},
+                             main_code="import version  # noqa: F401", settings={**FAST, **settings})
+    return name, plugin_dir, host_runs.launch(plugin_dir, recv_timeout=60)
+
+
+def _reload_in_background(name: str, plugin_dir: str) -> Dict[str, object]:
+    """Install v2 and run ``kuiper-pool reload`` in a thread; its CompletedProcess lands in the dict."""
+    with open(os.path.join(plugin_dir, "version.py"), "w") as f:
+        f.write('VERSION = "v2"\n')
+    out: Dict[str, object] = {}
+    thread = threading.Thread(target=lambda: out.update(proc=kuiper_pool_cli("reload", name, timeout=90)),
+                              daemon=True)
+    thread.start()
+    out["thread"] = thread
+    return out
+
+
+def _log_has(plugin_dir: str, text: str) -> bool:
+    with open(os.path.join(plugin_dir, "stdout.log"), errors="replace") as f:
+        return text in f.read()
+
+
+def test_an_item_whose_ack_is_pending_when_a_reload_comes_is_collected_and_acked_once(
+        tmp_path, unique, host_runs, transport):
+    """A sink may ack after collect returned; the old worker waits for that ack (within
+    stop_grace) instead of leaving the item to be collected again by the new one."""
+    name, plugin_dir, host = _gated_plugin(tmp_path, unique, host_runs, stop_grace=10.0)
+    items, gate = str(tmp_path / "items.jsonl"), str(tmp_path / "gate")
+    sink = host.start_sink(f"snk{unique}", f"r{unique}", op="out", require_ack=True,
+                           config={"file": items, "gate": gate})
+    sink.send(b"first")
+    wait_until(lambda: read_jsonl(items, "item"), message="the first item collected")
+    (old,) = [r["pid"] for r in read_jsonl(items, "item")]
+    reload = _reload_in_background(name, plugin_dir)
+    wait_until(lambda: _log_has(plugin_dir, f"recycling worker pid {old}: reload"), timeout=60,
+               message="the reload to ask the sink's worker to stop")
+    with open(gate, "w"):
+        pass  # now the ack comes, while the reload waits for the old worker
+    assert sink.recv_ack(timeout=30) == {}
+    reload["thread"].join(90)
+    proc = reload["proc"]
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert sink.collect(b"second", timeout=30) == {}
+    recorded = read_jsonl(items, "item")
+    assert [r["data"] for r in recorded] == ["first", "second"], recorded
+    assert recorded[1]["pid"] != old
+    with pytest.raises(HostError):   # one ack per item: nothing more
+        sink.recv_ack(timeout=0.5)
+
+
+def test_a_call_in_flight_when_a_reload_comes_finishes_past_stop_grace(tmp_path, unique, host_runs):
+    """The old worker's call runs on, bounded by call_deadline, not by stop_grace; the
+    next call is the new worker's."""
+    name, plugin_dir, host = _gated_plugin(tmp_path, unique, host_runs, stop_grace=1.0,
+                                           call_deadline=30.0)
+    function = host.start_function(f"fn{unique}")
+    _version, old = function.exec(["pid"])["result"]
+    gate, replies = str(tmp_path / "gate"), []
+    caller = threading.Thread(target=lambda: replies.append(function.exec(["gated", gate, 2.0])),
+                              daemon=True)
+    caller.start()
+    wait_until(lambda: events(plugin_dir, "begun"), message="the slow call to begin")
+    reload = _reload_in_background(name, plugin_dir)
+    wait_until(lambda: _log_has(plugin_dir, f"recycling worker pid {old}: reload"), timeout=60,
+               message="the reload to ask the function's worker to stop")
+    with open(gate, "w"):
+        pass  # the call runs 2 s more: past stop_grace (1 s) after the stop
+    caller.join(60)
+    assert replies == [{"state": True, "result": ["v1", old]}], replies
+    reload["thread"].join(90)
+    proc = reload["proc"]
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "reloaded: 1 instance(s) replaced" in proc.stdout, proc.stdout
+    version, pid = function.exec(["pid"])["result"]
+    assert version == "v2" and pid != old
+
+
+def test_a_plugin_with_900_functions_reloads(tmp_path, unique, host_runs):
+    """The fresh zygote's first report grows with the symbols (over 64 KiB here): it
+    arrives whole, whatever its size up to a bound of many MiB."""
+    name = f"kp{unique}"
+    functions = {f"fn{unique}_{i}": "ModeFunction" for i in range(900)}
+    plugin_dir = make_plugin(str(tmp_path), name, functions=functions,
+                             settings={**FAST, "start_timeout": 20.0})
+    host = host_runs.launch(plugin_dir)
+    function = host.start_function(f"fn{unique}_899")
+    old = function.exec(["pid"])["result"]
+    proc = kuiper_pool_cli("reload", name, timeout=90)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.startswith(f"plugin {name}: reloaded: 1 instance(s) replaced"), proc.stdout
+    assert function.exec(["pid"])["result"] != old
+
+
+def test_zygote_messages_of_any_size_up_to_the_bound_arrive_whole_and_others_name_the_cause():
+    """Over a real SEQPACKET socketpair, as between the supervisor and a zygote."""
+    import socket
+
+    from kuiper_pool.runtime import protocol
+
+    before = len(os.listdir("/proc/self/fd"))
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    with a, b:
+        for size in (10, protocol.INLINE + 1, 3 << 20):
+            obj = {"op": "hello", "blob": "x" * size}
+            data, fds = protocol.encode_zygote(obj)
+            socket.send_fds(a, [data], fds)
+            for fd in fds:
+                os.close(fd)
+            assert protocol.decode_zygote(*protocol.recv_zygote(b)) == (obj, [])
+        data, fds = protocol.encode_zygote({"op": "hello", "blob": "x" * (protocol.MAX_MESSAGE + 1)})
+        socket.send_fds(a, [data], fds)
+        for fd in fds:
+            os.close(fd)
+        with pytest.raises(ValueError, match=f"over the bound of {protocol.MAX_MESSAGE} bytes"):
+            protocol.decode_zygote(*protocol.recv_zygote(b))
+        a.send(b"{" + b" " * protocol.ZYGOTE_DATAGRAM + b"}")   # a datagram too big to read whole
+        with pytest.raises(ValueError, match="cut short"):
+            protocol.recv_zygote(b)
+    assert len(os.listdir("/proc/self/fd")) == before   # every memfd closed, read or refused

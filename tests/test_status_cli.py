@@ -15,6 +15,7 @@ import stat
 import subprocess
 import sys
 import threading
+import time
 import urllib.error
 import urllib.request
 from typing import Dict, FrozenSet, List, Tuple
@@ -23,6 +24,7 @@ import psutil
 import pytest
 
 from conftest import kuiper_pool_cli, kuiper_pool_command, wait_until
+import kuiper_pool
 from kuiper_pool import paths
 from kuiper_pool.runtime import status
 from plugins import COUNTING_SOURCE, MODE_FUNCTION, RECORDING_SINK, REPO, make_plugin, read_jsonl, runtime_base
@@ -75,7 +77,8 @@ def test_status_prints_a_table_with_a_row_per_instance(rig):
     lines = proc.stdout.splitlines()
     zygote = psutil.Process(rig.host.process.pid).children()[0].pid
     assert re.match(rf"plugin {rig.plugin}  supervisor pid {rig.host.process.pid}  zygote pid {zygote}  "
-                    rf"up \d+s  instances 3$", lines[0]), lines[0]
+                    rf"up \d+s  instances 3  kuiper_pool {re.escape(kuiper_pool.__version__)}$",
+                    lines[0]), lines[0]
     cells = [re.split(r" {2,}", ln.strip()) for ln in lines[2:]]  # columns: 2+ spaces apart
     assert cells[0] == ["SYMBOL", "TYPE", "RULE/OP/INST", "PID", "STATE", "UPTIME", "RESTARTS",
                         "RSS", "CPU%", "IN", "OUT", "ERRORS", "LAST ERROR"]
@@ -122,12 +125,22 @@ def test_status_json_follows_the_documented_schema(rig):
     assert by_symbol[rig.snk]["pid"] == rig.sink_pid
 
 
-def test_status_of_a_plugin_that_is_not_running_fails_in_one_line(unique):
-    proc = kuiper_pool_cli("status", f"kp{unique}")
+@pytest.mark.parametrize("command", ["status", "restart", "reload"])
+def test_a_plugin_that_is_not_running_fails_in_one_line_saying_where_we_looked(tmp_path, unique, command):
+    proc = kuiper_pool_cli(command, f"kp{unique}")
     assert proc.returncode == 1 and proc.stdout == ""
-    path = os.path.join(runtime_base(), f"kp{unique}.sock")
-    assert proc.stderr.splitlines() == [
-        f"kuiper-pool status: no kuiper_pool supervisor is running for plugin kp{unique} (no {path})"]
+    base = runtime_base()
+    path = os.path.join(base, f"kp{unique}.sock")
+    (line,) = proc.stderr.splitlines()
+    assert line.startswith(f"kuiper-pool {command}: no kuiper_pool supervisor is running for plugin "
+                           f"kp{unique} (no {path}); looked in {base} and {base}-* (uid {os.getuid()}, ")
+    assert "<runtime_dir or TMPDIR or /tmp>/kuiper_pool-<uid of the user eKuiper runs as>" in line
+    # the runtime dir as chosen: by --runtime-dir, else by TMPDIR
+    proc = kuiper_pool_cli(command, f"kp{unique}", "--runtime-dir", tmp_path)
+    assert f"looked in {tmp_path}/kuiper_pool-{os.getuid()} and " in proc.stderr
+    assert f"(uid {os.getuid()}, --runtime-dir {tmp_path})" in proc.stderr
+    proc = kuiper_pool_cli(command, f"kp{unique}", env={"TMPDIR": str(tmp_path)})
+    assert f"(uid {os.getuid()}, TMPDIR={tmp_path})" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_status_with_the_stale_socket_of_a_killed_supervisor_fails_in_one_line(unique):
@@ -340,7 +353,66 @@ def test_restart_brings_a_failed_function_back_and_replaces_running_workers(tmp_
     assert proc.returncode == 0 and len(proc.stdout.splitlines()) == 2, proc.stdout
     wait_until(lambda: src.recv()["message"]["pid"] != first_src, message="a new source worker")
     proc = kuiper_pool_cli("restart", f"kp{unique}", "nosuch")
-    assert proc.returncode == 1 and proc.stdout.strip() == f"plugin kp{unique} has no instance of nosuch"
+    assert proc.returncode == 2 and proc.stdout == "" and proc.stderr.splitlines() == [
+        f"kuiper-pool restart: plugin kp{unique} has no symbol nosuch; its symbols: sources src{unique}; "
+        f"functions fn{unique}"]
+
+
+def test_status_says_when_errors_and_restarts_happened_and_when_the_next_try_is(tmp_path, unique,
+                                                                               host_runs):
+    pd = make_plugin(str(tmp_path), f"kp{unique}", functions={f"fn{unique}": MODE_FUNCTION},
+                     settings={**FAST, "flap_max_restarts": 1, "flap_window": 60.0,
+                               "failed_retry_min": 300.0})
+    host = host_runs.launch(pd)
+    fn = host.start_function(f"fn{unique}")
+    for _ in range(2):
+        assert fn.exec(["exit", 3])["state"] is False
+    wait_until(lambda: status.query(f"kp{unique}")["instances"][0]["state"] == "failed",
+               message="the function to fail")
+    proc = kuiper_pool_cli("status", f"kp{unique}", "--json")
+    (inst,) = json.loads(proc.stdout)["instances"]
+    now = json.loads(proc.stdout)["time"]
+    assert [r["cause"] for r in inst["recent_restarts"]] == ["exit", "exit"]
+    assert all(now - 60 < r["at"] <= now and "exit code 3" in r["error"] for r in inst["recent_restarts"])
+    assert now - 60 < inst["last_error_at"] <= now and 200 < inst["next_retry_at"] - now <= 300
+    full = inst["last_error"]
+    assert full.startswith("failed after 1 restarts within 60s; last worker pid ") and len(full) > 60
+    table = kuiper_pool_cli("status", f"kp{unique}").stdout
+    row = re.split(r" {2,}", table.splitlines()[3])
+    at = time.strftime("%H:%M:%S", time.localtime(inst["recent_restarts"][-1]["at"]))
+    error_at = time.strftime("%H:%M:%S", time.localtime(inst["last_error_at"]))
+    assert re.fullmatch(r"failed, retry in (4m\d\ds|5m00s)", row[4]), table
+    assert row[6] == f"1 (2 exit) last {at}", table
+    # LAST ERROR: when, then the text cut at a word boundary; --json has it whole
+    assert row[12].startswith(f"{error_at} failed after 1 restarts") and row[12].endswith("..."), table
+    cut = row[12][len(error_at) + 1:-3]
+    assert full.startswith(cut) and full[len(cut)] in " ,;:" and len(cut) <= 60, (cut, full)
+    assert table.splitlines()[-1] == f"(LAST ERROR is cut; kuiper-pool status kp{unique} --json has it whole)"
+    proc = kuiper_pool_cli("restart", f"kp{unique}", f"nofn{unique}")
+    assert proc.returncode == 2 and proc.stderr.strip() == (
+        f"kuiper-pool restart: plugin kp{unique} has no symbol nofn{unique}; its symbols: functions fn{unique}")
+
+
+def test_workers_are_named_by_plugin_kind_and_symbol_in_ps_also_after_a_reload(rig):
+    def titles() -> Dict[str, str]:
+        """Each instance's worker's title ({} while one is being replaced)."""
+        try:
+            return {i["symbol"]: psutil.Process(i["pid"]).cmdline()[0]
+                    for i in rig.snapshot()["instances"] if i["pid"] and i["state"] == "running"}
+        except psutil.NoSuchProcess:
+            return {}
+
+    expected = {rig.src: f"kuiper-pool {rig.plugin} source {rig.src} {rig.rule}/in/0",
+                rig.snk: f"kuiper-pool {rig.plugin} sink {rig.snk} {rig.rule}/out/0",
+                rig.fn: f"kuiper-pool {rig.plugin} function {rig.fn}"}
+    assert titles() == expected
+    assert psutil.Process(rig.function_pid).name() == rig.fn[:15]  # top's name: the symbol
+    proc = kuiper_pool_cli("reload", rig.plugin)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    wait_until(lambda: rig.function.exec(["pid"])["result"] != rig.function_pid,
+               message="a worker of the reloaded code")
+    # forked from the fresh zygote (`-m kuiper_pool.runtime.zygote`)
+    wait_until(lambda: titles() == expected, message=f"every worker named as before: {titles()}")
 
 
 def test_version_names_the_package_version():
@@ -356,9 +428,9 @@ def test_restart_with_an_empty_or_non_string_symbol_restarts_nothing(tmp_path, u
     fn = host.start_function(f"fn{unique}")
     pid = fn.exec(["pid"])["result"]
     proc = kuiper_pool_cli("restart", f"kp{unique}", "")
-    assert proc.returncode == 1 and "restart needs a symbol name or none (got '')" in proc.stderr
+    assert proc.returncode == 2 and "restart needs a symbol name or none (got '')" in proc.stderr
     answer = status.request(f"kp{unique}", {"cmd": "restart", "symbol": 5})
-    assert answer == {"error": "restart needs a symbol name or none (got 5)"}
+    assert answer == {"error": "restart needs a symbol name or none (got 5)", "usage": True}
     assert fn.exec(["pid"])["result"] == pid
     assert status.query(f"kp{unique}")["instances"][0]["restarts"] == 0
 

@@ -45,7 +45,7 @@ def _call(host, symbol: str, names: List[str]) -> Dict:
 
 def _exec_d(pid: int) -> bool:
     """Whether the worker was exec'd (a fresh interpreter) rather than forked."""
-    return "kuiper_pool.runtime.worker" in psutil.Process(pid).cmdline()
+    return psutil.Process(pid).cmdline()[0].startswith("kuiper-pool (exec) ")  # its process title
 
 
 def _warnings(plugin_dir: str) -> List[str]:

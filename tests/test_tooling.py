@@ -23,8 +23,9 @@ from typing import Dict, List
 
 import pytest
 
+import kuiper_pool
 from conftest import ipc_files, kuiper_pool_cli as cli, kuiper_pool_command, wait_until
-from plugins import COUNTING_SOURCE, MODE_FUNCTION, RECORDING_SINK, REPO, is_dead, make_plugin
+from plugins import COUNTING_SOURCE, MODE_FUNCTION, RECORDING_SINK, REPO, is_dead, make_plugin, unique_pysam
 
 EXAMPLES = os.path.join(REPO, "examples")
 PYSAM = os.path.join(EXAMPLES, "pysam")
@@ -47,8 +48,9 @@ def tree(path: str) -> Dict[str, bytes]:
 
 
 def pysam_copy(tmp_path, plugin: str = "pysam", folder: str = "pysam") -> str:
-    """examples/pysam copied to tmp_path/<folder>; with another ``plugin`` name the json file,
-    the PluginConfig name and the rule id are renamed (ipc paths in /tmp are global)."""
+    """examples/pysam copied to tmp_path/<folder>, to be packaged; with another ``plugin`` name
+    the json file, the PluginConfig name and the rule id are renamed. A copy that runs needs
+    every socket name unique, its function's too: plugins.unique_pysam."""
     dst = str(tmp_path / folder)
     shutil.copytree(PYSAM, dst, ignore=shutil.ignore_patterns("__pycache__"))
     if plugin != "pysam":
@@ -192,8 +194,9 @@ needs_installed_kuiper_pool = pytest.mark.skipif(
 
 # --- package ------------------------------------------------------------------------------------------
 
-@needs_installed_kuiper_pool
 def test_package_pysam_builds_a_zip_ekuipers_installer_accepts(tmp_path):
+    """The default package: the kuiper-pool wheel made from this installation (kuiper-pool is
+    on no index) travels in wheels/, and install.sh installs it with requirements.txt."""
     out_dir = tmp_path / "out"
     out_dir.mkdir()
     proc = cli("package", PYSAM, cwd=out_dir)
@@ -204,6 +207,8 @@ def test_package_pysam_builds_a_zip_ekuipers_installer_accepts(tmp_path):
     with zipfile.ZipFile(zip_path) as zf:
         names = zf.namelist()
     assert not [n for n in names if "__pycache__" in n or n.endswith(".pyc")], names
+    wheel = f"wheels/kuiper_pool-{kuiper_pool.__version__}-py3-none-any.whl"
+    assert names[-2:] == ["wheels/", wheel], names
     got = install_like_ekuiper(str(zip_path), "pysam", str(tmp_path / "ekuiper"))
     assert got["info"]["executable"] == "pysam.py" and got["install_sh"]
     # every file of the example is installed where eKuiper puts it, byte for byte
@@ -214,17 +219,22 @@ def test_package_pysam_builds_a_zip_ekuipers_installer_accepts(tmp_path):
             assert tree(got["etc"])[rel] == content == tree(got["data"])[rel], rel
         else:
             assert plugin_files[rel] == content, rel
-    assert set(plugin_files) - set(example) == {"install.sh"}
-    # the generated install.sh installs requirements.txt (kuiper-pool) with pip, for real
-    result = run_install_sh(got["plugin_dir"])
-    assert result.returncode == 0, result.stdout
-    assert re.search(r"Requirement already satisfied: kuiper-pool\b", result.stdout), result.stdout
+    assert set(plugin_files) - set(example) == {"install.sh", wheel}
+    with zipfile.ZipFile(os.path.join(got["plugin_dir"], wheel)) as whl:
+        modules = {n for n in whl.namelist() if n.endswith(".py")}
+    source = {os.path.relpath(p, REPO).replace(os.sep, "/")
+              for p in glob.glob(os.path.join(REPO, "kuiper_pool", "**", "*.py"), recursive=True)}
+    assert modules == source  # every module, nothing else (the wheel lacked one, once)
+    with open(os.path.join(got["plugin_dir"], "install.sh")) as f:
+        script = f.read()
+    assert f'"$PY" -m pip install {wheel} -r requirements.txt\n' in script, script
+    assert f"#   kuiper-pool ({wheel}) and requirements.txt." in script, script
 
 
-def test_generated_install_sh_fails_the_install_when_pip_fails(tmp_path, unique):
+def test_generated_install_sh_fails_the_install_when_pip_fails(tmp_path, unique, kuiper_pool_wheel):
     src = pysam_copy(tmp_path)
     write(os.path.join(src, "requirements.txt"), f"kuiper-pool\nno-such-package-{unique}\n")
-    assert cli("package", src, "-o", tmp_path / "p.zip").returncode == 0
+    assert cli("package", src, "-o", tmp_path / "p.zip", "--kuiper-pool-wheel", kuiper_pool_wheel).returncode == 0
     got = install_like_ekuiper(str(tmp_path / "p.zip"), "pysam", str(tmp_path / "ekuiper"))
     result = run_install_sh(got["plugin_dir"])
     assert result.returncode != 0, result.stdout  # eKuiper then removes what it unzipped
@@ -234,8 +244,9 @@ def test_generated_install_sh_fails_the_install_when_pip_fails(tmp_path, unique)
 def test_packaged_plugin_with_nested_packages_installs_and_runs(tmp_path, unique):
     """Nested packages need their folder entries (eKuiper's unzip makes one folder level at a
     time); caches, version control and virtual environments stay out; the installed plugin runs."""
-    name = "pysam" + unique
-    src = pysam_copy(tmp_path, plugin=name)
+    src = str(tmp_path / "pysam")
+    renamed = unique_pysam(src, unique)
+    name = renamed["pysam"]
     write(os.path.join(src, "helpers", "__init__.py"), "")
     write(os.path.join(src, "helpers", "text", "__init__.py"), "")
     write(os.path.join(src, "helpers", "text", "rev.py"), "def rev(s):\n    return s[::-1]\n")
@@ -246,7 +257,7 @@ def test_packaged_plugin_with_nested_packages_installs_and_runs(tmp_path, unique
     write(os.path.join(src, "venv", "pyvenv.cfg"), "home = /usr/bin\n")
     write(os.path.join(src, "venv", "lib", "site.py"), "")
     write(os.path.join(src, "stray.pyc"), "junk")
-    proc = cli("package", src, "-o", tmp_path / "plugin.zip")
+    proc = cli("package", src, "-o", tmp_path / "plugin.zip", "--no-kuiper-pool")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "skip venv/ (virtual environment" in proc.stdout, proc.stdout
     with zipfile.ZipFile(tmp_path / "plugin.zip") as zf:
@@ -256,35 +267,45 @@ def test_packaged_plugin_with_nested_packages_installs_and_runs(tmp_path, unique
     got = install_like_ekuiper(str(tmp_path / "plugin.zip"), name, str(tmp_path / "ekuiper"))
     run = cli("try", got["plugin_dir"], timeout=90)
     assert run.returncode == 0, run.stdout + run.stderr
-    assert len(re.findall(r'revert\("pyjson"\) -> "nosjyp"', run.stdout)) == 5, run.stdout
+    revert = renamed["revert"]
+    assert f'#1 {revert}("pyjson") -> "nosjyp"' in run.stdout and f'#5 {revert}("sink") -> "knis"' in run.stdout
     wait_until(lambda: not ipc_files(unique), timeout=5, message="the rule's ipc files removed")
 
 
-def test_package_keeps_a_user_install_sh_and_generates_none_without_requirements(tmp_path):
-    own = pysam_copy(tmp_path, folder="own")
-    os.rename(os.path.join(own, "pysam.json"), os.path.join(own, "own.json"))
-    edit(os.path.join(own, "pysam.py"), 'PluginConfig("pysam"', 'PluginConfig("own"')
+def test_package_keeps_a_user_install_sh_and_generates_none_without_requirements(tmp_path, kuiper_pool_wheel):
+    own = pysam_copy(tmp_path, plugin="own", folder="own")
     script = "#!/bin/sh\nset -e\npython3 -m pip install --user -r requirements.txt\necho mine\n"
     write(os.path.join(own, "install.sh"), script)
-    assert cli("package", own, "-o", tmp_path / "own.zip").returncode == 0
+    proc = cli("package", own, "-o", tmp_path / "own.zip", "--kuiper-pool-wheel", kuiper_pool_wheel)
+    assert proc.returncode == 0, proc.stderr
+    wheel = "wheels/" + os.path.basename(kuiper_pool_wheel)
+    assert f"note     install.sh: the folder's own is kept; it must install {wheel} (or pass " \
+           f"--no-kuiper-pool)" in proc.stdout.splitlines(), proc.stdout
     with zipfile.ZipFile(tmp_path / "own.zip") as zf:
         assert zf.read("install.sh").decode() == script
         assert zf.namelist().count("install.sh") == 1
-    bare = pysam_copy(tmp_path, folder="bare")
-    os.rename(os.path.join(bare, "pysam.json"), os.path.join(bare, "bare.json"))
+    bare = pysam_copy(tmp_path, plugin="bare", folder="bare")
     os.unlink(os.path.join(bare, "requirements.txt"))
-    proc = cli("package", bare, "-o", tmp_path / "bare.zip")
+    proc = cli("package", bare, "-o", tmp_path / "bare.zip", "--no-kuiper-pool")
     assert proc.returncode == 0, proc.stderr
-    assert "requirements.txt" in proc.stdout  # a note: kuiper-pool must be installed some other way
+    assert "note     requirements.txt: does not list kuiper-pool, and --no-kuiper-pool: eKuiper's Python " \
+           "must already have it" in proc.stdout.splitlines(), proc.stdout
     with zipfile.ZipFile(tmp_path / "bare.zip") as zf:
         assert "install.sh" not in zf.namelist()
+    # carrying kuiper-pool, the bare plugin gets an install.sh that installs just that
+    proc = cli("package", bare, "-o", tmp_path / "bare.zip", "--kuiper-pool-wheel", kuiper_pool_wheel)
+    assert proc.returncode == 0, proc.stderr
+    assert f"  kuiper-pool: {wheel} (given, which requirements.txt does not list: install.sh installs " \
+           f"it)" in proc.stdout.splitlines(), proc.stdout
+    with zipfile.ZipFile(tmp_path / "bare.zip") as zf:
+        assert zf.read("install.sh").decode().endswith(f'"$PY" -m pip install {wheel}\n')
 
 
 def test_package_does_not_pack_its_own_output_or_an_earlier_zip(tmp_path):
     src = pysam_copy(tmp_path)
-    first = cli("package", src, cwd=src)  # default output lands inside the plugin folder
+    first = cli("package", src, "--no-kuiper-pool", cwd=src)  # default output: inside the folder
     assert first.returncode == 0, first.stderr
-    second = cli("package", src, cwd=src)
+    second = cli("package", src, "--no-kuiper-pool", cwd=src)
     assert second.returncode == 0, second.stderr
     with zipfile.ZipFile(os.path.join(src, "pysam.zip")) as zf:
         assert not [n for n in zf.namelist() if n.endswith(".zip")], zf.namelist()
@@ -361,25 +382,169 @@ def test_package_and_validate_report_the_same_folder_problems(tmp_path):
     (["package", "{tmp}/nowhere"], "is not a folder"),
     (["package", "{pysam}", "-o", "{tmp}/plugin.tar"], "ends in .zip"),
     (["package"], "the following arguments are required"),
+    (["package", "{pysam}", "--platform", "manylinux_2_28_aarch64"], "add --offline"),
+    (["package", "{pysam}", "--offline", "--python-version", "3"], "give a Python 3 version as 3.11"),
+    (["package", "{pysam}", "--kuiper-pool-wheel", "{tmp}/k.whl"], "{tmp}/k.whl: no such file"),
+    (["package", "{pysam}", "--kuiper-pool-wheel", "{pysam}/pysam.py", "--no-kuiper-pool"], "exclude each other"),
+    (["package", "{pysam}", "--timeout", "-1"], "--timeout must be a positive number"),
     (["validate", "{tmp}/nowhere"], "is not a folder"),
     (["validate", "{pysam}", "--timeout", "0"], "--timeout"),
     (["validate", "{pysam}", "--timeout", "soon"], "invalid float value"),
+    (["serve", "{tmp}/nowhere"], "is not a folder"),
 ])
 def test_usage_errors_exit_2(tmp_path, args, message):
     proc = cli(*[a.format(tmp=tmp_path, pysam=PYSAM) for a in args])
     assert proc.returncode == 2, proc.stdout + proc.stderr
-    assert message in proc.stderr and "usage: kuiper-pool" in proc.stderr, proc.stderr
+    assert message.format(tmp=tmp_path) in proc.stderr and "usage: kuiper-pool" in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr and not list(tmp_path.iterdir())
 
 
-@pytest.mark.parametrize("command", [[], ["try"], ["status"], ["package"], ["validate"]])
+@pytest.mark.parametrize("command", [[], ["try"], ["status"], ["package"], ["validate"], ["serve"]])
 def test_every_command_has_help(command):
     proc = cli(*command, "--help")
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("usage: kuiper-pool " + " ".join(command)), proc.stdout
     if not command:
-        for sub in ("try", "status", "package", "validate"):
+        for sub in ("try", "status", "package", "validate", "serve"):
             assert re.search(rf"^\s+{sub}\s+\S", proc.stdout, re.M), proc.stdout
+
+
+def test_package_refuses_a_symlink_that_leaves_the_folder(tmp_path):
+    """A link to a private file elsewhere would be packed, readable by all: refused in one line
+    each. A link to a file inside the folder is stored as that file."""
+    src = pysam_copy(tmp_path)
+    secret = tmp_path / "secret.txt"
+    secret.write_text("key\n")
+    secret.chmod(0o600)
+    os.symlink(secret, os.path.join(src, "secret.txt"))
+    os.makedirs(tmp_path / "elsewhere")
+    os.symlink(tmp_path / "elsewhere", os.path.join(src, "data"))
+    os.symlink("rule.json", os.path.join(src, "rule-copy.json"))
+    proc = cli("package", src, "-o", tmp_path / "out.zip", "--no-kuiper-pool")
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert lines_of(proc.stderr, "problem") == [
+        f"problem  data/: symbolic link to {tmp_path / 'elsewhere'}, outside the plugin folder: not "
+        "packaged (copy what it names into the folder, or remove it)",
+        f"problem  secret.txt: symbolic link to {secret}, outside the plugin folder: not packaged (copy "
+        "what it names into the folder, or remove it)"], proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "out.zip").exists()
+    for link in ("secret.txt", "data"):
+        os.unlink(os.path.join(src, link))
+    assert cli("package", src, "-o", tmp_path / "out.zip", "--no-kuiper-pool").returncode == 0
+    with zipfile.ZipFile(tmp_path / "out.zip") as zf:
+        assert zf.read("rule-copy.json") == zf.read("rule.json")
+
+
+@pytest.mark.parametrize("case", ["raises at import", "unknown symbol in kuiper_pool.yaml"])
+def test_package_runs_validates_checks_first(tmp_path, case):
+    """What would fail after install fails the package, with validate's own words."""
+    src = pysam_copy(tmp_path)
+    if case == "raises at import":
+        edit(os.path.join(src, "revert.py"), "class", "raise RuntimeError('no model file')\n\n\nclass")
+    else:
+        write(os.path.join(src, "kuiper_pool.yaml"), "symbols:\n  revrt: {call_deadline: 2}\n")
+    package = cli("package", src, "-o", tmp_path / "out.zip", "--no-kuiper-pool")
+    validate = cli("validate", src)
+    assert package.returncode == validate.returncode == 1, package.stdout + package.stderr
+    problems = lines_of(package.stderr, "problem")
+    assert problems == lines_of(validate.stdout, "problem") and len(problems) == 1, package.stderr
+    assert problems[0] == ("problem  main: pysam.py fails under " + sys.executable + " (exit 1): "
+                           "RuntimeError: no model file" if case == "raises at import" else
+                           f"problem  settings: kuiper_pool config: symbols.revrt names no symbol of the plugin "
+                           f"(from {src}/kuiper_pool.yaml; it has print, pyjson, revert); did you mean "
+                           f"revert?"), problems
+    assert "Traceback" not in package.stderr and not (tmp_path / "out.zip").exists()
+
+
+def test_package_without_running_says_how_to_check(tmp_path):
+    """A plugin whose requirements are not installed here: package names --no-run, which builds it."""
+    src = pysam_copy(tmp_path)
+    edit(os.path.join(src, "revert.py"), "class", "import kpnosuchlib\n\n\nclass")
+    proc = cli("package", src, "-o", tmp_path / "out.zip", "--no-kuiper-pool", "-q")
+    assert proc.returncode == 1
+    assert f"note     main: install its requirements for {sys.executable} (or name one that has them with " \
+           f"--python), or package it without running it here: --no-run" in proc.stdout.splitlines(), proc.stdout
+    proc = cli("package", src, "-o", tmp_path / "out.zip", "--no-kuiper-pool", "--no-run")
+    assert proc.returncode == 0, proc.stderr
+    assert f"note     main: not run (--no-run): kuiper-pool validate {src} --python <eKuiper's pythonBin> " \
+           f"checks it" in proc.stdout.splitlines(), proc.stdout
+
+
+def test_package_warns_of_imports_nothing_installs(tmp_path):
+    src = pysam_copy(tmp_path)
+    write(os.path.join(src, "helpers", "__init__.py"), "")
+    write(os.path.join(src, "model.py"), "import os, json\nimport numpy as np\nfrom sklearn.linear_model "
+                                         "import Ridge\nfrom helpers import x\nimport revert\nimport ekuiper\n"
+                                         "import yaml\ntry:\n    import orjson\nexcept ImportError:\n"
+                                         "    orjson = None\nfrom . import sibling\n")
+    proc = cli("package", src, "-o", tmp_path / "out.zip", "--no-kuiper-pool", "-q")
+    assert proc.returncode == 0, proc.stderr
+    # stdlib, the folder's own modules, optional imports and kuiper-pool's own dependencies
+    # (yaml) are fine; numpy and scikit-learn are named, with the distribution to add
+    assert lines_of(proc.stderr) == [
+        "warning  imports: numpy, sklearn (scikit-learn): neither standard library, nor in the plugin "
+        "folder, nor in requirements.txt: the installed plugin fails to import them unless eKuiper's "
+        "Python has them (add to requirements.txt)"], proc.stderr
+    write(os.path.join(src, "requirements.txt"), "kuiper-pool\nnumpy>=1.20  # arrays\nscikit_learn==1.5.0\n")
+    proc = cli("package", src, "-o", tmp_path / "out.zip", "--no-kuiper-pool", "-q")
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+
+
+def test_requirements_are_read_by_project_name(tmp_path):
+    """Whether requirements.txt lists kuiper-pool (or numpy...) whatever the spelling pip accepts."""
+    from kuiper_pool.tools.requirements import requirement_names
+
+    write(str(tmp_path / "r.txt"), "# comment\nkuiper_pool[fast]>=0.2 ; python_version >= '3.9'\n"
+                                   "Scikit.Learn==1.5  # ml\n./w/Numpy-2.0-cp311-cp311-linux_x86_64.whl\n"
+                                   "https://example.org/Other_Pkg-1.0.tar.gz\nfoo @ https://example.org/f.whl\n"
+                                   "-r other.txt\n--index-url https://example.org\n"
+                                   "git+https://example.org/b.git#egg=bee\n")
+    assert requirement_names(str(tmp_path / "r.txt")) == {
+        "kuiper-pool", "scikit-learn", "numpy", "other-pkg", "foo", "bee"}
+
+
+@pytest.mark.parametrize("listed", [True, False])
+def test_generated_install_sh_says_truly_whether_it_installs_kuiper_pool(tmp_path, listed):
+    src = pysam_copy(tmp_path)
+    write(os.path.join(src, "requirements.txt"), "kuiper-pool\n" if listed else "six\n")
+    proc = cli("package", src, "-o", tmp_path / "out.zip", "--no-kuiper-pool")
+    assert proc.returncode == 0, proc.stderr
+    with zipfile.ZipFile(tmp_path / "out.zip") as zf:
+        script = zf.read("install.sh").decode()
+    said = [ln for ln in script.splitlines() if ln.startswith("#   ")]
+    assert said == (["#   requirements.txt (kuiper-pool included)."] if listed else
+                    ["#   requirements.txt (not kuiper-pool: the plugin's Python must already have it)."]), script
+    assert script.endswith('"$PY" -m pip install -r requirements.txt\n')
+    notes = [ln for ln in lines_of(cli("validate", src).stdout, "note") if "requirements.txt" in ln]
+    assert notes == ([] if listed else ["note     requirements.txt: does not list kuiper-pool, which the plugin "
+                                        "imports (kuiper-pool package makes the zip install it)"]), notes
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda d: write(os.path.join(d, "other-1.0-py3-none-any.whl"), "x"),
+     "wheels: --kuiper-pool-wheel {path}: not a kuiper-pool wheel (kuiper_pool-<version>-<tag>.whl)"),
+    (lambda d: write(os.path.join(d, "kuiper_pool-0.2.0-py3-none-any.whl"), "not a zip"),
+     "wheels: --kuiper-pool-wheel {path}: not a readable wheel"),
+])
+def test_package_refuses_a_wheel_that_is_not_kuiper_pools(tmp_path, make, message):
+    src = pysam_copy(tmp_path)
+    make(str(tmp_path))
+    path = next(str(p) for p in tmp_path.glob("*.whl"))
+    proc = cli("package", src, "-o", tmp_path / "out.zip", "--kuiper-pool-wheel", path)
+    assert proc.returncode == 1
+    assert lines_of(proc.stderr, "problem") == ["problem  " + message.format(path=path)], proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "out.zip").exists()
+
+
+def test_package_refuses_a_wheels_folder_of_its_own(tmp_path, kuiper_pool_wheel):
+    src = pysam_copy(tmp_path)
+    write(os.path.join(src, "wheels", "x.txt"), "")
+    proc = cli("package", src, "-o", tmp_path / "out.zip", "--kuiper-pool-wheel", kuiper_pool_wheel)
+    assert proc.returncode == 1
+    assert lines_of(proc.stderr, "problem") == [
+        "problem  wheels/: the folder has its own; the zip's wheels/ holds the wheels install.sh installs "
+        "(rename yours, or pass --no-kuiper-pool)"], proc.stderr
+    assert cli("package", src, "-o", tmp_path / "out.zip", "--no-kuiper-pool").returncode == 0
 
 
 # --- validate -----------------------------------------------------------------------------------------
@@ -572,6 +737,15 @@ def test_validate_checks_the_interpreter(tmp_path, unique):
     assert proc.returncode == 1
     assert lines_of(proc.stdout, "problem") == [
         f"problem  python: cannot run {tmp_path / 'no-python'}: No such file or directory"], proc.stdout
+    # the README's --python kuiper-pool-python, with the venv's bin not on PATH: where it is
+    installed = os.path.join(os.path.dirname(kuiper_pool_command()[0]), "kuiper-pool-python")
+    assert os.access(installed, os.X_OK)
+    proc = cli("validate", d, "--python", "kuiper-pool-python", env={"PATH": "/usr/bin:/bin"})
+    assert proc.returncode == 1
+    assert lines_of(proc.stdout, "problem") == [
+        f"problem  python: cannot run kuiper-pool-python: No such file or directory (not on PATH; it is "
+        f"installed at {installed}: pass --python {installed}, and name that path as eKuiper's "
+        f"portable.pythonBin)"], proc.stdout
     old = next(iter(sorted(glob.glob(os.path.expanduser("~/.pyenv/versions/3.8*/bin/python3.8")))
                     + [p for p in ["/usr/bin/python3.8"] if os.path.exists(p)]), None)
     if old is None:

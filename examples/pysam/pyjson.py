@@ -4,8 +4,12 @@ import threading
 from kuiper_pool import Source, Context
 
 
+NAMES = ["pyjson", "ekuiper", "stream", "rule", "sink"]
+
+
 class PyJson(Source):
-    """Emits ``{"name": "pyjson", "value": <counter>}`` every ``interval`` seconds.
+    """Emits ``{"name": <a word>, "value": <counter>}`` every ``interval`` seconds; the word
+    cycles through NAMES, so every row differs and ``revert`` shows something new each time.
 
     Config (``sources/pyjson.yaml``, overridable per stream): ``interval``
     (seconds, default 0.2) and ``start`` (first counter value, default 1).
@@ -30,7 +34,7 @@ class PyJson(Source):
         value = self.first
         # wait() instead of sleep(): close() sets the event and open returns at once
         while not self.stopped.is_set():
-            ctx.emit({"name": "pyjson", "value": value}, None)
+            ctx.emit({"name": NAMES[(value - 1) % len(NAMES)], "value": value}, None)
             value += 1
             self.stopped.wait(self.interval)
         print("pyjson: closed", flush=True)

@@ -106,7 +106,13 @@ class Commands:
         if req.get("cmd") == "restart":
             symbol = req.get("symbol")
             if symbol is not None and not (isinstance(symbol, str) and symbol):  # not "all"
-                return {"error": f"restart needs a symbol name or none (got {symbol!r})"}
+                return {"error": f"restart needs a symbol name or none (got {symbol!r})", "usage": True}
+            p = self.sup.plugin
+            if symbol is not None and symbol not in p.symbol_names():
+                known = "; ".join(f"{kind} {', '.join(sorted(names))}" for kind, names in (
+                    ("sources", p.sources), ("sinks", p.sinks), ("functions", p.functions)) if names)
+                return {"error": f"plugin {p.name} has no symbol {symbol}; its symbols: {known or 'none'}",
+                        "usage": True}
             return {"lines": self.restart(symbol)}
         if req.get("cmd") == "reload":  # answered at once; the outcome is polled (reload_status)
             return self.sup.reloader.begin(check=bool(req.get("check")))
@@ -130,5 +136,5 @@ class Commands:
                 sup.fx.note(inst, logging.WARNING, "restart requested by an operator (was %s)", before)
         if not lines:
             lines.append(f"plugin {sup.plugin.name} has no instance"
-                         + (f" of {symbol}" if symbol else ""))
+                         + (f" of {symbol}" if symbol else "") + " (no rule uses it now)")
         return lines

@@ -22,7 +22,7 @@ from ..config import Settings
 from ..logs import supervisor_logger
 from ..transport import load as load_transport, req_endpoint
 from . import forensics, frames
-from .health import Vitals
+from .health import Cause, Vitals
 from .protocol import ZYGOTE_EXITED, ZYGOTE_REFUSED, ZYGOTE_STARTED, StartSpec
 from .state import States, Store
 from .zygote import Zygote
@@ -45,7 +45,8 @@ class WorkerHandle:
         self.pid = 0
         self.started_at = now
         self.vitals = Vitals(last_beat=now)
-        self.kill_reason = ""
+        self.kill_reason = ""       # why we end it (free text), beside ...
+        self.kill_cause: Optional[Cause] = None  # ... the kind of reason, when we kill or recycle it
         self.fault = ""            # the error this worker reported (FAULT, READY) before exiting
         self.kill_at = 0.0          # when to escalate to SIGKILL
         self.page: Optional["CallPage"] = None   # a function worker's call page (lent routes)
@@ -54,6 +55,7 @@ class WorkerHandle:
         self.call_seq = -1          # the page's call seen executing on the previous tick
         self.pending_signal = 0     # sent at signal_at, once its stack has been dumped
         self.signal_at = 0.0
+        self.held = ""              # recycled with a call in flight: the kill reason past its deadline
 
 
 class Effects(Protocol):
@@ -74,7 +76,7 @@ class Effects(Protocol):
     def forget(self, inst: "Instance") -> None: ...
     def put_state(self, inst: "Instance", payload: bytes) -> None: ...   # a worker's PUT frame
     def cpu_seconds(self, w: WorkerHandle) -> Optional[float]: ...
-    def stack(self, w: WorkerHandle) -> str: ...   # the plugin frames of its last dump, or ""
+    def dump(self, w: WorkerHandle) -> forensics.Dump: ...   # what its last stack dump says
     def note(self, inst: "Instance", level: int, msg: str, *args: object) -> None: ...
 
 
@@ -250,15 +252,15 @@ class LoopEffects:
         except Exception:  # noqa: BLE001 - psutil.Error: gone or not readable
             return None
 
-    def stack(self, w: WorkerHandle) -> str:
-        return forensics.user_frames(forensics.read(forensics.dump_path(self.zygote.rundir, w.wid)))
+    def dump(self, w: WorkerHandle) -> forensics.Dump:
+        return forensics.summary(forensics.read(forensics.dump_path(self.zygote.rundir, w.wid)))
 
     # --- eKuiper's channels ---------------------------------------------------------------
 
     def open_sink(self, inst: "Instance") -> Tuple[Any, Any]:
         ctrl = inst.ctrl
         data_url = wire.data_url(ctrl.rule_id, ctrl.op_id, ctrl.instance_id)
-        pull = self.transport.PullEndpoint(data_url, spill=frames.SPILL)
+        pull = self.transport.PullEndpoint(data_url, spill=frames.SPILL, notice=inst.route.on_notice)
         ack_url = wire.ack_url(ctrl.rule_id, ctrl.op_id, ctrl.instance_id)
         try:
             # eKuiper listens on the ack path before it sends start; native: dialed and

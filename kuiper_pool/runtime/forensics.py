@@ -6,6 +6,12 @@ there; before killing a hung or overrunning worker the supervisor sends SIGUSR1,
 writes the same dump (faulthandler's handler is C code: it runs even while a C call holds
 the GIL). :func:`user_frames` picks the innermost frames of the plugin's own code for the
 log line and the status ``last_error``.
+
+That dump reads the other threads' frame stacks without the GIL. A stopped worker continued
+to dump its stack runs all its threads again meanwhile, and a thread whose frames move across
+a data-stack chunk changes them under the reader: the dump can crash the worker (SIGSEGV, and
+faulthandler's "Fatal Python error" in the file, :attr:`Dump.fatal`) before the supervisor's
+SIGKILL lands; ``instances.py`` reports such an exit as the kill it was.
 """
 from __future__ import annotations
 
@@ -14,9 +20,10 @@ import os
 import re
 import signal
 import sysconfig
-from typing import IO, List, Optional
+from typing import IO, List, NamedTuple, Optional
 
 DUMP_SIGNAL = signal.SIGUSR1
+FATAL = "Fatal Python error: "   # how faulthandler begins what it writes on a fatal signal
 _FRAME = re.compile(r'^\s+File "(?P<file>[^"]+)", line (?P<line>\d+) in (?P<func>\S+)')
 _PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _STDLIB = tuple(p for p in {sysconfig.get_path("stdlib"), sysconfig.get_path("platstdlib")} if p)
@@ -34,6 +41,18 @@ def install(path: str) -> None:
     _dump = open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb", buffering=0)
     faulthandler.enable(file=_dump, all_threads=True)
     faulthandler.register(DUMP_SIGNAL, file=_dump, all_threads=True, chain=False)
+
+
+class Dump(NamedTuple):
+    """What a worker's dump says: where plugin code was (:func:`user_frames`), and whether a
+    fatal signal (segfault, abort) ended the worker while or after it was written."""
+
+    at: str
+    fatal: bool
+
+
+def summary(text: str) -> Dump:
+    return Dump(user_frames(text), any(line.startswith(FATAL) for line in text.splitlines()))
 
 
 def read(path: str) -> str:

@@ -7,6 +7,7 @@ Control payloads are JSON; data payloads are binary and never unpickled.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import socket
@@ -15,7 +16,7 @@ import threading
 from collections import deque
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
-from ..transport.outbox import Outbox, Watch, no_watch
+from ..transport.outbox import Outbox, Passed, Watch, no_watch
 from ..transport.sp import READ_SIZE, Spilled, recv_view
 
 HEADER = struct.Struct("!BI")
@@ -100,10 +101,11 @@ def encode_items(first_seq: int, items: List[bytes]) -> bytes:
 
 
 def item_frames(items: Sequence[Tuple[int, Union[bytes, Spilled]]]
-                ) -> Iterator[Tuple[bytes, Sequence[int]]]:
+                ) -> Iterator[Tuple[bytes, Sequence[Passed]]]:
     """The frames (and descriptors to pass with each) that hand ``items`` to a sink worker,
     in order: runs of small items in one ITEMS frame each, every spilled one in an ITEM_FD
-    frame with its memfd (the supervisor keeps its own reference for redelivery)."""
+    frame with its memfd, passed as the item itself (the supervisor keeps its own reference
+    for redelivery, and a frame waiting in the link's outbox holds no duplicate of it)."""
     run: List[bytes] = []
     first = 0
     for seq, data in items:
@@ -111,7 +113,7 @@ def item_frames(items: Sequence[Tuple[int, Union[bytes, Spilled]]]
             if run:
                 yield encode_items(first, run), ()
                 run = []
-            yield encode(ITEM_FD, SEQ.pack(seq) + ITEM_LEN.pack(len(data))), (data.fileno(),)
+            yield encode(ITEM_FD, SEQ.pack(seq) + ITEM_LEN.pack(len(data))), (data,)   # no copy of its fd
             continue
         if not run:
             first = seq
@@ -183,13 +185,17 @@ class Link:
     def fileno(self) -> int:
         return self.sock.fileno()
 
-    def send(self, frame: bytes, fds: Sequence[int] = ()) -> None:
+    def send(self, frame: bytes, fds: Sequence[Passed] = ()) -> None:
         """Send ``frame`` (with ``fds`` by SCM_RIGHTS, on its first byte; the caller may
-        close its own copies at once)."""
+        close its own int descriptors at once, an owner object is referenced until sent).
+        OSError when a descriptor cannot be copied to wait in the queue (never dropped
+        silently: the caller's instance is contained)."""
         try:
             self.outbox.write(frame, fds)
-        except OSError:
-            pass  # the worker is gone; its exit report follows
+        except OSError as e:
+            if e.errno in (errno.EMFILE, errno.ENFILE):
+                raise
+            # otherwise the worker is gone; its exit report follows
 
     def flush(self) -> None:
         """Write what the socket takes now; the rest waits for EVENT_WRITE."""

@@ -1,10 +1,12 @@
 """Restart policy and health verdicts: pure decisions on numbers, no processes.
 
 The supervisor feeds them monotonic times and what workers report; they answer
-"restart after this delay", "give up", or "kill this worker because ...".
+"restart after this delay", "give up", or "end this worker for this :class:`Cause`" (with
+a text that says the rest).
 """
 from __future__ import annotations
 
+import enum
 import random
 from collections import deque
 from dataclasses import dataclass
@@ -13,8 +15,37 @@ from typing import Callable, Deque, Optional, Tuple
 from .. import wire
 from ..config import Settings
 
-KILL = "kill"
-RECYCLE = "recycle"
+
+class Cause(enum.Enum):
+    """Why the supervisor ends or replaces a worker; the free text beside it (the log line,
+    ``last_error``) says the rest. The first four kill it (stack dump, then a signal), the
+    others stop it gracefully (a recycle)."""
+
+    HANG = "hang"                    # no heartbeat and no CPU progress
+    DEADLINE = "deadline"            # call_deadline or collect_deadline
+    START_TIMEOUT = "start_timeout"  # factory, configure or open past start_timeout
+    NO_CHANNEL = "no_channel"        # eKuiper's channel cannot be opened for a restarted worker
+    MEMORY = "memory"                # over memory_limit_mb
+    MAX_CALLS = "max_calls"          # served max_calls
+    OPERATOR = "operator"            # kuiper-pool restart
+    RELOAD = "reload"                # replaced by a worker of the new code
+
+    @property
+    def kills(self) -> bool:
+        return self in _KILLS
+
+
+_KILLS = frozenset({Cause.HANG, Cause.DEADLINE, Cause.START_TIMEOUT, Cause.NO_CHANNEL})
+
+
+def restart_kind(cause: Optional[Cause], signaled: bool) -> str:
+    """The ``restart_causes`` label (status, metrics) of a crash whose worker we were killing
+    for ``cause`` (None: we were not), ``signaled`` when it died of a signal."""
+    if cause is Cause.HANG:
+        return "hang"
+    if cause in (Cause.DEADLINE, Cause.START_TIMEOUT):
+        return "deadline"
+    return "signal" if signaled else "exit"
 
 
 class RestartPolicy:
@@ -66,9 +97,9 @@ BUSY_CPU_SHARE = 0.05   # CPU seconds per second of silence above which a silent
 
 
 def verdict(v: Vitals, now: float, settings: Settings, kind: str,
-            cpu_seconds: Callable[[], Optional[float]]) -> Optional[Tuple[str, str]]:
-    """``("kill", why)`` for a hung or overrunning worker, ``("recycle", why)`` for one to
-    replace gracefully, or None.
+            cpu_seconds: Callable[[], Optional[float]]) -> Optional[Tuple[Cause, str]]:
+    """``(cause, why)`` for a hung or overrunning worker (to kill) or one to replace
+    gracefully (``cause.kills`` tells which), or None.
 
     Hung means no heartbeat **and** no CPU progress: a C call that holds the GIL (a model
     load, a long numpy call) silences the heartbeat thread but burns CPU, and is left to
@@ -80,20 +111,25 @@ def verdict(v: Vitals, now: float, settings: Settings, kind: str,
     if silent > settings.heartbeat_interval:  # a beat is late: watch the CPU from now on
         hung = _hung(v, now, silent, limit, cpu_seconds)
         if hung:
-            return KILL, hung
+            return Cause.HANG, hung
     deadline = settings.call_deadline if kind == wire.TYPE_FUNC else (
         settings.collect_deadline if kind == wire.TYPE_SINK else 0.0)
     started = v.call_started or v.busy_since
     if deadline and started and now - started > deadline:
         name = "call_deadline" if kind == wire.TYPE_FUNC else "collect_deadline"
-        return KILL, f"call exceeded {name} {deadline:g}s"
+        return Cause.DEADLINE, overran(name, deadline)
     limit_mb = settings.memory_limit_mb
     if limit_mb and v.rss > limit_mb * 1024 * 1024:
-        return RECYCLE, (f"resident memory {v.rss / 1048576:.0f} MiB over "
+        return Cause.MEMORY, (f"resident memory {v.rss / 1048576:.0f} MiB over "
                          f"memory_limit_mb {limit_mb:g}")
     if settings.max_calls and v.calls >= settings.max_calls:
-        return RECYCLE, f"served max_calls {settings.max_calls}"
+        return Cause.MAX_CALLS, f"served max_calls {settings.max_calls}"
     return None
+
+
+def overran(name: str, deadline: float) -> str:
+    """The kill reason of a call or collect that ran past its deadline setting ``name``."""
+    return f"call exceeded {name} {deadline:g}s"
 
 
 def _hung(v: Vitals, now: float, silent: float, limit: float,

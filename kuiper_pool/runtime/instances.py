@@ -15,24 +15,26 @@ supervisor's selector may hand over readiness that predates a transition.
 from __future__ import annotations
 
 import logging
+import os
 import signal
-from collections import Counter
-from typing import Any, Callable, Optional, Tuple
+import time
+from collections import Counter, deque
+from typing import Any, Callable, Deque, Dict, Optional, Tuple
 
 from .. import wire
 from ..config import Settings
 from . import frames
 from .effects import Effects, WorkerHandle
 from .forensics import DUMP_SIGNAL
-from .health import KILL, RECYCLE, RestartPolicy, verdict
+from .health import Cause, RestartPolicy, restart_kind, verdict
 from .routes import route_for
 from .states import TRANSITIONS, State, TransitionError
-from .zygote import describe_status
+from .zygote import describe_status, signal_text
 
 Answer = Callable[[bytes], None]
 KINDS = {wire.TYPE_SOURCE: "source", wire.TYPE_SINK: "sink", wire.TYPE_FUNC: "function"}
 DUMP_GRACE = 0.05   # seconds a worker gets to write its stack before it is killed
-
+RECENT_RESTARTS = 10  # crashes kept with their time and cause for `kuiper-pool status`
 STARTING, RUNNING, BACKOFF, RECYCLING = State.STARTING, State.RUNNING, State.BACKOFF, State.RECYCLING
 STOPPING, FAILED, ENDED, REMOVED = State.STOPPING, State.FAILED, State.ENDED, State.REMOVED
 
@@ -60,7 +62,9 @@ class Instance:
         self.restarts = 0
         self.failures = 0                           # times this instance went FAILED in a row
         self.restart_causes: "Counter[str]" = Counter()
-        self.last_error = ""
+        self.recent_restarts: Deque[Dict[str, Any]] = deque(maxlen=RECENT_RESTARTS)
+        self._last_error = ""
+        self.last_error_at = 0.0                    # wall clock, for an operator; 0: never
         self.running_since = 0.0
         self.items_in = 0
         self.items_out = 0
@@ -80,6 +84,15 @@ class Instance:
 
     def where(self) -> str:
         return f"plugin {self.plugin} {self.ctrl.describe()}"
+
+    @property
+    def last_error(self) -> str:
+        return self._last_error
+
+    @last_error.setter
+    def last_error(self, text: str) -> None:
+        """Every error is stamped with when it happened (``kuiper-pool status`` shows it)."""
+        self._last_error, self.last_error_at = text, time.time()
 
     def _move(self, new: State, event: str) -> None:
         """The one place a state changes: checked against TRANSITIONS, logged and counted."""
@@ -197,7 +210,7 @@ class Instance:
         if self.pending is not None:  # the first start: refuse it, keep serving the rest
             self.remove(wire.one_line(text))
         else:
-            self._crashed(None, "not started", text)
+            self._crashed(None, "not started", text, restart_kind(None, False))
 
     def on_refused(self, w: WorkerHandle, error: OSError) -> None:
         """The zygote could not make worker ``w`` (fork failed)."""
@@ -227,7 +240,7 @@ class Instance:
                 self.fx.note(self, logging.WARNING, "start refused: %s", text)
                 self.remove(wire.one_line(text))
             else:
-                self.kill(w, " ".join(text.split()))  # a crash: retried with backoff
+                self.kill(w, Cause.NO_CHANNEL, " ".join(text.split()))  # a crash: retried with backoff
             return
         self._move(RUNNING, "ready")
         self.running_since = self.fx.now()
@@ -263,8 +276,10 @@ class Instance:
             return
         self.worker = None
         how = describe_status(status)
-        at = self.fx.stack(w)  # the plugin code it was in, when it crashed or was killed
-        cause = (w.kill_reason or w.fault or "exited unexpectedly") + (f" (at {at})" if at else "")
+        dump = self.fx.dump(w)  # the plugin code it was in, when it crashed or was killed
+        cause = (w.kill_reason or w.fault or "exited unexpectedly") + (f" (at {dump.at})" if dump.at else "")
+        if w.pending_signal and os.WIFSIGNALED(status) and os.WTERMSIG(status) != w.pending_signal:
+            how, cause = self._ended_before_the_kill(w, how, cause, dump.fatal)
         self.route.on_worker_gone(w, how, cause)
         self.errors += w.vitals.emit_errors
         state = self._state
@@ -288,15 +303,24 @@ class Instance:
             self._move(ENDED, "source ended")
             self.fx.note(self, logging.INFO, "ended: open returned (worker pid %d)", w.pid)
         elif state in (STARTING, RUNNING):
-            self._crashed(w, how, cause)
+            self._crashed(w, how, cause, restart_kind(w.kill_cause, os.WIFSIGNALED(status)))
         else:
             raise TransitionError(f"{self.where()}: worker exit in state {state}")
 
-    def _crashed(self, w: Optional[WorkerHandle], how: str, cause: str) -> None:
-        kind = ("hang" if cause.startswith("hung") else
-                "deadline" if "deadline" in cause or "start_timeout" in cause else
-                "signal" if how.startswith("signal") else "exit")
+    @staticmethod
+    def _ended_before_the_kill(w: WorkerHandle, how: str, cause: str, fatal: bool) -> Tuple[str, str]:
+        """A worker we were killing died of a signal of its own between the stack dump we asked
+        for and the signal we meant to send (the dump crashed it, a handler of the plugin's...):
+        the kill is reported as the kill it was, followed by what ended it first."""
+        name = signal.Signals(w.pending_signal).name
+        first = (f"its stack dump, asked for before the {name}, crashed it first with {how}" if fatal
+                 else f"it ended with {how} while dumping its stack, before the {name}")
+        return signal_text(w.pending_signal), f"{cause}; {first}"
+
+    def _crashed(self, w: Optional[WorkerHandle], how: str, cause: str, kind: str) -> None:
         self.restart_causes[kind] += 1
+        self.recent_restarts.append({"at": time.time(), "cause": kind,
+                                     "error": " ".join(f"{how}: {cause}".split())})
         pid = w.pid if w is not None else 0
         self.route.on_crashed(w, how, cause)
         now = self.fx.now()
@@ -339,7 +363,7 @@ class Instance:
             self._spawn("operator restart")
             return True
         if self._state is RUNNING and self.worker is not None:
-            self._recycle(self.worker, "restart requested by an operator")
+            self._recycle(self.worker, Cause.OPERATOR, "restart requested by an operator")
             return True
         return False
 
@@ -350,17 +374,17 @@ class Instance:
         w = self.worker
         if self._state is not RUNNING or w is None or w.kill_reason or self.route.busy():
             return False
-        self._recycle(w, why)
+        self._recycle(w, Cause.RELOAD, why)
         return True
 
-    def kill(self, w: WorkerHandle, why: str) -> None:
+    def kill(self, w: WorkerHandle, cause: Cause, why: str) -> None:
         """Dump its stack, SIGTERM (a function: SIGKILL) DUMP_GRACE later, SIGKILL after
         stop_grace; the route answers what the worker holds. A hung worker (stopped,
         deadlocked) can use no grace: it is continued to dump its stack, then SIGKILLed."""
         if w.kill_reason:
             return
-        w.kill_reason = why
-        hung = why.startswith("hung")
+        w.kill_reason, w.kill_cause = why, cause
+        hung = cause is Cause.HANG
         now = self.fx.now()
         w.kill_at = now + DUMP_GRACE + (0.0 if hung else self.s.stop_grace)
         self.fx.note(self, logging.WARNING, "killing worker pid %d: %s", w.pid, why)
@@ -371,9 +395,9 @@ class Instance:
         w.pending_signal = signal.SIGKILL if hung else self.route.kill_signal
         w.signal_at = now + DUMP_GRACE
 
-    def _recycle(self, w: WorkerHandle, why: str) -> None:
+    def _recycle(self, w: WorkerHandle, cause: Cause, why: str) -> None:
         self._move(RECYCLING, "recycle")
-        w.kill_reason = why
+        w.kill_reason, w.kill_cause = why, cause
         self.fx.note(self, logging.INFO, "recycling worker pid %d: %s", w.pid, why)
         self.fx.send(w, frames.encode(frames.STOP))
         w.kill_at = self.fx.now() + self.s.stop_grace
@@ -427,8 +451,17 @@ class Instance:
             self.fx.signal(w, w.pending_signal)
             w.pending_signal = 0
         if w.kill_at and now >= w.kill_at:
+            if self._state is RECYCLING and not w.held:
+                until, w.held = self.route.runs_until(w)
+                if now < until:  # its call in flight finishes here, bounded by its own deadline
+                    # held once: a start time scribbled on the page cannot hold it longer
+                    w.kill_at = min(until, now + self.s.call_deadline)
+                    return
             w.kill_at = 0.0
-            w.kill_reason = w.kill_reason or f"did not exit within stop_grace {self.s.stop_grace:g}s"
+            if w.held:  # its call overran while it was held: killed for the call's deadline
+                w.kill_cause = Cause.DEADLINE
+            w.kill_reason = (w.held or w.kill_reason
+                             or f"did not exit within stop_grace {self.s.stop_grace:g}s")
             self.fx.signal(w, signal.SIGKILL)
             return
         self.check_health(w, now)
@@ -439,17 +472,17 @@ class Instance:
             return
         self.route.observe(w)
         if self._state is STARTING and now - w.started_at > self.s.start_timeout:
-            self.kill(w, f"start exceeded start_timeout {self.s.start_timeout:g}s "
-                         f"(factory, configure or open still running)")
+            self.kill(w, Cause.START_TIMEOUT, f"start exceeded start_timeout {self.s.start_timeout:g}s "
+                                              f"(factory, configure or open still running)")
             return
         found = verdict(w.vitals, now, self.s, self.kind, lambda: self.fx.cpu_seconds(w))
         if found is None:
             return
-        action, why = found
-        if action == KILL:
-            self.kill(w, why)
-        elif action == RECYCLE and self._state is RUNNING and not self.route.busy():
-            self._recycle(w, why)
+        cause, why = found
+        if cause.kills:
+            self.kill(w, cause, why)
+        elif self._state is RUNNING and not self.route.busy():
+            self._recycle(w, cause, why)
 
     # --- containment --------------------------------------------------------------------------------
 

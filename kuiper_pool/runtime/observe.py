@@ -6,7 +6,8 @@ import os
 import time
 from typing import TYPE_CHECKING
 
-from .instances import RUNNING
+from .. import __version__
+from .instances import BACKOFF, FAILED, RUNNING
 from .status import Snapshot
 
 if TYPE_CHECKING:
@@ -41,8 +42,13 @@ def snapshot(sup: "Supervisor") -> Snapshot:
             "state": inst.state.value,
             "uptime": mono - inst.running_since if inst.state is RUNNING else 0.0,
             "restarts": inst.restarts, "restart_causes": dict(inst.restart_causes),
-            "last_error": inst.last_error, "rss": v.rss if v else 0,
+            "recent_restarts": list(inst.recent_restarts),
+            "next_retry_at": (now + max(inst.restart_at - mono, 0.0)
+                              if inst.state in (BACKOFF, FAILED) and inst.restart_at else None),
+            "last_error": inst.last_error, "last_error_at": inst.last_error_at or None,
+            "rss": v.rss if v else 0,
             "cpu_percent": v.cpu_percent if v else 0.0,
             "items_in": items_in, "items_out": items_out, "errors": errors})
-    return {"plugin": sup.plugin.name, "pid": os.getpid(), "zygote_pid": sup.zygote.pid,
+    return {"plugin": sup.plugin.name, "version": __version__, "pid": os.getpid(),
+            "zygote_pid": sup.zygote.pid,
             "uptime": now - sup.started_at, "time": now, "instances": rows}

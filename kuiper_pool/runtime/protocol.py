@@ -9,9 +9,13 @@
 """
 from __future__ import annotations
 
+import fcntl
+import json
+import os
 import re
+import socket
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Dict, List, Sequence, Tuple
 
 from .. import wire
 from . import frames
@@ -36,6 +40,13 @@ ZYGOTE_EXITED = "exited"
 ZYGOTE_REFUSED = "refused"
 ZYGOTE_HELLO = "hello"
 ZYGOTE_ERROR = "error"
+# either way, a message over INLINE bytes travels in a sealed memfd passed with
+# {"op": ZYGOTE_LARGE, "size"}: a datagram is as large as the socket's buffer at most, and a
+# fresh zygote's HELLO grows with the plugin's symbols (900 functions: over 64 KiB)
+ZYGOTE_LARGE = "large"
+ZYGOTE_DATAGRAM = 1 << 16   # what a receiver reads per datagram (INLINE fits with room)
+INLINE = 1 << 15
+MAX_MESSAGE = 16 << 20      # the sane bound: a message over it is refused, naming its size
 
 # a function reply whose "state" is false, whatever the encoder's spacing
 _ERROR_REPLY = re.compile(rb'\s*\{\s*"state"\s*:\s*false\b')
@@ -76,3 +87,65 @@ class StartSpec:
                    float(d["stop_grace"]), float(d["dial_timeout"]), int(d["max_calls"]),
                    str(d["transport"]), str(d["dump_path"]), bool(d["page"]),
                    str(d["source_datasource"]))
+
+
+def encode_zygote(obj: Dict[str, Any]) -> Tuple[bytes, List[int]]:
+    """One zygote op or report as a datagram and the descriptors to pass with it (a big
+    message's sealed memfd: the caller closes it once sent). OSError if no memfd can be had."""
+    data = json.dumps(obj).encode()
+    if len(data) <= INLINE:
+        return data, []
+    fd = os.memfd_create("kuiper_pool-zygote-msg", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SEAL | fcntl.F_SEAL_SHRINK
+                    | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE)
+    except BaseException:
+        os.close(fd)
+        raise
+    return json.dumps({"op": ZYGOTE_LARGE, "size": len(data)}).encode(), [fd]
+
+
+def recv_zygote(sock: socket.socket, max_fds: int = 4) -> Tuple[bytes, List[int]]:
+    """One datagram and its descriptors, as :func:`decode_zygote` takes them (b"": the peer
+    is gone); raises as ``recvmsg`` does, ValueError for a datagram cut short."""
+    msg, fds, flags, _addr = socket.recv_fds(sock, ZYGOTE_DATAGRAM, max_fds)
+    if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
+        for fd in fds:
+            os.close(fd)
+        raise ValueError(f"a message of over {ZYGOTE_DATAGRAM} bytes arrived cut short")
+    return msg, fds
+
+
+def decode_zygote(msg: bytes, fds: Sequence[int]) -> Tuple[Dict[str, Any], List[int]]:
+    """The message a datagram stands for, and the descriptors left for it (a big message's
+    memfd is read and closed here). ValueError naming the cause when it cannot be read."""
+    try:
+        obj = json.loads(msg)
+        if not isinstance(obj, dict):
+            raise ValueError(f"not a JSON object: {msg[:80]!r}")
+        if obj.get("op") != ZYGOTE_LARGE:
+            return obj, list(fds)
+        if not fds:
+            raise ValueError("a large message came without its memfd")
+        fd, size = fds[-1], int(obj.get("size", -1))
+        if size > MAX_MESSAGE or os.fstat(fd).st_size != size:
+            raise ValueError(f"a message of {os.fstat(fd).st_size} bytes (announced {size}) is over "
+                             f"the bound of {MAX_MESSAGE} bytes or not whole")
+        data = os.pread(fd, size, 0)
+        if len(data) != size:
+            raise ValueError(f"read {len(data)} of {size} bytes of a large message")
+        big = json.loads(data)
+        if not isinstance(big, dict):
+            raise ValueError("a large message is not a JSON object")
+        os.close(fd)
+        return big, list(fds[:-1])
+    except BaseException:
+        for fd in fds:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        raise

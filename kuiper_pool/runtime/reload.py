@@ -11,8 +11,9 @@ stopping a rule.
 3. The switch: the fresh zygote takes over the run dir and the files to clean up, new workers
    come from it, the new settings apply (per instance, as each is replaced).
 4. Instances are replaced one at a time, each like a recycle (``Instance.replace``): a sink's
-   worker finishes what it holds and its unfinished items go to the new worker, a function
-   call in flight finishes on the old worker while the next waits for the new one, a source
+   worker finishes what it holds (and waits for an ack on the way) and its unfinished items go
+   to the new worker, a function call in flight finishes on the old worker within its
+   call_deadline (``Route.runs_until``) while the next waits for the new one, a source
    is closed and opened again on the new code. Instances without a worker (backing off,
    failed, ended) get the new code at their next start.
 5. The old zygote exits once its last worker has.
@@ -116,7 +117,11 @@ class Reloader:
     def on_candidate(self, z: Zygote) -> None:
         if z is not self.candidate:
             return
-        events = z.events()
+        try:
+            events = z.events()
+        except ValueError as e:  # never left to start_timeout: the refusal names the cause
+            self._refuse(f"the new code's report cannot be read: {e}")
+            return
         if events == []:
             return
         first = events[0] if events else None
@@ -248,7 +253,8 @@ class Reloader:
             inst.s = sup.s.for_symbol(inst.ctrl.symbol)
             sup.guarded("reload", inst, lambda: setattr(self, "asked", inst.replace("reload")))
         if not done and inst is not None:
-            limit = inst.s.stop_grace + inst.s.start_timeout + REPLACE_SLACK
+            limit = inst.s.stop_grace + inst.s.start_timeout + REPLACE_SLACK + (
+                inst.s.call_deadline if inst.kind == wire.TYPE_FUNC else 0.0)  # a call finishes first
             if now - self.current_since > limit:
                 done = f"{inst.where()}: not replaced within {limit:g}s ({inst.state}: {inst.last_error})"
         if not done:

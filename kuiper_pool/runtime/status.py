@@ -4,11 +4,16 @@ a status socket in it, and Prometheus text metrics on loopback when enabled.
 Snapshot schema (``observe.snapshot()``, the status answer and the metrics all
 use it)::
 
-    {"plugin": str, "pid": int, "zygote_pid": int, "uptime": float, "time": float,
+    {"plugin": str, "version": str, "pid": int, "zygote_pid": int, "uptime": float, "time": float,
      "instances": [{"symbol", "type", "rule", "op", "instance", "pid", "state",
                     "uptime", "restarts", "restart_causes": {cause: n},
-                    "last_error", "rss", "cpu_percent", "items_in", "items_out",
-                    "errors"}]}
+                    "recent_restarts": [{at: time, cause: kind, error: text}],
+                    "next_retry_at", "last_error", "last_error_at", "rss", "cpu_percent",
+                    "items_in", "items_out", "errors"}]}
+
+Times (``time``, ``at``, ``next_retry_at``, ``last_error_at``) are Unix time; ``next_retry_at``
+is set while an instance waits to be started again (backoff, failed), ``last_error_at`` once it
+has an error (``null`` otherwise), and ``last_error`` is never cut.
 """
 from __future__ import annotations
 
@@ -28,6 +33,10 @@ Snapshot = Dict[str, Any]
 
 class StatusError(RuntimeError):
     """No supervisor answers, or its answer is unusable (one line)."""
+
+
+class NoSupervisor(StatusError):
+    """No status socket where the plugin's supervisor would make it."""
 
 
 MAX_CLIENTS = 16        # status clients served at once; more are closed at once
@@ -167,7 +176,7 @@ def request(plugin: str, req: Dict[str, Any], runtime_dir: str = "", timeout: fl
     live = [p for p in found if os.path.exists(p)]
     if not live:
         first = found[0] if found else paths.status_socket(plugin, base=paths.usual_base(runtime_dir))
-        raise StatusError(f"no kuiper_pool supervisor is running for plugin {plugin} (no {first})")
+        raise NoSupervisor(f"no kuiper_pool supervisor is running for plugin {plugin} (no {first})")
     path = live[0]
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.settimeout(timeout)

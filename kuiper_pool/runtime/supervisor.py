@@ -46,6 +46,8 @@ Handler = Callable[[int], None]
 class Supervisor:
     """Owns the control channel, the instances and the loop."""
 
+    effects_class = LoopEffects  # kuiper-pool serve brings its own (serve/pool.py)
+
     def __init__(self, plugin: PluginConfig, settings: Settings, zygote: Zygote,
                  control: Any = None, main_argv: Sequence[str] = ()) -> None:
         """``control`` is eKuiper's control channel (a REQ endpoint), already dialed and
@@ -57,14 +59,14 @@ class Supervisor:
         self.log = supervisor_logger()
         self.sel = selectors.DefaultSelector()
         self.instances: Dict[str, Instance] = {}
-        self.fx = LoopEffects(settings, zygote, self.register, self.unregister, self.want_write,
-                              self.guarded, self.forget)
+        self.fx = self.effects_class(settings, zygote, self.register, self.unregister,
+                                     self.want_write, self.guarded, self.forget)
         self.commands = Commands(self)
         self.exiting = ""
         self.exit_code = 0
         self.control: Any = control
         self.control_lost_since = 0.0
-        self.parent = os.getppid()  # eKuiper (or conda run): when it exits, so do we
+        self.parent = os.getppid()  # eKuiper (or conda run): when it exits, so do we (0: never)
         self.last_sample = 0.0
         self.started_at = time.time()
         self.status: Optional[StatusServer] = None
@@ -85,10 +87,7 @@ class Supervisor:
             signal.signal(sig, lambda *_: None)  # the wakeup fd carries the signal number
         self.register(wake_r, lambda _m: self.on_signal(wake_r))
         self.attach_zygote(self.zygote)
-        # commands eKuiper sent since the handshake wait in the control socket until now
-        self.register(self.control.fileno(), lambda _m: self.commands.on_control())
-        self.log.info("plugin %s: supervisor pid %d serving %s (zygote pid %d)",
-                      self.plugin.name, os.getpid(), self.control.url, self.zygote.pid)
+        self.open_channels()
         self.open_status()
         next_tick = 0.0
         try:
@@ -105,6 +104,13 @@ class Supervisor:
             os.close(wake_r)
             os.close(wake_w)
         return self.exit_code
+
+    def open_channels(self) -> None:
+        """Start serving whoever calls the plugin: eKuiper's control channel."""
+        # commands eKuiper sent since the handshake wait in the control socket until now
+        self.register(self.control.fileno(), lambda _m: self.commands.on_control())
+        self.log.info("plugin %s: supervisor pid %d serving %s (zygote pid %d)",
+                      self.plugin.name, os.getpid(), self.control.url, self.zygote.pid)
 
     def register(self, fd: int, handler: Handler, inst: Optional[Instance] = None,
                  events: int = selectors.EVENT_READ) -> None:
@@ -249,7 +255,7 @@ class Supervisor:
                 self.control_lost_since = now
             elif now - self.control_lost_since > self.s.control_lost_timeout:
                 self.shutdown("eKuiper's control channel is gone", 0)
-        if os.getppid() != self.parent:
+        if self.parent and os.getppid() != self.parent:
             # a lingering plugin would answer the next eKuiper's handshake in place of the
             # process that eKuiper starts anew, so leave at once
             self.shutdown(f"eKuiper (parent pid {self.parent}) exited", 0)

@@ -28,7 +28,7 @@ from ..transport import load as load_transport
 from ..transport.sp import ReqConnection
 from ..transport.sp import frame as sp_frame
 from ..transport.sp import frame_header as sp_frame_header
-from . import forensics
+from . import forensics, proctitle
 from .callpage import CallPage, call_crc
 from .sinkpage import FREE, HOLDING, LENT, SP_FRAME, SinkPage, fits, open_sink_page
 from .protocol import StartSpec, is_error_reply
@@ -45,6 +45,7 @@ SEND_POLL = 0.1       # how often a blocked emit re-checks for stop
 DONE_EVERY = 32       # sink progress is reported at least this often
 PARTIAL_SPINS = 100   # a lent sink connection holds part of a frame: look again at once
 PARTIAL_WAIT = 0.001  # this many times, then after this (a peer that stalls mid-frame)
+ACK_WAIT_SHARE = 0.5  # of stop_grace a stopping sink waits for a pending ack; close gets the rest
 
 
 class ForkGuard:
@@ -157,8 +158,9 @@ class Worker:
         return EXIT_CRASH
 
 
-def run(link_sock: socket.socket, plugin: PluginConfig) -> int:
-    """Serve one instance over ``link_sock``; return the exit code."""
+def run(link_sock: socket.socket, plugin: PluginConfig, spawned: bool = False) -> int:
+    """Serve one instance over ``link_sock``; return the exit code. ``spawned``: this worker
+    was exec'd (``start_method: spawn``), not forked, which its process title says."""
     link = GuardedLink(link_sock, ForkGuard())
     first = link.recv()
     if first is None or first[0] != frames.START:
@@ -168,6 +170,11 @@ def run(link_sock: socket.socket, plugin: PluginConfig) -> int:
     if state is None or state[0] != frames.STATE:
         return EXIT_ORPHAN
     worker = Worker(link, plugin, spec, state[1])
+    c = worker.ctrl
+    # most telling first: the title is cut to the length of the command line it replaces
+    kind = "function" if c.plugin_type == wire.TYPE_FUNC else c.plugin_type
+    proctitle.set_title(f"kuiper-pool {'(exec) ' if spawned else ''}{plugin.name} {kind} {c.symbol}"
+                        + (f" {c.rule_id}/{c.op_id}/{c.instance_id}" if c.rule_id else ""), c.symbol)
     if spec.dump_path:
         try:
             forensics.install(spec.dump_path)
@@ -280,6 +287,7 @@ def run_sink(worker: Worker, sink: Any) -> int:
     worker.guard.page = mark
     current = mark.slots if mark is not None else [0, 0]
     lent = LentSink(worker, mark) if isinstance(mark, SinkPage) else None
+    owed = AckOwed()
 
     def ack(data: bytes) -> None:
         # With requireAck an item is finished at its ack, whenever it comes (from collect or
@@ -289,6 +297,7 @@ def run_sink(worker: Worker, sink: Any) -> int:
             lent.ack(data)
         else:
             worker.link.send(frames.encode_seq(frames.ACK, current[0], data))
+        owed.paid()
 
     # without requireAck nobody reads acks: ack_ok/ack_error do nothing
     ctx = WorkerContext(ctrl.symbol, ctrl.rule_id, ctrl.op_id, ctrl.instance_id, worker.state,
@@ -302,6 +311,8 @@ def run_sink(worker: Worker, sink: Any) -> int:
 
     def collect(seq: int, data: bytes) -> None:
         current[0] = seq
+        if require_ack:
+            owed.begin()
         worker.busy_since = time.monotonic()
         sink.collect(ctx, data)
         worker.guard.check()  # what follows is the worker's alone
@@ -346,11 +357,39 @@ def run_sink(worker: Worker, sink: Any) -> int:
                 reported = done
         if done > reported:
             worker.link.send(frames.encode_seq(frames.DONE, done))
+    if not owed.wait(worker.spec.stop_grace * ACK_WAIT_SHARE):
+        worker.log.warning("%s: the ack of the last item did not come within %gs of the stop; "
+                           "the item goes to the next worker", worker.where(),
+                           worker.spec.stop_grace * ACK_WAIT_SHARE)
     try:
         sink.close(ctx)
     except Exception as e:  # noqa: BLE001
         worker.log.error("%s: close raised %s: %s", worker.where(), type(e).__name__, e)
     return EXIT_OK
+
+
+class AckOwed:
+    """Whether the item collected last still owes its ack (a sink may ack after ``collect``
+    returned, from a thread of its own). A stopping worker waits for it, so an item is
+    never collected again by the next worker only because its ack was on the way."""
+
+    def __init__(self) -> None:
+        self.cond = threading.Condition()
+        self.owed = False
+
+    def begin(self) -> None:
+        with self.cond:
+            self.owed = True
+
+    def paid(self) -> None:
+        with self.cond:
+            self.owed = False
+            self.cond.notify_all()
+
+    def wait(self, timeout: float) -> bool:
+        """True once nothing is owed; False if the ack did not come within ``timeout``."""
+        with self.cond:
+            return self.cond.wait_for(lambda: not self.owed, timeout)
 
 
 class LentSink:
@@ -518,7 +557,8 @@ def run_function(worker: Worker, function: Any) -> int:
     while True:
         if conn is not None and not worker.link.has_frame():
             ready_fds = [fd for fd, _ev in poller.poll()]
-            if conn.fileno() in ready_fds:
+            # the link first: after a STOP the next call is the next worker's (eKuiper re-sends it)
+            if conn.fileno() in ready_fds and worker.link.sock.fileno() not in ready_fds:
                 try:
                     calls = conn.recv_ready()
                 except OSError:  # eKuiper closed it: the supervisor dials again and lends anew
@@ -617,13 +657,13 @@ def call_function(worker: Worker, function: Any, contexts: Dict[Tuple[Any, ...],
 # --- spawn start method ----------------------------------------------------------------
 
 def spawn_main(argv: list) -> int:
-    """``python -m kuiper_pool.runtime.worker <payload fd> <script_dir> <log_level> <link fd>``:
-    load the cloudpickled factories from the sealed memfd the supervisor wrote and every
-    spawned worker inherits (never a path, never a socket), serve."""
+    """``kuiper_pool.runtime.worker <payload fd> <log_level> <link fd>`` (started by
+    ``launch.python_command`` with the plugin's folder first on sys.path): load the
+    cloudpickled factories from the sealed memfd the supervisor wrote and every spawned
+    worker inherits (never a path, never a socket), serve."""
     import cloudpickle
 
-    payload, script_dir, level, fd = int(argv[1]), argv[2], argv[3], int(argv[4])
-    sys.path.insert(0, script_dir)
+    payload, level, fd = int(argv[1]), argv[2], int(argv[3])
     size, chunks, offset = os.fstat(payload).st_size, [], 0
     while offset < size:  # pread: the fd's offset is shared with every other spawned worker
         chunk = os.pread(payload, size - offset, offset)
@@ -635,7 +675,7 @@ def spawn_main(argv: list) -> int:
     plugin = PluginConfig(**cloudpickle.loads(b"".join(chunks)))
     logs.setup(plugin.name, level)
     try:
-        return run(socket.socket(fileno=fd), plugin)
+        return run(socket.socket(fileno=fd), plugin, spawned=True)
     except ConnectionError:  # the supervisor went away, as a forked worker's zygote reports it
         return EXIT_ORPHAN
 

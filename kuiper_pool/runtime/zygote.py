@@ -15,6 +15,9 @@ checks its parent every second; any of these makes it SIGKILL every worker, remo
 the ipc files the supervisor listened on (only while they are the files it created,
 checked by inode) and the private runtime directory, and exit. Workers set
 ``PR_SET_PDEATHSIG(SIGKILL)`` too, so they die with the zygote even if it is SIGKILLed.
+A SIGTERM while the supervisor lives (sent to the whole tree) changes nothing here: the
+supervisor stops every instance and then the zygote. SIGHUP and SIGINT are ignored by the
+zygote and its workers (:data:`OPERATOR_SIGNALS`).
 
 What plugin code starts dies with its worker: each worker leads its own process
 group and is a child subreaper, so orphans of its descendants (``setsid``
@@ -26,9 +29,10 @@ killed with its group.
 A reload (``reload.py``) needs the plugin's code as it is on disk now, which a fork of the
 supervisor cannot give (and with ``transport: nng`` the supervisor must never fork): the
 supervisor ``posix_spawn``s a fresh interpreter that runs the plugin's main script with
-``FRESH_ENV`` set (``python -m kuiper_pool.runtime.zygote <script> <args>``), so that
-``plugin.start`` becomes a zygote serving the existing supervisor over a socketpair
-inherited as ``FRESH_FD``. Its first report says what the new code exposes (HELLO) or why
+``FRESH_ENV`` set (``kuiper_pool.runtime.zygote <script> <args>``, started by
+``launch.python_command``: the script's folder first on sys.path, never the working
+directory), so that ``plugin.start`` becomes a zygote serving the existing supervisor over a
+socketpair inherited as ``FRESH_FD``. Its first report says what the new code exposes (HELLO) or why
 it cannot serve (ERROR). Until the supervisor adopts it, it removes no file when it exits.
 """
 from __future__ import annotations
@@ -54,12 +58,24 @@ from ..plugin import FRESH_ENV
 from ..transport.outbox import Outbox, Watch
 from .forensics import DUMP_SIGNAL
 from .protocol import (ZYGOTE_ADOPT, ZYGOTE_DISOWN, ZYGOTE_ERROR, ZYGOTE_EXITED, ZYGOTE_KILL,
-                       ZYGOTE_OWN, ZYGOTE_REFUSED, ZYGOTE_RETIRE, ZYGOTE_START, ZYGOTE_STARTED)
+                       ZYGOTE_OWN, ZYGOTE_REFUSED, ZYGOTE_RETIRE, ZYGOTE_START, ZYGOTE_STARTED,
+                       decode_zygote, encode_zygote, recv_zygote)
 
 PR_SET_PDEATHSIG = 1
 PR_SET_CHILD_SUBREAPER = 36
-MAX_MSG = 65536
 FRESH_FD = 3   # where a fresh zygote finds its link
+# What reaches a whole process group or tree (a closed terminal's SIGHUP, Ctrl-C, ``pkill -HUP
+# -f <script>``) is the supervisor's to act on (reload, stop): the zygote ignores them, and its
+# workers inherit that (plugin code may install handlers of its own in a worker).
+OPERATOR_SIGNALS = (signal.SIGHUP, signal.SIGINT)
+
+
+def ignore_operator_signals() -> None:
+    """Ignore :data:`OPERATOR_SIGNALS` (then unblock them: a fresh zygote starts with them
+    blocked, so none can end it before this runs)."""
+    for sig in OPERATOR_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, OPERATOR_SIGNALS)
 
 
 def die_with_parent(expected_parent: int, sig: int = signal.SIGKILL) -> None:
@@ -73,15 +89,19 @@ def die_with_parent(expected_parent: int, sig: int = signal.SIGKILL) -> None:
         os._exit(1)
 
 
+def signal_text(sig: int) -> str:
+    """``signal 9 (SIGKILL)``."""
+    try:
+        name = signal.Signals(sig).name
+    except ValueError:
+        name = "?"
+    return f"signal {sig} ({name})"
+
+
 def describe_status(status: int) -> str:
     """``exit code 3`` or ``signal 9 (SIGKILL)`` from a raw wait status."""
     if os.WIFSIGNALED(status):
-        sig = os.WTERMSIG(status)
-        try:
-            name = signal.Signals(sig).name
-        except ValueError:
-            name = "?"
-        return f"signal {sig} ({name})"
+        return signal_text(os.WTERMSIG(status))
     return f"exit code {os.WEXITSTATUS(status)}"
 
 
@@ -156,6 +176,7 @@ class Zygote:
                 # until _serve handles SIGTERM (load_worker takes a while): the link's EOF
                 # also tells of the supervisor's death, and the cleanup must not be skipped
                 signal.signal(signal.SIGTERM, signal.SIG_IGN)
+                ignore_operator_signals()
                 parent_end.close()
                 for closable in inherited:  # a copy of the fd, not a shutdown: ours are unaffected
                     closable.close()
@@ -181,17 +202,18 @@ class Zygote:
 
     @classmethod
     def launch(cls, argv: List[str], rundir: str) -> "Zygote":
-        """A fresh zygote: ``argv`` (the plugin's main script under ``python -m
-        kuiper_pool.runtime.zygote``) exec'd with ``posix_spawn`` (no fork of the supervisor,
+        """A fresh zygote: ``argv`` (the plugin's main script under
+        ``kuiper_pool.runtime.zygote``) exec'd with ``posix_spawn`` (no fork of the supervisor,
         no atfork handler runs), its link inherited as FRESH_FD and nothing else of ours:
-        not eKuiper's channels, whatever their library left inheritable. OSError if it
-        cannot start."""
+        not eKuiper's channels, whatever their library left inheritable. It starts with the
+        operator's signals blocked (:data:`OPERATOR_SIGNALS`) until :func:`main` ignores them.
+        OSError if it cannot start."""
         parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         env = {**os.environ, FRESH_ENV: f"{os.getpid()}:{rundir}"}
         actions = [(os.POSIX_SPAWN_CLOSE, fd) for fd in _inheritable_fds() if fd != child_end.fileno()]
         try:
-            pid = os.posix_spawn(argv[0], argv, env, file_actions=actions + [
-                (os.POSIX_SPAWN_DUP2, child_end.fileno(), FRESH_FD)])
+            pid = os.posix_spawn(argv[0], argv, env, setsigmask=OPERATOR_SIGNALS,
+                                 file_actions=actions + [(os.POSIX_SPAWN_DUP2, child_end.fileno(), FRESH_FD)])
         except OSError:
             parent_end.close()
             raise
@@ -266,7 +288,11 @@ class Zygote:
         return self.reaped
 
     def _send(self, obj: dict) -> None:
-        self._guard(self.outbox.write, json.dumps(obj).encode())
+        data, fds = encode_zygote(obj)
+        try:
+            self._guard(self.outbox.write, data, fds)
+        finally:
+            _close_all(fds)
 
     @staticmethod
     def _guard(fn: Callable[..., object], *args: object) -> None:
@@ -276,18 +302,19 @@ class Zygote:
             pass  # zygote gone: the supervisor notices through EOF
 
     def events(self) -> Optional[List[dict]]:
-        """Pending ``started``/``exited`` events; None when the zygote is gone."""
+        """Pending ``started``/``exited`` events; None when the zygote is gone. ValueError
+        naming the cause for a report that cannot be read."""
         out = []
         while True:
             try:
-                data = self.sock.recv(MAX_MSG)
+                data, fds = recv_zygote(self.sock, 1)
             except BlockingIOError:
                 return out
             except OSError:
                 return None
             if not data:
                 return None if not out else out
-            out.append(json.loads(data))
+            out.append(decode_zygote(data, fds)[0])
 
     def close(self) -> None:
         """Make the zygote kill every worker left and exit; reap it."""
@@ -347,24 +374,28 @@ class _Zygote:
         self.workers: Dict[int, int] = {}      # pid -> wid
         self.by_wid: Dict[int, int] = {}       # wid -> pid
         self.owned: Dict[str, Tuple[int, ...]] = {}  # path -> its identity when owned
-        self.unsent: List[bytes] = []
+        self.unsent: List[Tuple[bytes, List[int]]] = []   # reports and their descriptors
         self.leaving = False
 
     def report(self, obj: dict) -> None:
         """Never blocks: a supervisor that does not read gets its reports later, a dead one never."""
-        self.unsent.append(json.dumps(obj).encode())
+        self.unsent.append(encode_zygote(obj))
         self.flush()
 
     def flush(self) -> None:
         while self.unsent:
+            data, fds = self.unsent[0]
             try:
-                self.sock.send(self.unsent[0], socket.MSG_DONTWAIT)
+                socket.send_fds(self.sock, [data], fds, socket.MSG_DONTWAIT)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError:  # the supervisor is gone
+                for _data, left in self.unsent:
+                    _close_all(left)
                 self.unsent.clear()
                 self.leaving = True
                 return
+            _close_all(fds)
             self.unsent.pop(0)
 
     def apply(self, req: dict, fds: List[int]) -> None:
@@ -450,14 +481,13 @@ class _Zygote:
         self.sock.setblocking(False)
         while True:
             try:
-                msg, fds, _flags, _addr = socket.recv_fds(self.sock, MAX_MSG, 4)
-            except OSError:
+                msg, fds = recv_zygote(self.sock)
+                if not msg:
+                    return
+                req, fds = decode_zygote(msg, fds)
+            except (OSError, ValueError):
                 return
-            for fd in fds:
-                os.close(fd)
-            if not msg:
-                return
-            req = json.loads(msg)
+            _close_all(fds)
             if req.get("op") in (ZYGOTE_OWN, ZYGOTE_DISOWN, ZYGOTE_ADOPT, ZYGOTE_RETIRE):
                 self.apply(req, [])
 
@@ -468,7 +498,7 @@ def _serve(sock: socket.socket, worker_main: WorkerMain, spawn_argv: Optional[Li
     """The zygote's loop: start workers, forward kills, report exits; clean up at the end.
     Signal handlers only wake the loop (an exception raised at an arbitrary point could
     skip the cleanup); the loop also notices the supervisor's death by itself."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the supervisor's to handle
+    ignore_operator_signals()
     # the stack-dump signal is harmless to a worker until its faulthandler takes it over
     # (inherited across fork and exec; forensics.install replaces it)
     signal.signal(DUMP_SIGNAL, signal.SIG_IGN)
@@ -478,7 +508,9 @@ def _serve(sock: socket.socket, worker_main: WorkerMain, spawn_argv: Optional[Li
     os.set_blocking(wake_w, False)
     os.set_blocking(wake_r, False)
     signal.set_wakeup_fd(wake_w)
-    for sig in (signal.SIGCHLD, signal.SIGTERM):  # SIGTERM: PDEATHSIG, the supervisor died
+    # SIGTERM is PDEATHSIG (the supervisor died), or sent to the whole tree, which the
+    # supervisor stops gracefully: either way the loop leaves only once the supervisor is gone
+    for sig in (signal.SIGCHLD, signal.SIGTERM):
         signal.signal(sig, lambda *_: None)
     gc.freeze()  # keep the preloaded heap shared copy-on-write with the workers
     z.wake = (wake_r, wake_w)
@@ -493,11 +525,9 @@ def _serve(sock: socket.socket, worker_main: WorkerMain, spawn_argv: Optional[Li
             for key, mask in events:
                 if key.fileobj == wake_r:
                     try:
-                        signals = os.read(wake_r, 4096)
+                        os.read(wake_r, 4096)
                     except BlockingIOError:
-                        signals = b""
-                    if signal.SIGTERM in signals:
-                        z.leaving = True
+                        pass
                     z.reap()
                     continue
                 if mask & selectors.EVENT_WRITE:
@@ -506,15 +536,16 @@ def _serve(sock: socket.socket, worker_main: WorkerMain, spawn_argv: Optional[Li
                         sel.modify(sock, selectors.EVENT_READ)
                 if mask & selectors.EVENT_READ:
                     try:
-                        msg, fds, _flags, _addr = socket.recv_fds(sock, MAX_MSG, 4)
+                        msg, fds = recv_zygote(sock)
+                        req, fds = decode_zygote(msg, fds) if msg else ({}, fds)
                     except (BlockingIOError, InterruptedError):
                         continue
-                    except OSError:
+                    except (OSError, ValueError):  # unreadable: as the supervisor's end
                         msg, fds = b"", []
                     if not msg:  # supervisor gone or done: every worker goes down
                         z.leaving = True
                         break
-                    z.apply(json.loads(msg), fds)
+                    z.apply(req, fds)
             if os.getppid() != supervisor:
                 z.leaving = True
             if not events:
@@ -570,7 +601,7 @@ def serve_fresh(link: Tuple[socket.socket, int, str], hello: Dict[str, Any],
     :class:`Zygote`; nothing to clean up until the supervisor adopts us)."""
     sock, supervisor, _rundir = link
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # once adopted, the loop's cleanup must run
-    sock.send(json.dumps(hello).encode())
+    _send_now(sock, hello)
     return _become(sock, load_worker, spawn_argv, "", supervisor, exec_all, env, symbol_env)
 
 
@@ -602,19 +633,34 @@ def report_error(sock: Optional[socket.socket], text: str) -> None:
     try:
         if sock is None:
             sock = socket.socket(fileno=os.dup(FRESH_FD))
-        sock.send(json.dumps({"op": ZYGOTE_ERROR, "error": line}).encode())
+        _send_now(sock, {"op": ZYGOTE_ERROR, "error": line})
     except OSError:
         print(f"kuiper_pool fresh zygote: {line}", flush=True)
 
 
+def _send_now(sock: socket.socket, obj: Dict[str, Any]) -> None:
+    """A fresh zygote's first report, whatever its size (a blocking send)."""
+    data, fds = encode_zygote(obj)
+    try:
+        socket.send_fds(sock, [data], fds)
+    finally:
+        _close_all(fds)
+
+
+def _close_all(fds: Sequence[int]) -> None:
+    for fd in fds:
+        os.close(fd)
+
+
 def main(argv: List[str]) -> int:
-    """``python -m kuiper_pool.runtime.zygote <main script> <args>``: run the plugin's main
-    script as eKuiper would (``__main__``, its folder first on sys.path); its
-    ``plugin.start`` serves as the fresh zygote and never returns. An exception raised while
-    importing or building the config is reported in one line."""
+    """``kuiper_pool.runtime.zygote <main script> <args>`` (started by
+    ``launch.python_command`` with the script's folder first on sys.path): run the plugin's
+    main script as eKuiper would, as ``__main__``; its ``plugin.start`` serves as the fresh
+    zygote and never returns. An exception raised while importing or building the config is
+    reported in one line."""
+    ignore_operator_signals()
     script = argv[1]
     sys.argv = argv[1:]
-    sys.path[0] = os.path.dirname(script)
     try:
         runpy.run_path(script, run_name="__main__")
     except Exception as e:  # noqa: BLE001 - the plugin's own code failed: that is the answer
@@ -648,7 +694,7 @@ def _fork_worker(z: _Zygote, link_fd: int, symbol: str) -> int:
     try:
         signal.set_wakeup_fd(-1)
         for sig in (signal.SIGCHLD, signal.SIGTERM):
-            signal.signal(sig, signal.SIG_DFL)  # SIGINT stays ignored: the supervisor stops us
+            signal.signal(sig, signal.SIG_DFL)  # OPERATOR_SIGNALS stay ignored: the supervisor's
         z.sock.close()
         for fd in z.wake:
             os.close(fd)

@@ -42,6 +42,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 import pynng
 
 from .. import paths
+from ..runtime.zygote import signal_text
 from ..transport import TransportError, TransportTimeout, sp
 
 __all__ = ["HostError", "Host", "SourceHandle", "SinkHandle", "FunctionHandle", "go_json"]
@@ -63,6 +64,20 @@ class HostError(Exception):
     def __init__(self, message: str, answer: Optional[str] = None):
         self.answer = message if answer is None else answer
         super().__init__(_one_line(message))
+
+
+class FolderError(HostError):
+    """The plugin folder cannot be run as given: no folder, no usable plugin json, no
+    executable. The user's to fix, not the plugin's."""
+
+
+class InUseError(HostError):
+    """An ipc path eKuiper's protocol prescribes is served by another process."""
+
+
+def exit_text(code: int) -> str:
+    """A Popen return code in words: ``exited with code 3``, ``killed by signal 9 (SIGKILL)``."""
+    return f"killed by {signal_text(-code)}" if code < 0 else f"exited with code {code}"
 
 
 def _one_line(text: str) -> str:
@@ -114,27 +129,22 @@ def _meta_key(ctrl: dict) -> MetaKey:
 
 
 def _find_plugin_json(plugin_dir: str) -> Tuple[str, dict]:
-    """The single ``<name>.json`` in ``plugin_dir`` that declares an ``executable``
-    (other json files, such as ``rule.json``, are ignored)."""
+    """The plugin json as ``kuiper-pool validate`` finds and reads it (one reader for both)."""
+    from .validate import Checks, find_plugin_json
+
+    if not os.path.exists(plugin_dir):
+        raise FolderError(f"plugin folder {plugin_dir} does not exist")
     if not os.path.isdir(plugin_dir):
-        raise HostError(f"plugin folder {plugin_dir} does not exist")
-    found = []
-    for entry in sorted(os.listdir(plugin_dir)):
-        path = os.path.join(plugin_dir, entry)
-        if not entry.endswith(".json") or not os.path.isfile(path):
-            continue
-        try:
-            with open(path, encoding="utf-8") as f:
-                meta = json.load(f)
-        except (OSError, ValueError):
-            continue
-        if isinstance(meta, dict) and "executable" in meta:
-            found.append((entry[:-len(".json")], meta))
-    if len(found) != 1:
-        what = "no plugin json (<name>.json with an 'executable')" if not found else \
-            "several plugin jsons (" + ", ".join(n + ".json" for n, _ in found) + ")"
-        raise HostError(f"{what} in {plugin_dir}")
-    return found[0]
+        raise FolderError(f"{plugin_dir} is a file, not a plugin folder (give the folder that "
+                          f"holds <name>.json and the executable)")
+    checks = Checks()
+    name, meta = find_plugin_json(plugin_dir, checks)
+    if meta is None:
+        text = "; ".join(f.text for f in checks.problems)
+        raise FolderError(text if plugin_dir in text else f"{text} (in {plugin_dir})")
+    if "executable" not in meta:
+        raise FolderError(f"{name}.json in {plugin_dir} names no executable")
+    return name, meta
 
 
 class Host:
@@ -142,9 +152,11 @@ class Host:
 
     def __init__(self, plugin_dir: str, *, python: str = sys.executable, init_timeout: float = 60.0,
                  recv_timeout: float = 5.0, env: Optional[dict] = None, stdout=None,
-                 command_timeout: float = 30.0, data_transport: str = "sp"):
+                 command_timeout: float = 30.0, data_transport: str = "sp", own_session: bool = False):
         """``data_transport``: ``"sp"`` (native, mangos-like) or ``"nng"`` (pynng sockets)
-        for the data and ack sockets of sources and sinks and the function channels."""
+        for the data and ack sockets of sources and sinks and the function channels.
+        ``own_session``: the plugin gets a session of its own, so a terminal's Ctrl-C reaches
+        only the caller, which then stops the plugin in order."""
         if data_transport not in DATA_TRANSPORTS:
             raise HostError(f"data_transport must be one of {DATA_TRANSPORTS}, got {data_transport!r}")
         self.data_transport = data_transport
@@ -152,13 +164,14 @@ class Host:
         self.name, self.meta = _find_plugin_json(self.plugin_dir)
         self.executable = os.path.normpath(os.path.join(self.plugin_dir, str(self.meta["executable"])))
         if not os.path.isfile(self.executable):
-            raise HostError(f"cannot find executable `{self.executable}` of plugin {self.name}")
+            raise FolderError(f"cannot find executable `{self.executable}` of plugin {self.name}")
         self.python = python
         self.init_timeout = init_timeout
         self.recv_timeout = recv_timeout
         self.command_timeout = command_timeout  # eKuiper waits up to 1 h for an answer
         self.env = env
         self.stdout = stdout
+        self.own_session = own_session
         self.process: Optional[subprocess.Popen] = None
         self.handshake_seconds: Optional[float] = None  # last start: Popen -> handshake received
         self.control_url = f"ipc:///tmp/plugin_{self.name}.ipc"
@@ -198,14 +211,20 @@ class Host:
         if self.alive():
             return
         if self._ctrl is None:
-            self._ctrl = _listen(pynng.Rep0(recv_timeout=_SLICE_MS, send_timeout=int(SEND_TIMEOUT * 1000)),
-                                 self.control_url)
+            try:
+                self._ctrl = _listen(pynng.Rep0(recv_timeout=_SLICE_MS,
+                                                send_timeout=int(SEND_TIMEOUT * 1000)), self.control_url)
+            except InUseError:
+                raise InUseError(f"plugin {self.name} is already being served: another `kuiper-pool "
+                                 f"try` or eKuiper listens on {sp.path_of(self.control_url)} (stop "
+                                 f"it first)") from None
         env = None if self.env is None else {**os.environ, **self.env}
         t0 = time.perf_counter()
         try:
             self.process = subprocess.Popen(
                 self.argv(), cwd=os.path.dirname(self.executable), env=env, stdout=self.stdout,
-                stderr=None if self.stdout is None else subprocess.STDOUT)
+                stderr=None if self.stdout is None else subprocess.STDOUT,
+                start_new_session=self.own_session)
         except OSError as e:
             raise HostError(f"fail to start plugin {self.name}: {e}") from e
         try:
@@ -225,7 +244,7 @@ class Host:
             except pynng.Timeout:
                 pass
             if not self.alive():
-                raise HostError(f"plugin {self.name} exited with code {self.process.returncode} "
+                raise HostError(f"plugin {self.name} {exit_text(self.process.returncode)} "
                                 "before the handshake")
             if time.monotonic() >= deadline:
                 raise HostError(f"plugin {self.name} control handshake timed out after "
@@ -274,7 +293,7 @@ class Host:
         if self.process is None:
             return f"plugin {self.name} is not running"
         code = self.process.poll()
-        return None if code is None else f"plugin {self.name} exited with code {code}"
+        return None if code is None else f"plugin {self.name} {exit_text(code)}"
 
     # --- control channel -------------------------------------------------------------
 
@@ -440,8 +459,17 @@ class Host:
         """NewPortableFunc: listen on the function channel, then send start (empty meta)."""
         self.start()
         url = f"ipc:///tmp/func_{symbol}.ipc"
-        sock: Any = (NativeRep(url) if self.data_transport == "sp" else
-                     _listen(pynng.Rep0(recv_timeout=_SLICE_MS, send_timeout=int(SEND_TIMEOUT * 1000)), url))
+        try:
+            sock: Any = (NativeRep(url) if self.data_transport == "sp" else
+                         _listen(pynng.Rep0(recv_timeout=_SLICE_MS, send_timeout=int(SEND_TIMEOUT * 1000)),
+                                 url))
+        except (HostError, TransportError) as e:
+            if not _in_use(e):
+                raise
+            raise InUseError(f"function {symbol}: {sp.path_of(url)} is in use: another plugin with a "
+                             f"function named {symbol} is running (eKuiper names a function's "
+                             f"socket after its symbol alone, so function names must differ "
+                             f"across plugins)") from None
         try:
             self.command("start", control(symbol, "func"))
         except BaseException:
@@ -488,7 +516,12 @@ def _retry_listen(url: str, listen: Callable[[], Any]) -> Any:
             err = e
             if attempt < 5:
                 time.sleep(0.1)
-    raise HostError(f"can't listen on {url}: {err}")
+    raise (InUseError if _in_use(err) else HostError)(f"can't listen on {url}: {err}")
+
+
+def _in_use(e: BaseException) -> bool:
+    """Someone else listens there (nng's and our SP listener's ways of saying so)."""
+    return isinstance(e, (pynng.AddressInUse, InUseError)) or "address in use" in str(e).lower()
 
 
 def _listen(sock: pynng.Socket, url: str) -> pynng.Socket:

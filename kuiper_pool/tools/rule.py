@@ -16,6 +16,10 @@ The rule lives in ``rule.json`` in the plugin folder::
      "count": 5,                                     # optional, rows to process, default 5
      "timeout": 30}                                  # optional, seconds for the whole run, default 30
 
+Without a source (a plugin of functions only) ``try`` calls functions instead, each once with
+the arguments given (``--call SYMBOL '[args]'`` or a calls file), and prints the results.
+With ``--keep-running`` the rule runs until Ctrl-C or SIGTERM instead of ``count`` rows.
+
 Like eKuiper 2.x, the source gets its data source in ``config["datasource"]``
 (next to ``format``, ``key``, ...; the top-level ``dataSource`` stays empty), the
 sink gets each row as a JSON array of one object (a plain object when the sink
@@ -26,16 +30,19 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, TextIO
+from typing import Any, Callable, Dict, List, Optional, Sequence, TextIO
 
 import yaml
 
-from .emulator import FunctionHandle, Host, HostError, go_json
+from .emulator import FolderError, FunctionHandle, Host, HostError, go_json
 
-__all__ = ["RuleError", "Rule", "FunctionCall", "load_rule", "run_rule", "DEFAULT_RULE_FILE"]
+__all__ = ["RuleError", "Rule", "FunctionCall", "load_rule", "load_calls", "parse_call", "run_rule",
+           "DEFAULT_RULE_FILE"]
 
 DEFAULT_RULE_FILE = "rule.json"
 _ID = re.compile(r"^[A-Za-z0-9_-]+$")
@@ -191,82 +198,246 @@ def _j(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False, default=str)
 
 
-def run_rule(plugin_dir: str, rule_file: Optional[str] = None, out: TextIO = sys.stdout,
-             python: str = sys.executable) -> int:
-    """Run the rule; print one line per step; return 0, or print one error line and return 1."""
-
-    def say(line: str) -> None:
-        print(line, file=out, flush=True)
-
-    host: Optional[Host] = None
+def parse_call(symbol: str, args: str, where: str = "--call") -> FunctionCall:
+    """``--call SYMBOL ARGS``: ARGS is a JSON array of the call's arguments."""
     try:
-        host = Host(plugin_dir, python=python)
-        rule = load_rule(rule_file or os.path.join(plugin_dir, DEFAULT_RULE_FILE), host.meta)
-        deadline = time.monotonic() + rule.timeout
-        host.init_timeout = min(host.init_timeout, rule.timeout)
-        started = time.monotonic()
-        host.start()
+        value = json.loads(args)
+    except ValueError as e:
+        raise RuleError(f"{where} {symbol}: the arguments must be a JSON array, like "
+                        f"'[\"text\", 1]' ({e})") from None
+    if not isinstance(value, list):
+        raise RuleError(f"{where} {symbol}: the arguments must be a JSON array, like '[\"text\", 1]'")
+    return FunctionCall(symbol, value, symbol)
+
+
+def load_calls(path: str) -> List[FunctionCall]:
+    """A calls file: a JSON list of ``{"symbol": ..., "args": [...]}``."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            raw = json.load(f)
+    except OSError as e:
+        raise RuleError(f"cannot read calls file {path}: {e.strerror or e}") from None
+    except ValueError as e:
+        raise RuleError(f"{os.path.basename(path)} is not valid JSON: {e}") from None
+    if not isinstance(raw, list):
+        raise RuleError(f"{os.path.basename(path)} must be a list of "
+                        '{"symbol": ..., "args": [...]} objects')
+    calls = []
+    for i, item in enumerate(raw):
+        where = f"{os.path.basename(path)}[{i}]"
+        _check_keys(item, where, {"symbol", "args"}, {"symbol"})
+        args = item.get("args", [])
+        if not isinstance(args, list):
+            raise RuleError(f"{where}.args must be a list")
+        calls.append(FunctionCall(_string(item["symbol"], where + ".symbol"), args, item["symbol"]))
+    return calls
+
+
+_LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ [A-Z]+ kuiper_pool ")
+RUNNER, PLUGIN, KUIPER_POOL = "try", "plugin", "kuiper_pool"
+
+
+class Output:
+    """The run's lines, each labelled with whose it is: ``try`` (this runner), ``plugin``
+    (what the plugin's code prints) or ``kuiper_pool`` (the supervisor's and workers' log).
+    Errors go to ``err`` unlabelled, as every ``kuiper-pool`` command writes them."""
+
+    def __init__(self, out: TextIO, err: TextIO) -> None:
+        self.out, self.err = out, err
+        self.lock = threading.Lock()
+
+    def say(self, text: str, who: str = RUNNER) -> None:
+        with self.lock:
+            print(f"{who:<{len(KUIPER_POOL)}} | {text}", file=self.out, flush=True)
+
+    def error(self, text: str) -> None:
+        with self.lock:
+            print(f"kuiper-pool try: {text}", file=self.err, flush=True)
+
+    def relay(self, fd: int) -> threading.Thread:
+        """Label every line the plugin's processes write to ``fd`` until they all close it."""
+        def pump() -> None:
+            with os.fdopen(fd, "rb") as pipe:
+                for raw in pipe:
+                    line = raw.decode("utf-8", "replace").rstrip("\n")
+                    self.say(line, KUIPER_POOL if _LOG_LINE.match(line) else PLUGIN)
+
+        thread = threading.Thread(target=pump, daemon=True, name="try-output")
+        thread.start()
+        return thread
+
+
+class _Stop:
+    """Ctrl-C and SIGTERM end a ``--keep-running`` run (cleanly: everything is stopped)."""
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self.saved: Dict[int, Any] = {}
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self.saved[sig] = signal.signal(sig, lambda *_: self.event.set())
+
+    def restore(self) -> None:
+        for sig, handler in self.saved.items():
+            signal.signal(sig, handler)
+
+
+def run_rule(plugin_dir: str, rule_file: Optional[str] = None, out: TextIO = sys.stdout,
+             python: str = sys.executable, err: TextIO = sys.stderr, keep_running: bool = False,
+             calls: Sequence[FunctionCall] = ()) -> int:
+    """Run the rule (or only ``calls``, a function-only plugin's way); print one labelled line
+    per step. 0 when it ran, 1 when the plugin failed, 2 when the folder, the rule or the
+    calls are wrong (one line on ``err`` each time). ``keep_running``: the rule runs until
+    Ctrl-C or SIGTERM, so ``status``, ``restart``, ``reload`` and metrics can be tried on it."""
+    output = Output(out, err)
+    say = output.say
+    host: Optional[Host] = None
+    stop = _Stop() if keep_running else None
+    relay: Optional[threading.Thread] = None
+    try:
+        host = Host(plugin_dir, python=python, own_session=True)
+        rule = None
+        if not calls:
+            path = rule_file or os.path.join(plugin_dir, DEFAULT_RULE_FILE)
+            if rule_file is None and not os.path.exists(path) and not host.meta.get("sources"):
+                raise RuleError(f"plugin {host.name} has no source and {path} does not exist: call "
+                                f"its functions with --call SYMBOL '[args]' or --calls FILE")
+            rule = load_rule(path, host.meta)
+        for call in calls:
+            _symbol(call.symbol, "function", "functions", host.meta)
+        read_fd, write_fd = os.pipe()
+        host.stdout = write_fd
+        relay = output.relay(read_fd)
+        if rule is not None:
+            host.init_timeout = min(host.init_timeout, rule.timeout)
+        try:
+            host.start()
+        finally:
+            os.close(write_fd)  # the plugin's processes hold it; the relay ends when they exit
         say(f"plugin {host.name}: started, pid {host.process.pid}")
-        sink = None
-        if rule.sink_symbol:
-            sink = host.start_sink(rule.sink_symbol, rule.id, op="sink", config=rule.sink_config)
-            say(f"sink {rule.sink_symbol}: started (requireAck {_j(sink.require_ack)})")
-        funcs: Dict[str, FunctionHandle] = {}
-        for call in rule.functions:
-            if call.symbol not in funcs:
-                funcs[call.symbol] = host.start_function(call.symbol)
-            fh = funcs[call.symbol]
-            valid = fh.validate(call.args)
-            if not valid.get("state"):
-                raise HostError(f"function {call.symbol}: validate failed: {valid.get('result')}")
-            agg = fh.is_aggregate()
-            say(f"function {call.symbol}: started, validate ok, aggregate {_j(agg.get('result'))}")
-        src = host.start_source(rule.source_symbol, rule.id, op="source",
-                                config=source_config(host.plugin_dir, rule))
-        say(f"source {rule.source_symbol}: started (datasource {_j(rule.datasource)})")
-        single = bool(rule.sink_config.get("sendSingle", False))
-        n = 0
-        while n < rule.count:
+        if keep_running:
+            say(f"running until Ctrl-C or SIGTERM; meanwhile, in another shell: kuiper-pool status "
+                f"{host.name}, kuiper-pool restart {host.name} [SYMBOL], kuiper-pool reload "
+                f"{host.name}; for metrics start with KUIPER_POOL_METRICS_ADDRESS=127.0.0.1:<port>")
+        if rule is not None:
+            _run(host, rule, say, output.error, stop)
+        else:
+            if not _call(host, calls, say, output.error):
+                return 1
+            if stop is not None:
+                stop.event.wait()
+        return 0
+    except (FolderError, RuleError) as e:
+        output.error(str(e))
+        return 2
+    except (HostError, OSError) as e:  # OSError: a socket we could not make (TransportError too)
+        output.error(str(e))
+        return 1
+    finally:
+        if stop is not None:
+            stop.restore()
+        if host is not None:
+            host.close()
+        if relay is not None:
+            relay.join(timeout=2)
+
+
+def _call(host: Host, calls: Sequence[FunctionCall], say: Callable[[str], None],
+          error: Callable[[str], None]) -> bool:
+    """Call each function once with its arguments; print each result. False when one failed."""
+    funcs: Dict[str, FunctionHandle] = {}
+    ok = True
+    for call in calls:
+        if call.symbol not in funcs:
+            funcs[call.symbol] = host.start_function(call.symbol)
+            say(f"function {call.symbol}: started")
+        shown = f"{call.symbol}({', '.join(_j(a) for a in call.args)})"
+        valid = funcs[call.symbol].validate(call.args)
+        reply = valid if not valid.get("state") else funcs[call.symbol].exec(call.args, rule="try", op="call")
+        if reply.get("state"):
+            say(f"{shown} -> {_j(reply.get('result'))}")
+        else:
+            what = "validate failed" if reply is valid else "failed"
+            error(f"{shown}: {what}: {reply.get('result')}")
+            ok = False
+    return ok
+
+
+def _run(host: Host, rule: Rule, say: Callable[[str], None], error: Callable[[str], None],
+         stop: Optional[_Stop]) -> None:
+    """The rule: start sink, functions, source; process ``rule.count`` rows (or, with ``stop``,
+    rows until it is set: an error on one row is then shown and the run goes on)."""
+    deadline = time.monotonic() + rule.timeout
+    started = time.monotonic()
+    sink = None
+    if rule.sink_symbol:
+        sink = host.start_sink(rule.sink_symbol, rule.id, op="sink", config=rule.sink_config)
+        say(f"sink {rule.sink_symbol}: started (requireAck {_j(sink.require_ack)})")
+    funcs: Dict[str, FunctionHandle] = {}
+    for call in rule.functions:
+        if call.symbol not in funcs:
+            funcs[call.symbol] = host.start_function(call.symbol)
+        fh = funcs[call.symbol]
+        valid = fh.validate(call.args)
+        if not valid.get("state"):
+            raise HostError(f"function {call.symbol}: validate failed: {valid.get('result')}")
+        agg = fh.is_aggregate()
+        say(f"function {call.symbol}: started, validate ok, aggregate {_j(agg.get('result'))}")
+    src = host.start_source(rule.source_symbol, rule.id, op="source",
+                            config=source_config(host.plugin_dir, rule))
+    say(f"source {rule.source_symbol}: started (datasource {_j(rule.datasource)})")
+    single = bool(rule.sink_config.get("sendSingle", False))
+    n = 0
+    while (n < rule.count) if stop is None else not stop.event.is_set():
+        if stop is None:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise HostError(f"timeout: {n} of {rule.count} rows after {rule.timeout:g} s")
-            try:
-                item = src.recv(timeout=left)
-            except HostError as e:
-                if time.monotonic() >= deadline:
-                    raise HostError(f"timeout: {n} of {rule.count} rows after {rule.timeout:g} s") from e
+        else:
+            left = 0.5  # look at the stop flag this often
+        try:
+            item = src.recv(timeout=left)
+        except HostError as e:
+            if stop is not None and host.alive():
+                continue  # nothing within the slice (e.g. the source is being restarted)
+            if time.monotonic() >= deadline:
+                raise HostError(f"timeout: {n} of {rule.count} rows after {rule.timeout:g} s") from e
+            raise
+        if "message" not in item:
+            say(f"   source error: {_j(item.get('error', item))}")
+            continue
+        n += 1
+        try:
+            _row(n, item, rule, funcs, sink, single, say, deadline if stop is None else None)
+        except HostError as e:
+            if stop is None or not host.alive():
                 raise
-            if "message" not in item:
-                say(f"   source error: {_j(item.get('error', item))}")
-                continue
-            n += 1
-            row = dict(item.get("message") or {})
-            meta = item.get("meta")
-            say(f"#{n} source {_j(row)}" + (f" meta {_j(meta)}" if meta else ""))
-            for i, call in enumerate(rule.functions):
-                args = [_arg(a, row) for a in call.args]
-                reply = funcs[call.symbol].exec(args, rule=rule.id, op="project", instance=0, func_id=i)
-                if not reply.get("state"):
-                    raise HostError(f"function {call.symbol} failed on row #{n}: {reply.get('result')}")
-                row[call.as_] = reply.get("result")
-                say(f"#{n} {call.symbol}({', '.join(_j(a) for a in args)}) -> {_j(row[call.as_])}")
-            if sink is not None:
-                data = go_json(row if single else [row])
-                ack = sink.collect(data, timeout=max(deadline - time.monotonic(), 0.1))
-                if ack is None:
-                    say(f"#{n} sink sent {data.decode('utf-8')} (no ack requested)")
-                elif ack.get("error"):
-                    raise HostError(f"sink {rule.sink_symbol} rejected row #{n}: {ack['error']}")
-                else:
-                    say(f"#{n} sink acked {_j(ack)}")
-        src.stop()
-        if sink is not None:
-            sink.stop()
-        say(f"done: {n} rows in {time.monotonic() - started:.2f} s")
-        return 0
-    except (HostError, RuleError) as e:
-        say(f"error: {e}")
-        return 1
-    finally:
-        if host is not None:
-            host.close()
+            error(str(e))  # e.g. a call in flight while an operator restarted its worker
+    src.stop()
+    if sink is not None:
+        sink.stop()
+    say(f"done: {n} rows in {time.monotonic() - started:.2f} s")
+
+
+def _row(n: int, item: Dict[str, Any], rule: Rule, funcs: Dict[str, FunctionHandle],
+         sink: Any, single: bool, say: Callable[[str], None], deadline: Optional[float]) -> None:
+    """One row through the rule's functions and its sink."""
+    row = dict(item.get("message") or {})
+    meta = item.get("meta")
+    say(f"#{n} source {_j(row)}" + (f" meta {_j(meta)}" if meta else ""))
+    for i, call in enumerate(rule.functions):
+        args = [_arg(a, row) for a in call.args]
+        reply = funcs[call.symbol].exec(args, rule=rule.id, op="project", instance=0, func_id=i)
+        if not reply.get("state"):
+            raise HostError(f"function {call.symbol} failed on row #{n}: {reply.get('result')}")
+        row[call.as_] = reply.get("result")
+        say(f"#{n} {call.symbol}({', '.join(_j(a) for a in args)}) -> {_j(row[call.as_])}")
+    if sink is not None:
+        data = go_json(row if single else [row])
+        timeout = 5.0 if deadline is None else max(deadline - time.monotonic(), 0.1)
+        ack = sink.collect(data, timeout=timeout)
+        if ack is None:
+            say(f"#{n} sink sent {data.decode('utf-8')} (no ack requested)")
+        elif ack.get("error"):
+            raise HostError(f"sink {rule.sink_symbol} rejected row #{n}: {ack['error']}")
+        else:
+            say(f"#{n} sink acked {_j(ack)}")

@@ -6,8 +6,10 @@ Two kinds of checks, printed one line each as they are made (``ok``, ``note`` or
   (``internal/plugin/portable/manager.go``, ``model.go``) and its metadata readers require
   of the plugin json, the executable, ``sources/<symbol>.yaml`` and the ``sources/``,
   ``sinks/``, ``functions/`` metadata, plus the settings file ``kuiper_pool.yaml`` next to
-  the executable. ``kuiper-pool package`` (:mod:`kuiper_pool.tools.packaging`) runs exactly these
-  and refuses to build a zip while any of them is a problem.
+  the executable. ``kuiper-pool package`` (:mod:`kuiper_pool.tools.packaging`) runs exactly these,
+  then the runtime checks, and refuses to build a zip while any of them is a problem. How
+  kuiper-pool itself gets installed (:func:`check_install`) is validate's alone: ``package``
+  makes its zip carry kuiper-pool and says so itself.
 * **Runtime checks** (:func:`runtime_checks`): the interpreter (``--python``, like eKuiper's
   ``portable.pythonBin``) runs and is Python 3.9 or later; then the executable is run the
   way eKuiper runs it (``<python> -u <executable> '{"sendTimeout":1000}'`` in the
@@ -31,6 +33,7 @@ import json
 import os
 import posixpath
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -43,6 +46,7 @@ import yaml
 
 from ..config import FILE_NAME, ConfigError, load_settings
 from ..describe import DESCRIBE_ENV, DESCRIBE_MARK, KINDS, METHODS
+from .requirements import KUIPER_POOL, requirement_names
 
 OK, NOTE, PROBLEM = "ok", "note", "problem"
 SINGULAR = {"sources": "source", "sinks": "sink", "functions": "function"}
@@ -298,9 +302,8 @@ def _metadata_problem(kind: str, path: str) -> str:
     return ""
 
 
-def _check_support_files(folder: PluginFolder, checks: Checks) -> None:
-    """kuiper_pool.yaml next to the executable (file only: the run checks env and code too),
-    and how kuiper-pool itself gets installed."""
+def _check_settings_file(folder: PluginFolder, checks: Checks) -> None:
+    """kuiper_pool.yaml next to the executable (file only: the run checks env and code too)."""
     script_dir = os.path.dirname(folder.executable_path)
     if os.path.isfile(os.path.join(script_dir, FILE_NAME)):
         rel = posixpath.join(posixpath.dirname(folder.executable), FILE_NAME)
@@ -309,17 +312,24 @@ def _check_support_files(folder: PluginFolder, checks: Checks) -> None:
             checks.add(OK, rel, "loads")
         except ConfigError as e:
             checks.add(PROBLEM, rel, str(e))
-    if folder.sdk == "ekuiper":
+
+
+def lists_kuiper_pool(folder: PluginFolder) -> bool:
+    return KUIPER_POOL in requirement_names(os.path.join(folder.path, "requirements.txt"))
+
+
+def check_install(folder: PluginFolder, checks: Checks) -> None:
+    """How kuiper-pool itself gets installed, when the folder is installed as it is
+    (``kuiper-pool package`` makes its zip carry kuiper-pool and says so itself)."""
+    if folder.sdk == "ekuiper" or not folder.executable:
         return
-    req = os.path.join(folder.path, "requirements.txt")
-    if not os.path.isfile(req):
+    if not os.path.isfile(os.path.join(folder.path, "requirements.txt")):
         checks.add(NOTE, "requirements.txt", "missing: eKuiper's python must already have kuiper-pool "
-                                             "installed (add requirements.txt with kuiper-pool)")
+                                             "installed (kuiper-pool package makes the zip install it)")
         return
-    with open(req, encoding="utf-8", errors="replace") as f:
-        lines = [re.sub(r"[-_.]+", "-", ln.split("#")[0].strip().lower()) for ln in f]
-    if not any("kuiper-pool" in ln for ln in lines):
-        checks.add(NOTE, "requirements.txt", "does not list kuiper-pool, which the plugin imports")
+    if not lists_kuiper_pool(folder):
+        checks.add(NOTE, "requirements.txt", "does not list kuiper-pool, which the plugin imports "
+                                             "(kuiper-pool package makes the zip install it)")
     install = os.path.join(folder.path, "install.sh")
     if os.path.isfile(install):
         with open(install, encoding="utf-8", errors="replace") as f:
@@ -339,7 +349,7 @@ def inspect_folder(path: str, checks: Checks) -> PluginFolder:
     _check_executable(folder, meta, checks)
     _check_metadata(folder, checks)
     if folder.executable:
-        _check_support_files(folder, checks)
+        _check_settings_file(folder, checks)
     return folder
 
 
@@ -381,6 +391,16 @@ except ImportError:
 """
 
 
+def _where_installed(python: str) -> str:
+    """For a bare command name not on PATH that this kuiper-pool installed next to its own
+    interpreter (``kuiper-pool-python``): where it is and how to name it."""
+    sibling = os.path.join(os.path.dirname(sys.executable), python)
+    if os.sep in python or shutil.which(python) or not os.access(sibling, os.X_OK):
+        return ""
+    return (f" (not on PATH; it is installed at {sibling}: pass --python {sibling}, "
+            f"and name that path as eKuiper's portable.pythonBin)")
+
+
 def _python_version(python: str, checks: Checks, official: bool) -> Optional[bool]:
     """None when the interpreter is unusable; else whether ``import ekuiper`` is kuiper_pool
     under it (``kuiper-pool-python``)."""
@@ -393,7 +413,7 @@ def _python_version(python: str, checks: Checks, official: bool) -> Optional[boo
                                   stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True,
                                   timeout=30, env=dict(os.environ, PYTHONDONTWRITEBYTECODE="1"))
         except OSError as e:
-            checks.add(PROBLEM, "python", f"cannot run {python}: {e.strerror or e}")
+            checks.add(PROBLEM, "python", f"cannot run {python}: {e.strerror or e}{_where_installed(python)}")
             return None
         except subprocess.TimeoutExpired:
             checks.add(PROBLEM, "python", f"{python} did not answer within 30 s")
@@ -537,6 +557,7 @@ def validate(plugin_dir: str, python: str = sys.executable, timeout: float = 60.
 
     checks = Checks(echo)
     folder = inspect_folder(plugin_dir, checks)
+    check_install(folder, checks)
     if folder.executable:
         runtime_checks(folder, python, timeout, checks, echo)
     label = folder.name or os.path.basename(os.path.abspath(plugin_dir))

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import select
 import time
-from typing import List, Optional
+from typing import Any, List, Optional
 
 import pynng
 
@@ -92,9 +92,10 @@ class ReqEndpoint:
 
 class PullEndpoint:
     """Sink data over pynng: listens; ``recv_many`` returns what is there now, always as
-    bytes (pynng has received a message whole before we see it: ``spill`` is not used)."""
+    bytes (pynng has received a message whole before we see it: ``spill`` is not used, and
+    nng tells of no message it drops, so ``notice`` is never called)."""
 
-    def __init__(self, url: str, spill: int = 0) -> None:
+    def __init__(self, url: str, spill: int = 0, notice: Any = None) -> None:
         self.sock = pynng.Pull0(recv_max_size=0)  # nng's 1 MiB default drops bigger items silently
         try:
             self.sock.listen(url)

@@ -12,9 +12,12 @@ from __future__ import annotations
 import os
 import socket
 from collections import deque
-from typing import Callable, Deque, List, Optional, Sequence
+from typing import Any, Callable, Deque, List, Optional, Sequence, Union
 
 Watch = Callable[[bool], None]
+# a descriptor to pass: an int (the queue keeps a duplicate while it waits) or an object
+# whose ``fileno()`` stays open while it is referenced (kept as is: no descriptor spent)
+Passed = Union[int, Any]
 
 
 def no_watch(_on: bool) -> None:
@@ -25,7 +28,9 @@ class Outbox:
     """A non-blocking write queue for one socket (``sock`` may be set later: until then
     everything waits). ``packets``: a SOCK_SEQPACKET socket, each write one message that
     goes out whole or not at all. Descriptors passed with a write travel with its first
-    byte; the queue keeps its own copies, so the caller may close its own at once."""
+    byte; the queue keeps its own copies of ints, so the caller may close its own at once,
+    and a reference to an owner object (a big sink item's memfd: under a low RLIMIT_NOFILE a
+    copy per queued item is what runs out)."""
 
     def __init__(self, sock: Optional[socket.socket], watch: Watch = no_watch,
                  packets: bool = False) -> None:
@@ -39,12 +44,12 @@ class Outbox:
         """Bytes waiting."""
         return self.size
 
-    def write(self, data: bytes, fds: Sequence[int] = ()) -> bool:
+    def write(self, data: bytes, fds: Sequence[Passed] = ()) -> bool:
         """Send ``data`` now as far as the socket takes it; True when all of it went out.
         Raises the socket's OSError (the peer is gone) after dropping what waited."""
         if not self.queue and self.sock is not None:
             try:
-                n = socket.send_fds(self.sock, [data], fds) if fds else self.sock.send(data)
+                n = socket.send_fds(self.sock, [data], _numbers(fds)) if fds else self.sock.send(data)
             except BlockingIOError:
                 n = 0
             except OSError:
@@ -57,10 +62,11 @@ class Outbox:
         self._keep(data, fds)
         return False
 
-    def _keep(self, data: bytes, fds: Sequence[int]) -> None:
+    def _keep(self, data: bytes, fds: Sequence[Passed]) -> None:
         was_empty = not self.queue
         if fds or self.packets or was_empty or self.queue[-1][1]:
-            self.queue.append([bytearray(data), [os.dup(fd) for fd in fds], 0])
+            self.queue.append([bytearray(data), [os.dup(fd) if isinstance(fd, int) else fd
+                                                 for fd in fds], 0])
         else:  # coalesced: what waits goes out in as few writes as the socket allows
             self.queue[-1][0] += data
         self.size += len(data)
@@ -77,7 +83,7 @@ class Outbox:
             buf, fds, sent = head
             rest = memoryview(buf)[sent:]   # from an offset: deleting the head copies the rest
             try:
-                n = socket.send_fds(self.sock, [rest], fds) if fds else self.sock.send(rest)
+                n = socket.send_fds(self.sock, [rest], _numbers(fds)) if fds else self.sock.send(rest)
             except BlockingIOError:
                 return False
             except OSError:
@@ -112,6 +118,12 @@ class Outbox:
         self.watch(False)
 
 
-def _close(fds: List[int]) -> None:
+def _numbers(fds: Sequence[Passed]) -> List[int]:
+    return [fd if isinstance(fd, int) else fd.fileno() for fd in fds]
+
+
+def _close(fds: List[Passed]) -> None:
+    """Close the duplicates the queue made; owners are only let go."""
     for fd in fds:
-        os.close(fd)
+        if isinstance(fd, int):
+            os.close(fd)

@@ -11,12 +11,13 @@ import errno
 import fcntl
 import mmap
 import os
+import resource
 import select
 import socket
 import struct
 import threading
 import time
-from typing import List, Optional, Tuple, Union
+from typing import Callable, List, Optional, Tuple, Union
 
 from ..paths import identity, unlink_if_ours
 from . import TransportError, TransportTimeout
@@ -53,6 +54,49 @@ def frame_header(head: bytes) -> Tuple[int, int]:
 
 def path_of(url: str) -> str:
     return url[len("ipc://"):] if url.startswith("ipc://") else url
+
+
+Notice = Callable[[bool, str], None]   # (an item was lost, one line): the owner logs and counts
+
+
+def no_notice(_lost: bool, _text: str) -> None:
+    """For an endpoint nobody reports for."""
+
+
+class SpillBudget:
+    """How many big messages this process holds in memfds at once, whatever the endpoint:
+    at most SHARE of RLIMIT_NOFILE's soft limit, PER_MESSAGE descriptors each (the memfd
+    and the duplicate Python's mmap keeps). Past it a big message is held in memory like
+    a small one (relayed by copy) instead of failing to get a descriptor: under ``ulimit
+    -n 256``, 200 items of 300 KiB would otherwise take every descriptor the process has."""
+
+    SHARE = 0.5
+    PER_MESSAGE = 2
+
+    def __init__(self) -> None:
+        self.held = 0
+
+    def limit(self) -> int:
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        if soft == resource.RLIM_INFINITY:
+            soft = 1 << 20
+        return max(1, int(soft * self.SHARE) // self.PER_MESSAGE)
+
+    def take(self) -> bool:
+        if self.held >= self.limit():
+            return False
+        self.held += 1
+        return True
+
+    def give(self) -> None:
+        self.held -= 1
+
+    def roomy(self) -> bool:
+        """Under half the budget in use: a shortage has passed."""
+        return self.held < self.limit() // 2
+
+
+SPILL_BUDGET = SpillBudget()
 
 
 class Spilled:
@@ -126,6 +170,7 @@ class SealedSpill(Spilled):
     def __del__(self) -> None:
         if self.fd >= 0:
             os.close(self.fd)
+            SPILL_BUDGET.give()
 
 
 F_SEAL_FUTURE_WRITE = 0x0010   # Linux >= 5.1; Python's fcntl module has no name for it
@@ -190,6 +235,7 @@ class PooledSpill(Spilled):
         slot, self.slot = self.slot, None
         if slot is not None:
             self.pool.give_back(slot)
+            SPILL_BUDGET.give()
 
 
 class MemfdPool:
@@ -266,11 +312,14 @@ class FrameReader:
     instead (from ``pool``, or a :class:`SealedSpill` of its own): ``body`` while it is
     incomplete (read the socket into it with :meth:`recv_body`), then a message of its own."""
 
-    def __init__(self, max_size: int = 0, spill: int = 0, pool: Optional[MemfdPool] = None) -> None:
+    def __init__(self, max_size: int = 0, spill: int = 0, pool: Optional[MemfdPool] = None,
+                 notice: Notice = no_notice) -> None:
         self.buf = bytearray()
         self.max_size = max_size
         self.spill = spill
         self.pool = pool
+        self.notice = notice
+        self.copying = False   # big messages are held in memory now (no descriptor for them)
         self.body: Optional[Spilled] = None
 
     def feed(self, data: Union[bytes, memoryview]) -> List[Message]:
@@ -300,12 +349,12 @@ class FrameReader:
             if self.max_size and n > self.max_size:
                 raise TransportError(f"SP message of {n} bytes over the limit {self.max_size}")
             pos += _FRAME.size
-            if self.spill and n >= self.spill:
+            body = self._spill(n) if self.spill and n >= self.spill else None
+            if body is not None:
                 try:
-                    body = self.pool.spill(n) if self.pool is not None else SealedSpill(n)
                     with memoryview(buf) as view:
                         pos += body.take(view[pos:])
-                except OSError as e:  # out of descriptors or memory: as a bad frame, this peer goes
+                except OSError as e:  # out of memory: as a bad frame, this peer goes
                     raise TransportError(f"cannot hold an SP message of {n} bytes: {e}") from None
                 if not body.full():
                     self.body = body
@@ -324,9 +373,31 @@ class FrameReader:
             del buf[:pos]
         return out
 
+    def _spill(self, size: int) -> Optional[Spilled]:
+        """A memfd for a message of ``size`` bytes, or None: it is held in memory instead
+        (the process's descriptor budget is in use, or no memfd can be made now)."""
+        why = ""
+        if SPILL_BUDGET.take():
+            try:
+                body = self.pool.spill(size) if self.pool is not None else SealedSpill(size)
+            except OSError as e:
+                SPILL_BUDGET.give()
+                why = f"cannot make a memfd: {e.strerror or e}"
+            else:
+                if self.copying and SPILL_BUDGET.roomy():  # one line per shortage, not per item
+                    self.copying = False
+                return body
+        if not self.copying:
+            self.copying = True
+            why = why or f"the {SPILL_BUDGET.limit()} memfds of the descriptor budget are in use"
+            self.notice(False, f"big items are held in memory and relayed by copy: {why} "
+                               f"(RLIMIT_NOFILE {resource.getrlimit(resource.RLIMIT_NOFILE)[0]})")
+        return None
+
     def recv_body(self, sock: socket.socket) -> Optional[List[Message]]:
         """Read what non-blocking ``sock`` has of the incomplete ``body`` into it: the
-        message once whole, [] meanwhile, None when the peer is to be dropped."""
+        message once whole, [] meanwhile, None when the peer closed in it (its send failed:
+        eKuiper's to report); TransportError when it cannot be read."""
         body = self.body
         assert body is not None
         while not body.full():
@@ -334,8 +405,10 @@ class FrameReader:
                 n, asked = body.recv(sock)
             except (BlockingIOError, InterruptedError):
                 return []
-            except OSError:  # the peer is gone, or no memory to hold the message: drop it
-                return None
+            except OSError as e:  # reset, or no memory to hold the message
+                if isinstance(e, ConnectionError):
+                    return None
+                raise TransportError(f"cannot receive an item of {body.size} bytes: {e}") from None
             if not n:
                 return None
             if n < asked:  # drained for now (the loop's selector wakes us for more)
@@ -724,10 +797,11 @@ def listen(path: str) -> Tuple[socket.socket, Tuple[int, ...]]:
 class _Pipe:
     """One accepted connection of a PullEndpoint."""
 
-    def __init__(self, sock: socket.socket, spill: int, pool: Optional[MemfdPool]) -> None:
+    def __init__(self, sock: socket.socket, spill: int, pool: Optional[MemfdPool],
+                 notice: Notice) -> None:
         self.sock = sock
         self.header = b""
-        self.reader = FrameReader(spill=spill, pool=pool)
+        self.reader = FrameReader(spill=spill, pool=pool, notice=notice)
 
 
 class PullEndpoint:
@@ -736,10 +810,13 @@ class PullEndpoint:
     :class:`Spilled` memfds, received straight into them (from one :class:`MemfdPool` of
     the endpoint's, released by :meth:`close`). ``fileno`` is one epoll fd for the outer
     selector; messages read and not yet taken keep it readable (a pipe inside the epoll
-    set), so none waits for new traffic to be noticed."""
+    set), so none waits for new traffic to be noticed. ``notice`` hears of every message
+    lost here (a peer dropped with part of one) and of big ones held in memory."""
 
-    def __init__(self, url: str, max_size: int = 0, spill: int = 0) -> None:
+    def __init__(self, url: str, max_size: int = 0, spill: int = 0, notice: Notice = no_notice) -> None:
         self.url = url
+        self.notice = notice
+        self.accept_failed = False
         self.path = path_of(url)
         self.max_size = max_size
         self.spill = spill
@@ -808,20 +885,29 @@ class PullEndpoint:
                 sock, _ = self.listener.accept()
             except (BlockingIOError, InterruptedError):
                 return
-            except OSError:  # EMFILE and the like: that peer waits, others go on
+            except OSError as e:  # EMFILE and the like: that peer waits, others go on
+                if not self.accept_failed:
+                    self.accept_failed = True
+                    self.notice(False, f"cannot accept eKuiper's connection to {self.url} now "
+                                       f"({e.strerror or e}): it waits until a descriptor is free")
                 return
+            self.accept_failed = False
             sock.setblocking(False)
             try:
                 sock.send(header(PULL))
             except OSError:
                 sock.close()
                 continue
-            self.pipes[sock.fileno()] = _Pipe(sock, self.spill, self.pool)
+            self.pipes[sock.fileno()] = _Pipe(sock, self.spill, self.pool, self.notice)
             self.poll.register(sock.fileno(), select.EPOLLIN)
 
     def _read(self, pipe: _Pipe) -> None:
         if pipe.reader.body is not None:   # a big message: its rest straight into its memfd
-            got = pipe.reader.recv_body(pipe.sock)
+            try:
+                got = pipe.reader.recv_body(pipe.sock)
+            except TransportError as e:
+                self._drop(pipe, str(e))
+                return
             if got is None:
                 self._drop(pipe)
             else:
@@ -844,15 +930,19 @@ class PullEndpoint:
                 return
             try:
                 check_header(pipe.header, PUSH, self.url)
-            except TransportError:
-                self._drop(pipe)
+            except TransportError as e:
+                self._drop(pipe, str(e))
                 return
         try:
             self.queue += pipe.reader.feed(data) if data else []
-        except TransportError:  # a bad frame: drop this peer, as nng does
-            self._drop(pipe)
+        except TransportError as e:  # a bad frame: drop this peer, as nng does
+            self._drop(pipe, str(e))
 
-    def _drop(self, pipe: _Pipe) -> None:
+    def _drop(self, pipe: _Pipe, why: str = "") -> None:
+        """Forget a connection; ``why``: not an orderly close, what it held is lost."""
+        if why:
+            self.notice(True, f"dropped eKuiper's connection to {self.url} with what it had "
+                              f"sent: {why}")
         fd = pipe.sock.fileno()
         self.pipes.pop(fd, None)
         if self.lent is pipe:

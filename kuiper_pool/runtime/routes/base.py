@@ -76,6 +76,11 @@ class Route:
         waits for, and a death there would leave eKuiper unsure whether it was sent)."""
         return False
 
+    def runs_until(self, w: "WorkerHandle") -> Tuple[float, str]:
+        """A recycled ``w``'s work in flight that may outlast stop_grace: until when it may
+        run, and the kill reason past that ((0.0, ""): nothing)."""
+        return 0.0, ""
+
     def busy(self) -> bool:
         """Whether a recycle must wait (something of eKuiper's is in the worker's hands)."""
         return False

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Optional, Tuple
 from ... import wire
 from .. import callpage, frames
 from ..callpage import EXECUTING, IDLE, CallPage, call_crc
+from ..health import overran
 from ..protocol import is_error_reply
 from ..states import State
 from .base import Counts, Route
@@ -157,6 +158,15 @@ class FunctionRoute(Route):
 
     def busy(self) -> bool:
         return self.channel is not None and self.channel.call is not None
+
+    def runs_until(self, w: "WorkerHandle") -> Tuple[float, str]:
+        """A call on a lent connection finishes on the recycled worker within call_deadline
+        (a reload never fails it); a relayed call is never in a recycled worker (``busy``)."""
+        st = w.page.read() if w.page is not None else None
+        if st is None or st.state == IDLE:
+            return 0.0, ""
+        deadline = self.inst.s.call_deadline
+        return st.started + deadline, overran("call_deadline", deadline)
 
     def close(self) -> None:
         chan, self.channel = self.channel, None

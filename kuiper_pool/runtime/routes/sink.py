@@ -185,6 +185,13 @@ class SinkRoute(Route):
             if self.inst.worker is not None:  # lent once the acks have gone out
                 self._lend(self.inst.worker)
 
+    def on_notice(self, lost: bool, text: str) -> None:
+        """What eKuiper's data channel reports: an item lost (logged and counted as an
+        error), or a change in how items are held."""
+        if lost:
+            self.inst.errors += 1
+        self.fx.note(self.inst, logging.ERROR if lost else logging.WARNING, "%s", text)
+
     def tick(self, now: float) -> None:
         if self.ack is not None:
             self.ack.tick(now)   # a due redial, or a peer silent past its header timeout
