@@ -29,7 +29,9 @@ Control and function channels are pynng in both hosts.
    flooding source is counted while one host thread calls a CPU-bound function;
 5. worker restart (SIGKILL of a function worker until a call succeeds again), plugin
    start (Popen) to the control handshake and to the first source item, memory for
-   1/10/50 idle source instances;
+   1/50/500 idle source instances and the time their start commands took (from the first
+   command to the last answer; bench/startup.py measures plugin start-up under eKuiper's
+   runtime stand-in);
 6. ceilings: raw native SP and raw nng over ipc between this process and a bare peer
    process (for 1-3), and the CPU-bound loop of 4 in one bare process against two at once
    (for 4).
@@ -69,6 +71,7 @@ import psutil  # noqa: E402
 import pynng  # noqa: E402
 
 import kuiper_pool  # noqa: E402
+import reap  # noqa: E402
 from kuiper_pool.tools.emulator import Host, NativePull, SourceHandle, go_json  # noqa: E402
 from kuiper_pool import paths  # noqa: E402
 from kuiper_pool.transport import sp  # noqa: E402
@@ -187,13 +190,7 @@ class Session:
                         live.append(p)
                 except psutil.Error:
                     pass
-            _gone, alive = psutil.wait_procs(live, timeout=5.0)
-            for p in alive:
-                try:
-                    p.kill()
-                except psutil.Error:
-                    pass
-            psutil.wait_procs(alive, timeout=5.0)
+            reap.end(live, 5.0)
             self.log.close()
 
     def tail(self, n: int = 15) -> str:
@@ -599,11 +596,14 @@ def measure_memory(sess: Session, sz: Sizes, out: Dict[str, Any]) -> None:
     time.sleep(sz.mem_settle)
     base = memory_figures(sess)
     out["mem0_pss"] = base["total_pss"]
-    started = 0
+    started, starting = 0, 0.0
     for n in sz.memory_counts:
+        t0 = time.perf_counter()
         while started < n:
             sess.host.start_source("idle", sess.rule())
             started += 1
+        starting += time.perf_counter() - t0
+        out[f"start{n}_ms"] = starting * 1000  # from the first start command to the n-th answer
         sess.track()
         time.sleep(sz.mem_settle)
         m = memory_figures(sess)
@@ -873,6 +873,8 @@ def rows(sz: Sizes) -> List[Row]:
     ]
     for n in sz.memory_counts:
         out += [
+            Row(f"start{n}_ms", f"5. start {n} idle source(s), ms until the last start is answered",
+                "{:,.0f}"),
             Row(f"mem{n}_pss", f"5. memory, {n} source(s): total PSS MiB", "{:,.1f}"),
             Row(f"mem{n}_uss", f"5. memory, {n} source(s): total USS MiB", "{:,.1f}"),
             Row(f"mem{n}_rss", f"5. memory, {n} source(s): total RSS MiB", "{:,.1f}"),

@@ -7,4 +7,4 @@ from . import plugin
 from .api import Context, Function, PluginConfig, Sink, Source
 
 __all__ = ["plugin", "PluginConfig", "Source", "Sink", "Function", "Context"]
-__version__ = "0.2.0"
+__version__ = "0.3.0"

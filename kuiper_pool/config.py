@@ -9,14 +9,11 @@ a :class:`ConfigError` whose message is one line.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import errno
-import ipaddress
 import json
 import math
 import os
 import stat
-import textwrap
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 
@@ -94,6 +91,18 @@ def _choice(section: str, name: str, default: str, choices: Sequence[str], descr
     return Setting(name, section, str, default, "one of " + ", ".join(choices), description, check)
 
 
+def is_loopback(address: str) -> bool:
+    """Whether the host of ``host:port`` (``[v6]:port`` too) is this machine only."""
+    host = address.rpartition(":")[0]
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    import ipaddress  # only when an address is given: every plugin start reads the settings
+
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:  # not an IP address
+        return False
+
+
 def _address(value: str) -> str:
     host, _, port = value.rpartition(":")
     if not host or not (port.isascii() and port.isdigit() and 1 <= int(port) <= 65535):
@@ -114,13 +123,8 @@ def _serve_args(value: str) -> str:
 
 
 def _loopback_address(value: str) -> str:
-    if value:
-        host, _, port = value.rpartition(":")
-        host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-        if not (port.isascii() and port.isdigit() and 1 <= int(port) <= 65535):
-            raise ValueError
-        if host != "localhost" and not ipaddress.ip_address(host).is_loopback:  # ValueError if no IP
-            raise ValueError
+    if value and not is_loopback(_address(value)):
+        raise ValueError
     return value
 
 
@@ -225,7 +229,9 @@ SETTINGS: Tuple[Setting, ...] = (
             "Log level, case-insensitive.", fold=True),
     Setting("metrics_address", "operations", str, "",
             '"" or "host:port" with a loopback host (127.x.x.x, ::1 or localhost) and port 1-65535',
-            'Where to serve Prometheus text metrics ("" = off).', _loopback_address),
+            "Where this plugin's supervisor serves its Prometheus metrics over HTTP itself, one "
+            'port per plugin ("" = not: `kuiper-pool metrics` serves every plugin\'s from their '
+            "status sockets on one address).", _loopback_address),
     Setting("runtime_dir", "operations", str, "", "a string",
             'Where the private (0700) directory for internal sockets is made ("" = the system temp dir); '
             "it and every directory above it must belong to this user or root and be writable by "
@@ -347,10 +353,16 @@ PER_SYMBOL = frozenset((
 _BY_NAME: Dict[str, Setting] = {s.name: s for s in SETTINGS}
 
 
-def _unknown(key: Any, source: str, known: Iterable[str]) -> ConfigError:
+def _did_you_mean(key: Any, known: Iterable[str]) -> str:
+    import difflib  # only for a mistake
+
     close = difflib.get_close_matches(str(key), list(known), n=1)
-    hint = f"; did you mean {close[0]}?" if close else ""
-    return ConfigError(f"kuiper_pool config: unknown setting {key!s} (from {source}){hint}")
+    return f"; did you mean {close[0]}?" if close else ""
+
+
+def _unknown(key: Any, source: str, known: Iterable[str]) -> ConfigError:
+    return ConfigError(f"kuiper_pool config: unknown setting {key!s} (from {source})"
+                       f"{_did_you_mean(key, known)}")
 
 
 def _path_chain(path: str) -> List[str]:
@@ -418,9 +430,13 @@ def _read_yaml(path: str) -> Mapping[Any, Any]:
 
 def load_settings(script_dir: Optional[str] = None, overrides: Optional[Mapping[str, Any]] = None,
                   environ: Optional[Mapping[str, str]] = None,
-                  known_symbols: Optional[Sequence[str]] = None) -> Settings:
+                  known_symbols: Optional[Sequence[str]] = None,
+                  warn: Optional[Callable[[str], None]] = None) -> Settings:
     """Defaults < $KUIPER_POOL_CONFIG or <script_dir>/kuiper_pool.yaml < KUIPER_POOL_<NAME> < overrides.
-    With ``known_symbols`` (the plugin's), a ``symbols:`` entry for any other name is an error."""
+    With ``known_symbols`` (the plugin's), a ``symbols:`` entry for any other name is an error.
+    An unknown ``KUIPER_POOL_*`` variable is only a warning (``warn``, else the log): eKuiper's
+    environment is every plugin's, and one left from another kuiper_pool version (a newer
+    setting, after a rollback) must not stop them all."""
     env = os.environ if environ is None else environ
     values = {s.name: s.default for s in SETTINGS}
     sources = dict.fromkeys(values, "defaults")
@@ -474,7 +490,8 @@ def load_settings(script_dir: Optional[str] = None, overrides: Optional[Mapping[
         if var.startswith(ENV_PREFIX) and var != CONFIG_ENV:
             name, source = var[len(ENV_PREFIX):].lower(), f"environment variable {var}"
             if name not in _BY_NAME:
-                raise _unknown(var, "the environment", (ENV_PREFIX + n.upper() for n in _BY_NAME))
+                _warn_unknown_env(var, warn)
+                continue
             values[name], sources[name] = _BY_NAME[name].parse(env[var], source), source
     for key, raw in (overrides or {}).items():
         put(key, raw, "overrides")
@@ -486,14 +503,22 @@ def load_settings(script_dir: Optional[str] = None, overrides: Optional[Mapping[
     return Settings(**values, symbols=symbols)
 
 
+def _warn_unknown_env(var: str, warn: Optional[Callable[[str], None]]) -> None:
+    from . import __version__, logs
+
+    hint = _did_you_mean(var, (ENV_PREFIX + n.upper() for n in _BY_NAME))
+    text = (f"kuiper_pool config: ignoring environment variable {var}: not a setting of "
+            f"kuiper_pool {__version__}{hint}")
+    (warn or logs.supervisor_logger().warning)(text)
+
+
 def _check_symbols(symbols: Iterable[str], known: Sequence[str],
                    sources: Mapping[str, Mapping[str, str]]) -> None:
     """A ``symbols:`` entry must name a symbol of the plugin: a typo would silently leave the
     symbol it meant with the defaults."""
     for symbol in symbols:
         if symbol not in known:
-            close = difflib.get_close_matches(symbol, known, n=1)
-            hint = f"; did you mean {close[0]}?" if close else ""
+            hint = _did_you_mean(symbol, known)
             source = next(iter(sources[symbol].values()), "symbols")
             raise ConfigError(f"kuiper_pool config: symbols.{symbol} names no symbol of the plugin "
                               f"(from {source}; it has {', '.join(sorted(known)) or 'none'}){hint}")
@@ -521,6 +546,8 @@ def _check_ranges(values: Mapping[str, Any], sources: Mapping[str, str], prefix:
 
 def render_defaults_yaml() -> str:
     """The commented defaults file (config/kuiper_pool.yaml), generated from :data:`SETTINGS`."""
+    import textwrap  # only here: every plugin start imports this module
+
     lines = [
         "# kuiper_pool settings, with their defaults. Copy this file next to the plugin's main script",
         f"# as {FILE_NAME} (or point {CONFIG_ENV} at it) and keep only the keys you change.",

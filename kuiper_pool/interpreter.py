@@ -7,19 +7,22 @@ the real interpreter (``sys.executable``) with the same options on ``kuiper_pool
 <script> <args>`` (``launch.py``: the script's folder first on ``sys.path``, as Python puts
 it, never the working directory), which makes the official SDK's public modules
 (:data:`MODULES`) resolve to the kuiper_pool modules of the same path (:func:`install`), then
-runs the script as ``__main__`` with ``sys.argv`` as Python sets it. Every other use (``-c``,
+runs the script as ``__main__`` with ``sys.argv`` and ``sys.path[0]`` as Python sets them.
+eKuiper's own form (``-u`` or no option) needs no second interpreter: the script runs in this
+process, with stdout and stderr made unbuffered as ``-u`` makes them (a second start of Python
+and of kuiper_pool cost ~80 ms of every plugin start). Every other use (``-c``,
 ``-m``, ``-``, no arguments, ``--version``, ``-m pip``) execs the real interpreter unchanged,
 so the alias exists only in plugin processes, whether or not the official package is installed.
 """
 from __future__ import annotations
 
 import importlib
-import importlib.abc
+import io
 import os
 import runpy
 import sys
 import traceback
-from typing import List, NoReturn, Optional, Sequence
+from typing import List, Optional, Sequence
 
 from .launch import python_command
 
@@ -32,9 +35,11 @@ _OPTIONS_WITH_VALUE = "WX"  # -W arg, -X opt: the value is the rest of the word 
 _STOP_OPTIONS = "cm"  # -c cmd, -m mod: not a script; the real interpreter runs it as is
 
 
-class _RefuseInternals(importlib.abc.MetaPathFinder):
+class _RefuseInternals:
     """``ekuiper.<anything else>`` (the official runtime's internals) is not found, with a
-    message that says why, instead of being looked up in kuiper_pool's own folders."""
+    message that says why, instead of being looked up in kuiper_pool's own folders. (A meta
+    path finder needs only ``find_spec``; ``importlib.abc`` would import importlib.resources,
+    tempfile and pathlib at every plugin start.)"""
 
     def find_spec(self, fullname: str, path: object = None, target: object = None) -> None:
         if fullname.startswith(OFFICIAL + "."):
@@ -66,6 +71,8 @@ def run(argv: Sequence[str]) -> None:
         return
     script = argv[0]
     sys.argv = list(argv)
+    if not (sys.flags.isolated or getattr(sys.flags, "safe_path", False)) and sys.path:
+        sys.path[0] = os.path.dirname(os.path.realpath(script))  # as `python <script>` has it
     try:
         runpy.run_path(script, run_name="__main__")
     except Exception as e:  # noqa: BLE001 - e.g. an import of the plugin's own that fails
@@ -102,10 +109,32 @@ def split_options(args: Sequence[str]) -> Optional[int]:
     return None
 
 
-def main(argv: Optional[List[str]] = None) -> NoReturn:
-    """The ``kuiper-pool-python`` console script: exec the real interpreter (see the module doc)."""
+def unbuffered() -> None:
+    """stdout and stderr as ``python -u`` makes them: text written through to the file
+    descriptor at once, no buffer in between (what eKuiper's ``-u`` asks for)."""
+    for name in ("stdout", "stderr"):
+        old = getattr(sys, name)
+        if old is None:
+            continue
+        old.flush()
+        raw = io.FileIO(old.fileno(), "w", closefd=False)
+        raw.name = f"<{name}>"  # as Python names its own
+        new = io.TextIOWrapper(raw, encoding=old.encoding, errors=old.errors, newline="\n",
+                               line_buffering=False, write_through=True)
+        setattr(sys, name, new)
+        setattr(sys, f"__{name}__", new)
+
+
+def main(argv: Optional[List[str]] = None) -> Optional[int]:
+    """The ``kuiper-pool-python`` console script (see the module doc): eKuiper's form runs the
+    script here; every other use execs the real interpreter."""
     args = sys.argv[1:] if argv is None else argv
     at = split_options(args)
+    if at is not None and set(args[:at]) <= {"-u"}:
+        if args[:at]:
+            unbuffered()
+        run(args[at:])
+        return 0
     command = [sys.executable] + list(args)
     if at is not None:
         options = list(args[:at - 1] if args[at - 1:at] == ["--"] else args[:at])

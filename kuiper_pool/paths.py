@@ -14,7 +14,6 @@ The transport imports this module on the way to eKuiper's handshake: ``tempfile`
 """
 from __future__ import annotations
 
-import glob
 import os
 import stat
 from typing import Dict, List, Optional, Tuple
@@ -65,6 +64,8 @@ def usual_base(runtime_dir: str = "") -> str:
 
 def private_bases(runtime_dir: str = "") -> List[str]:
     """Where a supervisor's status socket may be: the usual directory, then fallbacks."""
+    import glob  # the status tools' lookup; a supervisor never lists
+
     found = [usual_base(runtime_dir)]
     found += sorted(glob.glob(usual_base(runtime_dir) + "-*"))
     return [b for b in found if os.path.isdir(b) and _owned_private(b)]

@@ -23,6 +23,10 @@ SERVE_ENV = "KUIPERPOOL_SERVE"
 def start(c: Any) -> NoReturn:
     """Run the plugin under kuiper_pool; never returns (exits when eKuiper goes away or on
     SIGTERM/SIGINT). Accepts kuiper_pool's ``PluginConfig`` or the official SDK's."""
+    if not sys.platform.startswith("linux"):
+        print(f"kuiper_pool: cannot start: kuiper_pool runs on Linux only (this is {sys.platform}): "
+              f"it needs memfd_create, prctl and /proc", flush=True)
+        sys.exit(2)
     script_dir = os.path.dirname(os.path.abspath(sys.argv[0])) if sys.argv and sys.argv[0] else os.getcwd()
     if os.environ.get(DESCRIBE_ENV):
         from .describe import describe
@@ -33,9 +37,11 @@ def start(c: Any) -> NoReturn:
         from .runtime import zygote
 
         fresh = zygote.fresh_link()
+    warnings: List[str] = []
     try:
         plugin = PluginConfig.adopt(c)
-        settings = load_settings(script_dir, plugin.settings, known_symbols=plugin.symbol_names())
+        settings = load_settings(script_dir, plugin.settings, known_symbols=plugin.symbol_names(),
+                                 warn=warnings.append)
         if settings.runtime_dir:  # the default (the system's tmp) is checked with the run dir
             check_trusted(settings.runtime_dir, "runtime_dir")
         from .runtime.state import check_dir
@@ -48,6 +54,8 @@ def start(c: Any) -> NoReturn:
         print(f"kuiper_pool: cannot start: {e}", flush=True)
         sys.exit(2)
     logs.setup(plugin.name, settings.log_level)
+    for text in warnings:
+        logs.supervisor_logger().warning("plugin %s: %s", plugin.name, text)
     if fresh is not None:
         sys.exit(_serve_fresh(plugin, settings, script_dir, fresh))
     if os.environ.get(SERVE_ENV):  # kuiper-pool serve: functions over REST, no eKuiper to dial
@@ -115,6 +123,7 @@ def _serve_fresh(plugin: PluginConfig, settings: Any, script_dir: str, fresh: An
     """A reload's fresh zygote: report the new code's symbols (each built and checked in a
     throwaway child, as ``kuiper-pool validate`` does) and settings, then make workers with
     them exactly as a zygote forked at start would. It never dials eKuiper."""
+    from . import __version__  # the kuiper_pool the new code imports (its own, once upgraded)
     from .describe import inspect_symbols
     from .runtime import zygote
     from .runtime.protocol import ZYGOTE_HELLO
@@ -124,7 +133,7 @@ def _serve_fresh(plugin: PluginConfig, settings: Any, script_dir: str, fresh: An
     except ValueError as e:
         zygote.report_error(fresh[0], str(e))
         return 2
-    hello = {"op": ZYGOTE_HELLO, "name": plugin.name, "sources": sorted(plugin.sources),
+    hello = {"op": ZYGOTE_HELLO, "version": __version__, "name": plugin.name, "sources": sorted(plugin.sources),
              "sinks": sorted(plugin.sinks), "functions": sorted(plugin.functions),
              "settings": settings.as_dict(),
              "checks": zygote.in_child(lambda: inspect_symbols(plugin, settings.start_method == "spawn"))}

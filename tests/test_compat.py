@@ -82,8 +82,9 @@ def test_the_interpreter_finds_the_script_after_pythons_options(argv, script):
 def kp_python(*args: str, cwd=None) -> subprocess.CompletedProcess:
     exe = shutil.which("kuiper-pool-python")
     assert exe, "kuiper-pool-python is not installed (pip install -e .)"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # only -u may unbuffer
     return subprocess.run([exe, *args], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          text=True, timeout=60)
+                          text=True, timeout=60, env=env)
 
 
 def test_the_interpreter_passes_everything_but_a_script_to_python():
@@ -93,7 +94,10 @@ def test_the_interpreter_passes_everything_but_a_script_to_python():
     assert kp_python("-m", "json.tool", "--help").returncode == 0
 
 
-def test_a_script_sees_python_s_argv_and_path_and_ekuiper_is_kuiper_pool(tmp_path):
+@pytest.mark.parametrize("options", [["-u"], ["-u", "-W", "ignore"]], ids=["ekuiper-form", "more-options"])
+def test_a_script_sees_python_s_argv_and_path_and_ekuiper_is_kuiper_pool(tmp_path, options):
+    """eKuiper's own form (``-u``) runs the script in the console script's process; any other
+    option makes it exec Python with those options: the script sees the same either way."""
     sub = tmp_path / "plugin"
     sub.mkdir()
     (sub / "helper.py").write_text("VALUE = 'from the script folder'\n")
@@ -110,9 +114,10 @@ def test_a_script_sees_python_s_argv_and_path_and_ekuiper_is_kuiper_pool(tmp_pat
                           "ekuiper": ekuiper.__name__, "plugin": ekuiper.runtime.plugin.__name__,
                           "context": Context.__module__, "internal": internal,
                           "unbuffered": not sys.stdout.line_buffering and sys.stdout.write_through,
+                          "raw": [type(f.buffer).__name__ for f in (sys.stdout, sys.stderr)],
                           "filters": [f[0] for f in warnings.filters[:1]]}))
         """))
-    got = kp_python("-u", "-W", "ignore", "plugin/main.py", '{"sendTimeout":1000}', cwd=str(tmp_path))
+    got = kp_python(*options, "plugin/main.py", '{"sendTimeout":1000}', cwd=str(tmp_path))
     assert got.returncode == 0, got.stderr
     seen = json.loads(got.stdout)
     assert seen["name"] == "__main__" and seen["argv"] == ["plugin/main.py", '{"sendTimeout":1000}']
@@ -120,7 +125,8 @@ def test_a_script_sees_python_s_argv_and_path_and_ekuiper_is_kuiper_pool(tmp_pat
     assert (seen["ekuiper"], seen["plugin"], seen["context"]) == (
         "kuiper_pool", "kuiper_pool.runtime.plugin", "kuiper_pool.api")
     assert "'ekuiper.runtime.connection'" in seen["internal"] and "not its internals" in seen["internal"]
-    assert seen["unbuffered"] and seen["filters"] == ["ignore"]  # -u and -W reached python
+    assert seen["unbuffered"] and seen["raw"] == ["FileIO", "FileIO"]  # as python -u makes them
+    assert (seen["filters"] == ["ignore"]) == ("-W" in options)
 
 
 @pytest.fixture

@@ -861,6 +861,23 @@ def test_a_worker_the_stack_dump_ends_before_the_kill_is_reported_as_the_kill_it
     assert inst.restart_causes == {"hang": 1}
 
 
+def test_a_hung_worker_whose_dump_crashed_it_is_reported_as_the_kill_even_when_the_exit_comes_after_it():
+    """Under load the zygote's report of the dump's SIGSEGV can arrive after our SIGKILL went
+    out; nothing outruns a SIGKILL, so the SIGSEGV came first: still reported as the kill."""
+    inst, fx, _ = running()
+    w = fx.workers[0]
+    inst.on_started(w, 4242)
+    inst.kill(w, Cause.HANG, "hung: no heartbeat for 0.3s")
+    fx.t += 0.06
+    inst.tick(fx.t)
+    assert fx.signals[-1] == (w.wid, signal.SIGKILL)
+    fx.dumps[w.wid] = Dump("", True)
+    inst.on_exit(w, signal.SIGSEGV)
+    assert inst.last_error == ("worker pid 4242 signal 9 (SIGKILL): hung: no heartbeat for 0.3s; its stack "
+                               "dump, asked for before the SIGKILL, crashed it first with signal 11 (SIGSEGV)")
+    assert inst.restart_causes == {"hang": 1}
+
+
 def test_a_killed_worker_that_dies_of_another_signal_after_the_kill_was_sent_is_reported_as_it_died():
     inst, fx, _ = running()                   # a sink: SIGTERM DUMP_GRACE after the dump
     w = fx.workers[0]
@@ -1183,6 +1200,21 @@ def test_an_ack_ekuiper_did_not_read_is_finished_here_and_nothing_is_lent_before
     push.backlog = 0
     inst.on_readable(push)
     assert pull.lent and inst.route.lent_to is w
+
+
+def test_every_crash_counts_as_a_restart_the_one_that_fails_the_instance_too():
+    # status shows ``restarts`` and the metrics the sum of ``restart_causes``: six kills are six
+    inst, fx, _ = running(kind=wire.TYPE_SOURCE, flap_max_restarts=5)
+    for kill in range(6):
+        if inst.state == BACKOFF:
+            fx.t += 5.0
+            inst.tick(fx.t)
+        if inst.state == STARTING:
+            ready(inst, fx.workers[-1])
+        assert inst.state == RUNNING, kill
+        inst.on_exit(fx.workers[-1], KILLED)
+    assert inst.state == FAILED and "worker ended 6 times within 60s" in inst.last_error
+    assert inst.restarts == 6 and inst.restart_causes == {"signal": 6}
 
 
 # --- reload: what is in flight in the old worker finishes there -------------------------------------

@@ -255,14 +255,21 @@ def _signal_masks(pid: int) -> dict:
 def test_the_stack_dump_signal_is_harmless_until_the_worker_installed_its_handler(
         tmp_path, unique, host_runs):
     fn = f"fn{unique}"
-    host = host_runs.launch(make_plugin(str(tmp_path), f"kp{unique}", functions={fn: MODE_FUNCTION}))
+    host = host_runs.launch(make_plugin(str(tmp_path), f"kp{unique}",
+                                        functions={fn: MODE_FUNCTION, f"fn2{unique}": MODE_FUNCTION}))
     f = host.start_function(fn)
     worker = f.exec(["pid"])["result"]
     zygote = psutil.Process(worker).ppid()
     bit = 1 << (int(DUMP_SIGNAL) - 1)
-    # a worker is forked (or exec'd) with the signal ignored, so a dump asked before its
-    # faulthandler is installed does nothing; a running worker dumps its stack on it
-    assert _signal_masks(zygote)["SigIgn"] & bit
+    # a worker is forked with the zygote's handler (faulthandler writing to /dev/null until
+    # the worker points it at its own dump file) or exec'd with the signal ignored, so a dump
+    # asked before that does nothing; a running worker dumps its stack on it
+    zygote_masks = _signal_masks(zygote)
+    assert (zygote_masks["SigIgn"] | zygote_masks["SigCgt"]) & bit
     masks = _signal_masks(worker)
     assert masks["SigCgt"] & bit and not masks["SigIgn"] & bit
+    os.kill(zygote, DUMP_SIGNAL)  # the zygote, and every worker it forks later, lives on
+    g = host.start_function(f"fn2{unique}")
+    assert psutil.Process(g.exec(["pid"])["result"]).ppid() == zygote
+    assert f.exec(["pid"])["result"] == worker
 

@@ -183,6 +183,51 @@ def test_code_that_does_not_import_or_validate_changes_nothing(tmp_path, unique,
     assert rig.call()[:2] == [version, pid]  # --check only validates
 
 
+def test_new_code_on_another_kuiper_pool_version_is_refused(tmp_path, unique, host_runs):
+    """kuiper_pool upgraded (or rolled back) under a running plugin: the fresh zygote imports
+    the kuiper_pool on disk, whose version differs from the supervisor's. Here the new code
+    sets the version it reports, as another installed kuiper_pool would."""
+    import kuiper_pool
+
+    rig = Rig(tmp_path, unique, host_runs)
+    version, pid, _ = rig.call()
+    rig.install('import kuiper_pool\nkuiper_pool.__version__ = "99.0.0"\nVERSION = "v9"\n')
+    proc = rig.reload()
+    assert proc.returncode == 1
+    assert proc.stdout.strip() == (
+        f"plugin {rig.name}: reload refused, nothing changed: the new code imports kuiper_pool 99.0.0, "
+        f"this supervisor runs kuiper_pool {kuiper_pool.__version__}: a different kuiper_pool applies "
+        f"only when eKuiper restarts the plugin")
+    assert rig.call()[:2] == [version, pid]
+
+
+def test_an_exec_d_worker_of_another_installed_kuiper_pool_serves_nothing(tmp_path, unique, host_runs):
+    """kuiper_pool upgraded on disk under a running plugin without a restart: an exec'd worker
+    (start_method spawn, or a symbol's env) imports the installed kuiper_pool, whose frames
+    may not be its supervisor's. Here the symbol's env points PYTHONPATH at a copy of
+    kuiper_pool with another version, as an upgrade would install it."""
+    from plugins import REPO
+
+    other = tmp_path / "installed"
+    shutil.copytree(os.path.join(REPO, "kuiper_pool"), other / "kuiper_pool")
+    init = other / "kuiper_pool" / "__init__.py"
+    init.write_text(init.read_text().replace("__version__ = ", '__version__ = "99.0.0"  # was '))
+    name, fn = f"kp{unique}", f"fn{unique}"
+    pd = make_plugin(str(tmp_path), name, functions={fn: VERSION_FUNCTION},
+                     extra_modules={"version": 'VERSION = "v1"\n'},
+                     yaml_settings={**FAST, "symbols": {fn: {"env": {"PYTHONPATH": f"{other}:{REPO}"}}}})
+    host = host_runs.launch(pd)
+    import kuiper_pool
+    from kuiper_pool.tools.emulator import HostError
+
+    with pytest.raises(HostError) as e:
+        host.start_function(fn)
+    assert "exit code 6" in str(e.value)
+    log = open(os.path.join(pd, "stdout.log")).read()
+    assert (f": kuiper_pool 99.0.0 is installed now, the plugin's supervisor runs "
+            f"{kuiper_pool.__version__}: restart the plugin in eKuiper to run the installed version") in log
+
+
 @pytest.mark.parametrize("start_method", ["fork", "spawn"])
 def test_sighup_reloads(tmp_path, unique, host_runs, start_method):
     rig = Rig(tmp_path, unique, host_runs, start_method=start_method)

@@ -223,9 +223,9 @@ def test_a_stopped_worker_killed_under_cpu_load_is_reported_as_killed_for_its_ha
     finally:
         if psutil.pid_exists(pid):
             os.kill(pid, signal.SIGCONT)
-    assert row["restart_causes"] == {"hang": 1}, row
-    error = row["last_error"]
-    assert re.match(rf"worker pid {pid} signal 9 \(SIGKILL\): hung: no heartbeat for ", error), error
-    assert error.endswith(DUMP_CRASHED) or "stack dump" not in error, error  # SIGKILL may come first
+    # under this load its replacement, with a 0.3 s heartbeat limit, may be killed as hung too
+    assert set(row["restart_causes"]) == {"hang"}, row
     [line] = [line for line in log_lines(plugin_dir) if f"worker pid {pid} signal" in line]
-    assert f": worker pid {pid} signal 9 (SIGKILL): hung: no heartbeat for " in line
+    error = line[line.index(f"worker pid {pid} signal"):]
+    assert re.match(rf"worker pid {pid} signal 9 \(SIGKILL\): hung: no heartbeat for ", error), error
+    assert DUMP_CRASHED in error or "stack dump" not in error, error  # SIGKILL may come first

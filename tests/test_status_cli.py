@@ -18,7 +18,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from typing import Dict, FrozenSet, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import psutil
 import pytest
@@ -27,6 +27,7 @@ from conftest import kuiper_pool_cli, kuiper_pool_command, wait_until
 import kuiper_pool
 from kuiper_pool import paths
 from kuiper_pool.runtime import status
+from metrics_text import Sample, free_port, scrape, value
 from plugins import COUNTING_SOURCE, MODE_FUNCTION, RECORDING_SINK, REPO, make_plugin, read_jsonl, runtime_base
 
 FAST = {"heartbeat_interval": 0.1, "sample_interval": 0.1, "restart_backoff_initial": 0.0,
@@ -159,74 +160,52 @@ def test_status_with_the_stale_socket_of_a_killed_supervisor_fails_in_one_line(u
         os.unlink(path)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-Sample = Dict[Tuple[str, FrozenSet[Tuple[str, str]]], float]
-_SAMPLE = re.compile(r'^(kuiper_pool_\w+)\{((?:\w+="(?:[^"\\]|\\.)*",?)*)\} (-?[0-9.e+]+)$')
-
-
-def scrape(port: int) -> Sample:
-    """GET /metrics; every line must be HELP, TYPE or a sample, each family announced first."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
-        assert r.status == 200
-        assert r.headers["Content-Type"].startswith("text/plain; version=0.0.4")
-        text = r.read().decode()
-    samples: Sample = {}
-    typed = set()
-    for line in text.splitlines():
-        m = re.match(r"^# (HELP|TYPE) (kuiper_pool_\w+) (.+)$", line)
-        if m:
-            if m.group(1) == "TYPE":
-                assert m.group(3) in ("counter", "gauge"), line
-                typed.add(m.group(2))
-            continue
-        m = _SAMPLE.match(line)
-        assert m, f"not Prometheus text: {line!r}"
-        assert m.group(1) in typed, f"{m.group(1)} has no TYPE line before it"
-        labels = frozenset(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', m.group(2)))
-        samples[(m.group(1), labels)] = float(m.group(3))
-    return samples
-
-
-def value(samples: Sample, name: str, **labels: str) -> float:
-    """The one sample of ``name`` whose labels include ``labels`` (0 if there is none)."""
-    found = [v for (n, ls), v in samples.items() if n == name and set(labels.items()) <= ls]
-    assert len(found) <= 1, (name, labels, found)
-    return found[0] if found else 0.0
-
-
 def test_metrics_count_items_and_restarts_by_cause(tmp_path, unique, host_runs):
-    port = _free_port()
+    port = free_port()
     rig = Rig(tmp_path, unique, host_runs, metrics_address=f"127.0.0.1:{port}")
     p = rig.plugin
-    wait_until(lambda: value(scrape(port), "kuiper_pool_items_in_total", symbol=rig.snk) == 1
-               and value(scrape(port), "kuiper_pool_items_out_total", symbol=rig.fn) == 1
-               and value(scrape(port), "kuiper_pool_items_in_total", symbol=rig.src) >= 1,
+    wait_until(lambda: value(scrape(f"http://127.0.0.1:{port}/metrics"), "kuiper_pool_items_in_total", symbol=rig.snk) == 1
+               and value(scrape(f"http://127.0.0.1:{port}/metrics"), "kuiper_pool_items_out_total", symbol=rig.fn) == 1
+               and value(scrape(f"http://127.0.0.1:{port}/metrics"), "kuiper_pool_items_in_total", symbol=rig.src) >= 1,
                timeout=10, message="the items of all three instances in the metrics")
-    first = scrape(port)
+    first = scrape(f"http://127.0.0.1:{port}/metrics")
     assert value(first, "kuiper_pool_up", plugin=p) == 1
+    import kuiper_pool
+
+    assert value(first, "kuiper_pool_build_info", plugin=p, version=kuiper_pool.__version__) == 1
+    assert 0 < time.time() - value(first, "kuiper_pool_start_time_seconds", plugin=p) < 600
     for sym, kind, rule, op in ((rig.src, "source", rig.rule, "in"), (rig.snk, "sink", rig.rule, "out"),
                                 (rig.fn, "func", "", "")):
-        assert value(first, "kuiper_pool_instance_running", plugin=p, symbol=sym, type=kind, rule=rule,
-                     op=op, instance="0") == 1
+        where = dict(plugin=p, symbol=sym, type=kind, rule=rule, op=op, instance="0")
+        states = {dict(ls)["state"]: v for (n, ls), v in first.items()
+                  if n == "kuiper_pool_instance_state" and set(where.items()) <= ls}
+        assert states == {"starting": 0, "running": 1, "backoff": 0, "recycling": 0, "stopping": 0,
+                          "failed": 0, "ended": 0}
+        # every cause from the start, at 0: increase() sees the first restart
+        assert {c: value(first, "kuiper_pool_restarts_total", cause=c, **where)
+                for c in ("exit", "signal", "hang", "deadline")} == dict.fromkeys(
+                    ("exit", "signal", "hang", "deadline"), 0)
         assert value(first, "kuiper_pool_resident_memory_bytes", symbol=sym) > 0
-    assert not [k for k in first if k[0] == "kuiper_pool_restarts_total"]
+    wait_until(lambda: value(scrape(f"http://127.0.0.1:{port}/metrics"), "kuiper_pool_cpu_seconds_total", symbol=rig.src) > 0,
+               timeout=10, message="the source's CPU time sampled")
     # the source's worker is killed by a signal, the function's worker exits in a call
     os.kill(rig.source_pid, signal.SIGKILL)
     assert rig.function.exec(["exit", 3])["state"] is False
-    wait_until(lambda: value(scrape(port), "kuiper_pool_restarts_total", symbol=rig.src, cause="signal") == 1
-               and value(scrape(port), "kuiper_pool_restarts_total", symbol=rig.fn, cause="exit") == 1,
-               timeout=10, message="both restarts, by cause, in the metrics")
-    after = scrape(port)
+
+    def restarted() -> Optional[Sample]:  # the text is sampled every sample_interval: poll it
+        now = scrape(f"http://127.0.0.1:{port}/metrics")
+        return now if (value(now, "kuiper_pool_restarts_total", symbol=rig.src, cause="signal") == 1
+                       and value(now, "kuiper_pool_restarts_total", symbol=rig.fn, cause="exit") == 1
+                       and value(now, "kuiper_pool_errors_total", symbol=rig.fn) == 1) else None
+    # the function's error: the call its worker died in
+    after = wait_until(restarted, timeout=10, message="both restarts, by cause, and the error in the metrics")
     assert value(after, "kuiper_pool_restarts_total", symbol=rig.snk, cause="signal") == 0
-    assert value(after, "kuiper_pool_errors_total", symbol=rig.fn) == 1  # the call the worker died in
     snap = rig.snapshot()
     assert rig.instance(snap, rig.src)["restart_causes"] == {"signal": 1}
     assert rig.instance(snap, rig.fn)["restart_causes"] == {"exit": 1}
+    head = urllib.request.Request(f"http://127.0.0.1:{port}/metrics", method="HEAD")
+    with urllib.request.urlopen(head, timeout=5) as r:  # as GET, without the body
+        assert r.status == 200 and int(r.headers["Content-Length"]) > 0 and r.read() == b""
     with pytest.raises(urllib.error.HTTPError) as e:
         urllib.request.urlopen(f"http://127.0.0.1:{port}/other", timeout=5)
     assert e.value.code == 404
@@ -376,15 +355,16 @@ def test_status_says_when_errors_and_restarts_happened_and_when_the_next_try_is(
     assert all(now - 60 < r["at"] <= now and "exit code 3" in r["error"] for r in inst["recent_restarts"])
     assert now - 60 < inst["last_error_at"] <= now and 200 < inst["next_retry_at"] - now <= 300
     full = inst["last_error"]
-    assert full.startswith("failed after 1 restarts within 60s; last worker pid ") and len(full) > 60
+    assert full.startswith("failed: worker ended 2 times within 60s (flap_max_restarts 1); last worker "
+                           "pid ") and len(full) > 60
     table = kuiper_pool_cli("status", f"kp{unique}").stdout
     row = re.split(r" {2,}", table.splitlines()[3])
     at = time.strftime("%H:%M:%S", time.localtime(inst["recent_restarts"][-1]["at"]))
     error_at = time.strftime("%H:%M:%S", time.localtime(inst["last_error_at"]))
     assert re.fullmatch(r"failed, retry in (4m\d\ds|5m00s)", row[4]), table
-    assert row[6] == f"1 (2 exit) last {at}", table
+    assert row[6] == f"2 (2 exit) last {at}", table  # the crash that failed it counts too
     # LAST ERROR: when, then the text cut at a word boundary; --json has it whole
-    assert row[12].startswith(f"{error_at} failed after 1 restarts") and row[12].endswith("..."), table
+    assert row[12].startswith(f"{error_at} failed: worker ended 2 times") and row[12].endswith("..."), table
     cut = row[12][len(error_at) + 1:-3]
     assert full.startswith(cut) and full[len(cut)] in " ,;:" and len(cut) <= 60, (cut, full)
     assert table.splitlines()[-1] == f"(LAST ERROR is cut; kuiper-pool status kp{unique} --json has it whole)"
@@ -444,3 +424,27 @@ def test_a_symbols_entry_for_a_symbol_the_plugin_lacks_stops_the_start(tmp_path,
     assert proc.stdout.strip().splitlines() == [
         f"kuiper_pool: cannot start: kuiper_pool config: symbols.heavvy{unique} names no symbol of the "
         f"plugin (from {pd}/kuiper_pool.yaml; it has heavy{unique}); did you mean heavy{unique}?"]
+
+
+def test_after_six_kills_status_and_the_metrics_both_count_six_restarts(tmp_path, unique, host_runs):
+    port = free_port()
+    pd = make_plugin(str(tmp_path), f"kp{unique}", functions={f"fn{unique}": MODE_FUNCTION},
+                     settings={**FAST, "heartbeat_interval": 1.0,  # no hang on a busy machine
+                               "flap_max_restarts": 5, "flap_window": 120.0,
+                               "metrics_address": f"127.0.0.1:{port}"})
+    host = host_runs.launch(pd)
+    fn = host.start_function(f"fn{unique}")
+    url = f"http://127.0.0.1:{port}/metrics"
+    for kill in range(1, 7):  # the 6th fails the instance (more than flap_max_restarts)
+        pid = wait_until(lambda: status.query(f"kp{unique}")["instances"][0]["pid"], timeout=15,
+                         message=f"a worker to kill ({kill})")
+        os.kill(pid, signal.SIGKILL)
+        wait_until(lambda: status.query(f"kp{unique}")["instances"][0]["restarts"] == kill, timeout=15,
+                   message=f"restart {kill} counted")
+    (row,) = status.query(f"kp{unique}")["instances"]
+    assert row["state"] == "failed" and row["restarts"] == 6 and row["restart_causes"] == {"signal": 6}
+    wait_until(lambda: value(scrape(url), "kuiper_pool_restarts_total", cause="signal") == 6
+               and value(scrape(url), "kuiper_pool_instance_state", state="failed") == 1,
+               timeout=10, message="six restarts and the failed state in the metrics")
+    assert sum(v for (n, _ls), v in scrape(url).items() if n == "kuiper_pool_restarts_total") == 6
+    assert fn.exec(["echo", 1])["state"] is False  # failed: answered at once with an error

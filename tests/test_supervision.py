@@ -658,8 +658,8 @@ def test_a_source_that_always_fails_is_marked_failed_after_flap_max_restarts(mak
     rule = f"r_{unique}"
     rig.host.start_source("src", rule, config={"open_fault": "raise"})
     row = rig.wait_row("the source to be marked failed", rule=rule, state="failed")
-    assert row["restarts"] == 3 and row["pid"] is None
-    assert "failed after 3 restarts within 30s" in row["last_error"]
+    assert row["restarts"] == 4 and row["pid"] is None  # the 4th crash failed it
+    assert "failed: worker ended 4 times within 30s (flap_max_restarts 3)" in row["last_error"]
     assert "open raised RuntimeError: injected fault in open of rule " + rule in row["last_error"]
     assert len(rig.plugin.events("open", rule=rule)) == 4  # the first start and 3 restarts
     assert len(rig.log_texts("next try in 60s")) == 1
@@ -674,7 +674,8 @@ def test_a_source_exiting_with_code_5_is_restarted_with_backoff_not_recycled(mak
     rule = f"r_{unique}"
     rig.host.start_source("src", rule, config={"open_fault": "exit5"})
     row = rig.wait_row("the source to be marked failed", rule=rule, state="failed")
-    assert row["restarts"] == 3 and row["restart_causes"] == {"exit": 4}  # the 4th failed it
+    # the 4th failed it, and counts as the metrics count it (retried after failed_retry_min)
+    assert row["restarts"] == 4 and row["restart_causes"] == {"exit": 4}
     assert "exit code 5" in row["last_error"]
     assert len(rig.plugin.events("open", rule=rule)) == 4  # the first start and 3 restarts
     assert rig.log_texts("recycling worker") == []
@@ -701,7 +702,8 @@ def test_a_function_that_cannot_start_again_fails_and_answers_at_once(make_rig):
     reply = f.exec(["die", "exit"])
     assert reply["state"] is False
     row = rig.wait_row("the function to be marked failed", symbol=rig.plugin.flaky, state="failed")
-    assert row["restarts"] == 3 and "flaky factory refuses to start again" in row["last_error"]
+    # the crash and 3 failed restarts; the last one failed it
+    assert row["restarts"] == 4 and "flaky factory refuses to start again" in row["last_error"]
     for _ in range(3):
         t0 = time.monotonic()
         reply = f.exec(["pid"])
@@ -719,7 +721,7 @@ def test_a_failed_sink_answers_every_item_with_one_error_ack(make_rig, unique):
     doomed = {"i": 1, "die": "raise", "mode": "always"}  # its worker dies; restarts fail in open
     early = [sink.collect(json.dumps(doomed).encode(), timeout=5)]
     row = rig.wait_row("the sink to be marked failed", rule=rule, state="failed")
-    assert row["restarts"] == 2 and "open failed: RuntimeError" in row["last_error"]
+    assert row["restarts"] == 3 and "open failed: RuntimeError" in row["last_error"]  # the 3rd failed it
     later = [sink.collect(json.dumps({"i": i}).encode(), timeout=5) for i in (2, 3)]
     for ack in early + later:  # the item in flight when it failed too, not only later ones
         assert set(ack) == {"error"} and "has failed" in ack["error"], ack

@@ -8,7 +8,8 @@ and passes, through the emulator's ``Host(env=...)``:
 * ``BENCH_PREFIX``  prefix of every function symbol (``/tmp/func_<symbol>.ipc`` is global too);
 * ``BENCH_PID_SYMBOLS`` how many ``<prefix>pid<i>`` functions to declare (restart timing).
 
-Symbols: sources ``flood`` (emits as fast as it can) and ``idle`` (emits nothing);
+Symbols: sources ``flood`` (emits as fast as it can), ``idle`` (emits nothing) and ``clock``
+(emits once the wall-clock time it emitted at: bench/startup.py's first item);
 sink ``count`` (counts items, acks with requireAck, touches a marker file at the
 expected count); functions ``<prefix>noop`` (returns its argument), ``<prefix>nbytes``
 (returns its argument's length: a big payload in, a small result out), ``<prefix>burna`` and
@@ -61,6 +62,14 @@ class Idle(Source):
 
     def close(self, ctx):
         self.stopped.set()
+
+
+class Clock(Idle):
+    """Emits ``{"t": time.time()}`` once, then nothing until closed."""
+
+    def open(self, ctx):
+        ctx.emit({"t": time.time()}, None)
+        super().open(ctx)
 
 
 class Count(Sink):
@@ -152,7 +161,8 @@ def config():
                  prefix + "burnb": lambda: Burn()}
     for i in range(int(os.environ.get("BENCH_PID_SYMBOLS", "0"))):
         functions[f"{prefix}pid{i}"] = lambda: Pid()
-    return PluginConfig(name, {"flood": lambda: Flood(), "idle": lambda: Idle()},
+    return PluginConfig(name, {"flood": lambda: Flood(), "idle": lambda: Idle(),
+                                "clock": lambda: Clock()},
                         {"count": lambda: Count()}, functions)
 
 

@@ -54,6 +54,7 @@ class WorkerHandle:
         self.sink_page: Optional["SinkPage"] = None  # the mark again, if lent eKuiper's connections
         self.call_seq = -1          # the page's call seen executing on the previous tick
         self.pending_signal = 0     # sent at signal_at, once its stack has been dumped
+        self.sigkill_sent = False   # a SIGKILL went out: a death by another signal came first
         self.signal_at = 0.0
         self.held = ""              # recycled with a call in flight: the kill reason past its deadline
 

@@ -35,12 +35,32 @@ def dump_path(rundir: str, wid: int) -> str:
     return os.path.join(rundir, f"stack-{wid}.txt")
 
 
+def prepare() -> None:
+    """In the zygote, once: faulthandler on a placeholder descriptor (/dev/null), which each
+    forked worker's :func:`install` points at its own dump file. Setting faulthandler up in
+    every worker copied ~200 KiB of the zygote's pages into each."""
+    global _dump
+    _dump = open(os.devnull, "wb", buffering=0)
+    _handle(_dump)
+
+
 def install(path: str) -> None:
     """In a worker: crashes and SIGUSR1 write every thread's stack to ``path`` (0600)."""
     global _dump
-    _dump = open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb", buffering=0)
-    faulthandler.enable(file=_dump, all_threads=True)
-    faulthandler.register(DUMP_SIGNAL, file=_dump, all_threads=True, chain=False)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    if _dump is not None:  # forked from a zygote that prepared it: only the descriptor changes
+        try:
+            os.dup2(fd, _dump.fileno(), inheritable=False)
+        finally:
+            os.close(fd)
+        return
+    _dump = open(fd, "wb", buffering=0)  # an exec'd worker
+    _handle(_dump)
+
+
+def _handle(dump: IO[bytes]) -> None:
+    faulthandler.enable(file=dump, all_threads=True)
+    faulthandler.register(DUMP_SIGNAL, file=dump, all_threads=True, chain=False)
 
 
 class Dump(NamedTuple):

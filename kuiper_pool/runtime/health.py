@@ -38,6 +38,9 @@ class Cause(enum.Enum):
 _KILLS = frozenset({Cause.HANG, Cause.DEADLINE, Cause.START_TIMEOUT, Cause.NO_CHANNEL})
 
 
+RESTART_CAUSES = ("exit", "signal", "hang", "deadline")   # every restart_kind
+
+
 def restart_kind(cause: Optional[Cause], signaled: bool) -> str:
     """The ``restart_causes`` label (status, metrics) of a crash whose worker we were killing
     for ``cause`` (None: we were not), ``signaled`` when it died of a signal."""
@@ -91,6 +94,7 @@ class Vitals:
     cpu_mark: Optional[Tuple[float, float]] = None  # (when, CPU seconds) while beats are late
     rss: int = 0
     cpu_percent: float = 0.0
+    cpu_seconds: float = 0.0         # user + system, as last sampled
 
 
 BUSY_CPU_SHARE = 0.05   # CPU seconds per second of silence above which a silent worker is busy

@@ -69,6 +69,7 @@ class Instance:
         self.items_in = 0
         self.items_out = 0
         self.errors = 0
+        self.cpu_seconds = 0.0                      # of the workers gone, as last sampled
         self.route = route_for(self)
 
     # --- naming and the state -------------------------------------------------------------------
@@ -278,10 +279,14 @@ class Instance:
         how = describe_status(status)
         dump = self.fx.dump(w)  # the plugin code it was in, when it crashed or was killed
         cause = (w.kill_reason or w.fault or "exited unexpectedly") + (f" (at {dump.at})" if dump.at else "")
-        if w.pending_signal and os.WIFSIGNALED(status) and os.WTERMSIG(status) != w.pending_signal:
-            how, cause = self._ended_before_the_kill(w, how, cause, dump.fatal)
+        # the signal we meant to end it with; SIGKILL even once sent, since nothing catches it:
+        # a death by another signal then came before it (the zygote may report it only later)
+        meant = w.pending_signal or (signal.SIGKILL if w.sigkill_sent else 0)
+        if meant and os.WIFSIGNALED(status) and os.WTERMSIG(status) != meant:
+            how, cause = self._ended_before_the_kill(meant, how, cause, dump.fatal)
         self.route.on_worker_gone(w, how, cause)
         self.errors += w.vitals.emit_errors
+        self.cpu_seconds += w.vitals.cpu_seconds
         state = self._state
         if state is STOPPING:
             self.fx.note(self, logging.INFO, "stopped (worker pid %d %s)", w.pid, how)
@@ -308,17 +313,20 @@ class Instance:
             raise TransitionError(f"{self.where()}: worker exit in state {state}")
 
     @staticmethod
-    def _ended_before_the_kill(w: WorkerHandle, how: str, cause: str, fatal: bool) -> Tuple[str, str]:
+    def _ended_before_the_kill(meant: int, how: str, cause: str, fatal: bool) -> Tuple[str, str]:
         """A worker we were killing died of a signal of its own between the stack dump we asked
-        for and the signal we meant to send (the dump crashed it, a handler of the plugin's...):
-        the kill is reported as the kill it was, followed by what ended it first."""
-        name = signal.Signals(w.pending_signal).name
+        for and the signal ``meant`` (the dump crashed it, a handler of the plugin's...): the
+        kill is reported as the kill it was, followed by what ended it first."""
+        name = signal.Signals(meant).name
         first = (f"its stack dump, asked for before the {name}, crashed it first with {how}" if fatal
                  else f"it ended with {how} while dumping its stack, before the {name}")
-        return signal_text(w.pending_signal), f"{cause}; {first}"
+        return signal_text(meant), f"{cause}; {first}"
 
     def _crashed(self, w: Optional[WorkerHandle], how: str, cause: str, kind: str) -> None:
+        # every crash counts, the one that fails the instance too (it is retried later):
+        # status and the metrics (the sum of the causes) agree
         self.restart_causes[kind] += 1
+        self.restarts += 1
         self.recent_restarts.append({"at": time.time(), "cause": kind,
                                      "error": " ".join(f"{how}: {cause}".split())})
         pid = w.pid if w is not None else 0
@@ -326,12 +334,12 @@ class Instance:
         now = self.fx.now()
         delay = self.policy.next_delay(now)
         if delay is None:
-            self.last_error = " ".join((f"failed after {self.s.flap_max_restarts} restarts within "
-                                        f"{self.s.flap_window:g}s; last worker pid {pid} {how}: "
+            self.last_error = " ".join((f"failed: worker ended {self.s.flap_max_restarts + 1} times "
+                                        f"within {self.s.flap_window:g}s (flap_max_restarts "
+                                        f"{self.s.flap_max_restarts}); last worker pid {pid} {how}: "
                                         f"{cause}").split())
             self._fail()
             return
-        self.restarts += 1
         self._move(BACKOFF, "crash")
         self.restart_at = now + delay
         self.last_error = " ".join(f"worker pid {pid} {how}: {cause}".split())
@@ -449,6 +457,7 @@ class Instance:
             return
         if w.pending_signal and now >= w.signal_at:
             self.fx.signal(w, w.pending_signal)
+            w.sigkill_sent = w.sigkill_sent or w.pending_signal == signal.SIGKILL
             w.pending_signal = 0
         if w.kill_at and now >= w.kill_at:
             if self._state is RECYCLING and not w.held:
@@ -463,6 +472,7 @@ class Instance:
             w.kill_reason = (w.held or w.kill_reason
                              or f"did not exit within stop_grace {self.s.stop_grace:g}s")
             self.fx.signal(w, signal.SIGKILL)
+            w.sigkill_sent = True
             return
         self.check_health(w, now)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import time
 from typing import TYPE_CHECKING
 
@@ -13,9 +14,11 @@ from .status import Snapshot
 if TYPE_CHECKING:
     from .supervisor import Supervisor
 
+PYTHON = ".".join(map(str, sys.version_info[:3]))
+
 
 def sample(sup: "Supervisor") -> None:
-    """psutil figures of every worker."""
+    """psutil figures of every worker: memory, CPU share since the last sample, CPU time."""
     for w, _inst, _link in list(sup.fx.workers.values()):
         proc = sup.fx.proc(w)
         if proc is None:
@@ -24,6 +27,8 @@ def sample(sup: "Supervisor") -> None:
             with proc.oneshot():
                 w.vitals.rss = proc.memory_info().rss
                 w.vitals.cpu_percent = proc.cpu_percent(None)
+                t = proc.cpu_times()
+                w.vitals.cpu_seconds = t.user + t.system
         except Exception:  # noqa: BLE001 - psutil.Error: gone meanwhile
             pass
 
@@ -48,7 +53,8 @@ def snapshot(sup: "Supervisor") -> Snapshot:
             "last_error": inst.last_error, "last_error_at": inst.last_error_at or None,
             "rss": v.rss if v else 0,
             "cpu_percent": v.cpu_percent if v else 0.0,
-            "items_in": items_in, "items_out": items_out, "errors": errors})
+            "items_in": items_in, "items_out": items_out, "errors": errors,
+            "cpu_seconds": inst.cpu_seconds + (v.cpu_seconds if v else 0.0)})
     return {"plugin": sup.plugin.name, "version": __version__, "pid": os.getpid(),
-            "zygote_pid": sup.zygote.pid,
-            "uptime": now - sup.started_at, "time": now, "instances": rows}
+            "zygote_pid": sup.zygote.pid, "uptime": now - sup.started_at, "time": now,
+            "python": PYTHON, "started": sup.started_at, "instances": rows}

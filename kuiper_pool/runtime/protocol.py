@@ -32,7 +32,7 @@ ZYGOTE_ADOPT = "adopt"
 ZYGOTE_RETIRE = "retire"
 # zygote -> supervisor: {"op": ZYGOTE_STARTED, "wid", "pid"}, {"op": ZYGOTE_EXITED, "wid", "pid", "status"},
 # {"op": ZYGOTE_REFUSED, "wid", "errno", "error"} (the fork failed: at the process limit, no memory);
-# a fresh zygote's first report (reload.py): {"op": ZYGOTE_HELLO, "name", "sources", "sinks",
+# a fresh zygote's first report (reload.py): {"op": ZYGOTE_HELLO, "version", "name", "sources", "sinks",
 # "functions", "settings", "checks" (describe.inspect_symbols, or {"error"})} or
 # {"op": ZYGOTE_ERROR, "error"} (it cannot serve the new code)
 ZYGOTE_STARTED = "started"

@@ -3,7 +3,7 @@ stopping a rule.
 
 1. A fresh zygote imports the plugin's main script and ``kuiper_pool.yaml`` anew
    (``zygote.py``, "a fresh zygote"); its first report is what the new code exposes.
-2. Validation: the same plugin name, every running instance's symbol present with its kind
+2. Validation: the same kuiper_pool version, the same plugin name, every running instance's symbol present with its kind
    and its factory building an object with the methods it needs (in a throwaway child of the
    fresh zygote, as ``kuiper-pool validate`` checks), settings valid and none changed of those that only a plugin restart can apply
    (``FIXED``). On failure nothing changes: the fresh zygote exits and the answer is one line.
@@ -27,7 +27,7 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any, Dict, List, Optional
 
-from .. import wire
+from .. import __version__, wire
 from ..api import PluginConfig
 from ..config import Settings
 from ..describe import problem
@@ -145,7 +145,14 @@ class Reloader:
         self._switch(z, first)
 
     def _validate(self, hello: Dict[str, Any]) -> str:
-        """What keeps the new code from serving, or ''."""
+        """What keeps the new code from serving, or ''. The kuiper_pool version is checked
+        first: the rest of the report, the zygote's and the workers' frames are spoken
+        between one version's modules only."""
+        version = hello.get("version")
+        if version != __version__:
+            return (f"the new code imports kuiper_pool {version or 'of a version that does not say it'}, "
+                    f"this supervisor runs kuiper_pool {__version__}: a different kuiper_pool applies "
+                    f"only when eKuiper restarts the plugin")
         if hello.get("name") != self.name:
             return f"the new code's plugin is named {hello.get('name')!r}, not {self.name!r}"
         checks = hello["checks"]

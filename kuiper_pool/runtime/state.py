@@ -21,14 +21,12 @@ ever unpickled.
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
 import stat
 import struct
 import time
 from typing import Any, Callable, Dict, Iterator, Optional, Tuple
-from urllib.parse import quote
 
 from ..config import ConfigError, check_trusted
 
@@ -283,6 +281,10 @@ class States:
         return found
 
     def file_for(self, plugin: str, key: str) -> str:
+        # imported here: plugin.start checks state_dir before its handshake, with this module
+        import hashlib
+        from urllib.parse import quote
+
         name = quote(plugin, safe="") + "--" + quote(key, safe="")
         if len(name) > NAME_MAX:
             name = "h-" + hashlib.sha256(name.encode()).hexdigest()

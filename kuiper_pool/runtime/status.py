@@ -1,19 +1,24 @@
-"""Where a running supervisor can be asked how it is: a per-user private directory,
-a status socket in it, and Prometheus text metrics on loopback when enabled.
+"""Where a running supervisor can be asked how it is: a status socket in the per-user
+private directory, answering ``kuiper-pool status``, ``restart``, ``reload`` and the
+metrics (``metrics.py``: the supervisor's own ``metrics_address``, or ``kuiper-pool
+metrics`` for every plugin).
 
 Snapshot schema (``observe.snapshot()``, the status answer and the metrics all
 use it)::
 
     {"plugin": str, "version": str, "pid": int, "zygote_pid": int, "uptime": float, "time": float,
+     "python": str, "started": float,
      "instances": [{"symbol", "type", "rule", "op", "instance", "pid", "state",
                     "uptime", "restarts", "restart_causes": {cause: n},
                     "recent_restarts": [{at: time, cause: kind, error: text}],
                     "next_retry_at", "last_error", "last_error_at", "rss", "cpu_percent",
-                    "items_in", "items_out", "errors"}]}
+                    "items_in", "items_out", "errors", "cpu_seconds"}]}
 
-Times (``time``, ``at``, ``next_retry_at``, ``last_error_at``) are Unix time; ``next_retry_at``
-is set while an instance waits to be started again (backoff, failed), ``last_error_at`` once it
-has an error (``null`` otherwise), and ``last_error`` is never cut.
+Times (``time``, ``at``, ``next_retry_at``, ``last_error_at``, ``started``) are Unix time;
+``next_retry_at`` is set while an instance waits to be started again (backoff, failed),
+``last_error_at`` once it has an error (``null`` otherwise), and ``last_error`` is never cut.
+``version`` is the supervisor's kuiper_pool, ``started`` its start, ``restarts`` the sum of
+``restart_causes``, ``cpu_seconds`` the CPU time of all the instance's workers so far.
 """
 from __future__ import annotations
 
@@ -21,7 +26,6 @@ import json
 import os
 import selectors
 import socket
-import threading
 import time
 from typing import Any, Callable, Dict, Optional
 
@@ -33,6 +37,10 @@ Snapshot = Dict[str, Any]
 
 class StatusError(RuntimeError):
     """No supervisor answers, or its answer is unusable (one line)."""
+
+
+class NotRunning(StatusError):
+    """The socket is there, but no supervisor listens on it (a killed one's)."""
 
 
 class NoSupervisor(StatusError):
@@ -177,7 +185,11 @@ def request(plugin: str, req: Dict[str, Any], runtime_dir: str = "", timeout: fl
     if not live:
         first = found[0] if found else paths.status_socket(plugin, base=paths.usual_base(runtime_dir))
         raise NoSupervisor(f"no kuiper_pool supervisor is running for plugin {plugin} (no {first})")
-    path = live[0]
+    return ask(live[0], req, timeout, f"plugin {plugin}")
+
+
+def ask(path: str, req: Dict[str, Any], timeout: float, whose: str) -> Any:
+    """Send ``req`` to the status socket ``path`` (of ``whose``); its answer."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.settimeout(timeout)
         try:
@@ -189,96 +201,17 @@ def request(plugin: str, req: Dict[str, Any], runtime_dir: str = "", timeout: fl
                 if not data:
                     break
                 chunks.append(data)
-        except ConnectionRefusedError:
-            raise StatusError(f"the supervisor of plugin {plugin} is not running "
+        except (ConnectionRefusedError, FileNotFoundError):
+            raise NotRunning(f"the supervisor of {whose} is not running "
                               f"(stale {path})") from None
         except OSError as e:
-            raise StatusError(f"cannot ask the supervisor of plugin {plugin}: {e}") from None
+            raise StatusError(f"cannot ask the supervisor of {whose}: {e}") from None
     try:
         return json.loads(b"".join(chunks))
     except ValueError:
-        raise StatusError(f"the supervisor of plugin {plugin} gave an unreadable answer") from None
+        raise StatusError(f"the supervisor of {whose} gave an unreadable answer") from None
 
 
 def query(plugin: str, runtime_dir: str = "", timeout: float = 3.0) -> Snapshot:
     """Ask the supervisor of ``plugin`` for its snapshot."""
     return request(plugin, {"cmd": "status"}, runtime_dir, timeout)
-
-
-def prometheus(snap: Snapshot) -> str:
-    """Prometheus text exposition of a snapshot."""
-    plugin = snap["plugin"]
-    lines = []
-
-    def metric(name: str, kind: str, help_text: str, rows: list) -> None:
-        lines.append(f"# HELP kuiper_pool_{name} {help_text}")
-        lines.append(f"# TYPE kuiper_pool_{name} {kind}")
-        for labels, value in rows:
-            text = ",".join(f'{k}="{_escape(v)}"' for k, v in labels.items())
-            lines.append(f"kuiper_pool_{name}{{{text}}} {value}")
-
-    def per_instance(key: str) -> list:
-        return [(_labels(plugin, i), i[key]) for i in snap["instances"]]
-
-    metric("up", "gauge", "1 while the supervisor serves.", [({"plugin": plugin}, 1)])
-    metric("instance_running", "gauge", "1 when the instance's worker is running.",
-           [(_labels(plugin, i), int(i["state"] == "running")) for i in snap["instances"]])
-    metric("items_in_total", "counter", "Items and calls received from eKuiper or emitted.",
-           per_instance("items_in"))
-    metric("items_out_total", "counter", "Items finished, calls answered, items emitted.",
-           per_instance("items_out"))
-    metric("errors_total", "counter", "Failed calls and dropped items.", per_instance("errors"))
-    metric("restarts_total", "counter", "Worker restarts by cause.",
-           [(dict(_labels(plugin, i), cause=cause), n)
-            for i in snap["instances"] for cause, n in sorted(i["restart_causes"].items())])
-    metric("resident_memory_bytes", "gauge", "Worker resident memory.", per_instance("rss"))
-    metric("cpu_percent", "gauge", "Worker CPU use, percent of one core.", per_instance("cpu_percent"))
-    return "\n".join(lines) + "\n"
-
-
-def _labels(plugin: str, inst: Dict[str, Any]) -> Dict[str, str]:
-    return {"plugin": plugin, "symbol": inst["symbol"], "type": inst["type"],
-            "rule": inst["rule"], "op": inst["op"], "instance": str(inst["instance"])}
-
-
-def _escape(value: Any) -> str:
-    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-
-
-class MetricsServer:
-    """``GET /metrics`` on a loopback address, served from a thread off a cached snapshot."""
-
-    def __init__(self, address: str, snapshot: Callable[[], Optional[Snapshot]]) -> None:
-        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer  # only when enabled
-
-        host, _, port = address.rpartition(":")
-        get = snapshot
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802 - http.server's naming
-                snap = get()
-                if self.path.split("?")[0] != "/metrics" or snap is None:
-                    self.send_error(404)
-                    return
-                body = prometheus(snap).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *_args: Any) -> None:
-                pass
-
-        server_cls = ThreadingHTTPServer
-        if ":" in host.strip("[]"):
-            server_cls = type("V6Server", (ThreadingHTTPServer,), {"address_family": socket.AF_INET6})
-        self.server = server_cls((host.strip("[]"), int(port)), Handler)
-        self.server.daemon_threads = True
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True,
-                                       name="kuiper_pool-metrics")
-        self.thread.start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()

@@ -34,7 +34,8 @@ from .effects import LoopEffects, fields
 from .instances import REMOVED, Instance
 from .observe import sample, snapshot
 from .reload import Reloader
-from .status import MetricsServer, Snapshot, StatusServer
+from .metrics import MetricsServer, render
+from .status import StatusServer
 from .zygote import Zygote
 
 TICK = 0.05          # seconds between housekeeping passes (crash reports wake the loop at once)
@@ -71,7 +72,7 @@ class Supervisor:
         self.started_at = time.time()
         self.status: Optional[StatusServer] = None
         self.metrics: Optional[MetricsServer] = None
-        self.cached: Optional[Snapshot] = None
+        self.cached = ""    # the metrics text the metrics thread serves
         self.logged_errors: Dict[str, float] = {}
         self.reloader = Reloader(self, list(main_argv))
 
@@ -184,13 +185,20 @@ class Supervisor:
             return
         self.zygote.own_path(path)
         self.register(self.status.fileno(), lambda _m: self.status.on_accept())
+        self.log.info("plugin %s: status and metrics on %s (kuiper-pool status %s; "
+                      "kuiper-pool metrics serves every plugin's over HTTP)",
+                      self.plugin.name, path, self.plugin.name)
         if self.s.metrics_address:
-            self.cached = snapshot(self)
+            self.cached = render([snapshot(self)])
             try:
                 self.metrics = MetricsServer(self.s.metrics_address, lambda: self.cached)
             except OSError as e:
-                self.log.error("plugin %s: metrics_address %s: %s; serving without metrics",
-                               self.plugin.name, self.s.metrics_address, e)
+                self.log.error("plugin %s: metrics_address %s: %s; serving them on the status socket "
+                               "only (each plugin needs a port of its own; kuiper-pool metrics "
+                               "serves every plugin's on one)", self.plugin.name,
+                               self.s.metrics_address, e.strerror or e)
+            else:
+                self.log.info("plugin %s: metrics served at %s", self.plugin.name, self.metrics.url)
 
     def close(self) -> None:
         for inst in list(self.instances.values()):
@@ -243,8 +251,8 @@ class Supervisor:
         if now - self.last_sample >= self.s.sample_interval:
             self.last_sample = now
             sample(self)
-            if self.metrics is not None:  # the snapshot the metrics thread serves
-                self.cached = snapshot(self)
+            if self.metrics is not None:  # the text the metrics thread serves
+                self.cached = render([snapshot(self)])
         if self.status is not None:
             self.status.tick(now)
         if self.control is not None:

@@ -41,6 +41,7 @@ EXIT_ORPHAN = 4       # the supervisor went away
 EXIT_CRASH = 70       # plugin code raised; FAULT carried the error
 EXIT_RECYCLED = frames.EXIT_RECYCLED  # served max_calls on a lent connection
 EXIT_FORKED = 1       # a process forked by plugin code came back into kuiper_pool's code
+EXIT_VERSION = 6      # an exec'd worker found another kuiper_pool installed than its zygote's
 SEND_POLL = 0.1       # how often a blocked emit re-checks for stop
 DONE_EVERY = 32       # sink progress is reported at least this often
 PARTIAL_SPINS = 100   # a lent sink connection holds part of a frame: look again at once
@@ -657,13 +658,22 @@ def call_function(worker: Worker, function: Any, contexts: Dict[Tuple[Any, ...],
 # --- spawn start method ----------------------------------------------------------------
 
 def spawn_main(argv: list) -> int:
-    """``kuiper_pool.runtime.worker <payload fd> <log_level> <link fd>`` (started by
-    ``launch.python_command`` with the plugin's folder first on sys.path): load the
-    cloudpickled factories from the sealed memfd the supervisor wrote and every spawned
-    worker inherits (never a path, never a socket), serve."""
+    """``kuiper_pool.runtime.worker <payload fd> <log_level> <link fd> <zygote's kuiper_pool
+    version>`` (started by ``launch.python_command`` with the plugin's folder first on
+    sys.path): load the cloudpickled factories from the sealed memfd the supervisor wrote and
+    every spawned worker inherits (never a path, never a socket), serve. The version comes
+    last, where a worker of an older kuiper_pool ignores it."""
     import cloudpickle
 
+    from .. import __version__
+
     payload, level, fd = int(argv[1]), argv[2], int(argv[3])
+    made_by = argv[4] if len(argv) > 4 else "a version that does not say it"
+    if made_by != __version__:  # its frames may not be the supervisor's: serve nothing
+        print(f"kuiper_pool worker pid {os.getpid()}: kuiper_pool {__version__} is installed now, "
+              f"the plugin's supervisor runs {made_by}: restart the plugin in eKuiper to run the "
+              f"installed version", flush=True)
+        return EXIT_VERSION
     size, chunks, offset = os.fstat(payload).st_size, [], 0
     while offset < size:  # pread: the fd's offset is shared with every other spawned worker
         chunk = os.pread(payload, size - offset, offset)

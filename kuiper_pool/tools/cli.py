@@ -124,6 +124,12 @@ def _plugin_dir(args: argparse.Namespace) -> str:
     return args.plugin_dir
 
 
+def cmd_metrics(args: argparse.Namespace) -> int:
+    from .exporter import serve
+
+    return serve(args.listen, args.runtime_dir)
+
+
 def cmd_package(args: argparse.Namespace) -> int:
     from .packaging import Options, build
     from .wheels import Target
@@ -240,7 +246,7 @@ def _clock(at: float, now: float) -> str:
 
 COMMANDS: Dict[str, Callable[[argparse.Namespace], int]] = {
     "try": cmd_try, "status": cmd_status, "restart": cmd_restart, "reload": cmd_reload,
-    "package": cmd_package,
+    "metrics": cmd_metrics, "package": cmd_package,
     "validate": cmd_validate, "serve": cmd_serve}
 
 
@@ -305,6 +311,16 @@ def build_parser() -> argparse.ArgumentParser:
     rl.add_argument("--timeout", type=float, default=120.0,
                     help="seconds to wait for the outcome (default 120)")
     rl.add_argument("--runtime-dir", default="", help="the plugin's runtime_dir setting, if set")
+    m = sub.add_parser("metrics", help="serve every running plugin's Prometheus metrics over HTTP",
+                       description="Serve GET/HEAD /metrics with the metrics of every kuiper_pool "
+                                   "plugin running as this user, asked from each supervisor's "
+                                   "status socket at every scrape and labelled by plugin. Runs "
+                                   "until SIGTERM or Ctrl-C.")
+    m.add_argument("--listen", default="127.0.0.1:9464",
+                   help="host:port to serve on (default 127.0.0.1:9464; a non-loopback host "
+                        "serves beyond this machine: only when you mean it)")
+    m.add_argument("--runtime-dir", action="append", default=[],
+                   help="a runtime_dir setting the plugins use, if set (repeatable)")
     k = sub.add_parser("package", help="build the zip eKuiper installs",
                        description="Check the plugin folder as kuiper-pool validate does (running "
                                    "its main, unless --no-run) and build the zip: <name>.json at "

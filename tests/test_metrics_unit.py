@@ -1,0 +1,44 @@
+"""The Prometheus text of snapshots (``runtime/metrics.py``), without processes: what every
+instance has from its start, and a snapshot that cannot be read (another kuiper_pool
+version's, or a bug) costing only its own plugin's series."""
+from __future__ import annotations
+
+from kuiper_pool.runtime.metrics import render
+from metrics_text import parse, value
+
+FRESH = {"symbol": "f", "type": "func", "rule": "", "op": "", "instance": 0, "state": "starting",
+         "restart_causes": {}, "items_in": 0, "items_out": 0, "errors": 0, "rss": 0, "cpu_seconds": 0.0}
+
+
+def snap(plugin: str, *instances: dict) -> dict:
+    return {"plugin": plugin, "version": "1.2.3", "python": "3.11.7", "started": 1700000000.5,
+            "instances": list(instances)}
+
+
+def test_a_fresh_instance_has_every_series_at_zero_and_one_state():
+    samples = parse(render([snap("p", FRESH)]))
+    assert value(samples, "kuiper_pool_build_info", plugin="p", version="1.2.3", python="3.11.7") == 1
+    assert value(samples, "kuiper_pool_start_time_seconds", plugin="p") == 1700000000.5
+    states = {dict(ls)["state"]: v for (n, ls), v in samples.items() if n == "kuiper_pool_instance_state"}
+    assert states == {"starting": 1, "running": 0, "backoff": 0, "recycling": 0, "stopping": 0,
+                      "failed": 0, "ended": 0}
+    causes = {dict(ls)["cause"]: v for (n, ls), v in samples.items() if n == "kuiper_pool_restarts_total"}
+    assert causes == {"exit": 0, "signal": 0, "hang": 0, "deadline": 0}
+    for name in ("items_in_total", "items_out_total", "errors_total", "resident_memory_bytes",
+                 "cpu_seconds_total"):
+        assert (f"kuiper_pool_{name}", frozenset({("plugin", "p"), ("symbol", "f"), ("type", "func"),
+                                                  ("rule", ""), ("op", ""), ("instance", "0")})) in samples
+
+
+def test_a_snapshot_that_cannot_be_read_is_up_0_and_the_others_are_served():
+    bad = snap("b", dict(FRESH, items_in="many"))
+    older = {"plugin": "o", "instances": [{k: v for k, v in FRESH.items() if k != "cpu_seconds"}]}
+    samples = parse(render([snap("p", FRESH), bad, older, snap("q", dict(FRESH, symbol="g"))], down=["d"]))
+    ups = {dict(ls)["plugin"]: v for (n, ls), v in samples.items() if n == "kuiper_pool_up"}
+    assert ups == {"p": 1, "b": 0, "o": 1, "q": 1, "d": 0}
+    assert value(samples, "kuiper_pool_items_in_total", plugin="q") == 0
+    assert not [k for k in samples if ("plugin", "b") in k[1] and k[0] != "kuiper_pool_up"]
+    # an older supervisor's snapshot: what it has is served, what it lacks is left out
+    assert value(samples, "kuiper_pool_instance_state", plugin="o", state="starting") == 1
+    assert not [k for k in samples if ("plugin", "o") in k[1] and k[0] in (
+        "kuiper_pool_cpu_seconds_total", "kuiper_pool_build_info")]
