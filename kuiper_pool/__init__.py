@@ -5,6 +5,6 @@ Drop-in replacement for the official SDK: change ``from ekuiper import ...`` to
 """
 from . import plugin
 from .api import Context, Function, PluginConfig, Sink, Source
+from .version import __version__
 
 __all__ = ["plugin", "PluginConfig", "Source", "Sink", "Function", "Context"]
-__version__ = "0.3.0"

@@ -504,7 +504,8 @@ def load_settings(script_dir: Optional[str] = None, overrides: Optional[Mapping[
 
 
 def _warn_unknown_env(var: str, warn: Optional[Callable[[str], None]]) -> None:
-    from . import __version__, logs
+    from . import logs
+    from .version import __version__
 
     hint = _did_you_mean(var, (ENV_PREFIX + n.upper() for n in _BY_NAME))
     text = (f"kuiper_pool config: ignoring environment variable {var}: not a setting of "

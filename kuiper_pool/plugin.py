@@ -14,8 +14,6 @@ from .describe import DESCRIBE_ENV
 if TYPE_CHECKING:
     from .runtime.zygote import WorkerMain, Zygote
 
-# set (to "<supervisor pid>:<run dir>") in a reload's fresh zygote: runtime/zygote.py
-FRESH_ENV = "KUIPER_POOL_FRESH_ZYGOTE"
 # set by ``kuiper-pool serve`` (tools/serve.py); outside the KUIPER_POOL_ settings namespace
 SERVE_ENV = "KUIPERPOOL_SERVE"
 
@@ -32,6 +30,8 @@ def start(c: Any) -> NoReturn:
         from .describe import describe
 
         describe(c, script_dir)  # prints the symbol table and exits
+    from .runtime.protocol import FRESH_ENV  # not at import: plugin authors import this module
+
     fresh = None
     if FRESH_ENV in os.environ:  # a reload's fresh zygote: it serves the running supervisor
         from .runtime import zygote
@@ -123,7 +123,7 @@ def _serve_fresh(plugin: PluginConfig, settings: Any, script_dir: str, fresh: An
     """A reload's fresh zygote: report the new code's symbols (each built and checked in a
     throwaway child, as ``kuiper-pool validate`` does) and settings, then make workers with
     them exactly as a zygote forked at start would. It never dials eKuiper."""
-    from . import __version__  # the kuiper_pool the new code imports (its own, once upgraded)
+    from .version import __version__  # the kuiper_pool the new code imports (its own, once upgraded)
     from .describe import inspect_symbols
     from .runtime import zygote
     from .runtime.protocol import ZYGOTE_HELLO

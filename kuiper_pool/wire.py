@@ -10,6 +10,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Optional, Union
 
+# argv[1] of every plugin process eKuiper starts (its PortableConfig as JSON)
+PORTABLE_CONF = '{"sendTimeout":1000}'
 CMD_START = "start"
 CMD_STOP = "stop"
 TYPE_SOURCE = "source"

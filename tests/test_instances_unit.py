@@ -188,7 +188,7 @@ class Recorder:
         pull.close()
         ack.close()
 
-    def open_function(self, inst: Instance, wait: bool = True) -> FunctionChannel:
+    def open_function(self, inst: Instance) -> FunctionChannel:
         if self.route_error is not None:
             raise self.route_error
         self.endpoints = LendableReq() if self.lendable else MemoryReq()

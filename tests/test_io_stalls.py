@@ -10,7 +10,7 @@ import os
 import socket
 import threading
 import time
-from typing import Callable, List
+from typing import Callable, List, Tuple
 
 import psutil
 import pytest
@@ -79,6 +79,41 @@ def within_idle(loaded: float, idle: float) -> bool:
     return loaded <= max(2 * idle, idle + 0.25)
 
 
+def start_in_thread(host, symbol: str) -> Tuple[threading.Thread, List[str]]:
+    """Send ``symbol``'s function start from a thread; what refuses it lands in the list."""
+    refused: List[str] = []
+
+    def start() -> None:
+        try:
+            host.command("start", control(symbol, "func"))
+        except HostError as e:
+            refused.append(str(e))
+    return threading.Thread(target=start, daemon=True), refused
+
+
+def start_stalled_sink(host, snk: str, rule: str, tmp_path) -> Tuple[SilentPeer, dict, str]:
+    """A sink started with an ack reader that never reads and items that are all rejected:
+    (the ack peer, the sink's Control, its data url)."""
+    base = f"/tmp/{rule}_op_0"
+    ack_peer = SilentPeer(base + "_ack.ipc", sp.header(sp.PULL))
+    ctrl = control(snk, "sink", rule, "op", 0, config={
+        "requireAck": True, "reject": "bad", "file": str(tmp_path / "stalled.jsonl")})
+    host.command("start", ctrl)
+    return ack_peer, ctrl, f"ipc://{base}.ipc"
+
+
+def rejected(i: int) -> bytes:
+    """Item ``i``, rejected by the sink with its own 2 KiB error text."""
+    return json.dumps({"i": i, "v": "bad", "pad": "x" * 2048}).encode()
+
+
+def stop_quietly(host, ctrl: dict) -> None:
+    try:
+        host.command("stop", ctrl)
+    except HostError:
+        pass
+
+
 def test_stalled_peers_never_hold_up_other_rules_and_the_supervisor_stays_one_thread(
         tmp_path, unique, host_runs):
     fn, stuck_fn, unanswered_fn, snk = f"fn{unique}", f"g{unique}", f"h{unique}", f"snk{unique}"
@@ -108,31 +143,19 @@ def test_stalled_peers_never_hold_up_other_rules_and_the_supervisor_stays_one_th
     # 2. a first function start whose channel accepts and never answers: refused after
     #    dial_timeout, answered without the loop waiting for it
     h_peer = SilentPeer(f"/tmp/func_{unanswered_fn}.ipc")
-    refused: List[str] = []
-
-    def start_h() -> None:
-        try:
-            host.command("start", control(unanswered_fn, "func"))
-        except HostError as e:
-            refused.append(str(e))
-    starter = threading.Thread(target=start_h, daemon=True)
+    starter, refused = start_in_thread(host, unanswered_fn)
     starter.start()
     # 3. a sink whose ack reader never reads: every item is error-acked with its own 2 KiB
     #    text, far more than the socket and the ack backlog take
-    rule2 = f"r2{unique}"
-    base = f"/tmp/{rule2}_op_0"
-    ack_peer = SilentPeer(base + "_ack.ipc", sp.header(sp.PULL))
-    ctrl2 = control(snk, "sink", rule2, "op", 0, config={
-        "requireAck": True, "reject": "bad", "file": str(tmp_path / "stalled.jsonl")})
-    host.command("start", ctrl2)
+    ack_peer, ctrl2, data_url = start_stalled_sink(host, snk, f"r2{unique}", tmp_path)
     n_items = 3000
-    pusher = sp.PushEndpoint(f"ipc://{base}.ipc", dial_timeout=5.0, send_timeout=60.0)
+    pusher = sp.PushEndpoint(data_url, dial_timeout=5.0, send_timeout=60.0)
     push_error: List[BaseException] = []
 
     def push() -> None:
         try:
             for i in range(n_items):
-                pusher.send(json.dumps({"i": i, "v": "bad", "pad": "x" * 2048}).encode())
+                pusher.send(rejected(i))
         except BaseException as e:  # noqa: BLE001 - reported by the assertion below
             push_error.append(e)
     sender = threading.Thread(target=push, daemon=True)
@@ -157,10 +180,7 @@ def test_stalled_peers_never_hold_up_other_rules_and_the_supervisor_stays_one_th
         ack_peer.close()
         g_peer.close()
         h_peer.close()
-        try:
-            host.command("stop", ctrl2)
-        except HostError:
-            pass
+        stop_quietly(host, ctrl2)
 
 
 def test_acks_of_a_lent_sink_that_ekuiper_does_not_read_queue_in_the_supervisor(tmp_path, unique, host_runs):
@@ -273,3 +293,44 @@ def test_the_stack_dump_signal_is_harmless_until_the_worker_installed_its_handle
     assert psutil.Process(g.exec(["pid"])["result"]).ppid() == zygote
     assert f.exec(["pid"])["result"] == worker
 
+
+
+def test_under_nng_a_stalled_ack_reader_and_a_missing_function_channel_hold_up_nothing(
+        tmp_path, unique, host_runs, monkeypatch):
+    """``transport: nng``: acks eKuiper does not read queue in the supervisor (nng's sends
+    never wait) and a function channel nobody listens on is dialed in nng's threads, so
+    other rules' calls and starts go on as when idle; every ack arrives once read."""
+    monkeypatch.setenv("KUIPER_POOL_TRANSPORT", "nng")
+    fn, absent_fn, late_fn, snk = f"fn{unique}", f"g{unique}", f"h{unique}", f"snk{unique}"
+    pd = make_plugin(str(tmp_path), f"kp{unique}", sinks={snk: RECORDING_SINK},
+                     functions={fn: MODE_FUNCTION, absent_fn: MODE_FUNCTION, late_fn: MODE_FUNCTION},
+                     settings={"dial_timeout": 2.0})
+    host = host_runs.launch(pd, data_transport="sp")
+    f = host.start_function(fn)
+
+    def call() -> None:
+        assert f.exec(["echo", 2])["result"] == 2
+
+    idle_fn = p99(round_trips(call, 1.0))
+    starter, refused = start_in_thread(host, absent_fn)  # nobody listens on its channel
+    ack_peer, ctrl, data_url = start_stalled_sink(host, snk, f"r{unique}", tmp_path)
+    n_items = 1000
+    pusher = None
+    try:
+        pusher = sp.PushEndpoint(data_url, dial_timeout=5.0, send_timeout=60.0)
+        for i in range(n_items):  # far more error acks than a socket takes
+            pusher.send(rejected(i))
+        starter.start()
+        stalled_fn = p99(round_trips(call, 2.0))
+        late = host.start_function(late_fn)  # another instance starts meanwhile
+        assert late.exec(["echo", 3])["result"] == 3
+        starter.join(10.0)
+        assert refused and "dial_timeout 2s" in refused[0] and absent_fn in refused[0]
+        assert within_idle(stalled_fn, idle_fn), (idle_fn, stalled_fn)
+        conn = assert_every_rejection_acked_once(ack_peer, n_items)
+        assert_nothing_more(conn)
+    finally:
+        if pusher is not None:
+            pusher.close()
+        ack_peer.close()
+        stop_quietly(host, ctrl)

@@ -191,7 +191,7 @@ def test_new_code_on_another_kuiper_pool_version_is_refused(tmp_path, unique, ho
 
     rig = Rig(tmp_path, unique, host_runs)
     version, pid, _ = rig.call()
-    rig.install('import kuiper_pool\nkuiper_pool.__version__ = "99.0.0"\nVERSION = "v9"\n')
+    rig.install('import kuiper_pool.version\nkuiper_pool.version.__version__ = "99.0.0"\nVERSION = "v9"\n')
     proc = rig.reload()
     assert proc.returncode == 1
     assert proc.stdout.strip() == (
@@ -210,8 +210,8 @@ def test_an_exec_d_worker_of_another_installed_kuiper_pool_serves_nothing(tmp_pa
 
     other = tmp_path / "installed"
     shutil.copytree(os.path.join(REPO, "kuiper_pool"), other / "kuiper_pool")
-    init = other / "kuiper_pool" / "__init__.py"
-    init.write_text(init.read_text().replace("__version__ = ", '__version__ = "99.0.0"  # was '))
+    version = other / "kuiper_pool" / "version.py"
+    version.write_text(version.read_text().replace("__version__ = ", '__version__ = "99.0.0"  # was '))
     name, fn = f"kp{unique}", f"fn{unique}"
     pd = make_plugin(str(tmp_path), name, functions={fn: VERSION_FUNCTION},
                      extra_modules={"version": 'VERSION = "v1"\n'},

@@ -11,7 +11,9 @@ import signal
 import stat
 import subprocess
 import sys
+from typing import Optional, Set
 
+import psutil
 import pytest
 
 from conftest import kuiper_pool_cli, wait_until
@@ -302,10 +304,63 @@ def test_a_corrupt_state_file_is_moved_aside_and_the_instance_starts_empty(tmp_p
         s = host.start_source(src, rule)
         assert s.recv()["message"]["n"] < 1000  # empty state: counting from 1
         s.stop()
-        wait_until(lambda: len(descendants(host.process.pid)) == 1,
-                   message="only the zygote left after the stop")
+        wait_until(lambda: len(descendants(host.process.pid) - syncers(host.process.pid)) == 1,
+                   message="only the zygote (and the state syncer) left after the stop")
     [aside] = [n for n in os.listdir(state_dir) if ".corrupt-" in n]
     assert (state_dir / aside).read_bytes() == data
     [warning] = warnings_about(pd, path)
     assert f"plugin {plugin} source {src} rule {rule}" in warning
     assert "starting with empty state" in warning and aside in warning
+
+
+def syncers(supervisor: int) -> Set[int]:
+    """The live state syncer processes among ``supervisor``'s children."""
+    out = set()
+    for p in psutil.Process(supervisor).children():
+        try:
+            if p.status() != psutil.STATUS_ZOMBIE and any(a.endswith("syncer.py") for a in p.cmdline()):
+                out.add(p.pid)
+        except psutil.Error:  # gone meanwhile
+            pass
+    return out
+
+
+def test_a_state_disk_that_does_not_answer_holds_up_no_call_or_start(tmp_path, unique, host_runs, transport):
+    """The loop only writes state files; fsync and rename are the syncer process's. A syncer
+    that stops (as on a disk that does not answer) delays the files, never the supervisor:
+    calls and starts are served, the temporary files it leaves are bounded, and what was
+    put reaches the file once it goes on; a killed syncer is replaced."""
+    fn, other = f"fn{unique}", f"g{unique}"
+    state_dir = tmp_path / "state"
+    host = host_runs.launch(make_plugin(str(tmp_path), f"kp{unique}",
+                                        functions={fn: STATE_FUNCTION, other: STATE_FUNCTION},
+                                        settings={**FAST, "state_dir": str(state_dir),
+                                                  "state_flush_interval": 0.05}))
+    f = host.start_function(fn)
+    assert f.exec(["incr"])["result"] == 1
+
+    def syncer() -> Optional[psutil.Process]:
+        pids = syncers(host.process.pid)
+        return psutil.Process(pids.pop()) if pids else None
+
+    def state_file_ends_with(text: bytes) -> bool:  # fn's file (g has its own)
+        files = [n for n in os.listdir(state_dir) if n.endswith(".state") and fn in n]
+        return bool(files) and (state_dir / files[0]).read_bytes().endswith(text)
+
+    stalled = wait_until(syncer, message="the state syncer")
+    wait_until(lambda: state_file_ends_with(b"1"), message="the flush of 1")
+    stalled.suspend()
+    try:
+        assert [f.exec(["incr"])["result"] for _ in range(200)] == list(range(2, 202))
+        g = host.start_function(other)
+        assert g.exec(["incr"])["result"] == 1
+        assert not state_file_ends_with(b"201")
+        assert len([n for n in os.listdir(state_dir) if n.endswith(".tmp")]) <= 64
+    finally:
+        stalled.resume()
+    wait_until(lambda: state_file_ends_with(b"201"), message="the flush of 201 after the stall")
+    stalled.kill()  # reaped by the supervisor when it next writes state
+    wait_until(lambda: not syncers(host.process.pid), message="the syncer's death")
+    assert f.exec(["incr"])["result"] == 202
+    wait_until(lambda: state_file_ends_with(b"202"), message="a flush by a new syncer")
+    assert syncers(host.process.pid) - {stalled.pid}

@@ -15,7 +15,8 @@ class WorkerContext(Context):
     """Context of one source, sink or function instance inside its worker.
 
     A source emits straight to eKuiper's socket (``send``); a sink's acks go to
-    the supervisor over the worker link, which forwards exactly one per item.
+    the supervisor over the worker link, which forwards exactly one per item, or, while
+    an acked sink holds eKuiper's lent connections (native transport), straight to eKuiper.
     ``emit_error`` sends nothing: eKuiper 2.x would decode ``{"error": ...}`` as an empty
     row and ingest it; the error is logged and counted (``errors``) instead.
     State lives in the worker's ``LocalState`` (shared by the contexts of one rule), every

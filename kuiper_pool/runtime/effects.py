@@ -2,7 +2,8 @@
 worker links and eKuiper's sockets.
 
 ``Instance`` and its route act only through :class:`Effects`: make a worker, send it a
-frame, signal it, open/watch/close eKuiper's channels, lend a function connection, log.
+frame, signal it, open/watch/close eKuiper's channels, lend a worker eKuiper's
+connections (a function's, an acked sink's) and take them back, keep state, log.
 :class:`LoopEffects` does it inside the supervisor's selector loop and turns what comes
 back (link frames, the zygote's reports) into the instance's events. Unit tests replace it
 with a recorder and a fake clock (tests/test_instances_unit.py).
@@ -34,7 +35,6 @@ if TYPE_CHECKING:  # a kind's modules are imported when its first instance start
     from .routes.function import FunctionChannel, Handoff
     from .sinkpage import SinkPage
 
-ACK_SEND_TIMEOUT = 1.0  # nng: as eKuiper's own sends, an ack nobody reads is dropped after it
 
 
 class WorkerHandle:
@@ -68,7 +68,7 @@ class Effects(Protocol):
     def signal(self, w: WorkerHandle, sig: int) -> None: ...
     def open_sink(self, inst: "Instance") -> Tuple[Any, Any]: ...   # (pull, ack); OSError
     def close_sink(self, inst: "Instance", pull: Any, ack: Any) -> None: ...
-    def open_function(self, inst: "Instance", wait: bool = True) -> "FunctionChannel": ...  # OSError
+    def open_function(self, inst: "Instance") -> "FunctionChannel": ...  # OSError; never waits
     def close_function(self, inst: "Instance", channel: "FunctionChannel") -> None: ...
     def watch(self, inst: "Instance", endpoint: Any, reading: bool) -> None: ...  # read it or not
     def hand_over(self, w: WorkerHandle, handoff: "Handoff") -> None: ...  # lend the connection
@@ -264,10 +264,9 @@ class LoopEffects:
         pull = self.transport.PullEndpoint(data_url, spill=frames.SPILL, notice=inst.route.on_notice)
         ack_url = wire.ack_url(ctrl.rule_id, ctrl.op_id, ctrl.instance_id)
         try:
-            # eKuiper listens on the ack path before it sends start; native: dialed and
-            # written without ever blocking the loop (the route watches it)
-            ack = (self.transport.PushDialer(ack_url) if self.lends_functions
-                   else self.transport.PushEndpoint(ack_url, 0.5, ACK_SEND_TIMEOUT))
+            # dialed and written without ever blocking the loop: native, the route watches
+            # it; nng dials in its threads and the route's ticks hand it queued acks
+            ack = self.transport.PushDialer(ack_url)
         except OSError:
             pull.close()
             raise
@@ -283,13 +282,12 @@ class LoopEffects:
         for endpoint in (pull, ack):
             endpoint.close()
 
-    def open_function(self, inst: "Instance", wait: bool = True) -> "FunctionChannel":
+    def open_function(self, inst: "Instance") -> "FunctionChannel":
         from .routes.function import FunctionChannel  # only functions need it
 
-        url = wire.function_url(inst.ctrl.symbol)
-        # native: always dialed in the loop (the route answers the first start once it is up)
-        wait = wait and not self.lends_functions
-        return FunctionChannel(self.req_endpoint(url, self.s.dial_timeout if wait else 0.0),
+        # dialed in the loop, never waited for: the route answers the first start once it
+        # is up, or refuses it after dial_timeout
+        return FunctionChannel(self.req_endpoint(wire.function_url(inst.ctrl.symbol), 0.0),
                                self.lends_functions)
 
     def close_function(self, inst: "Instance", channel: "FunctionChannel") -> None:
@@ -350,8 +348,12 @@ class LoopEffects:
 
     def flush_state(self, now: Optional[float] = None) -> None:
         """Write changed state to state_dir: on ticks (``now``), or all of it now."""
-        def failed(store: Store, e: OSError) -> None:
-            self.log.error("cannot write state to %s: %s", store.path, e.strerror or e)
+        def failed(store: Optional[Store], e: OSError) -> None:
+            if store is None:
+                self.log.error("cannot start the state syncer: %s; state is synced in the loop",
+                               e.strerror or e)
+            else:
+                self.log.error("cannot write state to %s: %s", store.path, e.strerror or e)
         if now is None:
             self.states.flush(failed)
         else:

@@ -30,7 +30,8 @@ ITEMS = ord("D")      # sink items: first seq, then length-prefixed items
 ITEM_FD = ord("B")    # one big sink item: seq, then its size; its bytes in a sealed memfd (SCM_RIGHTS)
 CALL = ord("C")       # function request: call id, then eKuiper's request bytes
 STOP = ord("X")       # close the instance and exit
-CONN = ord("N")       # function: eKuiper's connection lent to the worker (fd with SCM_RIGHTS)
+CONN = ord("N")       # eKuiper's connections lent to the worker (fds with SCM_RIGHTS): a function's
+                      # (encode_conn) or an acked sink's data and ack connections (no payload)
 STATE = ord("T")      # right after START: the instance's state (state.py encoding)
 # worker -> supervisor
 READY = ord("R")      # JSON: {"error": null | "text"} after configure

@@ -7,7 +7,7 @@ import sys
 import time
 from typing import TYPE_CHECKING
 
-from .. import __version__
+from ..version import __version__
 from .instances import BACKOFF, FAILED, RUNNING
 from .status import Snapshot
 

@@ -35,6 +35,8 @@ ZYGOTE_RETIRE = "retire"
 # a fresh zygote's first report (reload.py): {"op": ZYGOTE_HELLO, "version", "name", "sources", "sinks",
 # "functions", "settings", "checks" (describe.inspect_symbols, or {"error"})} or
 # {"op": ZYGOTE_ERROR, "error"} (it cannot serve the new code)
+# set (to "<supervisor pid>:<run dir>") in a reload's fresh zygote: zygote.py
+FRESH_ENV = "KUIPER_POOL_FRESH_ZYGOTE"
 ZYGOTE_STARTED = "started"
 ZYGOTE_EXITED = "exited"
 ZYGOTE_REFUSED = "refused"

@@ -27,7 +27,8 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any, Dict, List, Optional
 
-from .. import __version__, wire
+from .. import wire
+from ..version import __version__
 from ..api import PluginConfig
 from ..config import Settings
 from ..describe import problem

@@ -21,10 +21,14 @@ ever unpickled.
 from __future__ import annotations
 
 import errno
+import fcntl
 import json
 import os
+import select
+import signal
 import stat
 import struct
+import sys
 import time
 from typing import Any, Callable, Dict, Iterator, Optional, Tuple
 
@@ -202,6 +206,7 @@ class Store(Buckets):
         super().__init__(limit)
         self.path = path
         self.dirty = False
+        self.serial = 0     # of its temporary files
 
     def load_file(self) -> Optional[str]:
         """Read the file, if any; a file that is not a whole state file (cut short, a key
@@ -230,11 +235,13 @@ class Store(Buckets):
     def frame_payload(self) -> bytes:
         return LIMIT.pack(self.limit) + self.encode()
 
-    def flush(self) -> None:
-        """Write the file if anything changed (atomically: a crash leaves the old one)."""
+    def flush(self, syncer: Optional["Syncer"] = None) -> None:
+        """Write the file if anything changed (atomically: a crash leaves the old one): made
+        durable and renamed into place by ``syncer`` when it takes the name now, else here."""
         if not self.path or not self.dirty:
             return
-        tmp = f"{self.path}.{os.getpid()}.tmp"
+        self.serial += 1
+        tmp = f"{self.path}.{os.getpid()}.{self.serial}.tmp"
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | OPEN_FLAGS
         try:
             fd = os.open(tmp, flags, 0o600)
@@ -244,9 +251,14 @@ class Store(Buckets):
         try:
             with open(fd, "wb") as f:
                 f.write(self.encode())
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
+                if syncer is None:
+                    f.flush()
+                    os.fsync(f.fileno())
+            if syncer is None:
+                os.replace(tmp, self.path)
+            elif not syncer.hand(tmp, self.path):
+                os.unlink(tmp)  # the syncer is behind (a slow disk): next time
+                return
         except BaseException:
             try:
                 os.unlink(tmp)
@@ -254,6 +266,58 @@ class Store(Buckets):
                 pass
             raise
         self.dirty = False
+
+
+class Syncer:
+    """The supervisor's end of the syncer process (``syncer.py``): ``hand`` never waits."""
+
+    # names waiting in the pipe at most: bounds the temporary files a stalled disk leaves
+    PIPE_SIZE = 4096
+
+    def __init__(self) -> None:
+        """OSError if the process cannot be started."""
+        r, w = os.pipe()
+        try:
+            argv = [sys.executable, "-I", "-S", os.path.join(os.path.dirname(__file__), "syncer.py")]
+            self.pid = os.posix_spawn(sys.executable, argv, dict(os.environ),
+                                      file_actions=[(os.POSIX_SPAWN_DUP2, r, 0)],
+                                      setpgroup=0)  # a signal to our group leaves it its queue
+        except OSError:
+            os.close(w)
+            raise
+        finally:
+            os.close(r)
+        self.fd = w
+        os.set_blocking(w, False)
+        try:
+            fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, self.PIPE_SIZE)
+        except OSError:
+            pass
+
+    def hand(self, tmp: str, final: str) -> bool:
+        """Queue ``tmp`` to be synced and renamed to ``final``; False if the syncer is behind
+        (its pipe is full). OSError if it is gone."""
+        record = os.fsencode(tmp) + b"\0" + os.fsencode(final) + b"\0"
+        if len(record) > select.PIPE_BUF:  # not written whole at once: synced in the loop
+            return False
+        try:
+            return os.write(self.fd, record) == len(record)
+        except BlockingIOError:
+            return False
+
+    def alive(self) -> bool:
+        return os.waitpid(self.pid, os.WNOHANG)[0] == 0
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Let it finish what it was handed (bounded by ``timeout``), then reap it."""
+        os.close(self.fd)
+        deadline = time.monotonic() + timeout
+        while os.waitpid(self.pid, os.WNOHANG)[0] == 0:
+            if time.monotonic() >= deadline:
+                os.kill(self.pid, signal.SIGKILL)
+                os.waitpid(self.pid, 0)
+                return
+            time.sleep(0.01)  # only at exit, with the loop over
 
 
 class States:
@@ -265,6 +329,7 @@ class States:
         self.flush_interval = flush_interval
         self.stores: Dict[str, Store] = {}
         self.next_flush = 0.0
+        self.syncer: Optional[Syncer] = None
 
     def store(self, plugin: str, key: str, limit: int,
               warn: Callable[[str], None] = lambda _text: None) -> Store:
@@ -290,14 +355,32 @@ class States:
             name = "h-" + hashlib.sha256(name.encode()).hexdigest()
         return os.path.join(self.dir, name + FILE_SUFFIX)
 
-    def tick(self, now: float, on_error: Callable[[Store, OSError], None]) -> None:
-        if self.dir and now >= self.next_flush:
-            self.next_flush = now + self.flush_interval
-            self.flush(on_error)
+    def tick(self, now: float, on_error: Callable[[Optional[Store], OSError], None]) -> None:
+        """Hand changed stores to the syncer, every ``flush_interval``."""
+        if not self.dir or now < self.next_flush:
+            return
+        self.next_flush = now + self.flush_interval
+        if not any(store.dirty for store in self.stores.values()):
+            return
+        if self.syncer is None or not self.syncer.alive():
+            self.syncer = None
+            try:
+                self.syncer = Syncer()
+            except OSError as e:
+                on_error(None, e)  # synced here, in the loop, until it can be started
+        self._flush(self.syncer, on_error)
 
-    def flush(self, on_error: Callable[[Store, OSError], None]) -> None:
+    def flush(self, on_error: Callable[[Optional[Store], OSError], None]) -> None:
+        """Everything, durably, now (the supervisor stops): after what the syncer was handed."""
+        if self.syncer is not None:
+            syncer, self.syncer = self.syncer, None
+            syncer.close()
+        self._flush(None, on_error)
+
+    def _flush(self, syncer: Optional[Syncer],
+               on_error: Callable[[Optional[Store], OSError], None]) -> None:
         for store in self.stores.values():
             try:
-                store.flush()
+                store.flush(syncer)
             except OSError as e:
                 on_error(store, e)

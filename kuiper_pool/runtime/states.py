@@ -2,16 +2,35 @@
 
 ``Instance._move`` is the only writer of a state and checks every change against
 ``TRANSITIONS``; a change the table does not allow raises :class:`TransitionError` (a bug
-of ours, contained to the one instance by the supervisor)::
+of ours, contained to the one instance by the supervisor). Every allowed change, one per
+line (tests/test_structure.py checks this list against the table)::
 
-    STARTING --READY ok--> RUNNING --crash--> BACKOFF --delay--> STARTING
-       |  \\--crash (restart)--> BACKOFF        |  \\--recycle--> RECYCLING --exit--> STARTING
-       |                                      \\--stop--> STOPPING --exit--> REMOVED
-       \\--first start fails / times out--> REMOVED (eKuiper gets the error)
-    BACKOFF/STARTING --too many restarts in flap_window--> FAILED --failed_retry--> STARTING
-    RUNNING --a source's open returned--> ENDED
-    RUNNING --a function's first start still unanswered: no channel in dial_timeout--> REMOVED
-    any state but STOPPING --internal error--> FAILED (contain)
+    STARTING  -> RUNNING    the worker's READY (ok)
+    STARTING  -> BACKOFF    a restarted worker crashed or was killed (hung, start_timeout)
+    STARTING  -> FAILED     too many restarts in flap_window; an internal error (contain)
+    STARTING  -> STOPPING   stop or shutdown while a worker starts
+    STARTING  -> REMOVED    the first start fails (eKuiper gets the error); stop with no worker
+    RUNNING   -> BACKOFF    crash, hang, deadline: restart after a delay
+    RUNNING   -> RECYCLING  over a limit, an operator's restart, a reload: the worker is replaced
+    RUNNING   -> STARTING   a worker that recycled itself (max_calls) is replaced at once
+    RUNNING   -> STOPPING   stop or shutdown
+    RUNNING   -> ENDED      a source's open returned
+    RUNNING   -> FAILED     too many restarts in flap_window; an internal error (contain)
+    RUNNING   -> REMOVED    a function's first start unanswered: no channel in dial_timeout,
+                            or its worker exited before the channel was up
+    BACKOFF   -> STARTING   the restart delay passed; an operator's restart
+    BACKOFF   -> FAILED     an internal error (contain)
+    BACKOFF   -> REMOVED    stop or shutdown (no worker)
+    RECYCLING -> STARTING   the old worker exited
+    RECYCLING -> STOPPING   stop or shutdown during a recycle
+    RECYCLING -> FAILED     an internal error (contain)
+    RECYCLING -> REMOVED    the zygote died, the supervisor closes
+    STOPPING  -> REMOVED    the worker exited (SIGKILL after stop_grace)
+    FAILED    -> STARTING   failed_retry passed; an operator's restart
+    FAILED    -> FAILED     an internal error while failed: the retry is scheduled again
+    FAILED    -> REMOVED    stop or shutdown
+    ENDED     -> FAILED     an internal error (contain)
+    ENDED     -> REMOVED    stop or shutdown
 """
 from __future__ import annotations
 

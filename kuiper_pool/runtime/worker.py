@@ -665,7 +665,7 @@ def spawn_main(argv: list) -> int:
     last, where a worker of an older kuiper_pool ignores it."""
     import cloudpickle
 
-    from .. import __version__
+    from ..version import __version__
 
     payload, level, fd = int(argv[1]), argv[2], int(argv[3])
     made_by = argv[4] if len(argv) > 4 else "a version that does not say it"

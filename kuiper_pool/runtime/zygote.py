@@ -49,11 +49,10 @@ import time
 import warnings
 from typing import Any, Callable, Dict, List, Mapping, Optional, Protocol, Sequence, Tuple
 
-from .. import __version__
+from ..version import __version__
 from ..paths import identity, unlink_if_ours
-from ..plugin import FRESH_ENV
 from ..transport.outbox import Outbox, Watch
-from .protocol import (ZYGOTE_ADOPT, ZYGOTE_DISOWN, ZYGOTE_ERROR, ZYGOTE_EXITED, ZYGOTE_KILL,
+from .protocol import (FRESH_ENV, ZYGOTE_ADOPT, ZYGOTE_DISOWN, ZYGOTE_ERROR, ZYGOTE_EXITED, ZYGOTE_KILL,
                        ZYGOTE_OWN, ZYGOTE_REFUSED, ZYGOTE_RETIRE, ZYGOTE_START, ZYGOTE_STARTED,
                        decode_zygote, encode_zygote, recv_zygote)
 

@@ -28,7 +28,7 @@ class ServeEffects(LoopEffects):
         self.lends_functions = False
         self.endpoints: Dict[str, ServeEndpoint] = {}
 
-    def open_function(self, inst: Instance, wait: bool = True) -> FunctionChannel:
+    def open_function(self, inst: Instance) -> FunctionChannel:
         return FunctionChannel(self.endpoints[inst.ctrl.key], False)
 
 

@@ -13,7 +13,7 @@ import sys
 import time
 from typing import Callable, Dict, List, Optional
 
-from .. import __version__
+from ..version import __version__
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 

@@ -42,12 +42,12 @@ from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 import pynng
 
 from .. import paths
+from ..wire import PORTABLE_CONF
 from ..runtime.zygote import signal_text
 from ..transport import TransportError, TransportTimeout, sp
 
 __all__ = ["HostError", "Host", "SourceHandle", "SinkHandle", "FunctionHandle", "go_json"]
 
-PORTABLE_CONF = '{"sendTimeout":1000}'  # argv[1] of every plugin process (PortableConfig)
 SEND_TIMEOUT = 5.0  # portable.sendTimeout default: sink data push and function replies
 _SLICE_MS = 100  # every host socket receives in slices of this many ms
 DATA_TRANSPORTS = ("nng", "sp")

@@ -435,7 +435,7 @@ def _python_version(python: str, checks: Checks, official: bool) -> Optional[boo
 
 def _describe_run(folder: PluginFolder, python: str, timeout: float, checks: Checks,
                   say: Callable[[str], None]) -> Optional[Dict[str, Any]]:
-    from .emulator import PORTABLE_CONF
+    from ..wire import PORTABLE_CONF
 
     exe = folder.executable
     say(f"...      running {python} -u {exe} as eKuiper would, with {DESCRIBE_ENV}=1 (up to {timeout:g} s)")

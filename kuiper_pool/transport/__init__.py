@@ -21,7 +21,6 @@ def load(name: str) -> ModuleType:
 
 def req_endpoint(name: str, url: str, dial_timeout: float) -> Any:
     """A REQ endpoint used the inverted way (control and function channels); it sends the
-    handshake as soon as it connects. Native: 0 means "start unconnected, redial in ticks";
-    pynng needs a moment to dial."""
-    module = load(name)
-    return module.ReqEndpoint(url, dial_timeout if name == "sp" else max(dial_timeout, 0.05))
+    handshake as soon as it connects. ``dial_timeout`` 0 means "start unconnected, never
+    wait" (the loop's function channels): both transports then connect in the background."""
+    return load(name).ReqEndpoint(url, dial_timeout)

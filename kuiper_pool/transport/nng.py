@@ -9,7 +9,8 @@ from __future__ import annotations
 import os
 import select
 import time
-from typing import Any, List, Optional
+from collections import deque
+from typing import Any, Deque, List, Optional
 
 import pynng
 
@@ -17,10 +18,16 @@ from .. import wire
 from . import TransportError, TransportTimeout
 
 KEEPALIVE = 5.0     # seconds idle before re-sending b"handshake", as eKuiper expects
+SEND_BUFFER = 1024  # acks nng's threads hold for eKuiper (NNG_OPT_SENDBUF; nng allows up to 8192)
 
 
 def dial(sock: pynng.Socket, url: str, timeout: float) -> None:
-    """Dial synchronously, retrying until ``timeout`` (eKuiper may listen a moment later)."""
+    """Dial synchronously, retrying until ``timeout`` (eKuiper may listen a moment later);
+    0: start nng's dialer in the background and return at once (nng connects and redials by
+    itself), for a selector loop that must never wait."""
+    if timeout <= 0:
+        sock.dial(url, block=False)
+        return
     deadline = time.monotonic() + timeout
     while True:
         try:
@@ -34,7 +41,9 @@ def dial(sock: pynng.Socket, url: str, timeout: float) -> None:
 
 class ReqEndpoint:
     """A REQ socket used the eKuiper way: its requests are our answers, its replies are
-    eKuiper's commands (control channel) or function calls (function channels)."""
+    eKuiper's commands (control channel) or function calls (function channels). With
+    ``dial_timeout`` 0 (function channels, dialed in the loop) nothing waits: the handshake
+    goes out in ``tick`` once nng has connected."""
 
     def __init__(self, url: str, dial_timeout: float) -> None:
         self.url = url
@@ -126,8 +135,58 @@ class PullEndpoint:
         self.sock.close()
 
 
+class PushDialer:
+    """Sink acks over pynng for a selector loop (the supervisor): never blocks. ``send``
+    hands nng what it takes now and queues the rest, in order; ``tick`` retries (the loop
+    ticks every few ms); ``pending`` says how much waits, for the owner's back-pressure, as
+    the native transport's PushDialer. nng dials and redials in its own threads."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        # without a buffer a non-blocking send succeeds only while no write is under way:
+        # nng's threads write this many acks on their own, the queue here holds the rest
+        self.sock = pynng.Push0(send_buffer_size=SEND_BUFFER)
+        self.queue: Deque[bytes] = deque()
+        self.queued = 0
+        try:
+            dial(self.sock, url, 0)
+        except pynng.NNGException as e:
+            self.sock.close()
+            raise TransportError(f"cannot dial {url}: {e}") from None
+
+    def send(self, data: bytes) -> None:
+        self.queue.append(data)
+        self.queued += len(data)
+        self.pump(0.0)
+
+    def pump(self, now: float) -> None:
+        """Hand nng what it takes now."""
+        while self.queue:
+            try:
+                self.sock.send(self.queue[0], block=False)
+            except pynng.TryAgain:
+                return
+            except pynng.NNGException as e:
+                raise TransportError(f"{self.url}: {e}") from None
+            self.queued -= len(self.queue.popleft())
+
+    def fileno(self) -> int:
+        """Nothing for a loop to watch: ``tick`` retries."""
+        return -1
+
+    def tick(self, now: float) -> None:
+        self.pump(now)
+
+    def pending(self) -> int:
+        return self.queued
+
+    def close(self) -> None:
+        self.sock.close()
+
+
 class PushEndpoint:
-    """Sink acks over pynng: dials eKuiper's ack path."""
+    """A source's items over pynng (in its worker): dials eKuiper's data path; a send
+    waits up to ``send_timeout``."""
 
     def __init__(self, url: str, dial_timeout: float, send_timeout: float) -> None:
         self.url = url
@@ -146,20 +205,6 @@ class PushEndpoint:
             raise TransportTimeout(f"{self.url}: the peer took nothing in time") from None
         except pynng.NNGException as e:
             raise TransportError(f"{self.url}: {e}") from None
-
-    def fileno(self) -> int:
-        """Nothing for a loop to watch: nng's threads write and redial."""
-        return -1
-
-    def flush(self) -> None:
-        """pynng queues inside nng: nothing to push."""
-
-    def tick(self, now: float) -> None:
-        """nng redials by itself."""
-
-    def pending(self) -> int:
-        """Bytes waiting here: none (nng holds them)."""
-        return 0
 
     def close(self) -> None:
         self.sock.close()

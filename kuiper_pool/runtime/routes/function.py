@@ -272,7 +272,7 @@ class FunctionRoute(Route):
     def _reopen(self, owed: Optional[Owed]) -> None:
         inst = self.inst
         try:
-            chan = self.fx.open_function(inst, wait=False)  # never block the loop: redial in ticks
+            chan = self.fx.open_function(inst)
         except OSError as e:
             self.reopen_at = self.fx.now() + REDIAL_DELAY
             inst.last_error = " ".join(f"cannot reach eKuiper's function channel: {e}".split())

@@ -194,7 +194,10 @@ class SinkRoute(Route):
 
     def tick(self, now: float) -> None:
         if self.ack is not None:
-            self.ack.tick(now)   # a due redial, or a peer silent past its header timeout
+            backlog = self.ack.pending() > ACK_BACKLOG
+            self.ack.tick(now)   # a due redial, a peer silent past its header timeout, nng's queued acks
+            if backlog and self.ack.pending() <= ACK_BACKLOG:  # reading stopped for them goes on
+                self._resume()
 
     def _full(self) -> bool:
         """No room for more items: the window is full, or acks eKuiper does not read pile
