@@ -477,6 +477,13 @@ def chaos(seconds: float, seed: int, tree_hup: bool = True, out=sys.stdout) -> t
                 ch.start_healthy()
                 ch.crash.exec(["ok"])
                 host.start_source("tick", f"{tag}w", op="warm").stop()  # lazily made objects exist
+                warm = host.start_source("count", f"{tag}w", op="warm")  # and the state syncer,
+                warm.recv()                                                # once it wrote a file
+                warm.stop()
+                synced = ch.states.file_for(tag, f"source:count:{tag}w:warm:0")
+                deadline = time.monotonic() + 15
+                while not os.path.exists(synced) and time.monotonic() < deadline:
+                    time.sleep(0.05)  # noqa: polled with a deadline
                 ch.check_healthy()
                 time.sleep(0.5)  # noqa: the baseline is taken once the warm-up worker is gone
                 before = measure(host.process.pid, tag)
