@@ -97,9 +97,11 @@ def test_smoke_run_prints_both_runtimes_with_ratios_and_cleans_up(tmp_path, uniq
 
 
 def test_the_chaos_soak_passes_a_short_run():
-    """``bench/soak.py --chaos --smoke``: ten seconds of random starts, stops, crashes, hangs
-    and garbage on every channel against one supervisor; it must end alive, with its healthy
-    instances flowing and nothing grown (the script's own PASS/FAIL verdict)."""
+    """``bench/soak.py --chaos --smoke``: ten seconds of random starts, stops, crashes, hangs,
+    garbage on every channel, reloads, SIGHUPs to the supervisor and to every process of the
+    plugin, and sources started from damaged state files against one supervisor; it must end
+    alive, with its healthy instances flowing, every reload and state file as it must be, the
+    last reload's code served and nothing grown (the script's own PASS/FAIL verdict)."""
     proc = subprocess.Popen([sys.executable, os.path.join(REPO, "bench", "soak.py"), "--chaos", "--smoke"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO)
     try:
@@ -108,6 +110,7 @@ def test_the_chaos_soak_passes_a_short_run():
         kill_tree(proc.pid)
     assert proc.returncode == 0 and out.rstrip().endswith("PASS"), out[-3000:]
     assert "healthy instance checks failed: 0" in out and "supervisor alive at the end: True" in out
+    assert "reload and state checks failed: 0" in out and re.search(r"reloads: reloaded [1-9]", out), out[-3000:]
 
 
 def test_the_serve_bench_smoke_run_prints_every_figure_and_cleans_up(unique):

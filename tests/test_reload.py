@@ -16,6 +16,7 @@ import psutil
 import pytest
 
 from conftest import kuiper_pool_cli, wait_until
+from kuiper_pool.runtime.status import request
 from kuiper_pool.tools.emulator import HostError
 from plugins import RECORDING_SINK, events, make_plugin, read_jsonl
 
@@ -235,6 +236,26 @@ def test_sighup_reloads(tmp_path, unique, host_runs, start_method):
     os.kill(rig.host.process.pid, signal.SIGHUP)
     wait_until(lambda: rig.call()[0] == "v3", timeout=30, message="the function on the new code")
     wait_until(lambda: rig.source.recv()["message"]["version"] == "v3", message="the source on v3")
+
+
+def test_a_reload_s_outcome_is_answered_after_a_sighup_s_reload_began(tmp_path, unique, host_runs):
+    """``kuiper-pool reload`` polls its own reload by id; a SIGHUP's reload that begins between
+    two polls (an operator's ``pkill -HUP`` meanwhile) must not turn it into "no reload 1"."""
+    rig = Rig(tmp_path, unique, host_runs)
+
+    def outcome(rid: int) -> dict:
+        return request(rig.name, {"cmd": "reload_status", "id": rid})
+
+    first = request(rig.name, {"cmd": "reload"})["id"]
+    wait_until(lambda: outcome(first)["done"], timeout=60, message="the first reload to finish")
+    os.kill(rig.host.process.pid, signal.SIGHUP)
+    wait_until(lambda: "error" not in outcome(first + 1), message="the SIGHUP's reload to begin")
+    answer = outcome(first)
+    assert answer["ok"] is True, answer
+    assert answer["lines"][0].startswith(f"plugin {rig.name}: reloaded: 3 instance(s) replaced"), answer
+    assert outcome(first + 1)["id"] == first + 1
+    assert "error" in outcome(first + 2) and "error" in outcome(0)
+    wait_until(lambda: outcome(first + 1)["done"], timeout=60, message="the SIGHUP's reload to finish")
 
 
 def test_a_plugin_of_the_official_sdk_under_kuiper_pool_python_reloads_under_it(

@@ -43,6 +43,7 @@ if TYPE_CHECKING:
 FIXED = ("start_method", "transport", "runtime_dir", "metrics_address", "state_dir")
 TABLES = {wire.TYPE_SOURCE: "sources", wire.TYPE_SINK: "sinks", wire.TYPE_FUNC: "functions"}
 REPLACE_SLACK = 2.0   # seconds beyond stop_grace + start_timeout before an instance is reported
+KEPT_OUTCOMES = 32    # outcomes still answered by id: a poller may ask after later reloads began
 
 
 def _made_in_workers() -> None:
@@ -57,7 +58,8 @@ class Reloader:
         self.argv = main_argv
         self.log = sup.log
         self.seq = 0
-        self.outcome: Dict[str, Any] = {}
+        self.outcome: Dict[str, Any] = {}                 # the latest reload's
+        self.outcomes: Dict[int, Dict[str, Any]] = {}     # the latest KEPT_OUTCOMES, by id
         self.check = False
         self.candidate: Optional[Zygote] = None
         self.hello_deadline = 0.0
@@ -90,6 +92,8 @@ class Reloader:
         self.seq += 1
         self.check = check
         self.outcome = {"id": self.seq, "check": check, "done": False, "ok": False, "lines": []}
+        self.outcomes[self.seq] = self.outcome
+        self.outcomes.pop(self.seq - KEPT_OUTCOMES, None)
         try:
             z = Zygote.launch(self.argv, self.sup.zygote.rundir)
         except OSError as e:
@@ -103,9 +107,11 @@ class Reloader:
         return dict(self.outcome)
 
     def status(self, rid: Any) -> Dict[str, Any]:
-        if not self.outcome or rid != self.outcome["id"]:
+        """The outcome of reload ``rid``, also once a SIGHUP's reload has begun after it."""
+        outcome = self.outcomes.get(rid) if isinstance(rid, int) else None
+        if outcome is None:
             return {"error": f"plugin {self.name}: no reload {rid}"}
-        return dict(self.outcome)
+        return dict(outcome)
 
     # --- the fresh zygote's first report ------------------------------------------------------------
 

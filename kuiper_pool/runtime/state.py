@@ -363,6 +363,8 @@ class States:
         if not any(store.dirty for store in self.stores.values()):
             return
         if self.syncer is None or not self.syncer.alive():
+            if self.syncer is not None:  # it died (killed, a signal): its pipe goes with it
+                os.close(self.syncer.fd)
             self.syncer = None
             try:
                 self.syncer = Syncer()
