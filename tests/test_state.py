@@ -359,8 +359,13 @@ def test_a_state_disk_that_does_not_answer_holds_up_no_call_or_start(tmp_path, u
     finally:
         stalled.resume()
     wait_until(lambda: state_file_ends_with(b"201"), message="the flush of 201 after the stall")
+    for sig in (signal.SIGHUP, signal.SIGINT, signal.SIGTERM):  # an operator's, to the whole tree
+        stalled.send_signal(sig)
+    assert f.exec(["incr"])["result"] == 202
+    wait_until(lambda: state_file_ends_with(b"202"), message="a flush after the operator's signals")
+    assert stalled.is_running() and stalled.status() != psutil.STATUS_ZOMBIE  # the same syncer did it
     stalled.kill()  # reaped by the supervisor when it next writes state
     wait_until(lambda: not syncers(host.process.pid), message="the syncer's death")
-    assert f.exec(["incr"])["result"] == 202
-    wait_until(lambda: state_file_ends_with(b"202"), message="a flush by a new syncer")
+    assert f.exec(["incr"])["result"] == 203
+    wait_until(lambda: state_file_ends_with(b"203"), message="a flush by a new syncer")
     assert syncers(host.process.pid) - {stalled.pid}

@@ -15,6 +15,7 @@ This file runs as a script (nothing of kuiper_pool is imported into this process
 input is ``<tmp>\\0<final>\\0`` records on stdin.
 """
 import os
+import signal
 import sys
 
 
@@ -34,6 +35,10 @@ def sync_one(tmp: str, final: str) -> None:
 
 def main() -> None:
     os.closerange(3, os.sysconf("SC_OPEN_MAX"))  # nothing of the supervisor's stays open here
+    # an operator's signal to the whole process tree is the supervisor's to act on; this
+    # process ends when the supervisor does (EOF on stdin), after what it was handed
+    for sig in (signal.SIGHUP, signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
     pending = b""
     while True:
         data = os.read(0, 65536)
