@@ -268,6 +268,9 @@ class Store(Buckets):
         self.dirty = False
 
 
+F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)  # Linux's value; Python < 3.10 lacks the name
+
+
 class Syncer:
     """The supervisor's end of the syncer process (``syncer.py``): ``hand`` never waits."""
 
@@ -290,7 +293,7 @@ class Syncer:
         self.fd = w
         os.set_blocking(w, False)
         try:
-            fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, self.PIPE_SIZE)
+            fcntl.fcntl(w, F_SETPIPE_SZ, self.PIPE_SIZE)
         except OSError:
             pass
 
