@@ -178,8 +178,10 @@ def run(link_sock: socket.socket, plugin: PluginConfig, spawned: bool = False) -
     try:
         runner = kinds.serve_for(c.plugin_type)
     except Exception as e:  # noqa: BLE001 - a broken install: only this kind's starts are refused
-        worker.ready(" ".join(f"{worker.where()}: internal error: cannot load the {kind} worker: "
-                              f"{type(e).__name__}: {e}".split()))
+        text = " ".join(f"{worker.where()}: internal error: cannot load the {kind} worker: "
+                        f"{type(e).__name__}: {e}".split())
+        worker.log.error("%s", text)
+        worker.ready(text)
         return EXIT_CONFIGURE
     factory = plugin.get(worker.ctrl.plugin_type, worker.ctrl.symbol)
     try:
