@@ -166,7 +166,7 @@ class Recorder:
         w.pid = 5000 + self.next_wid
         fd = inst.route.open_page(w, self.lendable)   # a call page or a collect mark
         if fd is not None:
-            if w.sink_page is not None:
+            if isinstance(w.page, SinkPage):
                 self.worker_pages[w.wid] = SinkPage(fd)   # the worker's side
             os.close(fd)
         self.next_wid += 1
@@ -211,7 +211,7 @@ class Recorder:
         self.handoffs.append((w.wid, handoff))
 
     def lend_sink(self, w: WorkerHandle, pull: Any, ack: Any) -> bool:
-        if not (self.lendable and w.sink_page is not None and pull.idle and not pull.lent
+        if not (self.lendable and isinstance(w.page, SinkPage) and pull.idle and not pull.lent
                 and not ack.pending()):
             return False
         pull.lent = True
@@ -544,8 +544,8 @@ def test_unfinished_items_go_to_the_replacement_in_order():
 
 def collecting(w: WorkerHandle, seq: int) -> None:
     """Worker ``w`` began the collect of item ``seq`` (the one before it returned)."""
-    assert w.mark is not None
-    w.mark.slots[0], w.mark.slots[1] = seq, seq - 1
+    assert w.page is not None
+    w.page.slots[0], w.page.slots[1] = seq, seq - 1
 
 
 def restarted(inst: Instance, fx: Recorder) -> WorkerHandle:
@@ -606,7 +606,7 @@ def test_a_worker_dying_between_items_charges_none():
     inst.on_readable(pull)
     w = fx.workers[-1]
     collecting(w, 1)
-    w.mark.slots[1] = 1                      # collect of 1 returned, 2 not begun
+    w.page.slots[1] = 1                      # collect of 1 returned, 2 not begun
     inst.on_exit(w, KILLED)
     assert items_sent_to(fx, restarted(inst, fx)) == [b"1", b"2"] and push.sent == []
 

@@ -49,10 +49,8 @@ class WorkerHandle:
         self.kill_cause: Optional[Cause] = None  # ... the kind of reason, when we kill or recycle it
         self.fault = ""            # the error this worker reported (FAULT, READY) before exiting
         self.kill_at = 0.0          # when to escalate to SIGKILL
-        self.page: Any = None       # a function worker's call page (lent routes)
-        self.mark: Any = None       # a sink worker's collect mark
-        self.sink_page: Any = None  # the mark again, if lent eKuiper's connections
-        self.call_seq = -1          # the page's call seen executing on the previous tick
+        self.page: Any = None       # the page its kind shares with it (a call page, a collect mark)
+        self.page_seq = -1          # the page's work its route saw running on the previous tick
         self.pending_signal = 0     # sent at signal_at, once its stack has been dumped
         self.sigkill_sent = False   # a SIGKILL went out: a death by another signal came first
         self.signal_at = 0.0

@@ -252,8 +252,8 @@ class FunctionRoute(Route):
             return
         v = w.vitals
         v.calls = st.seq
-        if st.state == EXECUTING and w.call_seq == st.seq:
+        if st.state == EXECUTING and w.page_seq == st.seq:
             v.call_started = st.started
         else:
             v.call_started = 0.0
-        w.call_seq = st.seq if st.state == EXECUTING else -1
+        w.page_seq = st.seq if st.state == EXECUTING else -1

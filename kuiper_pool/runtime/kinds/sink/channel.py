@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any, Tuple
 
 from .... import wire
 from ... import frames
+from .page import SinkPage
 
 if TYPE_CHECKING:
     from ...effects import Effects, WorkerHandle
@@ -51,7 +52,7 @@ class SinkIO:
         (when connected, past its greeting, with an empty outbox: the worker's acks must not
         overtake ours) to ``w``; we keep ours, to read the data connection again after the
         worker. False: not now."""
-        if (not self.fx.lends or w.sink_page is None
+        if (not self.fx.lends or not isinstance(w.page, SinkPage)
                 or ack.sock is None or ack.greeting is not None or ack.pending()):
             return False
         data = pull.lend()

@@ -51,6 +51,11 @@ class Item:
     acked: bool = False
 
 
+def items_page(w: "WorkerHandle") -> Optional[SinkPage]:
+    """``w``'s item page: its collect mark, when it may be lent eKuiper's connections."""
+    return w.page if isinstance(w.page, SinkPage) else None
+
+
 class SinkRoute(Route):
     """eKuiper's sink data and ack channels for one sink instance, and its in-flight items.
 
@@ -104,7 +109,7 @@ class SinkRoute(Route):
                 self.io.take_back_sink(self.pull)
 
     def on_worker_gone(self, w: "WorkerHandle", how: str, cause: str) -> None:
-        page, w.sink_page = w.sink_page, None   # it stays the mark (on_crashed reads it)
+        page = items_page(w)
         if page is None:
             return
         st, owed = page.read(), page.owed()
@@ -126,11 +131,11 @@ class SinkRoute(Route):
                          "counted as sent (a second ack would answer the next item)", w.pid)
 
     def signal_deferred(self, w: "WorkerHandle") -> bool:
-        page = w.sink_page
+        page = items_page(w)
         return page is not None and page.read().state == ACKING
 
     def counts(self, w: "WorkerHandle") -> Counts:
-        page = w.sink_page
+        page = items_page(w)
         if page is None:
             return 0, 0, 0
         st = page.read()
@@ -142,18 +147,16 @@ class SinkRoute(Route):
         items = lends and self.require_ack
         fd = sinkpage.create(items)
         try:
-            w.mark = SinkPage(fd) if items else CollectMark(fd)
+            w.page = SinkPage(fd) if items else CollectMark(fd)
         except BaseException:
             os.close(fd)
             raise
-        if isinstance(w.mark, SinkPage):
-            w.sink_page = w.mark
         return fd
 
     def on_crashed(self, w: Optional["WorkerHandle"], how: str, cause: str) -> None:
         """Charge the item whose collect was running, and only it: a crash by a fault of
         the item. A stop, recycle or restart we asked for never comes here."""
-        item = self.inflight.get(w.mark.running()) if w is not None and w.mark is not None else None
+        item = self.inflight.get(w.page.running()) if w is not None and w.page is not None else None
         if item is not None:
             item.faults += 1
 
