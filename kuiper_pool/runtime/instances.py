@@ -416,17 +416,16 @@ class Instance:
         if not self._current(w):
             return  # a late frame of a replaced or removed worker
         if ftype == frames.BEAT:
-            beat = frames.decode_json(payload)
+            beat = frames.Beat.decode(payload)
             v = w.vitals
             v.last_beat = self.fx.now()
-            v.processed, v.busy_since = int(beat["n"]), float(beat["busy"])
-            v.emit_errors = int(beat.get("e", 0))
-            v.cpu_at_beat = beat.get("cpu")
+            v.processed, v.busy_since, v.emit_errors = beat.processed, beat.busy_since, beat.emit_errors
+            v.cpu_at_beat = beat.cpu
             v.cpu_mark = None
         elif ftype == frames.READY:
-            self.on_ready(w, frames.decode_json(payload)["error"])
+            self.on_ready(w, frames.Ready.decode(payload).error)
         elif ftype == frames.FAULT:
-            self.last_error = w.fault = " ".join(str(frames.decode_json(payload)["error"]).split())
+            self.last_error = w.fault = frames.Fault.decode(payload).error
         elif ftype == frames.PUT:
             self.fx.put_state(self, payload)
         else:

@@ -3,16 +3,16 @@
 * ``StartSpec``: the START frame the supervisor sends a new worker (its instance and the
   settings it needs), encoded as JSON on the worker's link (``frames.py`` frames it);
 * the zygote's operations (supervisor -> zygote) and reports (zygote -> supervisor), one
-  JSON datagram each on the zygote's socketpair;
-* ``is_error_reply``: whether a function reply tells eKuiper the call failed (docs/protocol.md,
-  "Functions").
+  JSON datagram each on the zygote's socketpair.
+
+The other frames on a worker's link are typed beside their framing (``frames.py``) and in
+each kind's ``frames.py``.
 """
 from __future__ import annotations
 
 import fcntl
 import json
 import os
-import re
 import socket
 from dataclasses import dataclass
 from typing import Any, Dict, List, Sequence, Tuple
@@ -49,15 +49,6 @@ ZYGOTE_LARGE = "large"
 ZYGOTE_DATAGRAM = 1 << 16   # what a receiver reads per datagram (INLINE fits with room)
 INLINE = 1 << 15
 MAX_MESSAGE = 16 << 20      # the sane bound: a message over it is refused, naming its size
-
-# a function reply whose "state" is false, whatever the encoder's spacing
-_ERROR_REPLY = re.compile(rb'\s*\{\s*"state"\s*:\s*false\b')
-
-
-def is_error_reply(data: bytes) -> bool:
-    """Whether a function reply (``wire.func_result`` / ``wire.func_error``) is an error."""
-    return _ERROR_REPLY.match(data) is not None
-
 
 @dataclass(frozen=True)
 class StartSpec:

@@ -121,21 +121,20 @@ class Worker:
                 os._exit(EXIT_ORPHAN)
             t = os.times()  # the supervisor compares it with psutil's: busy or hung
             try:
-                self.link.send(frames.encode_json(frames.BEAT, {
-                    "n": self.processed, "busy": self.busy_since, "cpu": t.user + t.system,
-                    "e": self.ctx.errors if self.ctx is not None else 0}))
+                self.link.send(frames.Beat(self.processed, self.busy_since, t.user + t.system,
+                                           self.ctx.errors if self.ctx is not None else 0).encode())
             except OSError:
                 os._exit(EXIT_ORPHAN)
 
     def ready(self, error: Optional[str]) -> None:
-        self.link.send(frames.encode_json(frames.READY, {"error": error}))
+        self.link.send(frames.Ready(error).encode())
 
     def fault(self, stage: str, exc: BaseException) -> int:
         """Report plugin code that raised; the supervisor restarts the instance."""
         text = f"{self.where()}: {stage} raised {type(exc).__name__}: {exc}"
         self.log.error("%s\n%s", text, traceback.format_exc().rstrip())
         try:
-            self.link.send(frames.encode_json(frames.FAULT, {"error": " ".join(text.split())}))
+            self.link.send(frames.Fault(" ".join(text.split())).encode())
         except OSError:
             pass
         return EXIT_CRASH

@@ -8,18 +8,15 @@ from __future__ import annotations
 
 import socket
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Optional
 
 from .... import wire
 from ....transport import req_endpoint
-from ... import frames
+from .frames import Conn, Owed
 
 if TYPE_CHECKING:
     from ...effects import Effects, WorkerHandle
     from ...instances import Instance
-
-Owed = Tuple[int, str]   # (crc of the call a dead worker had begun, the error it gets)
-
 
 @dataclass
 class Handoff:
@@ -30,6 +27,9 @@ class Handoff:
     buffered: bytes = b""            # bytes read from the socket and not yet a whole frame
     call: Optional[bytes] = None     # a call that arrived while no worker was ready
     owed: Optional[Owed] = None      # the first call, if it is this one
+
+    def conn(self) -> Conn:
+        return Conn(self.request_id, self.owed, self.buffered, self.call)
 
 
 class FunctionChannel:
@@ -96,6 +96,6 @@ class FunctionIO:
     def hand_over(self, w: "WorkerHandle", handoff: Handoff) -> None:
         """Lend the connection to ``w`` (CONN with its fd)."""
         try:
-            self.fx.send(w, frames.encode_conn(handoff), [handoff.sock.fileno()])
+            self.fx.send(w, handoff.conn().encode(), [handoff.sock.fileno()])
         finally:
             handoff.sock.close()  # the worker holds it now; its death closes the connection

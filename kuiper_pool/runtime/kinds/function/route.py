@@ -15,13 +15,13 @@ import signal
 from typing import TYPE_CHECKING, Any, Optional, Tuple
 
 from .... import wire
-from ... import frames
 from ...health import overran
-from ...protocol import is_error_reply
 from ...states import State
 from ..base import Counts, Route
+from . import frames
 from . import page as callpage
-from .channel import FunctionChannel, FunctionIO, Owed
+from .channel import FunctionChannel, FunctionIO
+from .frames import Owed
 from .page import EXECUTING, IDLE, CallPage, call_crc
 
 if TYPE_CHECKING:
@@ -162,7 +162,7 @@ class FunctionRoute(Route):
             chan.forwarded = True
             w.vitals.call_started = self.fx.now()
             w.vitals.calls += 1
-            self.fx.send(w, frames.encode_seq(frames.CALL, chan.call_id, chan.call))
+            self.fx.send(w, frames.Call(chan.call_id, chan.call).encode())
 
     def on_frame(self, w: "WorkerHandle", ftype: int, payload: bytes) -> None:
         if ftype == frames.REPLY:
@@ -174,14 +174,14 @@ class FunctionRoute(Route):
 
     def _on_reply(self, w: "WorkerHandle", payload: bytes) -> None:
         chan, inst = self.channel, self.inst
-        call_id, data = frames.split_seq(payload)
-        if chan is None or chan.call is None or not chan.forwarded or call_id != chan.call_id:
+        reply = frames.Reply.decode(payload)
+        if chan is None or chan.call is None or not chan.forwarded or reply.call_id != chan.call_id:
             return  # answered already (deadline, crash): a late reply is never the next answer
         w.vitals.call_started = 0.0
         inst.items_out += 1
-        if is_error_reply(data):
+        if not reply.ok:
             inst.errors += 1
-        chan.reply(data)
+        chan.reply(reply.data)
         if inst.s.max_calls:  # recycle before the next call, not at the next tick
             inst.check_health(w, self.fx.now())
 

@@ -12,13 +12,12 @@ from typing import Any, Dict, Optional, Tuple
 
 from .... import wire
 from ....transport.sp import ReqConnection
-from ... import frames
+from ... import frames as link_frames
 from ...context import WorkerContext
-from ...protocol import is_error_reply
 from ...worker import EXIT_OK, Worker
+from . import frames
+from .frames import EXIT_RECYCLED, Owed
 from .page import CallPage, call_crc
-
-EXIT_RECYCLED = frames.EXIT_RECYCLED  # served max_calls on a lent connection
 
 
 def run(worker: Worker, function: Any) -> int:
@@ -29,7 +28,7 @@ def run(worker: Worker, function: Any) -> int:
     worker.ready(None)
     contexts: Dict[Tuple[Any, ...], WorkerContext] = {}
     conn: Any = None
-    owed: Optional[Tuple[int, str]] = None
+    owed: Optional[Owed] = None
     max_calls = worker.spec.max_calls
     poller = select.poll()  # the link and, while lent, eKuiper's connection (no FD_SETSIZE limit)
     poller.register(worker.link.sock.fileno(), select.POLLIN)
@@ -45,7 +44,7 @@ def run(worker: Worker, function: Any) -> int:
                     worker.guard.fds.discard(conn.fileno())
                     conn.close()
                     conn = None
-                    worker.link.send(frames.encode(frames.LOST))
+                    worker.link.send(frames.lost())
                     continue
                 for call in calls:
                     _serve_lent(worker, function, contexts, page, conn, call, owed)
@@ -55,39 +54,38 @@ def run(worker: Worker, function: Any) -> int:
             if worker.link.sock.fileno() not in ready_fds:
                 continue
         frame = worker.link.recv()
-        if frame is None or frame[0] == frames.STOP:
+        if frame is None or frame[0] == link_frames.STOP:
             return EXIT_OK
         if frame[0] == frames.CONN:
-            head, buffered, call = frames.decode_conn(frame[1])
+            lent = frames.Conn.decode(frame[1])
             conn = ReqConnection(socket.socket(fileno=worker.link.fds.popleft()),
-                                 head["request_id"], buffered)
+                                 lent.request_id, lent.buffered)
             poller.register(conn.fileno(), select.POLLIN)
             worker.guard.fds.add(conn.fileno())
-            owed = (head["owed_crc"], head["owed_error"]) if head["owed_error"] else None
-            if call is not None:
-                _serve_lent(worker, function, contexts, page, conn, call, owed)
+            owed = lent.owed
+            if lent.call is not None:
+                _serve_lent(worker, function, contexts, page, conn, lent.call, owed)
                 owed = None
         elif frame[0] == frames.CALL:
-            call_id, request = frames.split_seq(frame[1])
+            call = frames.Call.decode(frame[1])
             worker.busy_since = time.monotonic()
-            reply = call_function(worker, function, contexts, request)
+            ok, reply = call_function(worker, function, contexts, call.request)
             worker.busy_since = 0.0
             worker.processed += 1
-            worker.link.send(frames.encode_seq(frames.REPLY, call_id, reply))
+            worker.link.send(frames.Reply(call.call_id, reply, ok).encode())
 
 
 def _serve_lent(worker: Worker, function: Any, contexts: Dict[Tuple[Any, ...], WorkerContext],
-                page: Optional[CallPage], conn: Any, call: bytes,
-                owed: Optional[Tuple[int, str]]) -> None:
+                page: Optional[CallPage], conn: Any, call: bytes, owed: Optional[Owed]) -> None:
     """Run one call that arrived on a lent connection and answer eKuiper directly. The first
     call after a reconnect may be eKuiper's copy of one a dead worker began: it is answered
     with ``owed``'s error, never run twice."""
     if page is not None:
         page.begin(call, time.monotonic())
     if owed is not None and call_crc(call) == owed[0]:
-        reply = wire.func_error(owed[1])
+        ok, reply = False, wire.func_error(owed[1])
     else:
-        reply = call_function(worker, function, contexts, call)
+        ok, reply = call_function(worker, function, contexts, call)
     worker.guard.check()
     if page is not None:
         page.replying()
@@ -96,39 +94,40 @@ def _serve_lent(worker: Worker, function: Any, contexts: Dict[Tuple[Any, ...], W
     except OSError:  # eKuiper closed it: the next poll reads its end and gives it back
         pass
     if page is not None:
-        page.finish(not is_error_reply(reply))
+        page.finish(ok)
     worker.processed += 1
 
 
 def call_function(worker: Worker, function: Any, contexts: Dict[Tuple[Any, ...], WorkerContext],
-                  request: bytes) -> bytes:
-    """Answer one eKuiper function request with ``{"state", "result"}`` bytes."""
+                  request: bytes) -> Tuple[bool, bytes]:
+    """Answer one eKuiper function request: whether it succeeded (the reply's "state"), and
+    the ``{"state", "result"}`` bytes."""
     rule = "-"
     try:
         req = wire.loads(request)
         name, args = req.get("func"), req.get("arg")
         if name == "Validate":
             err = function.validate(args)
-            return wire.func_reply(False, err) if err else wire.func_reply(True, "")
+            return wire.func_answer(False, err) if err else wire.func_answer(True, "")
         if name == "IsAggregate":
-            return wire.func_reply(True, function.is_aggregate())
+            return wire.func_answer(True, function.is_aggregate())
         if name != "Exec":
-            return wire.func_error(f"{worker.where()}: unknown request {name!r}")
+            return False, wire.func_error(f"{worker.where()}: unknown request {name!r}")
         if not isinstance(args, list) or not args or not isinstance(args[-1], str):
-            return wire.func_error(f"{worker.where()}: Exec needs its arguments and the "
-                                   f"function meta as the last argument")
+            return False, wire.func_error(f"{worker.where()}: Exec needs its arguments and the "
+                                          f"function meta as the last argument")
         meta = wire.loads(args[-1])
         key = tuple(meta.get(k) for k in ("ruleId", "opId", "instanceId", "funcId"))
         if None in key:
-            return wire.func_error(f"{worker.where()}: function meta {args[-1]} needs ruleId, "
-                                   f"opId, instanceId and funcId")
+            return False, wire.func_error(f"{worker.where()}: function meta {args[-1]} needs ruleId, "
+                                          f"opId, instanceId and funcId")
         rule = key[0]
         ctx = contexts.get(key)
         if ctx is None:
             ctx = contexts[key] = WorkerContext(worker.ctrl.symbol, key[0], key[1], key[2], worker.state)
-        return wire.func_reply(True, function.exec(args[:-1], ctx))
+        return wire.func_answer(True, function.exec(args[:-1], ctx))
     except Exception as e:  # noqa: BLE001 - the error goes back to the rule
         text = f"{worker.where()} rule {rule}: {type(e).__name__}: {e}"
         worker.log.warning("%s", text)
-        return wire.func_error(text)
+        return False, wire.func_error(text)
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Tuple
 
 from .... import wire
-from ... import frames
+from . import frames
 from .page import SinkPage
 
 if TYPE_CHECKING:
@@ -58,7 +58,7 @@ class SinkIO:
         data = pull.lend()
         if data is None:
             return False
-        if not self.fx.send(w, frames.encode(frames.CONN), [data.fileno(), ack.sock.fileno()]):
+        if not self.fx.send(w, frames.conn(), [data.fileno(), ack.sock.fileno()]):
             pull.resume()   # it has exited: read here again
             return False
         return True

@@ -22,9 +22,9 @@ from typing import TYPE_CHECKING, Any, List, Optional, Tuple
 
 from .... import wire
 from ....transport import TransportError
-from ... import frames
 from ...states import State
 from ..base import Counts, Route
+from . import frames
 from . import page as sinkpage
 from .channel import SinkIO
 from .marks import CollectMark
@@ -313,31 +313,33 @@ class SinkRoute(Route):
 
     def on_frame(self, w: "WorkerHandle", ftype: int, payload: bytes) -> None:
         if ftype == frames.LOST:  # the worker gave the connections back: relay what comes
+            why = frames.Lost.decode(payload).why
             if self.lent_to is w:
-                if payload == b"large":
+                if why is frames.Why.LARGE:
                     self.relay_for = RELAY_AFTER_LARGE
                 self._take_back()
                 self._on_data()
             return
         if ftype == frames.ACK_REST:  # its start is on the ack connection: the end goes next
             if self.require_ack and self.ack is not None:   # (the connections come back next)
-                self.ack.send_rest(payload)
+                self.ack.send_rest(frames.AckRest.decode(payload).rest)
                 self.fx.note(self.inst, logging.WARNING, "eKuiper has not read an ack for %gs: "
                              "acks queue in the supervisor until it does", frames.ACK_WAIT)
             return
-        if ftype not in (frames.DONE, frames.ACK):
-            super().on_frame(w, ftype, payload)
-        seq, data = frames.split_seq(payload)
         before = len(self.inflight)
         if ftype == frames.ACK:  # acked is finished: no DONE follows for it
-            self._acked(seq, data)
-            self._finish(seq)
-        else:
+            ack = frames.Ack.decode(payload)
+            self._acked(ack.seq, ack.data)
+            self._finish(ack.seq)
+        elif ftype == frames.DONE:
+            seq = frames.Done.decode(payload).seq
             while self.inflight:
                 first = next(iter(self.inflight))
                 if first > seq:
                     break
                 self._finish(first)
+        else:
+            super().on_frame(w, ftype, payload)
         inst = self.inst
         inst.items_out += before - len(self.inflight)
         self._resume()

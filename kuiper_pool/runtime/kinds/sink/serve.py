@@ -19,9 +19,11 @@ from typing import Any, Optional
 from .... import wire
 from ....transport.sp import frame as sp_frame
 from ....transport.sp import frame_header as sp_frame_header
-from ... import frames
+from ... import frames as link_frames
 from ...context import WorkerContext
 from ...worker import EXIT_CONFIGURE, EXIT_OK, Worker
+from . import frames
+from .frames import Why
 from .page import FREE, HOLDING, LENT, SP_FRAME, SinkPage, fits, open_sink_page
 
 DONE_EVERY = 32       # sink progress is reported at least this often
@@ -52,7 +54,7 @@ def run(worker: Worker, sink: Any) -> int:
         if current[0] & LENT and lent is not None:
             lent.ack(data)
         else:
-            worker.link.send(frames.encode_seq(frames.ACK, current[0], data))
+            worker.link.send(frames.Ack(current[0], data).encode())
         owed.paid()
 
     # without requireAck nobody reads acks: ack_ok/ack_error do nothing
@@ -87,15 +89,15 @@ def run(worker: Worker, sink: Any) -> int:
             if not lent.link_ready:
                 continue
         frame = worker.link.recv()
-        if frame is None or frame[0] == frames.STOP:
+        if frame is None or frame[0] == link_frames.STOP:
             break
         if frame[0] == frames.CONN and lent is not None:
             lent.attach(worker.link.fds.popleft(), worker.link.fds.popleft())
             continue
         if frame[0] == frames.ITEMS:
-            items = frames.decode_items(frame[1])
+            items = frames.Items.decode(frame[1])
         elif frame[0] == frames.ITEM_FD:
-            items = frames.read_item_fd(frame[1], worker.link.fds.popleft())
+            items = frames.ItemFd.decode(frame[1], worker.link.fds.popleft())
         else:
             continue
         done = reported = 0
@@ -104,15 +106,15 @@ def run(worker: Worker, sink: Any) -> int:
                 collect(seq, data)
             except Exception as e:  # noqa: BLE001
                 if done > reported:
-                    worker.link.send(frames.encode_seq(frames.DONE, done))
+                    worker.link.send(frames.Done(done).encode())
                 return worker.fault("collect", e)
             if not require_ack:
                 done = seq
             if done > reported and seq % DONE_EVERY == 0:
-                worker.link.send(frames.encode_seq(frames.DONE, done))
+                worker.link.send(frames.Done(done).encode())
                 reported = done
         if done > reported:
-            worker.link.send(frames.encode_seq(frames.DONE, done))
+            worker.link.send(frames.Done(done).encode())
     if not owed.wait(worker.spec.stop_grace * ACK_WAIT_SHARE):
         worker.log.warning("%s: the ack of the last item did not come within %gs of the stop; "
                            "the item goes to the next worker", worker.where(),
@@ -173,14 +175,14 @@ class LentSink:
         self.runner = threading.get_ident()
 
     def attach(self, data_fd: int, ack_fd: int) -> None:
-        self.give_back(b"")
+        self.give_back(None)
         self.data = socket.socket(fileno=data_fd)
         self.acks = socket.socket(fileno=ack_fd)
         self.worker.guard.fds.update((data_fd, ack_fd))
 
-    def give_back(self, why: bytes) -> None:
-        """Close our copies; ``why`` (b"closed", b"large") tells the supervisor to read
-        the data connection itself again."""
+    def give_back(self, why: Optional[Why]) -> None:
+        """Close our copies; ``why`` (None: a new lend replaces them) tells the supervisor
+        to read the data connection itself again."""
         if self.data is None:
             return
         self._poll_data(False)
@@ -188,8 +190,8 @@ class LentSink:
         self.data.close()
         self.acks.close()
         self.data = self.acks = None
-        if why:
-            self.worker.link.send(frames.encode(frames.LOST, why))
+        if why is not None:
+            self.worker.link.send(frames.Lost(why).encode())
 
     def _poll_data(self, on: bool) -> None:
         if on != self.polling_data and self.data is not None:
@@ -204,7 +206,7 @@ class LentSink:
         self.worker.guard.check()
         if self.stalled:  # the supervisor writes the rest of an ack: every later one is its too
             self.stalled = False
-            self.give_back(b"stalled")
+            self.give_back(Why.STALLED)
             return None
         self._poll_data(self.page.state == FREE)
         ready = {fd for fd, _ev in self.poller.poll()}
@@ -226,18 +228,18 @@ class LentSink:
         if avail < SP_FRAME:
             try:
                 if avail == 0 and not self.data.recv(1, socket.MSG_PEEK):
-                    self.give_back(b"closed")  # eKuiper closed it: it dials again
+                    self.give_back(Why.CLOSED)  # eKuiper closed it: it dials again
                     return None
             except BlockingIOError:
                 return None
             except OSError:
-                self.give_back(b"closed")
+                self.give_back(Why.CLOSED)
                 return None
             self._partial()  # part of a frame: the rest is being written
             return None
         kind, length = sp_frame_header(self.data.recv(SP_FRAME, socket.MSG_PEEK))
         if kind != 1 or not fits(length):
-            self.give_back(b"large")  # the supervisor relays it (or drops a bad peer)
+            self.give_back(Why.LARGE)  # the supervisor relays it (or drops a bad peer)
             return None
         if avail < SP_FRAME + length:
             self._partial()
@@ -265,7 +267,7 @@ class LentSink:
                 if self.acks is not None:
                     rest = _send_within(self.acks, sp_frame(data), frames.ACK_WAIT)
                     if rest:  # eKuiper reads no acks now: the supervisor queues the rest, never waiting
-                        self.worker.link.send(frames.encode(frames.ACK_REST, rest))
+                        self.worker.link.send(frames.AckRest(rest).encode())
                         self.stalled = True
             finally:
                 self.page.acked()
