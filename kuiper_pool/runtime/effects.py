@@ -27,7 +27,7 @@ from ..logs import supervisor_logger
 from ..transport import load as load_transport
 from . import forensics, frames
 from .health import Cause, Vitals
-from .protocol import ZYGOTE_EXITED, ZYGOTE_REFUSED, ZYGOTE_STARTED, StartSpec
+from .protocol import Exited, Refused, Started, StartSpec
 from .state import States, Store
 from .zygote import Zygote
 
@@ -195,15 +195,17 @@ class LoopEffects:
             self.unregister(z.fileno())
             return False
         for ev in events:
-            entry = self.workers.get(ev.get("wid"))
+            if not isinstance(ev, (Started, Exited, Refused)):
+                continue
+            entry = self.workers.get(ev.wid)
             if entry is None:
                 continue
-            if ev["op"] == ZYGOTE_STARTED:
-                self.guarded("started", entry[1], entry[1].on_started, entry[0], ev["pid"])
-            elif ev["op"] == ZYGOTE_EXITED:
-                self.on_exit(entry, ev["status"])
-            elif ev["op"] == ZYGOTE_REFUSED:  # the zygote could not fork it: as if spawn had raised
-                self.on_exit(entry, 0, OSError(ev["errno"], f"cannot fork: {ev['error']}"))
+            if isinstance(ev, Started):
+                self.guarded("started", entry[1], entry[1].on_started, entry[0], ev.pid)
+            elif isinstance(ev, Exited):
+                self.on_exit(entry, ev.status)
+            else:  # the zygote could not fork it: as if spawn had raised
+                self.on_exit(entry, 0, OSError(ev.errno, f"cannot fork: {ev.error}"))
         return True
 
     def orphaned(self, z: Zygote) -> None:
