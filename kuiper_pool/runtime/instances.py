@@ -27,12 +27,12 @@ from . import frames
 from .effects import Effects, WorkerHandle
 from .forensics import DUMP_SIGNAL
 from .health import Cause, RestartPolicy, restart_kind, verdict
-from .kinds import route_for
+from .kinds import PACKAGES, route_for
 from .states import TRANSITIONS, State, TransitionError
 from .zygote import describe_status, signal_text
 
 Answer = Callable[[bytes], None]
-KINDS = {wire.TYPE_SOURCE: "source", wire.TYPE_SINK: "sink", wire.TYPE_FUNC: "function"}
+KINDS = PACKAGES   # a kind's name in messages is its package's
 DUMP_GRACE = 0.05   # seconds a worker gets to write its stack before it is killed
 RECENT_RESTARTS = 10  # crashes kept with their time and cause for `kuiper-pool status`
 STARTING, RUNNING, BACKOFF, RECYCLING = State.STARTING, State.RUNNING, State.BACKOFF, State.RECYCLING
