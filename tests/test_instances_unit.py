@@ -935,6 +935,7 @@ def test_the_first_function_start_is_answered_once_its_channel_is_dialed():
     inst.on_readable(fx.endpoints)  # the channel's readiness: headers exchanged
     assert answers == [wire.OK]
     fx.t += 5.0
+    beat(inst, fx.workers[0])
     inst.tick(fx.t)
     assert answers == [wire.OK] and inst.state == RUNNING
 

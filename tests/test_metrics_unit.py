@@ -20,8 +20,8 @@ def test_a_fresh_instance_has_every_series_at_zero_and_one_state():
     assert value(samples, "kuiper_pool_build_info", plugin="p", version="1.2.3", python="3.11.7") == 1
     assert value(samples, "kuiper_pool_start_time_seconds", plugin="p") == 1700000000.5
     states = {dict(ls)["state"]: v for (n, ls), v in samples.items() if n == "kuiper_pool_instance_state"}
-    assert states == {"starting": 1, "running": 0, "backoff": 0, "recycling": 0, "stopping": 0,
-                      "failed": 0, "ended": 0}
+    assert states == {"starting": 1, "running": 0, "killing": 0, "backoff": 0, "recycling": 0,
+                      "stopping": 0, "failed": 0, "ended": 0}
     causes = {dict(ls)["cause"]: v for (n, ls), v in samples.items() if n == "kuiper_pool_restarts_total"}
     assert causes == {"exit": 0, "signal": 0, "hang": 0, "deadline": 0}
     for name in ("items_in_total", "items_out_total", "errors_total", "resident_memory_bytes",

@@ -179,8 +179,8 @@ def test_metrics_count_items_and_restarts_by_cause(tmp_path, unique, host_runs):
         where = dict(plugin=p, symbol=sym, type=kind, rule=rule, op=op, instance="0")
         states = {dict(ls)["state"]: v for (n, ls), v in first.items()
                   if n == "kuiper_pool_instance_state" and set(where.items()) <= ls}
-        assert states == {"starting": 0, "running": 1, "backoff": 0, "recycling": 0, "stopping": 0,
-                          "failed": 0, "ended": 0}
+        assert states == {"starting": 0, "running": 1, "killing": 0, "backoff": 0, "recycling": 0,
+                          "stopping": 0, "failed": 0, "ended": 0}
         # every cause from the start, at 0: increase() sees the first restart
         assert {c: value(first, "kuiper_pool_restarts_total", cause=c, **where)
                 for c in ("exit", "signal", "hang", "deadline")} == dict.fromkeys(

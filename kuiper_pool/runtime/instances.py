@@ -28,7 +28,7 @@ from .effects import Effects, WorkerHandle
 from .forensics import DUMP_SIGNAL
 from .health import Cause, RestartPolicy, restart_kind, verdict
 from .kinds import PACKAGES, route_for
-from .states import TRANSITIONS, State, TransitionError
+from .states import CRASHES, IDLE, LIVE, STANDING, TRANSITIONS, WAITING, State, TransitionError
 from .zygote import describe_status, signal_text
 
 Answer = Callable[[bytes], None]
@@ -36,6 +36,7 @@ KINDS = PACKAGES   # a kind's name in messages is its package's
 DUMP_GRACE = 0.05   # seconds a worker gets to write its stack before it is killed
 RECENT_RESTARTS = 10  # crashes kept with their time and cause for `kuiper-pool status`
 STARTING, RUNNING, BACKOFF, RECYCLING = State.STARTING, State.RUNNING, State.BACKOFF, State.RECYCLING
+KILLING = State.KILLING
 STOPPING, FAILED, ENDED, REMOVED = State.STOPPING, State.FAILED, State.ENDED, State.REMOVED
 
 
@@ -144,7 +145,7 @@ class Instance:
         if self._state is STOPPING:
             answer(wire.one_line(f"{self.where()} is still stopping"))
             return
-        self._expect("start again", STARTING, RUNNING, BACKOFF, RECYCLING)
+        self._expect("start again", *STANDING)
         self.fx.note(self, logging.INFO, "start of an instance already %s: nothing to do", self._state)
         answer(wire.OK)
 
@@ -155,7 +156,7 @@ class Instance:
             return
         self.pending = answer
         if self.worker is None:
-            self._expect("stop", BACKOFF, FAILED, ENDED, STARTING)
+            self._expect("stop", STARTING, *IDLE)
             self.remove(wire.OK)
         else:
             self.begin_stop()
@@ -169,14 +170,17 @@ class Instance:
             self.begin_stop()
 
     def begin_stop(self) -> None:
-        """Ask the worker to close; it gets stop_grace, then SIGKILL."""
+        """Ask the worker to close; it gets stop_grace, then SIGKILL. A worker being killed
+        is not asked: its kill goes on."""
         w = self.worker
         if w is None:
             raise TransitionError(f"{self.where()}: stop without a worker")
+        killing = self._state is KILLING
         self.route.on_stopping(w, self._state is RUNNING)
         self._move(STOPPING, "stop")
-        self.fx.send(w, frames.encode(frames.STOP))
-        w.kill_at = self.fx.now() + self.s.stop_grace
+        if not killing:
+            self.fx.send(w, frames.encode(frames.STOP))
+            w.kill_at = self.fx.now() + self.s.stop_grace
 
     def remove(self, answer: Optional[bytes] = None) -> None:
         """Forget the instance: close eKuiper's channels, SIGKILL a worker still alive."""
@@ -298,8 +302,8 @@ class Instance:
         elif state is RECYCLING:
             self.fx.note(self, logging.INFO, "worker pid %d recycled (%s): %s", w.pid, how, w.kill_reason)
             self._spawn("recycled")
-        elif state in (STARTING, RUNNING) and self.pending is not None:  # first start unanswered
-            before = "it was ready" if state is STARTING else "eKuiper's channel was up"
+        elif state in CRASHES and self.pending is not None:  # first start unanswered
+            before = "eKuiper's channel was up" if self.running_since else "it was ready"
             text = f"{self.where()}: worker pid {w.pid} exited with {how} before {before}: {cause}"
             self.last_error = " ".join(text.split())
             self.fx.note(self, logging.WARNING, "start refused: %s", self.last_error)
@@ -307,7 +311,7 @@ class Instance:
         elif state is RUNNING and self.route.ended(w, status):
             self._move(ENDED, "source ended")
             self.fx.note(self, logging.INFO, "ended: open returned (worker pid %d)", w.pid)
-        elif state in (STARTING, RUNNING):
+        elif state in CRASHES:
             self._crashed(w, how, cause, restart_kind(w.kill_cause, os.WIFSIGNALED(status)))
         else:
             raise TransitionError(f"{self.where()}: worker exit in state {state}")
@@ -366,7 +370,7 @@ class Instance:
     def retry_now(self) -> bool:
         """An operator's restart: a failed or backing-off instance starts at once, a running
         worker is recycled. False when there is nothing to restart."""
-        if self._state in (FAILED, BACKOFF):
+        if self._state in WAITING:
             self.policy.reset()
             self._spawn("operator restart")
             return True
@@ -380,17 +384,16 @@ class Instance:
         recycle (its sink items finish or go to the next worker; never a crash). False
         when it cannot be now (the caller asks again)."""
         w = self.worker
-        if self._state is not RUNNING or w is None or w.kill_reason or self.route.busy():
+        if self._state is not RUNNING or w is None or self.route.busy():
             return False
         self._recycle(w, Cause.RELOAD, why)
         return True
 
     def kill(self, w: WorkerHandle, cause: Cause, why: str) -> None:
-        """Dump its stack, SIGTERM (a function: SIGKILL) DUMP_GRACE later, SIGKILL after
-        stop_grace; the route answers what the worker holds. A hung worker (stopped,
+        """KILLING: dump its stack, SIGTERM (a function: SIGKILL) DUMP_GRACE later, SIGKILL
+        after stop_grace; the route answers what the worker holds. A hung worker (stopped,
         deadlocked) can use no grace: it is continued to dump its stack, then SIGKILLed."""
-        if w.kill_reason:
-            return
+        self._move(KILLING, cause.value)
         w.kill_reason, w.kill_cause = why, cause
         hung = cause is Cause.HANG
         now = self.fx.now()
@@ -446,7 +449,7 @@ class Instance:
             self._answer_start()
             if self._state is REMOVED:
                 return
-        if self._state in (BACKOFF, FAILED) and self.restart_at and now >= self.restart_at:
+        if self._state in WAITING and self.restart_at and now >= self.restart_at:
             if self._state is FAILED:
                 self.fx.note(self, logging.INFO, "trying the failed instance again")
             self._spawn("retry")
@@ -477,7 +480,7 @@ class Instance:
 
     def check_health(self, w: WorkerHandle, now: float) -> None:
         """Kill a hung or overrunning worker, recycle one over its limits."""
-        if self._state not in (STARTING, RUNNING) or w.kill_reason:
+        if self._state not in LIVE:
             return
         self.route.observe(w)
         if self._state is STARTING and now - w.started_at > self.s.start_timeout:

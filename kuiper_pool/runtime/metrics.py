@@ -14,11 +14,11 @@ import threading
 from typing import Any, Callable, Dict, Iterable, List, Tuple
 
 from .health import RESTART_CAUSES
-from .states import State
+from .states import SHOWN
 
 Snapshot = Dict[str, Any]
 Labels = Dict[str, str]
-STATES = tuple(s.value for s in State if s is not State.REMOVED)
+STATES = tuple(s.value for s in SHOWN)
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 

@@ -8,7 +8,8 @@ import time
 from typing import TYPE_CHECKING
 
 from ..version import __version__
-from .instances import BACKOFF, FAILED, RUNNING
+from .instances import RUNNING
+from .states import WAITING
 from .status import Snapshot
 
 if TYPE_CHECKING:
@@ -49,7 +50,7 @@ def snapshot(sup: "Supervisor") -> Snapshot:
             "restarts": inst.restarts, "restart_causes": dict(inst.restart_causes),
             "recent_restarts": list(inst.recent_restarts),
             "next_retry_at": (now + max(inst.restart_at - mono, 0.0)
-                              if inst.state in (BACKOFF, FAILED) and inst.restart_at else None),
+                              if inst.state in WAITING and inst.restart_at else None),
             "last_error": inst.last_error, "last_error_at": inst.last_error_at or None,
             "rss": v.rss if v else 0,
             "cpu_percent": v.cpu_percent if v else 0.0,

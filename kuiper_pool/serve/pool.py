@@ -73,7 +73,7 @@ class Slot:
         route = inst.route
         chan = getattr(route, "channel", None)
         return (self.call is None and inst.state is State.RUNNING and w is not None
-                and not w.kill_reason and chan is not None and chan.call is None)
+                and chan is not None and chan.call is None)
 
     def alive(self) -> bool:
         """Whether this worker may still serve (not removed, not failed for now)."""

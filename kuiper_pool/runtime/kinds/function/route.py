@@ -140,7 +140,7 @@ class FunctionRoute(Route):
             self._error(owed[1])  # eKuiper re-sent the call a dead worker began
         elif inst.state is State.FAILED:
             self._error(inst.failed_text())
-        elif inst.state is State.RUNNING and w is not None and not w.kill_reason:
+        elif inst.state is State.RUNNING and w is not None:
             self._serve(w, chan)
         # otherwise the call waits for the (re)started worker, within call_deadline
 
@@ -226,7 +226,7 @@ class FunctionRoute(Route):
         chan.owed = owed
         self._attach(chan)
         w = inst.worker
-        if inst.state is State.RUNNING and w is not None and not w.kill_reason and owed is None:
+        if inst.state is State.RUNNING and w is not None and owed is None:
             self._serve(w, chan)
 
     # --- the clock ------------------------------------------------------------------------------

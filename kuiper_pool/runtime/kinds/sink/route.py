@@ -97,7 +97,7 @@ class SinkRoute(Route):
         inst = self.inst
         if (self.require_ack and self.lent_to is None and not self.inflight and not self.relay_for
                 and self.pull is not None
-                and inst.state is State.RUNNING and inst.worker is w and not w.kill_reason
+                and inst.state is State.RUNNING and inst.worker is w
                 and self.io.lend_sink(w, self.pull, self.ack)):
             self.lent_to = w
 
