@@ -12,7 +12,7 @@ from __future__ import annotations
 import errno
 import os
 import signal
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 
 import pytest
 
@@ -30,15 +30,16 @@ from kuiper_pool.runtime.kinds.sink.page import SinkPage
 from kuiper_pool.runtime.kinds.sink.route import ACK_BACKLOG, RELAY_AFTER_LARGE, SinkRoute
 from kuiper_pool.runtime.forensics import Dump
 from kuiper_pool.runtime.health import Cause
-from kuiper_pool.runtime.instances import (BACKOFF, ENDED, FAILED, RECYCLING, REMOVED, RUNNING,
-                                           STARTING, STOPPING, Instance)
-from kuiper_pool.runtime.states import TRANSITIONS, TransitionError
+from kuiper_pool.runtime.instances import (BACKOFF, ENDED, FAILED, KILLING, RECYCLING, REMOVED,
+                                           RUNNING, STARTING, STOPPING, Instance)
+from kuiper_pool.runtime.states import TRANSITIONS, Change, State, TransitionError
 from kuiper_pool.runtime.supervisor import Supervisor
 from kuiper_pool.transport import TransportError
 
 EXIT_0 = 0                    # wait statuses as the zygote reports them
 EXIT_70 = 70 << 8            # the worker caught an exception in plugin code
 KILLED = signal.SIGKILL       # WIFSIGNALED with SIGKILL
+TAKEN: Set[Tuple[State, State]] = set()   # every state change any test here made
 
 
 class MemoryPull:
@@ -147,6 +148,7 @@ class Recorder:
         self.closed_routes: List[Any] = []
         self.forgotten: List[Instance] = []
         self.notes: List[str] = []
+        self.changes: List[Change] = []
         self.spawn_error: Optional[OSError] = None
         self.route_error: Optional[OSError] = None
         self.cpu: Optional[float] = None
@@ -237,6 +239,10 @@ class Recorder:
 
     def note(self, inst: Instance, level: int, msg: str, *args: object) -> None:
         self.notes.append(msg % args)
+
+    def changed(self, inst: Instance, change: Change) -> None:
+        self.changes.append(change)
+        TAKEN.add((change.old, change.new))
 
     # helpers for the tests
     def frames_of(self, ftype: int) -> List[bytes]:
@@ -731,6 +737,9 @@ def test_every_state_change_goes_through_the_transition_table():
     assert inst.transitions[(STARTING, RUNNING)] == 2
     assert all(new in TRANSITIONS[old] for old, new in inst.transitions)
     assert fx.notes.count("running -> backoff: crash") == 1  # one hook logs every change
+    assert fx.changes == [Change(STARTING, RUNNING, "ready"), Change(RUNNING, BACKOFF, "crash"),
+                          Change(BACKOFF, STARTING, "retry"), Change(STARTING, RUNNING, "ready"),
+                          Change(RUNNING, STOPPING, "stop"), Change(STOPPING, REMOVED, "remove")]
 
 
 def test_an_illegal_transition_raises_and_the_supervisor_contains_it():
@@ -1296,3 +1305,139 @@ def test_a_recycled_worker_whose_page_claims_an_endless_call_is_held_once_for_ca
     fx.t += 8.0
     inst.tick(fx.t)
     assert (w.wid, signal.SIGKILL) in fx.signals and "call_deadline 8s" in w.kill_reason
+
+
+def hung(inst: Instance, fx: Recorder) -> WorkerHandle:
+    """The running worker misses its heartbeats: it is being killed (its stack dumped)."""
+    w = inst.worker
+    assert w is not None
+    fx.t += 3.0
+    inst.tick(fx.t)
+    assert inst.state == KILLING and w.kill_cause is Cause.HANG
+    return w
+
+
+def test_killing_is_a_state_from_the_verdict_until_the_exit_and_the_listeners_see_it():
+    inst, fx, _ = running(restart_backoff_initial=1.0)
+    w = hung(inst, fx)
+    assert fx.changes[-1] == Change(RUNNING, KILLING, "hang")
+    assert fx.signals == [(w.wid, signal.SIGUSR1), (w.wid, signal.SIGCONT)]   # its stack first
+    fx.t += 0.06
+    inst.tick(fx.t)
+    assert fx.signals[-1] == (w.wid, signal.SIGKILL) and w.sigkill_sent
+    assert inst.state == KILLING   # signalled, not yet reaped
+    inst.on_exit(w, KILLED)
+    assert inst.state == BACKOFF and fx.changes[-1] == Change(KILLING, BACKOFF, "crash")
+    assert inst.restart_causes["hang"] == 1
+
+
+def test_a_late_ready_while_a_start_is_killed_is_ignored_and_the_start_refused_at_the_exit():
+    inst, fx, answers = make()
+    w = fx.workers[0]
+    fx.t += 11.0
+    inst.tick(fx.t)                       # start_timeout: STARTING -> KILLING
+    assert inst.state == KILLING
+    ready(inst, w)                        # READY of the worker being killed: too late
+    assert inst.state == KILLING and answers == []
+    inst.on_exit(w, KILLED)
+    assert inst.state == REMOVED and len(answers) == 1
+    assert b"before it was ready" in answers[0] and b"start_timeout" in answers[0]
+
+
+def test_a_stop_while_killing_lets_the_kill_go_on_and_answers_at_the_exit():
+    inst, fx, answers = running()
+    w = hung(inst, fx)
+    kill_at = w.kill_at
+    inst.stop(answers.append)
+    assert inst.state == STOPPING and w.kill_at == kill_at
+    assert fx.frames_of(frames.STOP) == []   # a worker being killed is not asked to close
+    inst.on_exit(w, KILLED)
+    assert inst.state == REMOVED and answers == [wire.OK, wire.OK]
+    assert inst.restarts == 0               # the stop was asked for: no crash counted
+
+
+def test_a_crash_while_killing_is_the_one_crash_and_a_late_exit_report_changes_nothing():
+    inst, fx, _ = running(restart_backoff_initial=1.0)
+    w = hung(inst, fx)
+    inst.on_exit(w, signal.SIGSEGV)         # it died of its own before our signal
+    inst.on_exit(w, KILLED)                 # a second report of the same worker
+    assert inst.state == BACKOFF and inst.restarts == 1
+
+
+def test_a_stop_or_the_zygote_dying_during_a_recycle_ends_it_for_good():
+    inst, fx, answers = running()
+    w = fx.workers[0]
+    assert inst.retry_now() and inst.state == RECYCLING
+    inst.stop(answers.append)
+    assert inst.state == STOPPING
+    inst.on_exit(w, EXIT_0)
+    assert inst.state == REMOVED and answers == [wire.OK, wire.OK] and len(fx.workers) == 1
+    inst, fx, answers = running()
+    assert inst.retry_now()
+    inst.remove(b"the zygote died")
+    assert inst.state == REMOVED and fx.signals == [(fx.workers[0].wid, signal.SIGKILL)]
+
+
+def _backoff(inst: Instance, fx: Recorder) -> None:
+    inst.on_exit(fx.workers[-1], KILLED)
+
+
+def _killing(inst: Instance, fx: Recorder) -> None:
+    hung(inst, fx)
+
+
+def _recycling(inst: Instance, fx: Recorder) -> None:
+    assert inst.retry_now()
+
+
+def _failed(inst: Instance, fx: Recorder) -> None:
+    inst.contain(RuntimeError("first"))
+
+
+def _restarting(inst: Instance, fx: Recorder) -> None:
+    inst.policy.s = load_settings(overrides={**SETTINGS, "restart_backoff_initial": 0.0}, environ={})
+    inst.on_exit(fx.workers[-1], KILLED)   # restarted at once: STARTING, no start waiting
+
+
+@pytest.mark.parametrize("reach, state", [(_backoff, BACKOFF), (_killing, KILLING),
+                                          (_recycling, RECYCLING), (_failed, FAILED),
+                                          (_restarting, STARTING)])
+def test_our_own_error_in_any_state_with_no_start_waiting_fails_only_the_instance(reach, state):
+    inst, fx, _ = running(restart_backoff_initial=1.0)
+    reach(inst, fx)
+    assert inst.state == state
+    inst.contain(RuntimeError("bug"))
+    assert inst.state == FAILED and inst.worker is None
+    assert "internal error: RuntimeError: bug" in inst.last_error
+
+
+@pytest.mark.parametrize("kind", [wire.TYPE_SOURCE, wire.TYPE_SINK])
+def test_a_stop_of_a_failed_or_ended_instance_answers_at_once(kind):
+    inst, fx, answers = running(kind=kind)
+    if kind == wire.TYPE_SOURCE:
+        inst.on_exit(fx.workers[0], EXIT_0)
+        assert inst.state == ENDED
+        inst.contain(RuntimeError("bug"))     # ENDED -> FAILED
+        inst.stop(answers.append)
+    else:
+        inst.contain(RuntimeError("bug"))
+        inst.stop(answers.append)
+    assert inst.state == REMOVED and answers[-1] == wire.OK
+
+
+def test_a_stop_of_an_ended_source_answers_at_once():
+    inst, fx, answers = running(kind=wire.TYPE_SOURCE)
+    inst.on_exit(fx.workers[0], EXIT_0)
+    inst.stop(answers.append)
+    assert inst.state == REMOVED and answers == [wire.OK, wire.OK]
+
+
+def test_every_edge_of_the_table_is_taken_by_an_event_ordering_above(request):
+    """Each allowed change is made by some test of this module (this one runs last): a new
+    edge in states.py comes with the ordering of events that takes it."""
+    here = [item for item in request.session.items if item.module is request.module]
+    tests = {name for name in vars(request.module) if name.startswith("test_")}
+    if {item.originalname for item in here} != tests or here[-1] is not request.node:
+        pytest.skip("only meaningful after every other test of this module ran")
+    untaken = {(old, new) for old, news in TRANSITIONS.items() for new in news} - TAKEN
+    assert not untaken, sorted(f"{a} -> {b}" for a, b in untaken)

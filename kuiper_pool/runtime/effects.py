@@ -19,7 +19,8 @@ import signal
 import socket
 import time
 from types import ModuleType
-from typing import TYPE_CHECKING, Any, Callable, Dict, Optional, Protocol, Sequence, Tuple, Type, TypeVar
+from typing import (TYPE_CHECKING, Any, Callable, Dict, List, Optional, Protocol, Sequence, Tuple, Type,
+                    TypeVar)
 
 from .. import wire
 from ..config import Settings
@@ -29,6 +30,7 @@ from . import forensics, frames
 from .health import Cause, Vitals
 from .protocol import Exited, Refused, Started, StartSpec
 from .state import States, Store
+from .states import Change
 from .zygote import Zygote
 
 if TYPE_CHECKING:
@@ -77,10 +79,12 @@ class Effects(Protocol):
     def cpu_seconds(self, w: WorkerHandle) -> Optional[float]: ...
     def dump(self, w: WorkerHandle) -> forensics.Dump: ...   # what its last stack dump says
     def note(self, inst: "Instance", level: int, msg: str, *args: object) -> None: ...
+    def changed(self, inst: "Instance", change: Change) -> None: ...   # tell the listeners
 
 
 Register = Callable[..., None]
 Entry = Tuple[WorkerHandle, "Instance", frames.Link]
+Listener = Callable[["Instance", Change], None]
 
 
 class LoopEffects:
@@ -107,6 +111,7 @@ class LoopEffects:
         self.transport_name = settings.transport
         self.lends = settings.transport == "sp"  # a native connection can be lent
         self.states = States(settings.state_dir, settings.state_flush_interval)
+        self.listeners: List[Listener] = []   # told of every state change, in order
 
     def now(self) -> float:
         return time.monotonic()
@@ -307,6 +312,10 @@ class LoopEffects:
 
     def forget(self, inst: "Instance") -> None:
         self._forget(inst)
+
+    def changed(self, inst: "Instance", change: Change) -> None:
+        for listener in self.listeners:
+            listener(inst, change)
 
     def note(self, inst: "Instance", level: int, msg: str, *args: object) -> None:
         """Log about one instance: plugin, symbol and rule in the record, pid in the text."""

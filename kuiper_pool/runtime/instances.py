@@ -28,7 +28,7 @@ from .effects import Effects, WorkerHandle
 from .forensics import DUMP_SIGNAL
 from .health import Cause, RestartPolicy, restart_kind, verdict
 from .kinds import PACKAGES, route_for
-from .states import CRASHES, IDLE, LIVE, STANDING, TRANSITIONS, WAITING, State, TransitionError
+from .states import CRASHES, IDLE, LIVE, STANDING, TRANSITIONS, WAITING, Change, State, TransitionError
 from .zygote import describe_status, signal_text
 
 Answer = Callable[[bytes], None]
@@ -97,13 +97,15 @@ class Instance:
         self._last_error, self.last_error_at = text, time.time()
 
     def _move(self, new: State, event: str) -> None:
-        """The one place a state changes: checked against TRANSITIONS, logged and counted."""
+        """The one place a state changes: checked against TRANSITIONS, logged, counted and
+        told to the listeners."""
         old = self._state
         if new not in TRANSITIONS[old]:
             raise TransitionError(f"{self.where()}: {event}: {old} -> {new} is not a transition")
         self._state = new
         self.transitions[(old, new)] += 1
         self.fx.note(self, logging.DEBUG, "%s -> %s: %s", old, new, event)
+        self.fx.changed(self, Change(old, new, event))
 
     def _expect(self, event: str, *states: State) -> None:
         if self._state not in states:

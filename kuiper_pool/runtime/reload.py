@@ -18,22 +18,26 @@ stopping a rule.
    failed, ended) get the new code at their next start.
 5. The old zygote exits once its last worker has.
 
-The loop never blocks on any of it: each step happens on the fresh zygote's reports and on
-ticks.
+The loop never blocks on any of it: each step happens on the fresh zygote's reports, on the
+state changes of the instance being replaced (the reloader listens to them,
+``Effects.changed``) and on ticks (the time limits, a sink that was busy).
 """
 from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING, Any, Dict, List, Optional
+from dataclasses import asdict, dataclass, field
+from enum import Enum
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 
 from .. import wire
 from ..version import __version__
 from ..api import PluginConfig
 from ..config import Settings
 from ..describe import problem
-from .instances import BACKOFF, ENDED, FAILED, KINDS, REMOVED, RUNNING
+from .instances import ENDED, KINDS, REMOVED, RUNNING, Instance
 from .protocol import Error, Hello
+from .states import WAITING, Change
 from .zygote import Zygote
 
 if TYPE_CHECKING:
@@ -44,6 +48,34 @@ FIXED = ("start_method", "transport", "runtime_dir", "metrics_address", "state_d
 TABLES = {wire.TYPE_SOURCE: "sources", wire.TYPE_SINK: "sinks", wire.TYPE_FUNC: "functions"}
 REPLACE_SLACK = 2.0   # seconds beyond stop_grace + start_timeout before an instance is reported
 KEPT_OUTCOMES = 32    # outcomes still answered by id: a poller may ask after later reloads began
+
+
+class Progress(Enum):
+    """How the replace of one instance ended."""
+
+    REPLACED = "replaced"   # a worker of the new code runs it
+    SKIPPED = "skipped"     # gone, ended, or without a worker: its next start uses the new code
+    PROBLEM = "problem"     # not brought to the new code (the outcome's lines say why)
+
+
+@dataclass
+class Replacing:
+    """The one instance being replaced."""
+
+    key: str
+    since: float
+    asked: bool = False   # its worker was asked to recycle
+
+
+@dataclass
+class Outcome:
+    """What ``kuiper-pool reload`` polls (as a dict)."""
+
+    id: int
+    check: bool
+    done: bool = False
+    ok: bool = False
+    lines: List[str] = field(default_factory=list)
 
 
 def _made_in_workers() -> None:
@@ -58,25 +90,25 @@ class Reloader:
         self.argv = main_argv
         self.log = sup.log
         self.seq = 0
-        self.outcome: Dict[str, Any] = {}                 # the latest reload's
-        self.outcomes: Dict[int, Dict[str, Any]] = {}     # the latest KEPT_OUTCOMES, by id
+        self.outcome: Optional[Outcome] = None           # the latest reload's
+        self.outcomes: Dict[int, Outcome] = {}           # the latest KEPT_OUTCOMES, by id
         self.check = False
         self.candidate: Optional[Zygote] = None
         self.hello_deadline = 0.0
         self.queue: List[str] = []        # keys of instances still to replace
-        self.current = ""                 # the one being replaced
-        self.current_since = 0.0
-        self.asked = False
+        self.current: Optional[Replacing] = None
+        self.advancing = False
         self.replaced = 0
         self.problems: List[str] = []     # instances the reload could not bring to the new code
         self.leaving: List[Zygote] = []   # old or refused zygotes, released when workerless
+        sup.fx.listeners.append(self.on_change)
 
     @property
     def name(self) -> str:
         return self.sup.plugin.name
 
     def busy(self) -> bool:
-        return self.candidate is not None or bool(self.queue or self.current)
+        return self.candidate is not None or bool(self.queue) or self.current is not None
 
     # --- requests ---------------------------------------------------------------------------
 
@@ -86,32 +118,31 @@ class Reloader:
             return {"error": f"plugin {self.name} is shutting down: {self.sup.exiting}"}
         if self.busy():
             return {"error": f"plugin {self.name}: a reload is already in progress "
-                             f"(reload {self.outcome.get('id')})"}
+                             f"(reload {self.seq})"}
         if not self.argv:
             return {"error": f"plugin {self.name}: reload needs the plugin's main script"}
         self.seq += 1
         self.check = check
-        self.outcome = {"id": self.seq, "check": check, "done": False, "ok": False, "lines": []}
-        self.outcomes[self.seq] = self.outcome
+        self.outcome = self.outcomes[self.seq] = Outcome(self.seq, check)
         self.outcomes.pop(self.seq - KEPT_OUTCOMES, None)
         try:
             z = Zygote.launch(self.argv, self.sup.zygote.rundir)
         except OSError as e:
             self._refuse(f"cannot start {self.argv[0]}: {e.strerror or e}")
-            return dict(self.outcome)
+            return asdict(self.outcome)
         self.candidate = z
         self.hello_deadline = time.monotonic() + self.sup.s.start_timeout
         self.sup.register(z.fileno(), lambda _m: self.on_candidate(z))
         self.log.info("plugin %s: %s: new code loading in zygote pid %d", self.name,
                       "reload check" if check else "reload", z.pid)
-        return dict(self.outcome)
+        return asdict(self.outcome)
 
     def status(self, rid: Any) -> Dict[str, Any]:
         """The outcome of reload ``rid``, also once a SIGHUP's reload has begun after it."""
         outcome = self.outcomes.get(rid) if isinstance(rid, int) else None
         if outcome is None:
             return {"error": f"plugin {self.name}: no reload {rid}"}
-        return dict(outcome)
+        return asdict(outcome)
 
     # --- the fresh zygote's first report ------------------------------------------------------------
 
@@ -191,11 +222,12 @@ class Reloader:
         self.leaving.append(z)
 
     def _finish(self, ok: bool, line: str, *more: str) -> None:
-        self.outcome.update(done=True, ok=ok, lines=[line, *more])
+        assert self.outcome is not None
+        self.outcome.done, self.outcome.ok, self.outcome.lines = True, ok, [line, *more]
         for text in (line, *more):
             self.log.log(logging.INFO if ok else logging.ERROR, "%s", text)
 
-    def _live(self) -> List[Any]:
+    def _live(self) -> List[Instance]:
         return [i for i in self.sup.instances.values() if i.state is not REMOVED]
 
     # --- the switch and the rolling replace -----------------------------------------------------
@@ -226,9 +258,8 @@ class Reloader:
         if self.candidate is not None and now > self.hello_deadline:
             self._refuse(f"the new code did not reach plugin.start within start_timeout "
                          f"{self.sup.s.start_timeout:g}s")
-        while (self.queue or self.current) and self._step(now):
-            pass
-        if self.outcome and not self.outcome["done"] and not self.busy() and not self.check:
+        self._advance(now)
+        if self.outcome is not None and not self.outcome.done and not self.busy() and not self.check:
             self._finish(not self.problems, f"plugin {self.name}: reloaded: {self.replaced} "
                          f"instance(s) replaced by workers of the new code (zygote pid "
                          f"{self.sup.zygote.pid})", *self.problems)
@@ -242,37 +273,55 @@ class Reloader:
             self.sup.unregister(z.fileno())
         return z.release()
 
-    def _step(self, now: float) -> bool:
-        """Advance the replace of the current instance; True when it is done (next one)."""
+    def on_change(self, inst: Instance, change: Change) -> None:
+        """The instance being replaced changed state: its replace may be done."""
+        if self.current is not None and inst.ctrl.key == self.current.key:
+            self._advance(time.monotonic())
+
+    def _advance(self, now: float) -> None:
+        if self.advancing:  # a change the step itself made (its recycle): the step goes on
+            return
+        self.advancing = True
+        try:
+            self._replace_next(now)
+        finally:
+            self.advancing = False
+
+    def _replace_next(self, now: float) -> None:
+        while self.queue or self.current is not None:
+            if self.current is None:
+                self.current = Replacing(self.queue.pop(0), now)
+            ended = self._step(self.current, now)
+            if ended is None:
+                return
+            progress, text = ended
+            if progress is Progress.REPLACED:
+                self.replaced += 1
+            elif progress is Progress.PROBLEM:
+                self.problems.append(" ".join(text.split()))
+            self.current = None
+
+    def _step(self, r: Replacing, now: float) -> Optional[Tuple[Progress, str]]:
+        """Advance the replace of ``r``; how it ended, or None while it goes on."""
         sup = self.sup
-        if not self.current:
-            self.current, self.current_since, self.asked = self.queue.pop(0), now, False
-        inst = sup.instances.get(self.current)
+        inst = sup.instances.get(r.key)
         w = inst.worker if inst is not None else None
-        done = ""
-        if inst is None or inst.state in (REMOVED, ENDED) or (w is None and not self.asked):
-            done = "skip"  # gone, ended, or backing off/failed: its next start uses the new code
-        elif w is not None and sup.fx.zygote_of(w) is sup.zygote:
+        if inst is None or inst.state in (REMOVED, ENDED) or (w is None and not r.asked):
+            return Progress.SKIPPED, ""
+        if w is not None and sup.fx.zygote_of(w) is sup.zygote:
             if inst.state is RUNNING:
-                done = "replaced"
-        elif w is None and inst.state in (BACKOFF, FAILED):
-            done = f"{inst.where()}: the new worker did not start: {inst.last_error}"
-        elif w is not None and not self.asked and inst.state is RUNNING:
+                return Progress.REPLACED, ""
+        elif w is None and inst.state in WAITING:
+            return Progress.PROBLEM, f"{inst.where()}: the new worker did not start: {inst.last_error}"
+        elif w is not None and not r.asked and inst.state is RUNNING:
             inst.s = sup.s.for_symbol(inst.ctrl.symbol)
-            sup.guarded("reload", inst, lambda: setattr(self, "asked", inst.replace("reload")))
-        if not done and inst is not None:
-            limit = inst.s.stop_grace + inst.s.start_timeout + REPLACE_SLACK + (
-                inst.s.call_deadline if inst.kind == wire.TYPE_FUNC else 0.0)  # a call finishes first
-            if now - self.current_since > limit:
-                done = f"{inst.where()}: not replaced within {limit:g}s ({inst.state}: {inst.last_error})"
-        if not done:
-            return False
-        if done == "replaced":
-            self.replaced += 1
-        elif done != "skip":
-            self.problems.append(" ".join(done.split()))
-        self.current = ""
-        return True
+            sup.guarded("reload", inst, lambda: setattr(r, "asked", inst.replace("reload")))
+        limit = inst.s.stop_grace + inst.s.start_timeout + REPLACE_SLACK + (
+            inst.s.call_deadline if inst.kind == wire.TYPE_FUNC else 0.0)  # a call finishes first
+        if now - r.since > limit:
+            return Progress.PROBLEM, (f"{inst.where()}: not replaced within {limit:g}s "
+                                      f"({inst.state}: {inst.last_error})")
+        return None
 
     def close(self) -> None:
         """The supervisor is leaving: let every zygote but the current one go."""

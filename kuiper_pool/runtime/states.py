@@ -42,6 +42,7 @@ allowed change, one per line (tests/test_structure.py checks this list against t
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from enum import Enum
 from typing import Dict, FrozenSet
 
@@ -77,12 +78,21 @@ TRANSITIONS: Dict[State, FrozenSet[State]] = {
 
 # the groups of states, named once
 LIVE = frozenset({S.STARTING, S.RUNNING})        # a worker serves, or is starting to
-ENDING = frozenset({S.KILLING, S.RECYCLING, S.STOPPING})  # the worker is being ended
 WAITING = frozenset({S.BACKOFF, S.FAILED})       # no worker; a (re)start is due at restart_at
 CRASHES = LIVE | {S.KILLING}                     # a worker that exits now has crashed
 IDLE = WAITING | {S.ENDED}                       # no worker and none being ended
 STANDING = LIVE | {S.KILLING, S.RECYCLING, S.BACKOFF}  # eKuiper's start stands: a worker serves or will
 SHOWN = tuple(s for s in State if s is not S.REMOVED)  # what status and metrics report
+
+
+@dataclass(frozen=True)
+class Change:
+    """One state change, as the instance's listeners are told of it (``Effects.changed``):
+    status, the metrics and a reload follow instances this way, never by polling."""
+
+    old: State
+    new: State
+    event: str
 
 
 class TransitionError(RuntimeError):

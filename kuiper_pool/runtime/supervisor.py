@@ -32,6 +32,7 @@ from ..logs import supervisor_logger
 from .control import Commands
 from .effects import LoopEffects, fields
 from .instances import REMOVED, Instance
+from .states import Change
 from .observe import sample, snapshot
 from .reload import Reloader
 from .metrics import MetricsServer, render
@@ -73,6 +74,8 @@ class Supervisor:
         self.status: Optional[StatusServer] = None
         self.metrics: Optional[MetricsServer] = None
         self.cached = ""    # the metrics text the metrics thread serves
+        self.stale = False  # a state changed since ``cached`` was rendered
+        self.fx.listeners.append(self.on_change)
         self.logged_errors: Dict[str, float] = {}
         self.reloader = Reloader(self, list(main_argv))
 
@@ -241,6 +244,10 @@ class Supervisor:
             self.guarded("zygote died", inst, inst.remove,
                          wire.one_line(f"plugin {self.plugin.name}: the zygote process died"))
 
+    def on_change(self, inst: Instance, change: Change) -> None:
+        """A state changed: the metrics show it at the next tick, not the next sample."""
+        self.stale = True
+
     # --- housekeeping --------------------------------------------------------------------------
 
     def tick(self, now: float) -> None:
@@ -251,8 +258,10 @@ class Supervisor:
         if now - self.last_sample >= self.s.sample_interval:
             self.last_sample = now
             sample(self)
-            if self.metrics is not None:  # the text the metrics thread serves
-                self.cached = render([snapshot(self)])
+            self.stale = True
+        if self.metrics is not None and self.stale:  # the text the metrics thread serves
+            self.stale = False
+            self.cached = render([snapshot(self)])
         if self.status is not None:
             self.status.tick(now)
         if self.control is not None:
