@@ -158,6 +158,8 @@ class Recorder:
         self.channels: List[MemoryReq] = []
         self.worker_pages: Dict[int, SinkPage] = {}   # a sink worker's own mapping of its page
         self.channel_up = True   # whether a function channel is connected when opened
+        self.generation = 0      # raised by a test's reload
+        self.settings: Any = None   # the settings a reload brings (None: the instance keeps its own)
 
     def now(self) -> float:
         return self.t
@@ -167,6 +169,7 @@ class Recorder:
             raise self.spawn_error
         w = WorkerHandle(self.next_wid, self.t)
         w.pid = 5000 + self.next_wid
+        w.generation = self.generation
         fd = inst.route.open_page(w, self.lendable)   # a call page or a collect mark
         if fd is not None:
             if isinstance(w.page, SinkPage):
@@ -175,6 +178,9 @@ class Recorder:
         self.next_wid += 1
         self.workers.append(w)
         return w
+
+    def settings_for(self, symbol: str) -> Any:
+        return self.settings
 
     def send(self, w: WorkerHandle, frame: bytes, fds: Sequence[int] = ()) -> bool:
         ftype, payload = frames.HEADER.unpack_from(frame)[0], frame[frames.HEADER.size:]
@@ -304,6 +310,15 @@ def done(inst: Instance, w: WorkerHandle, upto: int) -> None:
 
 def reply(inst: Instance, w: WorkerHandle, call_id: int, data: bytes, ok: bool = True) -> None:
     give(inst, w, fnframes.Reply(call_id, data, ok).encode())
+
+
+def reloaded(inst: Instance, fx: Recorder) -> bool:
+    """A reload raised the target generation: a tick retires the outdated worker once it
+    holds nothing of eKuiper's (True: it is being retired)."""
+    assert inst.worker is not None
+    fx.generation = max(fx.generation, inst.worker.generation + 1)
+    inst.tick(fx.t)
+    return inst.state == RECYCLING
 
 
 def give(inst: Instance, w: WorkerHandle, frame: bytes) -> None:
@@ -799,10 +814,10 @@ def test_a_replace_lets_the_call_in_flight_finish_and_is_never_a_crash():
     inst, fx, _ = running(kind=wire.TYPE_FUNC)
     fx.endpoints.calls.append(b"call")
     inst.on_readable(fx.endpoints)
-    assert inst.replace("reload") is False and inst.state == RUNNING  # asked again on the next tick
+    assert not reloaded(inst, fx) and inst.state == RUNNING  # asked again on the next tick
     reply(inst, fx.workers[0], 1, b'{"state": true, "result": 1}')
     assert fx.endpoints.replies == [b'{"state": true, "result": 1}']
-    assert inst.replace("reload") is True and inst.state == RECYCLING and fx.frames_of(frames.STOP)
+    assert reloaded(inst, fx) and inst.state == RECYCLING and fx.frames_of(frames.STOP)
     fx.endpoints.calls.append(b"next")
     inst.on_readable(fx.endpoints)  # waits for the new worker
     inst.on_exit(fx.workers[0], EXIT_0)
@@ -816,7 +831,7 @@ def test_items_of_a_replaced_sink_worker_killed_while_stopping_are_no_poison():
     pull, push = fx.endpoints
     pull.queue += [b"1", b"2"]
     inst.on_readable(pull)
-    assert inst.replace("reload") is True
+    assert reloaded(inst, fx)
     fx.t += 2.1  # the old worker does not finish within stop_grace: SIGKILL
     inst.tick(fx.t)
     assert (fx.workers[0].wid, signal.SIGKILL) in fx.signals
@@ -1249,7 +1264,7 @@ def test_a_late_ack_after_the_replace_began_finishes_the_item_in_the_old_worker(
     pull.queue.append(b"1")
     inst.on_readable(pull)
     old = fx.workers[0]
-    assert inst.replace("reload") is True and inst.state == RECYCLING
+    assert reloaded(inst, fx) and inst.state == RECYCLING
     give(inst, old, sinkframes.Ack(1, b"{}").encode())   # collect had returned: the ack comes now
     assert push.sent == [b"{}"] and not inst.route.inflight
     inst.on_exit(old, EXIT_0)
@@ -1263,7 +1278,7 @@ def test_a_lent_sink_item_acked_after_the_replace_began_is_not_collected_again()
     page = fx.worker_pages[w.wid]
     take(page, b"x")
     page.holding()                       # collect returned; its ack is on the way
-    assert inst.replace("reload") is True
+    assert reloaded(inst, fx)
     page.acking()
     page.acked()                         # the worker waited for it before leaving
     inst.on_exit(w, EXIT_0)
@@ -1274,7 +1289,7 @@ def test_a_lent_sink_item_acked_after_the_replace_began_is_not_collected_again()
 def test_a_recycled_worker_with_a_call_in_flight_is_killed_at_call_deadline_not_stop_grace():
     inst, fx, w = lent(call_deadline=8.0)
     w.page.begin(b"slow", fx.t)
-    assert inst.replace("reload") is True
+    assert reloaded(inst, fx)
     fx.t += 2.5                          # past stop_grace (2 s): the call runs on
     inst.tick(fx.t)
     assert (w.wid, signal.SIGKILL) not in fx.signals
@@ -1289,7 +1304,7 @@ def test_a_recycled_worker_whose_call_ended_exits_and_is_not_held_back():
     inst, fx, w = lent(call_deadline=8.0)
     w.page.begin(b"quick", fx.t)
     w.page.finish(True)
-    assert inst.replace("reload") is True
+    assert reloaded(inst, fx)
     fx.t += 2.1
     inst.tick(fx.t)
     assert (w.wid, signal.SIGKILL) in fx.signals and w.kill_reason == "reload"
@@ -1298,7 +1313,7 @@ def test_a_recycled_worker_whose_call_ended_exits_and_is_not_held_back():
 def test_a_recycled_worker_whose_page_claims_an_endless_call_is_held_once_for_call_deadline():
     inst, fx, w = lent(call_deadline=8.0)
     w.page.begin(b"call", fx.t + 1e9)     # plugin code scribbled a start far in the future
-    assert inst.replace("reload") is True
+    assert reloaded(inst, fx)
     fx.t += 2.1
     inst.tick(fx.t)
     assert (w.wid, signal.SIGKILL) not in fx.signals
@@ -1430,6 +1445,82 @@ def test_a_stop_of_an_ended_source_answers_at_once():
     inst.on_exit(fx.workers[0], EXIT_0)
     inst.stop(answers.append)
     assert inst.state == REMOVED and answers == [wire.OK, wire.OK]
+
+
+# --- reload: generations; the state machine retires outdated workers ------------------------------
+
+def new_code(fx: Recorder, **overrides: Any) -> None:
+    """A reload switched to new code (and its settings): the target generation is raised."""
+    fx.generation += 1
+    fx.settings = load_settings(overrides={**SETTINGS, **overrides}, environ={})
+
+
+def test_a_reload_during_a_backoff_restarts_on_the_new_code_with_its_settings_and_retires_nothing():
+    inst, fx, _ = running(restart_backoff_initial=1.0)
+    inst.on_exit(fx.workers[0], KILLED)
+    assert inst.state == BACKOFF
+    new_code(fx, stop_grace=5.0)
+    fx.t += 1.0
+    inst.tick(fx.t)                          # the restart: a worker of the new code
+    new = fx.workers[1]
+    assert inst.state == STARTING and new.generation == 1 and inst.s.stop_grace == 5.0
+    ready(inst, new)
+    inst.tick(fx.t)
+    assert inst.state == RUNNING and len(fx.workers) == 2 and not fx.frames_of(frames.STOP)
+
+
+def test_a_late_ready_of_an_outdated_worker_answers_the_start_then_the_worker_is_retired():
+    inst, fx, answers = make()
+    old = fx.workers[0]
+    new_code(fx)                             # the switch came while it was starting
+    ready(inst, old)
+    assert inst.state == RUNNING and answers == [wire.OK]
+    inst.tick(fx.t)
+    assert inst.state == RECYCLING and old.kill_cause is Cause.RELOAD and fx.frames_of(frames.STOP)
+    inst.on_exit(old, EXIT_0)
+    assert inst.state == STARTING and fx.workers[1].generation == 1 and inst.restarts == 0
+
+
+def test_a_crash_of_an_outdated_worker_while_it_retires_is_no_crash_and_the_new_one_starts():
+    inst, fx, _ = running()
+    old = fx.workers[0]
+    new_code(fx)
+    inst.tick(fx.t)
+    assert inst.state == RECYCLING
+    fx.dumps[old.wid] = Dump("plugin.py:12 in close", True)
+    inst.on_exit(old, signal.SIGSEGV)        # its close crashed on the way out
+    assert inst.state == STARTING and inst.restarts == 0 and not inst.restart_causes
+    ready(inst, fx.workers[1])
+    assert inst.state == RUNNING and fx.workers[1].generation == 1
+
+
+def test_a_stop_during_a_retirement_ends_the_instance_and_starts_no_new_worker():
+    inst, fx, answers = running()
+    old = fx.workers[0]
+    new_code(fx)
+    inst.tick(fx.t)
+    assert inst.state == RECYCLING
+    inst.stop(answers.append)
+    assert inst.state == STOPPING
+    inst.on_exit(old, EXIT_0)
+    assert inst.state == REMOVED and answers == [wire.OK, wire.OK] and len(fx.workers) == 1
+
+
+def test_a_second_reload_while_the_first_retires_workers_starts_one_worker_on_the_newest_code():
+    inst, fx, _ = running()
+    old = fx.workers[0]
+    new_code(fx, stop_grace=3.0)
+    inst.tick(fx.t)
+    assert inst.state == RECYCLING
+    new_code(fx, stop_grace=4.0)             # a second switch before the first retire is done
+    inst.tick(fx.t)
+    assert len(fx.frames_of(frames.STOP)) == 1   # the retiring worker is asked once
+    inst.on_exit(old, EXIT_0)
+    new = fx.workers[1]
+    assert new.generation == 2 and inst.s.stop_grace == 4.0
+    ready(inst, new)
+    inst.tick(fx.t)
+    assert inst.state == RUNNING and len(fx.workers) == 2 and inst.restarts == 0
 
 
 def test_every_edge_of_the_table_is_taken_by_an_event_ordering_above(request):

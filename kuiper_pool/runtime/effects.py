@@ -45,6 +45,7 @@ class WorkerHandle:
     def __init__(self, wid: int, now: float) -> None:
         self.wid = wid
         self.pid = 0
+        self.generation = 0         # the code it runs: Effects.generation when it was made
         self.started_at = now
         self.vitals = Vitals(last_beat=now)
         self.kill_reason = ""       # why we end it (free text), beside ...
@@ -65,9 +66,11 @@ class Effects(Protocol):
     transport: ModuleType      # the transport module eKuiper's endpoints come from
     transport_name: str        # its setting's name
     lends: bool                # whether eKuiper's connections can be lent to a worker (native)
+    generation: int            # the code new workers run; a reload raises it, older ones retire
 
     def now(self) -> float: ...
     def spawn(self, inst: "Instance") -> WorkerHandle: ...   # OSError when no process/fd can be had
+    def settings_for(self, symbol: str) -> Settings: ...    # the settings of the current generation
     def send(self, w: WorkerHandle, frame: bytes, fds: Sequence[int] = ()) -> bool: ...  # False: it exited
     def signal(self, w: WorkerHandle, sig: int) -> None: ...
     def io(self, cls: Type[IO]) -> IO: ...   # a kind's I/O object (its channel.py): cls(self)
@@ -110,6 +113,7 @@ class LoopEffects:
         self.transport = load_transport(settings.transport)
         self.transport_name = settings.transport
         self.lends = settings.transport == "sp"  # a native connection can be lent
+        self.generation = 0
         self.states = States(settings.state_dir, settings.state_flush_interval)
         self.listeners: List[Listener] = []   # told of every state change, in order
 
@@ -132,6 +136,7 @@ class LoopEffects:
             theirs.close()
             raise
         w = WorkerHandle(wid, time.monotonic())
+        w.generation = self.generation
         link = frames.Link(ours, lambda on: self.want_write(link.fileno(), on))
         entry = (w, inst, link)
         self.workers[wid] = entry
@@ -156,6 +161,9 @@ class LoopEffects:
             self.signal(w, signal.SIGKILL)
             raise
         return w
+
+    def settings_for(self, symbol: str) -> Settings:
+        return self.s.for_symbol(symbol)
 
     def send(self, w: WorkerHandle, frame: bytes, fds: Sequence[int] = ()) -> bool:
         entry = self.workers.get(w.wid)

@@ -71,6 +71,7 @@ class Instance:
         self.items_out = 0
         self.errors = 0
         self.cpu_seconds = 0.0                      # of the workers gone, as last sampled
+        self.generation = fx.generation             # the code its settings are of
         self.route = route_for(self)
 
     # --- naming and the state -------------------------------------------------------------------
@@ -204,6 +205,8 @@ class Instance:
         self._start_worker()
 
     def _start_worker(self) -> None:
+        if self.generation < self.fx.generation:  # a reload: the new worker gets its settings
+            self.s, self.generation = self.fx.settings_for(self.ctrl.symbol), self.fx.generation
         try:
             self.worker = self.fx.spawn(self)
         except OSError as e:
@@ -381,15 +384,11 @@ class Instance:
             return True
         return False
 
-    def replace(self, why: str) -> bool:
-        """A reload: a running worker that holds nothing of eKuiper's is replaced as in a
-        recycle (its sink items finish or go to the next worker; never a crash). False
-        when it cannot be now (the caller asks again)."""
-        w = self.worker
-        if self._state is not RUNNING or w is None or self.route.busy():
-            return False
-        self._recycle(w, Cause.RELOAD, why)
-        return True
+    def outdated(self, w: WorkerHandle) -> bool:
+        """Whether ``w`` runs code older than a reload's: it is retired as soon as it holds
+        nothing of eKuiper's, as in a recycle (its sink items finish or go to the next
+        worker, a call in flight finishes; never a crash)."""
+        return w.generation < self.fx.generation
 
     def kill(self, w: WorkerHandle, cause: Cause, why: str) -> None:
         """KILLING: dump its stack, SIGTERM (a function: SIGKILL) DUMP_GRACE later, SIGKILL
@@ -481,7 +480,8 @@ class Instance:
         self.check_health(w, now)
 
     def check_health(self, w: WorkerHandle, now: float) -> None:
-        """Kill a hung or overrunning worker, recycle one over its limits."""
+        """Kill a hung or overrunning worker, retire an outdated one, recycle one over its
+        limits."""
         if self._state not in LIVE:
             return
         self.route.observe(w)
@@ -490,13 +490,13 @@ class Instance:
                                               f"(factory, configure or open still running)")
             return
         found = verdict(w.vitals, now, self.s, self.kind, lambda: self.fx.cpu_seconds(w))
-        if found is None:
-            return
-        cause, why = found
-        if cause.kills:
-            self.kill(w, cause, why)
+        if found is not None and found[0].kills:
+            self.kill(w, *found)
         elif self._state is RUNNING and not self.route.busy():
-            self._recycle(w, cause, why)
+            if self.outdated(w):
+                self._recycle(w, Cause.RELOAD, "reload")
+            elif found is not None:
+                self._recycle(w, *found)
 
     # --- containment --------------------------------------------------------------------------------
 

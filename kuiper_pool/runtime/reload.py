@@ -9,13 +9,14 @@ stopping a rule.
    (``FIXED``). On failure nothing changes: the fresh zygote exits and the answer is one line.
    ``--check`` stops here.
 3. The switch: the fresh zygote takes over the run dir and the files to clean up, new workers
-   come from it, the new settings apply (per instance, as each is replaced).
-4. Instances are replaced one at a time, each like a recycle (``Instance.replace``): a sink's
-   worker finishes what it holds (and waits for an ack on the way) and its unfinished items go
-   to the new worker, a function call in flight finishes on the old worker within its
-   call_deadline (``Route.runs_until``) while the next waits for the new one, a source
-   is closed and opened again on the new code. Instances without a worker (backing off,
-   failed, ended) get the new code at their next start.
+   come from it, and the workers' target generation is raised (``Effects.generation``).
+4. The state machine retires every outdated worker as it replaces crashed ones, each like a
+   recycle (``Instance.outdated``, ``check_health``): a sink's worker once it holds nothing
+   of eKuiper's (an ack on the way is waited for) and its unfinished items go to the new
+   worker, a function call in flight finishes on the old worker within its call_deadline
+   (``Route.runs_until``) while the next waits for the new one, a source is closed and opened
+   again on the new code; the new worker gets the new settings. Instances without a worker
+   (backing off, failed, ended) get the new code at their next start.
 5. The old zygote exits once its last worker has.
 
 The loop never blocks on any of it: each step happens on the fresh zygote's reports, on the
@@ -60,11 +61,11 @@ class Progress(Enum):
 
 @dataclass
 class Replacing:
-    """The one instance being replaced."""
+    """An instance whose worker a reload retires."""
 
     key: str
     since: float
-    asked: bool = False   # its worker was asked to recycle
+    had_worker: bool   # it had a worker at the switch: without one later, the new one failed
 
 
 @dataclass
@@ -95,9 +96,7 @@ class Reloader:
         self.check = False
         self.candidate: Optional[Zygote] = None
         self.hello_deadline = 0.0
-        self.queue: List[str] = []        # keys of instances still to replace
-        self.current: Optional[Replacing] = None
-        self.advancing = False
+        self.replacing: Dict[str, Replacing] = {}   # instances not yet on the new code, by key
         self.replaced = 0
         self.problems: List[str] = []     # instances the reload could not bring to the new code
         self.leaving: List[Zygote] = []   # old or refused zygotes, released when workerless
@@ -108,7 +107,7 @@ class Reloader:
         return self.sup.plugin.name
 
     def busy(self) -> bool:
-        return self.candidate is not None or bool(self.queue) or self.current is not None
+        return self.candidate is not None or bool(self.replacing)
 
     # --- requests ---------------------------------------------------------------------------
 
@@ -247,18 +246,21 @@ class Reloader:
         sup.plugin = PluginConfig(self.name, dict.fromkeys(hello.sources, _made_in_workers),
                                   dict.fromkeys(hello.sinks, _made_in_workers),
                                   dict.fromkeys(hello.functions, _made_in_workers))
-        self.queue = [i.ctrl.key for i in self._live()]
+        now = time.monotonic()
+        self.replacing = {i.ctrl.key: Replacing(i.ctrl.key, now, i.worker is not None) for i in self._live()}
         self.replaced = 0
         self.problems = []
-        self.log.info("plugin %s: new code in zygote pid %d; replacing %d instance(s) one at a time",
-                      self.name, z.pid, len(self.queue))
-        self.tick(time.monotonic())
+        fx.generation += 1
+        self.log.info("plugin %s: new code in zygote pid %d; retiring the workers of %d instance(s)",
+                      self.name, z.pid, len(self.replacing))
+        self.tick(now)
 
     def tick(self, now: float) -> None:
         if self.candidate is not None and now > self.hello_deadline:
             self._refuse(f"the new code did not reach plugin.start within start_timeout "
                          f"{self.sup.s.start_timeout:g}s")
-        self._advance(now)
+        for r in list(self.replacing.values()):
+            self._advance(r, now)
         if self.outcome is not None and not self.outcome.done and not self.busy() and not self.check:
             self._finish(not self.problems, f"plugin {self.name}: reloaded: {self.replaced} "
                          f"instance(s) replaced by workers of the new code (zygote pid "
@@ -274,48 +276,34 @@ class Reloader:
         return z.release()
 
     def on_change(self, inst: Instance, change: Change) -> None:
-        """The instance being replaced changed state: its replace may be done."""
-        if self.current is not None and inst.ctrl.key == self.current.key:
-            self._advance(time.monotonic())
+        """An instance being replaced changed state: its replace may be done."""
+        r = self.replacing.get(inst.ctrl.key)
+        if r is not None:
+            self._advance(r, time.monotonic())
 
-    def _advance(self, now: float) -> None:
-        if self.advancing:  # a change the step itself made (its recycle): the step goes on
+    def _advance(self, r: Replacing, now: float) -> None:
+        ended = self._step(r, now)
+        if ended is None:
             return
-        self.advancing = True
-        try:
-            self._replace_next(now)
-        finally:
-            self.advancing = False
-
-    def _replace_next(self, now: float) -> None:
-        while self.queue or self.current is not None:
-            if self.current is None:
-                self.current = Replacing(self.queue.pop(0), now)
-            ended = self._step(self.current, now)
-            if ended is None:
-                return
-            progress, text = ended
-            if progress is Progress.REPLACED:
-                self.replaced += 1
-            elif progress is Progress.PROBLEM:
-                self.problems.append(" ".join(text.split()))
-            self.current = None
+        progress, text = ended
+        if progress is Progress.REPLACED:
+            self.replaced += 1
+        elif progress is Progress.PROBLEM:
+            self.problems.append(" ".join(text.split()))
+        del self.replacing[r.key]
 
     def _step(self, r: Replacing, now: float) -> Optional[Tuple[Progress, str]]:
-        """Advance the replace of ``r``; how it ended, or None while it goes on."""
-        sup = self.sup
-        inst = sup.instances.get(r.key)
-        w = inst.worker if inst is not None else None
-        if inst is None or inst.state in (REMOVED, ENDED) or (w is None and not r.asked):
+        """Where the replace of ``r`` is: how it ended, or None while it goes on."""
+        inst = self.sup.instances.get(r.key)
+        if inst is None or inst.state in (REMOVED, ENDED):
             return Progress.SKIPPED, ""
-        if w is not None and sup.fx.zygote_of(w) is sup.zygote:
-            if inst.state is RUNNING:
-                return Progress.REPLACED, ""
-        elif w is None and inst.state in WAITING:
+        w = inst.worker
+        if w is None and inst.state in WAITING:
+            if not r.had_worker:  # its next start uses the new code
+                return Progress.SKIPPED, ""
             return Progress.PROBLEM, f"{inst.where()}: the new worker did not start: {inst.last_error}"
-        elif w is not None and not r.asked and inst.state is RUNNING:
-            inst.s = sup.s.for_symbol(inst.ctrl.symbol)
-            sup.guarded("reload", inst, lambda: setattr(r, "asked", inst.replace("reload")))
+        if w is not None and not inst.outdated(w) and inst.state is RUNNING:
+            return Progress.REPLACED, ""
         limit = inst.s.stop_grace + inst.s.start_timeout + REPLACE_SLACK + (
             inst.s.call_deadline if inst.kind == wire.TYPE_FUNC else 0.0)  # a call finishes first
         if now - r.since > limit:
