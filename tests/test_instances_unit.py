@@ -1455,6 +1455,16 @@ def new_code(fx: Recorder, **overrides: Any) -> None:
     fx.settings = load_settings(overrides={**SETTINGS, **overrides}, environ={})
 
 
+def retiring(**settings: Any) -> Tuple[Instance, Recorder, List[bytes], WorkerHandle]:
+    """A running instance after a reload: its outdated worker, now being retired."""
+    inst, fx, answers = running()
+    old = fx.workers[0]
+    new_code(fx, **settings)
+    inst.tick(fx.t)
+    assert inst.state == RECYCLING and old.kill_cause is Cause.RELOAD
+    return inst, fx, answers, old
+
+
 def test_a_reload_during_a_backoff_restarts_on_the_new_code_with_its_settings_and_retires_nothing():
     inst, fx, _ = running(restart_backoff_initial=1.0)
     inst.on_exit(fx.workers[0], KILLED)
@@ -1482,11 +1492,7 @@ def test_a_late_ready_of_an_outdated_worker_answers_the_start_then_the_worker_is
 
 
 def test_a_crash_of_an_outdated_worker_while_it_retires_is_no_crash_and_the_new_one_starts():
-    inst, fx, _ = running()
-    old = fx.workers[0]
-    new_code(fx)
-    inst.tick(fx.t)
-    assert inst.state == RECYCLING
+    inst, fx, answers, old = retiring()
     fx.dumps[old.wid] = Dump("plugin.py:12 in close", True)
     inst.on_exit(old, signal.SIGSEGV)        # its close crashed on the way out
     assert inst.state == STARTING and inst.restarts == 0 and not inst.restart_causes
@@ -1495,11 +1501,7 @@ def test_a_crash_of_an_outdated_worker_while_it_retires_is_no_crash_and_the_new_
 
 
 def test_a_stop_during_a_retirement_ends_the_instance_and_starts_no_new_worker():
-    inst, fx, answers = running()
-    old = fx.workers[0]
-    new_code(fx)
-    inst.tick(fx.t)
-    assert inst.state == RECYCLING
+    inst, fx, answers, old = retiring()
     inst.stop(answers.append)
     assert inst.state == STOPPING
     inst.on_exit(old, EXIT_0)
@@ -1507,11 +1509,7 @@ def test_a_stop_during_a_retirement_ends_the_instance_and_starts_no_new_worker()
 
 
 def test_a_second_reload_while_the_first_retires_workers_starts_one_worker_on_the_newest_code():
-    inst, fx, _ = running()
-    old = fx.workers[0]
-    new_code(fx, stop_grace=3.0)
-    inst.tick(fx.t)
-    assert inst.state == RECYCLING
+    inst, fx, answers, old = retiring(stop_grace=3.0)
     new_code(fx, stop_grace=4.0)             # a second switch before the first retire is done
     inst.tick(fx.t)
     assert len(fx.frames_of(frames.STOP)) == 1   # the retiring worker is asked once
