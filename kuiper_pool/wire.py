@@ -273,11 +273,14 @@ def sink_ack_error(error: str) -> bytes:
     return dumps({"error": str(error)})
 
 
+_REPLY = json.JSONEncoder(allow_nan=False)   # json.dumps(allow_nan=False) builds one per call
+
+
 def func_reply(state: bool, result: Any) -> bytes:
     """``{"state", "result"}``; a result JSON cannot encode (NaN and Infinity included: Go
     refuses them) becomes a state-false error naming its type."""
     try:
-        return json.dumps({"state": state, "result": result}, allow_nan=False).encode()
+        return _REPLY.encode({"state": state, "result": result}).encode()
     except (TypeError, ValueError) as e:
         return json.dumps({"state": False, "result": f"result of type {type(result).__name__} "
                                                       f"cannot be encoded as JSON: {e}"}).encode()
