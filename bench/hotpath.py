@@ -42,7 +42,7 @@ import time
 import uuid
 from typing import Dict, List, Optional, Tuple
 
-from startup import HERE, PLUGIN_MAIN, BenchError, Launch, install_copy
+from startup import HERE, PLUGIN_MAIN, BenchError, Launch, install_copy, publish
 
 FIGURE = re.compile(r"^(\w+) (\d+(?:\.\d+)?)$", re.M)
 # (ekhostc's name, label, higher is better)
@@ -158,11 +158,7 @@ def main(argv: Optional[List[str]] = None) -> int:
            "Per-run values:", "", "```"]
     out += [f"{v} {k}: " + " ".join(f"{r[k]:.0f}" for r in results[v]) for v in variants for k, _l, _u in MEASURES]
     out += ["```"]
-    text = "\n".join(out)
-    print(text)
-    if args.results:
-        with open(args.results, "w") as f:
-            f.write(text + "\n")
+    publish(out, args.results)
     return 0
 
 

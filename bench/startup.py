@@ -212,6 +212,15 @@ def table(results: Dict[str, Dict[str, List[float]]]) -> str:
     return "\n".join(lines)
 
 
+def publish(lines: List[str], path: Optional[str]) -> None:
+    """Print the report; with ``path`` (``--results``) also write it there."""
+    text = "\n".join(lines)
+    print(text)
+    if path:
+        with open(path, "w") as f:
+            f.write(text + "\n")
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--host", default=os.environ.get("EKHOSTC"), help="the ekhostc binary (default $EKHOSTC)")
@@ -249,11 +258,7 @@ def main(argv: Optional[List[str]] = None) -> int:
            "Per-run values (ms):", "", "```"]
     out += [f"{v} {k}: " + " ".join(f"{x:.0f}" for x in results[v][k]) for v in VARIANTS for k in MEASURES]
     out += ["```"]
-    text = "\n".join(out)
-    print(text)
-    if args.results:
-        with open(args.results, "w") as f:
-            f.write(text + "\n")
+    publish(out, args.results)
     return 0
 
 
