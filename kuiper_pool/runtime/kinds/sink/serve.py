@@ -6,25 +6,23 @@ ack connection) go back. The supervisor's half is ``route.py``.
 """
 from __future__ import annotations
 
-import array
-import fcntl
 import os
 import select
 import socket
 import threading
 import time
-import termios
 from typing import Any, Optional
 
 from .... import wire
 from ....transport.sp import frame as sp_frame
 from ....transport.sp import frame_header as sp_frame_header
+from ....transport.sp import scratch
 from ... import frames as link_frames
 from ...context import WorkerContext
 from ...worker import EXIT_CONFIGURE, EXIT_OK, Worker
 from . import frames
 from .frames import Why
-from .page import FREE, HOLDING, LENT, SP_FRAME, SinkPage, fits, open_sink_page
+from .page import CAPACITY, FREE, HOLDING, LENT, SP_FRAME, SinkPage, fits, open_sink_page
 
 DONE_EVERY = 32       # sink progress is reported at least this often
 PARTIAL_SPINS = 100   # a lent sink connection holds part of a frame: look again at once
@@ -171,7 +169,6 @@ class LentSink:
         self.link_ready = False
         self.stalled = False  # an ack's end went to the supervisor: give the connections back
         self.partial = 0      # looks at the same part of a frame
-        self.avail = array.array("i", [0])   # FIONREAD's answer
         self.runner = threading.get_ident()
 
     def attach(self, data_fd: int, ack_fd: int) -> None:
@@ -221,23 +218,24 @@ class LentSink:
         return self._take()
 
     def _take(self) -> Optional[bytes]:
-        """The next item, taken with one recv once its whole frame is in the socket."""
+        """The next item, taken with one recv once its whole frame is in the socket (one peek
+        tells both: eKuiper sends the next item only after this one's ack)."""
         assert self.data is not None
-        fcntl.ioctl(self.data.fileno(), termios.FIONREAD, self.avail)
-        avail = self.avail[0]
+        peek = scratch()[:CAPACITY]
+        try:
+            avail = self.data.recv_into(peek, len(peek), socket.MSG_PEEK)
+        except BlockingIOError:
+            return None
+        except OSError:
+            self.give_back(Why.CLOSED)
+            return None
+        if avail == 0:
+            self.give_back(Why.CLOSED)  # eKuiper closed it: it dials again
+            return None
         if avail < SP_FRAME:
-            try:
-                if avail == 0 and not self.data.recv(1, socket.MSG_PEEK):
-                    self.give_back(Why.CLOSED)  # eKuiper closed it: it dials again
-                    return None
-            except BlockingIOError:
-                return None
-            except OSError:
-                self.give_back(Why.CLOSED)
-                return None
             self._partial()  # part of a frame: the rest is being written
             return None
-        kind, length = sp_frame_header(self.data.recv(SP_FRAME, socket.MSG_PEEK))
+        kind, length = sp_frame_header(peek[:SP_FRAME])
         if kind != 1 or not fits(length):
             self.give_back(Why.LARGE)  # the supervisor relays it (or drops a bad peer)
             return None
