@@ -165,6 +165,13 @@ class LoopEffects:
     def settings_for(self, symbol: str) -> Settings:
         return self.s.for_symbol(symbol)
 
+    def switch(self, zygote: Zygote, settings: Settings) -> None:
+        """A reload: new workers come from ``zygote`` with ``settings``; the older ones are
+        outdated (the state machine retires them)."""
+        self.zygote, self.s = zygote, settings
+        self.states.flush_interval = settings.state_flush_interval
+        self.generation += 1
+
     def send(self, w: WorkerHandle, frame: bytes, fds: Sequence[int] = ()) -> bool:
         entry = self.workers.get(w.wid)
         if entry is None:

@@ -229,7 +229,7 @@ class Reloader:
     def _live(self) -> List[Instance]:
         return [i for i in self.sup.instances.values() if i.state is not REMOVED]
 
-    # --- the switch and the rolling replace -----------------------------------------------------
+    # --- the switch and the retiring of outdated workers ------------------------------------------
 
     def _switch(self, z: Zygote, hello: Hello) -> None:
         sup, fx = self.sup, self.sup.fx
@@ -238,11 +238,8 @@ class Reloader:
         sup.unregister(z.fileno())
         sup.attach_zygote(z)
         z.adopt(old)
-        sup.zygote = fx.zygote = z
+        fx.switch(z, Settings(**hello.settings))
         self.leaving.append(old)
-        settings = Settings(**hello.settings)
-        sup.s = fx.s = settings
-        fx.states.flush_interval = settings.state_flush_interval
         sup.plugin = PluginConfig(self.name, dict.fromkeys(hello.sources, _made_in_workers),
                                   dict.fromkeys(hello.sinks, _made_in_workers),
                                   dict.fromkeys(hello.functions, _made_in_workers))
@@ -250,7 +247,6 @@ class Reloader:
         self.replacing = {i.ctrl.key: Replacing(i.ctrl.key, now, i.worker is not None) for i in self._live()}
         self.replaced = 0
         self.problems = []
-        fx.generation += 1
         self.log.info("plugin %s: new code in zygote pid %d; retiring the workers of %d instance(s)",
                       self.name, z.pid, len(self.replacing))
         self.tick(now)

@@ -56,8 +56,6 @@ class Supervisor:
         handshaken by ``plugin.start``; ``main_argv``: how to run the plugin's main script
         again (a reload's fresh zygote)."""
         self.plugin = plugin
-        self.s = settings
-        self.zygote = zygote
         self.log = supervisor_logger()
         self.sel = selectors.DefaultSelector()
         self.instances: Dict[str, Instance] = {}
@@ -78,6 +76,16 @@ class Supervisor:
         self.fx.listeners.append(self.on_change)
         self.logged_errors: Dict[str, float] = {}
         self.reloader = Reloader(self, list(main_argv))
+
+    @property
+    def s(self) -> Settings:
+        """The settings of the code being served (the effects hold them; a reload switches)."""
+        return self.fx.s
+
+    @property
+    def zygote(self) -> Zygote:
+        """The zygote new workers come from (the effects hold it; a reload switches)."""
+        return self.fx.zygote
 
     # --- the loop ----------------------------------------------------------------------------
 
