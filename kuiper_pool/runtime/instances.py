@@ -71,7 +71,7 @@ class Instance:
         self.items_out = 0
         self.errors = 0
         self.cpu_seconds = 0.0                      # of the workers gone, as last sampled
-        self.generation = fx.generation             # the code its settings are of
+        self.generation = fx.generation             # the code its settings (and last worker) are of
         self.route = route_for(self)
 
     # --- naming and the state -------------------------------------------------------------------

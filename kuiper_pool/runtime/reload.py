@@ -65,7 +65,6 @@ class Replacing:
 
     key: str
     since: float
-    had_worker: bool   # it had a worker at the switch: without one later, the new one failed
 
 
 @dataclass
@@ -244,7 +243,7 @@ class Reloader:
                                   dict.fromkeys(hello.sinks, _made_in_workers),
                                   dict.fromkeys(hello.functions, _made_in_workers))
         now = time.monotonic()
-        self.replacing = {i.ctrl.key: Replacing(i.ctrl.key, now, i.worker is not None) for i in self._live()}
+        self.replacing = {i.ctrl.key: Replacing(i.ctrl.key, now) for i in self._live()}
         self.replaced = 0
         self.problems = []
         self.log.info("plugin %s: new code in zygote pid %d; retiring the workers of %d instance(s)",
@@ -295,7 +294,7 @@ class Reloader:
             return Progress.SKIPPED, ""
         w = inst.worker
         if w is None and inst.state in WAITING:
-            if not r.had_worker:  # its next start uses the new code
+            if inst.generation < self.sup.fx.generation:  # no new worker yet: its next start is one
                 return Progress.SKIPPED, ""
             return Progress.PROBLEM, f"{inst.where()}: the new worker did not start: {inst.last_error}"
         if w is not None and not inst.outdated(w) and inst.state is RUNNING:
