@@ -4,8 +4,10 @@
 ``TRANSITIONS``; a change the table does not allow raises :class:`TransitionError` (a bug
 of ours, contained to the one instance by the supervisor). Ending a worker is a state of
 its own: KILLING (stack dump, DUMP_GRACE, SIGTERM or SIGKILL, SIGKILL after stop_grace),
-RECYCLING (a STOP frame, SIGKILL after stop_grace) or STOPPING (the same, for good). Every
-allowed change, one per line (tests/test_structure.py checks this list against the table)::
+RECYCLING (a STOP frame, SIGKILL after stop_grace) or STOPPING (the same, for good). A
+reload raises the workers' target generation: a RUNNING worker of an older one is recycled
+as soon as it holds nothing of eKuiper's, as one over a limit. Every allowed change, one per
+line (tests/test_structure.py checks this list against the table)::
 
     STARTING  -> RUNNING    the worker's READY (ok)
     STARTING  -> KILLING    start_timeout, hung, eKuiper's channel cannot be opened
