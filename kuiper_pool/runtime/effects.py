@@ -25,6 +25,7 @@ from ..transport import load as load_transport, req_endpoint
 from . import forensics, frames
 from .health import Cause, Vitals
 from .protocol import ZYGOTE_EXITED, ZYGOTE_REFUSED, ZYGOTE_STARTED, StartSpec
+from .shared import SharedHosts
 from .state import States, Store
 from .zygote import Zygote
 
@@ -66,6 +67,7 @@ class Effects(Protocol):
     def spawn(self, inst: "Instance") -> WorkerHandle: ...   # OSError when no process/fd can be had
     def send(self, w: WorkerHandle, frame: bytes, fds: Sequence[int] = ()) -> None: ...
     def signal(self, w: WorkerHandle, sig: int) -> None: ...
+    def retire(self, w: WorkerHandle, why: str) -> None: ...   # recycled: its process takes no new instance
     def open_sink(self, inst: "Instance") -> Tuple[Any, Any]: ...   # (pull, ack); OSError
     def close_sink(self, inst: "Instance", pull: Any, ack: Any) -> None: ...
     def open_function(self, inst: "Instance") -> "FunctionChannel": ...  # OSError; never waits
@@ -108,6 +110,7 @@ class LoopEffects:
         self.transport = load_transport(settings.transport)
         self.lends_functions = settings.transport == "sp"  # a native connection can be lent
         self.states = States(settings.state_dir, settings.state_flush_interval)
+        self.shared = SharedHosts(self)
 
     def now(self) -> float:
         return time.monotonic()
@@ -121,13 +124,19 @@ class LoopEffects:
         state = frames.encode(frames.STATE, self._store(inst).frame_payload())  # before any fork
         wid, self.next_wid = self.next_wid, self.next_wid + 1
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        shared = inst.s.workers == "per_symbol" and inst.kind != wire.TYPE_FUNC
         try:
-            self.zygote.start_worker(wid, theirs, inst.ctrl.symbol)
+            if shared:  # a thread in its symbol's process (shared.py)
+                host = self.shared.adopt(wid, theirs, inst)
+            else:
+                self.zygote.start_worker(wid, theirs, inst.ctrl.symbol)
         except OSError:
             ours.close()
             theirs.close()
             raise
         w = WorkerHandle(wid, time.monotonic())
+        if shared:
+            self.shared.attach(host, w)
         link = frames.Link(ours, lambda on: self.want_write(link.fileno(), on))
         entry = (w, inst, link)
         self.workers[wid] = entry
@@ -140,7 +149,7 @@ class LoopEffects:
             fd = inst.route.open_page(w, self.lends_functions)
             start = StartSpec(inst.ctrl, inst.s.heartbeat_interval, inst.s.stop_grace,
                               self.s.dial_timeout, inst.s.max_calls, self.s.transport,
-                              forensics.dump_path(self.zygote.rundir, wid), fd is not None,
+                              "" if shared else forensics.dump_path(self.zygote.rundir, wid), fd is not None,
                               inst.s.source_datasource).frame()
             try:
                 link.send(start, [] if fd is None else [fd])   # any size: the rest waits in the outbox
@@ -160,7 +169,13 @@ class LoopEffects:
         entry[2].send(frame, fds)
 
     def signal(self, w: WorkerHandle, sig: int) -> None:
-        self.made_by.get(w.wid, self.zygote).kill(w.wid, sig)
+        if self.shared.is_shared(w):
+            self.shared.signal(w, sig)
+        else:
+            self.made_by.get(w.wid, self.zygote).kill(w.wid, sig)
+
+    def retire(self, w: WorkerHandle, why: str) -> None:
+        self.shared.retire(w, why)
 
     def zygote_of(self, w: WorkerHandle) -> Optional[Zygote]:
         return self.made_by.get(w.wid)
@@ -195,6 +210,8 @@ class LoopEffects:
             self.unregister(z.fileno())
             return False
         for ev in events:
+            if self.shared.on_report(ev.get("wid"), ev):
+                continue
             entry = self.workers.get(ev.get("wid"))
             if entry is None:
                 continue
@@ -208,6 +225,7 @@ class LoopEffects:
 
     def orphaned(self, z: Zygote) -> None:
         """Zygote ``z`` died: its workers die with it (PDEATHSIG) unreported."""
+        self.shared.orphaned(z)
         for wid, made in list(self.made_by.items()):
             if made is z and wid in self.workers:
                 self.on_exit(self.workers[wid], signal.SIGKILL)
@@ -229,7 +247,9 @@ class LoopEffects:
             self.guarded("refused", inst, inst.on_refused, w, refused)
         else:
             self.guarded("exit", inst, inst.on_exit, w, status)
-        forensics.discard(forensics.dump_path(self.zygote.rundir, w.wid))  # its instance may be gone
+        if not self.shared.is_shared(w):
+            forensics.discard(forensics.dump_path(self.zygote.rundir, w.wid))  # its instance may be gone
+        self.shared.detach(w)
 
     def proc(self, w: WorkerHandle) -> Any:
         """psutil's handle of a worker (psutil is imported only when a figure is needed)."""
@@ -254,7 +274,10 @@ class LoopEffects:
             return None
 
     def dump(self, w: WorkerHandle) -> forensics.Dump:
-        return forensics.summary(forensics.read(forensics.dump_path(self.zygote.rundir, w.wid)))
+        path = self.shared.dump(w)
+        if path is None:
+            path = forensics.dump_path(self.zygote.rundir, w.wid)
+        return forensics.summary(forensics.read(path) if path else "")
 
     # --- eKuiper's channels ---------------------------------------------------------------
 

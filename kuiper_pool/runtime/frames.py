@@ -33,6 +33,9 @@ STOP = ord("X")       # close the instance and exit
 CONN = ord("N")       # eKuiper's connections lent to the worker (fds with SCM_RIGHTS): a function's
                       # (encode_conn) or an acked sink's data and ack connections (no payload)
 STATE = ord("T")      # right after START: the instance's state (state.py encoding)
+# supervisor -> shared worker (workers: per_symbol), on its own control link
+HOST = ord("O")       # JSON, the first frame: serve instances in threads (host.py)
+ADOPT = ord("J")      # seq: the instance's worker id; its link's fd travels with SCM_RIGHTS
 # worker -> supervisor
 READY = ord("R")      # JSON: {"error": null | "text"} after configure
 DONE = ord("A")       # sink: every item up to this seq is finished
@@ -43,6 +46,8 @@ FAULT = ord("F")      # JSON: {"error": text} the worker is about to exit becaus
 LOST = ord("L")       # a lent connection given back (eKuiper closed it, or the sink's reason)
 ACK_REST = ord("Q")   # acked sink: the unsent end of an ack eKuiper did not read in time
 PUT = ord("U")        # one put_state/delete_state (state.py encoding)
+# shared worker -> supervisor, on the control link
+ENDED = ord("E")      # JSON {"wid", "code", "stuck"}: an instance's thread ended (its exit code)
 
 
 # A worker lent an acked sink's connections waits this long for eKuiper to take an ack,

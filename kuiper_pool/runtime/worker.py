@@ -18,7 +18,7 @@ import termios
 import threading
 import time
 import traceback
-from typing import Any, Dict, Optional, Set, Tuple
+from typing import Any, Callable, Dict, Optional, Set, Tuple
 
 from .. import logs, wire
 from . import frames
@@ -33,6 +33,7 @@ from .callpage import CallPage, call_crc
 from .sinkpage import FREE, HOLDING, LENT, SP_FRAME, SinkPage, fits, open_sink_page
 from .protocol import StartSpec, is_error_reply
 from .context import WorkerContext
+from .host import Host, LinkLost
 from .state import LocalState
 
 EXIT_OK = 0
@@ -90,20 +91,32 @@ class ForkGuard:
             os._exit(EXIT_FORKED)
 
 
-class GuardedLink(frames.BlockingLink):
-    """The worker's link, usable by the worker process alone (see :class:`ForkGuard`)."""
+def _orphaned() -> None:
+    os._exit(EXIT_ORPHAN)
 
-    def __init__(self, sock: socket.socket, guard: ForkGuard) -> None:
+
+class GuardedLink(frames.BlockingLink):
+    """The worker's link, usable by the worker process alone (see :class:`ForkGuard`).
+    ``lost`` runs when the supervisor closed it: the process exits (the supervisor is gone,
+    as the heartbeat finds too), or in a shared worker the instance's thread ends."""
+
+    def __init__(self, sock: socket.socket, guard: ForkGuard,
+                 lost: Callable[[], None] = _orphaned) -> None:
         super().__init__(sock)
         self.guard = guard
+        self.lost = lost
         guard.fds.add(sock.fileno())
 
     def send(self, frame: bytes) -> None:
         self.guard.check()
         try:
             super().send(frame)
-        except ConnectionError:  # the supervisor is gone: nothing left to serve (as the heartbeat does)
-            os._exit(EXIT_ORPHAN)
+        except ConnectionError:
+            self.lost()
+
+    def close(self) -> None:
+        self.guard.fds.discard(self.sock.fileno())
+        self.sock.close()
 
     def recv(self) -> Optional[Tuple[int, bytes]]:
         self.guard.check()
@@ -114,7 +127,7 @@ class Worker:
     """State shared by the runner and the heartbeat thread."""
 
     def __init__(self, link: GuardedLink, plugin: PluginConfig, spec: StartSpec,
-                 state: bytes) -> None:
+                 state: bytes, shared: bool = False) -> None:
         self.link = link
         self.guard = link.guard
         self.plugin = plugin
@@ -128,7 +141,11 @@ class Worker:
         self.stopped = threading.Event()
         self.log = logs.instance_logger(self.ctrl.symbol, self.ctrl.rule_id or None,
                                         self.ctrl.op_id, self.ctrl.instance_id)
-        self.guard.where, self.guard.log = self.where(), self.log
+        # what the process does when a source's open outlives its close by stop_grace;
+        # a shared worker ends only the instance (host.py)
+        self.give_up: Callable[[], None] = _exit_ok
+        if not shared:  # a shared worker's guard names the process (host.py)
+            self.guard.where, self.guard.log = self.where(), self.log
 
     def where(self) -> str:
         return f"plugin {self.plugin.name} {self.ctrl.describe()}"
@@ -137,13 +154,18 @@ class Worker:
         while not self.stopped.wait(interval):
             if os.getppid() != parent:
                 os._exit(EXIT_ORPHAN)
-            t = os.times()  # the supervisor compares it with psutil's: busy or hung
             try:
-                self.link.send(frames.encode_json(frames.BEAT, {
-                    "n": self.processed, "busy": self.busy_since, "cpu": t.user + t.system,
-                    "e": self.ctx.errors if self.ctx is not None else 0}))
+                self.beat()
             except OSError:
                 os._exit(EXIT_ORPHAN)
+
+    def beat(self) -> None:
+        """One heartbeat: progress, the running call's start, the process's CPU time (the
+        supervisor compares it with psutil's: busy or hung)."""
+        t = os.times()
+        self.link.send(frames.encode_json(frames.BEAT, {
+            "n": self.processed, "busy": self.busy_since, "cpu": t.user + t.system,
+            "e": self.ctx.errors if self.ctx is not None else 0}))
 
     def ready(self, error: Optional[str]) -> None:
         self.link.send(frames.encode_json(frames.READY, {"error": error}))
@@ -160,31 +182,48 @@ class Worker:
 
 
 def run(link_sock: socket.socket, plugin: PluginConfig, spawned: bool = False) -> int:
-    """Serve one instance over ``link_sock``; return the exit code. ``spawned``: this worker
+    """Serve one instance over ``link_sock`` (or, told so by its first frame, be the shared
+    worker of a symbol's instances: host.py); return the exit code. ``spawned``: this worker
     was exec'd (``start_method: spawn``), not forked, which its process title says."""
     link = GuardedLink(link_sock, ForkGuard())
     first = link.recv()
-    if first is None or first[0] != frames.START:
+    if first is not None and first[0] == frames.HOST:
+        return Host(link, frames.decode_json(first[1])).serve(
+            lambda wid, sock, host: _run_shared(wid, sock, host, plugin), plugin.name, spawned)
+    worker = _receive(link, plugin, first, False)
+    if worker is None:
         return EXIT_ORPHAN
-    spec = StartSpec.decode(first[1])
-    state = link.recv()  # always follows START
-    if state is None or state[0] != frames.STATE:
-        return EXIT_ORPHAN
-    worker = Worker(link, plugin, spec, state[1])
     c = worker.ctrl
     # most telling first: the title is cut to the length of the command line it replaces
     kind = "function" if c.plugin_type == wire.TYPE_FUNC else c.plugin_type
     proctitle.set_title(f"kuiper-pool {'(exec) ' if spawned else ''}{plugin.name} {kind} {c.symbol}"
                         + (f" {c.rule_id}/{c.op_id}/{c.instance_id}" if c.rule_id else ""), c.symbol)
-    if spec.dump_path:
+    if worker.spec.dump_path:
         try:
-            forensics.install(spec.dump_path)
+            forensics.install(worker.spec.dump_path)
         except OSError as e:  # a nicety: the worker serves without it
             worker.log.warning("%s: no stack dump on a crash or hang: cannot create %s: %s",
-                               worker.where(), spec.dump_path, e.strerror or e)
-    threading.Thread(target=worker.heartbeat, args=(spec.heartbeat_interval, os.getppid()),
+                               worker.where(), worker.spec.dump_path, e.strerror or e)
+    threading.Thread(target=worker.heartbeat, args=(worker.spec.heartbeat_interval, os.getppid()),
                      daemon=True, name="kuiper_pool-heartbeat").start()
-    factory = plugin.get(worker.ctrl.plugin_type, worker.ctrl.symbol)
+    return _serve(worker)
+
+
+def _receive(link: GuardedLink, plugin: PluginConfig, first: Optional[Tuple[int, bytes]],
+             shared: bool) -> Optional[Worker]:
+    """The instance a link's START and STATE frames describe; None if the link closed first."""
+    if first is None or first[0] != frames.START:
+        return None
+    spec = StartSpec.decode(first[1])
+    state = link.recv()  # always follows START
+    if state is None or state[0] != frames.STATE:
+        return None
+    return Worker(link, plugin, spec, state[1], shared)
+
+
+def _serve(worker: Worker) -> int:
+    """Build the plugin object with the author's factory and run its kind's loop."""
+    factory = worker.plugin.get(worker.ctrl.plugin_type, worker.ctrl.symbol)
     try:
         obj = factory() if factory is not None else None
         if obj is None:
@@ -201,6 +240,23 @@ def run(link_sock: socket.socket, plugin: PluginConfig, spawned: bool = False) -
         sys.stdout.flush()
 
 
+def _run_shared(wid: int, sock: socket.socket, host: Host, plugin: PluginConfig) -> int:
+    """One instance of a shared worker, in a thread of its own: its link, frames and state
+    are those of a worker of its own; a link the supervisor closed ends only this thread."""
+    link = GuardedLink(sock, host.guard, host.link_lost)
+    try:
+        worker = _receive(link, plugin, link.recv(), True)
+        if worker is None:
+            return EXIT_ORPHAN
+        worker.give_up = lambda: host.ended(wid, EXIT_OK, stuck=True)
+        host.add(wid, worker)
+        return _serve(worker)
+    except LinkLost:
+        return EXIT_ORPHAN
+    finally:
+        link.close()
+
+
 def _configure(worker: Worker, call) -> bool:
     try:
         call()
@@ -208,6 +264,11 @@ def _configure(worker: Worker, call) -> bool:
         worker.ready(" ".join(f"{worker.where()}: configure failed: {type(e).__name__}: {e}".split()))
         return False
     return True
+
+
+def _exit_ok() -> None:
+    sys.stdout.flush()
+    os._exit(EXIT_OK)
 
 
 # --- sources ---------------------------------------------------------------------
@@ -270,8 +331,7 @@ def _watch_stop(worker: Worker, source: Any, ctx: WorkerContext, opened: threadi
     if not opened.wait(worker.spec.stop_grace):
         worker.log.warning("%s: open did not return within %.1fs of close; exiting",
                            worker.where(), worker.spec.stop_grace)
-        sys.stdout.flush()
-        os._exit(EXIT_OK)
+        worker.give_up()
 
 
 # --- sinks -----------------------------------------------------------------------
