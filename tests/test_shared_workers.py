@@ -8,11 +8,16 @@ from __future__ import annotations
 import json
 import os
 import signal
-import time
+import threading
 
 import psutil
+import pytest
 
-from conftest import wait_until
+from conftest import kuiper_pool_cli, wait_until
+from kuiper_pool.runtime import status
+from kuiper_pool.tools.emulator import HostError
+from plugins import RECORDING_SINK, make_plugin, read_jsonl
+from test_reload import VERSION_SOURCE
 from test_supervision import make_rig  # noqa: F401 - the fixture
 
 SHARED = {"workers": "per_symbol"}
@@ -39,9 +44,13 @@ def _shared_pid(rig, rules):
 def _serving(rig, srcs, rules, pid, restarts):
     """Every source serves again from one new shared worker (not ``pid``), each restarted
     ``restarts`` times; its first item is counted from 1 (the same config, a new instance)."""
-    rows = [rig.wait_row("restarted", rule=rule, state="running", restarts=restarts) for rule in rules]
+    def moved():
+        rows = [rig.row(rule=rule) for rule in rules]
+        return rows if all(r is not None and r["state"] == "running" and r["restarts"] == restarts
+                           and r["pid"] not in (None, pid) for r in rows) else None
+    rows = wait_until(moved, 10, 0.02, f"every instance running in a new worker, restarted {restarts} times")
     new = rows[0]["pid"]
-    assert new != pid and {r["pid"] for r in rows} == {new} and all(r["shared"] for r in rows)
+    assert {r["pid"] for r in rows} == {new} and all(r["shared"] for r in rows), rows
     for src in srcs:
         while True:
             item = src.recv(timeout=5)["message"]
@@ -84,3 +93,128 @@ def test_a_stopped_shared_worker_is_found_hung_killed_and_restarted(make_rig, un
             os.kill(pid, signal.SIGCONT)
     assert all(r["restart_causes"] == {"hang": 1} for r in rows), rows
     assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+
+
+@pytest.mark.parametrize("where", ["collect", "before_ack", "after_ack"])
+def test_acked_sinks_in_a_killed_shared_worker_cost_eKuiper_no_ack_and_no_item(  # noqa: N802
+        make_rig, unique, where):
+    """Two acked sinks share a worker; one holds item 2 (collecting, or collected and not yet
+    acked, or acked) when the worker is SIGKILLed: each item is acked exactly once, by
+    whichever worker, as across the restart of a worker of its own."""
+    rig = make_rig(**SHARED)
+    rules = [f"r{i}_{unique}" for i in range(2)]
+    sinks = [rig.host.start_sink("snk", rule, require_ack=True) for rule in rules]
+    for sink in sinks:
+        assert sink.collect(b'{"i": 1}') == {}
+    pid = _shared_pid(rig, rules)
+    sinks[0].send(json.dumps({"i": 2, "block": where}).encode())
+    wait_until(lambda: rig.plugin.events("blocked", rule=rules[0], i=2), 5, 0.02, f"blocked at {where}")
+    sinks[1].send(b'{"i": 2}')
+    assert sinks[1].recv_ack(timeout=5) == {}
+    os.kill(pid, signal.SIGKILL)
+    assert sinks[0].recv_ack(timeout=10) == {}  # from whichever worker: exactly one
+    for sink in sinks:
+        with pytest.raises(HostError, match="no ack"):
+            sink.recv_ack(timeout=0.3)
+        assert sink.collect(b'{"i": 3}') == {}  # acks stay matched to items
+    collected = [c["i"] for c in rig.plugin.events("collect", rule=rules[0])]
+    twice = 2 if where in ("before_ack", "after_ack") else 1  # the dead worker had collected it
+    assert collected.count(2) == (1 if where == "after_ack" else twice) and collected.count(3) == 1
+    assert [c["i"] for c in rig.plugin.events("collect", rule=rules[1])] == [1, 2, 3]
+    rows = [rig.row(rule=rule) for rule in rules]
+    assert [r["restarts"] for r in rows] == [1, 1] and rows[0]["pid"] == rows[1]["pid"] != pid
+
+
+def test_a_shared_worker_over_memory_limit_moves_every_instance_to_a_fresh_one(make_rig, unique):
+    rig = make_rig(**SHARED, memory_limit_mb=100, sample_interval=0.1,
+                   heartbeat_misses=30)  # touching 150 MiB holds the GIL: not a hang
+    rules = [f"r{i}_{unique}" for i in range(2)]
+    srcs = [rig.host.start_source("src", rules[0], config={"interval": 0.01})]
+    srcs[0].recv()
+    pid = _shared_pid(rig, rules[:1])
+    srcs.append(rig.host.start_source("src", rules[1], config={"interval": 0.01, "alloc_mb": 150}))
+    rows = _serving(rig, srcs, rules, pid, 0)  # recycled, not restarted
+    assert len(rig.log_texts(rf"recycling worker pid {pid}: resident memory \d+ MiB over memory_limit_mb 100")) == 2
+    wait_until(lambda: not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE,
+               5, 0.02, "the old shared worker to exit once empty")
+    assert all(r["errors"] == 0 for r in rows)
+
+
+def test_stopping_one_instance_ends_only_its_thread(make_rig, unique):
+    rig = make_rig(**SHARED)
+    rules = [f"r{i}_{unique}" for i in range(3)]
+    srcs = [rig.host.start_source("src", rule, config={"interval": 0.01}) for rule in rules]
+    for src in srcs:
+        src.recv()
+    pid = _shared_pid(rig, rules)
+    threads = psutil.Process(pid).num_threads()
+    srcs[1].stop()
+    assert rig.row(rule=rules[1]) is None
+    wait_until(lambda: psutil.Process(pid).num_threads() <= threads - 2, 5, 0.02, "its threads to end")
+    for i in (0, 2):
+        seen = srcs[i].recv()["message"]["n"]
+        assert srcs[i].recv()["message"]["n"] > seen and rig.row(rule=rules[i])["pid"] == pid
+    assert [r["restarts"] for r in rig.rows()] == [0, 0]
+
+
+def test_an_instance_whose_open_ignores_its_stop_retires_the_shared_worker(make_rig, unique):
+    """close returns but open never does: the instance is stopped after stop_grace, its
+    thread is left behind, and the other instances move to a fresh worker (recycled, no
+    restart), after which the old one is ended."""
+    rig = make_rig(**SHARED, stop_grace=0.3)
+    rules = [f"r{i}_{unique}" for i in range(3)]
+    confs = [{"interval": 0.01, "ignore_close": i == 1} for i in range(3)]
+    srcs = [rig.host.start_source("src", rule, config=conf) for rule, conf in zip(rules, confs)]
+    for src in srcs:
+        src.recv()
+    pid = _shared_pid(rig, rules)
+    srcs[1].stop()
+    kept = [rules[0], rules[2]]
+    rows = _serving(rig, [srcs[0], srcs[2]], kept, pid, 0)
+    assert [r["state"] for r in rows] == ["running"] * 2
+    wait_until(lambda: not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE,
+               5, 0.02, "the retired shared worker to end")
+    assert rig.log_texts(r"shared worker pid \d+: an instance's open did not return within stop_grace")
+
+
+def test_a_reload_moves_shared_instances_to_a_shared_worker_of_the_new_code(tmp_path, unique, host_runs):
+    """Two sources and two acked sinks, each symbol in a shared worker; sinks fed while the
+    reload runs: every instance serves the new code from one new worker per symbol, and
+    every item is recorded and acked."""
+    name, src, snk = f"kp{unique}", f"src{unique}", f"snk{unique}"
+    items = str(tmp_path / "items.jsonl")
+    plugin_dir = make_plugin(str(tmp_path), name, sources={src: VERSION_SOURCE},
+                             sinks={snk: RECORDING_SINK}, extra_modules={"version": 'VERSION = "v1"\n'},
+                             main_code="import version  # noqa: F401",
+                             settings={"heartbeat_interval": 0.1, "stop_grace": 2.0, **SHARED})
+    host = host_runs.launch(plugin_dir)
+    rules = [f"r{i}{unique}" for i in range(2)]
+    sources = [host.start_source(src, rule, op="in") for rule in rules]
+    sinks = [host.start_sink(snk, rule, op="out", config={"file": items}, require_ack=True) for rule in rules]
+    old = {s.recv()["message"]["pid"] for s in sources}
+    assert len(old) == 1
+    sent = 0
+    for sink in sinks:
+        assert sink.collect(b'{"n":%d}' % sent) == {}
+        sent += 1
+    with open(os.path.join(plugin_dir, "version.py"), "w") as f:
+        f.write('VERSION = "v2"\n')
+    done = []
+    reloading = threading.Thread(target=lambda: done.append(kuiper_pool_cli("reload", name, timeout=90)),
+                                 daemon=True)
+    reloading.start()
+    while reloading.is_alive():  # items flow through the whole reload, one at a time per sink
+        for sink in sinks:
+            assert sink.collect(b'{"n":%d}' % sent, timeout=10) == {}
+            sent += 1
+    reloading.join()
+    assert done[0].stdout.startswith(f"plugin {name}: reloaded: 4 instance(s) replaced"), done[0].stdout
+    rows = status.query(name)["instances"]
+    assert all(r["state"] == "running" and r["restarts"] == 0 and r["shared"] for r in rows), rows
+    for kind in ("source", "sink"):
+        pids = {r["pid"] for r in rows if r["type"] == kind}
+        assert len(pids) == 1 and not pids & old, rows
+    for s in sources:
+        wait_until(lambda: s.recv()["message"]["version"] == "v2", message="the source on v2")
+    recorded = sorted(json.loads(r["data"])["n"] for r in read_jsonl(items, "item"))
+    assert recorded == list(range(sent))
