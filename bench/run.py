@@ -31,7 +31,9 @@ Control and function channels are pynng in both hosts.
    start (Popen) to the control handshake and to the first source item, memory for
    1/50/500 idle source instances and the time their start commands took (from the first
    command to the last answer; bench/startup.py measures plugin start-up under eKuiper's
-   runtime stand-in);
+   runtime stand-in); rows "5s." repeat start-up and memory with ``workers: per_symbol``
+   (every idle source a thread of one shared worker), next to the official SDK measured
+   again the same way (threads are its only granularity);
 6. ceilings: raw native SP and raw nng over ipc between this process and a bare peer
    process (for 1-3), and the CPU-bound loop of 4 in one bare process against two at once
    (for 4).
@@ -119,12 +121,15 @@ class Session:
     Every process of its tree is remembered and killed in ``close``."""
 
     def __init__(self, root: str, tag: str, runtime: str, run: int, label: str,
-                 pid_symbols: int = 0, data_transport: str = "sp") -> None:
+                 pid_symbols: int = 0, data_transport: str = "sp", workers: str = "per_instance") -> None:
         self.runtime = runtime
+        self.workers = workers
         self.name = f"{tag}{'p' if runtime == POOL else 'o'}{run}{label}"
         self.dir = os.path.join(root, self.name)
         os.makedirs(self.dir)
         shutil.copy(PLUGIN_MAIN, os.path.join(self.dir, "main.py"))
+        with open(os.path.join(self.dir, "kuiper_pool.yaml"), "w") as f:  # the official SDK ignores it
+            f.write(f"workers: {workers}\n")
         functions = [self.name + k for k in ("noop", "nbytes", "burna", "burnb")] + \
             [f"{self.name}pid{i}" for i in range(pid_symbols)]
         with open(os.path.join(self.dir, self.name + ".json"), "w") as f:
@@ -590,12 +595,28 @@ def memory_figures(sess: Session) -> Dict[str, float]:
     return out
 
 
-def measure_memory(sess: Session, sz: Sizes, out: Dict[str, Any]) -> None:
+def measure_shared(sess: Session, sz: Sizes, out: Dict[str, Any]) -> None:
+    """Start-up and memory with ``workers: per_symbol`` (keys ``ps_...``); the official SDK,
+    whose only granularity this is, is measured the same way in a session of its own."""
+    t0 = time.perf_counter()
     sess.host.start()
+    out["ps_start_handshake_ms"] = sess.host.handshake_seconds * 1000
+    h = sess.host.start_source("flood", sess.rule(), config={"size": 0})
+    recv_first(sess, h)
+    out["ps_start_first_item_ms"] = (time.perf_counter() - t0) * 1000
+    stop_handle(sess, h)
+    measure_memory(sess, sz, out, "ps_")
+
+
+def measure_memory(sess: Session, sz: Sizes, out: Dict[str, Any], key: str = "") -> None:
+    """Idle sources of one symbol, 1/50/500 of them: totals, per instance and per worker
+    process; keys prefixed with ``key``. The host is started here unless it runs already."""
+    if not sess.host.alive():
+        sess.host.start()
     sess.track()
     time.sleep(sz.mem_settle)
     base = memory_figures(sess)
-    out["mem0_pss"] = base["total_pss"]
+    out[f"{key}mem0_pss"] = base["total_pss"]
     started, starting = 0, 0.0
     for n in sz.memory_counts:
         t0 = time.perf_counter()
@@ -603,23 +624,24 @@ def measure_memory(sess: Session, sz: Sizes, out: Dict[str, Any]) -> None:
             sess.host.start_source("idle", sess.rule())
             started += 1
         starting += time.perf_counter() - t0
-        out[f"start{n}_ms"] = starting * 1000  # from the first start command to the n-th answer
+        out[f"{key}start{n}_ms"] = starting * 1000  # from the first start command to the n-th answer
         sess.track()
         time.sleep(sz.mem_settle)
         m = memory_figures(sess)
         for k in ("rss", "uss", "pss"):
-            out[f"mem{n}_{k}"] = m[f"total_{k}"]
-        out[f"mem{n}_per_pss"] = (m["total_pss"] - base["total_pss"]) / n
-        out[f"mem{n}_per_uss"] = (m["total_uss"] - base["total_uss"]) / n
+            out[f"{key}mem{n}_{k}"] = m[f"total_{k}"]
+        out[f"{key}mem{n}_per_pss"] = (m["total_pss"] - base["total_pss"]) / n
+        out[f"{key}mem{n}_per_uss"] = (m["total_uss"] - base["total_uss"]) / n
         if sess.runtime == POOL:
-            if m["procs"] != n:
-                raise BenchError(f"{n} sources but {m['procs']} worker processes")
+            procs = 1 if sess.workers == "per_symbol" else n
+            if m["procs"] != procs:
+                raise BenchError(f"{n} sources ({sess.workers}) but {m['procs']} worker processes")
             for k in ("rss", "uss", "pss"):
-                out[f"mem{n}_worker_{k}"] = m[f"worker_{k}"]
+                out[f"{key}mem{n}_worker_{k}"] = m[f"worker_{k}"]
 
 
 # --only: the parts (session labels) a partial run measures
-ONLY = {"big": ("b",)}
+ONLY = {"big": ("b",), "memory": ("k", "s")}
 
 
 def run_runtime(root: str, tag: str, runtime: str, run: int, sz: Sizes,
@@ -627,13 +649,14 @@ def run_runtime(root: str, tag: str, runtime: str, run: int, sz: Sizes,
     out: Dict[str, Any] = {}
     for label, pid_symbols, fn in (("m", sz.restarts if runtime == POOL else 0, None),
                                    ("n", 0, measure_pynng_host), ("b", 0, measure_big),
-                                   ("k", 0, measure_memory)):
+                                   ("k", 0, measure_memory), ("s", 0, measure_shared)):
         if only is not None and label not in ONLY[only]:
             continue
-        # idle sources send nothing: the memory session's host is pynng too, whose listeners
+        # idle sources send nothing: the memory sessions' host is pynng too, whose listeners
         # (unlike the native host's select()) take any number of sources
         sess = Session(root, tag, runtime, run, label, pid_symbols,
-                       data_transport="nng" if fn in (measure_pynng_host, measure_memory) else "sp")
+                       data_transport="nng" if fn in (measure_pynng_host, measure_memory, measure_shared) else "sp",
+                       workers="per_symbol" if fn is measure_shared else "per_instance")
         try:
             if fn is None:
                 measure_main(sess, sz, out)
@@ -883,6 +906,22 @@ def rows(sz: Sizes) -> List[Row]:
             Row(f"mem{n}_worker_pss", f"5. memory, {n} source(s): PSS MiB per worker process", "{:,.2f}"),
             Row(f"mem{n}_worker_uss", f"5. memory, {n} source(s): USS MiB per worker process", "{:,.2f}"),
             Row(f"mem{n}_worker_rss", f"5. memory, {n} source(s): RSS MiB per worker process", "{:,.2f}"),
+        ]
+    # workers: per_symbol (a session of its own; the official SDK measured again alike)
+    out += [
+        Row("ps_start_handshake_ms", "5s. per_symbol: plugin start to control handshake, ms", "{:,.1f}"),
+        Row("ps_start_first_item_ms", "5s. per_symbol: plugin start to first source item, ms", "{:,.0f}"),
+    ]
+    for n in sz.memory_counts:
+        largest = n == max(sz.memory_counts)
+        out += [
+            Row(f"ps_start{n}_ms", f"5s. per_symbol: start {n} idle source(s), ms until the last start "
+                "is answered", "{:,.0f}"),
+            Row(f"ps_mem{n}_pss", f"5s. per_symbol: memory, {n} source(s): total PSS MiB", "{:,.1f}",
+                "ratio <= 2.0" if largest else "", _ratio_at_most(2.0) if largest else None),
+            Row(f"ps_mem{n}_uss", f"5s. per_symbol: memory, {n} source(s): total USS MiB", "{:,.1f}"),
+            Row(f"ps_mem{n}_per_pss", f"5s. per_symbol: memory, {n} source(s): PSS MiB added per instance",
+                "{:,.3f}", ratio=False),
         ]
     return out
 
