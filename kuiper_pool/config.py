@@ -201,7 +201,8 @@ SETTINGS: Tuple[Setting, ...] = (
          ge=0.1, le=2592000),
     _num("limits", "memory_limit_mb", float, 0.0,
          "Resident memory cap per worker in MB (0 = off); above it the worker is recycled gracefully "
-         "(a fresh worker starts, the old one drains and stops).", ge=0, le=1000000000),
+         "(a fresh worker starts, the old one drains and stops). A shared worker (workers: "
+         "per_symbol) is one worker: the cap is its whole process's.", ge=0, le=1000000000),
     _num("limits", "max_calls", int, 0, "Recycle a function worker after this many calls (0 = off).",
          ge=0, le=1000000000000000),
     _num("limits", "sink_window_mb", float, 128.0,
