@@ -154,7 +154,9 @@ class SharedHosts:
             self.due.append(w.wid)
 
     def _kill(self, host: SharedHost, sig: int) -> None:
-        host.killed = host.killed or sig == signal.SIGKILL
+        if sig == signal.SIGKILL:  # no instance starts in a process about to die
+            host.killed = True
+            self._retire(host, "killed", move=False)
         host.zygote.kill(host.wid, sig)
 
     def dump(self, w: "WorkerHandle") -> Optional[str]:
