@@ -18,6 +18,8 @@ from kuiper_pool.runtime import status
 from kuiper_pool.tools.emulator import HostError
 from plugins import RECORDING_SINK, make_plugin, read_jsonl
 from test_reload import VERSION_SOURCE
+from test_state import FAST as STATE_FAST
+from test_state import STATE_SOURCE
 from test_supervision import make_rig  # noqa: F401 - the fixture
 
 SHARED = {"workers": "per_symbol"}
@@ -218,3 +220,25 @@ def test_a_reload_moves_shared_instances_to_a_shared_worker_of_the_new_code(tmp_
         wait_until(lambda: s.recv()["message"]["version"] == "v2", message="the source on v2")
     recorded = sorted(json.loads(r["data"])["n"] for r in read_jsonl(items, "item"))
     assert recorded == list(range(sent))
+
+
+@pytest.mark.parametrize("start_method", ["fork", "spawn"])
+def test_each_instance_keeps_its_own_state_across_a_kill_of_the_shared_worker(
+        tmp_path, unique, host_runs, start_method):
+    """Two sources of one symbol count on from their own state after SIGKILL of the shared
+    worker, forked from the zygote or exec'd (``start_method: spawn``: the title says so)."""
+    src = f"src{unique}"
+    host = host_runs.launch(make_plugin(str(tmp_path), f"kp{unique}", sources={src: STATE_SOURCE},
+                                        settings={**STATE_FAST, **SHARED, "start_method": start_method}))
+    sources = [host.start_source(src, f"r{i}{unique}") for i in range(2)]
+    firsts = [[s.recv()["message"] for _ in range(5 + 20 * i)] for i, s in enumerate(sources)]
+    [pid] = {m["pid"] for first in firsts for m in first}
+    assert psutil.Process(pid).cmdline()[0].startswith(
+        f"kuiper-pool {'(exec) ' if start_method == 'spawn' else ''}kp{unique} source {src} (shared)")
+    os.kill(pid, signal.SIGKILL)
+    for s, first in zip(sources, firsts):
+        seen = []
+        wait_until(lambda: seen.append(s.recv()["message"]) or seen[-1]["pid"] != pid,
+                   message="items of the new shared worker")
+        ns = [m["n"] for m in first + seen]
+        assert ns == sorted(ns) and len(set(ns)) == len(ns), ns  # its own count, continued
