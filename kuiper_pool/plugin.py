@@ -213,6 +213,7 @@ def _worker_setup(plugin: PluginConfig, settings: Any, script_dir: str
         from .runtime import worker
 
         wire.encoder()
+        worker.preload()
         return lambda link: worker.run(link, plugin)
     return load_worker, spawn_argv, exec_all, payload
 

@@ -13,22 +13,24 @@ import errno
 import json
 import os
 import signal
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import pytest
 
 from kuiper_pool import wire
 from kuiper_pool.api import PluginConfig
 from kuiper_pool.config import load_settings
-from kuiper_pool.runtime import callpage, frames, sinkpage
-from kuiper_pool.runtime.sinkpage import SinkPage
+from kuiper_pool.runtime import frames
 from kuiper_pool.runtime.effects import WorkerHandle
+from kuiper_pool.runtime.kinds.function import page as callpage
+from kuiper_pool.runtime.kinds.function.channel import FunctionChannel
+from kuiper_pool.runtime.kinds.sink import page as sinkpage
+from kuiper_pool.runtime.kinds.sink.page import SinkPage
+from kuiper_pool.runtime.kinds.sink.route import ACK_BACKLOG, RELAY_AFTER_LARGE, SinkRoute
 from kuiper_pool.runtime.forensics import Dump
 from kuiper_pool.runtime.health import Cause
 from kuiper_pool.runtime.instances import (BACKOFF, ENDED, FAILED, RECYCLING, REMOVED, RUNNING,
                                            STARTING, STOPPING, Instance)
-from kuiper_pool.runtime.routes.function import FunctionChannel
-from kuiper_pool.runtime.routes.sink import ACK_BACKLOG, RELAY_AFTER_LARGE, SinkRoute
 from kuiper_pool.runtime.states import TRANSITIONS, TransitionError
 from kuiper_pool.runtime.supervisor import Supervisor
 from kuiper_pool.transport import TransportError
@@ -130,7 +132,8 @@ class LendableReq(MemoryReq):
 
 
 class Recorder:
-    """Effects: what the supervisor would do, recorded; time is ``self.t``."""
+    """Effects: what the supervisor would do, recorded; time is ``self.t``. It is each
+    kind's I/O object too (``io``: the sink's and the function's channel.py)."""
 
     def __init__(self) -> None:
         self.t = 1000.0
@@ -171,9 +174,13 @@ class Recorder:
         self.workers.append(w)
         return w
 
-    def send(self, w: WorkerHandle, frame: bytes, fds: Sequence[int] = ()) -> None:
-        (ftype, n), payload = frames.HEADER.unpack_from(frame), frame[frames.HEADER.size:]
+    def send(self, w: WorkerHandle, frame: bytes, fds: Sequence[int] = ()) -> bool:
+        ftype, payload = frames.HEADER.unpack_from(frame)[0], frame[frames.HEADER.size:]
         self.sent.append((w.wid, ftype, payload))
+        return True
+
+    def io(self, cls: Any) -> "Recorder":
+        return self
 
     def signal(self, w: WorkerHandle, sig: int) -> None:
         self.signals.append((w.wid, sig))

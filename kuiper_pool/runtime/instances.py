@@ -5,7 +5,7 @@ Every event the supervisor sees about an instance (a command from eKuiper, a fra
 worker, a worker's exit, data on eKuiper's channel, a tick of the clock) is one method
 here. A method checks the state it is called in and acts only through the effects
 (``effects.py``), which unit tests replace with a recorder and a fake clock. What an event
-means for the data (items, calls, acks) is the instance's route's (``routes/``); every
+means for the data (items, calls, acks) is the instance's route's (``kinds/``); every
 state change goes through :meth:`Instance._move` and the table in ``states.py``.
 
 Events about a worker that is no longer the instance's current one (late frames, a late
@@ -27,7 +27,7 @@ from . import frames
 from .effects import Effects, WorkerHandle
 from .forensics import DUMP_SIGNAL
 from .health import Cause, RestartPolicy, restart_kind, verdict
-from .routes import route_for
+from .kinds import route_for
 from .states import TRANSITIONS, State, TransitionError
 from .zygote import describe_status, signal_text
 

@@ -2,7 +2,7 @@
 
 Each worker is a function instance of its own (``wire.Control`` with ``instance_id`` 1..N),
 with the portable path's lifecycle and route unchanged (``runtime/instances.py``,
-``runtime/routes/function.py``): the route's "eKuiper channel" is a :class:`ServeEndpoint`
+``runtime/kinds/function/``): the route's "eKuiper channel" is a :class:`ServeEndpoint`
 holding the one call the pool gave it, so deadlines, crash answers, restarts, recycling and
 status are the route's. The pool gives each call to an idle worker, queues the rest, and
 answers a queued call with an error once it waited call_deadline.

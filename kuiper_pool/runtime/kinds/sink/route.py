@@ -4,7 +4,7 @@ worker reports them finished (DONE) or acks them, so a replacement worker gets e
 unfinished ones again; an item that has ended ``sink_max_deliveries`` workers is poison.
 
 An acked sink under ``transport: sp`` lends both connections to its worker while nothing
-is in flight: the worker takes each item into its item page (``sinkpage.py``) and acks
+is in flight: the worker takes each item into its item page (``page.py``) and acks
 eKuiper itself. When it dies the page tells whether it owed an item, which then goes to
 the replacement like any unfinished one; the worker gives the connections back for an
 item too large for the page or when eKuiper closed the data connection.
@@ -20,17 +20,19 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, List, Optional, Tuple
 
-from ... import wire
-from ...transport import TransportError
-from .. import frames, sinkpage
-from ..marks import CollectMark
-from ..states import State
-from ..sinkpage import ACKING, LENT, RECEIVING, SinkPage
-from .base import Counts, Route
+from .... import wire
+from ....transport import TransportError
+from ... import frames
+from ...states import State
+from ..base import Counts, Route
+from . import page as sinkpage
+from .channel import SinkIO
+from .marks import CollectMark
+from .page import ACKING, LENT, RECEIVING, SinkPage
 
 if TYPE_CHECKING:
-    from ..effects import WorkerHandle
-    from ..instances import Instance
+    from ...effects import WorkerHandle
+    from ...instances import Instance
 
 MAX_BATCH = 256     # sink items moved per wake-up
 ITEM_OVERHEAD = 128  # bytes an in-flight item costs beyond its payload (counted in the window)
@@ -58,6 +60,7 @@ class SinkRoute(Route):
 
     def __init__(self, inst: "Instance") -> None:
         super().__init__(inst)
+        self.io: SinkIO = self.fx.io(SinkIO)
         self.require_ack = wire.require_ack(inst.ctrl.config)
         self.window = int(inst.s.sink_window_mb * 1048576)   # bytes
         self.held = 0    # bytes of the items in ``inflight`` (payload + ITEM_OVERHEAD each)
@@ -74,7 +77,7 @@ class SinkRoute(Route):
 
     def open(self, first: bool) -> None:
         if self.pull is None:  # the first start, or a sink retried after contain closed it
-            self.pull, self.ack = self.fx.open_sink(self.inst)
+            self.pull, self.ack = self.io.open_sink(self.inst)
             self.fx.watch(self.inst, self.ack, True)
 
     def on_ready(self, w: "WorkerHandle", first: bool) -> None:
@@ -90,7 +93,7 @@ class SinkRoute(Route):
         if (self.require_ack and self.lent_to is None and not self.inflight and not self.relay_for
                 and self.pull is not None
                 and inst.state is State.RUNNING and inst.worker is w and not w.kill_reason
-                and self.fx.lend_sink(w, self.pull, self.ack)):
+                and self.io.lend_sink(w, self.pull, self.ack)):
             self.lent_to = w
 
     def _take_back(self) -> None:
@@ -98,7 +101,7 @@ class SinkRoute(Route):
         if self.lent_to is not None:
             self.lent_to = None
             if self.pull is not None:
-                self.fx.take_back_sink(self.pull)
+                self.io.take_back_sink(self.pull)
 
     def on_worker_gone(self, w: "WorkerHandle", how: str, cause: str) -> None:
         page, w.sink_page = w.sink_page, None   # it stays the mark (on_crashed reads it)
@@ -172,7 +175,7 @@ class SinkRoute(Route):
         self.reading = False
         self.lent_to = None
         if pull is not None:
-            self.fx.close_sink(self.inst, pull, ack)
+            self.io.close_sink(self.inst, pull, ack)
 
     # --- eKuiper's data channel -----------------------------------------------------------------
 
