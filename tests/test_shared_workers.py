@@ -17,6 +17,7 @@ from conftest import kuiper_pool_cli, wait_until
 from kuiper_pool.runtime import status
 from kuiper_pool.tools.emulator import HostError
 from plugins import RECORDING_SINK, make_plugin, read_jsonl
+from test_hostile_plugins import FORKING_SINK, _forked_lines
 from test_reload import VERSION_SOURCE
 from test_state import FAST as STATE_FAST
 from test_state import STATE_SOURCE
@@ -242,3 +243,21 @@ def test_each_instance_keeps_its_own_state_across_a_kill_of_the_shared_worker(
                    message="items of the new shared worker")
         ns = [m["n"] for m in first + seen]
         assert ns == sorted(ns) and len(set(ns)) == len(ns), ns  # its own count, continued
+
+
+def test_a_forked_child_of_one_shared_sink_takes_no_item_of_any(tmp_path, host_runs, unique):
+    """Plugin code of one sink forks in collect and the child returns: in a shared worker the
+    child's copies of every instance's link and collect mark are dead (ForkGuard), so it
+    takes no item of either sink, and exits with one line."""
+    plugin = make_plugin(str(tmp_path), f"kp{unique}", sinks={f"snk{unique}": FORKING_SINK}, settings=SHARED)
+    host = host_runs.launch(plugin)
+    items = str(tmp_path / "items.jsonl")
+    sinks = [host.start_sink(f"snk{unique}", f"r{i}{unique}", config={"file": items}) for i in range(2)]
+    sinks[0].collect(b'{"i": 0, "fork": true}')
+    for i in range(1, 30):
+        sinks[i % 2].collect(b'{"i": %d}' % i)
+    rows = wait_until(lambda: (lambda r: r if len(r) >= 30 else None)(read_jsonl(items, "collect")),
+                      message="30 items collected")
+    assert sorted(r["i"] for r in rows) == list(range(30))
+    assert len({r["pid"] for r in rows}) == 1, "every item is collected by the shared worker itself"
+    wait_until(lambda: _forked_lines(plugin) == 1, message="one line about the forked child")
