@@ -42,7 +42,7 @@ class Host:
         self.hello = hello
         self.lock = threading.Lock()
         self.workers: Dict[int, Any] = {}   # wid -> the instance's worker.Worker, while it runs
-        self.ended_wids: Set[int] = set()
+        self.stuck: Set[int] = set()        # reported ended while their thread still runs
         self.stopped = threading.Event()
 
     def serve(self, run_one: RunOne, plugin: str, spawned: bool) -> int:
@@ -82,17 +82,25 @@ class Host:
             self.ended(wid, code)
 
     def add(self, wid: int, worker: Any) -> None:
+        """Beat for ``worker`` from now on, starting now: the supervisor has waited since it
+        asked for the instance (a worker of its own starts its heartbeat thread as early)."""
         with self.lock:
             self.workers[wid] = worker
+        try:
+            worker.beat()
+        except (OSError, LinkLost):
+            pass  # its link is closed already: the thread ends at its first read
 
     def ended(self, wid: int, code: int, stuck: bool = False) -> None:
         """Tell the supervisor instance ``wid`` is over, once. ``stuck``: its thread could not
         be made to return (a source's open outliving its close): it is left behind, and the
         supervisor moves the other instances to a fresh worker so this process can end."""
         with self.lock:
-            if wid in self.ended_wids:
+            if wid in self.stuck:  # its thread returned after all: reported already
+                self.stuck.discard(wid)
                 return
-            self.ended_wids.add(wid)
+            if stuck:
+                self.stuck.add(wid)
             self.workers.pop(wid, None)
         try:
             self.control.send(frames.encode_json(frames.ENDED, {"wid": wid, "code": code, "stuck": stuck}))

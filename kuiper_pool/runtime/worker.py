@@ -14,7 +14,7 @@ import socket
 import sys
 import threading
 import traceback
-from typing import Any, Callable, Optional, Set, Tuple
+from typing import Any, Callable, List, Optional, Set, Tuple
 
 from .. import logs, wire
 from ..api import PluginConfig
@@ -96,14 +96,20 @@ class GuardedLink(frames.BlockingLink):
 
     def send(self, frame: bytes) -> None:
         self.guard.check()
+        if self.sock.fileno() < 0:
+            return  # a shared worker's instance ended: a late ack of plugin code goes nowhere
         try:
             super().send(frame)
         except ConnectionError:
             self.lost()
 
     def close(self) -> None:
+        """Close it and the descriptors it received that nothing took (a shared worker's
+        instance ended; the process goes on)."""
         self.guard.fds.discard(self.sock.fileno())
         self.sock.close()
+        while self.fds:
+            os.close(self.fds.popleft())
 
     def recv(self) -> Optional[Tuple[int, bytes]]:
         self.guard.check()
@@ -129,6 +135,8 @@ class Worker:
         self.log = logs.instance_logger(self.ctrl.symbol, self.ctrl.rule_id or None,
                                         self.ctrl.op_id, self.ctrl.instance_id)
         self.page: Any = None   # its kind's page, if any (hold_page)
+        self.shared = shared
+        self.releases: List[Callable[[], None]] = []   # see release
         # what the process does when a source's open outlives its close by stop_grace;
         # a shared worker ends only the instance (host.py)
         self.give_up: Callable[[], None] = _exit_ok
@@ -137,6 +145,11 @@ class Worker:
 
     def where(self) -> str:
         return f"plugin {self.plugin.name} {self.ctrl.describe()}"
+
+    def release(self, close: Callable[[], None]) -> None:
+        """``close`` runs when the instance ends in a shared worker, whose process goes on
+        (its sockets, pipes and pages); a worker of its own just exits."""
+        self.releases.append(close)
 
     def hold_page(self, page: Any) -> None:
         """The page this instance shares with the supervisor (None: none): closed in a
@@ -249,6 +262,11 @@ def _serve(worker: Worker) -> int:
     finally:
         worker.stopped.set()
         worker.guard.pages.discard(worker.page)
+        for close in reversed(worker.releases if worker.shared else []):
+            try:
+                close()
+            except Exception as e:  # noqa: BLE001 - the instance has ended either way
+                worker.log.warning("%s: cannot release %s: %s", worker.where(), close, e)
         sys.stdout.flush()
 
 

@@ -30,6 +30,7 @@ def run(worker: Worker, source: Any) -> int:
     except TransportError as e:
         worker.ready(f"{worker.where()}: cannot connect to eKuiper at {url}: {e}")
         return EXIT_CONFIGURE
+    worker.release(push.close)
     ctx: WorkerContext
 
     def send(data: bytes) -> None:
