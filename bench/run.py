@@ -890,12 +890,7 @@ def rows(sz: Sizes) -> List[Row]:
             _ratio_at_most(1.2)),
         Row("start_first_item_ms", "5. plugin start to first source item, ms", "{:,.0f}"),
     ]
-    out += [
-        Row("pi_start_handshake_ms", "5. per_instance: plugin start to control handshake, ms (memory session)",
-            "{:,.1f}"),
-        Row("pi_start_first_item_ms", "5. per_instance: plugin start to first source item, ms (memory session)",
-            "{:,.0f}"),
-    ]
+    out += _startup_rows("pi_", "5. per_instance")
     for n in sz.memory_counts:
         out += [
             Row(f"start{n}_ms", f"5. start {n} idle source(s), ms until the last start is answered",
@@ -910,12 +905,7 @@ def rows(sz: Sizes) -> List[Row]:
             Row(f"mem{n}_worker_rss", f"5. memory, {n} source(s): RSS MiB per worker process", "{:,.2f}"),
         ]
     # workers: per_symbol (a session of its own; the official SDK measured again alike)
-    out += [
-        Row("ps_start_handshake_ms", "5s. per_symbol: plugin start to control handshake, ms (memory session)",
-            "{:,.1f}"),
-        Row("ps_start_first_item_ms", "5s. per_symbol: plugin start to first source item, ms (memory session)",
-            "{:,.0f}"),
-    ]
+    out += _startup_rows("ps_", "5s. per_symbol")
     for n in sz.memory_counts:
         largest = n == max(sz.memory_counts)
         out += [
@@ -928,6 +918,14 @@ def rows(sz: Sizes) -> List[Row]:
                 "{:,.3f}", ratio=False),
         ]
     return out
+
+
+def _startup_rows(key: str, label: str) -> List[Row]:
+    """A memory session's start-up rows (measure_memory), keys starting with ``key``."""
+    return [Row(f"{key}start_handshake_ms", f"{label}: plugin start to control handshake, ms (memory session)",
+                "{:,.1f}"),
+            Row(f"{key}start_first_item_ms", f"{label}: plugin start to first source item, ms (memory session)",
+                "{:,.0f}")]
 
 
 RAW_ROWS = [
