@@ -411,6 +411,7 @@ class Instance:
         self._move(RECYCLING, "recycle")
         w.kill_reason, w.kill_cause = why, cause
         self.fx.note(self, logging.INFO, "recycling worker pid %d: %s", w.pid, why)
+        self.fx.retire(w, why)  # a shared worker's other instances stay; the next one is fresh
         self.fx.send(w, frames.encode(frames.STOP))
         w.kill_at = self.fx.now() + self.s.stop_grace
 
@@ -480,8 +481,8 @@ class Instance:
         self.check_health(w, now)
 
     def check_health(self, w: WorkerHandle, now: float) -> None:
-        """Kill a hung or overrunning worker, retire an outdated one, recycle one over its
-        limits."""
+        """Kill a hung or overrunning worker, retire an outdated one or one whose shared
+        process must end, recycle one over its limits."""
         if self._state not in LIVE:
             return
         self.route.observe(w)
@@ -493,8 +494,11 @@ class Instance:
         if found is not None and found[0].kills:
             self.kill(w, *found)
         elif self._state is RUNNING and not self.route.busy():
+            moving = self.fx.moving(w)
             if self.outdated(w):
                 self._recycle(w, Cause.RELOAD, "reload")
+            elif moving:
+                self._recycle(w, Cause.SHARED, moving)
             elif found is not None:
                 self._recycle(w, *found)
 

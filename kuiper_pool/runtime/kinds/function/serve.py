@@ -24,7 +24,7 @@ def run(worker: Worker, function: Any) -> int:
     """Serve calls: on eKuiper's connection itself when the supervisor lends it (CONN),
     else relayed over the link (CALL/REPLY)."""
     page = CallPage(worker.link.fds.popleft()) if worker.spec.page else None
-    worker.guard.page = page
+    worker.hold_page(page)
     worker.ready(None)
     contexts: Dict[Any, WorkerContext] = {}   # by (rule, op, instance, funcId) and by meta text
     conn: Any = None
