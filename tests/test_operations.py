@@ -7,7 +7,7 @@ import json
 
 from conftest import wait_until
 from kuiper_pool.runtime import status
-from plugins import COUNTING_SOURCE, MODE_FUNCTION, RECORDING_SINK, make_plugin
+from plugins import MODE_FUNCTION, RECORDING_SINK, make_plugin
 
 FAST = {"heartbeat_interval": 0.1, "sample_interval": 0.1, "restart_backoff_min": 0.05,
         "restart_jitter": 0.0, "stop_grace": 0.5}

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import ast
 import importlib.metadata
-import os
 import re
 import sys
 from typing import Dict, Iterable, List, Set
