@@ -33,6 +33,7 @@ STOP = ord("X")       # close the instance and exit
 CONN = ord("N")       # eKuiper's connections lent to the worker (fds with SCM_RIGHTS): a function's
                       # (encode_conn) or an acked sink's data and ack connections (no payload)
 STATE = ord("T")      # right after START: the instance's state (state.py encoding)
+RECALL = ord("W")     # serve: give the lent connection back (a call waits for this worker)
 # worker -> supervisor
 READY = ord("R")      # JSON: {"error": null | "text"} after configure
 DONE = ord("A")       # sink: every item up to this seq is finished

@@ -25,6 +25,7 @@ from . import frames
 from ..api import PluginConfig
 from ..transport import TransportError, TransportTimeout
 from ..transport import load as load_transport
+from ..transport.rest import RestConnection
 from ..transport.sp import ReqConnection
 from ..transport.sp import frame as sp_frame
 from ..transport.sp import frame_header as sp_frame_header
@@ -562,12 +563,8 @@ def run_function(worker: Worker, function: Any) -> int:
             if conn.fileno() in ready_fds and worker.link.sock.fileno() not in ready_fds:
                 try:
                     calls = conn.recv_ready()
-                except OSError:  # eKuiper closed it: the supervisor dials again and lends anew
-                    poller.unregister(conn.fileno())
-                    worker.guard.fds.discard(conn.fileno())
-                    conn.close()
-                    conn = None
-                    worker.link.send(frames.encode(frames.LOST))
+                except OSError:  # eKuiper closed it (the supervisor dials again), or serve's
+                    conn = _give_back(worker, poller, conn)  # request is not this worker's
                     continue
                 for call in calls:
                     _serve_lent(worker, function, contexts, page, conn, call, owed)
@@ -581,14 +578,17 @@ def run_function(worker: Worker, function: Any) -> int:
             return EXIT_OK
         if frame[0] == frames.CONN:
             head, buffered, call = frames.decode_conn(frame[1])
-            conn = ReqConnection(socket.socket(fileno=worker.link.fds.popleft()),
-                                 head["request_id"], buffered)
+            sock = socket.socket(fileno=worker.link.fds.popleft())
+            conn = (RestConnection(sock, **head["rest"]) if "rest" in head  # kuiper-pool serve's
+                    else ReqConnection(sock, head["request_id"], buffered))
             poller.register(conn.fileno(), select.POLLIN)
             worker.guard.fds.add(conn.fileno())
             owed = (head["owed_crc"], head["owed_error"]) if head["owed_error"] else None
             if call is not None:
                 _serve_lent(worker, function, contexts, page, conn, call, owed)
                 owed = None
+        elif frame[0] == frames.RECALL and conn is not None:
+            conn = _give_back(worker, poller, conn)
         elif frame[0] == frames.CALL:
             call_id, request = frames.split_seq(frame[1])
             worker.busy_since = time.monotonic()
@@ -596,6 +596,14 @@ def run_function(worker: Worker, function: Any) -> int:
             worker.busy_since = 0.0
             worker.processed += 1
             worker.link.send(frames.encode_seq(frames.REPLY, call_id, reply))
+
+
+def _give_back(worker: Worker, poller: Any, conn: Any) -> None:
+    """Close our copy of a lent connection and tell the supervisor (it reads it again)."""
+    poller.unregister(conn.fileno())
+    worker.guard.fds.discard(conn.fileno())
+    conn.close()
+    worker.link.send(frames.encode(frames.LOST))
 
 
 def _serve_lent(worker: Worker, function: Any, contexts: Dict[Tuple[Any, ...], WorkerContext],
