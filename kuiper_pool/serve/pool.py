@@ -201,9 +201,6 @@ class SymbolPool:
                 return True
         return False
 
-    def lendable(self) -> bool:
-        return not self.queue and any(s.lent is None and s.idle() for s in self.slots)
-
     def taken_back(self, slot: Slot, owed: Optional[str], drop: bool) -> None:
         conn, slot.lent, slot.recalled = slot.lent, None, False
         if conn is not None:
