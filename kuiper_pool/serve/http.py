@@ -8,9 +8,10 @@ the socket to the pool and its reply from the worker's link to the socket in the
 (docs/serve.md, "Why HTTP in the loop"). One request at a time per connection (a pipelined
 one waits in the buffer until the reply before it is written).
 
-A connection whose next request is a whole call is lent to an idle worker of its function
-(``lend``): the worker answers it and the calls after it itself, until it gives the
-connection back (``take_back``); we keep our copy of the socket meanwhile, unwatched.
+A connection whose next request is a call (its head peeked, nothing read) is lent to an
+idle worker of its function (``lend``): the worker answers it and the calls after it itself,
+until it gives the connection back (``take_back``); we keep our copy of the socket meanwhile,
+unwatched.
 """
 from __future__ import annotations
 
@@ -114,6 +115,7 @@ class HttpServer:
             req = parse_head(conn.sock.recv(MAX_HEAD, socket.MSG_PEEK))
         except HttpError:
             return False
+        # a kept-alive POST that a worker takes whole; lend() finds the function and a worker
         if req is None or not lendable(req, req.path) or not self.lend(req.path[1:], conn):
             return False
         conn.lent = True

@@ -136,13 +136,14 @@ class ServeRoute(FunctionRoute):
             inst.items_out += st.done
             inst.errors += st.failed
             w.page = None
+        if self.slot.lent is None:
+            return
         owed = None
-        if state != IDLE:
+        if state != IDLE:   # the call it was running: answered by the supervisor, as a relayed one would be
             inst.errors += 1
             owed = (f"{inst.where()}: worker pid {w.pid} died during the call ({how}; {cause}); "
                     f"it is being restarted")
-        if self.slot.lent is not None:
-            self.slot.pool.taken_back(self.slot, owed, state == REPLYING)
+        self.slot.pool.taken_back(self.slot, owed, state == REPLYING)
 
     def observe(self, w: "WorkerHandle") -> None:
         v = w.vitals
