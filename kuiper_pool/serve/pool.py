@@ -83,11 +83,12 @@ class Slot:
         self.endpoint = ServeEndpoint(lambda data: pool.replied(self, data))
 
     def idle(self) -> bool:
+        """Running and holding nothing: neither a relayed call nor a lent connection (so a
+        worker's death fails one call at most)."""
         inst, w = self.inst, self.inst.worker
         chan = self.route.channel
-        return (self.call is None and inst.state is State.RUNNING and w is not None
-                and not w.kill_reason and chan is not None and chan.call is None
-                and not self.recalled and not lent_call(w))
+        return (self.call is None and self.lent is None and inst.state is State.RUNNING and w is not None
+                and not w.kill_reason and chan is not None and chan.call is None)
 
     def busy(self) -> bool:
         """A call is with its worker (relayed, or on the lent connection)."""
@@ -191,12 +192,12 @@ class SymbolPool:
         self.dispatch()
 
     def lend(self, conn: Any) -> bool:
-        """Lend ``conn`` (a whole call of this symbol waits in it) to an idle worker that
-        holds no connection; False when none is."""
+        """Lend ``conn`` (a call of this symbol waits in it) to an idle worker; False when
+        none is."""
         if self.queue:
             return False
         for slot in self.slots:
-            if slot.lent is None and slot.idle():
+            if slot.idle():
                 slot.lent = conn
                 self.send(slot.inst, self.conn_frame, [conn.fd])
                 return True
@@ -219,7 +220,7 @@ class SymbolPool:
                 self.deliver(slot.inst, slot.endpoint)
         if not self.queue:
             return
-        for slot in self.slots:  # calls wait: workers answer them, not the connections they hold
+        for slot in self.slots:  # calls wait: the workers that hold connections give them back
             if slot.lent is not None and not slot.recalled and slot.inst.worker is not None:
                 slot.recalled = True
                 self.send(slot.inst, frames.encode(frames.RECALL), ())
