@@ -365,6 +365,15 @@ def test_a_lent_connection_still_answers_probes_and_other_requests(served):
         assert exchange(_post(fn, b"[1]"))[0] == 400
         assert exchange(_post("nope", b"{}"))[0] == 404
         assert exchange(_post(fn, b'{"arg0":"echo","arg1":"two"}')) == (200, "two")
+        body = b'{"arg0":"echo","arg1":"continued"}'
+        sock.sendall(_post(fn, body, "Expect: 100-continue\r\n")[:-len(body)])   # the head alone
+        got = b""
+        while not got.endswith(b"\r\n\r\n"):
+            byte = sock.recv(1)
+            assert byte, f"closed after {got!r}"
+            got += byte
+        assert got == b"HTTP/1.1 100 Continue\r\n\r\n"
+        assert exchange(body) == (200, "continued")
         assert exchange(_post(fn, b'{"arg0":"echo","arg1":"three"}')) == (200, "three")
         assert _holder(s, sock.getsockname()[1]) == holder   # lent again
 

@@ -81,8 +81,10 @@ def response(status: int, body: bytes, close: bool = False) -> bytes:
 
 
 def lendable(req: Request, path: str) -> bool:
-    """Whether a worker of the function at ``path`` serves ``req`` on a lent connection."""
-    return req.method == "POST" and req.path == path and req.keep and req.total <= LENT_MAX
+    """Whether a worker of the function at ``path`` serves ``req`` on a lent connection (the
+    supervisor answers the rest, and sends 100 Continue where a client waits for it)."""
+    return (req.method == "POST" and req.path == path and req.keep and not req.expect
+            and req.total <= LENT_MAX)
 
 
 class CallError(ValueError):
@@ -172,7 +174,8 @@ def _encode(v: Any, t: str) -> str:
 
 class GiveBack(TransportError):
     """The request waiting on a lent connection is not one the worker serves (another
-    function, a probe, a request not whole, a close): the supervisor answers it."""
+    function, a probe, a body eKuiper would not send, a close, a request cut short): the
+    supervisor answers it."""
 
 
 class RestConnection:
