@@ -126,17 +126,16 @@ def _serve_fresh(plugin: PluginConfig, settings: Any, script_dir: str, fresh: An
     from .version import __version__  # the kuiper_pool the new code imports (its own, once upgraded)
     from .describe import inspect_symbols
     from .runtime import zygote
-    from .runtime.protocol import ZYGOTE_HELLO
+    from .runtime.protocol import Hello
 
     try:
         load_worker, spawn_argv, exec_all, _payload = _worker_setup(plugin, settings, script_dir)
     except ValueError as e:
         zygote.report_error(fresh[0], str(e))
         return 2
-    hello = {"op": ZYGOTE_HELLO, "version": __version__, "name": plugin.name, "sources": sorted(plugin.sources),
-             "sinks": sorted(plugin.sinks), "functions": sorted(plugin.functions),
-             "settings": settings.as_dict(),
-             "checks": zygote.in_child(lambda: inspect_symbols(plugin, settings.start_method == "spawn"))}
+    hello = Hello(__version__, plugin.name, sorted(plugin.sources), sorted(plugin.sinks),
+                  sorted(plugin.functions), settings.as_dict(),
+                  zygote.in_child(lambda: inspect_symbols(plugin, settings.start_method == "spawn")))
     # the payload stays open here: this process is the zygote its exec'd workers inherit it from
     return zygote.serve_fresh(fresh, hello, load_worker, spawn_argv, exec_all, settings.thread_env(),
                               settings.symbol_env())
@@ -213,6 +212,7 @@ def _worker_setup(plugin: PluginConfig, settings: Any, script_dir: str
         from .runtime import worker
 
         wire.encoder()
+        worker.preload()
         return lambda link: worker.run(link, plugin)
     return load_worker, spawn_argv, exec_all, payload
 

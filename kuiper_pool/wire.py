@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Optional, Union
+from typing import Any, Callable, Dict, Optional, Tuple, Union
 
 # argv[1] of every plugin process eKuiper starts (its PortableConfig as JSON)
 PORTABLE_CONF = '{"sendTimeout":1000}'
@@ -273,14 +273,22 @@ def sink_ack_error(error: str) -> bytes:
     return dumps({"error": str(error)})
 
 
-def func_reply(state: bool, result: Any) -> bytes:
-    """``{"state", "result"}``; a result JSON cannot encode (NaN and Infinity included: Go
-    refuses them) becomes a state-false error naming its type."""
+_REPLY = json.JSONEncoder(allow_nan=False)   # json.dumps(allow_nan=False) builds one per call
+
+
+def func_answer(state: bool, result: Any) -> Tuple[bool, bytes]:
+    """``{"state", "result"}`` and the state it says; a result JSON cannot encode (NaN and
+    Infinity included: Go refuses them) becomes a state-false error naming its type."""
     try:
-        return json.dumps({"state": state, "result": result}, allow_nan=False).encode()
+        return state, _REPLY.encode({"state": state, "result": result}).encode()
     except (TypeError, ValueError) as e:
-        return json.dumps({"state": False, "result": f"result of type {type(result).__name__} "
-                                                      f"cannot be encoded as JSON: {e}"}).encode()
+        return False, json.dumps({"state": False, "result": f"result of type {type(result).__name__} "
+                                                             f"cannot be encoded as JSON: {e}"}).encode()
+
+
+def func_reply(state: bool, result: Any) -> bytes:
+    """``{"state", "result"}`` (:func:`func_answer`'s bytes)."""
+    return func_answer(state, result)[1]
 
 
 def func_error(text: str) -> bytes:

@@ -15,7 +15,7 @@ import sys
 import pytest
 
 from conftest import wait_until
-from kuiper_pool.runtime.sinkpage import SIZE
+from kuiper_pool.runtime.kinds.sink.page import SIZE
 from kuiper_pool.tools.emulator import HostError
 from plugins import COUNTING_SOURCE, MODE_FUNCTION, RECORDING_SINK, REPO, descendants, make_plugin
 
@@ -33,11 +33,17 @@ def installed_copy(tmp_path, *missing: str) -> str:
     return str(site)
 
 
-def test_a_missing_sink_module_refuses_sink_starts_only(tmp_path, unique, host_runs):
+@pytest.mark.parametrize("half, module", [
+    ("supervisor", "kuiper_pool.runtime.kinds.sink.route"),   # refused before a worker is made
+    ("worker", "kuiper_pool.runtime.kinds.sink.serve"),       # refused by the worker, at START
+])
+def test_a_missing_sink_module_refuses_sink_starts_only(tmp_path, unique, host_runs, half, module):
+    """Either half of a kind: the zygote preloads the worker halves it can, and a worker
+    whose kind cannot be loaded answers its START with the cause; the zygote lives on."""
     snk, fn, src, rule = f"snk{unique}", f"fn{unique}", f"src{unique}", f"r{unique}"
     pd = make_plugin(str(tmp_path), f"kp{unique}", sources={src: COUNTING_SOURCE},
                      sinks={snk: RECORDING_SINK}, functions={fn: MODE_FUNCTION})
-    site = installed_copy(tmp_path, os.path.join("runtime", "routes", "sink.py"))
+    site = installed_copy(tmp_path, os.path.join(*module.split(".")[1:]) + ".py")
     # a start left unanswered would fail here, long before eKuiper's own 20 s
     host = host_runs.launch(pd, env={"PYTHONPATH": site}, command_timeout=15.0)
     for attempt in range(2):  # every sink start is answered, each time, in one line
@@ -46,16 +52,14 @@ def test_a_missing_sink_module_refuses_sink_starts_only(tmp_path, unique, host_r
         text = refused.value.answer
         assert "\n" not in text.strip()
         assert text.startswith(f"plugin kp{unique} sink {snk} rule {rule} "), text
-        assert ("internal error: ModuleNotFoundError: No module named "
-                "'kuiper_pool.runtime.routes.sink'") in text, text
+        assert "internal error: " in text and f"ModuleNotFoundError: No module named '{module}'" in text, text
     f = host.start_function(fn)
     assert f.exec(["echo", "still serving"])["result"] == "still serving"
     s = host.start_source(src, f"{rule}s")
     assert "n" in s.recv()["message"]
     assert host.alive()
     with open(os.path.join(pd, "stdout.log"), encoding="utf-8", errors="replace") as log:
-        lines = [ln for ln in log if "No module named 'kuiper_pool.runtime.routes.sink'" in ln
-                 and "ERROR" in ln]
+        lines = [ln for ln in log if f"No module named '{module}'" in ln and "ERROR" in ln]
     assert lines and f"sink {snk} rule {rule}" in lines[0], lines
 
 

@@ -12,7 +12,7 @@ import time
 from conftest import wait_until
 from plugins import make_plugin, read_jsonl
 
-ITEMS, SIZE = 200, 300 << 10   # each a memfd under the native transport (frames.SPILL: 256 KiB)
+ITEMS, SIZE = 200, 300 << 10   # each a memfd under the native transport (sink frames.SPILL: 256 KiB)
 
 SLOW_SINK = '''
 class SlowSink(Sink):
@@ -80,6 +80,7 @@ def test_item_frames_queued_for_a_slow_worker_cost_no_descriptor_each():
     import socket
 
     from kuiper_pool.runtime import frames
+    from kuiper_pool.runtime.kinds.sink import frames as sinkframes
     from kuiper_pool.transport.sp import MemfdPool
 
     pool, n = MemfdPool(), 40
@@ -95,7 +96,7 @@ def test_item_frames_queued_for_a_slow_worker_cost_no_descriptor_each():
     in_use = len(os.listdir("/proc/self/fd"))
     resource.setrlimit(resource.RLIMIT_NOFILE, (in_use + 4, hard))   # no room for 40 duplicates
     try:
-        for frame, fds in frames.item_frames(items):
+        for frame, fds in sinkframes.item_frames(items):
             link.send(frame, fds)
         assert len(link.outbox.queue) > 1   # they wait: the worker reads nothing yet
     finally:
@@ -114,8 +115,8 @@ def test_item_frames_queued_for_a_slow_worker_cost_no_descriptor_each():
             continue
         received.extend(fds)
         for ftype, payload in reader.feed(data):
-            assert ftype == frames.ITEM_FD
-            got.extend(frames.read_item_fd(payload, received.pop(0)))
+            assert ftype == sinkframes.ITEM_FD
+            got.extend(sinkframes.ItemFd.decode(payload, received.pop(0)))
     assert [(seq, data[:1]) for seq, data in got] == [(i + 1, bytes([i])) for i in range(n)]
     link.close()
     theirs.close()

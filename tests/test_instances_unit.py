@@ -10,25 +10,28 @@ eKuiper is answered and what the instance does.
 from __future__ import annotations
 
 import errno
-import json
 import os
 import signal
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import pytest
 
 from kuiper_pool import wire
 from kuiper_pool.api import PluginConfig
 from kuiper_pool.config import load_settings
-from kuiper_pool.runtime import callpage, frames, sinkpage
-from kuiper_pool.runtime.sinkpage import SinkPage
+from kuiper_pool.runtime import frames
 from kuiper_pool.runtime.effects import WorkerHandle
+from kuiper_pool.runtime.kinds.function import frames as fnframes
+from kuiper_pool.runtime.kinds.function import page as callpage
+from kuiper_pool.runtime.kinds.function.channel import FunctionChannel
+from kuiper_pool.runtime.kinds.sink import frames as sinkframes
+from kuiper_pool.runtime.kinds.sink import page as sinkpage
+from kuiper_pool.runtime.kinds.sink.page import SinkPage
+from kuiper_pool.runtime.kinds.sink.route import ACK_BACKLOG, RELAY_AFTER_LARGE, SinkRoute
 from kuiper_pool.runtime.forensics import Dump
 from kuiper_pool.runtime.health import Cause
 from kuiper_pool.runtime.instances import (BACKOFF, ENDED, FAILED, RECYCLING, REMOVED, RUNNING,
                                            STARTING, STOPPING, Instance)
-from kuiper_pool.runtime.routes.function import FunctionChannel
-from kuiper_pool.runtime.routes.sink import ACK_BACKLOG, RELAY_AFTER_LARGE, SinkRoute
 from kuiper_pool.runtime.states import TRANSITIONS, TransitionError
 from kuiper_pool.runtime.supervisor import Supervisor
 from kuiper_pool.transport import TransportError
@@ -130,7 +133,8 @@ class LendableReq(MemoryReq):
 
 
 class Recorder:
-    """Effects: what the supervisor would do, recorded; time is ``self.t``."""
+    """Effects: what the supervisor would do, recorded; time is ``self.t``. It is each
+    kind's I/O object too (``io``: the sink's and the function's channel.py)."""
 
     def __init__(self) -> None:
         self.t = 1000.0
@@ -163,16 +167,20 @@ class Recorder:
         w.pid = 5000 + self.next_wid
         fd = inst.route.open_page(w, self.lendable)   # a call page or a collect mark
         if fd is not None:
-            if w.sink_page is not None:
+            if isinstance(w.page, SinkPage):
                 self.worker_pages[w.wid] = SinkPage(fd)   # the worker's side
             os.close(fd)
         self.next_wid += 1
         self.workers.append(w)
         return w
 
-    def send(self, w: WorkerHandle, frame: bytes, fds: Sequence[int] = ()) -> None:
-        (ftype, n), payload = frames.HEADER.unpack_from(frame), frame[frames.HEADER.size:]
+    def send(self, w: WorkerHandle, frame: bytes, fds: Sequence[int] = ()) -> bool:
+        ftype, payload = frames.HEADER.unpack_from(frame)[0], frame[frames.HEADER.size:]
         self.sent.append((w.wid, ftype, payload))
+        return True
+
+    def io(self, cls: Any) -> "Recorder":
+        return self
 
     def signal(self, w: WorkerHandle, sig: int) -> None:
         self.signals.append((w.wid, sig))
@@ -204,7 +212,7 @@ class Recorder:
         self.handoffs.append((w.wid, handoff))
 
     def lend_sink(self, w: WorkerHandle, pull: Any, ack: Any) -> bool:
-        if not (self.lendable and w.sink_page is not None and pull.idle and not pull.lent
+        if not (self.lendable and isinstance(w.page, SinkPage) and pull.idle and not pull.lent
                 and not ack.pending()):
             return False
         pull.lent = True
@@ -261,7 +269,7 @@ def make(kind: str = wire.TYPE_SINK, lendable: bool = False,
 
 
 def ready(inst: Instance, w: WorkerHandle, error: Optional[str] = None) -> None:
-    inst.on_frame(w, frames.READY, json.dumps({"error": error}).encode())
+    give(inst, w, frames.Ready(error).encode())
 
 
 def running(kind: str = wire.TYPE_SINK, **overrides: Any) -> Tuple[Instance, Recorder, List[bytes]]:
@@ -272,7 +280,7 @@ def running(kind: str = wire.TYPE_SINK, **overrides: Any) -> Tuple[Instance, Rec
 
 
 def beat(inst: Instance, w: WorkerHandle, busy: float = 0.0) -> None:
-    inst.on_frame(w, frames.BEAT, json.dumps({"n": 0, "busy": busy, "cpu": 0.0}).encode())
+    give(inst, w, frames.Beat(0, busy, 0.0).encode())
 
 
 def assert_killed(inst: Instance, fx: Recorder, w: WorkerHandle, sig: int) -> None:
@@ -285,11 +293,17 @@ def assert_killed(inst: Instance, fx: Recorder, w: WorkerHandle, sig: int) -> No
 
 
 def done(inst: Instance, w: WorkerHandle, upto: int) -> None:
-    inst.on_frame(w, frames.DONE, frames.SEQ.pack(upto))
+    give(inst, w, sinkframes.Done(upto).encode())
 
 
-def reply(inst: Instance, w: WorkerHandle, call_id: int, data: bytes) -> None:
-    inst.on_frame(w, frames.REPLY, frames.SEQ.pack(call_id) + data)
+def reply(inst: Instance, w: WorkerHandle, call_id: int, data: bytes, ok: bool = True) -> None:
+    give(inst, w, fnframes.Reply(call_id, data, ok).encode())
+
+
+def give(inst: Instance, w: WorkerHandle, frame: bytes) -> None:
+    """``frame`` (a whole frame, as a worker sends it) arrives from ``w``."""
+    ftype, payload = frames.HEADER.unpack_from(frame)[0], frame[frames.HEADER.size:]
+    inst.on_frame(w, ftype, payload)
 
 
 # --- starts ---------------------------------------------------------------------------------------
@@ -435,15 +449,15 @@ def test_late_done_ack_and_frames_after_the_stop_touch_nothing():
     pull, push = fx.endpoints
     pull.queue += [b"a", b"b"]
     inst.on_readable(fx.endpoints[0])
-    inst.on_frame(w, frames.ACK, frames.SEQ.pack(1) + b"{}")
+    give(inst, w, sinkframes.Ack(1, b"{}").encode())
     inst.stop(answers.append)
     assert fx.watching[-1] is False
     done(inst, w, 1)                         # progress while stopping: no reading again
     assert fx.watching[-1] is False
     inst.on_exit(w, EXIT_0)
     assert inst.state == REMOVED and pull.closed and push.closed
-    inst.on_frame(w, frames.DONE, frames.SEQ.pack(2))
-    inst.on_frame(w, frames.ACK, frames.SEQ.pack(2) + b"{}")
+    give(inst, w, sinkframes.Done(2).encode())
+    give(inst, w, sinkframes.Ack(2, b"{}").encode())
     inst.on_frame(w, frames.BEAT, b"not even json")  # a removed instance reads nothing
     inst.on_readable(fx.endpoints[0])                   # a readiness event select returned earlier
     assert push.sent == [b"{}"] and answers == [wire.OK, wire.OK]
@@ -514,11 +528,11 @@ def test_a_call_waiting_for_a_restart_is_forwarded_once_the_worker_is_ready():
     inst.on_exit(fx.workers[0], KILLED)
     req.calls.append(b"call")
     inst.on_readable(fx.endpoints)
-    assert fx.frames_of(frames.CALL) == []
+    assert fx.frames_of(fnframes.CALL) == []
     fx.t += 1.0
     inst.tick(fx.t)
     ready(inst, fx.workers[1])
-    assert fx.frames_of(frames.CALL) == [frames.SEQ.pack(1) + b"call"]
+    assert fx.frames_of(fnframes.CALL) == [frames.SEQ.pack(1) + b"call"]
 
 
 # --- sinks -----------------------------------------------------------------------------------------------
@@ -531,14 +545,14 @@ def test_unfinished_items_go_to_the_replacement_in_order():
     done(inst, fx.workers[0], 1)
     inst.on_exit(fx.workers[0], KILLED)
     ready(inst, fx.workers[1])
-    items = [f for w, t, f in fx.sent if t == frames.ITEMS and w == fx.workers[1].wid]
-    assert list(frames.decode_items(items[0])) == [(2, b"2"), (3, b"3")]
+    items = [f for w, t, f in fx.sent if t == sinkframes.ITEMS and w == fx.workers[1].wid]
+    assert list(sinkframes.Items.decode(items[0])) == [(2, b"2"), (3, b"3")]
 
 
 def collecting(w: WorkerHandle, seq: int) -> None:
     """Worker ``w`` began the collect of item ``seq`` (the one before it returned)."""
-    assert w.mark is not None
-    w.mark.slots[0], w.mark.slots[1] = seq, seq - 1
+    assert w.page is not None
+    w.page.slots[0], w.page.slots[1] = seq, seq - 1
 
 
 def restarted(inst: Instance, fx: Recorder) -> WorkerHandle:
@@ -551,8 +565,8 @@ def restarted(inst: Instance, fx: Recorder) -> WorkerHandle:
 
 
 def items_sent_to(fx: Recorder, w: WorkerHandle) -> List[bytes]:
-    return [data for wid, t, f in fx.sent if t == frames.ITEMS and wid == w.wid
-            for _seq, data in frames.decode_items(f)]
+    return [data for wid, t, f in fx.sent if t == sinkframes.ITEMS and wid == w.wid
+            for _seq, data in sinkframes.Items.decode(f)]
 
 
 def test_only_the_item_whose_collect_was_running_is_charged_with_a_crash():
@@ -599,7 +613,7 @@ def test_a_worker_dying_between_items_charges_none():
     inst.on_readable(pull)
     w = fx.workers[-1]
     collecting(w, 1)
-    w.mark.slots[1] = 1                      # collect of 1 returned, 2 not begun
+    w.page.slots[1] = 1                      # collect of 1 returned, 2 not begun
     inst.on_exit(w, KILLED)
     assert items_sent_to(fx, restarted(inst, fx)) == [b"1", b"2"] and push.sent == []
 
@@ -744,7 +758,7 @@ def test_recycling_starts_a_fresh_worker_when_the_old_one_exits():
     assert inst.state == STARTING and len(fx.workers) == 2 and inst.restarts == 0
 
 
-EXIT_5 = frames.EXIT_RECYCLED << 8
+EXIT_5 = fnframes.EXIT_RECYCLED << 8
 
 
 def test_a_source_exiting_with_the_recycle_code_is_a_crash_not_a_recycle():
@@ -784,7 +798,7 @@ def test_a_replace_lets_the_call_in_flight_finish_and_is_never_a_crash():
     inst.on_readable(fx.endpoints)  # waits for the new worker
     inst.on_exit(fx.workers[0], EXIT_0)
     ready(inst, fx.workers[1])
-    assert fx.frames_of(frames.CALL)[-1] == frames.SEQ.pack(2) + b"next"
+    assert fx.frames_of(fnframes.CALL)[-1] == frames.SEQ.pack(2) + b"next"
     assert inst.restarts == 0 and not inst.restart_causes and inst.errors == 0
 
 
@@ -799,8 +813,8 @@ def test_items_of_a_replaced_sink_worker_killed_while_stopping_are_no_poison():
     assert (fx.workers[0].wid, signal.SIGKILL) in fx.signals
     inst.on_exit(fx.workers[0], KILLED)
     ready(inst, fx.workers[1])
-    items = [f for w, t, f in fx.sent if t == frames.ITEMS and w == fx.workers[1].wid]
-    assert list(frames.decode_items(items[0])) == [(1, b"1"), (2, b"2")] and inst.errors == 0
+    items = [f for w, t, f in fx.sent if t == sinkframes.ITEMS and w == fx.workers[1].wid]
+    assert list(sinkframes.Items.decode(items[0])) == [(1, b"1"), (2, b"2")] and inst.errors == 0
 
 
 def test_a_silent_worker_busy_on_the_cpu_is_left_alone_and_an_idle_one_is_killed():
@@ -835,7 +849,7 @@ def test_a_hung_worker_is_continued_to_dump_its_stack_then_sigkilled_without_sto
 def test_a_crash_is_counted_by_the_cause_of_our_kill_never_by_words_in_the_plugins_fault():
     inst, fx, _ = running(kind=wire.TYPE_SOURCE)
     w = fx.workers[0]
-    inst.on_frame(w, frames.FAULT, json.dumps({"error": "hung: deadline missed, start_timeout"}).encode())
+    give(inst, w, frames.Fault("hung: deadline missed, start_timeout").encode())
     inst.on_exit(w, 70 << 8)                  # exit code 70: the plugin's own fault
     assert inst.restart_causes == {"exit": 1}
     w = fx.workers[1]
@@ -1024,7 +1038,7 @@ def test_counts_of_a_lent_worker_come_from_its_call_page():
 
 def test_a_lost_connection_is_dialed_again_and_lent_again():
     inst, fx, w = lent()
-    inst.on_frame(w, frames.LOST, b"")
+    give(inst, w, fnframes.lost())
     assert len(fx.channels) == 2 and len(fx.handoffs) == 2 and fx.handoffs[1][0] == w.wid
 
 
@@ -1073,12 +1087,12 @@ def test_a_dead_lent_sink_worker_owes_what_its_page_says(where, owed):
     inst.on_exit(w, KILLED)
     assert not fx.endpoints[0].lent and inst.route.lent_to is None   # read here again
     ready(inst, fx.workers[1])
-    items = [f for wid, t, f in fx.sent if t == frames.ITEMS and wid == fx.workers[1].wid]
+    items = [f for wid, t, f in fx.sent if t == sinkframes.ITEMS and wid == fx.workers[1].wid]
     if owed:  # relayed to the replacement; it is lent the connections only after its ack
-        assert [d for _s, d in frames.decode_items(items[0])] == [item]
+        assert [d for _s, d in sinkframes.Items.decode(items[0])] == [item]
         assert fx.handoffs == [(w.wid, "sink")]
         seq = next(iter(inst.route.inflight))
-        inst.on_frame(fx.workers[1], frames.ACK, frames.SEQ.pack(seq) + b"{}")
+        give(inst, fx.workers[1], sinkframes.Ack(seq, b"{}").encode())
         assert fx.endpoints[1].sent == [b"{}"]
     else:
         assert items == [] and fx.endpoints[1].sent == []
@@ -1106,35 +1120,35 @@ def test_a_late_give_back_of_a_replaced_worker_changes_nothing():
     inst.on_exit(w, KILLED)
     ready(inst, fx.workers[1])
     assert inst.route.lent_to is fx.workers[1]
-    inst.on_frame(w, frames.LOST, b"closed")  # from the dead worker: ignored
+    give(inst, w, sinkframes.Lost(sinkframes.Why.CLOSED).encode())  # from the dead worker: ignored
     assert inst.route.lent_to is fx.workers[1] and fx.endpoints[0].lent
 
 
 def test_a_given_back_connection_is_read_here_and_lent_again_after_the_ack():
     inst, fx, w = lent_sink()
     pull = fx.endpoints[0]
-    inst.on_frame(w, frames.LOST, b"closed")   # eKuiper reconnected: the new one is read here
+    give(inst, w, sinkframes.Lost(sinkframes.Why.CLOSED).encode())   # eKuiper reconnected: the new one is read here
     assert not pull.lent and inst.route.lent_to is None
     pull.queue.append(b"small")
     inst.on_readable(pull)
-    [items] = fx.frames_of(frames.ITEMS)
-    [(seq, data)] = frames.decode_items(items)
+    [items] = fx.frames_of(sinkframes.ITEMS)
+    [(seq, data)] = sinkframes.Items.decode(items)
     assert not pull.lent                      # not while the relayed item waits for its ack
-    inst.on_frame(w, frames.ACK, frames.SEQ.pack(seq) + b"{}")
+    give(inst, w, sinkframes.Ack(seq, b"{}").encode())
     assert pull.lent and inst.route.lent_to is w and fx.endpoints[1].sent == [b"{}"]
 
 
 def test_after_an_item_too_big_for_the_page_items_are_relayed_until_a_run_of_small_ones():
     inst, fx, w = lent_sink()
     pull = fx.endpoints[0]
-    inst.on_frame(w, frames.LOST, b"large")
+    give(inst, w, sinkframes.Lost(sinkframes.Why.LARGE).encode())
 
     def relay(data: bytes) -> None:
         pull.queue.append(data)
         inst.on_readable(pull)
-        [(seq, got)] = frames.decode_items(fx.frames_of(frames.ITEMS)[-1])
+        [(seq, got)] = sinkframes.Items.decode(fx.frames_of(sinkframes.ITEMS)[-1])
         assert got == data
-        inst.on_frame(w, frames.ACK, frames.SEQ.pack(seq) + b"{}")
+        give(inst, w, sinkframes.Ack(seq, b"{}").encode())
     relay(b"L" * 100_000)                     # the one given back
     for _ in range(RELAY_AFTER_LARGE - 1):
         relay(b"small")
@@ -1150,7 +1164,7 @@ def test_after_an_item_too_big_for_the_page_items_are_relayed_until_a_run_of_sma
 def test_a_stale_readiness_event_while_lent_reads_nothing_of_the_lent_connection():
     inst, fx, w = lent_sink()
     inst.on_readable(fx.endpoints[0])          # select() returned it before the lend
-    assert fx.frames_of(frames.ITEMS) == [] and inst.route.lent_to is w
+    assert fx.frames_of(sinkframes.ITEMS) == [] and inst.route.lent_to is w
 
 
 @pytest.mark.parametrize("stopped", [False, True])
@@ -1172,12 +1186,12 @@ def test_a_lent_item_whose_collect_was_running_is_charged_only_with_a_crash(stop
 def test_an_acked_sink_is_lent_only_once_the_acks_queued_here_have_gone_out():
     inst, fx, w = lent_sink()
     pull, push = fx.endpoints
-    inst.on_frame(w, frames.LOST, b"closed")   # relayed from here on
+    give(inst, w, sinkframes.Lost(sinkframes.Why.CLOSED).encode())   # relayed from here on
     pull.queue.append(b"small")
     inst.on_readable(pull)
-    [(seq, _data)] = frames.decode_items(fx.frames_of(frames.ITEMS)[0])
+    [(seq, _data)] = sinkframes.Items.decode(fx.frames_of(sinkframes.ITEMS)[0])
     push.backlog = 9                           # eKuiper has not read that ack yet
-    inst.on_frame(w, frames.ACK, frames.SEQ.pack(seq) + b"{}")
+    give(inst, w, sinkframes.Ack(seq, b"{}").encode())
     assert not pull.lent and inst.route.lent_to is None
     push.backlog = 0
     inst.on_readable(push)                     # the ack went out
@@ -1187,14 +1201,14 @@ def test_an_acked_sink_is_lent_only_once_the_acks_queued_here_have_gone_out():
 def test_an_ack_ekuiper_did_not_read_is_finished_here_and_nothing_is_lent_before_it_goes_out():
     inst, fx, w = lent_sink()
     pull, push = fx.endpoints
-    inst.on_frame(w, frames.ACK_REST, b"end of an ack")   # the worker's write waited 1 s
+    give(inst, w, sinkframes.AckRest(b"end of an ack").encode())   # the worker's write waited 1 s
     assert push.sent == [b"rest:end of an ack"] and any("has not read an ack" in n for n in fx.notes)
-    inst.on_frame(w, frames.LOST, b"stalled")              # then it gives the connections back
+    give(inst, w, sinkframes.Lost(sinkframes.Why.STALLED).encode())              # then it gives the connections back
     assert not pull.lent and inst.route.lent_to is None
     pull.queue.append(b"next")
     inst.on_readable(pull)                                 # relayed; its ack queues behind the rest
-    [(seq, data)] = frames.decode_items(fx.frames_of(frames.ITEMS)[0])
-    inst.on_frame(w, frames.ACK, frames.SEQ.pack(seq) + b"{}")
+    [(seq, data)] = sinkframes.Items.decode(fx.frames_of(sinkframes.ITEMS)[0])
+    give(inst, w, sinkframes.Ack(seq, b"{}").encode())
     assert data == b"next" and push.sent == [b"rest:end of an ack", b"{}"]
     assert not pull.lent                                   # not while eKuiper has not read them
     push.backlog = 0
@@ -1226,7 +1240,7 @@ def test_a_late_ack_after_the_replace_began_finishes_the_item_in_the_old_worker(
     inst.on_readable(pull)
     old = fx.workers[0]
     assert inst.replace("reload") is True and inst.state == RECYCLING
-    inst.on_frame(old, frames.ACK, frames.SEQ.pack(1) + b"{}")   # collect had returned: the ack comes now
+    give(inst, old, sinkframes.Ack(1, b"{}").encode())   # collect had returned: the ack comes now
     assert push.sent == [b"{}"] and not inst.route.inflight
     inst.on_exit(old, EXIT_0)
     new = fx.workers[1]

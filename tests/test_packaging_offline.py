@@ -231,16 +231,16 @@ def test_a_damaged_installed_copy_gives_no_wheel(tmp_path, damage, message):
 
 
 def test_a_wheel_missing_a_module_of_the_running_package_is_refused(tmp_path, kuiper_pool_wheel):
-    """What once shipped: a wheel without kuiper_pool/runtime/routes. Whatever made it, it is refused."""
+    """What once shipped: a wheel without kuiper_pool/runtime/routes (now kinds/). Whatever made it, it is refused."""
     from kuiper_pool.tools.wheels import WheelError, check_modules
 
     cut = str(tmp_path / os.path.basename(kuiper_pool_wheel))
     with zipfile.ZipFile(kuiper_pool_wheel) as src, zipfile.ZipFile(cut, "w") as dst:
         for name in src.namelist():
-            if not name.startswith("kuiper_pool/runtime/routes/"):
+            if not name.startswith("kuiper_pool/runtime/kinds/"):
                 dst.writestr(name, src.read(name))
     with pytest.raises(WheelError) as e:
         check_modules(cut)
-    assert str(e.value).startswith(f"{os.path.basename(cut)} lacks kuiper_pool/runtime/routes/__init__.py, "), e.value
+    assert str(e.value).startswith(f"{os.path.basename(cut)} lacks kuiper_pool/runtime/kinds/__init__.py, "), e.value
     assert str(e.value).endswith(" (a stale build/ folder, or an incomplete install?)")
     check_modules(kuiper_pool_wheel)

@@ -455,13 +455,13 @@ def test_zygote_messages_of_any_size_up_to_the_bound_arrive_whole_and_others_nam
     a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     with a, b:
         for size in (10, protocol.INLINE + 1, 3 << 20):
-            obj = {"op": "hello", "blob": "x" * size}
-            data, fds = protocol.encode_zygote(obj)
+            hello = protocol.Hello("1.0", "p", functions=["f"], checks={"blob": "x" * size})
+            data, fds = protocol.encode_zygote(hello)
             socket.send_fds(a, [data], fds)
             for fd in fds:
                 os.close(fd)
-            assert protocol.decode_zygote(*protocol.recv_zygote(b)) == (obj, [])
-        data, fds = protocol.encode_zygote({"op": "hello", "blob": "x" * (protocol.MAX_MESSAGE + 1)})
+            assert protocol.decode_zygote(*protocol.recv_zygote(b)) == (hello, [])
+        data, fds = protocol.encode_zygote(protocol.Hello(checks={"blob": "x" * (protocol.MAX_MESSAGE + 1)}))
         socket.send_fds(a, [data], fds)
         for fd in fds:
             os.close(fd)
@@ -470,4 +470,9 @@ def test_zygote_messages_of_any_size_up_to_the_bound_arrive_whole_and_others_nam
         a.send(b"{" + b" " * protocol.ZYGOTE_DATAGRAM + b"}")   # a datagram too big to read whole
         with pytest.raises(ValueError, match="cut short"):
             protocol.recv_zygote(b)
+        for bad, cause in ((b'{"op": "launch"}', "unknown zygote message 'launch'"),
+                           (b'{"op": "kill", "wid": 1}', "zygote message 'kill': ")):
+            a.send(bad)   # a message this version cannot act on is refused, naming why
+            with pytest.raises(ValueError, match=cause):
+                protocol.decode_zygote(*protocol.recv_zygote(b))
     assert len(os.listdir("/proc/self/fd")) == before   # every memfd closed, read or refused

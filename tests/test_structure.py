@@ -1,6 +1,7 @@
 """What the docs say about the code's structure, checked against the code: the state
-diagram lists exactly the allowed changes, and no import cycle exists (imports point
-down, counting imports inside functions)."""
+diagram lists exactly the allowed changes, no import cycle exists and imports point down
+(counting imports inside functions), the effects import no kind and no kind imports
+another."""
 from __future__ import annotations
 
 import ast
@@ -82,3 +83,51 @@ def test_no_module_of_the_package_imports_itself_back():
     graph = {name: imports(name, path, known) for name, path in known.items()}
     assert "kuiper_pool.runtime.supervisor" in graph["kuiper_pool.plugin"]  # imports in functions count
     assert cycle(graph) == [], " -> ".join(cycle(graph))
+
+
+KINDS = "kuiper_pool.runtime.kinds"
+
+
+def kind_of(module: str) -> str:
+    """The kind package ``module`` belongs to ("" for none: kinds/__init__ and base are shared)."""
+    parts = module.split(".")
+    return parts[3] if module.startswith(KINDS + ".") and parts[3] != "base" else ""
+
+
+def test_effects_and_the_lifecycle_import_no_kind():
+    """Effects holds what every kind uses; a kind's own I/O is its channel.py, loaded with it."""
+    known = modules()
+    for name in ("kuiper_pool.runtime.effects", "kuiper_pool.runtime.instances",
+                 "kuiper_pool.runtime.worker", "kuiper_pool.runtime.frames"):
+        kinds = sorted(m for m in imports(name, known[name], known) if kind_of(m))
+        assert kinds == [], f"{name} imports {kinds}"
+
+
+def test_no_kind_imports_another():
+    """A kind's packages are loaded by name (kinds/__init__.py); ``serve`` replaces a function's
+    channel, so it may import that one."""
+    known = modules()
+    found = {kind_of(m) for m in known} - {""}
+    assert found == {"source", "sink", "function"}
+    for name, path in known.items():
+        mine = kind_of(name)
+        for imported in imports(name, path, known):
+            theirs = kind_of(imported)
+            assert not theirs or theirs == mine or name.startswith("kuiper_pool.serve."), \
+                f"{name} imports {imported}"
+
+
+def test_imports_point_down():
+    """What the README's "Imports point down" says: the top-level building blocks import no
+    runtime module, and nothing of the package but ``tools/`` itself imports ``tools/``."""
+    known = modules()
+    graph = {name: imports(name, path, known) for name, path in known.items()}
+    below = [n for n in known if n in ("kuiper_pool.api", "kuiper_pool.wire", "kuiper_pool.config",
+                                      "kuiper_pool.paths") or n.startswith("kuiper_pool.transport")]
+    for name in below:
+        up = sorted(m for m in graph[name] if m.startswith("kuiper_pool.runtime"))
+        assert up == [], f"{name} imports {up}"
+    for name in known:
+        if name.startswith("kuiper_pool.runtime"):
+            up = sorted(m for m in graph[name] if m.startswith("kuiper_pool.tools"))
+            assert up == [], f"{name} imports {up}"

@@ -29,7 +29,7 @@ import pytest
 from conftest import ipc_files, wait_until
 from faulty_plugins import FaultyPlugin, write_faulty_plugin
 from kuiper_pool.runtime import status
-from kuiper_pool.runtime.routes.sink import RELAY_AFTER_LARGE
+from kuiper_pool.runtime.kinds.sink.route import RELAY_AFTER_LARGE
 from kuiper_pool.tools.emulator import Host, HostError
 
 # Short settings so faults resolve in fractions of a second.

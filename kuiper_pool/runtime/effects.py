@@ -1,12 +1,14 @@
 """What the state machine may ask for, and its one implementation over the zygote, the
-worker links and eKuiper's sockets.
+worker links and the loop.
 
 ``Instance`` and its route act only through :class:`Effects`: make a worker, send it a
-frame, signal it, open/watch/close eKuiper's channels, lend a worker eKuiper's
-connections (a function's, an acked sink's) and take them back, keep state, log.
-:class:`LoopEffects` does it inside the supervisor's selector loop and turns what comes
-back (link frames, the zygote's reports) into the instance's events. Unit tests replace it
-with a recorder and a fake clock (tests/test_instances_unit.py).
+frame (with descriptors), signal it, watch an endpoint of eKuiper's, keep state, log. What
+only one kind does on eKuiper's sockets (a sink's data and ack connections, a function's
+channel, lending them) is that kind's ``channel.py``, built on these primitives and made by
+:meth:`Effects.io`. :class:`LoopEffects` does it inside the supervisor's selector loop and
+turns what comes back (link frames, the zygote's reports) into the instance's events. Unit
+tests replace it with a recorder and a fake clock (tests/test_instances_unit.py). Nothing
+here imports a kind.
 """
 from __future__ import annotations
 
@@ -16,25 +18,23 @@ import selectors
 import signal
 import socket
 import time
-from typing import TYPE_CHECKING, Any, Callable, Dict, Optional, Protocol, Sequence, Tuple
+from types import ModuleType
+from typing import TYPE_CHECKING, Any, Callable, Dict, Optional, Protocol, Sequence, Tuple, Type, TypeVar
 
 from .. import wire
 from ..config import Settings
 from ..logs import supervisor_logger
-from ..transport import load as load_transport, req_endpoint
+from ..transport import load as load_transport
 from . import forensics, frames
 from .health import Cause, Vitals
-from .protocol import ZYGOTE_EXITED, ZYGOTE_REFUSED, ZYGOTE_STARTED, StartSpec
+from .protocol import Exited, Refused, Started, StartSpec
 from .state import States, Store
 from .zygote import Zygote
 
-if TYPE_CHECKING:  # a kind's modules are imported when its first instance starts (routes/)
-    from .callpage import CallPage
+if TYPE_CHECKING:
     from .instances import Instance
-    from .marks import CollectMark
-    from .routes.function import FunctionChannel, Handoff
-    from .sinkpage import SinkPage
 
+IO = TypeVar("IO")
 
 
 class WorkerHandle:
@@ -49,10 +49,8 @@ class WorkerHandle:
         self.kill_cause: Optional[Cause] = None  # ... the kind of reason, when we kill or recycle it
         self.fault = ""            # the error this worker reported (FAULT, READY) before exiting
         self.kill_at = 0.0          # when to escalate to SIGKILL
-        self.page: Optional["CallPage"] = None   # a function worker's call page (lent routes)
-        self.mark: Optional["CollectMark"] = None  # a sink worker's collect mark
-        self.sink_page: Optional["SinkPage"] = None  # the mark again, if lent eKuiper's connections
-        self.call_seq = -1          # the page's call seen executing on the previous tick
+        self.page: Any = None       # the page its kind shares with it (a call page, a collect mark)
+        self.page_seq = -1          # the page's work its route saw running on the previous tick
         self.pending_signal = 0     # sent at signal_at, once its stack has been dumped
         self.sigkill_sent = False   # a SIGKILL went out: a death by another signal came first
         self.signal_at = 0.0
@@ -62,18 +60,18 @@ class WorkerHandle:
 class Effects(Protocol):
     """What a transition may do. :class:`LoopEffects` implements it; tests record it."""
 
+    transport: ModuleType      # the transport module eKuiper's endpoints come from
+    transport_name: str        # its setting's name
+    lends: bool                # whether eKuiper's connections can be lent to a worker (native)
+
     def now(self) -> float: ...
     def spawn(self, inst: "Instance") -> WorkerHandle: ...   # OSError when no process/fd can be had
-    def send(self, w: WorkerHandle, frame: bytes, fds: Sequence[int] = ()) -> None: ...
+    def send(self, w: WorkerHandle, frame: bytes, fds: Sequence[int] = ()) -> bool: ...  # False: it exited
     def signal(self, w: WorkerHandle, sig: int) -> None: ...
-    def open_sink(self, inst: "Instance") -> Tuple[Any, Any]: ...   # (pull, ack); OSError
-    def close_sink(self, inst: "Instance", pull: Any, ack: Any) -> None: ...
-    def open_function(self, inst: "Instance") -> "FunctionChannel": ...  # OSError; never waits
-    def close_function(self, inst: "Instance", channel: "FunctionChannel") -> None: ...
+    def io(self, cls: Type[IO]) -> IO: ...   # a kind's I/O object (its channel.py): cls(self)
     def watch(self, inst: "Instance", endpoint: Any, reading: bool) -> None: ...  # read it or not
-    def hand_over(self, w: WorkerHandle, handoff: "Handoff") -> None: ...  # lend the connection
-    def lend_sink(self, w: WorkerHandle, pull: Any, ack: Any) -> bool: ...  # False: not now
-    def take_back_sink(self, pull: Any) -> None: ...
+    def own_path(self, path: str) -> None: ...     # an ipc path of ours: removed if we die
+    def disown_path(self, path: str) -> None: ...
     def forget(self, inst: "Instance") -> None: ...
     def put_state(self, inst: "Instance", payload: bytes) -> None: ...   # a worker's PUT frame
     def cpu_seconds(self, w: WorkerHandle) -> Optional[float]: ...
@@ -106,7 +104,8 @@ class LoopEffects:
         self.procs: Dict[int, Any] = {}     # wid -> psutil.Process, made when first needed
         self.next_wid = 1
         self.transport = load_transport(settings.transport)
-        self.lends_functions = settings.transport == "sp"  # a native connection can be lent
+        self.transport_name = settings.transport
+        self.lends = settings.transport == "sp"  # a native connection can be lent
         self.states = States(settings.state_dir, settings.state_flush_interval)
 
     def now(self) -> float:
@@ -137,7 +136,7 @@ class LoopEffects:
             self.on_link(entry, mask)
         try:
             self.register(link.fileno(), on_link, inst)
-            fd = inst.route.open_page(w, self.lends_functions)
+            fd = inst.route.open_page(w, self.lends)
             start = StartSpec(inst.ctrl, inst.s.heartbeat_interval, inst.s.stop_grace,
                               self.s.dial_timeout, inst.s.max_calls, self.s.transport,
                               forensics.dump_path(self.zygote.rundir, wid), fd is not None,
@@ -153,11 +152,12 @@ class LoopEffects:
             raise
         return w
 
-    def send(self, w: WorkerHandle, frame: bytes, fds: Sequence[int] = ()) -> None:
+    def send(self, w: WorkerHandle, frame: bytes, fds: Sequence[int] = ()) -> bool:
         entry = self.workers.get(w.wid)
         if entry is None:
-            return  # exited: its exit report is being handled
+            return False  # exited: its exit report is being handled
         entry[2].send(frame, fds)
+        return True
 
     def signal(self, w: WorkerHandle, sig: int) -> None:
         self.made_by.get(w.wid, self.zygote).kill(w.wid, sig)
@@ -195,15 +195,17 @@ class LoopEffects:
             self.unregister(z.fileno())
             return False
         for ev in events:
-            entry = self.workers.get(ev.get("wid"))
+            if not isinstance(ev, (Started, Exited, Refused)):
+                continue
+            entry = self.workers.get(ev.wid)
             if entry is None:
                 continue
-            if ev["op"] == ZYGOTE_STARTED:
-                self.guarded("started", entry[1], entry[1].on_started, entry[0], ev["pid"])
-            elif ev["op"] == ZYGOTE_EXITED:
-                self.on_exit(entry, ev["status"])
-            elif ev["op"] == ZYGOTE_REFUSED:  # the zygote could not fork it: as if spawn had raised
-                self.on_exit(entry, 0, OSError(ev["errno"], f"cannot fork: {ev['error']}"))
+            if isinstance(ev, Started):
+                self.guarded("started", entry[1], entry[1].on_started, entry[0], ev.pid)
+            elif isinstance(ev, Exited):
+                self.on_exit(entry, ev.status)
+            else:  # the zygote could not fork it: as if spawn had raised
+                self.on_exit(entry, 0, OSError(ev.errno, f"cannot fork: {ev.error}"))
         return True
 
     def orphaned(self, z: Zygote) -> None:
@@ -256,48 +258,10 @@ class LoopEffects:
     def dump(self, w: WorkerHandle) -> forensics.Dump:
         return forensics.summary(forensics.read(forensics.dump_path(self.zygote.rundir, w.wid)))
 
-    # --- eKuiper's channels ---------------------------------------------------------------
+    # --- eKuiper's endpoints ----------------------------------------------------------------
 
-    def open_sink(self, inst: "Instance") -> Tuple[Any, Any]:
-        ctrl = inst.ctrl
-        data_url = wire.data_url(ctrl.rule_id, ctrl.op_id, ctrl.instance_id)
-        pull = self.transport.PullEndpoint(data_url, spill=frames.SPILL, notice=inst.route.on_notice)
-        ack_url = wire.ack_url(ctrl.rule_id, ctrl.op_id, ctrl.instance_id)
-        try:
-            # dialed and written without ever blocking the loop: native, the route watches
-            # it; nng dials in its threads and the route's ticks hand it queued acks
-            ack = self.transport.PushDialer(ack_url)
-        except OSError:
-            pull.close()
-            raise
-        self.zygote.own_path(wire.ipc_path(data_url))
-        return pull, ack
-
-    def close_sink(self, inst: "Instance", pull: Any, ack: Any) -> None:
-        for endpoint in (pull, ack):
-            if endpoint.fileno() >= 0:
-                self.unregister(endpoint.fileno())
-        ctrl = inst.ctrl
-        self.zygote.disown_path(wire.ipc_path(wire.data_url(ctrl.rule_id, ctrl.op_id, ctrl.instance_id)))
-        for endpoint in (pull, ack):
-            endpoint.close()
-
-    def open_function(self, inst: "Instance") -> "FunctionChannel":
-        from .routes.function import FunctionChannel  # only functions need it
-
-        # dialed in the loop, never waited for: the route answers the first start once it
-        # is up, or refuses it after dial_timeout
-        return FunctionChannel(self.req_endpoint(wire.function_url(inst.ctrl.symbol), 0.0),
-                               self.lends_functions)
-
-    def close_function(self, inst: "Instance", channel: "FunctionChannel") -> None:
-        if channel.fd >= 0:
-            self.unregister(channel.fd)
-        channel.close()
-
-    def req_endpoint(self, url: str, dial_timeout: float) -> Any:
-        """A REQ endpoint used the inverted way (a function channel)."""
-        return req_endpoint(self.s.transport, url, dial_timeout)
+    def io(self, cls: Type[IO]) -> IO:
+        return cls(self)  # type: ignore[call-arg]
 
     def watch(self, inst: "Instance", endpoint: Any, reading: bool) -> None:
         fd = endpoint.fileno()
@@ -309,31 +273,11 @@ class LoopEffects:
                 inst.on_readable(endpoint)
             self.register(fd, on_readable, inst)
 
-    def hand_over(self, w: WorkerHandle, handoff: "Handoff") -> None:
-        entry = self.workers.get(w.wid)
-        try:
-            if entry is not None:
-                entry[2].send(frames.encode_conn(handoff), [handoff.sock.fileno()])
-        finally:
-            handoff.sock.close()  # the worker holds it now; its death closes the connection
+    def own_path(self, path: str) -> None:
+        self.zygote.own_path(path)
 
-    def lend_sink(self, w: WorkerHandle, pull: Any, ack: Any) -> bool:
-        """Lend copies of eKuiper's sink data connection (when idle) and ack connection
-        (when connected, past its greeting, with an empty outbox: the worker's acks must not
-        overtake ours) to ``w``; we keep ours, to read the data connection again after the
-        worker."""
-        entry = self.workers.get(w.wid)
-        if (entry is None or not self.lends_functions or w.sink_page is None
-                or ack.sock is None or ack.greeting is not None or ack.pending()):
-            return False
-        data = pull.lend()
-        if data is None:
-            return False
-        entry[2].send(frames.encode(frames.CONN), [data.fileno(), ack.sock.fileno()])
-        return True
-
-    def take_back_sink(self, pull: Any) -> None:
-        pull.resume()
+    def disown_path(self, path: str) -> None:
+        self.zygote.disown_path(path)
 
     # --- state ---------------------------------------------------------------------------
 

@@ -1,58 +1,39 @@
-"""Frames on the private link between the supervisor and one worker.
+"""Frames on the private link between the supervisor and one worker: the framing, and the
+frames every kind speaks (a kind's own are in ``kinds/<kind>/frames.py``).
 
 The link is an AF_UNIX socketpair made by the supervisor and handed to the worker
 at fork time: no path, nothing listening, and a hop costs a fraction of an nng hop
 (docs/transport.md). A frame is ``type (1 byte) | length (4 bytes) | payload``.
-Control payloads are JSON; data payloads are binary and never unpickled.
+Each message is a small typed class with ``encode`` (the whole frame) and ``decode`` (its
+payload); control payloads are JSON, data payloads binary, never unpickled.
 """
 from __future__ import annotations
 
 import errno
 import json
-import os
 import socket
 import struct
 import threading
 from collections import deque
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 from ..transport.outbox import Outbox, Passed, Watch, no_watch
-from ..transport.sp import READ_SIZE, Spilled, recv_view
+from ..transport.sp import READ_SIZE, recv_view
 
 HEADER = struct.Struct("!BI")
-SPILL = 1 << 18   # sink items of this many bytes or more reach the worker as a memfd (ITEM_FD)
-SEQ = struct.Struct("!Q")
-ITEM_LEN = struct.Struct("!I")
+SEQ = struct.Struct("!Q")        # a sequence number or call id, first in a kind's data frames
+LEN = struct.Struct("!I")        # a length prefix inside a payload
 
 # supervisor -> worker
-START = ord("S")      # JSON: the instance's Control and settings
-ITEMS = ord("D")      # sink items: first seq, then length-prefixed items
-ITEM_FD = ord("B")    # one big sink item: seq, then its size; its bytes in a sealed memfd (SCM_RIGHTS)
-CALL = ord("C")       # function request: call id, then eKuiper's request bytes
-STOP = ord("X")       # close the instance and exit
-CONN = ord("N")       # eKuiper's connections lent to the worker (fds with SCM_RIGHTS): a function's
-                      # (encode_conn) or an acked sink's data and ack connections (no payload)
+START = ord("S")      # protocol.StartSpec: the instance's Control and settings
 STATE = ord("T")      # right after START: the instance's state (state.py encoding)
-RECALL = ord("W")     # serve: give the lent connection back (a call waits for this worker)
+STOP = ord("X")       # close the instance and exit
 # worker -> supervisor
-READY = ord("R")      # JSON: {"error": null | "text"} after configure
-DONE = ord("A")       # sink: every item up to this seq is finished
-ACK = ord("K")        # sink: seq, then the ack bytes from ctx.ack_ok/ack_error
-REPLY = ord("P")      # function: call id, then the reply bytes
-BEAT = ord("H")       # JSON heartbeat: counters and the running call's start
-FAULT = ord("F")      # JSON: {"error": text} the worker is about to exit because of it
-LOST = ord("L")       # a lent connection given back (eKuiper closed it, or the sink's reason)
-ACK_REST = ord("Q")   # acked sink: the unsent end of an ack eKuiper did not read in time
+READY = ord("R")      # Ready, after configure
+BEAT = ord("H")       # Beat: counters and the running work's start
+FAULT = ord("F")      # Fault: the worker is about to exit because of it
 PUT = ord("U")        # one put_state/delete_state (state.py encoding)
-
-
-# A worker lent an acked sink's connections waits this long for eKuiper to take an ack,
-# then passes what is left to the supervisor (ACK_REST), whose outbox never waits.
-ACK_WAIT = 1.0
-
-# A function worker that owns eKuiper's connection counts its own calls: after max_calls it
-# exits with this code and the supervisor starts a fresh one (a recycle, not a crash).
-EXIT_RECYCLED = 5
+TYPES = frozenset({START, STATE, STOP, READY, BEAT, FAULT, PUT})   # a kind's own types are others
 
 
 def encode(ftype: int, payload: bytes = b"") -> bytes:
@@ -76,76 +57,50 @@ def decode_json(payload: bytes) -> Any:
     return json.loads(payload)
 
 
-def encode_conn(handoff: Any) -> bytes:
-    """CONN: our outstanding request id, the owed call's crc and error, bytes already read
-    from the connection, and a call that waited (its fd travels with SCM_RIGHTS)."""
-    crc, error = handoff.owed or (0, "")
-    head = json.dumps({"request_id": handoff.request_id, "owed_crc": crc, "owed_error": error,
-                       "buffered": len(handoff.buffered), "call": handoff.call is not None}).encode()
-    return encode(CONN, ITEM_LEN.pack(len(head)) + head + handoff.buffered + (handoff.call or b""))
+class Ready(NamedTuple):
+    """READY: the instance is configured (``error`` None) or cannot be (why, one line)."""
+
+    error: Optional[str]
+
+    def encode(self) -> bytes:
+        return encode_json(READY, {"error": self.error})
+
+    @classmethod
+    def decode(cls, payload: bytes) -> "Ready":
+        error = decode_json(payload)["error"]
+        return cls(None if error is None else str(error))
 
 
-def decode_conn(payload: bytes) -> Tuple[Dict[str, Any], bytes, Optional[bytes]]:
-    """The CONN header, the buffered bytes and the waiting call (None if there is none)."""
-    (n,) = ITEM_LEN.unpack_from(payload)
-    head = json.loads(payload[ITEM_LEN.size:ITEM_LEN.size + n])
-    rest = payload[ITEM_LEN.size + n:]
-    buffered, call = rest[:head["buffered"]], rest[head["buffered"]:]
-    return head, buffered, call if head["call"] else None
+class Beat(NamedTuple):
+    """BEAT: what the worker has done, and since when it is busy (0.0: idle)."""
+
+    processed: int
+    busy_since: float
+    cpu: Optional[float]     # its user + system seconds, compared with psutil's
+    emit_errors: int = 0
+
+    def encode(self) -> bytes:
+        return encode_json(BEAT, {"n": self.processed, "busy": self.busy_since, "cpu": self.cpu,
+                                  "e": self.emit_errors})
+
+    @classmethod
+    def decode(cls, payload: bytes) -> "Beat":
+        d = decode_json(payload)
+        cpu = d.get("cpu")
+        return cls(int(d["n"]), float(d["busy"]), None if cpu is None else float(cpu), int(d.get("e", 0)))
 
 
-def encode_items(first_seq: int, items: List[bytes]) -> bytes:
-    parts = [SEQ.pack(first_seq)]
-    for item in items:
-        parts.append(ITEM_LEN.pack(len(item)))
-        parts.append(item)
-    return encode(ITEMS, b"".join(parts))
+class Fault(NamedTuple):
+    """FAULT: plugin code raised; the worker exits after this."""
 
+    error: str
 
-def item_frames(items: Sequence[Tuple[int, Union[bytes, Spilled]]]
-                ) -> Iterator[Tuple[bytes, Sequence[Passed]]]:
-    """The frames (and descriptors to pass with each) that hand ``items`` to a sink worker,
-    in order: runs of small items in one ITEMS frame each, every spilled one in an ITEM_FD
-    frame with its memfd, passed as the item itself (the supervisor keeps its own reference
-    for redelivery, and a frame waiting in the link's outbox holds no duplicate of it)."""
-    run: List[bytes] = []
-    first = 0
-    for seq, data in items:
-        if isinstance(data, Spilled):
-            if run:
-                yield encode_items(first, run), ()
-                run = []
-            yield encode(ITEM_FD, SEQ.pack(seq) + ITEM_LEN.pack(len(data))), (data,)   # no copy of its fd
-            continue
-        if not run:
-            first = seq
-        run.append(data)
-    if run:
-        yield encode_items(first, run), ()
+    def encode(self) -> bytes:
+        return encode_json(FAULT, {"error": self.error})
 
-
-def read_item_fd(payload: bytes, fd: int) -> List[Tuple[int, bytes]]:
-    """The item of an ITEM_FD frame, read out of its memfd in one copy; closes ``fd``."""
-    try:
-        seq, (size,) = SEQ.unpack_from(payload)[0], ITEM_LEN.unpack_from(payload, SEQ.size)
-        data = os.pread(fd, size, 0)
-        if len(data) != size:
-            raise ValueError(f"sink item memfd holds {len(data)} of {size} bytes")
-    finally:
-        os.close(fd)
-    return [(seq, data)]
-
-
-def decode_items(payload: bytes) -> Iterator[Tuple[int, bytes]]:
-    seq = SEQ.unpack_from(payload)[0]
-    pos = SEQ.size
-    view = memoryview(payload)
-    while pos < len(payload):
-        (n,) = ITEM_LEN.unpack_from(payload, pos)
-        pos += ITEM_LEN.size
-        yield seq, bytes(view[pos:pos + n])
-        pos += n
-        seq += 1
+    @classmethod
+    def decode(cls, payload: bytes) -> "Fault":
+        return cls(" ".join(str(decode_json(payload)["error"]).split()))
 
 
 class FrameBuffer:
@@ -235,7 +190,7 @@ class BlockingLink:
         self.sock = sock
         self._frames = FrameBuffer()
         self._pending: deque = deque()
-        self.fds: deque = deque()  # descriptors passed with START (call page) and CONN frames
+        self.fds: deque = deque()  # descriptors passed with frames (a kind's page, lent connections)
         self._wlock = threading.Lock()
 
     def send(self, frame: bytes) -> None:

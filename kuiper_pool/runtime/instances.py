@@ -5,7 +5,7 @@ Every event the supervisor sees about an instance (a command from eKuiper, a fra
 worker, a worker's exit, data on eKuiper's channel, a tick of the clock) is one method
 here. A method checks the state it is called in and acts only through the effects
 (``effects.py``), which unit tests replace with a recorder and a fake clock. What an event
-means for the data (items, calls, acks) is the instance's route's (``routes/``); every
+means for the data (items, calls, acks) is the instance's route's (``kinds/``); every
 state change goes through :meth:`Instance._move` and the table in ``states.py``.
 
 Events about a worker that is no longer the instance's current one (late frames, a late
@@ -27,12 +27,12 @@ from . import frames
 from .effects import Effects, WorkerHandle
 from .forensics import DUMP_SIGNAL
 from .health import Cause, RestartPolicy, restart_kind, verdict
-from .routes import route_for
+from .kinds import PACKAGES, route_for
 from .states import TRANSITIONS, State, TransitionError
 from .zygote import describe_status, signal_text
 
 Answer = Callable[[bytes], None]
-KINDS = {wire.TYPE_SOURCE: "source", wire.TYPE_SINK: "sink", wire.TYPE_FUNC: "function"}
+KINDS = PACKAGES   # a kind's name in messages is its package's
 DUMP_GRACE = 0.05   # seconds a worker gets to write its stack before it is killed
 RECENT_RESTARTS = 10  # crashes kept with their time and cause for `kuiper-pool status`
 STARTING, RUNNING, BACKOFF, RECYCLING = State.STARTING, State.RUNNING, State.BACKOFF, State.RECYCLING
@@ -416,17 +416,16 @@ class Instance:
         if not self._current(w):
             return  # a late frame of a replaced or removed worker
         if ftype == frames.BEAT:
-            beat = frames.decode_json(payload)
+            beat = frames.Beat.decode(payload)
             v = w.vitals
             v.last_beat = self.fx.now()
-            v.processed, v.busy_since = int(beat["n"]), float(beat["busy"])
-            v.emit_errors = int(beat.get("e", 0))
-            v.cpu_at_beat = beat.get("cpu")
+            v.processed, v.busy_since, v.emit_errors = beat.processed, beat.busy_since, beat.emit_errors
+            v.cpu_at_beat = beat.cpu
             v.cpu_mark = None
         elif ftype == frames.READY:
-            self.on_ready(w, frames.decode_json(payload)["error"])
+            self.on_ready(w, frames.Ready.decode(payload).error)
         elif ftype == frames.FAULT:
-            self.last_error = w.fault = " ".join(str(frames.decode_json(payload)["error"]).split())
+            self.last_error = w.fault = frames.Fault.decode(payload).error
         elif ftype == frames.PUT:
             self.fx.put_state(self, payload)
         else:

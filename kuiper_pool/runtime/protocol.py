@@ -3,45 +3,26 @@
 * ``StartSpec``: the START frame the supervisor sends a new worker (its instance and the
   settings it needs), encoded as JSON on the worker's link (``frames.py`` frames it);
 * the zygote's operations (supervisor -> zygote) and reports (zygote -> supervisor), one
-  JSON datagram each on the zygote's socketpair;
-* ``is_error_reply``: whether a function reply tells eKuiper the call failed (docs/protocol.md,
-  "Functions").
+  frozen dataclass each, sent as one JSON datagram ``{"op": OP, fields...}`` on the zygote's
+  socketpair (a large one in a sealed memfd).
+
+The other frames on a worker's link are typed beside their framing (``frames.py``) and in
+each kind's ``frames.py``.
 """
 from __future__ import annotations
 
 import fcntl
 import json
 import os
-import re
 import socket
-from dataclasses import dataclass
-from typing import Any, Dict, List, Sequence, Tuple
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, ClassVar, Dict, List, Sequence, Tuple, Type
 
 from .. import wire
 from . import frames
 
-# supervisor -> zygote: {"op": ZYGOTE_START, "wid"} with the link fd (SCM_RIGHTS),
-# {"op": ZYGOTE_KILL, "wid", "sig"}, {"op": ZYGOTE_OWN, "path", "ident"}, {"op": ZYGOTE_DISOWN, "path"};
-# a reload: {"op": ZYGOTE_ADOPT, "rundir", "paths": {path: ident}} makes a fresh zygote the one
-# that cleans up after the supervisor, {"op": ZYGOTE_RETIRE} makes the old one clean up nothing
-ZYGOTE_START = "start"
-ZYGOTE_KILL = "kill"
-ZYGOTE_OWN = "own"
-ZYGOTE_DISOWN = "disown"
-ZYGOTE_ADOPT = "adopt"
-ZYGOTE_RETIRE = "retire"
-# zygote -> supervisor: {"op": ZYGOTE_STARTED, "wid", "pid"}, {"op": ZYGOTE_EXITED, "wid", "pid", "status"},
-# {"op": ZYGOTE_REFUSED, "wid", "errno", "error"} (the fork failed: at the process limit, no memory);
-# a fresh zygote's first report (reload.py): {"op": ZYGOTE_HELLO, "version", "name", "sources", "sinks",
-# "functions", "settings", "checks" (describe.inspect_symbols, or {"error"})} or
-# {"op": ZYGOTE_ERROR, "error"} (it cannot serve the new code)
 # set (to "<supervisor pid>:<run dir>") in a reload's fresh zygote: zygote.py
 FRESH_ENV = "KUIPER_POOL_FRESH_ZYGOTE"
-ZYGOTE_STARTED = "started"
-ZYGOTE_EXITED = "exited"
-ZYGOTE_REFUSED = "refused"
-ZYGOTE_HELLO = "hello"
-ZYGOTE_ERROR = "error"
 # either way, a message over INLINE bytes travels in a sealed memfd passed with
 # {"op": ZYGOTE_LARGE, "size"}: a datagram is as large as the socket's buffer at most, and a
 # fresh zygote's HELLO grows with the plugin's symbols (900 functions: over 64 KiB)
@@ -49,14 +30,6 @@ ZYGOTE_LARGE = "large"
 ZYGOTE_DATAGRAM = 1 << 16   # what a receiver reads per datagram (INLINE fits with room)
 INLINE = 1 << 15
 MAX_MESSAGE = 16 << 20      # the sane bound: a message over it is refused, naming its size
-
-# a function reply whose "state" is false, whatever the encoder's spacing
-_ERROR_REPLY = re.compile(rb'\s*\{\s*"state"\s*:\s*false\b')
-
-
-def is_error_reply(data: bytes) -> bool:
-    """Whether a function reply (``wire.func_result`` / ``wire.func_error``) is an error."""
-    return _ERROR_REPLY.match(data) is not None
 
 
 @dataclass(frozen=True)
@@ -91,10 +64,137 @@ class StartSpec:
                    str(d["source_datasource"]))
 
 
-def encode_zygote(obj: Dict[str, Any]) -> Tuple[bytes, List[int]]:
+class ZygoteMessage:
+    """A zygote op or report: ``OP`` names it on the wire."""
+
+    OP: ClassVar[str]
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {"op": self.OP, **asdict(self)}
+
+
+# supervisor -> zygote
+@dataclass(frozen=True)
+class StartWorker(ZygoteMessage):
+    """Fork (or exec) a worker of ``symbol`` on the link passed with this op."""
+
+    OP = "start"
+    wid: int
+    symbol: str = ""
+
+
+@dataclass(frozen=True)
+class Kill(ZygoteMessage):
+    """Signal worker ``wid`` unless it has exited."""
+
+    OP = "kill"
+    wid: int
+    sig: int
+
+
+@dataclass(frozen=True)
+class Own(ZygoteMessage):
+    """An ipc file of the supervisor's, removed if the supervisor dies while it is still
+    this very file (``ident``: paths.identity)."""
+
+    OP = "own"
+    path: str
+    ident: List[int]
+
+
+@dataclass(frozen=True)
+class Disown(ZygoteMessage):
+    OP = "disown"
+    path: str
+
+
+@dataclass(frozen=True)
+class Adopt(ZygoteMessage):
+    """A reload: the fresh zygote becomes the one that cleans up after the supervisor."""
+
+    OP = "adopt"
+    rundir: str
+    paths: Dict[str, List[int]]
+
+
+@dataclass(frozen=True)
+class Retire(ZygoteMessage):
+    """A reload: the old zygote cleans up nothing any more."""
+
+    OP = "retire"
+
+
+# zygote -> supervisor
+@dataclass(frozen=True)
+class Started(ZygoteMessage):
+    OP = "started"
+    wid: int
+    pid: int
+
+
+@dataclass(frozen=True)
+class Exited(ZygoteMessage):
+    OP = "exited"
+    wid: int
+    pid: int
+    status: int   # its wait status
+
+
+@dataclass(frozen=True)
+class Refused(ZygoteMessage):
+    """The fork failed (at the process limit, no memory)."""
+
+    OP = "refused"
+    wid: int
+    errno: int
+    error: str
+
+
+@dataclass(frozen=True)
+class Hello(ZygoteMessage):
+    """A reload's fresh zygote's first report: what the new code serves (reload.py). Every
+    field has a default: the version is checked first, whatever else a zygote of another
+    kuiper_pool sends."""
+
+    OP = "hello"
+    version: str = ""
+    name: str = ""
+    sources: List[str] = field(default_factory=list)
+    sinks: List[str] = field(default_factory=list)
+    functions: List[str] = field(default_factory=list)
+    settings: Dict[str, Any] = field(default_factory=dict)
+    checks: Dict[str, Any] = field(default_factory=dict)   # describe.inspect_symbols, or {"error"}
+
+
+@dataclass(frozen=True)
+class Error(ZygoteMessage):
+    """A fresh zygote's first report when it cannot serve the new code."""
+
+    OP = "error"
+    error: str
+
+
+MESSAGES: Dict[str, Type[ZygoteMessage]] = {cls.OP: cls for cls in (
+    StartWorker, Kill, Own, Disown, Adopt, Retire, Started, Exited, Refused, Hello, Error)}
+
+
+def message(obj: Dict[str, Any]) -> ZygoteMessage:
+    """The typed message a decoded datagram stands for (ValueError naming the cause). Fields
+    this version does not know are left out (a fresh zygote of another version says hello)."""
+    cls = MESSAGES.get(obj.get("op"))  # type: ignore[arg-type]
+    if cls is None:
+        raise ValueError(f"unknown zygote message {obj.get('op')!r}")
+    known = {f.name for f in fields(cls)}  # type: ignore[arg-type]
+    try:
+        return cls(**{k: v for k, v in obj.items() if k in known})
+    except TypeError as e:
+        raise ValueError(f"zygote message {cls.OP!r}: {e}") from None
+
+
+def encode_zygote(msg: ZygoteMessage) -> Tuple[bytes, List[int]]:
     """One zygote op or report as a datagram and the descriptors to pass with it (a big
     message's sealed memfd: the caller closes it once sent). OSError if no memfd can be had."""
-    data = json.dumps(obj).encode()
+    data = json.dumps(msg.to_dict()).encode()
     if len(data) <= INLINE:
         return data, []
     fd = os.memfd_create("kuiper_pool-zygote-msg", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
@@ -121,7 +221,7 @@ def recv_zygote(sock: socket.socket, max_fds: int = 4) -> Tuple[bytes, List[int]
     return msg, fds
 
 
-def decode_zygote(msg: bytes, fds: Sequence[int]) -> Tuple[Dict[str, Any], List[int]]:
+def decode_zygote(msg: bytes, fds: Sequence[int]) -> Tuple[ZygoteMessage, List[int]]:
     """The message a datagram stands for, and the descriptors left for it (a big message's
     memfd is read and closed here). ValueError naming the cause when it cannot be read."""
     try:
@@ -129,7 +229,7 @@ def decode_zygote(msg: bytes, fds: Sequence[int]) -> Tuple[Dict[str, Any], List[
         if not isinstance(obj, dict):
             raise ValueError(f"not a JSON object: {msg[:80]!r}")
         if obj.get("op") != ZYGOTE_LARGE:
-            return obj, list(fds)
+            return message(obj), list(fds)
         if not fds:
             raise ValueError("a large message came without its memfd")
         fd, size = fds[-1], int(obj.get("size", -1))
@@ -143,7 +243,7 @@ def decode_zygote(msg: bytes, fds: Sequence[int]) -> Tuple[Dict[str, Any], List[
         if not isinstance(big, dict):
             raise ValueError("a large message is not a JSON object")
         os.close(fd)
-        return big, list(fds[:-1])
+        return message(big), list(fds[:-1])
     except BaseException:
         for fd in fds:
             try:

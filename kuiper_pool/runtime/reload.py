@@ -33,7 +33,7 @@ from ..api import PluginConfig
 from ..config import Settings
 from ..describe import problem
 from .instances import BACKOFF, ENDED, FAILED, KINDS, REMOVED, RUNNING
-from .protocol import ZYGOTE_ERROR, ZYGOTE_HELLO
+from .protocol import Error, Hello
 from .zygote import Zygote
 
 if TYPE_CHECKING:
@@ -128,13 +128,13 @@ class Reloader:
         first = events[0] if events else None
         if first is None:
             why = "the new code exited before plugin.start"
-        elif first.get("op") == ZYGOTE_ERROR:
-            why = str(first.get("error"))
-        elif first.get("op") == ZYGOTE_HELLO:
+        elif isinstance(first, Error):
+            why = first.error or "the new code cannot serve (it did not say why)"
+        elif isinstance(first, Hello):
             why = self._validate(first)
         else:
             why = f"unexpected first report {first!r}"
-        if why:
+        if why or not isinstance(first, Hello):
             self._refuse(why)
             return
         if self.check:
@@ -145,18 +145,18 @@ class Reloader:
             return
         self._switch(z, first)
 
-    def _validate(self, hello: Dict[str, Any]) -> str:
+    def _validate(self, hello: Hello) -> str:
         """What keeps the new code from serving, or ''. The kuiper_pool version is checked
         first: the rest of the report, the zygote's and the workers' frames are spoken
         between one version's modules only."""
-        version = hello.get("version")
+        version = hello.version
         if version != __version__:
             return (f"the new code imports kuiper_pool {version or 'of a version that does not say it'}, "
                     f"this supervisor runs kuiper_pool {__version__}: a different kuiper_pool applies "
                     f"only when eKuiper restarts the plugin")
-        if hello.get("name") != self.name:
-            return f"the new code's plugin is named {hello.get('name')!r}, not {self.name!r}"
-        checks = hello["checks"]
+        if hello.name != self.name:
+            return f"the new code's plugin is named {hello.name!r}, not {self.name!r}"
+        checks = hello.checks
         if "error" in checks:
             return str(checks["error"])
         for inst in self._live():
@@ -167,7 +167,7 @@ class Reloader:
             found = problem(table[inst.ctrl.symbol])
             if found:
                 return f"the new code's {KINDS[inst.kind]} {inst.ctrl.symbol}{rule}: {found}"
-        new = Settings(**hello["settings"])
+        new = Settings(**hello.settings)
         for key in FIXED:
             was, now = getattr(self.sup.s, key), getattr(new, key)
             if was != now:
@@ -200,7 +200,7 @@ class Reloader:
 
     # --- the switch and the rolling replace -----------------------------------------------------
 
-    def _switch(self, z: Zygote, hello: Dict[str, Any]) -> None:
+    def _switch(self, z: Zygote, hello: Hello) -> None:
         sup, fx = self.sup, self.sup.fx
         old = sup.zygote
         self.candidate = None
@@ -209,12 +209,12 @@ class Reloader:
         z.adopt(old)
         sup.zygote = fx.zygote = z
         self.leaving.append(old)
-        settings = Settings(**hello["settings"])
+        settings = Settings(**hello.settings)
         sup.s = fx.s = settings
         fx.states.flush_interval = settings.state_flush_interval
-        sup.plugin = PluginConfig(self.name, dict.fromkeys(hello["sources"], _made_in_workers),
-                                  dict.fromkeys(hello["sinks"], _made_in_workers),
-                                  dict.fromkeys(hello["functions"], _made_in_workers))
+        sup.plugin = PluginConfig(self.name, dict.fromkeys(hello.sources, _made_in_workers),
+                                  dict.fromkeys(hello.sinks, _made_in_workers),
+                                  dict.fromkeys(hello.functions, _made_in_workers))
         self.queue = [i.ctrl.key for i in self._live()]
         self.replaced = 0
         self.problems = []

@@ -3,12 +3,12 @@ between eKuiper and the workers, and drives each instance's state machine. The l
 selects, dispatches and ticks; what it dispatches to lives beside it:
 
 * ``control.py``: eKuiper's start/stop commands, status requests, an operator's restart;
-* ``effects.py``: what instances may ask for (workers, links, eKuiper's channels);
-* ``instances.py`` + ``routes/``: the lifecycle, and each kind's data path;
+* ``effects.py``: what instances may ask for (workers, links, watching eKuiper's endpoints);
+* ``instances.py`` + ``kinds/``: the lifecycle, and each kind's data path;
 * ``observe.py``: psutil samples and the status snapshot;
 * ``reload.py``: a reload (SIGHUP, ``kuiper-pool reload``) onto the code as it is on disk now.
 
-A sink item: eKuiper -> ``SinkRoute.on_readable`` -> link (``frames``) -> ``worker.py``
+A sink item: eKuiper -> ``SinkRoute.on_readable`` -> link (``frames``) -> ``kinds/sink/serve.py``
 -> DONE/ACK -> ``SinkRoute.on_frame`` -> ack to eKuiper. A lent function call never passes
 through the supervisor; sources skip it too (their worker dials eKuiper itself).
 

@@ -52,9 +52,8 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Protocol, Seque
 from ..version import __version__
 from ..paths import identity, unlink_if_ours
 from ..transport.outbox import Outbox, Watch
-from .protocol import (FRESH_ENV, ZYGOTE_ADOPT, ZYGOTE_DISOWN, ZYGOTE_ERROR, ZYGOTE_EXITED, ZYGOTE_KILL,
-                       ZYGOTE_OWN, ZYGOTE_REFUSED, ZYGOTE_RETIRE, ZYGOTE_START, ZYGOTE_STARTED,
-                       decode_zygote, encode_zygote, recv_zygote)
+from .protocol import (FRESH_ENV, Adopt, Disown, Error, Exited, Hello, Kill, Own, Refused, Retire, Started,
+                       StartWorker, ZygoteMessage, decode_zygote, encode_zygote, recv_zygote)
 
 PR_SET_PDEATHSIG = 1
 PR_SET_CHILD_SUBREAPER = 36
@@ -245,7 +244,7 @@ class Zygote:
 
     def start_worker(self, wid: int, link: socket.socket, symbol: str = "") -> None:
         """Ask for a worker of ``symbol`` that talks over ``link`` (this side keeps no copy of it)."""
-        msg = json.dumps({"op": ZYGOTE_START, "wid": wid, "symbol": symbol}).encode()
+        msg, _none = encode_zygote(StartWorker(wid, symbol))   # small: never in a memfd
         try:
             self._guard(self.outbox.write, msg, [link.fileno()])
         finally:
@@ -253,7 +252,7 @@ class Zygote:
 
     def kill(self, wid: int, sig: int = signal.SIGKILL) -> None:
         """Signal worker ``wid`` unless it has already exited."""
-        self._send({"op": ZYGOTE_KILL, "wid": wid, "sig": int(sig)})
+        self._send(Kill(wid, int(sig)))
 
     def own_path(self, path: str) -> None:
         """An ipc file the supervisor listens on: removed if the supervisor dies, but only
@@ -263,18 +262,18 @@ class Zygote:
         except OSError:
             return
         self.owned[path] = list(ident)
-        self._send({"op": ZYGOTE_OWN, "path": path, "ident": list(ident)})
+        self._send(Own(path, list(ident)))
 
     def disown_path(self, path: str) -> None:
         self.owned.pop(path, None)
-        self._send({"op": ZYGOTE_DISOWN, "path": path})
+        self._send(Disown(path))
 
     def adopt(self, old: "Zygote") -> None:
         """Take over from ``old`` (a reload): clean up its run dir and files if we die."""
         self.rundir, self.owned = old.rundir, dict(old.owned)
-        self._send({"op": ZYGOTE_ADOPT, "rundir": self.rundir, "paths": self.owned})
+        self._send(Adopt(self.rundir, self.owned))
         old.owned = {}
-        old._send({"op": ZYGOTE_RETIRE})
+        old._send(Retire())
 
     def kill_now(self) -> None:
         """SIGKILL the zygote itself (one that was never adopted: it owns nothing)."""
@@ -297,8 +296,8 @@ class Zygote:
                 self.reaped = True
         return self.reaped
 
-    def _send(self, obj: dict) -> None:
-        data, fds = encode_zygote(obj)
+    def _send(self, msg: ZygoteMessage) -> None:
+        data, fds = encode_zygote(msg)
         try:
             self._guard(self.outbox.write, data, fds)
         finally:
@@ -311,9 +310,9 @@ class Zygote:
         except OSError:
             pass  # zygote gone: the supervisor notices through EOF
 
-    def events(self) -> Optional[List[dict]]:
-        """Pending ``started``/``exited`` events; None when the zygote is gone. ValueError
-        naming the cause for a report that cannot be read."""
+    def events(self) -> Optional[List[ZygoteMessage]]:
+        """Pending reports (Started, Exited, Refused; a fresh one's Hello or Error); None when
+        the zygote is gone. ValueError naming the cause for a report that cannot be read."""
         out = []
         while True:
             try:
@@ -395,9 +394,9 @@ class _Zygote:
         self.unsent: List[Tuple[bytes, List[int]]] = []   # reports and their descriptors
         self.leaving = False
 
-    def report(self, obj: dict) -> None:
+    def report(self, msg: ZygoteMessage) -> None:
         """Never blocks: a supervisor that does not read gets its reports later, a dead one never."""
-        self.unsent.append(encode_zygote(obj))
+        self.unsent.append(encode_zygote(msg))
         self.flush()
 
     def flush(self) -> None:
@@ -416,30 +415,28 @@ class _Zygote:
             _close_all(fds)
             self.unsent.pop(0)
 
-    def apply(self, req: dict, fds: List[int]) -> None:
-        op = req.get("op")
-        if op == ZYGOTE_START and fds and not self.leaving:
+    def apply(self, req: ZygoteMessage, fds: List[int]) -> None:
+        if isinstance(req, StartWorker) and fds and not self.leaving:
             try:
-                pid = _fork_worker(self, fds[0], req.get("symbol", ""))
+                pid = _fork_worker(self, fds[0], req.symbol)
             except OSError as e:  # at the process limit (pids.max, RLIMIT_NPROC), out of memory
-                self.report({"op": ZYGOTE_REFUSED, "wid": req["wid"], "errno": e.errno,
-                             "error": e.strerror or str(e)})
+                self.report(Refused(req.wid, e.errno or 0, e.strerror or str(e)))
             else:
-                self.workers[pid] = req["wid"]
-                self.by_wid[req["wid"]] = pid
-                self.report({"op": ZYGOTE_STARTED, "wid": req["wid"], "pid": pid})
-        elif op == ZYGOTE_KILL:
-            pid = self.by_wid.get(req["wid"])
+                self.workers[pid] = req.wid
+                self.by_wid[req.wid] = pid
+                self.report(Started(req.wid, pid))
+        elif isinstance(req, Kill):
+            pid = self.by_wid.get(req.wid)
             if pid is not None:
-                _signal(pid, req["sig"])
-        elif op == ZYGOTE_OWN:
-            self.owned[req["path"]] = tuple(req["ident"])
-        elif op == ZYGOTE_DISOWN:
-            self.owned.pop(req["path"], None)
-        elif op == ZYGOTE_ADOPT:
-            self.rundir = req["rundir"]
-            self.owned.update((path, tuple(ident)) for path, ident in req["paths"].items())
-        elif op == ZYGOTE_RETIRE:
+                _signal(pid, req.sig)
+        elif isinstance(req, Own):
+            self.owned[req.path] = tuple(req.ident)
+        elif isinstance(req, Disown):
+            self.owned.pop(req.path, None)
+        elif isinstance(req, Adopt):
+            self.rundir = req.rundir
+            self.owned.update((path, tuple(ident)) for path, ident in req.paths.items())
+        elif isinstance(req, Retire):
             self.rundir, self.owned = "", {}
         for fd in fds:  # a forked worker has its copy of the link
             os.close(fd)
@@ -459,7 +456,7 @@ class _Zygote:
             if wid is not None:
                 self.by_wid.pop(wid, None)
                 _killpg(pid)
-                self.report({"op": ZYGOTE_EXITED, "wid": wid, "pid": pid, "status": status})
+                self.report(Exited(wid, pid, status))
                 swept = True
         if swept:
             self.sweep()
@@ -508,7 +505,7 @@ class _Zygote:
             except (OSError, ValueError):
                 return
             _close_all(fds)
-            if req.get("op") in (ZYGOTE_OWN, ZYGOTE_DISOWN, ZYGOTE_ADOPT, ZYGOTE_RETIRE):
+            if isinstance(req, (Own, Disown, Adopt, Retire)):
                 self.apply(req, [])
 
 
@@ -558,14 +555,16 @@ def _serve(sock: socket.socket, worker_main: WorkerMain, spawn_argv: Optional[Li
                     if not z.unsent:
                         sel.modify(sock, selectors.EVENT_READ)
                 if mask & selectors.EVENT_READ:
+                    req: Optional[ZygoteMessage] = None
                     try:
                         msg, fds = recv_zygote(sock)
-                        req, fds = decode_zygote(msg, fds) if msg else ({}, fds)
+                        if msg:
+                            req, fds = decode_zygote(msg, fds)
                     except (BlockingIOError, InterruptedError):
                         continue
                     except (OSError, ValueError):  # unreadable: as the supervisor's end
-                        msg, fds = b"", []
-                    if not msg:  # supervisor gone or done: every worker goes down
+                        req = None
+                    if req is None:  # supervisor gone or done: every worker goes down
                         z.leaving = True
                         break
                     z.apply(req, fds)
@@ -616,7 +615,7 @@ def in_child(fn: Callable[[], Any]) -> Any:
     return json.loads(data)
 
 
-def serve_fresh(link: Tuple[socket.socket, int, str], hello: Dict[str, Any],
+def serve_fresh(link: Tuple[socket.socket, int, str], hello: Hello,
                 load_worker: Callable[[], WorkerMain], spawn_argv: Optional[List[str]],
                 exec_all: bool, env: Mapping[str, str],
                 symbol_env: Mapping[str, Mapping[str, str]]) -> int:
@@ -656,14 +655,14 @@ def report_error(sock: Optional[socket.socket], text: str) -> None:
     try:
         if sock is None:
             sock = socket.socket(fileno=os.dup(FRESH_FD))
-        _send_now(sock, {"op": ZYGOTE_ERROR, "error": line})
+        _send_now(sock, Error(line))
     except OSError:
         print(f"kuiper_pool fresh zygote: {line}", flush=True)
 
 
-def _send_now(sock: socket.socket, obj: Dict[str, Any]) -> None:
+def _send_now(sock: socket.socket, msg: ZygoteMessage) -> None:
     """A fresh zygote's first report, whatever its size (a blocking send)."""
-    data, fds = encode_zygote(obj)
+    data, fds = encode_zygote(msg)
     try:
         socket.send_fds(sock, [data], fds)
     finally:

@@ -2,7 +2,7 @@
 
 Each worker is a function instance of its own (``wire.Control`` with ``instance_id`` 1..N),
 with the portable path's lifecycle and function route (``runtime/instances.py``,
-``runtime/routes/function.py``): the route's "eKuiper channel" is a :class:`ServeEndpoint`
+``runtime/kinds/function/``): the route's "eKuiper channel" is a :class:`ServeEndpoint`
 holding the one call the pool relayed to it, so deadlines, crash answers, restarts,
 recycling and status are the route's. The pool gives each call to an idle worker, queues the
 rest, and answers a queued call with an error once it waited call_deadline.
@@ -15,14 +15,13 @@ supervisor; a call that waits for a worker makes the pool recall what it lent
 from __future__ import annotations
 
 import collections
-import json
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Deque, List, Optional, Sequence
 
 from .. import wire
-from ..runtime import frames
-from ..runtime.callpage import IDLE, REPLYING
-from ..runtime.routes.function import FunctionRoute
+from ..runtime.kinds.function import frames
+from ..runtime.kinds.function.page import IDLE, REPLYING
+from ..runtime.kinds.function.route import FunctionRoute
 from ..runtime.states import State
 
 if TYPE_CHECKING:
@@ -172,9 +171,8 @@ class SymbolPool:
         self.deliver, self.send, self.take_back = deliver, send, take_back
         self.slots: List[Slot] = []
         self.queue: Deque[Call] = collections.deque()
-        head = json.dumps({"request_id": 0, "owed_crc": 0, "owed_error": "", "buffered": 0, "call": False,
-                           "rest": {"path": f"/{symbol}", "args": list(args), "result": result}}).encode()
-        self.conn_frame = frames.encode(frames.CONN, frames.ITEM_LEN.pack(len(head)) + head)
+        self.conn_frame = frames.Conn(0, None, rest={"path": f"/{symbol}", "args": list(args),
+                                                     "result": result}).encode()
 
     def add(self) -> Slot:
         slot = Slot(self)
@@ -223,7 +221,7 @@ class SymbolPool:
         for slot in self.slots:  # calls wait: the workers that hold connections give them back
             if slot.lent is not None and not slot.recalled and slot.inst.worker is not None:
                 slot.recalled = True
-                self.send(slot.inst, frames.encode(frames.RECALL), ())
+                self.send(slot.inst, frames.recall(), ())
 
     def replied(self, slot: Slot, data: bytes) -> None:
         call, slot.call = slot.call, None

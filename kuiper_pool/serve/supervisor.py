@@ -10,7 +10,7 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 from .. import wire
 from ..runtime.effects import LoopEffects
 from ..runtime.instances import Instance
-from ..runtime.routes.function import FunctionChannel
+from ..runtime.kinds.function.channel import FunctionChannel, FunctionIO
 from ..runtime.states import State
 from ..runtime.supervisor import Supervisor
 from . import http
@@ -20,17 +20,28 @@ from .schema import arg_types
 IDLE_TO_STOP = 1.0   # seconds without a call in flight after which a drain ends early
 
 
+class ServeIO(FunctionIO):
+    """A function's channel is its symbol's pool endpoint."""
+
+    def __init__(self, fx: "ServeEffects") -> None:
+        super().__init__(fx)
+        self.endpoints = fx.endpoints
+
+    def open_function(self, inst: Instance) -> FunctionChannel:
+        return FunctionChannel(self.endpoints[inst.ctrl.key], False)
+
+
 class ServeEffects(LoopEffects):
     """Function channels are the pool's endpoints, never lent whole; every worker has a call
     page, where it notes the calls of a client connection the pool lends it."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.lends_functions = True
+        self.lends = True   # call pages on; ServeIO's channels stay non-lendable (calls are relayed)
         self.endpoints: Dict[str, ServeEndpoint] = {}
 
-    def open_function(self, inst: Instance) -> FunctionChannel:
-        return FunctionChannel(self.endpoints[inst.ctrl.key], False)
+    def io(self, cls: Any) -> Any:
+        return ServeIO(self) if cls is FunctionIO else super().io(cls)
 
 
 class ServeSupervisor(Supervisor):

@@ -1,11 +1,16 @@
-"""The one interface every route kind implements: what an instance's data path does at
-each event of the lifecycle (``instances.py`` owns the lifecycle, a route owns the data).
+"""What every kind shares: the one interface each kind's route (the supervisor's half)
+implements, what an instance's data path does at each event of the lifecycle
+(``instances.py`` owns the lifecycle, a route owns the data), and the shared pages a
+route makes for its workers.
 
 A route lives as long as its instance; the sockets it holds (eKuiper's channels, opened
 and closed through the effects) may come and go across workers, contain and retries.
 """
 from __future__ import annotations
 
+import fcntl
+import mmap
+import os
 import signal
 from typing import TYPE_CHECKING, Any, Optional, Tuple
 
@@ -14,6 +19,20 @@ if TYPE_CHECKING:
     from ..instances import Instance
 
 Counts = Tuple[int, int, int]   # items in, items out, errors
+PAGE = mmap.PAGESIZE
+
+
+def create_page(size: int, name: str) -> int:
+    """A new zeroed shared page as an fd (memfd: no path, passed to the worker with
+    SCM_RIGHTS), sealed at its size: nobody can shrink it under the supervisor's mapping."""
+    fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    try:
+        os.ftruncate(fd, size)
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL)
+    except OSError:
+        os.close(fd)
+        raise
+    return fd
 
 
 class Route:

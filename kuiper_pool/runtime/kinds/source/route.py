@@ -5,10 +5,10 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING
 
-from .base import Counts, Route
+from ..base import Counts, Route
 
 if TYPE_CHECKING:
-    from ..effects import WorkerHandle
+    from ...effects import WorkerHandle
 
 
 class SourceRoute(Route):

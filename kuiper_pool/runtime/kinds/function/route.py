@@ -12,79 +12,23 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import socket
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Optional, Tuple
 
-from ... import wire
-from .. import callpage, frames
-from ..callpage import EXECUTING, IDLE, CallPage, call_crc
-from ..health import overran
-from ..protocol import is_error_reply
-from ..states import State
-from .base import Counts, Route
+from .... import wire
+from ...health import overran
+from ...states import State
+from ..base import Counts, Route
+from . import frames
+from . import page as callpage
+from .channel import FunctionChannel, FunctionIO
+from .frames import Owed
+from .page import EXECUTING, IDLE, CallPage, call_crc
 
 if TYPE_CHECKING:
-    from ..effects import WorkerHandle
-    from ..instances import Instance
+    from ...effects import WorkerHandle
+    from ...instances import Instance
 
-Owed = Tuple[int, str]   # (crc of the call a dead worker had begun, the error it gets)
 REDIAL_DELAY = 1.0       # seconds before a failed dial of eKuiper's function channel is retried
-
-
-@dataclass
-class Handoff:
-    """eKuiper's function connection as it is lent to a worker (zero-hop functions)."""
-
-    sock: socket.socket
-    request_id: int                  # our outstanding request: eKuiper's next call echoes it
-    buffered: bytes = b""            # bytes read from the socket and not yet a whole frame
-    call: Optional[bytes] = None     # a call that arrived while no worker was ready
-    owed: Optional[Owed] = None      # the first call, if it is this one
-
-
-class FunctionChannel:
-    """One connection to eKuiper's function socket (``req``, a transport REQ endpoint)
-    and the call being served on it."""
-
-    def __init__(self, req: Any, lendable: bool = False) -> None:
-        self.req = req
-        self.fd = req.fileno()
-        self.lendable = lendable
-        self.lent = False
-        self.owed: Optional[Owed] = None
-        self.call: Optional[bytes] = None       # eKuiper's request being served
-        self.call_id = 0
-        self.arrived = 0.0
-        self.forwarded = False                  # handed to the current worker
-
-    def take(self, now: float) -> Optional[bytes]:
-        """A new call from eKuiper; eKuiper never sends another before the reply."""
-        msg = self.req.recv()
-        if msg is None:
-            return None
-        self.call_id += 1
-        self.call = msg
-        self.arrived = now
-        self.forwarded = False
-        return msg
-
-    def reply(self, data: bytes) -> None:
-        self.call = None
-        self.forwarded = False
-        self.req.send(data)
-
-    def lend(self) -> Handoff:
-        """Give the connection, a waiting call and what is owed to a worker."""
-        sock, request_id, buffered = self.req.detach()
-        handoff = Handoff(sock, request_id, buffered, self.call, self.owed)
-        self.call, self.forwarded, self.owed = None, False, None
-        self.lent, self.fd = True, -1
-        return handoff
-
-    def close(self) -> None:
-        if not self.lent:
-            self.req.close()
 
 
 class FunctionRoute(Route):
@@ -94,6 +38,7 @@ class FunctionRoute(Route):
 
     def __init__(self, inst: "Instance") -> None:
         super().__init__(inst)
+        self.io: FunctionIO = self.fx.io(FunctionIO)
         self.channel: Optional[FunctionChannel] = None
         self.reopen_at = 0.0                    # when to dial a lost channel again
         self.answer_by = 0.0                    # the first start is refused if not up by then
@@ -102,7 +47,7 @@ class FunctionRoute(Route):
 
     def open(self, first: bool) -> None:
         if first and self.channel is None:  # dialed in the loop (native): never waited for here
-            self._attach(self.fx.open_function(self.inst))
+            self._attach(self.io.open_function(self.inst))
             self.answer_by = self.fx.now() + self.inst.s.dial_timeout
 
     def start_answer(self, now: float) -> Optional[str]:
@@ -171,7 +116,7 @@ class FunctionRoute(Route):
     def close(self) -> None:
         chan, self.channel = self.channel, None
         if chan is not None:
-            self.fx.close_function(self.inst, chan)
+            self.io.close_function(self.inst, chan)
 
     def counts(self, w: "WorkerHandle") -> Counts:
         if w.page is None:
@@ -212,12 +157,12 @@ class FunctionRoute(Route):
             if chan.call is not None:
                 self.inst.items_in -= 1  # the worker counts the calls it runs (call page)
             self.fx.watch(self.inst, chan.req, False)
-            self.fx.hand_over(w, chan.lend())
+            self.io.hand_over(w, chan.lend())
         elif chan.call is not None:
             chan.forwarded = True
             w.vitals.call_started = self.fx.now()
             w.vitals.calls += 1
-            self.fx.send(w, frames.encode_seq(frames.CALL, chan.call_id, chan.call))
+            self.fx.send(w, frames.Call(chan.call_id, chan.call).encode())
 
     def on_frame(self, w: "WorkerHandle", ftype: int, payload: bytes) -> None:
         if ftype == frames.REPLY:
@@ -229,14 +174,14 @@ class FunctionRoute(Route):
 
     def _on_reply(self, w: "WorkerHandle", payload: bytes) -> None:
         chan, inst = self.channel, self.inst
-        call_id, data = frames.split_seq(payload)
-        if chan is None or chan.call is None or not chan.forwarded or call_id != chan.call_id:
+        reply = frames.Reply.decode(payload)
+        if chan is None or chan.call is None or not chan.forwarded or reply.call_id != chan.call_id:
             return  # answered already (deadline, crash): a late reply is never the next answer
         w.vitals.call_started = 0.0
         inst.items_out += 1
-        if is_error_reply(data):
+        if not reply.ok:
             inst.errors += 1
-        chan.reply(data)
+        chan.reply(reply.data)
         if inst.s.max_calls:  # recycle before the next call, not at the next tick
             inst.check_health(w, self.fx.now())
 
@@ -272,7 +217,7 @@ class FunctionRoute(Route):
     def _reopen(self, owed: Optional[Owed]) -> None:
         inst = self.inst
         try:
-            chan = self.fx.open_function(inst)
+            chan = self.io.open_function(inst)
         except OSError as e:
             self.reopen_at = self.fx.now() + REDIAL_DELAY
             inst.last_error = " ".join(f"cannot reach eKuiper's function channel: {e}".split())
@@ -307,8 +252,8 @@ class FunctionRoute(Route):
             return
         v = w.vitals
         v.calls = st.seq
-        if st.state == EXECUTING and w.call_seq == st.seq:
+        if st.state == EXECUTING and w.page_seq == st.seq:
             v.call_started = st.started
         else:
             v.call_started = 0.0
-        w.call_seq = st.seq if st.state == EXECUTING else -1
+        w.page_seq = st.seq if st.state == EXECUTING else -1

@@ -5,14 +5,14 @@ message per item.
 
 Layout: two native unsigned 64-bit slots, one writer: ``[0]`` the seq of the item whose
 collect began last, ``[1]`` the seq of the item whose collect returned last. An item is
-running when they differ. The page is made like a call page (``callpage.create``); an
-acked sink lent eKuiper's connections has its item page in the same memfd (``sinkpage.py``).
+running when they differ. The page is a sealed memfd (``base.create_page``); an acked sink lent eKuiper's
+connections has its item page in the same memfd (``page.py``).
 """
 from __future__ import annotations
 
 import mmap
 
-from .callpage import SIZE
+from ..base import PAGE as SIZE
 
 
 class CollectMark:

@@ -4,7 +4,7 @@ worker reports them finished (DONE) or acks them, so a replacement worker gets e
 unfinished ones again; an item that has ended ``sink_max_deliveries`` workers is poison.
 
 An acked sink under ``transport: sp`` lends both connections to its worker while nothing
-is in flight: the worker takes each item into its item page (``sinkpage.py``) and acks
+is in flight: the worker takes each item into its item page (``page.py``) and acks
 eKuiper itself. When it dies the page tells whether it owed an item, which then goes to
 the replacement like any unfinished one; the worker gives the connections back for an
 item too large for the page or when eKuiper closed the data connection.
@@ -20,17 +20,19 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, List, Optional, Tuple
 
-from ... import wire
-from ...transport import TransportError
-from .. import frames, sinkpage
-from ..marks import CollectMark
-from ..states import State
-from ..sinkpage import ACKING, LENT, RECEIVING, SinkPage
-from .base import Counts, Route
+from .... import wire
+from ....transport import TransportError
+from ...states import State
+from ..base import Counts, Route
+from . import frames
+from . import page as sinkpage
+from .channel import SinkIO
+from .marks import CollectMark
+from .page import ACKING, LENT, RECEIVING, SinkPage
 
 if TYPE_CHECKING:
-    from ..effects import WorkerHandle
-    from ..instances import Instance
+    from ...effects import WorkerHandle
+    from ...instances import Instance
 
 MAX_BATCH = 256     # sink items moved per wake-up
 ITEM_OVERHEAD = 128  # bytes an in-flight item costs beyond its payload (counted in the window)
@@ -49,6 +51,11 @@ class Item:
     acked: bool = False
 
 
+def items_page(w: "WorkerHandle") -> Optional[SinkPage]:
+    """``w``'s item page: its collect mark, when it may be lent eKuiper's connections."""
+    return w.page if isinstance(w.page, SinkPage) else None
+
+
 class SinkRoute(Route):
     """eKuiper's sink data and ack channels for one sink instance, and its in-flight items.
 
@@ -58,6 +65,7 @@ class SinkRoute(Route):
 
     def __init__(self, inst: "Instance") -> None:
         super().__init__(inst)
+        self.io: SinkIO = self.fx.io(SinkIO)
         self.require_ack = wire.require_ack(inst.ctrl.config)
         self.window = int(inst.s.sink_window_mb * 1048576)   # bytes
         self.held = 0    # bytes of the items in ``inflight`` (payload + ITEM_OVERHEAD each)
@@ -74,7 +82,7 @@ class SinkRoute(Route):
 
     def open(self, first: bool) -> None:
         if self.pull is None:  # the first start, or a sink retried after contain closed it
-            self.pull, self.ack = self.fx.open_sink(self.inst)
+            self.pull, self.ack = self.io.open_sink(self.inst)
             self.fx.watch(self.inst, self.ack, True)
 
     def on_ready(self, w: "WorkerHandle", first: bool) -> None:
@@ -90,7 +98,7 @@ class SinkRoute(Route):
         if (self.require_ack and self.lent_to is None and not self.inflight and not self.relay_for
                 and self.pull is not None
                 and inst.state is State.RUNNING and inst.worker is w and not w.kill_reason
-                and self.fx.lend_sink(w, self.pull, self.ack)):
+                and self.io.lend_sink(w, self.pull, self.ack)):
             self.lent_to = w
 
     def _take_back(self) -> None:
@@ -98,10 +106,10 @@ class SinkRoute(Route):
         if self.lent_to is not None:
             self.lent_to = None
             if self.pull is not None:
-                self.fx.take_back_sink(self.pull)
+                self.io.take_back_sink(self.pull)
 
     def on_worker_gone(self, w: "WorkerHandle", how: str, cause: str) -> None:
-        page, w.sink_page = w.sink_page, None   # it stays the mark (on_crashed reads it)
+        page = items_page(w)
         if page is None:
             return
         st, owed = page.read(), page.owed()
@@ -123,11 +131,11 @@ class SinkRoute(Route):
                          "counted as sent (a second ack would answer the next item)", w.pid)
 
     def signal_deferred(self, w: "WorkerHandle") -> bool:
-        page = w.sink_page
+        page = items_page(w)
         return page is not None and page.read().state == ACKING
 
     def counts(self, w: "WorkerHandle") -> Counts:
-        page = w.sink_page
+        page = items_page(w)
         if page is None:
             return 0, 0, 0
         st = page.read()
@@ -139,18 +147,16 @@ class SinkRoute(Route):
         items = lends and self.require_ack
         fd = sinkpage.create(items)
         try:
-            w.mark = SinkPage(fd) if items else CollectMark(fd)
+            w.page = SinkPage(fd) if items else CollectMark(fd)
         except BaseException:
             os.close(fd)
             raise
-        if isinstance(w.mark, SinkPage):
-            w.sink_page = w.mark
         return fd
 
     def on_crashed(self, w: Optional["WorkerHandle"], how: str, cause: str) -> None:
         """Charge the item whose collect was running, and only it: a crash by a fault of
         the item. A stop, recycle or restart we asked for never comes here."""
-        item = self.inflight.get(w.mark.running()) if w is not None and w.mark is not None else None
+        item = self.inflight.get(w.page.running()) if w is not None and w.page is not None else None
         if item is not None:
             item.faults += 1
 
@@ -172,7 +178,7 @@ class SinkRoute(Route):
         self.reading = False
         self.lent_to = None
         if pull is not None:
-            self.fx.close_sink(self.inst, pull, ack)
+            self.io.close_sink(self.inst, pull, ack)
 
     # --- eKuiper's data channel -----------------------------------------------------------------
 
@@ -307,31 +313,33 @@ class SinkRoute(Route):
 
     def on_frame(self, w: "WorkerHandle", ftype: int, payload: bytes) -> None:
         if ftype == frames.LOST:  # the worker gave the connections back: relay what comes
+            why = frames.Lost.decode(payload).why
             if self.lent_to is w:
-                if payload == b"large":
+                if why is frames.Why.LARGE:
                     self.relay_for = RELAY_AFTER_LARGE
                 self._take_back()
                 self._on_data()
             return
         if ftype == frames.ACK_REST:  # its start is on the ack connection: the end goes next
             if self.require_ack and self.ack is not None:   # (the connections come back next)
-                self.ack.send_rest(payload)
+                self.ack.send_rest(frames.AckRest.decode(payload).rest)
                 self.fx.note(self.inst, logging.WARNING, "eKuiper has not read an ack for %gs: "
                              "acks queue in the supervisor until it does", frames.ACK_WAIT)
             return
-        if ftype not in (frames.DONE, frames.ACK):
-            super().on_frame(w, ftype, payload)
-        seq, data = frames.split_seq(payload)
         before = len(self.inflight)
         if ftype == frames.ACK:  # acked is finished: no DONE follows for it
-            self._acked(seq, data)
-            self._finish(seq)
-        else:
+            ack = frames.Ack.decode(payload)
+            self._acked(ack.seq, ack.data)
+            self._finish(ack.seq)
+        elif ftype == frames.DONE:
+            seq = frames.Done.decode(payload).seq
             while self.inflight:
                 first = next(iter(self.inflight))
                 if first > seq:
                     break
                 self._finish(first)
+        else:
+            super().on_frame(w, ftype, payload)
         inst = self.inst
         inst.items_out += before - len(self.inflight)
         self._resume()

@@ -30,7 +30,7 @@ import os
 import struct
 from typing import NamedTuple, Optional, Union
 
-from . import callpage
+from ..base import PAGE, create_page
 from .marks import CollectMark
 
 FREE, RECEIVING, HOLDING, ACKING = 0, 1, 2, 3
@@ -56,9 +56,9 @@ class PageState(NamedTuple):
 
 
 def create(items: bool) -> int:
-    """A sink worker's page as a sealed memfd (``callpage.create``): the collect mark, with
+    """A sink worker's page as a sealed memfd (``base.create_page``): the collect mark, with
     the item page when ``items`` (the worker may be lent eKuiper's connections)."""
-    return callpage.create(SIZE if items else callpage.SIZE, "kuiper_pool-sink")
+    return create_page(SIZE if items else PAGE, "kuiper_pool-sink")
 
 
 def open_sink_page(fd: int) -> Union[CollectMark, "SinkPage"]:

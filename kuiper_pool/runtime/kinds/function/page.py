@@ -1,4 +1,4 @@
-"""The call page: one shared memory page per function worker, written by the worker on
+"""The call page (function): one shared memory page per function worker, written by the worker on
 every call and read by the supervisor on its tick, so a call costs no message to the
 supervisor while its deadline, crash answer and counters still work.
 
@@ -19,17 +19,17 @@ check still applies), never raise in the supervisor.
 """
 from __future__ import annotations
 
-import fcntl
 import math
 import mmap
-import os
 import struct
 import zlib
 from typing import NamedTuple
 
+from ..base import PAGE, create_page
+
 IDLE, EXECUTING, REPLYING = 0, 1, 2
 _LAYOUT = struct.Struct("=IIQdQQ")   # state, crc, seq, started, done, failed
-SIZE = mmap.PAGESIZE
+SIZE = PAGE
 
 
 class CallState(NamedTuple):
@@ -41,17 +41,9 @@ class CallState(NamedTuple):
     failed: int
 
 
-def create(size: int = SIZE, name: str = "kuiper_pool-calls") -> int:
-    """A new zeroed page as an fd (memfd: no path, passed to the worker with SCM_RIGHTS),
-    sealed at its size: nobody can shrink it under the supervisor's mapping."""
-    fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
-    try:
-        os.ftruncate(fd, size)
-        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL)
-    except OSError:
-        os.close(fd)
-        raise
-    return fd
+def create() -> int:
+    """A function worker's call page as a sealed memfd (``base.create_page``)."""
+    return create_page(SIZE, "kuiper_pool-calls")
 
 
 def call_crc(call: bytes) -> int:

@@ -1,0 +1,40 @@
+"""The kinds of instance, one package each: ``source``, ``sink``, ``function``. A kind's
+package holds both halves of its protocol: ``route.py`` (the supervisor's half, behind
+``base.Route``), ``serve.py`` (the worker's half) and what only they share (its frames,
+pages, and ``channel.py``: its I/O on eKuiper's sockets, over the effects' primitives).
+
+A kind's modules are imported when the first instance of that kind starts, not before: a
+kind whose code cannot be loaded (a module missing from an installed copy, a dependency
+that fails) refuses only its own starts, and every other kind keeps serving. No kind
+imports another.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any, Callable
+
+from ... import wire
+
+if TYPE_CHECKING:
+    from ..instances import Instance
+    from ..worker import Worker
+    from .base import Route
+
+PACKAGES = {wire.TYPE_SOURCE: "source", wire.TYPE_SINK: "sink", wire.TYPE_FUNC: "function"}
+ROUTES = {wire.TYPE_SOURCE: "SourceRoute", wire.TYPE_SINK: "SinkRoute", wire.TYPE_FUNC: "FunctionRoute"}
+
+
+def module(kind: str, half: str) -> Any:
+    """``kinds.<kind>.<half>`` (ImportError, or whatever the module raises, when the kind's
+    code cannot be loaded)."""
+    return importlib.import_module(f"{__name__}.{PACKAGES[kind]}.{half}")
+
+
+def route_for(inst: "Instance") -> "Route":
+    """The supervisor's half of ``inst``'s kind, for ``inst``."""
+    return getattr(module(inst.kind, "route"), ROUTES[inst.kind])(inst)
+
+
+def serve_for(kind: str) -> "Callable[[Worker, Any], int]":
+    """The worker's half of ``kind``: ``run(worker, plugin object)`` -> the exit code."""
+    return module(kind, "serve").run
