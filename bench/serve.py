@@ -15,7 +15,9 @@
      (``Host``): 4 threads calling the one function channel, which eKuiper serialises per
      symbol exactly so (one REQ/REP channel, a mutex per call);
 2. per-call overhead: one caller calling ``noop`` back to back; p50 of serve's round trip
-   (HTTP on loopback, the supervisor's loop, the worker's link) over a bare in-process call;
+   (HTTP on loopback to the worker the connection is lent to) over a bare in-process call,
+   and the floor under it: the same caller against a trivial server that answers every
+   request with a fixed reply;
 3. crash isolation: 4 long calls in flight, the busiest worker SIGKILLed: how many fail,
    under serve and under the hand-written service.
 
@@ -136,6 +138,20 @@ def burna(args: Args):
 @app.post("/noop", response_class=PlainTextResponse)
 def noop_(args: Args):
     return noop.exec([args.arg0], None)
+"""
+
+
+FLOOR = """\
+# The floor: a keep-alive HTTP server that answers every request at once with a fixed reply.
+import socket, sys
+listener = socket.create_server(("127.0.0.1", int(sys.argv[1])))
+reply = b"HTTP/1.1 200 OK\\r\\nContent-Type: text/plain\\r\\nContent-Length: 2\\r\\n\\r\\nok"
+while True:
+    conn, _ = listener.accept()
+    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    while conn.recv(65536):
+        conn.sendall(reply)
+    conn.close()
 """
 
 
@@ -267,6 +283,12 @@ def start_handwritten(root: str, name: str) -> HttpService:
                        lambda p: p.children())
 
 
+def start_floor(root: str) -> HttpService:
+    port = free_port()
+    return HttpService(os.path.join(root, "floor.log"), [sys.executable, "-c", FLOOR, str(port)],
+                       dict(os.environ), port, lambda p: [p])
+
+
 def setup_http(service: HttpService, burn: str, noop: str, loops: int,
                closers: List[Callable[[], None]]) -> Tuple[Callable, Callable]:
     """(burn call, noop call) of an HTTP service: one caller connection per thread."""
@@ -349,6 +371,7 @@ def main() -> int:
     names = ("serve", HAND, portable.POOL, portable.OFFICIAL)
     rates: Dict[str, List[float]] = {n: [] for n in names}
     p50s: Dict[str, List[float]] = {n: [] for n in names}
+    floor_p50s: List[float] = []
     crashes: Dict[str, Tuple[int, int]] = {}
     try:
         served = start_serve(root, f"{tag}s")
@@ -358,11 +381,16 @@ def main() -> int:
             calls[HAND] = setup_http(hand, "burna", "noop", loops, closers)
         calls[portable.POOL] = setup_portable(root, tag, portable.POOL, loops, closers)
         calls[portable.OFFICIAL] = setup_portable(root, tag, portable.OFFICIAL, loops, closers)
+        floor = start_floor(root)
+        closers.append(floor.close)
+        floor_call = floor.caller("noop", b'{"arg0":"x"}')
         for burn, noop in calls.values():   # warm-up: every worker has run
             latencies(noop, 200)
             hammer(burn, CALLERS, 0.3)
+        latencies(floor_call, 200)
         # they take turns, so that whatever else loads this machine loads them alike
         for _round in range(rounds):
+            floor_p50s.append(statistics.median(latencies(floor_call, n_lat)))
             for name, (burn, noop) in calls.items():
                 p50s[name].append(statistics.median(latencies(noop, n_lat)))
                 rates[name].append(hammer(burn, CALLERS, window))
@@ -394,6 +422,8 @@ def main() -> int:
         ("p50 of one noop call, portable kuiper_pool", f"{pool_p50 * 1e6:.0f} us"),
         ("p50 of one noop call, portable official SDK", f"{off_p50 * 1e6:.0f} us"),
         ("p50 of a bare in-process noop call", f"{bare * 1e6:.1f} us"),
+        ("p50 of a keep-alive round trip to a trivial HTTP server (the floor)",
+         f"{statistics.median(floor_p50s) * 1e6:.0f} us"),
         ("per-call overhead of serve over a bare call, p50", f"{(serve_p50 - bare) * 1e6:.0f} us"),
     ]
     table = "\n".join(["| figure | value |", "| --- | --- |"] + [f"| {a} | {b} |" for a, b in rows])

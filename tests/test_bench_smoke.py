@@ -126,7 +126,8 @@ def test_the_serve_bench_smoke_run_prints_every_figure_and_cleans_up(unique):
     rows = dict(re.findall(r"^\| (.+?) \| (.+?) \|$", out, re.M))
     for label in ("calls/s, burna (~20 ms) x 4 callers: serve, 2 workers",
                   "ratio serve / portable kuiper_pool", "ratio serve / portable official SDK",
-                  "per-call overhead of serve over a bare call, p50"):
+                  "per-call overhead of serve over a bare call, p50",
+                  "p50 of a keep-alive round trip to a trivial HTTP server (the floor)"):
         assert re.match(r"^-?[\d.]+( us|x)?$", rows[label]), (label, rows.get(label), out[-3000:])
     assert re.match(r"^\d+ of 4$", rows["calls failed when the busiest worker is SIGKILLed with 4 calls in flight: serve"])
     left = [p.info["pid"] for p in psutil.process_iter(["pid", "cmdline", "cwd"])

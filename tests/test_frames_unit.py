@@ -21,6 +21,7 @@ MESSAGES = [
     (fn.REPLY, fn.Reply(10, b'{"state": false}', False)),
     (fn.CONN, fn.Conn(0x80000007, (1234, "worker pid 5 died"), b"part", b"call")),
     (fn.CONN, fn.Conn(1, None)),
+    (fn.CONN, fn.Conn(0, None, rest={"path": "/noop", "args": ["string"], "result": "string"})),
 ]
 
 

@@ -7,6 +7,7 @@ import signal
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
+import psutil
 import pytest
 from conftest import wait_until
 from ekuiper_rest import Client, EKuiperError
@@ -278,3 +279,127 @@ def test_a_worker_whose_start_is_refused_is_started_again_until_it_serves(served
     c = client()
     assert c.call(fn, "echo", "up") == "up"
     c.close()
+
+
+# --- connections lent to workers (docs/serve.md, "How a call is served") ----------------------
+
+def _holder(s: Served, local_port: int) -> int:
+    """The pid of the worker that holds the client connection from ``local_port`` (lent to
+    it), or 0."""
+    for pid in s.worker_pids():
+        try:
+            conns = psutil.Process(pid).net_connections(kind="tcp")
+        except psutil.Error:
+            continue
+        if any(x.raddr and x.raddr.port == local_port for x in conns):
+            return pid
+    return 0
+
+
+def _lent(s: Served, c: Client, fn: str) -> int:
+    """Call until ``c``'s connection is lent to a worker (a request that arrived in parts is
+    read by the supervisor, the next whole one is lent); that worker's pid."""
+    return wait_until(lambda: c.call(fn, "echo", "x") == "x" and _holder(s, c.conn.sock.getsockname()[1]),
+                      10, message="the connection lent to a worker")
+
+
+def test_a_worker_killed_while_it_holds_a_lent_connection_fails_that_call_once(served):
+    s, fn, client, plugin_dir = served(workers=1)
+    c = client()
+    holder = _lent(s, c, fn)
+    got = {}
+
+    def held() -> None:
+        try:
+            got["answer"] = c.call(fn, "hold", "x")
+        except EKuiperError as e:
+            got["error"] = str(e)
+    t = threading.Thread(target=held)
+    t.start()
+    victim = wait_until(lambda: read_jsonl(os.path.join(plugin_dir, "events.jsonl"), "hold"), 10,
+                        message="the held call")[0]["pid"]
+    assert victim == holder          # the call ran in the worker that holds the connection
+    os.kill(victim, signal.SIGKILL)
+    t.join(10)
+    assert "answer" not in got, got
+    assert "return code: 500" in got["error"] and f"worker pid {victim} died during the call" in got["error"]
+    assert "\n" not in got["error"]
+    assert c.call(fn, "echo", "same connection") == "same connection"   # on the restarted worker
+    c.close()
+    c2 = client()
+    assert c2.call(fn, "echo", "new connection") == "new connection"
+    assert _lent(s, c2, fn) != victim
+    c2.close()
+
+
+def test_a_lent_call_past_call_deadline_is_answered_with_an_error_and_the_connection_serves_on(served):
+    s, fn, client, _dir = served(workers=1, call_deadline=0.5)
+    c = client()
+    holder = _lent(s, c, fn)
+    with pytest.raises(EKuiperError) as e:
+        c.call(fn, "slow", "3")
+    assert "return code: 500" in str(e.value) and "call exceeded call_deadline 0.5s" in str(e.value)
+    assert f"worker pid {holder} died during the call" in str(e.value)
+    assert c.call(fn, "echo", "next") == "next"
+    assert _lent(s, c, fn) != holder
+    c.close()
+
+
+def test_a_lent_connection_still_answers_probes_and_other_requests(served):
+    import socket
+
+    s, fn, _client, _dir = served(workers=1)
+    with socket.create_connection(("127.0.0.1", s.port), timeout=5) as sock:
+        def exchange(raw: bytes) -> tuple:
+            sock.sendall(raw)
+            buf = b""
+            while b"\r\n\r\n" not in buf or len(buf) < buf.index(b"\r\n\r\n") + 4 + int(
+                    buf.split(b"Content-Length: ")[1].split(b"\r\n")[0]):
+                chunk = sock.recv(65536)
+                assert chunk, f"closed after {buf!r}"
+                buf += chunk
+            return int(buf[9:12]), buf.split(b"\r\n\r\n", 1)[1].decode()
+        holder = wait_until(lambda: exchange(_post(fn, b'{"arg0":"echo","arg1":"one"}')) == (200, "one")
+                            and _holder(s, sock.getsockname()[1]), 10, message="the connection lent")
+        assert exchange(b"GET /readyz HTTP/1.1\r\nHost: x\r\n\r\n") == (200, "ok")   # given back to the supervisor
+        assert exchange(_post(fn, b"[1]"))[0] == 400
+        assert exchange(_post("nope", b"{}"))[0] == 404
+        assert exchange(_post(fn, b'{"arg0":"echo","arg1":"two"}')) == (200, "two")
+        body = b'{"arg0":"echo","arg1":"continued"}'
+        sock.sendall(_post(fn, body, "Expect: 100-continue\r\n")[:-len(body)])   # the head alone
+        got = b""
+        while not got.endswith(b"\r\n\r\n"):
+            byte = sock.recv(1)
+            assert byte, f"closed after {got!r}"
+            got += byte
+        assert got == b"HTTP/1.1 100 Continue\r\n\r\n"
+        assert exchange(body) == (200, "continued")
+        assert exchange(_post(fn, b'{"arg0":"echo","arg1":"three"}')) == (200, "three")
+        assert _holder(s, sock.getsockname()[1]) == holder   # lent again
+
+
+def test_a_call_on_another_connection_is_not_held_up_by_a_busy_lent_one(served):
+    """One worker, busy back to back on a lent connection: a call from elsewhere makes the
+    pool recall the connection and gets the worker within one call (call_deadline is 1 s,
+    the lent connection's calls go on for 3 s)."""
+    s, fn, client, _dir = served(workers=1, call_deadline=1)
+    busy = client()
+    _lent(s, busy, fn)
+    stop, answered = threading.Event(), []
+
+    def loop() -> None:
+        while not stop.is_set():
+            answered.append(busy.call(fn, "slow", "0.1"))
+    t = threading.Thread(target=loop)
+    t.start()
+    try:
+        wait_until(lambda: len(answered) >= 2, 10, message="calls on the lent connection")
+        other = client()
+        assert other.call(fn, "echo", "not starved") == "not starved"
+        other.close()
+        n = len(answered)
+        wait_until(lambda: len(answered) > n + 2, 10, message="the busy connection served on")
+    finally:
+        stop.set()
+        t.join(10)
+        busy.close()

@@ -1,12 +1,13 @@
 """What the served function gets from eKuiper's protobuf JSON body, and what eKuiper reads
-back (kuiper_pool/serve/schema.py; docs/serve.md, "What eKuiper sends")."""
+back (kuiper_pool/transport/rest.py, kuiper_pool/serve/schema.py; docs/serve.md, "What eKuiper sends")."""
 from __future__ import annotations
 
 import json
 
 import pytest
 
-from kuiper_pool.serve.schema import CallError, decode_args, encode_result, proto_text
+from kuiper_pool.serve.schema import proto_text
+from kuiper_pool.transport.rest import CallError, decode_args, encode_result
 
 
 def test_protobuf_json_becomes_the_argument_list():

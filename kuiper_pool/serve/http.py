@@ -7,6 +7,11 @@ parsed here on non-blocking sockets: no thread, no hand-off between threads, a c
 the socket to the pool and its reply from the worker's link to the socket in the same loop
 (docs/serve.md, "Why HTTP in the loop"). One request at a time per connection (a pipelined
 one waits in the buffer until the reply before it is written).
+
+A connection whose next request is a call (its head peeked, nothing read) is lent to an
+idle worker of its function (``lend``): the worker answers it and the calls after it itself,
+until it gives the connection back (``take_back``); we keep our copy of the socket meanwhile,
+unwatched.
 """
 from __future__ import annotations
 
@@ -17,26 +22,16 @@ from typing import Callable, Dict, Optional, Sequence, Tuple
 
 from .. import wire
 from ..transport.outbox import Outbox
+from ..transport.rest import (MAX_BODY, MAX_HEAD, CallError, HttpError, decode_args, encode_result, exec_request,
+                              lendable, parse_head, response)
 from .pool import Call
-from .schema import CONTENT_TEXT, CallError, decode_args, encode_result, exec_request
 
-MAX_HEAD = 64 << 10    # bytes of a request line and headers
-MAX_BODY = 64 << 20    # bytes of one call's body (an image as base64 fits)
 HEAD_TIMEOUT = 10.0    # seconds a started request may take to arrive whole
 IDLE_TIMEOUT = 120.0   # seconds an idle keep-alive connection is kept (Go's client drops its own at 90)
-REASONS = {200: "OK", 100: "Continue", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
-           413: "Content Too Large", 431: "Request Header Fields Too Large", 500: "Internal Server Error",
-           501: "Not Implemented", 503: "Service Unavailable"}
 
 Types = Dict[str, Tuple[Sequence[str], str]]   # function -> (argument types, result type)
 Submit = Callable[[str, Call], None]
 Register = Callable[[int, Callable[[int], None]], None]
-
-
-class HttpError(Exception):
-    def __init__(self, status: int, text: str) -> None:
-        super().__init__(text)
-        self.status = status
 
 
 class Conn:
@@ -51,22 +46,26 @@ class Conn:
         self.closing = False       # close once the reply is written
         self.open = True
         self.continued = False     # 100 Continue sent for the request being read
+        self.lent = False          # a worker holds it: not watched here
+        self.read_next = False     # given back: we read its next request (the worker would not serve it)
+        self.owed = ""             # the next request's answer: the error of the worker that died running it
         self.since = time.monotonic()   # the last request answered, or the connection made
 
 
 class HttpServer:
     """Accepts and serves connections in the loop. ``submit(function, call)`` gives a call
-    to the pool; ``ready()`` is None when ready, else why not."""
+    to the pool; ``lend(function, conn)`` lends a connection to one of its idle workers
+    (False: none is); ``ready()`` is None when ready, else why not."""
 
-    def __init__(self, listen: str, types: Types, submit: Submit, ready: Callable[[], Optional[str]],
-                 register: Register, unregister: Callable[[int], None],
+    def __init__(self, listen: str, types: Types, submit: Submit, lend: Callable[[str, Conn], bool],
+                 ready: Callable[[], Optional[str]], register: Register, unregister: Callable[[int], None],
                  want_write: Callable[[int, bool], None]) -> None:
         host, _, port = listen.rpartition(":")
         host = host.strip("[]")
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self.listener = socket.create_server((host, int(port)), family=family, backlog=256)
         self.listener.setblocking(False)
-        self.types, self.submit, self.ready = types, submit, ready
+        self.types, self.submit, self.lend, self.ready = types, submit, lend, ready
         self.register, self.unregister, self.want_write = register, unregister, want_write
         self.conns: Dict[int, Conn] = {}
         register(self.listener.fileno(), self.on_accept)
@@ -84,7 +83,10 @@ class HttpServer:
             sock.setblocking(False)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # a reply is one write
             conn = self.conns[sock.fileno()] = Conn(sock, self.want_write)
-            self.register(conn.fd, lambda mask, c=conn: self.on_conn(c, mask))
+            self.watch(conn)
+
+    def watch(self, conn: Conn) -> None:
+        self.register(conn.fd, lambda mask: self.on_conn(conn, mask))
 
     def on_conn(self, conn: Conn, mask: int) -> None:
         try:
@@ -92,6 +94,9 @@ class HttpServer:
                 self.drop(conn)
                 return
             if mask & selectors.EVENT_READ:
+                if not (conn.buf or conn.busy or conn.closing or conn.read_next or len(conn.out)) \
+                        and self.try_lend(conn):
+                    return
                 data = conn.sock.recv(1 << 16)
                 if not data:
                     self.drop(conn)
@@ -103,11 +108,45 @@ class HttpServer:
         except OSError:   # reset by the peer
             self.drop(conn)
 
+    def try_lend(self, conn: Conn) -> bool:
+        """Whether ``conn``, whose next request is a call (its head peeked, nothing read),
+        went to a worker of its function."""
+        try:
+            req = parse_head(conn.sock.recv(MAX_HEAD, socket.MSG_PEEK))
+        except HttpError:
+            return False
+        # a kept-alive POST that a worker takes whole; lend() finds the function and a worker
+        if req is None or not lendable(req, req.path) or not self.lend(req.path[1:], conn):
+            return False
+        conn.lent = True
+        self.unregister(conn.fd)
+        return True
+
+    def take_back(self, conn: Conn, owed: Optional[str], drop: bool) -> None:
+        """A worker gave ``conn`` back or is gone: watch it again; ``owed`` answers the request
+        waiting in it (the dead worker's call); ``drop`` when the worker may have written part
+        of an answer."""
+        conn.lent = False
+        if not conn.open:
+            return
+        try:
+            conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)   # as the worker may have left it
+        except OSError:
+            drop = True
+        if drop:
+            self.drop(conn)
+            return
+        conn.owed = owed or ""
+        conn.read_next = True
+        conn.since = time.monotonic()
+        self.watch(conn)
+
     def drop(self, conn: Conn) -> None:
         if not conn.open:
             return
         conn.open = False
-        self.unregister(conn.fd)
+        if not conn.lent:
+            self.unregister(conn.fd)
         self.conns.pop(conn.fd, None)
         conn.out.clear()
         conn.sock.close()
@@ -131,40 +170,25 @@ class HttpServer:
     def parse(self, conn: Conn) -> Optional[Tuple[str, str, bool, bytes]]:
         """(method, path, keep-alive, body) of the first whole request, taken from the buffer."""
         buf = conn.buf
-        end = buf.find(b"\r\n\r\n")
-        if end < 0:
-            if len(buf) > MAX_HEAD:
-                raise HttpError(431, f"request head over {MAX_HEAD} bytes")
+        req = parse_head(buf)
+        if req is None:
             return None
-        lines = bytes(buf[:end]).decode("latin-1").split("\r\n")
-        parts = lines[0].split(" ")
-        if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
-            raise HttpError(400, f"not an HTTP/1.x request line: {lines[0][:100]!r}")
-        headers = {}
-        for line in lines[1:]:
-            name, _, value = line.partition(":")
-            headers[name.strip().lower()] = value.strip()
-        if "transfer-encoding" in headers:
-            raise HttpError(501, "send the body with Content-Length (no Transfer-Encoding)")
-        try:
-            length = int(headers.get("content-length", "0"))
-        except ValueError:
-            raise HttpError(400, "Content-Length is not a number") from None
-        if not 0 <= length <= MAX_BODY:
-            raise HttpError(413, f"a body of {length} bytes is over {MAX_BODY}")
-        total = end + 4 + length
-        if len(buf) < total:
-            if headers.get("expect", "").lower() == "100-continue" and not conn.continued:
+        if len(buf) < req.total:
+            if req.expect and not conn.continued:
                 conn.continued = True
                 conn.out.write(b"HTTP/1.1 100 Continue\r\n\r\n")
             return None
-        body = bytes(buf[end + 4:total])
-        del buf[:total]
+        body = bytes(buf[req.head_end:req.total])
+        del buf[:req.total]
         conn.continued = False
-        keep = parts[2] == "HTTP/1.1" and headers.get("connection", "").lower() != "close"
-        return parts[0], parts[1], keep, body
+        return req.method, req.path, req.keep, body
 
     def handle(self, conn: Conn, method: str, path: str, keep: bool, body: bytes) -> None:
+        conn.read_next = False
+        if conn.owed:  # the call a worker died running
+            owed, conn.owed = conn.owed, ""
+            self.respond(conn, 500, wire.one_line(owed), not keep)
+            return
         if method == "GET":
             if path == "/livez":
                 self.respond(conn, 200, b"ok", not keep)
@@ -199,12 +223,10 @@ class HttpServer:
         self.submit(name, Call(request, done, time.monotonic()))
 
     def respond(self, conn: Conn, status: int, body: bytes, close: bool = False) -> None:
-        head = (f"HTTP/1.1 {status} {REASONS.get(status, '')}\r\nContent-Type: {CONTENT_TEXT}\r\n"
-                f"Content-Length: {len(body)}\r\n{'Connection: close' + chr(13) + chr(10) if close else ''}\r\n")
         conn.since = time.monotonic()
         conn.closing = close
         try:
-            if conn.out.write(head.encode() + body) and close:
+            if conn.out.write(response(status, body, close)) and close:
                 self.drop(conn)
         except OSError:
             self.drop(conn)
@@ -214,7 +236,7 @@ class HttpServer:
     def tick(self, now: float) -> None:
         """Drop connections that hold a request half sent too long, or idle too long."""
         for conn in list(self.conns.values()):
-            if conn.busy or len(conn.out):
+            if conn.busy or conn.lent or len(conn.out):
                 continue
             if now - conn.since > (HEAD_TIMEOUT if conn.buf else IDLE_TIMEOUT):
                 self.drop(conn)

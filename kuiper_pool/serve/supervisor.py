@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 from .. import wire
 from ..runtime.effects import LoopEffects
@@ -14,7 +14,7 @@ from ..runtime.kinds.function.channel import FunctionChannel, FunctionIO
 from ..runtime.states import State
 from ..runtime.supervisor import Supervisor
 from . import http
-from .pool import Call, ServeEndpoint, Slot, SymbolPool
+from .pool import Call, ServeEndpoint, ServeRoute, Slot, SymbolPool
 from .schema import arg_types
 
 IDLE_TO_STOP = 1.0   # seconds without a call in flight after which a drain ends early
@@ -32,11 +32,12 @@ class ServeIO(FunctionIO):
 
 
 class ServeEffects(LoopEffects):
-    """Function channels are the pool's endpoints; nothing is lent (calls are relayed)."""
+    """Function channels are the pool's endpoints, never lent whole; every worker has a call
+    page, where it notes the calls of a client connection the pool lends it."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.lends = False
+        self.lends = True   # call pages on; ServeIO's channels stay non-lendable (calls are relayed)
         self.endpoints: Dict[str, ServeEndpoint] = {}
 
     def io(self, cls: Any) -> Any:
@@ -66,11 +67,12 @@ class ServeSupervisor(Supervisor):
             s = self.s.for_symbol(symbol)
             types[symbol] = (arg_types(s.serve_args), s.serve_result)
         # listen first: when it cannot, no worker has been made
-        self.server = http.HttpServer(self.s.serve_listen, types, self.submit, self.ready,
-                                      self.register, self.unregister, self.want_write)
+        server = self.server = http.HttpServer(self.s.serve_listen, types, self.submit, self.lend,
+                                               self.ready, self.register, self.unregister, self.want_write)
         for symbol in sorted(self.plugin.functions):
             s = self.s.for_symbol(symbol)
-            pool = self.pools[symbol] = SymbolPool(symbol, s.call_deadline, self.deliver)
+            pool = self.pools[symbol] = SymbolPool(symbol, s.call_deadline, *types[symbol], self.deliver,
+                                                   self.send_worker, server.take_back)
             for i in range(1, (s.serve_workers or os.cpu_count() or 1) + 1):
                 ctrl = wire.Control(wire.CMD_START, symbol, wire.TYPE_FUNC, instance_id=i)
                 slot = pool.add()
@@ -85,6 +87,7 @@ class ServeSupervisor(Supervisor):
         """Start the instance of one worker of a pool (again, after a refused start)."""
         s = self.s.for_symbol(ctrl.symbol)
         inst = slot.inst = self.instances[ctrl.key] = Instance(self.plugin.name, ctrl, s, self.fx)
+        inst.route = slot.route = ServeRoute(inst, slot)   # the function route, and a lent connection
 
         def answer(data: bytes) -> None:
             if data == wire.OK:
@@ -108,6 +111,15 @@ class ServeSupervisor(Supervisor):
 
     def deliver(self, inst: Instance, endpoint: ServeEndpoint) -> None:
         self.guarded("call", inst, inst.on_readable, endpoint)
+
+    def send_worker(self, inst: Instance, frame: bytes, fds: Sequence[int]) -> None:
+        if inst.worker is not None:
+            self.guarded("lend", inst, self.fx.send, inst.worker, frame, fds)
+
+    def lend(self, symbol: str, conn: http.Conn) -> bool:
+        """Lend ``conn`` to an idle worker of ``symbol``, unless draining or stopping."""
+        pool = self.pools.get(symbol)
+        return pool is not None and not (self.draining or self.exiting) and pool.lend(conn)
 
     def submit(self, symbol: str, call: Call) -> None:
         self.busy_at = time.monotonic()
@@ -149,7 +161,7 @@ class ServeSupervisor(Supervisor):
             self.guarded("http", None, self.server.tick, now)
         for pool in self.pools.values():
             self.retry_refused(pool, now)
-            if any(s.call is not None for s in pool.slots) or pool.queue:
+            if any(s.busy() for s in pool.slots) or pool.queue:
                 self.busy_at = now
             self.guarded("pool", None, pool.tick, now)
         if self.draining and not self.exiting and (

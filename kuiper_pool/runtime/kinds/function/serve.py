@@ -1,7 +1,9 @@
 """A function's worker half (README, "Data paths"): calls relayed by the supervisor
 (CALL/REPLY), or, under the native transport, eKuiper's connection lent to the worker
 (CONN), which then answers eKuiper itself and notes each call in its call page
-(``page.py``). The supervisor's half is ``route.py``.
+(``page.py``); under ``kuiper-pool serve``, a client's HTTP connection, lent the same way
+and given back (LOST) at a request that is not this worker's or on RECALL. The
+supervisor's half is ``route.py``.
 """
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import time
 from typing import Any, Dict, Optional, Tuple
 
 from .... import wire
+from ....transport.rest import RestConnection
 from ....transport.sp import ReqConnection
 from ... import frames as link_frames
 from ...context import WorkerContext
@@ -39,12 +42,8 @@ def run(worker: Worker, function: Any) -> int:
             if conn.fileno() in ready_fds and worker.link.sock.fileno() not in ready_fds:
                 try:
                     calls = conn.recv_ready()
-                except OSError:  # eKuiper closed it: the supervisor dials again and lends anew
-                    poller.unregister(conn.fileno())
-                    worker.guard.fds.discard(conn.fileno())
-                    conn.close()
-                    conn = None
-                    worker.link.send(frames.lost())
+                except OSError:  # eKuiper closed it (the supervisor dials again), or serve's
+                    conn = _give_back(worker, poller, conn)  # request is not this worker's
                     continue
                 for call in calls:
                     _serve_lent(worker, function, contexts, page, conn, call, owed)
@@ -58,14 +57,17 @@ def run(worker: Worker, function: Any) -> int:
             return EXIT_OK
         if frame[0] == frames.CONN:
             lent = frames.Conn.decode(frame[1])
-            conn = ReqConnection(socket.socket(fileno=worker.link.fds.popleft()),
-                                 lent.request_id, lent.buffered)
+            sock = socket.socket(fileno=worker.link.fds.popleft())
+            conn = (RestConnection(sock, **lent.rest) if lent.rest is not None  # kuiper-pool serve's
+                    else ReqConnection(sock, lent.request_id, lent.buffered))
             poller.register(conn.fileno(), select.POLLIN)
             worker.guard.fds.add(conn.fileno())
             owed = lent.owed
             if lent.call is not None:
                 _serve_lent(worker, function, contexts, page, conn, lent.call, owed)
                 owed = None
+        elif frame[0] == frames.RECALL and conn is not None:
+            conn = _give_back(worker, poller, conn)
         elif frame[0] == frames.CALL:
             call = frames.Call.decode(frame[1])
             worker.busy_since = time.monotonic()
@@ -73,6 +75,14 @@ def run(worker: Worker, function: Any) -> int:
             worker.busy_since = 0.0
             worker.processed += 1
             worker.link.send(frames.Reply(call.call_id, reply, ok).encode())
+
+
+def _give_back(worker: Worker, poller: Any, conn: Any) -> None:
+    """Close our copy of a lent connection and tell the supervisor (it reads it again)."""
+    poller.unregister(conn.fileno())
+    worker.guard.fds.discard(conn.fileno())
+    conn.close()
+    worker.link.send(frames.lost())
 
 
 def _serve_lent(worker: Worker, function: Any, contexts: Dict[Any, WorkerContext],
