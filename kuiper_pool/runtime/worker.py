@@ -9,6 +9,7 @@ from a hung one, READY and FAULT.
 """
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import sys
@@ -47,7 +48,7 @@ class ForkGuard:
         self.fds: Set[int] = set()
         self.page: Any = None    # a call page or a sink page: closed at fork in the child
         self.where = ""
-        self.log = logs.supervisor_logger()  # the instance's, once the worker knows it
+        self.log: Callable[[], logging.Logger] = logs.supervisor_logger  # the instance's, once known
         os.register_at_fork(after_in_child=self.after_fork_in_child)
 
     def after_fork_in_child(self) -> None:
@@ -65,7 +66,7 @@ class ForkGuard:
     def check(self) -> None:
         """Exit at once in a process forked by plugin code; nothing in the worker itself."""
         if self.forked:
-            self.log.error(
+            self.log().error(
                 "%s: a process forked by plugin code (pid %d, from worker pid %d) returned into "
                 "the worker instead of exiting; it exits now", self.where, os.getpid(), self.pid)
             sys.stdout.flush()
@@ -108,9 +109,18 @@ class Worker:
         self.busy_since = 0.0
         self.ctx: Optional[WorkerContext] = None  # a source's: its emit_error count is reported
         self.stopped = threading.Event()
-        self.log = logs.instance_logger(self.ctrl.symbol, self.ctrl.rule_id or None,
-                                        self.ctrl.op_id, self.ctrl.instance_id)
-        self.guard.where, self.guard.log = self.where(), self.log
+        self._log: Optional[logging.Logger] = None
+        self.guard.where, self.guard.log = self.where(), lambda: self.log
+
+    @property
+    def log(self) -> logging.Logger:
+        """The instance's logger, made when first used: making a logger of a new name touches
+        every logger of the process (logging clears their caches), pages an idle worker would
+        otherwise copy from the zygote."""
+        if self._log is None:
+            self._log = logs.instance_logger(self.ctrl.symbol, self.ctrl.rule_id or None,
+                                             self.ctrl.op_id, self.ctrl.instance_id)
+        return self._log
 
     def where(self) -> str:
         return f"plugin {self.plugin.name} {self.ctrl.describe()}"
