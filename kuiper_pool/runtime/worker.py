@@ -9,6 +9,7 @@ from a hung one, READY and FAULT.
 """
 from __future__ import annotations
 
+import _thread
 import logging
 import os
 import socket
@@ -159,6 +160,15 @@ class Worker:
         return True
 
 
+def start_thread(fn: Callable[..., Any], *args: Any) -> None:
+    """Run ``fn(*args)`` in a thread of kuiper_pool's own, never joined (a worker ends with
+    ``os._exit``; an exec'd one's interpreter does not wait for it). A bare ``_thread``, not a
+    ``threading.Thread``, whose objects and registries (events, conditions, a weak set) copy
+    ~100 KiB of the zygote's pages into every worker; ``threading`` sees it as a dummy thread
+    if code running in it asks."""
+    _thread.start_new_thread(fn, args)
+
+
 def run(link_sock: socket.socket, plugin: PluginConfig, spawned: bool = False) -> int:
     """Serve one instance over ``link_sock``; return the exit code. ``spawned``: this worker
     was exec'd (``start_method: spawn``), not forked, which its process title says."""
@@ -182,8 +192,7 @@ def run(link_sock: socket.socket, plugin: PluginConfig, spawned: bool = False) -
         except OSError as e:  # a nicety: the worker serves without it
             worker.log.warning("%s: no stack dump on a crash or hang: cannot create %s: %s",
                                worker.where(), spec.dump_path, e.strerror or e)
-    threading.Thread(target=worker.heartbeat, args=(spec.heartbeat_interval, os.getppid()),
-                     daemon=True, name="kuiper_pool-heartbeat").start()
+    start_thread(worker.heartbeat, spec.heartbeat_interval, os.getppid())
     try:
         runner = kinds.serve_for(c.plugin_type)
     except Exception as e:  # noqa: BLE001 - a broken install: only this kind's starts are refused
