@@ -53,6 +53,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Protocol, Seque
 from ..version import __version__
 from ..paths import identity, unlink_if_ours
 from ..transport.outbox import Outbox, Watch
+from . import heap
 from .prctl import PR_SET_CHILD_SUBREAPER, PR_SET_PDEATHSIG, prctl
 from .protocol import (FRESH_ENV, Adopt, Disown, Error, Exited, Hello, Kill, Own, Refused, Retire, Started,
                        StartWorker, ZygoteMessage, decode_zygote, encode_zygote, recv_zygote)
@@ -516,6 +517,8 @@ def _serve(sock: socket.socket, worker_main: WorkerMain, spawn_argv: Optional[Li
     # supervisor stops gracefully: either way the loop leaves only once the supervisor is gone
     for sig in (signal.SIGCHLD, signal.SIGTERM):
         signal.signal(sig, lambda *_: None)
+    gc.collect()  # no garbage left to leave holes in the heap once its free blocks are taken
+    heap.fill_free_blocks()
     gc.freeze()  # keep the preloaded heap shared copy-on-write with the workers
     z.wake = (wake_r, wake_w)
     sel = selectors.DefaultSelector()
