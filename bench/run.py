@@ -619,7 +619,7 @@ def measure_memory(sess: Session, sz: Sizes, out: Dict[str, Any]) -> None:
 
 
 # --only: the parts (session labels) a partial run measures
-ONLY = {"big": ("b",)}
+ONLY = {"big": ("b",), "memory": ("k",)}
 
 
 def run_runtime(root: str, tag: str, runtime: str, run: int, sz: Sizes,
@@ -1052,8 +1052,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                     help="markdown output (default bench/RESULTS.md; none in --smoke unless given)")
     ap.add_argument("--tag", default=None, help="name fragment of every plugin, rule and ipc path")
     ap.add_argument("--only", choices=sorted(ONLY), default=None,
-                    help="measure only these rows (big: the 1 MiB and 8 MiB rows) and no raw "
-                         "ceilings; no RESULTS.md unless --results is given")
+                    help="measure only these rows (big: the 1 MiB and 8 MiB rows; memory: 1/50/500 "
+                         "idle sources) and no raw ceilings; no RESULTS.md unless --results is given")
     args = ap.parse_args(argv)
     raw_argv = list(sys.argv[1:] if argv is None else argv)
     sz = SMOKE if args.smoke else FULL
