@@ -76,9 +76,10 @@ class BenchError(RuntimeError):
     pass
 
 
-def install_copy(root: str) -> Tuple[str, str]:
-    """A virtualenv with kuiper_pool installed as pip leaves it; (python, kuiper-pool-python)."""
-    venv = os.path.join(root, "venv")
+def install_copy(root: str, package: str = PACKAGE, venv_name: str = "venv") -> Tuple[str, str]:
+    """A virtualenv with kuiper_pool (``package``: this checkout's, or another's) installed
+    as pip leaves it; (python, kuiper-pool-python)."""
+    venv = os.path.join(root, venv_name)
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", venv], check=True)
     python = os.path.join(venv, "bin", "python")
     purelib = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
@@ -89,7 +90,7 @@ def install_copy(root: str) -> Tuple[str, str]:
     with open(os.path.join(purelib, "kuiper_pool_bench_deps.pth"), "w") as f:
         f.write("\n".join(deps) + "\n")
     target = os.path.join(purelib, "kuiper_pool")
-    shutil.copytree(PACKAGE, target, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(package, target, ignore=shutil.ignore_patterns("__pycache__"))
     if not compileall.compile_dir(target, quiet=1):
         raise BenchError("could not byte-compile the installed copy")
     script = os.path.join(venv, "bin", "kuiper-pool-python")
@@ -108,24 +109,25 @@ class Launch:
     started (the host, the plugin's tree) is gone when ``close`` returns."""
 
     def __init__(self, host: str, root: str, name: str, variant: str, python: str, script: str,
-                 mode: List[str]) -> None:
+                 mode: List[str], symbols: Tuple[str, ...] = ("--source", "clock"), main: str = PLUGIN_MAIN,
+                 extra_env: Optional[Dict[str, str]] = None) -> None:
         self.name = name
         self.dir = os.path.join(root, name)
         os.makedirs(self.dir)
-        shutil.copy(PLUGIN_MAIN, os.path.join(self.dir, "main.py"))
+        shutil.copy(main, os.path.join(self.dir, "main.py"))
         with open(os.path.join(self.dir, name + ".json"), "w") as f:
             json.dump({"version": "v1.0.0", "language": "python", "executable": "main.py",
-                       "sources": ["clock"], "sinks": ["count"], "functions": [name + "noop"]}, f)
+                       "sources": ["clock", "flood"], "sinks": ["count"], "functions": [name + "noop"]}, f)
         env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHONPROFILE")}
         env.update(BENCH_RUNTIME="official" if variant != "switched" else "pool", BENCH_PLUGIN=name,
-                   BENCH_PREFIX=name)
+                   BENCH_PREFIX=name, **(extra_env or {}))
         env.pop("PYTHONPATH", None)  # kuiper_pool comes from the installed copy alone
         interpreter = script if variant == "zero-edit" else python
         self.log = os.path.join(root, name + ".log")
         self.started = time.time()
         self.proc = subprocess.Popen(
             [host, *mode, "--python", interpreter, "--dir", self.dir, "--exe", "main.py", "--name", name,
-             "--source", "clock", "--log", self.log],
+             *symbols, "--log", self.log],
             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env, cwd=self.dir)
 
     def first_line(self, pattern: "re.Pattern[str]", timeout: float = 60.0) -> "re.Match[str]":
@@ -210,6 +212,15 @@ def table(results: Dict[str, Dict[str, List[float]]]) -> str:
     return "\n".join(lines)
 
 
+def publish(lines: List[str], path: Optional[str]) -> None:
+    """Print the report; with ``path`` (``--results``) also write it there."""
+    text = "\n".join(lines)
+    print(text)
+    if path:
+        with open(path, "w") as f:
+            f.write(text + "\n")
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--host", default=os.environ.get("EKHOSTC"), help="the ekhostc binary (default $EKHOSTC)")
@@ -247,11 +258,7 @@ def main(argv: Optional[List[str]] = None) -> int:
            "Per-run values (ms):", "", "```"]
     out += [f"{v} {k}: " + " ".join(f"{x:.0f}" for x in results[v][k]) for v in VARIANTS for k in MEASURES]
     out += ["```"]
-    text = "\n".join(out)
-    print(text)
-    if args.results:
-        with open(args.results, "w") as f:
-            f.write(text + "\n")
+    publish(out, args.results)
     return 0
 
 

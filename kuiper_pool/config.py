@@ -154,6 +154,13 @@ SETTINGS: Tuple[Setting, ...] = (
          "where neither the environment nor the symbol's env sets them (0 = leave them unset). "
          "One thread per worker keeps N workers from running N x cores BLAS threads on a small "
          "box; it applies to libraries a worker imports (spawned workers import everything).", ge=0, le=1024),
+    _choice("workers", "workers", "per_instance", ("per_instance", "per_symbol"),
+            '"per_instance": one worker process per source and sink instance (the strongest '
+            'isolation: ~2.6 MiB each). "per_symbol": one worker process per source or sink symbol '
+            "holding all of its instances in threads, as the official SDK does (a few KiB per "
+            "instance), still isolated from every other symbol and from the supervisor: its crash "
+            "or hang restarts every instance in it, and memory_limit_mb applies to the process. "
+            "Usually set per symbol. Functions always have one process per symbol (docs/operating.md)."),
     _num("workers", "stop_grace", float, 2.0,
          "Seconds a worker gets to run close() and exit after a stop, and after SIGTERM, before SIGKILL.",
          ge=0.01, le=3600),
@@ -194,7 +201,8 @@ SETTINGS: Tuple[Setting, ...] = (
          ge=0.1, le=2592000),
     _num("limits", "memory_limit_mb", float, 0.0,
          "Resident memory cap per worker in MB (0 = off); above it the worker is recycled gracefully "
-         "(a fresh worker starts, the old one drains and stops).", ge=0, le=1000000000),
+         "(a fresh worker starts, the old one drains and stops). A shared worker (workers: "
+         "per_symbol) is one worker: the cap is its whole process's.", ge=0, le=1000000000),
     _num("limits", "max_calls", int, 0, "Recycle a function worker after this many calls (0 = off).",
          ge=0, le=1000000000000000),
     _num("limits", "sink_window_mb", float, 128.0,
@@ -277,6 +285,7 @@ class Settings:
     """The effective settings; fields mirror :data:`SETTINGS` in order (a test keeps them in step)."""
     start_method: str
     threads_per_worker: int
+    workers: str
     stop_grace: float
     heartbeat_interval: float
     heartbeat_misses: int
@@ -347,7 +356,7 @@ PER_SYMBOL = frozenset((
     "start_timeout", "restart_backoff_initial", "restart_backoff_min", "restart_backoff_max",
     "restart_jitter", "flap_max_restarts", "flap_window", "failed_retry_min", "failed_retry_max",
     "memory_limit_mb", "max_calls", "sink_window_mb", "sink_max_deliveries", "source_datasource",
-    "state_max_bytes", "serve_workers", "serve_args", "serve_result"))
+    "state_max_bytes", "serve_workers", "serve_args", "serve_result", "workers"))
 
 
 _BY_NAME: Dict[str, Setting] = {s.name: s for s in SETTINGS}

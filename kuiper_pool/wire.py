@@ -273,11 +273,14 @@ def sink_ack_error(error: str) -> bytes:
     return dumps({"error": str(error)})
 
 
+_REPLY = json.JSONEncoder(allow_nan=False)   # json.dumps(allow_nan=False) builds one per call
+
+
 def func_answer(state: bool, result: Any) -> Tuple[bool, bytes]:
     """``{"state", "result"}`` and the state it says; a result JSON cannot encode (NaN and
     Infinity included: Go refuses them) becomes a state-false error naming its type."""
     try:
-        return state, json.dumps({"state": state, "result": result}, allow_nan=False).encode()
+        return state, _REPLY.encode({"state": state, "result": result}).encode()
     except (TypeError, ValueError) as e:
         return False, json.dumps({"state": False, "result": f"result of type {type(result).__name__} "
                                                              f"cannot be encoded as JSON: {e}"}).encode()

@@ -15,7 +15,9 @@ SIGKILLs itself), ``hang`` (a busy loop that never returns).
 * source ``src``, conf: ``interval`` (s between items, default 0.01), ``open_fault``
   (how ``open`` fails before emitting), ``once`` (a marker name: fail only while
   ``<root>/<once>`` is absent; it is created just before failing), ``quiet`` (seconds
-  ``open`` emits nothing first), ``configure_fault`` (``configure`` raises ValueError).
+  ``open`` emits nothing first), ``configure_fault`` (``configure`` raises ValueError),
+  ``alloc_mb`` (``open`` keeps that many MiB of touched memory, the first time for its rule),
+  ``ignore_close`` (``close`` returns without stopping ``open``, which then never returns).
   Items: ``{"n": 1, 2, ..., "pid", "rule"}``. Events: ``configure`` (symbol, conf),
   ``open`` (rule), ``fault``.
 * sink ``snk``, conf: ``open_fault`` (how ``open`` fails, every time),
@@ -115,6 +117,8 @@ class Src(Source):
         once = self.conf.get("once")
         if how and (not once or first_time(once)):
             fault(how, "open of rule " + rule, rule=rule)
+        if self.conf.get("alloc_mb") and first_time("alloc_" + rule):
+            KEEP.append(b"\x01" * (int(self.conf["alloc_mb"]) << 20))
         if self.conf.get("quiet") and self.stopped.wait(float(self.conf["quiet"])):
             return
         n = 0
@@ -125,7 +129,8 @@ class Src(Source):
             self.stopped.wait(interval)
 
     def close(self, ctx):
-        self.stopped.set()
+        if not self.conf.get("ignore_close"):
+            self.stopped.set()
 
 
 class Snk(Sink):

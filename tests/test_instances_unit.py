@@ -142,6 +142,7 @@ class Recorder:
         self.workers: List[WorkerHandle] = []
         self.sent: List[Tuple[int, int, bytes]] = []     # (wid, frame type, payload)
         self.signals: List[Tuple[int, int]] = []
+        self.retired: List[int] = []                       # workers recycled (their process takes no new instance)
         self.dumps: Dict[int, Dump] = {}                  # wid -> what its stack dump says
         self.watching: List[bool] = []
         self.closed_routes: List[Any] = []
@@ -184,6 +185,9 @@ class Recorder:
 
     def signal(self, w: WorkerHandle, sig: int) -> None:
         self.signals.append((w.wid, sig))
+
+    def retire(self, w: WorkerHandle, why: str) -> None:
+        self.retired.append(w.wid)
 
     def open_sink(self, inst: Instance) -> Tuple[MemoryPull, MemoryPush]:
         if self.route_error is not None:

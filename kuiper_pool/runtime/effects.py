@@ -28,6 +28,7 @@ from ..transport import load as load_transport
 from . import forensics, frames
 from .health import Cause, Vitals
 from .protocol import Exited, Refused, Started, StartSpec
+from .shared import SharedHosts
 from .state import States, Store
 from .zygote import Zygote
 
@@ -68,6 +69,7 @@ class Effects(Protocol):
     def spawn(self, inst: "Instance") -> WorkerHandle: ...   # OSError when no process/fd can be had
     def send(self, w: WorkerHandle, frame: bytes, fds: Sequence[int] = ()) -> bool: ...  # False: it exited
     def signal(self, w: WorkerHandle, sig: int) -> None: ...
+    def retire(self, w: WorkerHandle, why: str) -> None: ...   # recycled: its process takes no new instance
     def io(self, cls: Type[IO]) -> IO: ...   # a kind's I/O object (its channel.py): cls(self)
     def watch(self, inst: "Instance", endpoint: Any, reading: bool) -> None: ...  # read it or not
     def own_path(self, path: str) -> None: ...     # an ipc path of ours: removed if we die
@@ -107,6 +109,7 @@ class LoopEffects:
         self.transport_name = settings.transport
         self.lends = settings.transport == "sp"  # a native connection can be lent
         self.states = States(settings.state_dir, settings.state_flush_interval)
+        self.shared = SharedHosts(self)
 
     def now(self) -> float:
         return time.monotonic()
@@ -120,13 +123,19 @@ class LoopEffects:
         state = frames.encode(frames.STATE, self._store(inst).frame_payload())  # before any fork
         wid, self.next_wid = self.next_wid, self.next_wid + 1
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        shared = inst.s.workers == "per_symbol" and inst.kind != wire.TYPE_FUNC
         try:
-            self.zygote.start_worker(wid, theirs, inst.ctrl.symbol)
+            if shared:  # a thread in its symbol's process (shared.py)
+                host = self.shared.adopt(wid, theirs, inst)
+            else:
+                self.zygote.start_worker(wid, theirs, inst.ctrl.symbol)
         except OSError:
             ours.close()
             theirs.close()
             raise
         w = WorkerHandle(wid, time.monotonic())
+        if shared:
+            self.shared.attach(host, w)
         link = frames.Link(ours, lambda on: self.want_write(link.fileno(), on))
         entry = (w, inst, link)
         self.workers[wid] = entry
@@ -139,7 +148,7 @@ class LoopEffects:
             fd = inst.route.open_page(w, self.lends)
             start = StartSpec(inst.ctrl, inst.s.heartbeat_interval, inst.s.stop_grace,
                               self.s.dial_timeout, inst.s.max_calls, self.s.transport,
-                              forensics.dump_path(self.zygote.rundir, wid), fd is not None,
+                              "" if shared else forensics.dump_path(self.zygote.rundir, wid), fd is not None,
                               inst.s.source_datasource).frame()
             try:
                 link.send(start, [] if fd is None else [fd])   # any size: the rest waits in the outbox
@@ -160,7 +169,13 @@ class LoopEffects:
         return True
 
     def signal(self, w: WorkerHandle, sig: int) -> None:
-        self.made_by.get(w.wid, self.zygote).kill(w.wid, sig)
+        if self.shared.is_shared(w):
+            self.shared.signal(w, sig)
+        else:
+            self.made_by.get(w.wid, self.zygote).kill(w.wid, sig)
+
+    def retire(self, w: WorkerHandle, why: str) -> None:
+        self.shared.retire(w, why)
 
     def zygote_of(self, w: WorkerHandle) -> Optional[Zygote]:
         return self.made_by.get(w.wid)
@@ -195,7 +210,7 @@ class LoopEffects:
             self.unregister(z.fileno())
             return False
         for ev in events:
-            if not isinstance(ev, (Started, Exited, Refused)):
+            if not isinstance(ev, (Started, Exited, Refused)) or self.shared.on_report(ev):
                 continue
             entry = self.workers.get(ev.wid)
             if entry is None:
@@ -210,6 +225,7 @@ class LoopEffects:
 
     def orphaned(self, z: Zygote) -> None:
         """Zygote ``z`` died: its workers die with it (PDEATHSIG) unreported."""
+        self.shared.orphaned(z)
         for wid, made in list(self.made_by.items()):
             if made is z and wid in self.workers:
                 self.on_exit(self.workers[wid], signal.SIGKILL)
@@ -231,7 +247,9 @@ class LoopEffects:
             self.guarded("refused", inst, inst.on_refused, w, refused)
         else:
             self.guarded("exit", inst, inst.on_exit, w, status)
-        forensics.discard(forensics.dump_path(self.zygote.rundir, w.wid))  # its instance may be gone
+        if not self.shared.is_shared(w):
+            forensics.discard(forensics.dump_path(self.zygote.rundir, w.wid))  # its instance may be gone
+        self.shared.detach(w)
 
     def proc(self, w: WorkerHandle) -> Any:
         """psutil's handle of a worker (psutil is imported only when a figure is needed)."""
@@ -256,7 +274,10 @@ class LoopEffects:
             return None
 
     def dump(self, w: WorkerHandle) -> forensics.Dump:
-        return forensics.summary(forensics.read(forensics.dump_path(self.zygote.rundir, w.wid)))
+        path = self.shared.dump(w)
+        if path is None:
+            path = forensics.dump_path(self.zygote.rundir, w.wid)
+        return forensics.summary(forensics.read(path) if path else "")
 
     # --- eKuiper's endpoints ----------------------------------------------------------------
 

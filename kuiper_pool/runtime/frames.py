@@ -28,12 +28,17 @@ LEN = struct.Struct("!I")        # a length prefix inside a payload
 START = ord("S")      # protocol.StartSpec: the instance's Control and settings
 STATE = ord("T")      # right after START: the instance's state (state.py encoding)
 STOP = ord("X")       # close the instance and exit
+# supervisor -> shared worker (workers: per_symbol), on its own control link
+HOST = ord("O")       # HostSpec, the first frame: serve instances in threads (host.py)
+ADOPT = ord("J")      # seq: the instance's worker id; its link's fd travels with SCM_RIGHTS
 # worker -> supervisor
 READY = ord("R")      # Ready, after configure
 BEAT = ord("H")       # Beat: counters and the running work's start
 FAULT = ord("F")      # Fault: the worker is about to exit because of it
 PUT = ord("U")        # one put_state/delete_state (state.py encoding)
-TYPES = frozenset({START, STATE, STOP, READY, BEAT, FAULT, PUT})   # a kind's own types are others
+# shared worker -> supervisor, on the control link
+ENDED = ord("E")      # Ended: an instance's thread ended (its exit code)
+TYPES = frozenset({START, STATE, STOP, READY, BEAT, FAULT, PUT, HOST, ADOPT, ENDED})  # a kind's own are others
 
 
 def encode(ftype: int, payload: bytes = b"") -> bytes:
@@ -101,6 +106,40 @@ class Fault(NamedTuple):
     @classmethod
     def decode(cls, payload: bytes) -> "Fault":
         return cls(" ".join(str(decode_json(payload)["error"]).split()))
+
+
+class HostSpec(NamedTuple):
+    """HOST: what a shared worker (``workers: per_symbol``) serves, and how it is watched."""
+
+    kind: str
+    symbol: str
+    heartbeat_interval: float
+    dump_path: str
+
+    def encode(self) -> bytes:
+        return encode_json(HOST, self._asdict())
+
+    @classmethod
+    def decode(cls, payload: bytes) -> "HostSpec":
+        d = decode_json(payload)
+        return cls(str(d["kind"]), str(d["symbol"]), float(d["heartbeat_interval"]), str(d["dump_path"]))
+
+
+class Ended(NamedTuple):
+    """ENDED: instance ``wid``'s thread in a shared worker ended with ``code``; ``stuck``: it
+    could not be made to return and is left behind."""
+
+    wid: int
+    code: int
+    stuck: bool
+
+    def encode(self) -> bytes:
+        return encode_json(ENDED, self._asdict())
+
+    @classmethod
+    def decode(cls, payload: bytes) -> "Ended":
+        d = decode_json(payload)
+        return cls(int(d["wid"]), int(d["code"]), bool(d["stuck"]))
 
 
 class FrameBuffer:

@@ -29,6 +29,7 @@ class Cause(enum.Enum):
     MAX_CALLS = "max_calls"          # served max_calls
     OPERATOR = "operator"            # kuiper-pool restart
     RELOAD = "reload"                # replaced by a worker of the new code
+    SHARED = "shared"                # moved off a shared worker that must end (shared.py)
 
     @property
     def kills(self) -> bool:

@@ -375,14 +375,14 @@ class Instance:
             return True
         return False
 
-    def replace(self, why: str) -> bool:
-        """A reload: a running worker that holds nothing of eKuiper's is replaced as in a
-        recycle (its sink items finish or go to the next worker; never a crash). False
-        when it cannot be now (the caller asks again)."""
+    def replace(self, why: str, cause: Cause = Cause.RELOAD) -> bool:
+        """A reload, or a move off a shared worker that must end: a running worker that
+        holds nothing of eKuiper's is replaced as in a recycle (its sink items finish or go
+        to the next worker; never a crash). False when it cannot be now (the caller asks again)."""
         w = self.worker
         if self._state is not RUNNING or w is None or w.kill_reason or self.route.busy():
             return False
-        self._recycle(w, Cause.RELOAD, why)
+        self._recycle(w, cause, why)
         return True
 
     def kill(self, w: WorkerHandle, cause: Cause, why: str) -> None:
@@ -407,6 +407,7 @@ class Instance:
         self._move(RECYCLING, "recycle")
         w.kill_reason, w.kill_cause = why, cause
         self.fx.note(self, logging.INFO, "recycling worker pid %d: %s", w.pid, why)
+        self.fx.retire(w, why)  # a shared worker's other instances stay; the next one is fresh
         self.fx.send(w, frames.encode(frames.STOP))
         w.kill_at = self.fx.now() + self.s.stop_grace
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import sys
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Dict, Tuple
 
 from ..version import __version__
 from .instances import BACKOFF, FAILED, RUNNING
@@ -18,19 +18,26 @@ PYTHON = ".".join(map(str, sys.version_info[:3]))
 
 
 def sample(sup: "Supervisor") -> None:
-    """psutil figures of every worker: memory, CPU share since the last sample, CPU time."""
+    """psutil figures of every worker: memory, CPU share since the last sample, CPU time;
+    read once per process (a shared worker's are every one of its instances')."""
+    seen: Dict[int, Tuple[int, float, float]] = {}
     for w, _inst, _link in list(sup.fx.workers.values()):
+        v = w.vitals
+        if w.pid in seen:
+            v.rss, v.cpu_percent, v.cpu_seconds = seen[w.pid]
+            continue
         proc = sup.fx.proc(w)
         if proc is None:
             continue
         try:
             with proc.oneshot():
-                w.vitals.rss = proc.memory_info().rss
-                w.vitals.cpu_percent = proc.cpu_percent(None)
+                v.rss = proc.memory_info().rss
+                v.cpu_percent = proc.cpu_percent(None)
                 t = proc.cpu_times()
-                w.vitals.cpu_seconds = t.user + t.system
+                v.cpu_seconds = t.user + t.system
         except Exception:  # noqa: BLE001 - psutil.Error: gone meanwhile
-            pass
+            continue
+        seen[w.pid] = (v.rss, v.cpu_percent, v.cpu_seconds)
 
 
 def snapshot(sup: "Supervisor") -> Snapshot:
@@ -44,6 +51,7 @@ def snapshot(sup: "Supervisor") -> Snapshot:
         rows.append({
             "symbol": c.symbol, "type": c.plugin_type, "rule": c.rule_id, "op": c.op_id,
             "instance": c.instance_id, "pid": (w.pid or None) if w is not None else None,
+            "shared": w is not None and sup.fx.shared.is_shared(w),
             "state": inst.state.value,
             "uptime": mono - inst.running_since if inst.state is RUNNING else 0.0,
             "restarts": inst.restarts, "restart_causes": dict(inst.restart_causes),

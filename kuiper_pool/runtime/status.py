@@ -8,7 +8,7 @@ use it)::
 
     {"plugin": str, "version": str, "pid": int, "zygote_pid": int, "uptime": float, "time": float,
      "python": str, "started": float,
-     "instances": [{"symbol", "type", "rule", "op", "instance", "pid", "state",
+     "instances": [{"symbol", "type", "rule", "op", "instance", "pid", "shared", "state",
                     "uptime", "restarts", "restart_causes": {cause: n},
                     "recent_restarts": [{at: time, cause: kind, error: text}],
                     "next_retry_at", "last_error", "last_error_at", "rss", "cpu_percent",
@@ -19,6 +19,9 @@ Times (``time``, ``at``, ``next_retry_at``, ``last_error_at``, ``started``) are 
 ``last_error_at`` once it has an error (``null`` otherwise), and ``last_error`` is never cut.
 ``version`` is the supervisor's kuiper_pool, ``started`` its start, ``restarts`` the sum of
 ``restart_causes``, ``cpu_seconds`` the CPU time of all the instance's workers so far.
+``shared`` is true while the instance runs in a worker shared by its symbol's instances
+(``workers: per_symbol``): ``pid`` is that process's, shared by them, and so are ``rss``,
+``cpu_percent`` and ``cpu_seconds``.
 """
 from __future__ import annotations
 

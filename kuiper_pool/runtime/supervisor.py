@@ -247,6 +247,7 @@ class Supervisor:
         for inst in list(self.instances.values()):
             self.guarded("tick", inst, inst.tick, now)
         self.guarded("state", None, self.fx.flush_state, now)
+        self.guarded("shared", None, self.fx.shared.tick, now)
         self.guarded("reload", None, self.reloader.tick, now)
         if now - self.last_sample >= self.s.sample_interval:
             self.last_sample = now

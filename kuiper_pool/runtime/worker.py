@@ -16,12 +16,13 @@ import socket
 import sys
 import threading
 import traceback
-from typing import Any, Callable, Optional, Set, Tuple
+from typing import Any, Callable, List, Optional, Set, Tuple
 
 from .. import logs, wire
 from ..api import PluginConfig
 from . import forensics, frames, kinds, proctitle
 from .context import WorkerContext
+from .host import Host, LinkLost
 from .protocol import StartSpec
 from .state import LocalState
 
@@ -47,7 +48,7 @@ class ForkGuard:
         self.pid = os.getpid()
         self.forked = False  # set in a forked child: a flag test, not a getpid per emitted item
         self.fds: Set[int] = set()
-        self.page: Any = None    # a call page or a sink page: closed at fork in the child
+        self.pages: Set[Any] = set()   # call pages, sink pages (one per instance): closed at fork in the child
         self.where = ""
         self.log: Callable[[], logging.Logger] = logs.supervisor_logger  # the instance's, once known
         os.register_at_fork(after_in_child=self.after_fork_in_child)
@@ -61,8 +62,8 @@ class ForkGuard:
             except OSError:
                 pass
         os.close(null)
-        if self.page is not None:
-            self.page.close()
+        for page in self.pages:
+            page.close()
 
     def check(self) -> None:
         """Exit at once in a process forked by plugin code; nothing in the worker itself."""
@@ -74,20 +75,43 @@ class ForkGuard:
             os._exit(EXIT_FORKED)
 
 
-class GuardedLink(frames.BlockingLink):
-    """The worker's link, usable by the worker process alone (see :class:`ForkGuard`)."""
+def _orphaned() -> None:
+    os._exit(EXIT_ORPHAN)
 
-    def __init__(self, sock: socket.socket, guard: ForkGuard) -> None:
+
+def _exit_ok() -> None:
+    sys.stdout.flush()
+    os._exit(EXIT_OK)
+
+
+class GuardedLink(frames.BlockingLink):
+    """The worker's link, usable by the worker process alone (see :class:`ForkGuard`).
+    ``lost`` runs when the supervisor closed it: the process exits (the supervisor is gone,
+    as the heartbeat finds too), or in a shared worker the instance's thread ends."""
+
+    def __init__(self, sock: socket.socket, guard: ForkGuard,
+                 lost: Callable[[], None] = _orphaned) -> None:
         super().__init__(sock)
         self.guard = guard
+        self.lost = lost
         guard.fds.add(sock.fileno())
 
     def send(self, frame: bytes) -> None:
         self.guard.check()
+        if self.sock.fileno() < 0:
+            return  # a shared worker's instance ended: a late ack of plugin code goes nowhere
         try:
             super().send(frame)
-        except ConnectionError:  # the supervisor is gone: nothing left to serve (as the heartbeat does)
-            os._exit(EXIT_ORPHAN)
+        except ConnectionError:
+            self.lost()
+
+    def close(self) -> None:
+        """Close it and the descriptors it received that nothing took (a shared worker's
+        instance ended; the process goes on)."""
+        self.guard.fds.discard(self.sock.fileno())
+        self.sock.close()
+        while self.fds:
+            os.close(self.fds.popleft())
 
     def recv(self) -> Optional[Tuple[int, bytes]]:
         self.guard.check()
@@ -98,7 +122,7 @@ class Worker:
     """State shared by the runner and the heartbeat thread."""
 
     def __init__(self, link: GuardedLink, plugin: PluginConfig, spec: StartSpec,
-                 state: bytes) -> None:
+                 state: bytes, shared: bool = False) -> None:
         self.link = link
         self.guard = link.guard
         self.plugin = plugin
@@ -111,7 +135,14 @@ class Worker:
         self.ctx: Optional[WorkerContext] = None  # a source's: its emit_error count is reported
         self.stopped = threading.Event()
         self._log: Optional[logging.Logger] = None
-        self.guard.where, self.guard.log = self.where(), lambda: self.log
+        self.page: Any = None   # its kind's page, if any (hold_page)
+        self.shared = shared
+        self.releases: List[Callable[[], None]] = []   # see release
+        # what the process does when a source's open outlives its close by stop_grace;
+        # a shared worker ends only the instance (host.py)
+        self.give_up: Callable[[], None] = _exit_ok
+        if not shared:  # a shared worker's guard names the process (host.py)
+            self.guard.where, self.guard.log = self.where(), lambda: self.log
 
     @property
     def log(self) -> logging.Logger:
@@ -126,16 +157,33 @@ class Worker:
     def where(self) -> str:
         return f"plugin {self.plugin.name} {self.ctrl.describe()}"
 
+    def release(self, close: Callable[[], None]) -> None:
+        """``close`` runs when the instance ends in a shared worker, whose process goes on
+        (its sockets, pipes and pages); a worker of its own just exits."""
+        self.releases.append(close)
+
+    def hold_page(self, page: Any) -> None:
+        """The page this instance shares with the supervisor (None: none): closed in a
+        child that plugin code forks."""
+        self.page = page
+        if page is not None:
+            self.guard.pages.add(page)
+
     def heartbeat(self, interval: float, parent: int) -> None:
         while not self.stopped.wait(interval):
             if os.getppid() != parent:
                 os._exit(EXIT_ORPHAN)
-            t = os.times()  # the supervisor compares it with psutil's: busy or hung
             try:
-                self.link.send(frames.Beat(self.processed, self.busy_since, t.user + t.system,
-                                           self.ctx.errors if self.ctx is not None else 0).encode())
+                self.beat()
             except OSError:
                 os._exit(EXIT_ORPHAN)
+
+    def beat(self) -> None:
+        """One heartbeat: progress, the running call's start, the process's CPU time (the
+        supervisor compares it with psutil's: busy or hung)."""
+        t = os.times()
+        self.link.send(frames.Beat(self.processed, self.busy_since, t.user + t.system,
+                                   self.ctx.errors if self.ctx is not None else 0).encode())
 
     def ready(self, error: Optional[str]) -> None:
         self.link.send(frames.Ready(error).encode())
@@ -170,38 +218,58 @@ def start_thread(fn: Callable[..., Any], *args: Any) -> None:
 
 
 def run(link_sock: socket.socket, plugin: PluginConfig, spawned: bool = False) -> int:
-    """Serve one instance over ``link_sock``; return the exit code. ``spawned``: this worker
+    """Serve one instance over ``link_sock`` (or, told so by its first frame, be the shared
+    worker of a symbol's instances: host.py); return the exit code. ``spawned``: this worker
     was exec'd (``start_method: spawn``), not forked, which its process title says."""
     link = GuardedLink(link_sock, ForkGuard())
     first = link.recv()
-    if first is None or first[0] != frames.START:
+    if first is not None and first[0] == frames.HOST:
+        return Host(link, frames.HostSpec.decode(first[1])).serve(
+            lambda wid, sock, host: _run_shared(wid, sock, host, plugin), plugin.name, spawned)
+    worker = _receive(link, plugin, first, False)
+    if worker is None:
         return EXIT_ORPHAN
+    c = worker.ctrl
+    # most telling first: the title is cut to the length of the command line it replaces
+    proctitle.set_title(f"kuiper-pool {'(exec) ' if spawned else ''}{plugin.name} {_kind(c)} {c.symbol}"
+                        + (f" {c.rule_id}/{c.op_id}/{c.instance_id}" if c.rule_id else ""), c.symbol)
+    if worker.spec.dump_path:
+        try:
+            forensics.install(worker.spec.dump_path)
+        except OSError as e:  # a nicety: the worker serves without it
+            worker.log.warning("%s: no stack dump on a crash or hang: cannot create %s: %s",
+                               worker.where(), worker.spec.dump_path, e.strerror or e)
+    start_thread(worker.heartbeat, worker.spec.heartbeat_interval, os.getppid())
+    return _serve(worker)
+
+
+def _kind(c: wire.Control) -> str:
+    return "function" if c.plugin_type == wire.TYPE_FUNC else c.plugin_type
+
+
+def _receive(link: GuardedLink, plugin: PluginConfig, first: Optional[Tuple[int, bytes]],
+             shared: bool) -> Optional[Worker]:
+    """The instance a link's START and STATE frames describe; None if the link closed first."""
+    if first is None or first[0] != frames.START:
+        return None
     spec = StartSpec.decode(first[1])
     state = link.recv()  # always follows START
     if state is None or state[0] != frames.STATE:
-        return EXIT_ORPHAN
-    worker = Worker(link, plugin, spec, state[1])
-    c = worker.ctrl
-    # most telling first: the title is cut to the length of the command line it replaces
-    kind = "function" if c.plugin_type == wire.TYPE_FUNC else c.plugin_type
-    proctitle.set_title(f"kuiper-pool {'(exec) ' if spawned else ''}{plugin.name} {kind} {c.symbol}"
-                        + (f" {c.rule_id}/{c.op_id}/{c.instance_id}" if c.rule_id else ""), c.symbol)
-    if spec.dump_path:
-        try:
-            forensics.install(spec.dump_path)
-        except OSError as e:  # a nicety: the worker serves without it
-            worker.log.warning("%s: no stack dump on a crash or hang: cannot create %s: %s",
-                               worker.where(), spec.dump_path, e.strerror or e)
-    start_thread(worker.heartbeat, spec.heartbeat_interval, os.getppid())
+        return None
+    return Worker(link, plugin, spec, state[1], shared)
+
+
+def _serve(worker: Worker) -> int:
+    """Load its kind's half, build the plugin object with the author's factory, run it."""
     try:
-        runner = kinds.serve_for(c.plugin_type)
+        runner = kinds.serve_for(worker.ctrl.plugin_type)
     except Exception as e:  # noqa: BLE001 - a broken install: only this kind's starts are refused
-        text = " ".join(f"{worker.where()}: internal error: cannot load the {kind} worker: "
-                        f"{type(e).__name__}: {e}".split())
+        text = " ".join(f"{worker.where()}: internal error: cannot load the {_kind(worker.ctrl)} "
+                        f"worker: {type(e).__name__}: {e}".split())
         worker.log.error("%s", text)
         worker.ready(text)
         return EXIT_CONFIGURE
-    factory = plugin.get(worker.ctrl.plugin_type, worker.ctrl.symbol)
+    factory = worker.plugin.get(worker.ctrl.plugin_type, worker.ctrl.symbol)
     try:
         obj = factory() if factory is not None else None
         if obj is None:
@@ -213,7 +281,30 @@ def run(link_sock: socket.socket, plugin: PluginConfig, spawned: bool = False) -
         return runner(worker, obj)
     finally:
         worker.stopped.set()
+        worker.guard.pages.discard(worker.page)
+        for close in reversed(worker.releases if worker.shared else []):
+            try:
+                close()
+            except Exception as e:  # noqa: BLE001 - the instance has ended either way
+                worker.log.warning("%s: cannot release %s: %s", worker.where(), close, e)
         sys.stdout.flush()
+
+
+def _run_shared(wid: int, sock: socket.socket, host: Host, plugin: PluginConfig) -> int:
+    """One instance of a shared worker, in a thread of its own: its link, frames and state
+    are those of a worker of its own; a link the supervisor closed ends only this thread."""
+    link = GuardedLink(sock, host.guard, host.link_lost)
+    try:
+        worker = _receive(link, plugin, link.recv(), True)
+        if worker is None:
+            return EXIT_ORPHAN
+        worker.give_up = lambda: host.ended(wid, EXIT_OK, stuck=True)
+        host.add(wid, worker)
+        return _serve(worker)
+    except LinkLost:
+        return EXIT_ORPHAN
+    finally:
+        link.close()
 
 
 def preload() -> None:

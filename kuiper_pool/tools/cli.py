@@ -185,7 +185,7 @@ def format_status(snap: Dict) -> str:
     cols = ["SYMBOL", "TYPE", "RULE/OP/INST", "PID", "STATE", "UPTIME", "RESTARTS", "RSS",
             "CPU%", "IN", "OUT", "ERRORS", "LAST ERROR"]
     rows: List[List[str]] = []
-    cut = False
+    cut = shared = False
     for i in sorted(snap["instances"], key=lambda i: (i["symbol"], i["rule"], i["op"], i["instance"])):
         where = (f"{i['rule']}/{i['op']}/{i['instance']}" if i["type"] != "func" else
                  f"serve worker {i['instance']}" if i["instance"] else "(all rules)")
@@ -196,13 +196,18 @@ def format_status(snap: Dict) -> str:
         cut = cut or error != i["last_error"]
         if error and i.get("last_error_at"):
             error = f"{_clock(i['last_error_at'], snap['time'])} {error}"
-        rows.append([i["symbol"], i["type"], where, str(i["pid"] or "-"), state,
+        pid = str(i["pid"] or "-") + ("*" if i.get("shared") and i["pid"] else "")
+        shared = shared or pid.endswith("*")
+        rows.append([i["symbol"], i["type"], where, pid, state,
                      _duration(i["uptime"]), _restarts(i, snap["time"]),
                      f"{i['rss'] / 1048576:.1f}M", f"{i['cpu_percent']:.0f}", str(i["items_in"]),
                      str(i["items_out"]), str(i["errors"]), error or "-"])
     widths = [max(len(r[c]) for r in rows + [cols]) for c in range(len(cols))]
     lines = [head, ""] + ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip()
                           for r in [cols] + rows]
+    if shared:
+        lines += ["", "(PID*: one worker process shared by its symbol's instances, workers: per_symbol; "
+                      "its RSS and CPU% are the process's)"]
     if cut:
         lines += ["", f"(LAST ERROR is cut; kuiper-pool status {snap['plugin']} --json has it whole)"]
     return "\n".join(lines)

@@ -6,25 +6,24 @@ ack connection) go back. The supervisor's half is ``route.py``.
 """
 from __future__ import annotations
 
-import array
-import fcntl
 import os
 import select
 import socket
 import threading
 import time
-import termios
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 from .... import wire
 from ....transport.sp import frame as sp_frame
 from ....transport.sp import frame_header as sp_frame_header
+from ....transport.sp import scratch
 from ... import frames as link_frames
 from ...context import WorkerContext
 from ...worker import EXIT_CONFIGURE, EXIT_OK, Worker
 from . import frames
 from .frames import Why
-from .page import FREE, HOLDING, LENT, SP_FRAME, SinkPage, fits, open_sink_page
+from .marks import CollectMark
+from .page import CAPACITY, FREE, HOLDING, LENT, SP_FRAME, SinkPage, fits, open_sink_page
 
 DONE_EVERY = 32       # sink progress is reported at least this often
 PARTIAL_SPINS = 100   # a lent sink connection holds part of a frame: look again at once
@@ -41,16 +40,21 @@ def run(worker: Worker, sink: Any) -> int:
     # the collect mark, shared with the supervisor: [0] the seq whose collect began, [1]
     # whose collect returned (LENT | n for an item taken off a lent connection). An acked sink
     # under transport sp gets an item page with it and may be lent eKuiper's connections.
-    mark = open_sink_page(worker.link.fds.popleft()) if worker.spec.page else None
-    worker.guard.page = mark
+    mark = _map_page(worker.link.fds.popleft()) if worker.spec.page else None
+    worker.hold_page(mark)
     current = mark.slots if mark is not None else [0, 0]
     lent = LentSink(worker, mark) if isinstance(mark, SinkPage) else None
+    for owned in (mark, lent):
+        if owned is not None:
+            worker.release(owned.close)
     owed = AckOwed()
 
     def ack(data: bytes) -> None:
         # With requireAck an item is finished at its ack, whenever it comes (from collect or
         # later, from another thread): no DONE stands for it, so a late ack is never dropped.
         # eKuiper sends the next item only after this ack, so ``current`` is still its item.
+        if worker.stopped.is_set():  # after the end (a shared worker's instance): its page is gone
+            return
         if current[0] & LENT and lent is not None:
             lent.ack(data)
         else:
@@ -126,6 +130,14 @@ def run(worker: Worker, sink: Any) -> int:
     return EXIT_OK
 
 
+def _map_page(fd: int) -> Union[CollectMark, SinkPage]:
+    """The page the supervisor made, mapped; its descriptor is closed (the mapping holds it)."""
+    try:
+        return open_sink_page(fd)
+    finally:
+        os.close(fd)
+
+
 class AckOwed:
     """Whether the item collected last still owes its ack (a sink may ack after ``collect``
     returned, from a thread of its own). A stopping worker waits for it, so an item is
@@ -171,8 +183,16 @@ class LentSink:
         self.link_ready = False
         self.stalled = False  # an ack's end went to the supervisor: give the connections back
         self.partial = 0      # looks at the same part of a frame
-        self.avail = array.array("i", [0])   # FIONREAD's answer
         self.runner = threading.get_ident()
+
+    def close(self) -> None:
+        """Its instance ended in a shared worker: eKuiper's connections and the wake pipe
+        are closed (a late ack of plugin code after this does nothing)."""
+        with self.lock:
+            self.give_back(None)
+            os.close(self.wake_r)
+            os.close(self.wake_w)
+            self.wake_w = -1
 
     def attach(self, data_fd: int, ack_fd: int) -> None:
         self.give_back(None)
@@ -221,23 +241,24 @@ class LentSink:
         return self._take()
 
     def _take(self) -> Optional[bytes]:
-        """The next item, taken with one recv once its whole frame is in the socket."""
+        """The next item, taken with one recv once its whole frame is in the socket (one peek
+        tells both: eKuiper sends the next item only after this one's ack)."""
         assert self.data is not None
-        fcntl.ioctl(self.data.fileno(), termios.FIONREAD, self.avail)
-        avail = self.avail[0]
+        peek = scratch()[:CAPACITY]
+        try:
+            avail = self.data.recv_into(peek, len(peek), socket.MSG_PEEK)
+        except BlockingIOError:
+            return None
+        except OSError:
+            self.give_back(Why.CLOSED)
+            return None
+        if avail == 0:
+            self.give_back(Why.CLOSED)  # eKuiper closed it: it dials again
+            return None
         if avail < SP_FRAME:
-            try:
-                if avail == 0 and not self.data.recv(1, socket.MSG_PEEK):
-                    self.give_back(Why.CLOSED)  # eKuiper closed it: it dials again
-                    return None
-            except BlockingIOError:
-                return None
-            except OSError:
-                self.give_back(Why.CLOSED)
-                return None
             self._partial()  # part of a frame: the rest is being written
             return None
-        kind, length = sp_frame_header(self.data.recv(SP_FRAME, socket.MSG_PEEK))
+        kind, length = sp_frame_header(peek[:SP_FRAME])
         if kind != 1 or not fits(length):
             self.give_back(Why.LARGE)  # the supervisor relays it (or drops a bad peer)
             return None
@@ -260,7 +281,7 @@ class LentSink:
         """The one ack of the item in hand, on eKuiper's ack connection (a second is dropped)."""
         self.worker.guard.check()  # a process forked by plugin code never acks
         with self.lock:
-            if self.page.state != HOLDING:
+            if self.wake_w < 0 or self.page.state != HOLDING:  # closed, or not in hand
                 return
             self.page.acking()
             try:
@@ -272,7 +293,9 @@ class LentSink:
             finally:
                 self.page.acked()
         if threading.get_ident() != self.runner:  # a late ack: the runner waits in poll
-            os.write(self.wake_w, b"x")
+            with self.lock:
+                if self.wake_w >= 0:
+                    os.write(self.wake_w, b"x")
 
 
 def _send_within(sock: socket.socket, data: bytes, timeout: float) -> bytes:

@@ -4,8 +4,6 @@ and calls ``close``. The supervisor's half only counts (``route.py``).
 """
 from __future__ import annotations
 
-import os
-import sys
 import threading
 from typing import Any
 
@@ -32,6 +30,7 @@ def run(worker: Worker, source: Any) -> int:
     except TransportError as e:
         worker.ready(f"{worker.where()}: cannot connect to eKuiper at {url}: {e}")
         return EXIT_CONFIGURE
+    worker.release(push.close)
     ctx: WorkerContext
 
     def send(data: bytes) -> None:
@@ -77,6 +76,5 @@ def _watch_stop(worker: Worker, source: Any, ctx: WorkerContext, opened: threadi
     if not opened.wait(worker.spec.stop_grace):
         worker.log.warning("%s: open did not return within %.1fs of close; exiting",
                            worker.where(), worker.spec.stop_grace)
-        sys.stdout.flush()
-        os._exit(EXIT_OK)
+        worker.give_up()  # the process exits; a shared worker ends only this instance
 

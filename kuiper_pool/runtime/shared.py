@@ -1,0 +1,256 @@
+"""The supervisor's side of shared workers (``workers: per_symbol``; the process is host.py).
+
+Each instance keeps its own :class:`~.effects.WorkerHandle` and link, so its state machine,
+route, frames, state and pages are exactly those of an instance with a worker of its own;
+only the process behind the handle is shared. The first instance of a symbol forks the
+shared worker from the zygote with a control link of its own; every instance's link goes to
+it over that link (ADOPT). What the instance is told maps onto the process so:
+
+- its thread ending (ENDED on the control link) is that handle's exit, with the thread's code;
+- the process's death is the exit of every handle on it, with the process's wait status;
+- a stack-dump, SIGCONT or hang kill goes to the process (a hang is the process's: one
+  heartbeat thread beats for all); any other kill gives the one instance up: its exit is
+  reported on the next tick and its link closed, which ends its thread. A thread still
+  running ``stop_grace`` later (plugin code that ignores its stop) retires the process: the
+  other instances are moved to a fresh one (a recycle each), then it is ended;
+- a recycle (memory_limit_mb, an operator's restart, a reload) retires the process: the
+  recycled instance starts in a fresh one, the others stay until they are recycled too;
+- a process left with no instance is let go (its control link closed) and SIGKILLed if it
+  has not exited ``stop_grace`` later.
+"""
+from __future__ import annotations
+
+import selectors
+import signal
+import socket
+from typing import TYPE_CHECKING, Dict, List, Optional, Union
+
+from . import forensics, frames
+from .health import Cause
+from .protocol import Exited, Refused, Started
+
+if TYPE_CHECKING:
+    from .effects import LoopEffects, WorkerHandle
+    from .instances import Instance
+    from .zygote import Zygote
+
+ENDS_INSTANCE = (signal.SIGKILL, signal.SIGTERM)
+
+
+class SharedHost:
+    """One shared worker process: its control link and the instances it serves."""
+
+    def __init__(self, wid: int, inst: "Instance", zygote: "Zygote", link: frames.Link) -> None:
+        self.wid = wid
+        self.plugin = inst.plugin
+        self.symbol = inst.ctrl.symbol
+        self.kind = inst.kind
+        self.stop_grace = inst.s.stop_grace
+        self.zygote = zygote
+        self.link = link
+        self.pid = 0
+        self.handles: Dict[int, "WorkerHandle"] = {}
+        self.abandoned: Dict[int, float] = {}   # given-up instance wid -> when its thread must have ended
+        self.retired = ""        # why it takes no new instance
+        self.moving = False      # its instances are moved to a fresh process (a stuck thread)
+        self.closed_at = 0.0     # its control link was closed (no instance left)
+        self.killed = False
+        self.hung = ""           # why an instance found the process hung (it is killed)
+
+    def describe(self) -> str:
+        return f"plugin {self.plugin} {self.kind} {self.symbol}: shared worker pid {self.pid}"
+
+
+class SharedHosts:
+    """Every shared worker of the supervisor, and which instance runs in which."""
+
+    def __init__(self, fx: "LoopEffects") -> None:
+        self.fx = fx
+        self.hosts: Dict[int, SharedHost] = {}     # the process's wid -> it
+        self.host_of: Dict[int, SharedHost] = {}   # an instance's wid -> its process
+        self.open: Dict[str, SharedHost] = {}      # symbol -> the process new instances join
+        self.due: List[int] = []                   # given-up instances whose exit is reported next tick
+
+    # --- instances joining and leaving -----------------------------------------------------
+
+    def adopt(self, wid: int, link_end: socket.socket, inst: "Instance") -> SharedHost:
+        """Send instance ``wid``'s link to its symbol's process, forked first if there is none
+        (or only a retired one, or one of a zygote a reload replaced). OSError as a spawn's."""
+        try:
+            host = self.open.get(inst.ctrl.symbol)
+            if host is None or host.zygote is not self.fx.zygote:
+                host = self._start(inst)
+            host.link.send(frames.encode_seq(frames.ADOPT, wid), [link_end.fileno()])
+        finally:
+            link_end.close()
+        return host
+
+    def attach(self, host: SharedHost, w: "WorkerHandle") -> None:
+        host.handles[w.wid] = w
+        self.host_of[w.wid] = host
+        w.pid = host.pid
+
+    def _start(self, inst: "Instance") -> SharedHost:
+        fx = self.fx
+        hwid, fx.next_wid = fx.next_wid, fx.next_wid + 1
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            fx.zygote.start_worker(hwid, theirs, inst.ctrl.symbol)
+        except OSError:
+            ours.close()
+            raise
+        link = frames.Link(ours, lambda on: fx.want_write(link.fileno(), on))
+        host = SharedHost(hwid, inst, fx.zygote, link)
+        self.hosts[hwid] = host
+        self.open[host.symbol] = host
+        fx.register(link.fileno(), lambda mask: self.on_link(host, mask), None)
+        link.send(frames.HostSpec(host.kind, host.symbol, inst.s.heartbeat_interval,
+                                  forensics.dump_path(fx.zygote.rundir, hwid)).encode())
+        return host
+
+    def detach(self, w: "WorkerHandle") -> None:
+        """Instance worker ``w`` exited: a process left with no instance is let go."""
+        host = self.host_of.pop(w.wid, None)
+        if host is None:
+            return
+        host.handles.pop(w.wid, None)
+        if not host.handles and host.wid in self.hosts:
+            self._close(host)
+
+    def _close(self, host: SharedHost) -> None:
+        if self.open.get(host.symbol) is host:
+            del self.open[host.symbol]
+        if not host.closed_at:
+            host.closed_at = self.fx.now()
+            self.fx.unregister(host.link.fileno())
+            host.link.close()
+
+    def retire(self, w: "WorkerHandle", why: str) -> None:
+        """``w``'s process takes no new instance (it is recycled)."""
+        host = self.host_of.get(w.wid)
+        if host is not None:
+            self._retire(host, why, move=False)
+
+    def _retire(self, host: SharedHost, why: str, move: bool) -> None:
+        if self.open.get(host.symbol) is host:
+            del self.open[host.symbol]
+        host.retired = host.retired or why
+        if move and not host.moving:
+            host.moving = True
+            self.fx.log.warning("%s: %s; its %d other instances move to a fresh worker",
+                                host.describe(), why, len(host.handles))
+
+    # --- what the state machine asks for ---------------------------------------------------
+
+    def signal(self, w: "WorkerHandle", sig: int) -> None:
+        host = self.host_of[w.wid]
+        if w.kill_cause is Cause.HANG and not host.hung:
+            host.hung = w.kill_reason   # what its other instances are told when it dies
+        if sig not in ENDS_INSTANCE or w.kill_cause is Cause.HANG:
+            self._kill(host, sig)  # a stack dump, a SIGCONT, a hung process: the process's
+        elif w.wid not in host.abandoned and w.wid in self.fx.workers:
+            host.abandoned[w.wid] = self.fx.now() + host.stop_grace
+            self.due.append(w.wid)
+
+    def _kill(self, host: SharedHost, sig: int) -> None:
+        if sig == signal.SIGKILL:  # no instance starts in a process about to die
+            host.killed = True
+            self._retire(host, "killed", move=False)
+        host.zygote.kill(host.wid, sig)
+
+    def dump(self, w: "WorkerHandle") -> Optional[str]:
+        """The dump file to read for ``w``'s exit: its process's once that has died (None:
+        not a shared instance; "": its process lives on)."""
+        host = self.host_of.get(w.wid)
+        if host is None:
+            return None
+        return "" if host.wid in self.hosts else forensics.dump_path(host.zygote.rundir, host.wid)
+
+    # --- what the processes report ---------------------------------------------------------
+
+    def on_link(self, host: SharedHost, mask: int) -> None:
+        if self.hosts.get(host.wid) is not host or host.closed_at:
+            return
+        if mask & selectors.EVENT_WRITE:
+            host.link.flush()
+        if not mask & selectors.EVENT_READ:
+            return
+        got = host.link.read()
+        if got is None:  # the process is gone; the zygote's report tells how
+            self.fx.unregister(host.link.fileno())
+            return
+        for ftype, payload in got:
+            if ftype == frames.ENDED:
+                self._ended(host, frames.Ended.decode(payload))
+
+    def _ended(self, host: SharedHost, msg: frames.Ended) -> None:
+        wid = msg.wid
+        if msg.stuck:
+            self._retire(host, "an instance's open did not return within stop_grace of its close", move=True)
+        host.abandoned.pop(wid, None)
+        entry = self.fx.workers.get(wid)
+        if entry is not None and self.host_of.get(wid) is host:
+            self.fx.on_exit(entry, (msg.code & 0xFF) << 8)
+
+    def on_report(self, ev: Union[Started, Exited, Refused]) -> bool:
+        """A zygote report about a shared process (False: it is about no shared process)."""
+        host = self.hosts.get(ev.wid)
+        if host is None:
+            return False
+        if isinstance(ev, Started):
+            host.pid = ev.pid
+            for w in list(host.handles.values()):
+                entry = self.fx.workers.get(w.wid)
+                if entry is not None:
+                    self.fx.guarded("started", entry[1], entry[1].on_started, w, host.pid)
+        elif isinstance(ev, Exited):
+            self.gone(host, ev.status)
+        else:
+            self.gone(host, 0, OSError(ev.errno, f"cannot fork: {ev.error}"))
+        return True
+
+    def gone(self, host: SharedHost, status: int, refused: Optional[OSError] = None) -> None:
+        """The process died (or was never made): every instance in it exits with it."""
+        self.hosts.pop(host.wid, None)
+        self._close(host)
+        for w in list(host.handles.values()):
+            entry = self.fx.workers.get(w.wid)
+            if entry is not None:
+                if host.hung and not w.kill_reason:  # a hang is the whole process's
+                    w.kill_reason, w.kill_cause = host.hung, Cause.HANG
+                elif not w.fault and not w.kill_reason:
+                    w.fault = f"its {host.describe()} ended"
+                self.fx.on_exit(entry, status, refused)
+        forensics.discard(forensics.dump_path(host.zygote.rundir, host.wid))
+
+    def orphaned(self, z: "Zygote") -> None:
+        """Zygote ``z`` died: its shared workers died with it (their instances are told by
+        the caller, as every worker of ``z``)."""
+        for host in [h for h in self.hosts.values() if h.zygote is z]:
+            self.hosts.pop(host.wid, None)
+            self._close(host)
+
+    def tick(self, now: float) -> None:
+        due, self.due = self.due, []
+        for wid in due:  # a given-up instance: its exit, then its link closes (its thread ends)
+            entry = self.fx.workers.get(wid)
+            if entry is not None:
+                self.fx.on_exit(entry, signal.SIGKILL)
+        for host in list(self.hosts.values()):
+            late = [wid for wid, at in host.abandoned.items() if now >= at]
+            for wid in late:
+                del host.abandoned[wid]
+                self._retire(host, "an instance's thread did not end within stop_grace of being "
+                                   "given up", move=True)
+            if host.moving:
+                for w in list(host.handles.values()):
+                    entry = self.fx.workers.get(w.wid)
+                    if entry is not None and not w.kill_reason:
+                        self.fx.guarded("move", entry[1], entry[1].replace,
+                                        f"moved off the retired {host.describe()}: {host.retired}",
+                                        Cause.SHARED)
+            if host.closed_at and not host.killed and now - host.closed_at >= host.stop_grace:
+                self._kill(host, signal.SIGKILL)
+
+    def is_shared(self, w: "WorkerHandle") -> bool:
+        return w.wid in self.host_of
