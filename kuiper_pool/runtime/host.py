@@ -54,7 +54,7 @@ class Host:
             try:
                 forensics.install(h.dump_path)
             except OSError as e:  # a nicety: the worker serves without it
-                self.guard.log.warning("%s: no stack dump on a crash or hang: cannot create %s: %s",
+                self.guard.log().warning("%s: no stack dump on a crash or hang: cannot create %s: %s",
                                        self.guard.where, h.dump_path, e.strerror or e)
         threading.Thread(target=self.heartbeat, args=(h.heartbeat_interval, os.getppid()),
                          daemon=True, name="kuiper_pool-heartbeat").start()

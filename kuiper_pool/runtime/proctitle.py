@@ -15,9 +15,8 @@ process keeps its old name and serves as before.
 """
 from __future__ import annotations
 
-import ctypes
+from .prctl import PR_SET_NAME, prctl
 
-PR_SET_NAME = 15
 COMM_MAX = 15
 
 
@@ -25,7 +24,7 @@ def set_title(title: str, short: str) -> None:
     """Name this process ``title`` in ``ps`` and ``short`` in ``top`` (cut to 15 bytes); best
     effort, never raises."""
     try:
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_NAME, short.encode()[:COMM_MAX], 0, 0, 0)
+        prctl(PR_SET_NAME, short.encode()[:COMM_MAX], 0, 0, 0)
     except (OSError, AttributeError):
         pass
     try:

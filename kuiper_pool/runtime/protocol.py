@@ -15,7 +15,7 @@ import fcntl
 import json
 import os
 import socket
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar, Dict, List, Sequence, Tuple, Type
 
 from .. import wire
@@ -70,7 +70,9 @@ class ZygoteMessage:
     OP: ClassVar[str]
 
     def to_dict(self) -> Dict[str, Any]:
-        return {"op": self.OP, **asdict(self)}
+        # its fields as they are, not asdict's deep copies: the zygote reports each fork, and
+        # every page its loop writes is one more private page of each worker forked before
+        return {"op": self.OP, **self.__dict__}
 
 
 # supervisor -> zygote

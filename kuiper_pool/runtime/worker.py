@@ -9,6 +9,8 @@ from a hung one, READY and FAULT.
 """
 from __future__ import annotations
 
+import _thread
+import logging
 import os
 import socket
 import sys
@@ -48,7 +50,7 @@ class ForkGuard:
         self.fds: Set[int] = set()
         self.pages: Set[Any] = set()   # call pages, sink pages (one per instance): closed at fork in the child
         self.where = ""
-        self.log = logs.supervisor_logger()  # the instance's, once the worker knows it
+        self.log: Callable[[], logging.Logger] = logs.supervisor_logger  # the instance's, once known
         os.register_at_fork(after_in_child=self.after_fork_in_child)
 
     def after_fork_in_child(self) -> None:
@@ -66,7 +68,7 @@ class ForkGuard:
     def check(self) -> None:
         """Exit at once in a process forked by plugin code; nothing in the worker itself."""
         if self.forked:
-            self.log.error(
+            self.log().error(
                 "%s: a process forked by plugin code (pid %d, from worker pid %d) returned into "
                 "the worker instead of exiting; it exits now", self.where, os.getpid(), self.pid)
             sys.stdout.flush()
@@ -132,8 +134,7 @@ class Worker:
         self.busy_since = 0.0
         self.ctx: Optional[WorkerContext] = None  # a source's: its emit_error count is reported
         self.stopped = threading.Event()
-        self.log = logs.instance_logger(self.ctrl.symbol, self.ctrl.rule_id or None,
-                                        self.ctrl.op_id, self.ctrl.instance_id)
+        self._log: Optional[logging.Logger] = None
         self.page: Any = None   # its kind's page, if any (hold_page)
         self.shared = shared
         self.releases: List[Callable[[], None]] = []   # see release
@@ -141,7 +142,17 @@ class Worker:
         # a shared worker ends only the instance (host.py)
         self.give_up: Callable[[], None] = _exit_ok
         if not shared:  # a shared worker's guard names the process (host.py)
-            self.guard.where, self.guard.log = self.where(), self.log
+            self.guard.where, self.guard.log = self.where(), lambda: self.log
+
+    @property
+    def log(self) -> logging.Logger:
+        """The instance's logger, made when first used: making a logger of a new name touches
+        every logger of the process (logging clears their caches), pages an idle worker would
+        otherwise copy from the zygote."""
+        if self._log is None:
+            self._log = logs.instance_logger(self.ctrl.symbol, self.ctrl.rule_id or None,
+                                             self.ctrl.op_id, self.ctrl.instance_id)
+        return self._log
 
     def where(self) -> str:
         return f"plugin {self.plugin.name} {self.ctrl.describe()}"
@@ -197,6 +208,15 @@ class Worker:
         return True
 
 
+def start_thread(fn: Callable[..., Any], *args: Any) -> None:
+    """Run ``fn(*args)`` in a thread of kuiper_pool's own, never joined (a worker ends with
+    ``os._exit``; an exec'd one's interpreter does not wait for it). A bare ``_thread``, not a
+    ``threading.Thread``, whose objects and registries (events, conditions, a weak set) copy
+    ~100 KiB of the zygote's pages into every worker; ``threading`` sees it as a dummy thread
+    if code running in it asks."""
+    _thread.start_new_thread(fn, args)
+
+
 def run(link_sock: socket.socket, plugin: PluginConfig, spawned: bool = False) -> int:
     """Serve one instance over ``link_sock`` (or, told so by its first frame, be the shared
     worker of a symbol's instances: host.py); return the exit code. ``spawned``: this worker
@@ -219,8 +239,7 @@ def run(link_sock: socket.socket, plugin: PluginConfig, spawned: bool = False) -
         except OSError as e:  # a nicety: the worker serves without it
             worker.log.warning("%s: no stack dump on a crash or hang: cannot create %s: %s",
                                worker.where(), worker.spec.dump_path, e.strerror or e)
-    threading.Thread(target=worker.heartbeat, args=(worker.spec.heartbeat_interval, os.getppid()),
-                     daemon=True, name="kuiper_pool-heartbeat").start()
+    start_thread(worker.heartbeat, worker.spec.heartbeat_interval, os.getppid())
     return _serve(worker)
 
 

@@ -37,6 +37,7 @@ it cannot serve (ERROR). Until the supervisor adopts it, it removes no file when
 """
 from __future__ import annotations
 
+import _signal as c_signal  # the C module under signal.py (see _fork_worker)
 import gc
 import json
 import os
@@ -52,11 +53,11 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Protocol, Seque
 from ..version import __version__
 from ..paths import identity, unlink_if_ours
 from ..transport.outbox import Outbox, Watch
+from . import heap
+from .prctl import PR_SET_CHILD_SUBREAPER, PR_SET_PDEATHSIG, prctl
 from .protocol import (FRESH_ENV, Adopt, Disown, Error, Exited, Hello, Kill, Own, Refused, Retire, Started,
                        StartWorker, ZygoteMessage, decode_zygote, encode_zygote, recv_zygote)
 
-PR_SET_PDEATHSIG = 1
-PR_SET_CHILD_SUBREAPER = 36
 FRESH_FD = 3   # where a fresh zygote finds its link
 # What reaches a whole process group or tree (a closed terminal's SIGHUP, Ctrl-C, ``pkill -HUP
 # -f <script>``) is the supervisor's to act on (reload, stop): the zygote ignores them, and its
@@ -70,22 +71,6 @@ def ignore_operator_signals() -> None:
     for sig in OPERATOR_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, OPERATOR_SIGNALS)
-
-
-_prctl: Optional[Callable[..., int]] = None
-
-
-def prctl(*args: int) -> int:
-    """libc's ``prctl``, looked up once, in the zygote (the supervisor forks it before it
-    imports ctypes): every forked worker calls it as it is. A ``CDLL`` made in a worker
-    makes a class of its own and touches ctypes' objects (~180 KiB of the zygote's pages
-    copied into a bare forked child). OSError or AttributeError where there is no prctl."""
-    global _prctl
-    if _prctl is None:
-        import ctypes
-
-        _prctl = ctypes.CDLL(None, use_errno=True).prctl
-    return _prctl(*args)
 
 
 def die_with_parent(expected_parent: int, sig: int = signal.SIGKILL) -> None:
@@ -532,6 +517,8 @@ def _serve(sock: socket.socket, worker_main: WorkerMain, spawn_argv: Optional[Li
     # supervisor stops gracefully: either way the loop leaves only once the supervisor is gone
     for sig in (signal.SIGCHLD, signal.SIGTERM):
         signal.signal(sig, lambda *_: None)
+    gc.collect()  # no garbage left to leave holes in the heap once its free blocks are taken
+    heap.fill_free_blocks()
     gc.freeze()  # keep the preloaded heap shared copy-on-write with the workers
     z.wake = (wake_r, wake_w)
     sel = selectors.DefaultSelector()
@@ -718,8 +705,11 @@ def _fork_worker(z: _Zygote, link_fd: int, symbol: str) -> int:
     code = 70
     try:
         signal.set_wakeup_fd(-1)
-        for sig in (signal.SIGCHLD, signal.SIGTERM):
-            signal.signal(sig, signal.SIG_DFL)  # OPERATOR_SIGNALS stay ignored: the supervisor's
+        for sig in (signal.SIGCHLD, signal.SIGTERM):  # OPERATOR_SIGNALS stay ignored: the supervisor's
+            # _signal's, not signal.signal, which turns the old handler (the zygote's function)
+            # into the Handlers enum through Enum's ValueError path: ~128 KiB of the zygote's
+            # pages copied into every worker
+            c_signal.signal(sig, c_signal.SIG_DFL)
         z.sock.close()
         for fd in z.wake:
             os.close(fd)

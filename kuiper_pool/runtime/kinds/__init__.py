@@ -11,7 +11,7 @@ imports another.
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Dict
 
 from ... import wire
 
@@ -35,6 +35,14 @@ def route_for(inst: "Instance") -> "Route":
     return getattr(module(inst.kind, "route"), ROUTES[inst.kind])(inst)
 
 
+_serve: "Dict[str, Callable[[Worker, Any], int]]" = {}
+
+
 def serve_for(kind: str) -> "Callable[[Worker, Any], int]":
-    """The worker's half of ``kind``: ``run(worker, plugin object)`` -> the exit code."""
-    return module(kind, "serve").run
+    """The worker's half of ``kind``: ``run(worker, plugin object)`` -> the exit code. Kept
+    once loaded: a worker forked after the zygote's preload finds it without running the
+    import machinery (whose objects it would copy from the zygote)."""
+    run = _serve.get(kind)
+    if run is None:
+        run = _serve[kind] = module(kind, "serve").run
+    return run

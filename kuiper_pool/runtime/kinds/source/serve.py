@@ -12,7 +12,7 @@ from ....transport import TransportError, TransportTimeout
 from ....transport import load as load_transport
 from ... import frames
 from ...context import WorkerContext
-from ...worker import EXIT_CONFIGURE, EXIT_OK, Worker
+from ...worker import EXIT_CONFIGURE, EXIT_OK, Worker, start_thread
 
 SEND_POLL = 0.1       # how often a blocked emit re-checks for stop
 
@@ -47,8 +47,7 @@ def run(worker: Worker, source: Any) -> int:
     ctx = worker.ctx = WorkerContext(ctrl.symbol, ctrl.rule_id, ctrl.op_id, ctrl.instance_id,
                                      worker.state, send=send)
     opened = threading.Event()
-    threading.Thread(target=_watch_stop, args=(worker, source, ctx, opened),
-                     daemon=True, name="kuiper_pool-stop").start()
+    start_thread(_watch_stop, worker, source, ctx, opened)
     worker.ready(None)
     try:
         source.open(ctx)
