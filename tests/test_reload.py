@@ -476,3 +476,31 @@ def test_zygote_messages_of_any_size_up_to_the_bound_arrive_whole_and_others_nam
             with pytest.raises(ValueError, match=cause):
                 protocol.decode_zygote(*protocol.recv_zygote(b))
     assert len(os.listdir("/proc/self/fd")) == before   # every memfd closed, read or refused
+
+
+def test_a_reload_is_answered_when_its_last_instance_is_replaced_not_at_the_next_tick(monkeypatch):
+    """The event that replaces the last instance also ends the reload's outcome: a SIGHUP the
+    loop handles before its next tick then begins a new reload over a finished one, never over
+    one whose poller would wait for it until its outcome is forgotten ("no reload N")."""
+    import logging
+    import time
+    from types import SimpleNamespace
+
+    from kuiper_pool.runtime.reload import Outcome, Progress, Reloader, Replacing
+
+    sup = SimpleNamespace(log=logging.getLogger("test"), fx=SimpleNamespace(listeners=[]),
+                          plugin=SimpleNamespace(name="p_reload_unit"), exiting="",
+                          zygote=SimpleNamespace(pid=1), instances={})
+    reloader = Reloader(sup, ["main.py"])
+    assert sup.fx.listeners == [reloader.on_change]
+    reloader.seq = 1
+    reloader.outcome = reloader.outcomes[1] = Outcome(1, False)
+    reloader.replacing = {"a": Replacing("a", time.monotonic()), "b": Replacing("b", time.monotonic())}
+    monkeypatch.setattr(reloader, "_step", lambda r, now: (Progress.REPLACED, ""))
+    reloader.on_change(SimpleNamespace(ctrl=SimpleNamespace(key="a")), None)
+    assert not reloader.outcome.done and reloader.busy()
+    reloader.on_change(SimpleNamespace(ctrl=SimpleNamespace(key="b")), None)
+    assert not reloader.busy()
+    assert reloader.outcomes[1].done and reloader.outcomes[1].ok
+    assert reloader.outcomes[1].lines == ["plugin p_reload_unit: reloaded: 2 instance(s) replaced by "
+                                          "workers of the new code (zygote pid 1)"]

@@ -256,10 +256,7 @@ class Reloader:
                          f"{self.sup.s.start_timeout:g}s")
         for r in list(self.replacing.values()):
             self._advance(r, now)
-        if self.outcome is not None and not self.outcome.done and not self.busy() and not self.check:
-            self._finish(not self.problems, f"plugin {self.name}: reloaded: {self.replaced} "
-                         f"instance(s) replaced by workers of the new code (zygote pid "
-                         f"{self.sup.zygote.pid})", *self.problems)
+        self._done_replacing()
         self.leaving = [z for z in self.leaving if not self._released(z)]
 
     def _released(self, z: Zygote) -> bool:
@@ -286,6 +283,16 @@ class Reloader:
         elif progress is Progress.PROBLEM:
             self.problems.append(" ".join(text.split()))
         del self.replacing[r.key]
+        self._done_replacing()
+
+    def _done_replacing(self) -> None:
+        """The outcome, as soon as the last instance is replaced: in the same turn of the loop,
+        or a SIGHUP handled before the next tick would begin a reload over an unfinished one
+        (whose poller would never hear its end)."""
+        if self.outcome is not None and not self.outcome.done and not self.busy() and not self.check:
+            self._finish(not self.problems, f"plugin {self.name}: reloaded: {self.replaced} "
+                         f"instance(s) replaced by workers of the new code (zygote pid "
+                         f"{self.sup.zygote.pid})", *self.problems)
 
     def _step(self, r: Replacing, now: float) -> Optional[Tuple[Progress, str]]:
         """Where the replace of ``r`` is: how it ended, or None while it goes on."""
