@@ -479,7 +479,10 @@ def test_factories_that_are_lambdas_and_closures_work(tmp_path, names, host_runs
 PRINTING_SOURCE = '''
 class PrintingSource(CountingSource):
     def open(self, ctx):
-        print("printed-by", os.getpid())  # no flush: eKuiper runs plugins with python -u
+        # no flush: eKuiper runs plugins with python -u. One string: under -u each of print's
+        # parts is its own write, and the supervisor's log lines to the same stdout may come
+        # between them (as between two threads' prints under the official SDK)
+        print(f"printed-by {os.getpid()}")
         ctx.emit({"pid": os.getpid()}, None)
         self.stopped.wait()
 '''
