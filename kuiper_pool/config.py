@@ -8,13 +8,12 @@ a :class:`ConfigError` whose message is one line.
 """
 from __future__ import annotations
 
-import dataclasses
 import errno
 import json
 import math
 import os
 import stat
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 
 ENV_PREFIX = "KUIPER_POOL_"
@@ -30,8 +29,7 @@ def _identity(value: Any) -> Any:
     return value
 
 
-@dataclasses.dataclass(frozen=True)
-class Setting:
+class Setting(NamedTuple):
     name: str
     section: str
     type: type  # bool, int, float or str: what YAML must hold and what env text is parsed as
@@ -241,7 +239,7 @@ SETTINGS: Tuple[Setting, ...] = (
             'port per plugin ("" = not: `kuiper-pool metrics` serves every plugin\'s from their '
             "status sockets on one address).", _loopback_address),
     Setting("runtime_dir", "operations", str, "", "a string",
-            'Where the private (0700) directory for internal sockets is made ("" = the system temp dir); '
+            'Where the private (0700) directory for internal sockets is made ("" = $TMPDIR if set, else /tmp); '
             "it and every directory above it must belong to this user or root and be writable by "
             "nobody else (a sticky directory such as /tmp is fine)."),
     Setting("state_dir", "state", str, "", "a string",
@@ -280,8 +278,7 @@ SETTINGS: Tuple[Setting, ...] = (
 )
 
 
-@dataclasses.dataclass(frozen=True)
-class Settings:
+class Settings(NamedTuple):
     """The effective settings; fields mirror :data:`SETTINGS` in order (a test keeps them in step)."""
     start_method: str
     threads_per_worker: int
@@ -322,15 +319,15 @@ class Settings:
     serve_result: str
     serve_drain: float
 
-    symbols: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
+    symbols: Mapping[str, Mapping[str, Any]] = {}  # shared default: a Settings is never changed
 
     def as_dict(self) -> Dict[str, Any]:
-        return dataclasses.asdict(self)
+        return dict(self._asdict())
 
     def for_symbol(self, symbol: str) -> "Settings":
         """The settings of one symbol's instances: these, with its ``symbols:`` overrides."""
         overrides = {k: v for k, v in self.symbols.get(symbol, {}).items() if k != ENV_KEY}
-        return dataclasses.replace(self, **overrides) if overrides else self
+        return self._replace(**overrides) if overrides else self
 
     def symbol_env(self) -> Dict[str, Dict[str, str]]:
         """``{symbol: {variable: value}}`` from the ``env`` entries of ``symbols:``."""

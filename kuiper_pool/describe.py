@@ -7,7 +7,6 @@ serving. It lives apart from the tools so that the runtime never imports them.
 """
 from __future__ import annotations
 
-import inspect
 import json
 import os
 import sys
@@ -85,6 +84,8 @@ def _inspect_factory(factory: Callable[[], Any], methods: Dict[str, int], spawn:
         elif getattr(getattr(cls, name, None), "__isabstractmethod__", False):
             entry["abstract"].append(name)
         else:
+            import inspect  # not at import: plugin.start imports this module on every start
+
             try:
                 inspect.signature(attr).bind(*[None] * nargs)
             except TypeError:

@@ -7,8 +7,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Optional, Tuple, Union
+from typing import Any, Callable, Dict, NamedTuple, Optional, Tuple, Union
 
 # argv[1] of every plugin process eKuiper starts (its PortableConfig as JSON)
 PORTABLE_CONF = '{"sendTimeout":1000}'
@@ -50,8 +49,7 @@ def ipc_path(url: str) -> str:
     return url[len("ipc://"):]
 
 
-@dataclass(frozen=True)
-class Control:
+class Control(NamedTuple):
     """One start/stop command's argument (eKuiper's ``Control``)."""
 
     cmd: str
@@ -61,7 +59,7 @@ class Control:
     op_id: str = ""
     instance_id: int = 0
     data_source: str = ""
-    config: Dict[str, Any] = field(default_factory=dict)
+    config: Dict[str, Any] = {}  # shared default: nothing changes a command's config
 
     @property
     def key(self) -> str:

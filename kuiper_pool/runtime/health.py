@@ -9,7 +9,6 @@ from __future__ import annotations
 import enum
 import random
 from collections import deque
-from dataclasses import dataclass
 from typing import Callable, Deque, Optional, Tuple
 
 from .. import wire
@@ -81,21 +80,27 @@ class RestartPolicy:
         self.history.clear()
 
 
-@dataclass
 class Vitals:
     """What the supervisor knows about one live worker's health."""
 
-    last_beat: float
-    busy_since: float = 0.0          # worker clock (CLOCK_MONOTONIC is system-wide on Linux)
-    call_started: float = 0.0        # a function call forwarded and not answered yet
-    processed: int = 0
-    emit_errors: int = 0             # a source's emit_error calls (logged, not sent)
-    calls: int = 0                   # function calls forwarded (for max_calls)
-    cpu_at_beat: Optional[float] = None   # the worker's CPU seconds in its last heartbeat
-    cpu_mark: Optional[Tuple[float, float]] = None  # (when, CPU seconds) while beats are late
-    rss: int = 0
-    cpu_percent: float = 0.0
-    cpu_seconds: float = 0.0         # user + system, as last sampled
+    __slots__ = ("last_beat", "busy_since", "call_started", "processed", "emit_errors", "calls",
+                 "cpu_at_beat", "cpu_mark", "rss", "cpu_percent", "cpu_seconds")
+
+    def __init__(self, last_beat: float, busy_since: float = 0.0, call_started: float = 0.0,
+                 processed: int = 0, emit_errors: int = 0, calls: int = 0,
+                 cpu_at_beat: Optional[float] = None, cpu_mark: Optional[Tuple[float, float]] = None,
+                 rss: int = 0, cpu_percent: float = 0.0, cpu_seconds: float = 0.0) -> None:
+        self.last_beat = last_beat
+        self.busy_since = busy_since        # worker clock (CLOCK_MONOTONIC is system-wide on Linux)
+        self.call_started = call_started    # a function call forwarded and not answered yet
+        self.processed = processed
+        self.emit_errors = emit_errors      # a source's emit_error calls (logged, not sent)
+        self.calls = calls                  # function calls forwarded (for max_calls)
+        self.cpu_at_beat = cpu_at_beat      # the worker's CPU seconds in its last heartbeat
+        self.cpu_mark = cpu_mark            # (when, CPU seconds) while beats are late
+        self.rss = rss
+        self.cpu_percent = cpu_percent
+        self.cpu_seconds = cpu_seconds      # user + system, as last sampled
 
 
 BUSY_CPU_SHARE = 0.05   # CPU seconds per second of silence above which a silent worker is busy

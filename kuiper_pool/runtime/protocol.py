@@ -3,7 +3,7 @@
 * ``StartSpec``: the START frame the supervisor sends a new worker (its instance and the
   settings it needs), encoded as JSON on the worker's link (``frames.py`` frames it);
 * the zygote's operations (supervisor -> zygote) and reports (zygote -> supervisor), one
-  frozen dataclass each, sent as one JSON datagram ``{"op": OP, fields...}`` on the zygote's
+  NamedTuple each, sent as one JSON datagram ``{"op": OP, fields...}`` on the zygote's
   socketpair (a large one in a sealed memfd).
 
 The other frames on a worker's link are typed beside their framing (``frames.py``) and in
@@ -15,8 +15,7 @@ import fcntl
 import json
 import os
 import socket
-from dataclasses import dataclass, field, fields
-from typing import Any, ClassVar, Dict, List, Sequence, Tuple, Type
+from typing import Any, Dict, List, NamedTuple, Sequence, Tuple, Type, Union
 
 from .. import wire
 from . import frames
@@ -32,8 +31,7 @@ INLINE = 1 << 15
 MAX_MESSAGE = 16 << 20      # the sane bound: a message over it is refused, naming its size
 
 
-@dataclass(frozen=True)
-class StartSpec:
+class StartSpec(NamedTuple):
     """What a worker is told in its START frame."""
 
     control: wire.Control
@@ -64,20 +62,13 @@ class StartSpec:
                    str(d["source_datasource"]))
 
 
-class ZygoteMessage:
-    """A zygote op or report: ``OP`` names it on the wire."""
-
-    OP: ClassVar[str]
-
-    def to_dict(self) -> Dict[str, Any]:
-        # its fields as they are, not asdict's deep copies: the zygote reports each fork, and
-        # every page its loop writes is one more private page of each worker forked before
-        return {"op": self.OP, **self.__dict__}
-
+# The zygote's ops and reports are NamedTuples, not dataclasses: the supervisor and the
+# zygote import this module on the way to a plugin's first item, and a frozen dataclass
+# costs ~1 ms to define (eleven of them were the slowest import of the start-up).
+# ``OP`` names each on the wire (a class attribute, not a field).
 
 # supervisor -> zygote
-@dataclass(frozen=True)
-class StartWorker(ZygoteMessage):
+class StartWorker(NamedTuple):
     """Fork (or exec) a worker of ``symbol`` on the link passed with this op."""
 
     OP = "start"
@@ -85,8 +76,7 @@ class StartWorker(ZygoteMessage):
     symbol: str = ""
 
 
-@dataclass(frozen=True)
-class Kill(ZygoteMessage):
+class Kill(NamedTuple):
     """Signal worker ``wid`` unless it has exited."""
 
     OP = "kill"
@@ -94,8 +84,7 @@ class Kill(ZygoteMessage):
     sig: int
 
 
-@dataclass(frozen=True)
-class Own(ZygoteMessage):
+class Own(NamedTuple):
     """An ipc file of the supervisor's, removed if the supervisor dies while it is still
     this very file (``ident``: paths.identity)."""
 
@@ -104,14 +93,12 @@ class Own(ZygoteMessage):
     ident: List[int]
 
 
-@dataclass(frozen=True)
-class Disown(ZygoteMessage):
+class Disown(NamedTuple):
     OP = "disown"
     path: str
 
 
-@dataclass(frozen=True)
-class Adopt(ZygoteMessage):
+class Adopt(NamedTuple):
     """A reload: the fresh zygote becomes the one that cleans up after the supervisor."""
 
     OP = "adopt"
@@ -119,31 +106,27 @@ class Adopt(ZygoteMessage):
     paths: Dict[str, List[int]]
 
 
-@dataclass(frozen=True)
-class Retire(ZygoteMessage):
+class Retire(NamedTuple):
     """A reload: the old zygote cleans up nothing any more."""
 
     OP = "retire"
 
 
 # zygote -> supervisor
-@dataclass(frozen=True)
-class Started(ZygoteMessage):
+class Started(NamedTuple):
     OP = "started"
     wid: int
     pid: int
 
 
-@dataclass(frozen=True)
-class Exited(ZygoteMessage):
+class Exited(NamedTuple):
     OP = "exited"
     wid: int
     pid: int
     status: int   # its wait status
 
 
-@dataclass(frozen=True)
-class Refused(ZygoteMessage):
+class Refused(NamedTuple):
     """The fork failed (at the process limit, no memory)."""
 
     OP = "refused"
@@ -152,32 +135,40 @@ class Refused(ZygoteMessage):
     error: str
 
 
-@dataclass(frozen=True)
-class Hello(ZygoteMessage):
+class Hello(NamedTuple):
     """A reload's fresh zygote's first report: what the new code serves (reload.py). Every
     field has a default: the version is checked first, whatever else a zygote of another
-    kuiper_pool sends."""
+    kuiper_pool sends. The defaults are shared objects: nothing changes a Hello once made."""
 
     OP = "hello"
     version: str = ""
     name: str = ""
-    sources: List[str] = field(default_factory=list)
-    sinks: List[str] = field(default_factory=list)
-    functions: List[str] = field(default_factory=list)
-    settings: Dict[str, Any] = field(default_factory=dict)
-    checks: Dict[str, Any] = field(default_factory=dict)   # describe.inspect_symbols, or {"error"}
+    sources: List[str] = []
+    sinks: List[str] = []
+    functions: List[str] = []
+    settings: Dict[str, Any] = {}
+    checks: Dict[str, Any] = {}   # describe.inspect_symbols, or {"error"}
 
 
-@dataclass(frozen=True)
-class Error(ZygoteMessage):
+class Error(NamedTuple):
     """A fresh zygote's first report when it cannot serve the new code."""
 
     OP = "error"
     error: str
 
 
-MESSAGES: Dict[str, Type[ZygoteMessage]] = {cls.OP: cls for cls in (
+ZygoteMessage = Union[StartWorker, Kill, Own, Disown, Adopt, Retire, Started, Exited, Refused, Hello, Error]
+MESSAGES: Dict[str, Type[ZygoteMessage]] = {cls.OP: cls for cls in (  # type: ignore[misc]
     StartWorker, Kill, Own, Disown, Adopt, Retire, Started, Exited, Refused, Hello, Error)}
+
+
+def to_dict(msg: ZygoteMessage) -> Dict[str, Any]:
+    """``{"op": OP, fields...}``, the fields as they are (no deep copies: the zygote reports
+    each fork, and every page its loop writes is one more private page of each worker forked
+    before)."""
+    out: Dict[str, Any] = {"op": msg.OP}
+    out.update(zip(msg._fields, msg))
+    return out
 
 
 def message(obj: Dict[str, Any]) -> ZygoteMessage:
@@ -186,9 +177,8 @@ def message(obj: Dict[str, Any]) -> ZygoteMessage:
     cls = MESSAGES.get(obj.get("op"))  # type: ignore[arg-type]
     if cls is None:
         raise ValueError(f"unknown zygote message {obj.get('op')!r}")
-    known = {f.name for f in fields(cls)}  # type: ignore[arg-type]
     try:
-        return cls(**{k: v for k, v in obj.items() if k in known})
+        return cls(**{k: v for k, v in obj.items() if k in cls._fields})
     except TypeError as e:
         raise ValueError(f"zygote message {cls.OP!r}: {e}") from None
 
@@ -196,7 +186,7 @@ def message(obj: Dict[str, Any]) -> ZygoteMessage:
 def encode_zygote(msg: ZygoteMessage) -> Tuple[bytes, List[int]]:
     """One zygote op or report as a datagram and the descriptors to pass with it (a big
     message's sealed memfd: the caller closes it once sent). OSError if no memfd can be had."""
-    data = json.dumps(msg.to_dict()).encode()
+    data = json.dumps(to_dict(msg)).encode()
     if len(data) <= INLINE:
         return data, []
     fd = os.memfd_create("kuiper_pool-zygote-msg", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)

@@ -27,9 +27,8 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass, field
 from enum import Enum
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, NamedTuple, Optional, Tuple
 
 from .. import wire
 from ..version import __version__
@@ -59,23 +58,28 @@ class Progress(Enum):
     PROBLEM = "problem"     # not brought to the new code (the outcome's lines say why)
 
 
-@dataclass
-class Replacing:
+class Replacing(NamedTuple):
     """An instance whose worker a reload retires."""
 
     key: str
     since: float
 
 
-@dataclass
 class Outcome:
     """What ``kuiper-pool reload`` polls (as a dict)."""
 
-    id: int
-    check: bool
-    done: bool = False
-    ok: bool = False
-    lines: List[str] = field(default_factory=list)
+    __slots__ = ("id", "check", "done", "ok", "lines")
+
+    def __init__(self, id: int, check: bool) -> None:  # noqa: A002 - the field the reload tool reads
+        self.id = id
+        self.check = check
+        self.done = False
+        self.ok = False
+        self.lines: List[str] = []
+
+    def as_dict(self) -> Dict[str, Any]:
+        return {"id": self.id, "check": self.check, "done": self.done, "ok": self.ok,
+                "lines": list(self.lines)}
 
 
 def _made_in_workers() -> None:
@@ -127,20 +131,20 @@ class Reloader:
             z = Zygote.launch(self.argv, self.sup.zygote.rundir)
         except OSError as e:
             self._refuse(f"cannot start {self.argv[0]}: {e.strerror or e}")
-            return asdict(self.outcome)
+            return self.outcome.as_dict()
         self.candidate = z
         self.hello_deadline = time.monotonic() + self.sup.s.start_timeout
         self.sup.register(z.fileno(), lambda _m: self.on_candidate(z))
         self.log.info("plugin %s: %s: new code loading in zygote pid %d", self.name,
                       "reload check" if check else "reload", z.pid)
-        return asdict(self.outcome)
+        return self.outcome.as_dict()
 
     def status(self, rid: Any) -> Dict[str, Any]:
         """The outcome of reload ``rid``, also once a SIGHUP's reload has begun after it."""
         outcome = self.outcomes.get(rid) if isinstance(rid, int) else None
         if outcome is None:
             return {"error": f"plugin {self.name}: no reload {rid}"}
-        return asdict(outcome)
+        return outcome.as_dict()
 
     # --- the fresh zygote's first report ------------------------------------------------------------
 

@@ -44,9 +44,8 @@ line (tests/test_structure.py checks this list against the table)::
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from enum import Enum
-from typing import Dict, FrozenSet
+from typing import Dict, FrozenSet, NamedTuple
 
 
 class State(str, Enum):
@@ -87,8 +86,7 @@ STANDING = LIVE | {S.KILLING, S.RECYCLING, S.BACKOFF}  # eKuiper's start stands:
 SHOWN = tuple(s for s in State if s is not S.REMOVED)  # what status and metrics report
 
 
-@dataclass(frozen=True)
-class Change:
+class Change(NamedTuple):
     """One state change, as the instance's listeners are told of it (``Effects.changed``):
     status, the metrics and a reload follow instances this way, never by polling."""
 

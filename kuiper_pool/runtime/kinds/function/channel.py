@@ -7,7 +7,6 @@ another front end (``serve``) replaces.
 from __future__ import annotations
 
 import socket
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Optional
 
 from .... import wire
@@ -18,15 +17,18 @@ if TYPE_CHECKING:
     from ...effects import Effects, WorkerHandle
     from ...instances import Instance
 
-@dataclass
 class Handoff:
     """eKuiper's function connection as it is lent to a worker (zero-hop functions)."""
 
-    sock: socket.socket
-    request_id: int                  # our outstanding request: eKuiper's next call echoes it
-    buffered: bytes = b""            # bytes read from the socket and not yet a whole frame
-    call: Optional[bytes] = None     # a call that arrived while no worker was ready
-    owed: Optional[Owed] = None      # the first call, if it is this one
+    __slots__ = ("sock", "request_id", "buffered", "call", "owed")
+
+    def __init__(self, sock: socket.socket, request_id: int, buffered: bytes = b"",
+                 call: Optional[bytes] = None, owed: Optional[Owed] = None) -> None:
+        self.sock = sock
+        self.request_id = request_id  # our outstanding request: eKuiper's next call echoes it
+        self.buffered = buffered      # bytes read from the socket and not yet a whole frame
+        self.call = call              # a call that arrived while no worker was ready
+        self.owed = owed              # the first call, if it is this one
 
     def conn(self) -> Conn:
         return Conn(self.request_id, self.owed, self.buffered, self.call)

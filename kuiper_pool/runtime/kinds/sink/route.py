@@ -17,7 +17,6 @@ from __future__ import annotations
 import logging
 import os
 from collections import OrderedDict
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, List, Optional, Tuple
 
 from .... import wire
@@ -44,11 +43,15 @@ RELAY_AFTER_LARGE = 16
 Items = List[Tuple[int, Any]]   # bytes, or a big item held in a memfd (frames.SPILL)
 
 
-@dataclass
 class Item:
-    data: Any   # bytes, or a big item held in a memfd until it is finished
-    faults: int = 0         # workers that died while its collect was running
-    acked: bool = False
+    """One item eKuiper handed over, held until a worker's collect of it is finished."""
+
+    __slots__ = ("data", "faults", "acked")
+
+    def __init__(self, data: Any) -> None:
+        self.data = data      # bytes, or a big item held in a memfd until it is finished
+        self.faults = 0       # workers that died while its collect was running
+        self.acked = False
 
 
 def items_page(w: "WorkerHandle") -> Optional[SinkPage]:
