@@ -9,8 +9,9 @@
 
 eKuiper's own ipc paths are part of its protocol and live in ``wire.py``.
 
-The transport imports this module on the way to eKuiper's handshake: ``tempfile`` (with
-``shutil`` and ``random``) and ``hashlib`` are imported where they are used.
+The supervisor imports this module before it forks the zygote: ``tempfile`` is not used
+(it imports ``shutil`` and ``random``, and random's at-fork hook costs every forked worker a
+private page), ``hashlib`` is imported where it is used.
 """
 from __future__ import annotations
 
@@ -37,18 +38,37 @@ def _private(path: str) -> bool:
     return stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid() and not st.st_mode & 0o077
 
 
+def system_tmp() -> str:
+    """The system's directory for temporary files, as ``tempfile.gettempdir`` picks it first:
+    ``$TMPDIR`` (or ``$TEMP``, ``$TMP``) if it is a directory we can write, else ``/tmp``."""
+    for var in ("TMPDIR", "TEMP", "TMP"):
+        path = os.environ.get(var)
+        if path and os.path.isdir(path) and os.access(path, os.W_OK | os.X_OK):
+            return os.path.abspath(path)
+    return "/tmp"
+
+
+def fresh_dir(parent: str, prefix: str) -> str:
+    """A new directory ``<parent>/<prefix><random>``, mode 0700, made by us (as ``mkdtemp``)."""
+    while True:
+        path = os.path.join(parent, prefix + os.urandom(6).hex())
+        try:
+            os.mkdir(path, 0o700)
+            return path
+        except FileExistsError:
+            continue
+
+
 def private_base(runtime_dir: str = "") -> str:
     """``<runtime_dir or tmp>/kuiper_pool-<uid>``, mode 0700 and ours. If someone else made
     it first (or its mode is open), a fresh ``kuiper_pool-<uid>-*`` directory is used instead,
     with one warning: another local user must not be able to block or spy on plugins."""
-    import tempfile
-
-    parent = runtime_dir or tempfile.gettempdir()
+    parent = runtime_dir or system_tmp()
     base = os.path.join(parent, f"kuiper_pool-{os.getuid()}")
     if _private(base):
         return base
     if parent not in _fallback:
-        _fallback[parent] = tempfile.mkdtemp(prefix=f"kuiper_pool-{os.getuid()}-", dir=parent)
+        _fallback[parent] = fresh_dir(parent, f"kuiper_pool-{os.getuid()}-")
         logs.supervisor_logger().warning(
             "%s is not a private directory of uid %d (someone else's, or open to others); "
             "using %s", base, os.getuid(), _fallback[parent])
@@ -57,9 +77,7 @@ def private_base(runtime_dir: str = "") -> str:
 
 def usual_base(runtime_dir: str = "") -> str:
     """The private directory as it is normally named (it may not exist)."""
-    import tempfile
-
-    return os.path.join(runtime_dir or tempfile.gettempdir(), f"kuiper_pool-{os.getuid()}")
+    return os.path.join(runtime_dir or system_tmp(), f"kuiper_pool-{os.getuid()}")
 
 
 def private_bases(runtime_dir: str = "") -> List[str]:

@@ -159,14 +159,12 @@ def _fork_zygote(plugin: PluginConfig, settings: Any, script_dir: str,
                  inherited: Tuple[Any, ...]) -> Optional[Zygote]:
     """The zygote, in a fresh private run dir; ``inherited`` is closed in it. None (said in
     one line) when workers must exec and the factories cannot be shipped to them."""
-    import tempfile
-
-    from .paths import private_base
+    from .paths import fresh_dir, private_base, system_tmp
     from .runtime.zygote import Zygote
 
     if not settings.runtime_dir:
         try:
-            check_trusted(tempfile.gettempdir(), "runtime_dir")
+            check_trusted(system_tmp(), "runtime_dir")
         except ConfigError as e:
             print(f"kuiper_pool: cannot start: {e}", flush=True)
             return None
@@ -175,7 +173,7 @@ def _fork_zygote(plugin: PluginConfig, settings: Any, script_dir: str,
     except ValueError as e:
         print(f"kuiper_pool: cannot start: {e}", flush=True)
         return None
-    rundir = tempfile.mkdtemp(prefix=f"{plugin.name}-", dir=private_base(settings.runtime_dir))
+    rundir = fresh_dir(private_base(settings.runtime_dir), f"{plugin.name}-")
     try:
         return Zygote(load_worker, rundir, spawn_argv, inherited, exec_all, settings.thread_env(),
                       settings.symbol_env())
@@ -212,7 +210,6 @@ def _worker_setup(plugin: PluginConfig, settings: Any, script_dir: str
         from .runtime import worker
 
         wire.encoder()
-        worker.preload()
         return lambda link: worker.run(link, plugin)
     return load_worker, spawn_argv, exec_all, payload
 

@@ -16,17 +16,16 @@ SIGKILL lands; ``instances.py`` reports such an exit as the kill it was.
 from __future__ import annotations
 
 import faulthandler
+import functools
 import os
 import re
 import signal
-import sysconfig
-from typing import IO, List, NamedTuple, Optional
+from typing import IO, List, NamedTuple, Optional, Tuple
 
 DUMP_SIGNAL = signal.SIGUSR1
 FATAL = "Fatal Python error: "   # how faulthandler begins what it writes on a fatal signal
 _FRAME = re.compile(r'^\s+File "(?P<file>[^"]+)", line (?P<line>\d+) in (?P<func>\S+)')
 _PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_STDLIB = tuple(p for p in {sysconfig.get_path("stdlib"), sysconfig.get_path("platstdlib")} if p)
 
 _dump: Optional[IO[bytes]] = None   # kept open for the life of the worker
 
@@ -118,4 +117,13 @@ def user_frames(dump: str, limit: int = 3) -> str:
 
 
 def _ours(path: str) -> bool:
-    return path.startswith(_PACKAGE) or path.startswith(_STDLIB) or path.startswith("<")
+    return path.startswith(_PACKAGE) or path.startswith(_stdlib()) or path.startswith("<")
+
+
+@functools.lru_cache(maxsize=None)
+def _stdlib() -> Tuple[str, ...]:
+    # sysconfig (with its data module) only when a dump is read: every worker and the
+    # supervisor import this module on the way to a plugin's first item
+    import sysconfig
+
+    return tuple(p for p in {sysconfig.get_path("stdlib"), sysconfig.get_path("platstdlib")} if p)
