@@ -196,7 +196,7 @@ class ModeFunction(Function):
     count -> {"count": calls seen with this very ctx object, "rule", "op", "instance"};
     calls -> calls of this object so far (this one included); base -> Function.__module__;
     log -> logs args[1] through ctx.get_logger(), returns whether it is a logging.Logger;
-    unjson -> an Opaque instance (not JSON); any act() mode (exit, segv, raise, loop, hang,
+    modules -> the names in sys.modules that start with args[1], sorted; unjson -> an Opaque instance (not JSON); any act() mode (exit, segv, raise, loop, hang,
     sleep, stop, mem). validate: "" unless args[0] == "invalid" (then an error text naming
     args). is_aggregate: the class attribute AGGREGATE."""
 
@@ -235,6 +235,8 @@ class ModeFunction(Function):
             logger = ctx.get_logger()
             logger.info("%s", arg)
             return isinstance(logger, logging.Logger)
+        if mode == "modules":
+            return sorted(m for m in sys.modules if m.startswith(arg))
         if mode == "unjson":
             return Opaque()
         return act(mode, arg)

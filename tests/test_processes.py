@@ -161,3 +161,23 @@ def test_starts_sent_right_after_the_handshake_are_served_and_the_zygote_holds_n
     (zygote,) = [p.pid for p in psutil.Process(supervisor).children()]
     zygote_sockets = socket_inodes(zygote)
     assert len(zygote_sockets) == 1 and not zygote_sockets & socket_inodes(supervisor)
+
+
+def test_the_first_worker_does_not_wait_for_the_zygote_to_prepare_and_later_ones_share_it(
+        tmp_path, unique, host_runs):
+    """eKuiper's first start comes right after the handshake: its worker is forked before the
+    zygote imports every kind's worker half (the plugin's first item waits for nothing done
+    for later workers); workers forked after find them imported, shared with the zygote."""
+    fn = f"fn{unique}"
+    plugin_dir = make_plugin(str(tmp_path), f"pl{unique}", functions={fn: MODE_FUNCTION},
+                             settings={"max_calls": 1})  # every call: a worker forked anew
+    function = host_runs.launch(plugin_dir).start_function(fn)
+    kinds = "kuiper_pool.runtime.kinds."
+    every_kind = [f"{kinds}{k}.serve" for k in ("function", "sink", "source")]
+
+    def serves() -> list:
+        return [m for m in function.exec(["modules", kinds])["result"] if m.endswith(".serve")]
+
+    assert serves() == [f"{kinds}function.serve"]  # its own import, after the fork
+    wait_until(lambda: serves() == every_kind, timeout=20,
+               message="a worker forked after the zygote prepared, with every kind's worker half")

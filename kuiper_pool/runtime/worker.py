@@ -307,17 +307,6 @@ def _run_shared(wid: int, sock: socket.socket, host: Host, plugin: PluginConfig)
         link.close()
 
 
-def preload() -> None:
-    """In the zygote, before any fork: import every kind's worker half, so that each worker
-    shares it instead of importing its own. A kind that cannot be loaded is left to its
-    starts, which import it again and answer why (every other kind serves on)."""
-    for kind in kinds.PACKAGES:
-        try:
-            kinds.serve_for(kind)
-        except Exception:  # noqa: BLE001 - said at each start of that kind (run)
-            pass
-
-
 # --- spawn start method ----------------------------------------------------------------
 
 def spawn_main(argv: list) -> int:

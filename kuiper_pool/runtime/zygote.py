@@ -53,7 +53,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Protocol, Seque
 from ..version import __version__
 from ..paths import identity, unlink_if_ours
 from ..transport.outbox import Outbox, Watch
-from . import heap
+from . import heap, kinds
 from .prctl import PR_SET_CHILD_SUBREAPER, PR_SET_PDEATHSIG, prctl
 from .protocol import (FRESH_ENV, Adopt, Disown, Error, Exited, Hello, Kill, Own, Refused, Retire, Started,
                        StartWorker, ZygoteMessage, decode_zygote, encode_zygote, recv_zygote)
@@ -378,6 +378,7 @@ class _Zygote:
         self.owned: Dict[str, Tuple[int, ...]] = {}  # path -> its identity when owned
         self.unsent: List[Tuple[bytes, List[int]]] = []   # reports and their descriptors
         self.leaving = False
+        self.asked = False                     # a worker was asked for (see _serve's prepare)
 
     def report(self, msg: ZygoteMessage) -> None:
         """Never blocks: a supervisor that does not read gets its reports later, a dead one never."""
@@ -402,6 +403,7 @@ class _Zygote:
 
     def apply(self, req: ZygoteMessage, fds: List[int]) -> None:
         if isinstance(req, StartWorker) and fds and not self.leaving:
+            self.asked = True
             try:
                 pid = _fork_worker(self, fds[0], req.symbol)
             except OSError as e:  # at the process limit (pids.max, RLIMIT_NPROC), out of memory
@@ -517,9 +519,10 @@ def _serve(sock: socket.socket, worker_main: WorkerMain, spawn_argv: Optional[Li
     # supervisor stops gracefully: either way the loop leaves only once the supervisor is gone
     for sig in (signal.SIGCHLD, signal.SIGTERM):
         signal.signal(sig, lambda *_: None)
-    gc.collect()  # no garbage left to leave holes in the heap once its free blocks are taken
-    heap.fill_free_blocks()
-    gc.freeze()  # keep the preloaded heap shared copy-on-write with the workers
+    # What later workers share is prepared after the first worker is forked, a step at a
+    # time while no request waits: eKuiper sends its first start right after the handshake,
+    # and that worker (the plugin's first item) should not wait for work done for later ones.
+    prepare = [] if exec_all else [*kinds.preloads(), _share_heap]
     z.wake = (wake_r, wake_w)
     sel = selectors.DefaultSelector()
     sel.register(sock, selectors.EVENT_READ)
@@ -528,7 +531,10 @@ def _serve(sock: socket.socket, worker_main: WorkerMain, spawn_argv: Optional[Li
         while not z.leaving:
             if z.unsent:
                 sel.modify(sock, selectors.EVENT_READ | selectors.EVENT_WRITE)
-            events = sel.select(SWEEP_EVERY)
+            events = sel.select(0 if prepare and z.asked else SWEEP_EVERY)
+            if not events and prepare and z.asked:
+                prepare.pop(0)()
+                continue
             for key, mask in events:
                 if key.fileobj == wake_r:
                     try:
@@ -564,6 +570,13 @@ def _serve(sock: socket.socket, worker_main: WorkerMain, spawn_argv: Optional[Li
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         z.cleanup()
     return 0
+
+
+def _share_heap() -> None:
+    """Leave the zygote's heap as the workers forked from now on should share it."""
+    gc.collect()  # no garbage left to leave holes in the heap once its free blocks are taken
+    heap.fill_free_blocks()
+    gc.freeze()  # keep the preloaded heap shared copy-on-write with the workers
 
 
 # --- a fresh zygote (reload) --------------------------------------------------------------

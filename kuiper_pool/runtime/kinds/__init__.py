@@ -11,7 +11,8 @@ imports another.
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING, Any, Callable, Dict
+from functools import partial
+from typing import TYPE_CHECKING, Any, Callable, Dict, List
 
 from ... import wire
 
@@ -46,3 +47,17 @@ def serve_for(kind: str) -> "Callable[[Worker, Any], int]":
     if run is None:
         run = _serve[kind] = module(kind, "serve").run
     return run
+
+
+def preloads() -> "List[Callable[[], None]]":
+    """For the zygote: one step per kind that imports its worker half, so that each worker
+    forked after shares it instead of importing its own. A kind that cannot be loaded is
+    left to its starts, which import it again and answer why (every other kind serves on)."""
+    return [partial(_preload, kind) for kind in PACKAGES]
+
+
+def _preload(kind: str) -> None:
+    try:
+        serve_for(kind)
+    except Exception:  # noqa: BLE001 - said at each start of that kind (worker.run)
+        pass
