@@ -24,5 +24,8 @@ def test_free_blocks_of_used_pools_are_taken():
     assert set(map(int, before)) >= {16, 32, 48, 512}, before
     fillable = sum(n for size, n in before.items() if int(size) > 32)
     assert taken >= fillable / 2  # its own reading comes a moment later
-    left = sum(n for size, n in after.items() if int(size) > 32)
-    assert left < fillable / 2, (before, after)
+    # the reading's own objects (5-tuples of short bytes: 64- and 48-byte blocks) are freed
+    # after it is taken and before the fill; the test's second reading counts them as left
+    others = [size for size in before if int(size) > 64]
+    left = sum(after.get(size, 0) for size in others)
+    assert left < sum(before[size] for size in others) / 4, (before, after)
