@@ -16,6 +16,7 @@ import pytest
 from conftest import kuiper_pool_cli, wait_until
 from kuiper_pool.runtime import status
 from kuiper_pool.tools.emulator import HostError
+from metrics_text import free_port, scrape
 from plugins import RECORDING_SINK, make_plugin, read_jsonl
 from test_hostile_plugins import FORKING_SINK, _forked_lines
 from test_reload import VERSION_SOURCE
@@ -40,6 +41,49 @@ def test_instances_of_a_symbol_share_one_worker_and_status_says_so(make_rig, uni
     table = kuiper_pool_cli("status", rig.plugin.name).stdout
     assert sum(f"{pid}*" in line for line in table.splitlines()) == len(rules), table
     assert "(PID*: one worker process shared by its symbol's instances" in table
+
+
+def test_a_shared_workers_memory_and_cpu_are_counted_once_in_the_metrics_and_status(make_rig, unique):
+    """Three sources in one shared worker: its memory and CPU are one series of its own, so a
+    sum over the plugin's series is the process's (not three times it); status lists the
+    process once and its table shows no per-instance RSS for the shared instances."""
+    port = free_port()
+    rig = make_rig(**SHARED, metrics_address=f"127.0.0.1:{port}")
+    rules = [f"r{i}_{unique}" for i in range(3)]
+    srcs = [rig.host.start_source("src", rule, config={"interval": 0.01}) for rule in rules]
+    for src in srcs:
+        src.recv()
+    pid = _shared_pid(rig, rules)
+
+    def of(samples, name):
+        return {ls: v for (n, ls), v in samples.items() if n == f"kuiper_pool_{name}"}
+
+    def sampled():
+        samples = scrape(f"http://127.0.0.1:{port}/metrics")
+        return samples if all(v > 0 for v in of(samples, "resident_memory_bytes").values()) \
+            and sum(of(samples, "cpu_seconds_total").values()) > 0 else None
+    samples = wait_until(sampled, 10, 0.05, "the shared worker's memory and CPU in the metrics")
+    cpu_after = sum(psutil.Process(pid).cpu_times()[:2])
+    where = frozenset({("plugin", rig.plugin.name), ("symbol", "src"), ("type", "source"),
+                       ("worker", "shared"), ("pid", str(pid))})
+    memory, cpu = of(samples, "resident_memory_bytes"), of(samples, "cpu_seconds_total")
+    assert list(memory) == [where] and list(cpu) == [where], (memory, cpu)
+    assert of(samples, "shared_worker_instances") == {where: 3}
+    rss = psutil.Process(pid).memory_info().rss
+    assert 0.75 * rss < sum(memory.values()) < 1.33 * rss, (sum(memory.values()), rss)
+    assert 0 < sum(cpu.values()) <= cpu_after + 0.02, (sum(cpu.values()), cpu_after)
+    assert len(of(samples, "items_in_total")) == 3  # the instances keep every other series
+
+    snap = status.query(rig.plugin.name)
+    [proc] = snap["shared_workers"]
+    assert (proc["pid"], proc["symbol"], proc["type"]) == (pid, "src", "source")
+    assert sorted(i["rule"] for i in proc["instances"]) == rules and proc["rss"] > 0
+    table = kuiper_pool_cli("status", rig.plugin.name).stdout.splitlines()
+    rows = [line.split() for line in table if f"{pid}*" in line]
+    assert len(rows) == 3 and all(r[7:9] == ["*", "*"] for r in rows), table
+    shared = table.index(next(line for line in table if line.startswith("SHARED PID")))
+    assert table[shared + 1].split()[:4] == [str(pid), "src", "source", "3"], table
+    assert "its RSS and CPU% are shown once, under SHARED PID" in table[-1], table
 
 
 def _shared_pid(rig, rules):

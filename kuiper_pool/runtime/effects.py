@@ -59,6 +59,7 @@ class WorkerHandle:
         self.sigkill_sent = False   # a SIGKILL went out: a death by another signal came first
         self.signal_at = 0.0
         self.held = ""              # recycled with a call in flight: the kill reason past its deadline
+        self.shared = False         # a thread of a shared worker: its vitals are the process's
 
 
 class Effects(Protocol):

@@ -25,7 +25,7 @@ from __future__ import annotations
 import selectors
 import signal
 import socket
-from typing import TYPE_CHECKING, Dict, List, Optional, Union
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Union
 
 from . import forensics, frames
 from .health import Cause
@@ -58,6 +58,10 @@ class SharedHost:
         self.closed_at = 0.0     # its control link was closed (no instance left)
         self.killed = False
         self.hung = ""           # why an instance found the process hung (it is killed)
+        self.proc: Any = None    # its psutil.Process, made when first sampled (observe.py)
+        self.rss = 0             # the process's figures as last sampled, counted once for all
+        self.cpu_percent = 0.0   # its instances (each instance's vitals carry a copy, for its
+        self.cpu_seconds = 0.0   # health checks: memory_limit_mb is the process's)
 
     def describe(self) -> str:
         return f"plugin {self.plugin} {self.kind} {self.symbol}: shared worker pid {self.pid}"
@@ -91,6 +95,7 @@ class SharedHosts:
         host.handles[w.wid] = w
         self.host_of[w.wid] = host
         w.pid = host.pid
+        w.shared = True
 
     def _start(self, inst: "Instance") -> SharedHost:
         fx = self.fx
