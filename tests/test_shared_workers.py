@@ -22,6 +22,7 @@ from test_hostile_plugins import FORKING_SINK, _forked_lines
 from test_reload import VERSION_SOURCE
 from test_state import FAST as STATE_FAST
 from test_state import STATE_SOURCE
+from test_status_cli import documented_shared_worker_keys
 from test_supervision import SLOW_BEATS, make_rig  # noqa: F401 - the fixture
 
 # slow beats where a test is not about hangs: a loaded machine must not make one of them
@@ -76,6 +77,7 @@ def test_a_shared_workers_memory_and_cpu_are_counted_once_in_the_metrics_and_sta
 
     snap = status.query(rig.plugin.name)
     [proc] = snap["shared_workers"]
+    assert list(proc) == documented_shared_worker_keys()
     assert (proc["pid"], proc["symbol"], proc["type"]) == (pid, "src", "source")
     assert sorted(i["rule"] for i in proc["instances"]) == rules and proc["rss"] > 0
     table = kuiper_pool_cli("status", rig.plugin.name).stdout.splitlines()
