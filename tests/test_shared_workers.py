@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import threading
 
@@ -244,6 +245,25 @@ def test_an_instance_whose_open_ignores_its_stop_retires_the_shared_worker(make_
     wait_until(lambda: not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE,
                5, 0.02, "the retired shared worker to end")
     assert rig.log_texts(r"shared worker pid \d+: an instance's open did not return within stop_grace")
+
+
+def test_an_instance_stuck_in_open_is_named_with_where_its_thread_is_stuck(make_rig, unique):
+    """open blocks in a function of the plugin's (``stay``) and close does not stop it: the
+    line that retires the shared worker names that instance and the innermost plugin frame
+    of its own thread (the other instance's is in ``open``)."""
+    rig = make_rig(**SHARED, stop_grace=0.3)
+    rules = [f"r{i}_{unique}" for i in range(2)]
+    kept = rig.host.start_source("src", rules[0], config={"interval": 0.01})
+    kept.recv()
+    stuck = rig.host.start_source("src", rules[1], config={"stay_in_open": True})
+    wait_until(lambda: rig.plugin.events("blocked", rule=rules[1]), 5, 0.02, "open to block in stay")
+    pid = _shared_pid(rig, rules)
+    stuck.stop()
+    _serving(rig, [kept], rules[:1], pid, 0)
+    [line] = wait_until(lambda: rig.log_texts(rf"^plugin \S+ source src: shared worker pid {pid}: an instance's open"),
+                        5, 0.02, "the line retiring the shared worker")
+    assert re.search(rf"\(rule {rules[1]} op op instance 0, at \S+\.py:\d+ stay\); its 1 other instances "
+                     rf"move to a fresh worker$", line["text"]), line
 
 
 def test_a_reload_moves_shared_instances_to_a_shared_worker_of_the_new_code(tmp_path, unique, host_runs):

@@ -147,7 +147,7 @@ class LoopEffects:
         w = WorkerHandle(wid, time.monotonic())
         w.generation = self.generation
         if shared:
-            self.shared.attach(host, w)
+            self.shared.attach(host, w, inst)
         link = frames.Link(ours, lambda on: self.want_write(link.fileno(), on))
         entry = (w, inst, link)
         self.workers[wid] = entry

@@ -19,6 +19,7 @@ import faulthandler
 import os
 import re
 import signal
+import sys
 import sysconfig
 from typing import IO, List, NamedTuple, Optional
 
@@ -110,11 +111,27 @@ def user_frames(dump: str, limit: int = 3) -> str:
         elif target is not None:
             m = _FRAME.match(line)
             if m and not _ours(m.group("file")):
-                target.append(f"{os.path.basename(m.group('file'))}:{m.group('line')} {m.group('func')}")
+                target.append(_at(m.group("file"), m.group("line"), m.group("func")))
     for frames in [current] + others:
         if frames:
             return " < ".join(frames[:limit])
     return ""
+
+
+def innermost(ident: int) -> str:
+    """``file:line function`` of the innermost frame of plugin code that thread ``ident`` of
+    this process is running ("": none, or no such thread): where a shared worker's instance
+    is stuck, read by the process itself (its other threads are no one else's concern)."""
+    frame = sys._current_frames().get(ident)
+    while frame is not None:
+        if not _ours(frame.f_code.co_filename):
+            return _at(frame.f_code.co_filename, frame.f_lineno, frame.f_code.co_name)
+        frame = frame.f_back
+    return ""
+
+
+def _at(path: str, line: object, func: str) -> str:
+    return f"{os.path.basename(path)}:{line} {func}"
 
 
 def _ours(path: str) -> bool:

@@ -127,11 +127,13 @@ class HostSpec(NamedTuple):
 
 class Ended(NamedTuple):
     """ENDED: instance ``wid``'s thread in a shared worker ended with ``code``; ``stuck``: it
-    could not be made to return and is left behind."""
+    could not be made to return and is left behind, ``at`` the plugin code it is stuck in
+    (``file:line function``, "" when unknown)."""
 
     wid: int
     code: int
     stuck: bool
+    at: str = ""
 
     def encode(self) -> bytes:
         return encode_json(ENDED, self._asdict())
@@ -139,7 +141,7 @@ class Ended(NamedTuple):
     @classmethod
     def decode(cls, payload: bytes) -> "Ended":
         d = decode_json(payload)
-        return cls(int(d["wid"]), int(d["code"]), bool(d["stuck"]))
+        return cls(int(d["wid"]), int(d["code"]), bool(d["stuck"]), str(d["at"]))
 
 
 class FrameBuffer:

@@ -42,6 +42,7 @@ class Host:
         self.spec = spec
         self.lock = threading.Lock()
         self.workers: Dict[int, Any] = {}   # wid -> the instance's worker.Worker, while it runs
+        self.threads: Dict[int, int] = {}   # wid -> the ident of the thread running it
         self.stuck: Set[int] = set()        # reported ended while their thread still runs
         self.stopped = threading.Event()
 
@@ -73,6 +74,8 @@ class Host:
 
     def _thread(self, run_one: RunOne, wid: int, sock: socket.socket) -> None:
         code = EXIT_CRASH
+        with self.lock:
+            self.threads[wid] = threading.get_ident()
         try:
             code = run_one(wid, sock, self)
         except Exception as e:  # noqa: BLE001 - ours, not the plugin's: this instance alone ends
@@ -94,7 +97,8 @@ class Host:
     def ended(self, wid: int, code: int, stuck: bool = False) -> None:
         """Tell the supervisor instance ``wid`` is over, once. ``stuck``: its thread could not
         be made to return (a source's open outliving its close): it is left behind, and the
-        supervisor moves the other instances to a fresh worker so this process can end."""
+        supervisor moves the other instances to a fresh worker so this process can end; it
+        is told where the thread is stuck."""
         with self.lock:
             if wid in self.stuck:  # its thread returned after all: reported already
                 self.stuck.discard(wid)
@@ -102,8 +106,10 @@ class Host:
             if stuck:
                 self.stuck.add(wid)
             self.workers.pop(wid, None)
+            ident = self.threads.pop(wid, 0)
+        at = forensics.innermost(ident) if stuck else ""
         try:
-            self.control.send(frames.Ended(wid, code, stuck).encode())
+            self.control.send(frames.Ended(wid, code, stuck, at).encode())
         except OSError:
             pass  # the supervisor is gone: the heartbeat ends the process
 

@@ -52,6 +52,7 @@ class SharedHost:
         self.link = link
         self.pid = 0
         self.handles: Dict[int, "WorkerHandle"] = {}
+        self.names: Dict[int, str] = {}         # instance wid -> "rule R op O instance I", until its thread ends
         self.abandoned: Dict[int, float] = {}   # given-up instance wid -> when its thread must have ended
         self.retired = ""        # why it takes no new instance
         self.moving = False      # its instances are moved to a fresh process (a stuck thread)
@@ -91,8 +92,10 @@ class SharedHosts:
             link_end.close()
         return host
 
-    def attach(self, host: SharedHost, w: "WorkerHandle") -> None:
+    def attach(self, host: SharedHost, w: "WorkerHandle", inst: "Instance") -> None:
         host.handles[w.wid] = w
+        c = inst.ctrl
+        host.names[w.wid] = f"rule {c.rule_id} op {c.op_id} instance {c.instance_id}"
         self.host_of[w.wid] = host
         w.pid = host.pid
         w.shared = True
@@ -138,14 +141,16 @@ class SharedHosts:
         if host is not None:
             self._retire(host, why, move=False)
 
-    def _retire(self, host: SharedHost, why: str, move: bool) -> None:
+    def _retire(self, host: SharedHost, why: str, move: bool, leaving: int = 0) -> None:
+        """``host`` takes no new instance; ``move``: its instances (but ``leaving``, a stuck
+        one's wid) move to a fresh one."""
         if self.open.get(host.symbol) is host:
             del self.open[host.symbol]
         host.retired = host.retired or why
         if move and not host.moving:
             host.moving = True
             self.fx.log.warning("%s: %s; its %d other instances move to a fresh worker",
-                                host.describe(), why, len(host.handles))
+                                host.describe(), why, len(host.handles.keys() - {leaving}))
 
     # --- what the state machine asks for ---------------------------------------------------
 
@@ -192,8 +197,10 @@ class SharedHosts:
 
     def _ended(self, host: SharedHost, msg: frames.Ended) -> None:
         wid = msg.wid
+        name = host.names.pop(wid, "")
         if msg.stuck:
-            self._retire(host, "an instance's open did not return within stop_grace of its close", move=True)
+            self._retire(host, f"an instance's open did not return within stop_grace of its close "
+                               f"({name}{', at ' + msg.at if msg.at else ''})", move=True, leaving=wid)
         host.abandoned.pop(wid, None)
         entry = self.fx.workers.get(wid)
         if entry is not None and self.host_of.get(wid) is host:
@@ -248,7 +255,7 @@ class SharedHosts:
             for wid in late:
                 del host.abandoned[wid]
                 self._retire(host, "an instance's thread did not end within stop_grace of being "
-                                   "given up", move=True)
+                                   f"given up ({host.names.get(wid, '')})", move=True, leaving=wid)
             if host.closed_at and not host.killed and now - host.closed_at >= host.stop_grace:
                 self._kill(host, signal.SIGKILL)
 
