@@ -52,7 +52,7 @@ class SharedHost:
         self.link = link
         self.pid = 0
         self.handles: Dict[int, "WorkerHandle"] = {}
-        self.names: Dict[int, str] = {}         # instance wid -> "rule R op O instance I", until its thread ends
+        self.names: Dict[int, str] = {}         # instance wid -> "rule R op O instance I" till ENDED
         self.abandoned: Dict[int, float] = {}   # given-up instance wid -> when its thread must have ended
         self.retired = ""        # why it takes no new instance
         self.moving = False      # its instances are moved to a fresh process (a stuck thread)
