@@ -266,6 +266,26 @@ def test_an_instance_stuck_in_open_is_named_with_where_its_thread_is_stuck(make_
                      rf"move to a fresh worker$", line["text"]), line
 
 
+def test_a_shared_sink_killed_for_its_collect_deadline_says_where_its_own_thread_was(make_rig, unique):
+    """One sink's collect blocks in ``stay`` past collect_deadline: its error says where its
+    own thread was, as a worker of its own's stack dump does (the other sink's thread is
+    elsewhere); that thread never ends, so the process is retired, naming it and the place."""
+    rig = make_rig(**SHARED, collect_deadline=0.5, stop_grace=0.5)
+    rules = [f"r{i}_{unique}" for i in range(2)]
+    sinks = [rig.host.start_sink("snk", rule, require_ack=True) for rule in rules]
+    for sink in sinks:
+        assert sink.collect(b'{"i": 1}') == {}
+    pid = _shared_pid(rig, rules)
+    sinks[0].send(b'{"i": 2, "block": "collect"}')
+    row = rig.wait_row("the blocked sink killed and restarted", timeout=10, rule=rules[0], restarts_min=1)
+    assert re.search(r"collect_deadline 0\.5s \(at \S+\.py:\d+ stay\)$", row["last_error"]), row
+    assert sinks[1].collect(b'{"i": 2}') == {}
+    wait_until(lambda: rig.log_texts(rf"^plugin \S+ sink snk: shared worker pid {pid}: an instance's thread did "
+                                     rf"not end .*\(rule {rules[0]} op op instance 0, at \S+\.py:\d+ stay\)"),
+               10, 0.02, "the line retiring the shared worker")
+    assert sinks[0].recv_ack(timeout=10) == {}  # item 2, collected again by the fresh worker
+
+
 def test_a_reload_moves_shared_instances_to_a_shared_worker_of_the_new_code(tmp_path, unique, host_runs):
     """Two sources and two acked sinks, each symbol in a shared worker; sinks fed while the
     reload runs: every instance serves the new code from one new worker per symbol, and

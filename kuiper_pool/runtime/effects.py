@@ -299,10 +299,10 @@ class LoopEffects:
             return None
 
     def dump(self, w: WorkerHandle) -> forensics.Dump:
-        path = self.shared.dump(w)
-        if path is None:
-            path = forensics.dump_path(self.zygote.rundir, w.wid)
-        return forensics.summary(forensics.read(path) if path else "")
+        shared = self.shared.dump(w)
+        if shared is not None:
+            return shared
+        return forensics.summary(forensics.read(forensics.dump_path(self.zygote.rundir, w.wid)))
 
     # --- eKuiper's endpoints ----------------------------------------------------------------
 

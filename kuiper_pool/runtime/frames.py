@@ -31,6 +31,7 @@ STOP = ord("X")       # close the instance and exit
 # supervisor -> shared worker (workers: per_symbol), on its own control link
 HOST = ord("O")       # HostSpec, the first frame: serve instances in threads (host.py)
 ADOPT = ord("J")      # seq: the instance's worker id; its link's fd travels with SCM_RIGHTS
+WHERE = ord("G")      # seq: an instance being killed: where is its thread? (answered with AT)
 # worker -> supervisor
 READY = ord("R")      # Ready, after configure
 BEAT = ord("H")       # Beat: counters and the running work's start
@@ -38,7 +39,8 @@ FAULT = ord("F")      # Fault: the worker is about to exit because of it
 PUT = ord("U")        # one put_state/delete_state (state.py encoding)
 # shared worker -> supervisor, on the control link
 ENDED = ord("E")      # Ended: an instance's thread ended (its exit code)
-TYPES = frozenset({START, STATE, STOP, READY, BEAT, FAULT, PUT, HOST, ADOPT, ENDED})  # a kind's own are others
+AT = ord("Z")         # seq, then the innermost plugin frame its thread is in (file:line function)
+TYPES = frozenset({START, STATE, STOP, READY, BEAT, FAULT, PUT, HOST, ADOPT, WHERE, ENDED, AT})  # a kind's own are others
 
 
 def encode(ftype: int, payload: bytes = b"") -> bytes:

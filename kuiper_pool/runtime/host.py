@@ -8,7 +8,8 @@ frames, state, pages and acks. What belongs to the process is done once here: it
 stack-dump file, the orphan check and the heartbeat (one thread beating for every instance).
 A thread that ends is reported on the control link (ENDED, with its exit code), which the
 supervisor takes as that instance's worker exit; the process's death is the exit of every
-instance in it. A link the supervisor closed ends only its thread (:class:`LinkLost`); the
+instance in it. An instance being killed (a deadline, start_timeout) is asked about (WHERE):
+the process answers where its thread is in plugin code (AT), for the instance's error line. A link the supervisor closed ends only its thread (:class:`LinkLost`); the
 control link's end ends the process.
 """
 from __future__ import annotations
@@ -68,6 +69,14 @@ class Host:
                 sock = socket.socket(fileno=self.control.fds.popleft())
                 threading.Thread(target=self._thread, args=(run_one, wid, sock), daemon=True,
                                  name=f"kuiper_pool-instance-{wid}").start()
+            elif frame[0] == frames.WHERE:
+                wid = frames.split_seq(frame[1])[0]
+                with self.lock:
+                    ident = self.threads.get(wid, 0)
+                try:
+                    self.control.send(frames.encode_seq(frames.AT, wid, forensics.innermost(ident).encode()))
+                except OSError:
+                    pass  # the supervisor is gone: the heartbeat ends the process
         self.stopped.set()
         sys.stdout.flush()
         return 0

@@ -37,6 +37,7 @@ if TYPE_CHECKING:
     from .zygote import Zygote
 
 ENDS_INSTANCE = (signal.SIGKILL, signal.SIGTERM)
+WHERE_GRACE = 1.0   # seconds a killed instance's exit waits for its process to say where its thread is
 
 
 class SharedHost:
@@ -54,6 +55,8 @@ class SharedHost:
         self.handles: Dict[int, "WorkerHandle"] = {}
         self.names: Dict[int, str] = {}         # instance wid -> "rule R op O instance I" till ENDED
         self.abandoned: Dict[int, float] = {}   # given-up instance wid -> when its thread must have ended
+        self.asked: Dict[int, float] = {}       # instance wid asked WHERE -> until when its exit waits for AT
+        self.at: Dict[int, str] = {}            # instance wid -> where its thread was, as AT said
         self.retired = ""        # why it takes no new instance
         self.moving = False      # its instances are moved to a fresh process (a stuck thread)
         self.closed_at = 0.0     # its control link was closed (no instance left)
@@ -158,6 +161,9 @@ class SharedHosts:
         host = self.host_of[w.wid]
         if w.kill_cause is Cause.HANG and not host.hung:
             host.hung = w.kill_reason   # what its other instances are told when it dies
+        if sig == forensics.DUMP_SIGNAL and w.kill_cause is not Cause.HANG and not host.closed_at:
+            host.link.send(frames.encode_seq(frames.WHERE, w.wid))  # the thread's place, for its error
+            host.asked[w.wid] = self.fx.now() + WHERE_GRACE
         if sig not in ENDS_INSTANCE or w.kill_cause is Cause.HANG:
             self._kill(host, sig)  # a stack dump, a SIGCONT, a hung process: the process's
         elif w.wid not in host.abandoned and w.wid in self.fx.workers:
@@ -170,13 +176,15 @@ class SharedHosts:
             self._retire(host, "killed", move=False)
         host.zygote.kill(host.wid, sig)
 
-    def dump(self, w: "WorkerHandle") -> Optional[str]:
-        """The dump file to read for ``w``'s exit: its process's once that has died (None:
-        not a shared instance; "": its process lives on)."""
+    def dump(self, w: "WorkerHandle") -> Optional[forensics.Dump]:
+        """What to say of where ``w`` was at its exit: its process's dump once that has died,
+        or where its thread was as the live process said (AT); None: not a shared instance."""
         host = self.host_of.get(w.wid)
         if host is None:
             return None
-        return "" if host.wid in self.hosts else forensics.dump_path(host.zygote.rundir, host.wid)
+        if host.wid in self.hosts:
+            return forensics.Dump(host.at.get(w.wid, ""), False)
+        return forensics.summary(forensics.read(forensics.dump_path(host.zygote.rundir, host.wid)))
 
     # --- what the processes report ---------------------------------------------------------
 
@@ -194,10 +202,16 @@ class SharedHosts:
         for ftype, payload in got:
             if ftype == frames.ENDED:
                 self._ended(host, frames.Ended.decode(payload))
+            elif ftype == frames.AT:
+                wid, at = frames.split_seq(payload)
+                host.at[wid] = at.decode(errors="replace")
+                host.asked.pop(wid, None)
 
     def _ended(self, host: SharedHost, msg: frames.Ended) -> None:
         wid = msg.wid
         name = host.names.pop(wid, "")
+        host.asked.pop(wid, None)
+        host.at.pop(wid, None)
         if msg.stuck:
             self._retire(host, f"an instance's open did not return within stop_grace of its close "
                                f"({name}{', at ' + msg.at if msg.at else ''})", move=True, leaving=wid)
@@ -247,6 +261,10 @@ class SharedHosts:
     def tick(self, now: float) -> None:
         due, self.due = self.due, []
         for wid in due:  # a given-up instance: its exit, then its link closes (its thread ends)
+            host = self.host_of.get(wid)
+            if host is not None and now < host.asked.get(wid, 0.0):
+                self.due.append(wid)  # its process has not said where its thread is yet
+                continue
             entry = self.fx.workers.get(wid)
             if entry is not None:
                 self.fx.on_exit(entry, signal.SIGKILL)
@@ -254,8 +272,10 @@ class SharedHosts:
             late = [wid for wid, at in host.abandoned.items() if now >= at]
             for wid in late:
                 del host.abandoned[wid]
+                at = host.at.get(wid)
                 self._retire(host, "an instance's thread did not end within stop_grace of being "
-                                   f"given up ({host.names.get(wid, '')})", move=True, leaving=wid)
+                                   f"given up ({host.names.get(wid, '')}{', at ' + at if at else ''})",
+                             move=True, leaving=wid)
             if host.closed_at and not host.killed and now - host.closed_at >= host.stop_grace:
                 self._kill(host, signal.SIGKILL)
 
