@@ -17,7 +17,8 @@ SIGKILLs itself), ``hang`` (a busy loop that never returns).
   ``<root>/<once>`` is absent; it is created just before failing), ``quiet`` (seconds
   ``open`` emits nothing first), ``configure_fault`` (``configure`` raises ValueError),
   ``alloc_mb`` (``open`` keeps that many MiB of touched memory, the first time for its rule),
-  ``ignore_close`` (``close`` returns without stopping ``open``, which then never returns).
+  ``ignore_close`` (``close`` returns without stopping ``open``, which then never returns),
+  ``stay_in_open`` (``open`` records ``blocked`` at ``open`` and blocks in ``stay`` for good).
   Items: ``{"n": 1, 2, ..., "pid", "rule"}``. Events: ``configure`` (symbol, conf),
   ``open`` (rule), ``fault``.
 * sink ``snk``, conf: ``open_fault`` (how ``open`` fails, every time),
@@ -117,6 +118,8 @@ class Src(Source):
         once = self.conf.get("once")
         if how and (not once or first_time(once)):
             fault(how, "open of rule " + rule, rule=rule)
+        if self.conf.get("stay_in_open"):
+            stay("open", rule=rule)
         if self.conf.get("alloc_mb") and first_time("alloc_" + rule):
             KEEP.append(b"\x01" * (int(self.conf["alloc_mb"]) << 20))
         if self.conf.get("quiet") and self.stopped.wait(float(self.conf["quiet"])):

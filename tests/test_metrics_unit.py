@@ -42,3 +42,23 @@ def test_a_snapshot_that_cannot_be_read_is_up_0_and_the_others_are_served():
     assert value(samples, "kuiper_pool_instance_state", plugin="o", state="starting") == 1
     assert not [k for k in samples if ("plugin", "o") in k[1] and k[0] in (
         "kuiper_pool_cpu_seconds_total", "kuiper_pool_build_info")]
+
+
+def test_a_shared_worker_is_counted_once_and_an_older_snapshot_as_it_said():
+    shared = [dict(FRESH, symbol="s", type="source", rule=f"r{i}", shared=True, rss=300, cpu_seconds=2.0)
+              for i in range(3)]
+    own = dict(FRESH, symbol="s", type="source", rule="o", rss=100, cpu_seconds=1.0)
+    proc = {"symbol": "s", "type": "source", "pid": 42, "rss": 300, "cpu_percent": 1.0, "cpu_seconds": 2.0,
+            "instances": [{"rule": f"r{i}", "op": "", "instance": 0} for i in range(3)]}
+    samples = parse(render([dict(snap("p", own, *shared), shared_workers=[proc])]))
+    assert total(samples, "resident_memory_bytes") == 400 and total(samples, "cpu_seconds_total") == 3.0
+    assert value(samples, "kuiper_pool_resident_memory_bytes", worker="shared", pid="42", symbol="s") == 300
+    assert value(samples, "kuiper_pool_shared_worker_instances", pid="42") == 3
+    assert ("kuiper_pool_items_in_total", frozenset({("plugin", "p"), ("symbol", "s"), ("type", "source"),
+            ("rule", "r1"), ("op", ""), ("instance", "0")})) in samples  # its other series stay
+    older = parse(render([snap("p", own, *shared)]))  # no shared_workers: each instance as it said
+    assert total(older, "resident_memory_bytes") == 1000
+
+
+def total(samples: dict, name: str) -> float:
+    return sum(v for (n, _), v in samples.items() if n == f"kuiper_pool_{name}")

@@ -26,6 +26,7 @@ from kuiper_pool.runtime.effects import LoopEffects
 from kuiper_pool.runtime.health import Cause
 from kuiper_pool.runtime.instances import BACKOFF, RECYCLING, REMOVED, RUNNING, STARTING, STOPPING, Instance
 from kuiper_pool.runtime.protocol import Exited, Started
+from kuiper_pool.runtime.shared import WHERE_GRACE
 
 SETTINGS = dict(workers="per_symbol", restart_backoff_initial=0.0, restart_jitter=0.0, stop_grace=2.0,
                 heartbeat_interval=0.5, flap_max_restarts=5)
@@ -85,6 +86,7 @@ class Rig:
                               lambda fd, on: None, self.guarded, lambda inst: None)
         self.threads: Dict[int, Thread] = {}   # instance wid -> its link's far end
         self.adopted_by: Dict[int, int] = {}    # instance wid -> host wid
+        self.asked: List[int] = []              # instance wids a WHERE asked about
 
     def register(self, fd: int, handler: Callable[[int], None], inst: Any = None, events: int = 0) -> None:
         self.handlers[fd] = handler
@@ -108,7 +110,8 @@ class Rig:
         return sorted(self.fx.shared.hosts)
 
     def adopt(self) -> None:
-        """Read every host's control link as the shared worker would: the ADOPTed links."""
+        """Read every host's control link as the shared worker would: the ADOPTed links, and
+        which instances WHERE asks about."""
         for hwid in self.hosts():
             sock = self.zygote.links[hwid]
             sock.setblocking(False)
@@ -125,6 +128,8 @@ class Rig:
                         wid = frames.split_seq(payload)[0]
                         self.threads[wid] = Thread(wid, socket.socket(fileno=pending.pop(0)))
                         self.adopted_by[wid] = hwid
+                    elif ftype == frames.WHERE:
+                        self.asked.append(frames.split_seq(payload)[0])
 
     def deliver(self) -> None:
         """One pass of the loop over every registered link."""
@@ -142,6 +147,10 @@ class Rig:
         """The thread of instance ``wid`` reports its end on its host's control link."""
         self.zygote.links[self.adopted_by[wid]].sendall(
             frames.Ended(wid, code, stuck).encode())
+
+    def at(self, wid: int, where: str) -> None:
+        """The shared worker answers where instance ``wid``'s thread is (AT)."""
+        self.zygote.links[self.adopted_by[wid]].sendall(frames.encode_seq(frames.AT, wid, where.encode()))
 
     def ready(self, inst: Instance, error: Optional[str] = None) -> None:
         self.threads[inst.worker.wid].write(frames.READY, {"error": error})
@@ -220,15 +229,21 @@ def test_the_error_of_a_thread_that_ends_at_once_reaches_ekuiper_before_its_end(
 
 
 def test_a_late_end_of_a_given_up_thread_changes_nothing(rig):
-    """An instance killed (stop_grace passed) is given up at once; its thread's ENDED comes
-    later, after the instance started again: ignored, and the process is not retired."""
+    """An instance killed (stop_grace passed) is given up at once, its error saying where its
+    thread was as the process answered; its thread's ENDED comes later, after the instance
+    started again: ignored, and the process is not retired."""
     a, b, host = two_running(rig)
     old = a.worker
     a.kill(old, Cause.START_TIMEOUT, "start exceeded start_timeout")
+    rig.adopt()
+    assert rig.asked == [old.wid]         # where is its thread?
+    rig.at(old.wid, "plug.py:7 spin")
+    rig.deliver()
     a.tick(rig.fx.now() + 5.0)            # past DUMP_GRACE and stop_grace: SIGKILL, i.e. given up
     assert (host, signal.SIGUSR1) in rig.zygote.kills and (host, signal.SIGKILL) not in rig.zygote.kills
     rig.fx.shared.tick(rig.fx.now())      # its exit is reported on the next tick
     assert a.worker is not old and a.restarts == 1 and a.state == STARTING
+    assert a.last_error.endswith("start exceeded start_timeout (at plug.py:7 spin)"), a.last_error
     rig.adopt()
     rig.ended(old.wid, 0)                  # the late end of the old thread
     rig.deliver()
@@ -236,6 +251,17 @@ def test_a_late_end_of_a_given_up_thread_changes_nothing(rig):
     assert a.state == RUNNING and a.worker.pid == b.worker.pid
     rig.fx.shared.tick(rig.fx.now() + 10.0)
     assert not rig.fx.shared.hosts[host].retired and b.state == RUNNING
+
+
+def test_a_killed_instance_whose_process_does_not_say_where_it_is_exits_a_moment_later(rig):
+    a, _b, _host = two_running(rig)
+    old, asked = a.worker, rig.fx.now()
+    a.kill(old, Cause.START_TIMEOUT, "start exceeded start_timeout")
+    a.tick(rig.fx.now() + 5.0)            # given up; no AT comes
+    rig.fx.shared.tick(asked)
+    assert a.worker is old                # its exit waits for the answer ...
+    rig.fx.shared.tick(rig.fx.now() + WHERE_GRACE)
+    assert a.worker is not old and a.restarts == 1 and a.last_error.endswith("start exceeded start_timeout")
 
 
 def test_a_given_up_thread_that_never_ends_moves_the_others_and_ends_the_process(rig):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import threading
 
@@ -16,11 +17,13 @@ import pytest
 from conftest import kuiper_pool_cli, wait_until
 from kuiper_pool.runtime import status
 from kuiper_pool.tools.emulator import HostError
+from metrics_text import free_port, scrape
 from plugins import RECORDING_SINK, make_plugin, read_jsonl
 from test_hostile_plugins import FORKING_SINK, _forked_lines
 from test_reload import VERSION_SOURCE
 from test_state import FAST as STATE_FAST
 from test_state import STATE_SOURCE
+from test_status_cli import documented_shared_worker_keys
 from test_supervision import SLOW_BEATS, make_rig  # noqa: F401 - the fixture
 
 # slow beats where a test is not about hangs: a loaded machine must not make one of them
@@ -40,6 +43,50 @@ def test_instances_of_a_symbol_share_one_worker_and_status_says_so(make_rig, uni
     table = kuiper_pool_cli("status", rig.plugin.name).stdout
     assert sum(f"{pid}*" in line for line in table.splitlines()) == len(rules), table
     assert "(PID*: one worker process shared by its symbol's instances" in table
+
+
+def test_a_shared_workers_memory_and_cpu_are_counted_once_in_the_metrics_and_status(make_rig, unique):
+    """Three sources in one shared worker: its memory and CPU are one series of its own, so a
+    sum over the plugin's series is the process's (not three times it); status lists the
+    process once and its table shows no per-instance RSS for the shared instances."""
+    port = free_port()
+    rig = make_rig(**SHARED, metrics_address=f"127.0.0.1:{port}")
+    rules = [f"r{i}_{unique}" for i in range(3)]
+    srcs = [rig.host.start_source("src", rule, config={"interval": 0.01}) for rule in rules]
+    for src in srcs:
+        src.recv()
+    pid = _shared_pid(rig, rules)
+
+    def of(samples, name):
+        return {ls: v for (n, ls), v in samples.items() if n == f"kuiper_pool_{name}"}
+
+    def sampled():
+        samples = scrape(f"http://127.0.0.1:{port}/metrics")
+        return samples if all(v > 0 for v in of(samples, "resident_memory_bytes").values()) \
+            and sum(of(samples, "cpu_seconds_total").values()) > 0 else None
+    samples = wait_until(sampled, 10, 0.05, "the shared worker's memory and CPU in the metrics")
+    cpu_after = sum(psutil.Process(pid).cpu_times()[:2])
+    where = frozenset({("plugin", rig.plugin.name), ("symbol", "src"), ("type", "source"),
+                       ("worker", "shared"), ("pid", str(pid))})
+    memory, cpu = of(samples, "resident_memory_bytes"), of(samples, "cpu_seconds_total")
+    assert list(memory) == [where] and list(cpu) == [where], (memory, cpu)
+    assert of(samples, "shared_worker_instances") == {where: 3}
+    rss = psutil.Process(pid).memory_info().rss
+    assert 0.75 * rss < sum(memory.values()) < 1.33 * rss, (sum(memory.values()), rss)
+    assert 0 < sum(cpu.values()) <= cpu_after + 0.02, (sum(cpu.values()), cpu_after)
+    assert len(of(samples, "items_in_total")) == 3  # the instances keep every other series
+
+    snap = status.query(rig.plugin.name)
+    [proc] = snap["shared_workers"]
+    assert list(proc) == documented_shared_worker_keys()
+    assert (proc["pid"], proc["symbol"], proc["type"]) == (pid, "src", "source")
+    assert sorted(i["rule"] for i in proc["instances"]) == rules and proc["rss"] > 0
+    table = kuiper_pool_cli("status", rig.plugin.name).stdout.splitlines()
+    rows = [line.split() for line in table if f"{pid}*" in line]
+    assert len(rows) == 3 and all(r[7:9] == ["*", "*"] for r in rows), table
+    shared = table.index(next(line for line in table if line.startswith("SHARED PID")))
+    assert table[shared + 1].split()[:4] == [str(pid), "src", "source", "3"], table
+    assert "its RSS and CPU% are shown once, under SHARED PID" in table[-1], table
 
 
 def _shared_pid(rig, rules):
@@ -198,6 +245,45 @@ def test_an_instance_whose_open_ignores_its_stop_retires_the_shared_worker(make_
     wait_until(lambda: not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE,
                5, 0.02, "the retired shared worker to end")
     assert rig.log_texts(r"shared worker pid \d+: an instance's open did not return within stop_grace")
+
+
+def test_an_instance_stuck_in_open_is_named_with_where_its_thread_is_stuck(make_rig, unique):
+    """open blocks in a function of the plugin's (``stay``) and close does not stop it: the
+    line that retires the shared worker names that instance and the innermost plugin frame
+    of its own thread (the other instance's is in ``open``)."""
+    rig = make_rig(**SHARED, stop_grace=0.3)
+    rules = [f"r{i}_{unique}" for i in range(2)]
+    kept = rig.host.start_source("src", rules[0], config={"interval": 0.01})
+    kept.recv()
+    stuck = rig.host.start_source("src", rules[1], config={"stay_in_open": True})
+    wait_until(lambda: rig.plugin.events("blocked", rule=rules[1]), 5, 0.02, "open to block in stay")
+    pid = _shared_pid(rig, rules)
+    stuck.stop()
+    _serving(rig, [kept], rules[:1], pid, 0)
+    [line] = wait_until(lambda: rig.log_texts(rf"^plugin \S+ source src: shared worker pid {pid}: an instance's open"),
+                        5, 0.02, "the line retiring the shared worker")
+    assert re.search(rf"\(rule {rules[1]} op op instance 0, at \S+\.py:\d+ stay\); its 1 other instances "
+                     rf"move to a fresh worker$", line["text"]), line
+
+
+def test_a_shared_sink_killed_for_its_collect_deadline_says_where_its_own_thread_was(make_rig, unique):
+    """One sink's collect blocks in ``stay`` past collect_deadline: its error says where its
+    own thread was, as a worker of its own's stack dump does (the other sink's thread is
+    elsewhere); that thread never ends, so the process is retired, naming it and the place."""
+    rig = make_rig(**SHARED, collect_deadline=0.5, stop_grace=0.5)
+    rules = [f"r{i}_{unique}" for i in range(2)]
+    sinks = [rig.host.start_sink("snk", rule, require_ack=True) for rule in rules]
+    for sink in sinks:
+        assert sink.collect(b'{"i": 1}') == {}
+    pid = _shared_pid(rig, rules)
+    sinks[0].send(b'{"i": 2, "block": "collect"}')
+    row = rig.wait_row("the blocked sink killed and restarted", timeout=10, rule=rules[0], restarts_min=1)
+    assert re.search(r"collect_deadline 0\.5s \(at \S+\.py:\d+ stay\)$", row["last_error"]), row
+    assert sinks[1].collect(b'{"i": 2}') == {}
+    wait_until(lambda: rig.log_texts(rf"^plugin \S+ sink snk: shared worker pid {pid}: an instance's thread did "
+                                     rf"not end .*\(rule {rules[0]} op op instance 0, at \S+\.py:\d+ stay\)"),
+               10, 0.02, "the line retiring the shared worker")
+    assert sinks[0].recv_ack(timeout=10) == {}  # item 2, collected again by the fresh worker
 
 
 def test_a_reload_moves_shared_instances_to_a_shared_worker_of_the_new_code(tmp_path, unique, host_runs):

@@ -96,19 +96,26 @@ def test_status_prints_a_table_with_a_row_per_instance(rig):
     assert int(rows[rig.src][9]) >= 1 and rows[rig.src][12] == "-"
 
 
-def _documented_schema() -> Tuple[Dict[str, str], List[str]]:
-    """The snapshot schema as kuiper_pool/runtime/status.py documents it: top-level key -> type, and the
-    instance keys."""
+def _documented_schema() -> Tuple[Dict[str, str], List[str], List[str]]:
+    """The snapshot schema as kuiper_pool/runtime/status.py documents it: top-level key -> type, the
+    instance keys and the keys of a shared worker."""
     head, _, rest = status.__doc__.partition('"instances": [{')
+    rest, _, shared = rest.partition('"shared_workers": [{')
     top = dict(re.findall(r'"(\w+)": (str|int|float)', head))
-    return top, re.findall(r'"(\w+)"', rest.partition("}]}")[0])
+    shared = re.sub(r": \[\{.*?\}\]", "", shared.partition("}]}")[0], flags=re.S)  # not its instances' keys
+    return top, re.findall(r'"(\w+)"', rest), re.findall(r'"(\w+)"', shared)
+
+
+def documented_shared_worker_keys() -> List[str]:
+    return _documented_schema()[2]
 
 
 def test_status_json_follows_the_documented_schema(rig):
-    top, instance_keys = _documented_schema()
-    assert top and len(instance_keys) >= 10, "could not read the schema from status.__doc__"
+    top, instance_keys, shared_keys = _documented_schema()
+    assert top and len(instance_keys) >= 10 and len(shared_keys) >= 5, "could not read the schema from status.__doc__"
     snap = rig.snapshot()
-    assert set(snap) == set(top) | {"instances"}
+    assert set(snap) == set(top) | {"instances", "shared_workers"}
+    assert snap["shared_workers"] == []  # every worker here is an instance's own
     types = {"str": str, "int": int, "float": (int, float)}
     for key, kind in top.items():
         assert isinstance(snap[key], types[kind]), (key, snap[key])

@@ -59,6 +59,7 @@ class WorkerHandle:
         self.sigkill_sent = False   # a SIGKILL went out: a death by another signal came first
         self.signal_at = 0.0
         self.held = ""              # recycled with a call in flight: the kill reason past its deadline
+        self.shared = False         # a thread of a shared worker: its vitals are the process's
 
 
 class Effects(Protocol):
@@ -146,7 +147,7 @@ class LoopEffects:
         w = WorkerHandle(wid, time.monotonic())
         w.generation = self.generation
         if shared:
-            self.shared.attach(host, w)
+            self.shared.attach(host, w, inst)
         link = frames.Link(ours, lambda on: self.want_write(link.fileno(), on))
         entry = (w, inst, link)
         self.workers[wid] = entry
@@ -298,10 +299,10 @@ class LoopEffects:
             return None
 
     def dump(self, w: WorkerHandle) -> forensics.Dump:
-        path = self.shared.dump(w)
-        if path is None:
-            path = forensics.dump_path(self.zygote.rundir, w.wid)
-        return forensics.summary(forensics.read(path) if path else "")
+        shared = self.shared.dump(w)
+        if shared is not None:
+            return shared
+        return forensics.summary(forensics.read(forensics.dump_path(self.zygote.rundir, w.wid)))
 
     # --- eKuiper's endpoints ----------------------------------------------------------------
 

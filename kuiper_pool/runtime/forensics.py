@@ -20,6 +20,7 @@ import functools
 import os
 import re
 import signal
+import sys
 from typing import IO, List, NamedTuple, Optional, Tuple
 
 DUMP_SIGNAL = signal.SIGUSR1
@@ -109,11 +110,27 @@ def user_frames(dump: str, limit: int = 3) -> str:
         elif target is not None:
             m = _FRAME.match(line)
             if m and not _ours(m.group("file")):
-                target.append(f"{os.path.basename(m.group('file'))}:{m.group('line')} {m.group('func')}")
+                target.append(_at(m.group("file"), m.group("line"), m.group("func")))
     for frames in [current] + others:
         if frames:
             return " < ".join(frames[:limit])
     return ""
+
+
+def innermost(ident: int) -> str:
+    """``file:line function`` of the innermost frame of plugin code that thread ``ident`` of
+    this process is running ("": none, or no such thread): where a shared worker's instance
+    is stuck, read by the process itself (its other threads are no one else's concern)."""
+    frame = sys._current_frames().get(ident)
+    while frame is not None:
+        if not _ours(frame.f_code.co_filename):
+            return _at(frame.f_code.co_filename, frame.f_lineno, frame.f_code.co_name)
+        frame = frame.f_back
+    return ""
+
+
+def _at(path: str, line: object, func: str) -> str:
+    return f"{os.path.basename(path)}:{line} {func}"
 
 
 def _ours(path: str) -> bool:
@@ -122,8 +139,8 @@ def _ours(path: str) -> bool:
 
 @functools.lru_cache(maxsize=None)
 def _stdlib() -> Tuple[str, ...]:
-    # sysconfig (with its data module) only when a dump is read: every worker and the
-    # supervisor import this module on the way to a plugin's first item
+    # sysconfig (with its data module) only when a dump is read or a thread's place is
+    # asked: every worker and the supervisor import this module on the way to a first item
     import sysconfig
 
     return tuple(p for p in {sysconfig.get_path("stdlib"), sysconfig.get_path("platstdlib")} if p)

@@ -31,6 +31,7 @@ STOP = ord("X")       # close the instance and exit
 # supervisor -> shared worker (workers: per_symbol), on its own control link
 HOST = ord("O")       # HostSpec, the first frame: serve instances in threads (host.py)
 ADOPT = ord("J")      # seq: the instance's worker id; its link's fd travels with SCM_RIGHTS
+WHERE = ord("G")      # seq: an instance being killed: where is its thread? (answered with AT)
 # worker -> supervisor
 READY = ord("R")      # Ready, after configure
 BEAT = ord("H")       # Beat: counters and the running work's start
@@ -38,7 +39,8 @@ FAULT = ord("F")      # Fault: the worker is about to exit because of it
 PUT = ord("U")        # one put_state/delete_state (state.py encoding)
 # shared worker -> supervisor, on the control link
 ENDED = ord("E")      # Ended: an instance's thread ended (its exit code)
-TYPES = frozenset({START, STATE, STOP, READY, BEAT, FAULT, PUT, HOST, ADOPT, ENDED})  # a kind's own are others
+AT = ord("Z")         # seq, then the innermost plugin frame its thread is in (file:line function)
+TYPES = frozenset({START, STATE, STOP, READY, BEAT, FAULT, PUT, HOST, ADOPT, WHERE, ENDED, AT})  # a kind's own are others
 
 
 def encode(ftype: int, payload: bytes = b"") -> bytes:
@@ -127,11 +129,13 @@ class HostSpec(NamedTuple):
 
 class Ended(NamedTuple):
     """ENDED: instance ``wid``'s thread in a shared worker ended with ``code``; ``stuck``: it
-    could not be made to return and is left behind."""
+    could not be made to return and is left behind, ``at`` the plugin code it is stuck in
+    (``file:line function``, "" when unknown)."""
 
     wid: int
     code: int
     stuck: bool
+    at: str = ""
 
     def encode(self) -> bytes:
         return encode_json(ENDED, self._asdict())
@@ -139,7 +143,7 @@ class Ended(NamedTuple):
     @classmethod
     def decode(cls, payload: bytes) -> "Ended":
         d = decode_json(payload)
-        return cls(int(d["wid"]), int(d["code"]), bool(d["stuck"]))
+        return cls(int(d["wid"]), int(d["code"]), bool(d["stuck"]), str(d["at"]))
 
 
 class FrameBuffer:

@@ -8,8 +8,10 @@ frames, state, pages and acks. What belongs to the process is done once here: it
 stack-dump file, the orphan check and the heartbeat (one thread beating for every instance).
 A thread that ends is reported on the control link (ENDED, with its exit code), which the
 supervisor takes as that instance's worker exit; the process's death is the exit of every
-instance in it. A link the supervisor closed ends only its thread (:class:`LinkLost`); the
-control link's end ends the process.
+instance in it. An instance being killed (a deadline, start_timeout) is asked about (WHERE):
+the process answers where its thread is in plugin code (AT), for the instance's error line.
+A link the supervisor closed ends only its thread (:class:`LinkLost`); the control link's end
+ends the process.
 """
 from __future__ import annotations
 
@@ -42,6 +44,7 @@ class Host:
         self.spec = spec
         self.lock = threading.Lock()
         self.workers: Dict[int, Any] = {}   # wid -> the instance's worker.Worker, while it runs
+        self.threads: Dict[int, int] = {}   # wid -> the ident of the thread running it
         self.stuck: Set[int] = set()        # reported ended while their thread still runs
         self.stopped = threading.Event()
 
@@ -67,12 +70,22 @@ class Host:
                 sock = socket.socket(fileno=self.control.fds.popleft())
                 threading.Thread(target=self._thread, args=(run_one, wid, sock), daemon=True,
                                  name=f"kuiper_pool-instance-{wid}").start()
+            elif frame[0] == frames.WHERE:
+                wid = frames.split_seq(frame[1])[0]
+                with self.lock:
+                    ident = self.threads.get(wid, 0)
+                try:
+                    self.control.send(frames.encode_seq(frames.AT, wid, forensics.innermost(ident).encode()))
+                except OSError:
+                    pass  # the supervisor is gone: the heartbeat ends the process
         self.stopped.set()
         sys.stdout.flush()
         return 0
 
     def _thread(self, run_one: RunOne, wid: int, sock: socket.socket) -> None:
         code = EXIT_CRASH
+        with self.lock:
+            self.threads[wid] = threading.get_ident()
         try:
             code = run_one(wid, sock, self)
         except Exception as e:  # noqa: BLE001 - ours, not the plugin's: this instance alone ends
@@ -94,7 +107,8 @@ class Host:
     def ended(self, wid: int, code: int, stuck: bool = False) -> None:
         """Tell the supervisor instance ``wid`` is over, once. ``stuck``: its thread could not
         be made to return (a source's open outliving its close): it is left behind, and the
-        supervisor moves the other instances to a fresh worker so this process can end."""
+        supervisor moves the other instances to a fresh worker so this process can end; it
+        is told where the thread is stuck."""
         with self.lock:
             if wid in self.stuck:  # its thread returned after all: reported already
                 self.stuck.discard(wid)
@@ -102,8 +116,10 @@ class Host:
             if stuck:
                 self.stuck.add(wid)
             self.workers.pop(wid, None)
+            ident = self.threads.pop(wid, 0)
+        at = forensics.innermost(ident) if stuck else ""
         try:
-            self.control.send(frames.Ended(wid, code, stuck).encode())
+            self.control.send(frames.Ended(wid, code, stuck, at).encode())
         except OSError:
             pass  # the supervisor is gone: the heartbeat ends the process
 

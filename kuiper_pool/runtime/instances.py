@@ -70,7 +70,7 @@ class Instance:
         self.items_in = 0
         self.items_out = 0
         self.errors = 0
-        self.cpu_seconds = 0.0                      # of the workers gone, as last sampled
+        self.cpu_seconds = 0.0                      # of its own workers gone, as last sampled
         self.generation = fx.generation             # the code its settings (and last worker) are of
         self.route = route_for(self)
 
@@ -295,7 +295,8 @@ class Instance:
             how, cause = self._ended_before_the_kill(meant, how, cause, dump.fatal)
         self.route.on_worker_gone(w, how, cause)
         self.errors += w.vitals.emit_errors
-        self.cpu_seconds += w.vitals.cpu_seconds
+        if not w.shared:  # a shared worker's CPU is the process's, not this instance's
+            self.cpu_seconds += w.vitals.cpu_seconds
         state = self._state
         if state is STOPPING:
             self.fx.note(self, logging.INFO, "stopped (worker pid %d %s)", w.pid, how)

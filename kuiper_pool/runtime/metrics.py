@@ -6,6 +6,12 @@ Every series of an instance exists from its start: counters at 0, one
 ``kuiper_pool_instance_state`` series per state (1 for the current one), one
 ``kuiper_pool_restarts_total`` series per cause, so ``increase()`` sees the first restart.
 A snapshot of an older supervisor may lack a field: what it lacks is left out.
+
+Memory and CPU are counted once per process, so that ``sum()`` over the series is the real
+total: an instance with a worker of its own has them on its instance series; a shared worker
+(``workers: per_symbol``) has them on series of its own, labelled ``worker="shared"`` and its
+``pid`` (no rule, op or instance), and its instances have none. (An older supervisor's
+snapshot, which has no ``shared_workers``, gives them on every instance, as it did.)
 """
 from __future__ import annotations
 
@@ -45,10 +51,16 @@ FAMILIES = (
     ("errors_total", "counter", "Failed calls, dropped items and emit_error calls."),
     ("restarts_total", "counter", "Unexpected worker ends by cause; each is restarted "
      "(at once, after backoff, or after failed_retry_min once failed)."),
-    ("resident_memory_bytes", "gauge", "The worker's resident memory (0 without a worker)."),
-    ("cpu_seconds_total", "counter", "CPU time (user + system) of the instance's workers."),
+    ("resident_memory_bytes", "gauge", "Resident memory of each worker process, counted once: "
+     "an instance's own worker (0 without a worker), or a shared worker (worker=\"shared\", pid) "
+     "for all its instances."),
+    ("cpu_seconds_total", "counter", "CPU time (user + system) of an instance's own workers so far, "
+     "or of one shared worker process (worker=\"shared\", pid); each process counted once."),
+    ("shared_worker_instances", "gauge", "Instances a shared worker process (workers: per_symbol, "
+     "worker=\"shared\", pid) runs; its memory and CPU are on its own series, not theirs."),
 )
 Sample = Tuple[str, Labels, float]
+PROCESS = (("rss", "resident_memory_bytes"), ("cpu_seconds", "cpu_seconds_total"))  # snapshot key, family
 
 
 def render(snaps: Iterable[Snapshot], down: Iterable[str] = ()) -> str:
@@ -77,18 +89,25 @@ def _samples(snap: Snapshot) -> List[Sample]:
                                    "python": str(snap.get("python", ""))}, 1))
     if "started" in snap:
         out.append(("start_time_seconds", {"plugin": plugin}, float(snap["started"])))
+    shared = snap.get("shared_workers")
     for inst in snap.get("instances", ()):
         labels = instance_labels(plugin, inst)
+        own = not (shared is not None and inst.get("shared"))  # else on its process's series
         out += [("instance_state", dict(labels, state=s), int(inst["state"] == s)) for s in STATES]
         causes = inst.get("restart_causes", {})
         out += [("restarts_total", dict(labels, cause=c), int(causes.get(c, 0)))
                 for c in sorted(set(RESTART_CAUSES) | set(causes))]
         for key, name in (("items_in", "items_in_total"), ("items_out", "items_out_total"),
-                          ("errors", "errors_total"), ("rss", "resident_memory_bytes"),
-                          ("cpu_seconds", "cpu_seconds_total")):
+                          ("errors", "errors_total")) + (PROCESS if own else ()):
             if key in inst:
                 out.append((name, labels, _check(inst[key])))
+    for proc in shared or ():
+        labels = {"plugin": plugin, "symbol": proc["symbol"], "type": proc["type"],
+                  "worker": "shared", "pid": str(proc["pid"])}
+        out.append(("shared_worker_instances", labels, len(proc["instances"])))
+        out += [(name, labels, _check(proc[key])) for key, name in PROCESS]
     return out
+
 
 
 def _check(value: Any) -> float:

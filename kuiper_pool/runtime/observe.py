@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import sys
 import time
-from typing import TYPE_CHECKING, Dict, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 
 from ..version import __version__
 from .instances import RUNNING
@@ -19,26 +19,38 @@ PYTHON = ".".join(map(str, sys.version_info[:3]))
 
 
 def sample(sup: "Supervisor") -> None:
-    """psutil figures of every worker: memory, CPU share since the last sample, CPU time;
-    read once per process (a shared worker's are every one of its instances')."""
-    seen: Dict[int, Tuple[int, float, float]] = {}
+    """psutil figures of every worker process, read once each: memory, CPU share since the
+    last sample, CPU time. A shared worker's go on its host, counted once, and on each of its
+    instances' vitals (for their health checks)."""
+    shared = sup.fx.shared
+    for host in list(shared.hosts.values()):
+        if host.proc is None and host.pid:
+            import psutil
+
+            try:
+                host.proc = psutil.Process(host.pid)
+            except psutil.Error:
+                continue
+        got = _figures(host.proc) if host.proc is not None else None
+        if got is not None:
+            host.rss, host.cpu_percent, host.cpu_seconds = got
+            for w in host.handles.values():
+                w.vitals.rss, w.vitals.cpu_percent, w.vitals.cpu_seconds = got
     for w, _inst, _link in list(sup.fx.workers.values()):
-        v = w.vitals
-        if w.pid in seen:
-            v.rss, v.cpu_percent, v.cpu_seconds = seen[w.pid]
-            continue
-        proc = sup.fx.proc(w)
-        if proc is None:
-            continue
-        try:
-            with proc.oneshot():
-                v.rss = proc.memory_info().rss
-                v.cpu_percent = proc.cpu_percent(None)
-                t = proc.cpu_times()
-                v.cpu_seconds = t.user + t.system
-        except Exception:  # noqa: BLE001 - psutil.Error: gone meanwhile
-            continue
-        seen[w.pid] = (v.rss, v.cpu_percent, v.cpu_seconds)
+        proc = None if w.shared else sup.fx.proc(w)
+        got = _figures(proc) if proc is not None else None
+        if got is not None:
+            w.vitals.rss, w.vitals.cpu_percent, w.vitals.cpu_seconds = got
+
+
+def _figures(proc: Any) -> Optional[Tuple[int, float, float]]:
+    """RSS, CPU percent and CPU seconds of a psutil.Process (None: gone meanwhile)."""
+    try:
+        with proc.oneshot():
+            t = proc.cpu_times()
+            return proc.memory_info().rss, proc.cpu_percent(None), t.user + t.system
+    except Exception:  # noqa: BLE001 - psutil.Error: gone meanwhile
+        return None
 
 
 def snapshot(sup: "Supervisor") -> Snapshot:
@@ -66,4 +78,20 @@ def snapshot(sup: "Supervisor") -> Snapshot:
             "cpu_seconds": inst.cpu_seconds + (v.cpu_seconds if v else 0.0)})
     return {"plugin": sup.plugin.name, "version": __version__, "pid": os.getpid(),
             "zygote_pid": sup.zygote.pid, "uptime": now - sup.started_at, "time": now,
-            "python": PYTHON, "started": sup.started_at, "instances": rows}
+            "python": PYTHON, "started": sup.started_at, "instances": rows,
+            "shared_workers": shared_workers(sup)}
+
+
+def shared_workers(sup: "Supervisor") -> List[Dict[str, Any]]:
+    """Every live shared worker process, its figures once and the instances it runs (none
+    while it is let go, or with a thread that would not end)."""
+    out = []
+    for host in sup.fx.shared.hosts.values():
+        if not host.pid:
+            continue
+        held = [sup.fx.workers[wid][1].ctrl for wid in host.handles if wid in sup.fx.workers]
+        out.append({"symbol": host.symbol, "type": host.kind, "pid": host.pid,
+                    "instances": [{"rule": c.rule_id, "op": c.op_id, "instance": c.instance_id}
+                                  for c in held],
+                    "rss": host.rss, "cpu_percent": host.cpu_percent, "cpu_seconds": host.cpu_seconds})
+    return out

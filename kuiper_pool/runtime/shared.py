@@ -25,7 +25,7 @@ from __future__ import annotations
 import selectors
 import signal
 import socket
-from typing import TYPE_CHECKING, Dict, List, Optional, Union
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Union
 
 from . import forensics, frames
 from .health import Cause
@@ -37,6 +37,7 @@ if TYPE_CHECKING:
     from .zygote import Zygote
 
 ENDS_INSTANCE = (signal.SIGKILL, signal.SIGTERM)
+WHERE_GRACE = 1.0   # seconds a killed instance's exit waits for its process to say where its thread is
 
 
 class SharedHost:
@@ -52,12 +53,19 @@ class SharedHost:
         self.link = link
         self.pid = 0
         self.handles: Dict[int, "WorkerHandle"] = {}
+        self.names: Dict[int, str] = {}         # instance wid -> "rule R op O instance I" till ENDED
         self.abandoned: Dict[int, float] = {}   # given-up instance wid -> when its thread must have ended
+        self.asked: Dict[int, float] = {}       # instance wid asked WHERE -> until when its exit waits for AT
+        self.at: Dict[int, str] = {}            # instance wid -> where its thread was, as AT said
         self.retired = ""        # why it takes no new instance
         self.moving = False      # its instances are moved to a fresh process (a stuck thread)
         self.closed_at = 0.0     # its control link was closed (no instance left)
         self.killed = False
         self.hung = ""           # why an instance found the process hung (it is killed)
+        self.proc: Any = None    # its psutil.Process, made when first sampled (observe.py)
+        self.rss = 0             # the process's figures as last sampled, counted once for all
+        self.cpu_percent = 0.0   # its instances (each instance's vitals carry a copy, for its
+        self.cpu_seconds = 0.0   # health checks: memory_limit_mb is the process's)
 
     def describe(self) -> str:
         return f"plugin {self.plugin} {self.kind} {self.symbol}: shared worker pid {self.pid}"
@@ -87,10 +95,13 @@ class SharedHosts:
             link_end.close()
         return host
 
-    def attach(self, host: SharedHost, w: "WorkerHandle") -> None:
+    def attach(self, host: SharedHost, w: "WorkerHandle", inst: "Instance") -> None:
         host.handles[w.wid] = w
+        c = inst.ctrl
+        host.names[w.wid] = f"rule {c.rule_id} op {c.op_id} instance {c.instance_id}"
         self.host_of[w.wid] = host
         w.pid = host.pid
+        w.shared = True
 
     def _start(self, inst: "Instance") -> SharedHost:
         fx = self.fx
@@ -133,14 +144,16 @@ class SharedHosts:
         if host is not None:
             self._retire(host, why, move=False)
 
-    def _retire(self, host: SharedHost, why: str, move: bool) -> None:
+    def _retire(self, host: SharedHost, why: str, move: bool, leaving: int = 0) -> None:
+        """``host`` takes no new instance; ``move``: its instances (but ``leaving``, a stuck
+        one's wid) move to a fresh one."""
         if self.open.get(host.symbol) is host:
             del self.open[host.symbol]
         host.retired = host.retired or why
         if move and not host.moving:
             host.moving = True
             self.fx.log.warning("%s: %s; its %d other instances move to a fresh worker",
-                                host.describe(), why, len(host.handles))
+                                host.describe(), why, len(host.handles.keys() - {leaving}))
 
     # --- what the state machine asks for ---------------------------------------------------
 
@@ -148,6 +161,9 @@ class SharedHosts:
         host = self.host_of[w.wid]
         if w.kill_cause is Cause.HANG and not host.hung:
             host.hung = w.kill_reason   # what its other instances are told when it dies
+        if sig == forensics.DUMP_SIGNAL and w.kill_cause is not Cause.HANG and not host.closed_at:
+            host.link.send(frames.encode_seq(frames.WHERE, w.wid))  # the thread's place, for its error
+            host.asked[w.wid] = self.fx.now() + WHERE_GRACE
         if sig not in ENDS_INSTANCE or w.kill_cause is Cause.HANG:
             self._kill(host, sig)  # a stack dump, a SIGCONT, a hung process: the process's
         elif w.wid not in host.abandoned and w.wid in self.fx.workers:
@@ -160,13 +176,15 @@ class SharedHosts:
             self._retire(host, "killed", move=False)
         host.zygote.kill(host.wid, sig)
 
-    def dump(self, w: "WorkerHandle") -> Optional[str]:
-        """The dump file to read for ``w``'s exit: its process's once that has died (None:
-        not a shared instance; "": its process lives on)."""
+    def dump(self, w: "WorkerHandle") -> Optional[forensics.Dump]:
+        """What to say of where ``w`` was at its exit: its process's dump once that has died,
+        or where its thread was as the live process said (AT); None: not a shared instance."""
         host = self.host_of.get(w.wid)
         if host is None:
             return None
-        return "" if host.wid in self.hosts else forensics.dump_path(host.zygote.rundir, host.wid)
+        if host.wid in self.hosts:
+            return forensics.Dump(host.at.get(w.wid, ""), False)
+        return forensics.summary(forensics.read(forensics.dump_path(host.zygote.rundir, host.wid)))
 
     # --- what the processes report ---------------------------------------------------------
 
@@ -184,11 +202,19 @@ class SharedHosts:
         for ftype, payload in got:
             if ftype == frames.ENDED:
                 self._ended(host, frames.Ended.decode(payload))
+            elif ftype == frames.AT:
+                wid, at = frames.split_seq(payload)
+                host.at[wid] = at.decode(errors="replace")
+                host.asked.pop(wid, None)
 
     def _ended(self, host: SharedHost, msg: frames.Ended) -> None:
         wid = msg.wid
+        name = host.names.pop(wid, "")
+        host.asked.pop(wid, None)
+        host.at.pop(wid, None)
         if msg.stuck:
-            self._retire(host, "an instance's open did not return within stop_grace of its close", move=True)
+            self._retire(host, f"an instance's open did not return within stop_grace of its close "
+                               f"({name}{', at ' + msg.at if msg.at else ''})", move=True, leaving=wid)
         host.abandoned.pop(wid, None)
         entry = self.fx.workers.get(wid)
         if entry is not None and self.host_of.get(wid) is host:
@@ -235,6 +261,10 @@ class SharedHosts:
     def tick(self, now: float) -> None:
         due, self.due = self.due, []
         for wid in due:  # a given-up instance: its exit, then its link closes (its thread ends)
+            host = self.host_of.get(wid)
+            if host is not None and now < host.asked.get(wid, 0.0):
+                self.due.append(wid)  # its process has not said where its thread is yet
+                continue
             entry = self.fx.workers.get(wid)
             if entry is not None:
                 self.fx.on_exit(entry, signal.SIGKILL)
@@ -242,8 +272,10 @@ class SharedHosts:
             late = [wid for wid, at in host.abandoned.items() if now >= at]
             for wid in late:
                 del host.abandoned[wid]
+                at = host.at.get(wid)
                 self._retire(host, "an instance's thread did not end within stop_grace of being "
-                                   "given up", move=True)
+                                   f"given up ({host.names.get(wid, '')}{', at ' + at if at else ''})",
+                             move=True, leaving=wid)
             if host.closed_at and not host.killed and now - host.closed_at >= host.stop_grace:
                 self._kill(host, signal.SIGKILL)
 

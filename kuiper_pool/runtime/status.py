@@ -12,16 +12,21 @@ use it)::
                     "uptime", "restarts", "restart_causes": {cause: n},
                     "recent_restarts": [{at: time, cause: kind, error: text}],
                     "next_retry_at", "last_error", "last_error_at", "rss", "cpu_percent",
-                    "items_in", "items_out", "errors", "cpu_seconds"}]}
+                    "items_in", "items_out", "errors", "cpu_seconds"}],
+     "shared_workers": [{"symbol", "type", "pid", "instances": [{"rule", "op", "instance"}],
+                         "rss", "cpu_percent", "cpu_seconds"}]}
 
 Times (``time``, ``at``, ``next_retry_at``, ``last_error_at``, ``started``) are Unix time;
 ``next_retry_at`` is set while an instance waits to be started again (backoff, failed),
 ``last_error_at`` once it has an error (``null`` otherwise), and ``last_error`` is never cut.
 ``version`` is the supervisor's kuiper_pool, ``started`` its start, ``restarts`` the sum of
-``restart_causes``, ``cpu_seconds`` the CPU time of all the instance's workers so far.
+``restart_causes``, ``cpu_seconds`` the CPU time of all the instance's own workers so far.
 ``shared`` is true while the instance runs in a worker shared by its symbol's instances
 (``workers: per_symbol``): ``pid`` is that process's, shared by them, and so are ``rss``,
-``cpu_percent`` and ``cpu_seconds``.
+``cpu_percent`` and the current process's part of ``cpu_seconds``, repeated on each of them.
+``shared_workers`` lists each live shared process once, with the instances it runs (none
+while it is let go, or is ending with a thread that would not stop) and those figures: to
+total memory or CPU, add up the instances that are not ``shared`` and the shared workers.
 """
 from __future__ import annotations
 

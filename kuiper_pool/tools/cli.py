@@ -186,6 +186,7 @@ def format_status(snap: Dict) -> str:
             "CPU%", "IN", "OUT", "ERRORS", "LAST ERROR"]
     rows: List[List[str]] = []
     cut = shared = False
+    once = "shared_workers" in snap  # a shared worker's figures shown once (an older supervisor's: on each)
     for i in sorted(snap["instances"], key=lambda i: (i["symbol"], i["rule"], i["op"], i["instance"])):
         where = (f"{i['rule']}/{i['op']}/{i['instance']}" if i["type"] != "func" else
                  f"serve worker {i['instance']}" if i["instance"] else "(all rules)")
@@ -198,19 +199,31 @@ def format_status(snap: Dict) -> str:
             error = f"{_clock(i['last_error_at'], snap['time'])} {error}"
         pid = str(i["pid"] or "-") + ("*" if i.get("shared") and i["pid"] else "")
         shared = shared or pid.endswith("*")
+        rss, cpu = f"{i['rss'] / 1048576:.1f}M", f"{i['cpu_percent']:.0f}"
+        if pid.endswith("*") and once:
+            rss = cpu = "*"
         rows.append([i["symbol"], i["type"], where, pid, state,
                      _duration(i["uptime"]), _restarts(i, snap["time"]),
-                     f"{i['rss'] / 1048576:.1f}M", f"{i['cpu_percent']:.0f}", str(i["items_in"]),
-                     str(i["items_out"]), str(i["errors"]), error or "-"])
-    widths = [max(len(r[c]) for r in rows + [cols]) for c in range(len(cols))]
-    lines = [head, ""] + ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip()
-                          for r in [cols] + rows]
+                     rss, cpu, str(i["items_in"]), str(i["items_out"]), str(i["errors"]), error or "-"])
+    lines = [head, ""] + _table(cols, rows)
+    procs = sorted(snap.get("shared_workers") or [], key=lambda p: (p["symbol"], p["pid"]))
+    if procs:
+        lines += [""] + _table(["SHARED PID", "SYMBOL", "TYPE", "INSTANCES", "RSS", "CPU%"],
+                               [[str(p["pid"]), p["symbol"], p["type"], str(len(p["instances"])),
+                                 f"{p['rss'] / 1048576:.1f}M", f"{p['cpu_percent']:.0f}"] for p in procs])
     if shared:
         lines += ["", "(PID*: one worker process shared by its symbol's instances, workers: per_symbol; "
-                      "its RSS and CPU% are the process's)"]
+                      + ("its RSS and CPU% are shown once, under SHARED PID)" if once else
+                         "its RSS and CPU% are the process's)")]
     if cut:
         lines += ["", f"(LAST ERROR is cut; kuiper-pool status {snap['plugin']} --json has it whole)"]
     return "\n".join(lines)
+
+
+def _table(cols: List[str], rows: List[List[str]]) -> List[str]:
+    """``cols`` and ``rows`` as lines of left-aligned columns."""
+    widths = [max(len(r[c]) for r in rows + [cols]) for c in range(len(cols))]
+    return ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in [cols] + rows]
 
 
 def _restarts(inst: Dict, now: float) -> str:
