@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import compileall
+import glob
 import json
 import os
 import re
@@ -174,6 +175,13 @@ class Launch:
         reap.end(self.plugin_processes(), 10.0)
         if self.proc.stdout is not None:
             self.proc.stdout.close()
+        # the stand-in names its rules after its pid and sometimes leaves a source's listening
+        # socket file behind when it is stopped right after the first item: remove its own
+        for path in glob.glob(f"/tmp/ekgo{self.proc.pid}_*.ipc"):
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
 
 
 def handshake_ms(launch: Launch) -> float:
