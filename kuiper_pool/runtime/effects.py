@@ -280,12 +280,9 @@ class LoopEffects:
         """psutil's handle of a worker (psutil is imported only when a figure is needed)."""
         proc = self.procs.get(w.wid)
         if proc is None and w.pid and w.wid in self.workers:
-            import psutil
-
-            try:
-                proc = self.procs[w.wid] = psutil.Process(w.pid)
-            except psutil.Error:
-                return None
+            proc = process_of(w.pid)
+            if proc is not None:
+                self.procs[w.wid] = proc
         return proc
 
     def cpu_seconds(self, w: WorkerHandle) -> Optional[float]:
@@ -361,6 +358,17 @@ class LoopEffects:
     def note(self, inst: "Instance", level: int, msg: str, *args: object) -> None:
         """Log about one instance: plugin, symbol and rule in the record, pid in the text."""
         self.log.log(level, "%s: " + msg, inst.where(), *args, extra=fields(inst))
+
+
+def process_of(pid: int) -> Any:
+    """psutil's handle of process ``pid``, None if it is gone (psutil is imported only when a
+    figure is needed)."""
+    import psutil
+
+    try:
+        return psutil.Process(pid)
+    except psutil.Error:
+        return None
 
 
 def fields(inst: Optional["Instance"]) -> Dict[str, str]:

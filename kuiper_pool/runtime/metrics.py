@@ -109,7 +109,6 @@ def _samples(snap: Snapshot) -> List[Sample]:
     return out
 
 
-
 def _check(value: Any) -> float:
     if not isinstance(value, (int, float)) or isinstance(value, bool):
         raise TypeError(f"not a number: {value!r}")

@@ -8,6 +8,7 @@ import time
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 
 from ..version import __version__
+from .effects import process_of
 from .instances import RUNNING
 from .states import WAITING
 from .status import Snapshot
@@ -25,12 +26,7 @@ def sample(sup: "Supervisor") -> None:
     shared = sup.fx.shared
     for host in list(shared.hosts.values()):
         if host.proc is None and host.pid:
-            import psutil
-
-            try:
-                host.proc = psutil.Process(host.pid)
-            except psutil.Error:
-                continue
+            host.proc = process_of(host.pid)
         got = _figures(host.proc) if host.proc is not None else None
         if got is not None:
             host.rss, host.cpu_percent, host.cpu_seconds = got
